@@ -1,0 +1,1 @@
+"""quipsharp (public API re-exports are restored once all core modules land)."""

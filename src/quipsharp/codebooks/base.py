@@ -1,0 +1,57 @@
+"""The codebook protocol shared by every vector quantizer in quipsharp.
+
+A codebook maps vectors of ``dim`` consecutive weights to integer codes and back. Inputs are in
+*codebook units*: the caller divides the (incoherence-processed) weights by
+``Wscale = RMS(W) / opt_scale`` so that they have RMS ``opt_scale`` before calling
+:meth:`Codebook.quantize` (QuIP# paper §4, "scale"; DESIGN.md §1).
+
+Storage layout (used by the file format): a code is an unsigned integer of ``code_bytes * 8`` bits,
+stored little-endian as ``code_bytes`` consecutive ``uint8`` values, so a tensor of codes of shape
+``[..., k]`` packs to ``[..., k * code_bytes]`` bytes. ``bits_per_weight == code_bytes * 8 / dim``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+BITS_PER_BYTE = 8
+
+
+@runtime_checkable
+class Codebook(Protocol):
+    """A vector quantizer over ``dim``-dimensional vectors with fixed-size integer codes."""
+
+    name: str
+    dim: int
+    code_bytes: int
+    opt_scale: float
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Storage bits per scalar weight: ``code_bytes * 8 / dim``."""
+        ...
+
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest codeword search.
+
+        Args:
+            x: ``[..., dim]`` float tensor in codebook units.
+        Returns:
+            ``(xhat, codes)``: ``xhat`` ``[..., dim]`` (dtype of ``x``) the chosen codewords,
+            ``codes`` ``[...]`` int64 their codes.
+        """
+        ...
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """``codes`` ``[...]`` int64 -> codewords ``[..., dim]`` float32."""
+        ...
+
+    def pack(self, codes: torch.Tensor) -> torch.Tensor:
+        """``codes`` ``[..., k]`` int64 -> ``[..., k * code_bytes]`` uint8 (little-endian)."""
+        ...
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """``packed`` ``[..., k * code_bytes]`` uint8 -> codes ``[..., k]`` int64."""
+        ...

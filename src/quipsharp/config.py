@@ -1,0 +1,135 @@
+"""Versioned, frozen configuration of a QuIP# quantization run.
+
+A config is a frozen dataclass with a ``VERSION``; :meth:`QuIPSharpConfig.to_dict` writes the version
+into the dictionary and :meth:`QuIPSharpConfig.from_dict` accepts any older version, so a file written
+today still loads after the config grows. Every field either does what its name says or is refused at
+construction with a message naming the problem; none is silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+SUPPORTED_BITS = (2, 3, 4)
+# Every codebook in quipsharp quantizes vectors of this many consecutive weights (E8 is 8-dimensional);
+# it is the block size g of BlockLDLQ (QuIP# §4.1).
+CODEBOOK_DIM = 8
+DEFAULT_DAMPING = 1e-2
+DEFAULT_LAZY_BLOCKSIZE = 128
+DEFAULT_HADAMARD_SEED = 0
+MAX_DAMPING_RETRIES = 6
+DAMPING_GROWTH = 10.0
+
+
+@dataclass(frozen=True)
+class QuIPSharpConfig:
+    """How to quantize one linear layer (and, by default, every layer of a model).
+
+    Attributes:
+        bits: bits per weight, 2, 3 or 4 (E8P12, E8P12RVQ3B, E8P12RVQ4B; paper §4–5).
+        use_e8_lattice: True uses the E8-lattice codebooks; False uses a scalar Lloyd–Max codebook of
+            the same bits per weight (an ablation that shows what the lattice buys).
+        use_hadamard: True applies the randomized Hadamard transform to weights and Hessians (paper §3);
+            False skips it (only the scale is applied), so its benefit can be measured.
+        hadamard_seed: seed of the random sign vectors S_U, S_V (paper §3). The pipeline derives one
+            seed per layer from it; results reproduce bit for bit.
+        damping: relative damping σ added to the Hessian after dividing it by its mean diagonal
+            (DESIGN.md §4). If the factorisation fails, it is raised by ``DAMPING_GROWTH`` up to
+            ``MAX_DAMPING_RETRIES`` times (logged).
+        percdamp: GPTQ's name for the same quantity (fraction of the mean diagonal added). Give either
+            ``damping`` or ``percdamp``; giving both with different values is an error.
+        group_size: weights per codebook vector, the g of BlockLDLQ. Every quipsharp codebook is
+            8-dimensional, so only 8 (or None, meaning 8) is accepted. QuIP# uses one scale per matrix,
+            not per group.
+        blocksize: columns per lazy-batch chunk of BlockLDLQ feedback (GPTQ-style); a multiple of 8.
+        scale_rho: ρ in ``Wscale = RMS(W̃) / ρ`` (DESIGN.md §1). None uses the codebook's MSE-optimal
+            scale for a unit Gaussian.
+        cd_passes: extra passes of block coordinate descent after BlockLDLQ (0 = the paper's algorithm).
+    """
+
+    VERSION: ClassVar[int] = 1
+
+    bits: int = 2
+    use_e8_lattice: bool = True
+    use_hadamard: bool = True
+    hadamard_seed: int = DEFAULT_HADAMARD_SEED
+    damping: float | None = None
+    percdamp: float | None = None
+    group_size: int | None = None
+    blocksize: int = DEFAULT_LAZY_BLOCKSIZE
+    scale_rho: float | None = None
+    cd_passes: int = 0
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
+        for name in ("use_e8_lattice", "use_hadamard"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.hadamard_seed, int) or self.hadamard_seed < 0:
+            raise ValueError(f"hadamard_seed must be a non-negative integer, got {self.hadamard_seed!r}")
+        for name in ("damping", "percdamp"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value < 1e3):
+                raise ValueError(f"{name} must be a number in [0, 1000), got {value!r}")
+        if self.damping is not None and self.percdamp is not None and self.damping != self.percdamp:
+            raise ValueError(
+                f"damping ({self.damping}) and percdamp ({self.percdamp}) are two names for the same "
+                "relative damping; give only one"
+            )
+        if self.group_size is not None and self.group_size != CODEBOOK_DIM:
+            raise ValueError(
+                f"group_size={self.group_size} is not supported: QuIP# codebooks quantize vectors of "
+                f"{CODEBOOK_DIM} weights (E8) with one scale per matrix; use group_size=None or {CODEBOOK_DIM}"
+            )
+        if not isinstance(self.blocksize, int) or self.blocksize <= 0 or self.blocksize % CODEBOOK_DIM:
+            raise ValueError(f"blocksize must be a positive multiple of {CODEBOOK_DIM}, got {self.blocksize!r}")
+        if self.scale_rho is not None and not (isinstance(self.scale_rho, (int, float)) and self.scale_rho > 0):
+            raise ValueError(f"scale_rho must be a positive number or None, got {self.scale_rho!r}")
+        if not isinstance(self.cd_passes, int) or self.cd_passes < 0:
+            raise ValueError(f"cd_passes must be a non-negative integer, got {self.cd_passes!r}")
+        if self.extra:
+            raise ValueError(f"unknown config fields: {sorted(self.extra)}")
+
+    @property
+    def sigma(self) -> float:
+        """The relative damping in force: ``damping``, else ``percdamp``, else the default."""
+        if self.damping is not None:
+            return float(self.damping)
+        if self.percdamp is not None:
+            return float(self.percdamp)
+        return DEFAULT_DAMPING
+
+    @property
+    def codebook_name(self) -> str:
+        """Registry name of the codebook these settings select."""
+        from quipsharp.codebooks import codebook_for_bits
+
+        return codebook_for_bits(self.bits, self.use_e8_lattice).name
+
+    def replace(self, **changes: Any) -> QuIPSharpConfig:
+        """A copy with some fields changed (the config itself is frozen)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dictionary including ``"version"``."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        out["version"] = self.VERSION
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuIPSharpConfig:
+        """Inverse of :meth:`to_dict`; refuses dictionaries written by a newer quipsharp."""
+        data = dict(data)
+        version = data.pop("version", cls.VERSION)
+        if not isinstance(version, int) or version > cls.VERSION:
+            raise ValueError(
+                f"config version {version!r} is newer than this quipsharp understands ({cls.VERSION}); "
+                "upgrade quipsharp"
+            )
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        unknown = {k: v for k, v in data.items() if k not in known}
+        return cls(**{k: v for k, v in data.items() if k in known}, extra=unknown)

@@ -1,0 +1,62 @@
+"""File I/O: Hessians (and, later, quantized models) in safetensors, written atomically.
+
+Every write goes to a temporary file in the destination directory and is renamed into place, so an
+interrupted write never leaves a file that loads as valid.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from quipsharp.hessian import HessianAccumulator
+
+HESSIAN_FORMAT = "quipsharp-hessian"
+HESSIAN_FORMAT_VERSION = 1
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """Write ``tensors`` to ``path`` via a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_hessian(acc: HessianAccumulator, path: str | os.PathLike) -> None:
+    """Save an accumulator's float64 statistics to a safetensors file."""
+    atomic_save_safetensors(
+        acc.state_dict(), path, {"format": HESSIAN_FORMAT, "version": str(HESSIAN_FORMAT_VERSION)}
+    )
+
+
+def load_hessian(path: str | os.PathLike) -> HessianAccumulator:
+    """Load a Hessian saved by :func:`save_hessian`; clear errors for missing or foreign files."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no Hessian file at {path}")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+    if meta.get("format") != HESSIAN_FORMAT:
+        raise ValueError(f"{path} is not a quipsharp Hessian file (format {meta.get('format')!r})")
+    version = int(meta.get("version", "0"))
+    if version > HESSIAN_FORMAT_VERSION:
+        raise ValueError(f"{path} has Hessian format version {version}, newer than supported {HESSIAN_FORMAT_VERSION}")
+    return HessianAccumulator.from_state_dict(tensors)

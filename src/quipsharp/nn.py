@@ -1,0 +1,174 @@
+"""``QuantizedLinear``: a drop-in ``nn.Linear`` replacement holding a QuIP# weight.
+
+The module is built from its shape and config alone (so it can be created on the ``meta`` device
+and filled from a state dict); every piece of state is a registered buffer with a stable name; and
+``forward`` is pure. It computes (DESIGN.md §1, step 4)::
+
+    y = S_V Vᵀ (Wscale · decode(codes)) U S_U x + bias
+
+applying the Hadamard transforms to the activations, never materialising them.
+
+Buffers (the file format of one layer):
+    codes      uint8   [out_features, in_features // 8 * code_bytes]  packed codes (little-endian)
+    su         float32 [in_features]   input sign vector S_U
+    sv         float32 [out_features]  output sign vector S_V
+    wscale     float32 []              Wscale
+    codebook_id int64  []              registry id of the codebook
+    bias       float32 [out_features]  (only when bias=True)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from quipsharp.codebooks import codebook_id, get_codebook
+from quipsharp.config import CODEBOOK_DIM, QuIPSharpConfig
+from quipsharp.hadamard import hadamard_transform
+from quipsharp.quantize import QuantizedWeight, dequantize, quantize_weight
+
+
+class QuantizedLinear(nn.Module):
+    """A linear layer whose weight is stored as QuIP# codes.
+
+    Args:
+        in_features: n, a multiple of 8.
+        out_features: m.
+        config: quantization settings (selects the codebook and whether the RHT is used).
+        bias: whether the layer has a bias.
+        device: where to allocate the (empty) buffers, e.g. ``"meta"``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        config: QuIPSharpConfig | None = None,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if in_features <= 0 or in_features % CODEBOOK_DIM or out_features <= 0:
+            raise ValueError(
+                f"QuantizedLinear({in_features}, {out_features}): in_features must be a positive "
+                f"multiple of {CODEBOOK_DIM} and out_features positive"
+            )
+        self.in_features = in_features
+        self.out_features = out_features
+        self.config = config or QuIPSharpConfig()
+        self.codebook = get_codebook(self.config.codebook_name)
+        packed_cols = in_features // CODEBOOK_DIM * self.codebook.code_bytes
+        self.register_buffer("codes", torch.zeros(out_features, packed_cols, dtype=torch.uint8, device=device))
+        self.register_buffer("su", torch.ones(in_features, device=device))
+        self.register_buffer("sv", torch.ones(out_features, device=device))
+        # NaN until quantized or loaded, so an unfilled layer can never pass for a real one.
+        self.register_buffer("wscale", torch.full((), math.nan, device=device))
+        self.register_buffer(
+            "codebook_id", torch.tensor(codebook_id(self.codebook.name), dtype=torch.int64, device=device)
+        )
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, device=device))
+        else:
+            self.bias = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        H: torch.Tensor | None = None,
+        config: QuIPSharpConfig | None = None,
+        seed: int | None = None,
+    ) -> QuantizedLinear:
+        """Quantize an ``nn.Linear`` (weight ``[m, n]``) with Hessian ``H`` ``[n, n]`` or data-free."""
+        layer = cls(
+            linear.in_features, linear.out_features, config, bias=linear.bias is not None,
+            device=linear.weight.device,
+        )
+        layer.quantize_weight(linear.weight, H, seed=seed)
+        if linear.bias is not None:
+            layer.bias.copy_(linear.bias.detach().float())
+        return layer
+
+    @torch.no_grad()
+    def quantize_weight(
+        self, W: torch.Tensor, H: torch.Tensor | None = None, seed: int | None = None
+    ) -> QuantizedWeight:
+        """Quantize ``W`` ``[out_features, in_features]`` into this layer's buffers; returns the result."""
+        if tuple(W.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"weight shape {tuple(W.shape)} does not match layer ({self.out_features}, {self.in_features})"
+            )
+        qw = quantize_weight(W, H, self.config, seed=seed)
+        self.load_quantized_weight(qw)
+        return qw
+
+    @torch.no_grad()
+    def load_quantized_weight(self, qw: QuantizedWeight) -> None:
+        """Copy a :class:`QuantizedWeight` into the buffers."""
+        if qw.codebook != self.codebook.name or qw.shape != (self.out_features, self.in_features):
+            raise ValueError(
+                f"quantized weight ({qw.codebook}, {qw.shape}) does not fit layer "
+                f"({self.codebook.name}, {(self.out_features, self.in_features)})"
+            )
+        self.codes.copy_(self.codebook.pack(qw.codes))
+        self.su.copy_(qw.su)
+        self.sv.copy_(qw.sv)
+        self.wscale.fill_(qw.scale)
+
+    def quantized_weight(self) -> QuantizedWeight:
+        """The layer's state as a :class:`QuantizedWeight` (proxy loss and damping unknown: NaN)."""
+        return QuantizedWeight(
+            codes=self.codebook.unpack(self.codes),
+            su=self.su,
+            sv=self.sv,
+            scale=float(self.wscale),
+            codebook=self.codebook.name,
+            use_hadamard=self.config.use_hadamard,
+            proxy_loss=math.nan,
+            damping=math.nan,
+        )
+
+    def dequantize(self) -> torch.Tensor:
+        """The effective weight ``[out_features, in_features]`` float32 (for tests and export)."""
+        return dequantize(self.quantized_weight())
+
+    # ------------------------------------------------------------------ inference
+    def _check_loaded_codebook(self) -> None:
+        if int(self.codebook_id) != codebook_id(self.codebook.name):
+            raise ValueError(
+                f"layer holds codes of codebook id {int(self.codebook_id)} but its config selects "
+                f"{self.codebook.name} (id {codebook_id(self.codebook.name)})"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[..., in_features]`` -> ``[..., out_features]`` in ``x``'s dtype (reference path)."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected input with last dim {self.in_features}, got {tuple(x.shape)}")
+        self._check_loaded_codebook()
+        if torch.isnan(self.wscale):
+            raise RuntimeError("QuantizedLinear used before its weight was quantized or loaded")
+        m, n = self.out_features, self.in_features
+        W = self.codebook.decode(self.codebook.unpack(self.codes)).reshape(m, n).to(self.su.device)
+        h = x.to(torch.float32) * self.su
+        if self.config.use_hadamard:
+            h = hadamard_transform(h)
+        y = (h @ W.T) * self.wscale
+        if self.config.use_hadamard:
+            y = hadamard_transform(y, transpose=True)
+        y = y * self.sv
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"codebook={self.codebook.name}, hadamard={self.config.use_hadamard}, bias={self.bias is not None}"
+        )
+
+
+# The seed API's name for the same layer.
+QuIPSharpLinear = QuantizedLinear

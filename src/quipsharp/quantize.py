@@ -1,0 +1,182 @@
+"""Quantize one weight matrix with QuIP#: RHT → scale → BlockLDLQ (paper §3–4, DESIGN.md §1).
+
+``quantize_weight(W, H, config)`` returns a :class:`QuantizedWeight` of plain tensors (no modules,
+no I/O); ``dequantize`` inverts it. This module also holds the single recovery policy for numerical
+trouble: when the Hessian cannot be factored, damping grows by ``DAMPING_GROWTH`` (logged) up to
+``MAX_DAMPING_RETRIES`` times before :class:`HessianNotPositiveDefiniteError` reaches the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from quipsharp.codebooks import Codebook, get_codebook
+from quipsharp.config import CODEBOOK_DIM, DAMPING_GROWTH, MAX_DAMPING_RETRIES, QuIPSharpConfig
+from quipsharp.errors import HessianNotPositiveDefiniteError
+from quipsharp.hadamard import hadamard_transform, random_signs
+from quipsharp.hessian import normalize
+from quipsharp.ldlq import block_ldl, block_ldlq, coordinate_descent, proxy_loss
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A quantized ``[m, n]`` weight: ``W ≈ S_V Vᵀ (scale · decode(codes)) U S_U``.
+
+    Attributes:
+        codes: ``[m, n // 8]`` int64 codebook codes of the transformed, scaled weight.
+        su: ``[n]`` float32 input sign vector S_U (all ones when the RHT is off).
+        sv: ``[m]`` float32 output sign vector S_V.
+        scale: ``Wscale`` (float).
+        codebook: registry name of the codebook.
+        use_hadamard: whether U, V are Hadamard transforms (else identity).
+        proxy_loss: relative proxy loss ``tr(E H Eᵀ) / tr(W H Wᵀ)`` with the normalised, undamped H.
+        damping: the relative damping σ that was finally used.
+    """
+
+    codes: torch.Tensor
+    su: torch.Tensor
+    sv: torch.Tensor
+    scale: float
+    codebook: str
+    use_hadamard: bool
+    proxy_loss: float
+    damping: float
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(m, n)`` of the original weight."""
+        return (self.sv.shape[0], self.su.shape[0])
+
+
+def rht_weight(W: torch.Tensor, su: torch.Tensor, sv: torch.Tensor) -> torch.Tensor:
+    """``V S_V W S_U Uᵀ`` for ``W`` ``[m, n]``, ``su`` ``[n]``, ``sv`` ``[m]`` (paper §3)."""
+    rows = hadamard_transform(W * su)  # each row w -> U S_U w, i.e. W S_U Uᵀ
+    return hadamard_transform((rows * sv[:, None]).T).T
+
+
+def inverse_rht_weight(Wt: torch.Tensor, su: torch.Tensor, sv: torch.Tensor) -> torch.Tensor:
+    """``S_V Vᵀ W̃ U S_U``: the inverse of :func:`rht_weight`."""
+    cols = hadamard_transform(Wt.T, transpose=True).T * sv[:, None]
+    return hadamard_transform(cols, transpose=True) * su
+
+
+def rht_hessian(H: torch.Tensor, su: torch.Tensor) -> torch.Tensor:
+    """``U S_U H S_U Uᵀ`` for a symmetric ``H`` ``[n, n]``."""
+    half = hadamard_transform(H * su.to(H.dtype))
+    return hadamard_transform((half * su.to(H.dtype)[:, None]).T).T
+
+
+def _check_weight(W: torch.Tensor) -> torch.Tensor:
+    if not isinstance(W, torch.Tensor) or W.ndim != 2:
+        raise ValueError(f"expected a 2-D weight matrix [out_features, in_features], got {getattr(W, 'shape', W)}")
+    m, n = W.shape
+    if m == 0 or n == 0 or n % CODEBOOK_DIM:
+        raise ValueError(
+            f"weight of shape {m}x{n}: in_features must be a positive multiple of {CODEBOOK_DIM} "
+            "(QuIP# quantizes 8 consecutive inputs per codeword)"
+        )
+    if not torch.isfinite(W).all():
+        raise ValueError(f"weight of shape {m}x{n} contains NaN or Inf; refusing to quantize it")
+    return W.detach().to(torch.float32)
+
+
+def _factor_with_damping(Ht: torch.Tensor, sigma: float, g: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Block-LDL of ``Ht + σI``; on failure raise σ (the one damping policy). Returns ``(L, H_damped, σ)``."""
+    eye = torch.eye(Ht.shape[0], dtype=Ht.dtype, device=Ht.device)
+    for attempt in range(MAX_DAMPING_RETRIES + 1):
+        Hd = Ht + sigma * eye
+        try:
+            L, _ = block_ldl(Hd, g)
+            return L, Hd, sigma
+        except HessianNotPositiveDefiniteError as err:
+            if attempt == MAX_DAMPING_RETRIES:
+                raise HessianNotPositiveDefiniteError(
+                    f"{err}; still failing after raising damping to {sigma:g}", damping=sigma
+                ) from err
+            logger.warning("%s; raising damping from %g to %g", err, sigma, sigma * DAMPING_GROWTH)
+            sigma *= DAMPING_GROWTH
+    raise AssertionError("unreachable")
+
+
+def quantize_weight(
+    W: torch.Tensor,
+    H: torch.Tensor | None = None,
+    config: QuIPSharpConfig | None = None,
+    *,
+    seed: int | None = None,
+) -> QuantizedWeight:
+    """Quantize ``W`` ``[m, n]`` with proxy Hessian ``H`` ``[n, n]`` (``None`` = identity, data-free).
+
+    Args:
+        W: weight, any float dtype; ``n`` must be a multiple of 8 and every entry finite.
+        H: ``E[x xᵀ]`` of the layer's inputs (any positive scale); None means data-free rounding.
+        config: settings (default :class:`QuIPSharpConfig`).
+        seed: seed of the sign vectors; default ``config.hadamard_seed``.
+    Raises:
+        ValueError: bad shapes or non-finite weights.
+        HessianNotPositiveDefiniteError: H stays unfactorable after the damping retries.
+    """
+    config = config or QuIPSharpConfig()
+    W = _check_weight(W)
+    m, n = W.shape
+    codebook: Codebook = get_codebook(config.codebook_name)
+    if H is None:
+        Hn = torch.eye(n, dtype=torch.float64)
+    else:
+        if H.shape != (n, n):
+            raise ValueError(f"Hessian shape {tuple(H.shape)} does not match weight in_features {n}")
+        Hn = normalize(H.detach().cpu())
+    Hn = Hn.to(W.device)
+    if config.use_hadamard:
+        gen = torch.Generator().manual_seed(config.hadamard_seed if seed is None else seed)
+        su = random_signs(n, gen).to(W.device)
+        sv = random_signs(m, gen).to(W.device)
+        Wt = rht_weight(W, su, sv)
+        Ht = rht_hessian(Hn, su)
+        Ht = (Ht + Ht.T) / 2
+    else:
+        su = torch.ones(n, device=W.device)
+        sv = torch.ones(m, device=W.device)
+        Wt, Ht = W, Hn
+    rho = config.scale_rho if config.scale_rho is not None else codebook.opt_scale
+    rms = Wt.square().mean().sqrt()
+    if not rms > 0:
+        scale = 1.0  # an all-zero weight: every scale gives the zero codeword's error; keep it finite
+    else:
+        scale = float(rms / rho)
+    Wn = Wt / scale
+    L, Hd, sigma = _factor_with_damping(Ht, config.sigma, codebook.dim)
+    What, codes = block_ldlq(Wn, L, codebook, config.blocksize)
+    What, codes = coordinate_descent(Wn, What, codes, Hd, codebook, config.cd_passes)
+    total = proxy_loss(Wn, torch.zeros_like(Wn), Ht)
+    rel = proxy_loss(Wn, What, Ht) / total if total > 0 else 0.0
+    return QuantizedWeight(
+        codes=codes,
+        su=su.to(torch.float32),
+        sv=sv.to(torch.float32),
+        scale=scale,
+        codebook=codebook.name,
+        use_hadamard=config.use_hadamard,
+        proxy_loss=rel,
+        damping=sigma,
+    )
+
+
+def decode_transformed(qw: QuantizedWeight) -> torch.Tensor:
+    """``scale · decode(codes)``: the quantized weight in the transformed domain, ``[m, n]`` float32."""
+    m, n = qw.shape
+    codebook = get_codebook(qw.codebook)
+    return codebook.decode(qw.codes).reshape(m, n) * qw.scale
+
+
+def dequantize(qw: QuantizedWeight) -> torch.Tensor:
+    """Reconstruct ``Ŵ`` ``[m, n]`` float32 in the original domain."""
+    Wt = decode_transformed(qw)
+    if not qw.use_hadamard:
+        return Wt
+    return inverse_rht_weight(Wt, qw.su, qw.sv)
