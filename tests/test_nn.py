@@ -17,13 +17,15 @@ def test_forward_matches_dequantized_weight(n, m, bits, gen):
     with torch.no_grad():
         lin.weight.copy_(torch.randn(m, n, generator=gen))
         lin.bias.copy_(torch.randn(m, generator=gen))
-    q = QuantizedLinear.from_linear(lin, decaying_hessian(n, seed=n), QuIPSharpConfig(bits=bits), seed=1)
-    x = torch.randn(3, 5, n, generator=gen)
+    H = decaying_hessian(n, seed=n) + 1e-3 * torch.eye(n, dtype=torch.float64)
+    q = QuantizedLinear.from_linear(lin, H, QuIPSharpConfig(bits=bits), seed=1)
+    # inputs distributed as the Hessian says: E[x xᵀ] = H
+    x = (torch.randn(3, 5, n, generator=gen, dtype=torch.float64) @ torch.linalg.cholesky(H).T).float()
     expected = x @ q.dequantize().T + lin.bias.detach()
     torch.testing.assert_close(q(x), expected, rtol=1e-4, atol=1e-4)
-    # and it approximates the float layer
+    # and it approximates the float layer (on such inputs the error is the proxy loss)
     rel = (q(x) - lin(x)).square().mean() / lin(x).square().mean()
-    assert rel < 0.15
+    assert rel < 0.1
 
 
 def test_buffers_and_meta_construction():

@@ -119,7 +119,7 @@ def test_damping_policy_recovers_and_logs(gen, caplog):
     assert qw.damping > 0.01
     assert "raising damping" in caplog.text
     bad = torch.eye(32, dtype=torch.float64)
-    bad[0, 0] = -1e9
+    bad[0, 1] = bad[1, 0] = 1e9  # eigenvalue 1 − 1e9: beyond every damping retry
     with pytest.raises(HessianNotPositiveDefiniteError, match="still failing"):
         quantize_weight(W, bad, QuIPSharpConfig())
 

@@ -1,1 +1,46 @@
-"""quipsharp (public API re-exports are restored once all core modules land)."""
+"""quipsharp: QuIP# quantization of large language models to 2, 3 and 4 bits per weight.
+
+Paper: Tseng, Chee, Sun, Kuleshov, De Sa, "QuIP#: Even Better LLM Quantization with Hadamard
+Incoherence and Lattice Codebooks", ICML 2024.
+
+Importing the package needs only torch, numpy and safetensors; the Hugging Face integration
+(:func:`load_quantized`, :func:`save_quantized`) imports transformers when called.
+"""
+
+from quipsharp.codebooks import E8P12, E8Lattice, E8P12RVQ3B, E8P12RVQ4B, get_codebook
+from quipsharp.config import ModelQuantConfig, QuIPSharpConfig
+from quipsharp.errors import HessianNotPositiveDefiniteError, NumericalError, QuipSharpError
+from quipsharp.hadamard import HadamardTransform
+from quipsharp.hessian import HessianAccumulator
+from quipsharp.hf import load_model, load_quantized, save_quantized
+from quipsharp.nn import QuantizedLinear, QuIPSharpLinear
+from quipsharp.pipeline import QuIPSharpQuantizer, quantize_model
+from quipsharp.quantize import QuantizedWeight, dequantize, quantize_weight
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "E8P12",
+    "E8P12RVQ3B",
+    "E8P12RVQ4B",
+    "E8Lattice",
+    "HadamardTransform",
+    "HessianAccumulator",
+    "HessianNotPositiveDefiniteError",
+    "ModelQuantConfig",
+    "NumericalError",
+    "QuIPSharpConfig",
+    "QuIPSharpLinear",
+    "QuIPSharpQuantizer",
+    "QuantizedLinear",
+    "QuantizedWeight",
+    "QuipSharpError",
+    "__version__",
+    "dequantize",
+    "get_codebook",
+    "load_model",
+    "load_quantized",
+    "quantize_model",
+    "quantize_weight",
+    "save_quantized",
+]

@@ -9,6 +9,7 @@ construction with a message naming the problem; none is silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -133,3 +134,98 @@ class QuIPSharpConfig:
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         unknown = {k: v for k, v in data.items() if k not in known}
         return cls(**{k: v for k, v in data.items() if k in known}, extra=unknown)
+
+
+HESSIAN_INPUT_MODES = ("sequential", "original")
+DEFAULT_NSAMPLES = 128
+DEFAULT_CTX = 512
+DEFAULT_CALIB_BATCH = 8
+
+
+@dataclass(frozen=True)
+class ModelQuantConfig:
+    """How to quantize a whole causal LM (the layers inside its decoder blocks).
+
+    Attributes:
+        layer: the per-layer settings; ``layer.bits`` is the default bit width.
+        bits_map: ``(regex, bits)`` pairs matched with ``re.search`` against full module names
+            (e.g. ``model.layers.3.mlp.down_proj``); the first match wins (mixed precision, paper §6).
+        skip: regexes of module names left in full precision. Embeddings and the LM head are outside
+            the decoder blocks and are never quantized.
+        hessian_inputs: ``"sequential"`` collects each block's Hessians from the activations of the
+            already-quantized blocks before it (GPTQ-style); ``"original"`` from the float model's
+            activations (the paper's offline Hessians).
+        nsamples, ctx: calibration windows and their length in tokens.
+        seed: seed of the calibration window sampling.
+        batch_size: calibration windows per forward pass.
+    """
+
+    VERSION: ClassVar[int] = 1
+
+    layer: QuIPSharpConfig = field(default_factory=QuIPSharpConfig)
+    bits_map: tuple[tuple[str, int], ...] = ()
+    skip: tuple[str, ...] = ()
+    hessian_inputs: str = "sequential"
+    nsamples: int = DEFAULT_NSAMPLES
+    ctx: int = DEFAULT_CTX
+    seed: int = 0
+    batch_size: int = DEFAULT_CALIB_BATCH
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bits_map", tuple((str(p), int(b)) for p, b in self.bits_map))
+        object.__setattr__(self, "skip", tuple(str(p) for p in self.skip))
+        for pattern, bits in self.bits_map:
+            if bits not in SUPPORTED_BITS:
+                raise ValueError(f"bits map {pattern!r}={bits}: bits must be one of {SUPPORTED_BITS}")
+        for pattern in [p for p, _ in self.bits_map] + list(self.skip):
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"invalid regular expression {pattern!r}: {err}") from err
+        if self.hessian_inputs not in HESSIAN_INPUT_MODES:
+            raise ValueError(f"hessian_inputs must be one of {HESSIAN_INPUT_MODES}, got {self.hessian_inputs!r}")
+        for name in ("nsamples", "ctx", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    def bits_for(self, module_name: str) -> int:
+        """Bit width of a module: the first matching ``bits_map`` entry, else ``layer.bits``."""
+        for pattern, bits in self.bits_map:
+            if re.search(pattern, module_name):
+                return bits
+        return self.layer.bits
+
+    def is_skipped(self, module_name: str) -> bool:
+        return any(re.search(p, module_name) for p in self.skip)
+
+    def layer_config(self, module_name: str) -> QuIPSharpConfig:
+        """The per-layer config of a module (its bit width applied)."""
+        bits = self.bits_for(module_name)
+        return self.layer if bits == self.layer.bits else self.layer.replace(bits=bits)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.VERSION,
+            "layer": self.layer.to_dict(),
+            "bits_map": [list(p) for p in self.bits_map],
+            "skip": list(self.skip),
+            "hessian_inputs": self.hessian_inputs,
+            "nsamples": self.nsamples,
+            "ctx": self.ctx,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelQuantConfig:
+        data = dict(data)
+        version = data.pop("version", cls.VERSION)
+        if not isinstance(version, int) or version > cls.VERSION:
+            raise ValueError(f"model config version {version!r} is newer than supported ({cls.VERSION})")
+        layer = QuIPSharpConfig.from_dict(data.pop("layer", {}))
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model config fields: {unknown}")
+        return cls(layer=layer, **{k: (tuple(map(tuple, v)) if k == "bits_map" else v) for k, v in data.items()})

@@ -102,7 +102,9 @@ def normalize(H: torch.Tensor) -> torch.Tensor:
         raise NumericalError("the Hessian has non-finite entries")
     scale = torch.diagonal(H).mean()
     if not scale > 0:
-        raise NumericalError(f"the Hessian's mean diagonal is {float(scale):g}; its inputs were all zero")
+        raise NumericalError(
+            f"the Hessian's mean diagonal is {float(scale):g}, not positive (all-zero inputs, or not a Hessian)"
+        )
     return H / scale
 
 

@@ -60,3 +60,17 @@ def load_hessian(path: str | os.PathLike) -> HessianAccumulator:
     if version > HESSIAN_FORMAT_VERSION:
         raise ValueError(f"{path} has Hessian format version {version}, newer than supported {HESSIAN_FORMAT_VERSION}")
     return HessianAccumulator.from_state_dict(tensors)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,47 @@
+"""Helpers shared by the benchmark scripts: machine description and timing."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, core count, torch version and thread count of this run."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+
+
+def today() -> str:
+    return datetime.date.today().isoformat()
+
+
+def median_time(fn: Callable[[], Any], repeats: int = 3) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` runs, in seconds."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

@@ -1,0 +1,225 @@
+"""The ``quipsharp`` command line: quantize, eval ppl, generate, inspect.
+
+Every expected failure (missing file, unknown architecture, bad option) is printed as one line
+``quipsharp: error: …`` with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+EXIT_USAGE = 2
+DEFAULT_EVAL_CTX = 2048
+DEFAULT_NEW_TOKENS = 64
+WORK_SUFFIX = ".quipsharp-work"
+
+logger = logging.getLogger("quipsharp")
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line."""
+
+
+def _bits_map(items: list[str]) -> list[tuple[str, int]]:
+    out = []
+    for item in items:
+        pattern, sep, bits = item.rpartition("=")
+        if not sep or not pattern or not bits.isdigit():
+            raise CliError(f"--bits-map expects REGEX=BITS, got {item!r}")
+        out.append((pattern, int(bits)))
+    return out
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    import torch
+
+    from quipsharp.config import ModelQuantConfig, QuIPSharpConfig
+    from quipsharp.data import calibration_windows, read_documents
+    from quipsharp.eval import compression_report
+    from quipsharp.hf import load_model, save_quantized
+    from quipsharp.pipeline import quantize_model
+
+    if args.calib is None and not args.data_free:
+        raise CliError("give calibration text with --calib FILE, or --data-free to quantize without data")
+    out = Path(args.out)
+    layer = QuIPSharpConfig(
+        bits=args.bits, use_hadamard=not args.no_hadamard, hadamard_seed=args.seed, damping=args.damping,
+        scale_rho=args.scale_rho, cd_passes=args.cd_passes,
+    )
+    config = ModelQuantConfig(
+        layer=layer, bits_map=tuple(_bits_map(args.bits_map)), skip=tuple(args.skip),
+        hessian_inputs=args.hessian_inputs, nsamples=args.nsamples, ctx=args.ctx, seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    calibration = None
+    if args.calib is not None:
+        docs = read_documents(args.calib)
+        calibration = calibration_windows(docs, tokenizer, config.nsamples, config.ctx, config.seed)
+    work = Path(args.work_dir) if args.work_dir else out.with_name(out.name + WORK_SUFFIX)
+    model, reports = quantize_model(model, config, calibration, work_dir=work, resume=args.resume,
+                                    progress=not args.quiet)
+    save_quantized(model, out, tokenizer, config, reports)
+    shutil.rmtree(work, ignore_errors=True)
+    report = compression_report(model, out)
+    elapsed = time.perf_counter() - start
+    print(f"quantized {report['quantized_layers']} layers to {report['codes_bits_per_weight']:.2f} bits/weight "
+          f"in {elapsed:.0f}s; {report['disk_bytes'] / 1e6:.1f} MB on disk "
+          f"({report['disk_vs_float16']:.1%} of float16); saved to {out}")
+    return 0
+
+
+def cmd_eval_ppl(args: argparse.Namespace) -> int:
+    from quipsharp.data import evaluation_windows
+    from quipsharp.eval import perplexity
+    from quipsharp.hf import load_model
+
+    model, tokenizer = load_model(args.model)
+    windows = evaluation_windows(args.data, tokenizer, args.ctx)
+    result = perplexity(model, windows, max_windows=args.max_windows, batch_size=args.batch_size,
+                        progress=not args.json)
+    if args.json:
+        print(json.dumps({k: result[k] for k in ("ppl", "ctx", "windows", "tokens")}))
+    else:
+        print(f"perplexity {result['ppl']:.3f} (ctx {result['ctx']}, {result['windows']} windows, "
+              f"{result['tokens']} predicted tokens)")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    from quipsharp.hf import load_model
+
+    model, tokenizer = load_model(args.model)
+    if args.chat and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
+                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        input_ids = ids["input_ids"]
+    else:
+        input_ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+    streamer = TextStreamer(tokenizer, skip_prompt=not args.echo, skip_special_tokens=True)
+    torch.manual_seed(args.seed)
+    model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                   max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                   temperature=args.temperature if args.temperature > 0 else None, top_p=None, top_k=None,
+                   streamer=streamer, pad_token_id=tokenizer.eos_token_id)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from quipsharp.hf import REPORT_FILE, read_quantization_config
+
+    path = Path(args.dir)
+    raw, qc = read_quantization_config(path)
+    modules = qc["modules"]
+    weights = sum(m["in_features"] * m["out_features"] for m in modules.values())
+    bits = sum(m["bits"] * m["in_features"] * m["out_features"] for m in modules.values()) / weights
+    disk = sum(p.stat().st_size for p in path.iterdir() if p.suffix == ".safetensors")
+    report_path = path / REPORT_FILE
+    layers = json.loads(report_path.read_text()) if report_path.is_file() else []
+    info: dict[str, Any] = {
+        "format_version": qc["format_version"],
+        "model_type": raw.get("model_type"),
+        "quantized_layers": len(modules),
+        "bits_per_weight": bits,
+        "disk_bytes": disk,
+        "config": qc["config"],
+        "layers": layers,
+    }
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"{path}: quipsharp format {info['format_version']}, {info['model_type']}, "
+          f"{len(modules)} quantized layers, {bits:.2f} bits/weight, {disk / 1e6:.1f} MB on disk")
+    for layer in layers:
+        print(f"  {layer['name']:50s} {layer['bits']}b {layer['shape'][0]:6d}x{layer['shape'][1]:<6d} "
+              f"proxy {layer['proxy_loss']:.4g}  {layer['seconds']:.2f}s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quipsharp", description="QuIP# 2/3/4-bit quantization of causal LMs")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log per-layer details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and save it")
+    q.add_argument("model", help="HF model directory, .gguf file, or hub id")
+    q.add_argument("--out", required=True, help="output directory")
+    q.add_argument("--bits", type=int, choices=(2, 3, 4), default=2)
+    q.add_argument("--calib", help="calibration text: .txt, .jsonl (field 'text') or a HF dataset name")
+    q.add_argument("--data-free", action="store_true", help="quantize without calibration data (H = I)")
+    q.add_argument("--nsamples", type=int, default=128)
+    q.add_argument("--ctx", type=int, default=512)
+    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--skip", action="append", default=[], metavar="REGEX", help="leave matching modules in float")
+    q.add_argument("--bits-map", action="append", default=[], metavar="REGEX=BITS",
+                   help="per-module bit width, first match wins (repeatable)")
+    q.add_argument("--hessian-inputs", choices=("sequential", "original"), default="sequential")
+    q.add_argument("--cd-passes", type=int, default=0)
+    q.add_argument("--scale-rho", type=float, default=None)
+    q.add_argument("--damping", type=float, default=None)
+    q.add_argument("--no-hadamard", action="store_true", help="skip the randomized Hadamard transform")
+    q.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    q.add_argument("--work-dir", help=f"per-block progress (default: OUT{WORK_SUFFIX})")
+    q.add_argument("--quiet", action="store_true")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="evaluate a model")
+    esub = e.add_subparsers(dest="metric", required=True)
+    p = esub.add_parser("ppl", help="perplexity on a text file")
+    p.add_argument("model")
+    p.add_argument("--data", required=True)
+    p.add_argument("--ctx", type=int, default=DEFAULT_EVAL_CTX)
+    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval_ppl)
+
+    g = sub.add_parser("generate", help="generate text (streams tokens)")
+    g.add_argument("model")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=DEFAULT_NEW_TOKENS)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.add_argument("--echo", action="store_true", help="print the prompt too")
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("inspect", help="describe a quantized directory")
+    i.add_argument("dir")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from quipsharp.errors import QuipSharpError
+
+    try:
+        return args.func(args)
+    except (CliError, QuipSharpError, FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"quipsharp: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("quipsharp: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

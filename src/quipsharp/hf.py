@@ -1,0 +1,242 @@
+"""Hugging Face integration: load models (directory, hub id, GGUF), save and load quantized models.
+
+A quantized model directory holds:
+
+* ``config.json``: the model's config plus ``quantization_config`` with ``quant_method: "quipsharp"``,
+  ``format_version``, the :class:`~quipsharp.config.ModelQuantConfig` and one entry per quantized
+  module (bits, codebook, shape, bias);
+* ``model.safetensors``: every tensor of the model; quantized layers store the buffers of
+  :class:`~quipsharp.nn.QuantizedLinear` (codes packed to exactly 2/3/4 bits per weight); tensors tied
+  to another (e.g. the LM head tied to the embeddings) are stored once and re-tied on load;
+* ``quipsharp_report.json`` (per-layer proxy loss and time) and the tokenizer files.
+
+The directory is written under a temporary name and renamed into place, so an interrupted save
+never leaves a directory that loads as valid.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from quipsharp.config import ModelQuantConfig
+from quipsharp.errors import QuipSharpError
+from quipsharp.io import atomic_save_safetensors, atomic_write_text
+from quipsharp.models.walker import linear_shape, set_submodule
+from quipsharp.nn import QuantizedLinear
+
+logger = logging.getLogger(__name__)
+
+QUANT_METHOD = "quipsharp"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+REPORT_FILE = "quipsharp_report.json"
+GGUF_SUFFIX = ".gguf"
+
+
+class ModelLoadError(QuipSharpError, ValueError):
+    """A model or quantized directory cannot be loaded; the message names the problem."""
+
+
+# --------------------------------------------------------------------------- loading float models
+def load_model(source: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` from a HF directory, a quipsharp directory, a ``.gguf`` file or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(source)
+    if path.is_file() and path.suffix == GGUF_SUFFIX:
+        kwargs = {"gguf_file": path.name}
+        location = str(path.parent)
+    elif path.is_dir():
+        if not (path / CONFIG_FILE).is_file():
+            raise ModelLoadError(f"{path} has no {CONFIG_FILE}: not a Hugging Face model directory")
+        if is_quantized_dir(path):
+            return load_quantized(path), AutoTokenizer.from_pretrained(str(path))
+        kwargs, location = {}, str(path)
+    elif path.exists():
+        raise ModelLoadError(f"{path} is neither a model directory nor a {GGUF_SUFFIX} file")
+    elif path.suffix or str(source).startswith((".", "/", "~")):
+        raise ModelLoadError(f"model not found: {source}")
+    else:
+        kwargs, location = {}, str(source)  # a hub id: needs network access
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelLoadError(f"could not load model {source}: {err}") from err
+    config = model.config
+    if getattr(config, "quantization_config", None) is not None and "gguf_file" in kwargs:
+        del config.quantization_config  # the GGUF was dequantized to float; drop the loader's note
+    model.eval()
+    return model, tokenizer
+
+
+def is_quantized_dir(path: str | os.PathLike) -> bool:
+    """True if ``path/config.json`` declares ``quant_method: quipsharp``."""
+    cfg = Path(path) / CONFIG_FILE
+    if not cfg.is_file():
+        return False
+    try:
+        qc = json.loads(cfg.read_text()).get("quantization_config") or {}
+    except json.JSONDecodeError:
+        return False
+    return qc.get("quant_method") == QUANT_METHOD
+
+
+# --------------------------------------------------------------------------- saving
+def _dedupe_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Drop tensors that share storage with an earlier one; returns (kept, {dropped: kept_name})."""
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    kept, tied = {}, {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if t.numel() and key in seen:
+            tied[name] = seen[key]
+            continue
+        seen[key] = name
+        kept[name] = t
+    return kept, tied
+
+
+def save_quantized(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    tokenizer: Any = None,
+    config: ModelQuantConfig | None = None,
+    reports: list[Any] | None = None,
+    overwrite: bool = True,
+) -> Path:
+    """Save a model quantized by :func:`quipsharp.quantize_model` (atomically) and return the path."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists")
+    modules = {
+        name: {
+            "bits": m.config.bits,
+            "codebook": m.codebook.name,
+            "in_features": m.in_features,
+            "out_features": m.out_features,
+            "bias": m.bias is not None,
+        }
+        for name, m in model.named_modules()
+        if isinstance(m, QuantizedLinear)
+    }
+    if not modules:
+        raise ValueError("the model has no QuantizedLinear layer: quantize it before saving")
+    first = next(m for m in model.modules() if isinstance(m, QuantizedLinear))
+    qconfig = config or ModelQuantConfig(layer=first.config)
+    hf_config = model.config.to_dict()
+    hf_config["quantization_config"] = {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "config": qconfig.to_dict(),
+        "modules": modules,
+    }
+    state, tied = _dedupe_tied(model.state_dict())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        atomic_save_safetensors(state, tmp / WEIGHTS_FILE, {"format": QUANT_METHOD, "tied": json.dumps(tied)})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None:
+            generation_config.save_pretrained(str(tmp))
+        if reports is not None:
+            atomic_write_text(tmp / REPORT_FILE, json.dumps([asdict(r) for r in reports], indent=1))
+        atomic_write_text(tmp / CONFIG_FILE, json.dumps(hf_config, indent=2, sort_keys=True, default=str))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# --------------------------------------------------------------------------- loading quantized models
+def read_quantization_config(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(hf_config_dict, quantization_config)`` of a quantized directory, validated."""
+    path = Path(path)
+    cfg_file = path / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise ModelLoadError(f"{path} has no {CONFIG_FILE}: not a quantized model directory")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(f"{cfg_file} is not valid JSON: {err}") from err
+    qc = raw.get("quantization_config") or {}
+    if qc.get("quant_method") != QUANT_METHOD:
+        raise ModelLoadError(f"{path} is not a quipsharp model (quant_method {qc.get('quant_method')!r})")
+    version = qc.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ModelLoadError(
+            f"{path} has quipsharp format version {version!r}; this quipsharp reads up to {FORMAT_VERSION}: upgrade"
+        )
+    return raw, qc
+
+
+def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a directory written by :func:`save_quantized`; logits are bitwise those of the saved model."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    raw, qc = read_quantization_config(path)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ModelLoadError(f"{path} has no {WEIGHTS_FILE}")
+    qconfig = ModelQuantConfig.from_dict(qc["config"])
+    hf_config = AutoConfig.from_pretrained(str(path))
+    if hasattr(hf_config, "quantization_config"):
+        del hf_config.quantization_config
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    for name, spec in qc["modules"].items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError as err:
+            raise ModelLoadError(f"{path}: the model has no module {name!r} listed as quantized") from err
+        out_features, in_features = linear_shape(module)
+        if (out_features, in_features) != (spec["out_features"], spec["in_features"]):
+            raise ModelLoadError(
+                f"{path}: module {name} is {out_features}x{in_features} in the model config but "
+                f"{spec['out_features']}x{spec['in_features']} in the quantization config"
+            )
+        layer_cfg = qconfig.layer.replace(bits=spec["bits"])
+        set_submodule(model, name, QuantizedLinear(in_features, out_features, layer_cfg, bias=spec["bias"],
+                                                   device="meta"))
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as err:
+        raise ModelLoadError(f"{weights} is not a readable safetensors file: {err}") from err
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as err:
+        raise ModelLoadError(f"{weights}: tensors do not fit the model: {err}") from err
+    if result.unexpected_keys:
+        raise ModelLoadError(f"{weights}: unexpected tensors {sorted(result.unexpected_keys)[:5]}")
+    model.tie_weights()
+    still_empty = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if still_empty:
+        raise ModelLoadError(f"{weights} is missing tensors: {still_empty[:5]}")
+    model.to(device)
+    model.eval()
+    return model

@@ -1,0 +1,388 @@
+"""Quantize a causal LM block by block with bounded memory (QuIP# §4 applied to a whole model).
+
+1. Run the calibration windows through the model once, stopping after the last decoder block, to
+   capture the hidden states entering block 0 and the extra arguments every block receives
+   (attention masks, rotary embeddings: these differ per block in e.g. Gemma's local/global layers).
+2. For each block: observe which linears read the same input (they share one Hessian), accumulate
+   the Hessians over the calibration stream (float64), quantize every linear with
+   :func:`quipsharp.quantize.quantize_weight`, swap it for a :class:`QuantizedLinear`, and compute the
+   stream entering the next block — from the quantized block (``sequential``) or the float block
+   (``original``, the paper's offline Hessians).
+3. After each block, its quantized layers and the progress are saved to ``work_dir`` so that
+   ``resume=True`` continues an interrupted run with exactly the same result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from quipsharp.config import CODEBOOK_DIM, ModelQuantConfig, QuIPSharpConfig
+from quipsharp.hessian import HessianAccumulator
+from quipsharp.io import atomic_save_safetensors, atomic_write_text
+from quipsharp.models.walker import (
+    UnsupportedModelError,
+    block_linears,
+    find_blocks,
+    linear_shape,
+    linear_weight,
+    set_submodule,
+)
+from quipsharp.nn import QuantizedLinear
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_FILE = "progress.json"
+BLOCK_FILE = "block_{:05d}.safetensors"
+SEED_MIX = 0x9E3779B1  # odd constant spreading the user seed across the 32-bit name hash
+DEBUG_DELAY_ENV = "QUIPSHARP_DEBUG_BLOCK_DELAY"  # seconds to sleep after each block (tests of --resume)
+
+
+@dataclass
+class LayerReport:
+    """What happened to one linear layer."""
+
+    name: str
+    bits: int
+    codebook: str
+    shape: tuple[int, int]
+    proxy_loss: float
+    damping: float
+    seconds: float
+
+
+class _StopForward(Exception):
+    """Raised by a hook after the last decoder block: the LM head is not needed for calibration."""
+
+
+BlockCall = tuple[tuple[Any, ...], dict[str, Any]]  # (positional args after hidden_states, kwargs)
+
+
+def layer_seed(seed: int, name: str) -> int:
+    """A per-layer seed for the sign vectors, stable across runs and Python versions."""
+    return (zlib.crc32(name.encode()) ^ (seed * SEED_MIX)) % (2**63)
+
+
+def _block_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor]
+) -> tuple[list[torch.Tensor], list[list[BlockCall]]]:
+    """Hidden states entering block 0 (one tensor per batch) and every block's call arguments.
+
+    Returns ``(stream, calls)`` with ``stream[b]`` ``[batch, ctx, hidden]`` and ``calls[i][b]`` the
+    ``(args, kwargs)`` block ``i`` received for batch ``b`` (hidden states excluded).
+    """
+    stream: list[torch.Tensor] = []
+    calls: list[list[BlockCall]] = [[] for _ in blocks]
+    handles = []
+
+    def make_pre_hook(index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if args:
+                hidden, rest = args[0], tuple(args[1:])
+            else:
+                kwargs = dict(kwargs)
+                hidden, rest = kwargs.pop("hidden_states"), ()
+            if index == 0:
+                stream.append(hidden.detach())
+            calls[index].append((rest, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+
+        return hook
+
+    def stop(*_: Any) -> None:
+        raise _StopForward
+
+    for i, block in enumerate(blocks):
+        handles.append(block.register_forward_pre_hook(make_pre_hook(i), with_kwargs=True))
+    handles.append(blocks[-1].register_forward_hook(stop))
+    try:
+        for batch in batches:
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    if len(stream) != len(batches) or any(len(c) != len(batches) for c in calls):
+        raise UnsupportedModelError("the decoder blocks were not all called once per forward pass")
+    return stream, calls
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, stream: list[torch.Tensor], calls: list[BlockCall]) -> list[torch.Tensor]:
+    """The block's outputs for every batch of the stream."""
+    return [_block_output(block(h, *args, **kwargs)) for h, (args, kwargs) in zip(stream, calls)]
+
+
+@torch.no_grad()
+def shared_input_groups(
+    block: nn.Module, names: list[str], hidden: torch.Tensor, call: BlockCall
+) -> list[list[str]]:
+    """Group the block's linears by the input tensor they read, in order of first use.
+
+    q/k/v read the same normalised hidden states and gate/up the same MLP input, so each group
+    shares one Hessian (QuIP# §4, DESIGN.md §4). Observed by running the block once.
+    """
+    seen: dict[int, list[str]] = {}
+    handles = []
+    keep_alive: list[torch.Tensor] = []  # so that ids of inputs are not reused within the pass
+
+    for name in names:
+        def hook(module: nn.Module, args: tuple, _name: str = name) -> None:
+            keep_alive.append(args[0])
+            seen.setdefault(id(args[0]), [])
+            if _name not in seen[id(args[0])]:
+                seen[id(args[0])].append(_name)
+
+        handles.append(block.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        block(hidden, *call[0], **call[1])
+    finally:
+        for h in handles:
+            h.remove()
+    groups = list(seen.values())
+    missing = [n for n in names if not any(n in g for g in groups)]
+    if missing:
+        logger.warning("linears never called by their block (left unquantized): %s", missing)
+    return groups
+
+
+@torch.no_grad()
+def collect_hessians(
+    block: nn.Module,
+    groups: list[list[str]],
+    stream: list[torch.Tensor],
+    calls: list[BlockCall],
+    keep_outputs: bool,
+) -> tuple[dict[str, HessianAccumulator], list[torch.Tensor] | None]:
+    """Accumulate one Hessian per group over the stream; optionally return the block's outputs."""
+    accs: dict[str, HessianAccumulator] = {}
+    handles = []
+    for group in groups:
+        first = block.get_submodule(group[0])
+        n = linear_shape(first)[1]
+        acc = HessianAccumulator(n)
+        for name in group:
+            accs[name] = acc
+
+        def hook(module: nn.Module, args: tuple, _acc: HessianAccumulator = acc) -> None:
+            _acc.add_batch(args[0])
+
+        handles.append(first.register_forward_pre_hook(hook))
+    try:
+        outputs = run_block(block, stream, calls)
+    finally:
+        for h in handles:
+            h.remove()
+    return accs, (outputs if keep_outputs else None)
+
+
+def _quantizable(block_name: str, block: nn.Module, config: ModelQuantConfig) -> list[str]:
+    names = []
+    for name, module in block_linears(block).items():
+        full = f"{block_name}.{name}"
+        if config.is_skipped(full):
+            continue
+        if linear_shape(module)[1] % CODEBOOK_DIM:
+            logger.warning("%s: in_features %d is not a multiple of %d; kept in full precision",
+                           full, linear_shape(module)[1], CODEBOOK_DIM)
+            continue
+        names.append(name)
+    return names
+
+
+@torch.no_grad()
+def quantize_linears(
+    block: nn.Module,
+    block_name: str,
+    names: list[str],
+    hessians: dict[str, HessianAccumulator] | None,
+    config: ModelQuantConfig,
+) -> list[LayerReport]:
+    """Replace the named linears of ``block`` by :class:`QuantizedLinear` (data-free if no Hessians)."""
+    reports = []
+    means: dict[int, torch.Tensor] = {}
+    for name in names:
+        module = block.get_submodule(name)
+        full = f"{block_name}.{name}"
+        cfg = config.layer_config(full)
+        H = None
+        if hessians is not None:
+            acc = hessians[name]
+            if id(acc) not in means:
+                means[id(acc)] = acc.mean()
+            H = means[id(acc)]
+        out_features, in_features = linear_shape(module)
+        start = time.perf_counter()
+        q = QuantizedLinear(in_features, out_features, cfg, bias=module.bias is not None,
+                            device=module.weight.device)
+        qw = q.quantize_weight(linear_weight(module).float(), H, seed=layer_seed(cfg.hadamard_seed, full))
+        if module.bias is not None:
+            q.bias.copy_(module.bias.detach().float())
+        set_submodule(block, name, q)
+        seconds = time.perf_counter() - start
+        reports.append(LayerReport(full, cfg.bits, q.codebook.name, (out_features, in_features),
+                                   qw.proxy_loss, qw.damping, seconds))
+        logger.info("%s: %d-bit %dx%d proxy loss %.4g (σ=%g) in %.2fs",
+                    full, cfg.bits, out_features, in_features, qw.proxy_loss, qw.damping, seconds)
+    return reports
+
+
+def _fingerprint(model: nn.Module, config: ModelQuantConfig, calibration: torch.Tensor | None) -> str:
+    h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
+    for name, p in model.state_dict().items():
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+    if calibration is not None:
+        h.update(calibration.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _save_block(work_dir: Path, index: int, block: nn.Module, names: list[str], reports: list[LayerReport],
+                done: list[dict[str, Any]], fingerprint: str) -> None:
+    tensors = {f"{name}.{k}": v for name in names for k, v in block.get_submodule(name).state_dict().items()}
+    atomic_save_safetensors(tensors, work_dir / BLOCK_FILE.format(index), {"block": str(index)})
+    done.append({"names": names, "reports": [asdict(r) for r in reports]})
+    atomic_write_text(work_dir / PROGRESS_FILE, json.dumps({"fingerprint": fingerprint, "blocks": done}))
+
+
+def _load_block(work_dir: Path, index: int, block: nn.Module, block_name: str, names: list[str],
+                config: ModelQuantConfig) -> None:
+    state = load_file(str(work_dir / BLOCK_FILE.format(index)))
+    for name in names:
+        module = block.get_submodule(name)
+        out_features, in_features = linear_shape(module)
+        q = QuantizedLinear(in_features, out_features, config.layer_config(f"{block_name}.{name}"),
+                            bias=module.bias is not None, device=module.weight.device)
+        q.load_state_dict({k.removeprefix(f"{name}."): v for k, v in state.items() if k.startswith(f"{name}.")})
+        set_submodule(block, name, q)
+
+
+def quantize_model(
+    model: nn.Module,
+    config: ModelQuantConfig | None = None,
+    calibration: torch.Tensor | None = None,
+    *,
+    work_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> tuple[nn.Module, list[LayerReport]]:
+    """Quantize the linears of every decoder block of ``model`` in place.
+
+    Args:
+        model: a Hugging Face causal LM (any architecture with a list of decoder blocks).
+        config: settings (default :class:`ModelQuantConfig`).
+        calibration: ``[nsamples, ctx]`` int64 token ids, or None for data-free quantization (H = I).
+        work_dir: where per-block progress is saved (needed for ``resume``).
+        resume: continue from the last completed block saved in ``work_dir``.
+        progress: show tqdm progress bars.
+    Returns:
+        ``(model, reports)``: the same model object with :class:`QuantizedLinear` layers, and one
+        :class:`LayerReport` per quantized layer.
+    """
+    config = config or ModelQuantConfig()
+    blocks_name, blocks = find_blocks(model)
+    per_block = [_quantizable(f"{blocks_name}.{i}", b, config) for i, b in enumerate(blocks)]
+    if not any(per_block):
+        raise UnsupportedModelError("no linear layer to quantize (all skipped or unsuitable)")
+    model.eval()
+    work = Path(work_dir) if work_dir is not None else None
+    fingerprint = _fingerprint(model, config, calibration) if work is not None else ""
+    done: list[dict[str, Any]] = []
+    if resume:
+        if work is None:
+            raise ValueError("resume needs a work directory")
+        progress_path = work / PROGRESS_FILE
+        if progress_path.is_file():
+            saved = json.loads(progress_path.read_text())
+            if saved.get("fingerprint") != fingerprint:
+                raise ValueError(
+                    f"{work} holds progress of a different run (model, config or calibration changed); "
+                    "start afresh without --resume or use another directory"
+                )
+            done = saved["blocks"]
+            logger.info("resuming after %d completed blocks", len(done))
+    if work is not None:
+        work.mkdir(parents=True, exist_ok=True)
+    reports = [LayerReport(**{**r, "shape": tuple(r["shape"])}) for b in done for r in b["reports"]]
+    delay = float(os.environ.get(DEBUG_DELAY_ENV, "0"))
+
+    stream: list[torch.Tensor] = []
+    calls: list[list[BlockCall]] = []
+    if calibration is not None:
+        batches = list(calibration.split(config.batch_size))
+        stream, calls = capture_block_inputs(model, blocks, batches)
+
+    bar = _progress(range(len(blocks)), progress, "blocks")
+    for i in bar:
+        block, block_name, names = blocks[i], f"{blocks_name}.{i}", per_block[i]
+        if i < len(done):  # resumed: rebuild the block and the stream exactly as the first run did
+            if calibration is not None and config.hessian_inputs == "original":
+                stream = run_block(block, stream, calls[i])
+            _load_block(work, i, block, block_name, done[i]["names"], config)
+            if calibration is not None and config.hessian_inputs == "sequential":
+                stream = run_block(block, stream, calls[i])
+            continue
+        if calibration is None:
+            block_reports = quantize_linears(block, block_name, names, None, config)
+        else:
+            groups = shared_input_groups(block, names, stream[0], calls[i][0])
+            groups = [[n for n in g if n in names] for g in groups]
+            groups = [g for g in groups if g]
+            original = config.hessian_inputs == "original"
+            hessians, outputs = collect_hessians(block, groups, stream, calls[i], keep_outputs=original)
+            called = [n for g in groups for n in g]
+            block_reports = quantize_linears(block, block_name, called, hessians, config)
+            names = called
+            stream = outputs if original else run_block(block, stream, calls[i])
+        reports.extend(block_reports)
+        if work is not None:
+            _save_block(work, i, block, names, block_reports, done, fingerprint)
+        if delay:
+            time.sleep(delay)
+    return model, reports
+
+
+def _progress(iterable: Any, enabled: bool, desc: str) -> Any:
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, desc=desc)
+
+
+class QuIPSharpQuantizer:
+    """The seed API: ``QuIPSharpQuantizer(config).quantize_model(model)``, a door onto :func:`quantize_model`.
+
+    Args:
+        config: a per-layer :class:`QuIPSharpConfig` (applied to every layer) or a full
+            :class:`ModelQuantConfig`.
+    """
+
+    def __init__(self, config: QuIPSharpConfig | ModelQuantConfig | None = None) -> None:
+        if isinstance(config, QuIPSharpConfig):
+            config = ModelQuantConfig(layer=config)
+        self.config = config or ModelQuantConfig()
+        self.reports: list[LayerReport] = []
+
+    def quantize_model(self, model: nn.Module, calibration: torch.Tensor | None = None, **kwargs: Any) -> nn.Module:
+        """Quantize ``model`` in place (data-free when ``calibration`` is None) and return it."""
+        model, self.reports = quantize_model(model, self.config, calibration, **kwargs)
+        return model

@@ -1,0 +1,114 @@
+"""The command line: quantize → inspect → eval → generate, resume after a killed run, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from quipsharp.cli import main  # noqa: E402
+from quipsharp.pipeline import DEBUG_DELAY_ENV, PROGRESS_FILE  # noqa: E402
+from tests.tiny_models import TEXT, save_tiny_model_dir  # noqa: E402
+
+KILL_TIMEOUT_S = 180
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("calib") / "calib.jsonl"
+    path.write_text("\n".join(json.dumps({"text": TEXT[i * 300 : (i + 1) * 300]}) for i in range(10)))
+    return path
+
+
+def quantize_args(model_dir, calib_file, out):
+    return ["quantize", str(model_dir), "--out", str(out), "--bits", "2", "--calib", str(calib_file),
+            "--nsamples", "4", "--ctx", "32", "--quiet"]
+
+
+def test_quantize_inspect_eval_generate(model_dir, calib_file, tmp_path, capsys):
+    out = tmp_path / "q2"
+    assert main(quantize_args(model_dir, calib_file, out)) == 0
+    assert "quantized 14 layers to 2.00 bits/weight" in capsys.readouterr().out
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["bits_per_weight"] == 2.0 and info["quantized_layers"] == 14 and len(info["layers"]) == 14
+    text = tmp_path / "eval.txt"
+    text.write_text(TEXT)
+    assert main(["eval", "ppl", str(out), "--data", str(text), "--ctx", "64", "--max-windows", "3", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"ppl", "ctx", "windows", "tokens"}
+    assert result["windows"] == 3 and result["ctx"] == 64 and result["tokens"] == 3 * 63
+    assert 1 < result["ppl"] < 1e4
+    assert main(["generate", str(out), "--prompt", "The quick", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.strip() != ""
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["quantize", "/nonexistent/model", "--out", "x", "--data-free"], "model not found"),
+        (["eval", "ppl", "/nonexistent/dir", "--data", "x.txt"], "model not found"),
+        (["inspect", "/nonexistent/dir"], "no config.json"),
+    ],
+)
+def test_errors_are_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("quipsharp: error:") and message in err and "\n" not in err
+
+
+def test_option_errors(model_dir, calib_file, tmp_path, capsys):
+    assert main(["quantize", str(model_dir), "--out", str(tmp_path / "o")]) == 2
+    assert "--calib" in capsys.readouterr().err
+    assert main([*quantize_args(model_dir, calib_file, tmp_path / "o"), "--bits-map", "nonsense"]) == 2
+    assert "REGEX=BITS" in capsys.readouterr().err
+    assert main([*quantize_args(model_dir, calib_file, tmp_path / "o"), "--bits-map", "mlp=5"]) == 2
+    assert "bits must be one of" in capsys.readouterr().err
+    missing_calib = ["quantize", str(model_dir), "--out", str(tmp_path / "o"), "--calib", str(tmp_path / "no.jsonl")]
+    assert main(missing_calib) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["eval", "ppl", str(model_dir), "--data", str(tmp_path / "none.txt")]) == 2
+    assert "evaluation file not found" in capsys.readouterr().err
+
+
+def _run_cli(args, env=None, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "quipsharp.cli", *args], env=env, **kwargs)
+
+
+def test_resume_after_killed_run_gives_identical_files(model_dir, calib_file, tmp_path):
+    from safetensors.torch import load_file
+
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert _run_cli(quantize_args(model_dir, calib_file, ref)).wait() == 0
+    env = {**os.environ, DEBUG_DELAY_ENV: "5"}
+    proc = _run_cli(quantize_args(model_dir, calib_file, out), env=env)
+    progress = out.with_name(out.name + ".quipsharp-work") / PROGRESS_FILE
+    deadline = time.time() + KILL_TIMEOUT_S
+    while not progress.is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    assert progress.is_file(), "the run never completed a block"
+    assert len(json.loads(progress.read_text())["blocks"]) == 1
+    assert not out.exists()
+    resumed = _run_cli(["-v", *quantize_args(model_dir, calib_file, out), "--resume"],
+                       stderr=subprocess.PIPE, text=True)
+    _, stderr = resumed.communicate()
+    assert resumed.returncode == 0, stderr
+    assert "resuming after 1 completed blocks" in stderr
+    a, b = load_file(str(ref / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)

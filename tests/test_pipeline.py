@@ -1,0 +1,172 @@
+"""End to end on tiny random models: quantize → save → load → identical logits → perplexity."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from quipsharp.config import ModelQuantConfig, QuIPSharpConfig  # noqa: E402
+from quipsharp.eval import compression_report, perplexity  # noqa: E402
+from quipsharp.hf import FORMAT_VERSION, ModelLoadError, load_quantized, save_quantized  # noqa: E402
+from quipsharp.models.walker import UnsupportedModelError, find_blocks  # noqa: E402
+from quipsharp.nn import QuantizedLinear  # noqa: E402
+from quipsharp.pipeline import quantize_model, shared_input_groups, capture_block_inputs  # noqa: E402
+from tests.tiny_models import calibration_tokens, tiny_model  # noqa: E402
+
+ARCHS = ["llama", "qwen2", "gpt2", "gemma3", "gemma2", "phi3", "opt", "mistral"]
+
+
+def quantized_names(model):
+    return sorted(n for n, m in model.named_modules() if isinstance(m, QuantizedLinear))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_quantize_save_load_identical_logits(arch, tmp_path):
+    model = tiny_model(arch)
+    tokens = calibration_tokens(8, 32)
+    with torch.no_grad():
+        float_logits = model(input_ids=tokens[:2]).logits
+    config = ModelQuantConfig(layer=QuIPSharpConfig(bits=4), nsamples=8, ctx=32, batch_size=4)
+    model, reports = quantize_model(model, config, tokens, progress=False)
+    names = quantized_names(model)
+    assert len(names) == len(reports) > 0
+    assert all(r.proxy_loss < 0.05 for r in reports), [(r.name, r.proxy_loss) for r in reports]
+    with torch.no_grad():
+        q_logits = model(input_ids=tokens[:2]).logits
+    # 4 bits on a random model: logits stay close to the float model's
+    assert (q_logits - float_logits).square().mean() < 0.05 * float_logits.var()
+    out = save_quantized(model, tmp_path / "q", config=config, reports=reports)
+    loaded = load_quantized(out)
+    assert quantized_names(loaded) == names
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=tokens[:2]).logits, q_logits)
+
+
+def test_llama_groups_follow_shared_inputs():
+    model = tiny_model("llama")
+    _, blocks = find_blocks(model)
+    stream, calls = capture_block_inputs(model, blocks, [calibration_tokens(2, 16)])
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    groups = shared_input_groups(blocks[0], names, stream[0], calls[0][0])
+    assert groups == [names[:3], [names[3]], names[4:6], [names[6]]]
+
+
+def test_bits_map_and_skip():
+    model = tiny_model("llama")
+    config = ModelQuantConfig(
+        layer=QuIPSharpConfig(bits=2), bits_map=((r"mlp\.down_proj", 4), (r"self_attn", 3)),
+        skip=(r"layers\.1\.mlp\.gate_proj",), nsamples=4, ctx=16, batch_size=2,
+    )
+    model, reports = quantize_model(model, config, calibration_tokens(4, 16), progress=False)
+    bits = {r.name: r.bits for r in reports}
+    assert bits["model.layers.0.mlp.down_proj"] == 4
+    assert bits["model.layers.0.self_attn.q_proj"] == 3
+    assert bits["model.layers.0.mlp.up_proj"] == 2
+    assert "model.layers.1.mlp.gate_proj" not in bits
+    assert isinstance(model.model.layers[1].mlp.gate_proj, torch.nn.Linear)
+    assert model.model.layers[0].mlp.down_proj.codebook.name == "E8P12RVQ4B"
+
+
+def test_data_free_and_sequential_vs_original_modes():
+    tokens = calibration_tokens(4, 16)
+    data_free, _ = quantize_model(tiny_model("qwen2"), ModelQuantConfig(), None, progress=False)
+    assert len(quantized_names(data_free)) == 14
+    seq, seq_r = quantize_model(tiny_model("qwen2"), ModelQuantConfig(nsamples=4, ctx=16), tokens, progress=False)
+    orig, orig_r = quantize_model(tiny_model("qwen2"), ModelQuantConfig(nsamples=4, ctx=16, hessian_inputs="original"),
+                                  tokens, progress=False)
+    # block 0 sees the same inputs in both modes; later blocks differ
+    assert seq_r[0].proxy_loss == orig_r[0].proxy_loss
+    assert [r.proxy_loss for r in seq_r] != [r.proxy_loss for r in orig_r]
+    # Qwen2's q/k/v biases are kept
+    assert seq.model.layers[0].self_attn.q_proj.bias is not None
+
+
+def test_end_to_end_perplexity(tmp_path):
+    model = tiny_model("llama", seed=1)
+    windows = calibration_tokens(6, 64, seed=9)
+    float_ppl = perplexity(model, windows)["ppl"]
+    config = ModelQuantConfig(layer=QuIPSharpConfig(bits=4), nsamples=8, ctx=32)
+    model, _ = quantize_model(model, config, calibration_tokens(8, 32), progress=False)
+    out = save_quantized(model, tmp_path / "q4", config=config)
+    result = perplexity(load_quantized(out), windows)
+    assert result["windows"] == 6 and result["tokens"] == 6 * 63 and result["ctx"] == 64
+    assert abs(result["ppl"] / float_ppl - 1) < 0.02
+    report = compression_report(model, out)
+    assert report["codes_bits_per_weight"] == 4.0
+    assert report["disk_bytes"] > 0
+
+
+def test_no_linear_layers_is_a_clear_error():
+    with pytest.raises(UnsupportedModelError, match="no list of decoder blocks"):
+        quantize_model(torch.nn.Sequential(torch.nn.ReLU()), ModelQuantConfig(), None, progress=False)
+    with pytest.raises(UnsupportedModelError, match="no linear layer to quantize"):
+        quantize_model(tiny_model("llama"), ModelQuantConfig(skip=(".",)), None, progress=False)
+
+
+@pytest.fixture(scope="module")
+def saved_dir(tmp_path_factory):
+    model, _ = quantize_model(tiny_model("llama"), ModelQuantConfig(), None, progress=False)
+    return save_quantized(model, tmp_path_factory.mktemp("saved") / "q")
+
+
+def _rewrite_config(src, dst, mutate):
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    mutate(cfg)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_load_rejects_newer_format(saved_dir, tmp_path):
+    def newer(cfg):
+        cfg["quantization_config"]["format_version"] = FORMAT_VERSION + 1
+
+    with pytest.raises(ModelLoadError, match="format version"):
+        load_quantized(_rewrite_config(saved_dir, tmp_path / "newer", newer))
+
+
+def test_load_rejects_shape_mismatch_and_missing_tensor(saved_dir, tmp_path):
+    def wider(cfg):
+        cfg["intermediate_size"] = 2 * cfg["intermediate_size"]
+
+    with pytest.raises(ModelLoadError, match="module .* is .* in the model config"):
+        load_quantized(_rewrite_config(saved_dir, tmp_path / "wider", wider))
+
+    from safetensors.torch import load_file, save_file
+
+    missing = _rewrite_config(saved_dir, tmp_path / "missing", lambda cfg: None)
+    state = load_file(str(missing / "model.safetensors"))
+    del state["model.layers.1.mlp.down_proj.codes"]
+    save_file(state, str(missing / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match="missing tensors.*down_proj.codes"):
+        load_quantized(missing)
+
+
+def test_not_a_quantized_dir(tmp_path):
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_quantized(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ModelLoadError, match="not a quipsharp model"):
+        load_quantized(tmp_path)
+
+
+def test_interrupted_save_leaves_nothing_loadable(tmp_path, monkeypatch):
+    import quipsharp.hf as hf
+
+    model, _ = quantize_model(tiny_model("llama"), ModelQuantConfig(), None, progress=False)
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hf, "atomic_write_text", boom)
+    with pytest.raises(KeyboardInterrupt):
+        save_quantized(model, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
