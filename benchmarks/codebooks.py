@@ -122,9 +122,14 @@ def main(argv: list[str] | None = None) -> int:
         "--scale-samples", type=int, default=DEFAULT_SCALE_SAMPLES, help="vectors used by the scale search"
     )
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="torch.Generator seed")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch intra-op threads (0: leave torch's default)"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     res = run(args.samples, args.seed, args.scale_samples)
     print(json.dumps(res, indent=2) if args.json else table(res))
     return 0

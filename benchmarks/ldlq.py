@@ -74,7 +74,9 @@ def run(m: int, n: int, bits_list: list[int], kinds: list[str], seeds: list[int]
                 losses, times = [], []
                 for seed in seeds:
                     W, H = make_problem(m, n, kind, seed)
-                    cfg = QuIPSharpConfig(bits=bits, use_hadamard=opts["use_hadamard"], cd_passes=opts.get("cd_passes", 0))
+                    cfg = QuIPSharpConfig(
+                        bits=bits, use_hadamard=opts["use_hadamard"], cd_passes=opts.get("cd_passes", 0)
+                    )
                     start = time.perf_counter()
                     qw = quantize_weight(W, H if opts["use_hessian"] else None, cfg, seed=seed)
                     times.append(time.perf_counter() - start)

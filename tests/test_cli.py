@@ -14,9 +14,9 @@ import torch
 
 pytest.importorskip("transformers")
 
-from quipsharp.cli import main  # noqa: E402
-from quipsharp.pipeline import DEBUG_DELAY_ENV, PROGRESS_FILE  # noqa: E402
-from tests.tiny_models import TEXT, save_tiny_model_dir  # noqa: E402
+from quipsharp.cli import main
+from quipsharp.pipeline import DEBUG_DELAY_ENV, PROGRESS_FILE
+from tests.tiny_models import TEXT, save_tiny_model_dir
 
 KILL_TIMEOUT_S = 180
 

@@ -5,12 +5,16 @@ import torch
 
 from quipsharp.errors import NumericalError
 from quipsharp.hessian import HessianAccumulator, normalize, regularize
-from quipsharp.io import save_hessian, load_hessian
+from quipsharp.io import load_hessian, save_hessian
 
 
 def test_accumulator_matches_explicit_second_moment(gen):
     n = 24
-    batches = [torch.randn(3, 7, n, generator=gen), torch.randn(5000, n, generator=gen), torch.randn(1, n, generator=gen)]
+    batches = [
+        torch.randn(3, 7, n, generator=gen),
+        torch.randn(5000, n, generator=gen),
+        torch.randn(1, n, generator=gen),
+    ]
     acc = HessianAccumulator(n)
     for b in batches:
         acc.add_batch(b)

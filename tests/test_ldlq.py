@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -25,7 +27,7 @@ class HalfIntegerGrid:
 
 def naive_block_ldlq(W, L, quantize):
     """BlockLDLQ straight from the definition, no buffering: Ŵ_k = Q(W_k + Σ_{j>k} (W_j − Ŵ_j) L_jk)."""
-    m, n = W.shape
+    n = W.shape[1]
     What = torch.zeros_like(W)
     for k0 in range(n - G, -1, -G):
         fb = (W[:, k0 + G :] - What[:, k0 + G :]) @ L[k0 + G :, k0 : k0 + G]
@@ -108,7 +110,7 @@ def test_coordinate_descent_never_increases_loss(gen):
     for _ in range(3):
         What, codes = coordinate_descent(W, What, codes, H, cb, passes=1)
         losses.append(proxy_loss(W, What, H))
-    assert all(b <= a + 1e-9 for a, b in zip(losses, losses[1:]))
+    assert all(b <= a + 1e-9 for a, b in itertools.pairwise(losses))
     assert losses[-1] < losses[0]
     # zero passes is the identity
     same, _ = coordinate_descent(W, What, codes, H, cb, passes=0)

@@ -10,13 +10,13 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from quipsharp.config import ModelQuantConfig, QuIPSharpConfig  # noqa: E402
-from quipsharp.eval import compression_report, perplexity  # noqa: E402
-from quipsharp.hf import FORMAT_VERSION, ModelLoadError, load_quantized, save_quantized  # noqa: E402
-from quipsharp.models.walker import UnsupportedModelError, find_blocks  # noqa: E402
-from quipsharp.nn import QuantizedLinear  # noqa: E402
-from quipsharp.pipeline import quantize_model, shared_input_groups, capture_block_inputs  # noqa: E402
-from tests.tiny_models import calibration_tokens, tiny_model  # noqa: E402
+from quipsharp.config import ModelQuantConfig, QuIPSharpConfig
+from quipsharp.eval import compression_report, perplexity
+from quipsharp.hf import FORMAT_VERSION, ModelLoadError, load_quantized, save_quantized
+from quipsharp.models.walker import UnsupportedModelError, find_blocks
+from quipsharp.nn import QuantizedLinear
+from quipsharp.pipeline import capture_block_inputs, quantize_model, shared_input_groups
+from tests.tiny_models import calibration_tokens, tiny_model
 
 ARCHS = ["llama", "qwen2", "gpt2", "gemma3", "gemma2", "phi3", "opt", "mistral"]
 
@@ -78,7 +78,7 @@ def test_data_free_and_sequential_vs_original_modes():
     data_free, _ = quantize_model(tiny_model("qwen2"), ModelQuantConfig(), None, progress=False)
     assert len(quantized_names(data_free)) == 14
     seq, seq_r = quantize_model(tiny_model("qwen2"), ModelQuantConfig(nsamples=4, ctx=16), tokens, progress=False)
-    orig, orig_r = quantize_model(tiny_model("qwen2"), ModelQuantConfig(nsamples=4, ctx=16, hessian_inputs="original"),
+    _, orig_r = quantize_model(tiny_model("qwen2"), ModelQuantConfig(nsamples=4, ctx=16, hessian_inputs="original"),
                                   tokens, progress=False)
     # block 0 sees the same inputs in both modes; later blocks differ
     assert seq_r[0].proxy_loss == orig_r[0].proxy_loss
@@ -103,7 +103,7 @@ def test_end_to_end_perplexity(tmp_path):
 
 
 def test_no_linear_layers_is_a_clear_error():
-    with pytest.raises(UnsupportedModelError, match="no list of decoder blocks"):
+    with pytest.raises(UnsupportedModelError, match=r"no list of decoder blocks"):
         quantize_model(torch.nn.Sequential(torch.nn.ReLU()), ModelQuantConfig(), None, progress=False)
     with pytest.raises(UnsupportedModelError, match="no linear layer to quantize"):
         quantize_model(tiny_model("llama"), ModelQuantConfig(skip=(".",)), None, progress=False)
@@ -137,7 +137,7 @@ def test_load_rejects_shape_mismatch_and_missing_tensor(saved_dir, tmp_path):
     def wider(cfg):
         cfg["intermediate_size"] = 2 * cfg["intermediate_size"]
 
-    with pytest.raises(ModelLoadError, match="module .* is .* in the model config"):
+    with pytest.raises(ModelLoadError, match=r"module .* is .* in the model config"):
         load_quantized(_rewrite_config(saved_dir, tmp_path / "wider", wider))
 
     from safetensors.torch import load_file, save_file
@@ -146,12 +146,12 @@ def test_load_rejects_shape_mismatch_and_missing_tensor(saved_dir, tmp_path):
     state = load_file(str(missing / "model.safetensors"))
     del state["model.layers.1.mlp.down_proj.codes"]
     save_file(state, str(missing / "model.safetensors"))
-    with pytest.raises(ModelLoadError, match="missing tensors.*down_proj.codes"):
+    with pytest.raises(ModelLoadError, match=r"missing tensors.*down_proj\.codes"):
         load_quantized(missing)
 
 
 def test_not_a_quantized_dir(tmp_path):
-    with pytest.raises(ModelLoadError, match="no config.json"):
+    with pytest.raises(ModelLoadError, match=r"no config\.json"):
         load_quantized(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ModelLoadError, match="not a quipsharp model"):

@@ -7,7 +7,7 @@ Importing the package needs only torch, numpy and safetensors; the Hugging Face 
 (:func:`load_quantized`, :func:`save_quantized`) imports transformers when called.
 """
 
-from quipsharp.codebooks import E8P12, E8Lattice, E8P12RVQ3B, E8P12RVQ4B, get_codebook
+from quipsharp.codebooks import E8P12, E8P12RVQ3B, E8P12RVQ4B, E8Lattice, get_codebook
 from quipsharp.config import ModelQuantConfig, QuIPSharpConfig
 from quipsharp.errors import HessianNotPositiveDefiniteError, NumericalError, QuipSharpError
 from quipsharp.hadamard import HadamardTransform

@@ -30,7 +30,9 @@ class DataError(QuipSharpError, ValueError):
     """Calibration or evaluation text cannot be read or is too short."""
 
 
-def read_documents(source: str | os.PathLike, field: str = JSONL_TEXT_FIELD, limit: int | None = None) -> list[str]:
+def read_documents(
+    source: str | os.PathLike, field: str = JSONL_TEXT_FIELD, limit: int | None = None
+) -> list[str]:
     """Documents from a ``.txt`` file (blank-line separated), a JSON-lines file, or a dataset name.
 
     A name that is not an existing path is tried as a Hugging Face dataset (``name`` or
@@ -65,13 +67,15 @@ def read_documents(source: str | os.PathLike, field: str = JSONL_TEXT_FIELD, lim
 
 def _hub_documents(name: str, field: str, limit: int | None) -> list[str]:
     try:
-        import datasets  # noqa: PLC0415
+        import datasets
     except ImportError as err:
         raise DataError(
             f"{name!r} is not a file; to use it as a Hugging Face dataset install `datasets` (and be online)"
         ) from err
     parts = name.split(":")
-    ds_name, ds_config, split = parts[0], (parts[1] if len(parts) > 1 else None), (parts[2] if len(parts) > 2 else "train")
+    ds_name = parts[0]
+    ds_config = parts[1] if len(parts) > 1 else None
+    split = parts[2] if len(parts) > 2 else "train"
     try:
         ds = datasets.load_dataset(ds_name, ds_config, split=split, streaming=True)
     except Exception as err:  # datasets raises many types (network, missing config)
@@ -107,7 +111,9 @@ def calibration_windows(
     stream = torch.tensor(ids, dtype=torch.int64)
     starts = torch.randint(0, len(stream) - ctx + 1, (nsamples,), generator=gen)
     if len(ids) < nsamples * ctx:
-        logger.warning("calibration text has only %d tokens for %d windows of %d: windows overlap", len(ids), nsamples, ctx)
+        logger.warning(
+            "calibration text has only %d tokens for %d windows of %d: windows overlap", len(ids), nsamples, ctx
+        )
     return torch.stack([stream[s : s + ctx] for s in starts.tolist()])
 
 

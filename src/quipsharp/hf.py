@@ -199,7 +199,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
-    raw, qc = read_quantization_config(path)
+    _, qc = read_quantization_config(path)
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise ModelLoadError(f"{path} has no {WEIGHTS_FILE}")

@@ -62,7 +62,7 @@ class LayerReport:
     seconds: float
 
 
-class _StopForward(Exception):
+class _StopForwardError(Exception):
     """Raised by a hook after the last decoder block: the LM head is not needed for calibration."""
 
 
@@ -105,7 +105,7 @@ def capture_block_inputs(
         return hook
 
     def stop(*_: Any) -> None:
-        raise _StopForward
+        raise _StopForwardError
 
     for i, block in enumerate(blocks):
         handles.append(block.register_forward_pre_hook(make_pre_hook(i), with_kwargs=True))
@@ -114,7 +114,7 @@ def capture_block_inputs(
         for batch in batches:
             try:
                 model(input_ids=batch, use_cache=False)
-            except _StopForward:
+            except _StopForwardError:
                 pass
     finally:
         for h in handles:
@@ -127,7 +127,7 @@ def capture_block_inputs(
 @torch.no_grad()
 def run_block(block: nn.Module, stream: list[torch.Tensor], calls: list[BlockCall]) -> list[torch.Tensor]:
     """The block's outputs for every batch of the stream."""
-    return [_block_output(block(h, *args, **kwargs)) for h, (args, kwargs) in zip(stream, calls)]
+    return [_block_output(block(h, *args, **kwargs)) for h, (args, kwargs) in zip(stream, calls, strict=True)]
 
 
 @torch.no_grad()

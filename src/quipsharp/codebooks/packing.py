@@ -97,15 +97,20 @@ def check_vectors(x: torch.Tensor, dim: int, what: str) -> None:
         raise NumericalError(f"{what}: input contains non-finite values")
 
 
-def row_chunks(n_rows: int, bytes_per_row: int, budget: int = SEARCH_TEMP_BYTES) -> Iterator[slice]:
+def row_chunks(
+    n_rows: int, bytes_per_row: int, budget: int = SEARCH_TEMP_BYTES, max_rows: int | None = None
+) -> Iterator[slice]:
     """Slices of ``range(n_rows)`` whose per-chunk temporaries stay within ``budget`` bytes.
 
     Args:
         n_rows: number of rows to cover.
         bytes_per_row: temporary bytes the search allocates per row.
         budget: bound on the bytes of one chunk's temporaries.
+        max_rows: optional further cap on the rows of a chunk (e.g. to stay cache-resident).
     """
     step = max(1, budget // max(1, bytes_per_row))
+    if max_rows is not None:
+        step = max(1, min(step, max_rows))
     for start in range(0, n_rows, step):
         yield slice(start, min(n_rows, start + step))
 
@@ -169,6 +174,7 @@ def search_in_chunks(
     x: torch.Tensor,
     search: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     bytes_per_row: int,
+    max_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run a row-wise nearest search over ``x`` in memory-bounded chunks.
 
@@ -176,6 +182,7 @@ def search_in_chunks(
         x: ``[..., d]`` input.
         search: maps rows ``[b, d]`` to ``(xhat [b, d'] , codes [b])``.
         bytes_per_row: temporary bytes ``search`` allocates per row.
+        max_rows: optional cap on the rows of one chunk.
     Returns:
         ``(xhat [..., d'], codes [...])``.
     """
@@ -186,7 +193,7 @@ def search_in_chunks(
         empty_hat, empty_codes = search(rows[:0])
         return empty_hat.reshape(*lead, empty_hat.shape[-1]), empty_codes.reshape(lead)
     hats, codes = [], []
-    for sl in row_chunks(n, bytes_per_row):
+    for sl in row_chunks(n, bytes_per_row, max_rows=max_rows):
         h, c = search(rows[sl])
         hats.append(h)
         codes.append(c)

