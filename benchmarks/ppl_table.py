@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import machine_info, today
+from quipsharp.config import DEFAULT_CTX, DEFAULT_NSAMPLES
 
 RTN_GROUP = 64  # divides 576 and 1536
 ROWS: dict[str, dict[str, Any]] = {
@@ -67,7 +68,9 @@ def run_row(name: str, args: argparse.Namespace) -> dict[str, Any]:
         row["bits_per_weight"] = rtn_bits_per_weight(spec["bits"], RTN_GROUP)
     elif spec["kind"] == "quipsharp":
         config = ModelQuantConfig(
-            layer=QuIPSharpConfig(bits=spec["bits"], cd_passes=args.cd_passes, scale_rho=args.scale_rho),
+            layer=QuIPSharpConfig(
+                bits=spec["bits"], cd_passes=args.cd_passes, scale_rho=args.scale_rho, damping=args.damping
+            ),
             bits_map=tuple(tuple(p) for p in spec.get("bits_map", [])),
             nsamples=args.nsamples, ctx=args.ctx, hessian_inputs=args.hessian_inputs,
         )
@@ -96,11 +99,12 @@ def run_row(name: str, args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
-    parser.add_argument("--nsamples", type=int, default=128)
-    parser.add_argument("--ctx", type=int, default=512)
+    parser.add_argument("--nsamples", type=int, default=DEFAULT_NSAMPLES)
+    parser.add_argument("--ctx", type=int, default=DEFAULT_CTX)
     parser.add_argument("--hessian-inputs", default="sequential", choices=("sequential", "original"))
     parser.add_argument("--cd-passes", type=int, default=0)
     parser.add_argument("--scale-rho", type=float, default=None)
+    parser.add_argument("--damping", type=float, default=None)
     parser.add_argument("--eval-ctx", type=int, default=2048)
     parser.add_argument("--max-windows", type=int, default=None, help="quick check: first N windows only")
     parser.add_argument("--threads", type=int, default=2)

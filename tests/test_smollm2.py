@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("transformers")
 
 from quipsharp.baselines import rtn_quantize
-from quipsharp.config import ModelQuantConfig, QuIPSharpConfig
+from quipsharp.config import DEFAULT_CTX, DEFAULT_NSAMPLES, ModelQuantConfig, QuIPSharpConfig
 from quipsharp.data import calibration_windows, evaluation_windows, read_documents
 from quipsharp.eval import perplexity
 from quipsharp.hf import load_model, load_quantized, save_quantized
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 EVAL_WINDOWS = 4
 EVAL_CTX = 2048
-NSAMPLES, CTX = 64, 512
+NSAMPLES, CTX = DEFAULT_NSAMPLES, DEFAULT_CTX
 RTN_GROUP = 64
 MAX_4BIT_RATIO = 1.05
 

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from quipsharp.config import DEFAULT_CTX, DEFAULT_NSAMPLES
+
 EXIT_USAGE = 2
 DEFAULT_EVAL_CTX = 2048
 DEFAULT_NEW_TOKENS = 64
@@ -159,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", type=int, choices=(2, 3, 4), default=2)
     q.add_argument("--calib", help="calibration text: .txt, .jsonl (field 'text') or a HF dataset name")
     q.add_argument("--data-free", action="store_true", help="quantize without calibration data (H = I)")
-    q.add_argument("--nsamples", type=int, default=128)
-    q.add_argument("--ctx", type=int, default=512)
+    q.add_argument("--nsamples", type=int, default=DEFAULT_NSAMPLES)
+    q.add_argument("--ctx", type=int, default=DEFAULT_CTX)
     q.add_argument("--batch-size", type=int, default=8)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--skip", action="append", default=[], metavar="REGEX", help="leave matching modules in float")

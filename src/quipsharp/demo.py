@@ -16,15 +16,13 @@ from pathlib import Path
 
 import torch
 
-from quipsharp.config import ModelQuantConfig, QuIPSharpConfig
+from quipsharp.config import DEFAULT_CTX, DEFAULT_NSAMPLES, ModelQuantConfig, QuIPSharpConfig
 from quipsharp.data import calibration_windows, evaluation_windows, read_documents
 from quipsharp.eval import compression_report, perplexity
 from quipsharp.hf import load_model, load_quantized, save_quantized
 from quipsharp.pipeline import quantize_model
 from quipsharp.resources import C4_SAMPLE, WIKITEXT_TEST, offline_corpus, shared_data_dir, smollm2_gguf
 
-DEMO_NSAMPLES = 64
-DEMO_CTX = 256
 EVAL_CTX = 2048
 EVAL_WINDOWS = 4
 OFFLINE_EVAL_CTX = 512
@@ -54,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out/smollm2-135m-2bit")
     parser.add_argument("--bits", type=int, default=2, choices=(2, 3, 4))
-    parser.add_argument("--nsamples", type=int, default=DEMO_NSAMPLES)
-    parser.add_argument("--ctx", type=int, default=DEMO_CTX)
+    parser.add_argument("--nsamples", type=int, default=DEFAULT_NSAMPLES)
+    parser.add_argument("--ctx", type=int, default=DEFAULT_CTX)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)

@@ -14,12 +14,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -126,8 +128,34 @@ def capture_block_inputs(
 
 @torch.no_grad()
 def run_block(block: nn.Module, stream: list[torch.Tensor], calls: list[BlockCall]) -> list[torch.Tensor]:
-    """The block's outputs for every batch of the stream."""
-    return [_block_output(block(h, *args, **kwargs)) for h, (args, kwargs) in zip(stream, calls, strict=True)]
+    """The block's outputs for every batch of the stream.
+
+    Quantized linears run as dense layers holding their dequantized weight (computed once here):
+    the same function as :class:`QuantizedLinear` up to float rounding, at the cost of a float
+    matmul instead of a decode and two Hadamard transforms per batch.
+    """
+    with _dequantized(block, stream[0].dtype if stream else torch.float32):
+        return [_block_output(block(h, *args, **kwargs)) for h, (args, kwargs) in zip(stream, calls, strict=True)]
+
+
+@contextlib.contextmanager
+def _dequantized(block: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """Temporarily swap every :class:`QuantizedLinear` of ``block`` for an ``nn.Linear`` of ``Ŵ``."""
+    swapped = []
+    for name, module in list(block.named_modules()):
+        if isinstance(module, QuantizedLinear):
+            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                              device=module.codes.device, dtype=dtype)
+            dense.weight.data = module.dequantize().to(dtype)
+            if module.bias is not None:
+                dense.bias.data = module.bias.to(dtype)
+            set_submodule(block, name, dense)
+            swapped.append((name, module))
+    try:
+        yield
+    finally:
+        for name, module in swapped:
+            set_submodule(block, name, module)
 
 
 @torch.no_grad()
