@@ -88,6 +88,23 @@ def _run_cli(args, env=None, **kwargs):
     return subprocess.Popen([sys.executable, "-m", "quipsharp.cli", *args], env=env, **kwargs)
 
 
+def test_bfloat16_unquantized_tensors_halve_their_size(model_dir, calib_file, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    f32, bf16 = tmp_path / "f32", tmp_path / "bf16"
+    assert main(quantize_args(model_dir, calib_file, f32)) == 0
+    assert main([*quantize_args(model_dir, calib_file, bf16), "--dtype", "bfloat16"]) == 0
+    a, b = load_file(str(f32 / "model.safetensors")), load_file(str(bf16 / "model.safetensors"))
+    assert a["model.embed_tokens.weight"].dtype == torch.float32
+    assert b["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert b["model.layers.0.mlp.down_proj.codes"].dtype == torch.uint8
+    assert (bf16 / "model.safetensors").stat().st_size < 0.75 * (f32 / "model.safetensors").stat().st_size
+    text = tmp_path / "eval.txt"
+    text.write_text(TEXT)
+    assert main(["eval", "ppl", str(bf16), "--data", str(text), "--ctx", "64", "--max-windows", "2", "--json"]) == 0
+    assert 1 < json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ppl"] < 1e4
+
+
 def test_resume_after_killed_run_gives_identical_files(model_dir, calib_file, tmp_path):
     from safetensors.torch import load_file
 

@@ -21,6 +21,7 @@ EXIT_USAGE = 2
 DEFAULT_EVAL_CTX = 2048
 DEFAULT_NEW_TOKENS = 64
 WORK_SUFFIX = ".quipsharp-work"
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 logger = logging.getLogger("quipsharp")
 
@@ -62,7 +63,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     )
     torch.manual_seed(args.seed)
     start = time.perf_counter()
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])
     calibration = None
     if args.calib is not None:
         docs = read_documents(args.calib)
@@ -173,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--scale-rho", type=float, default=None)
     q.add_argument("--damping", type=float, default=None)
     q.add_argument("--no-hadamard", action="store_true", help="skip the randomized Hadamard transform")
+    q.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="dtype of the model while quantizing and of the tensors left unquantized "
+                        "(embeddings, norms, LM head): bfloat16 halves their size on disk")
     q.add_argument("--resume", action="store_true", help="continue an interrupted run")
     q.add_argument("--work-dir", help=f"per-block progress (default: OUT{WORK_SUFFIX})")
     q.add_argument("--quiet", action="store_true")

@@ -51,10 +51,12 @@ class ModelLoadError(QuipSharpError, ValueError):
 
 
 # --------------------------------------------------------------------------- loading float models
-def load_model(source: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+def load_model(source: str | os.PathLike, dtype: torch.dtype | str = torch.float32) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` from a HF directory, a quipsharp directory, a ``.gguf`` file or a hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
     path = Path(source)
     if path.is_file() and path.suffix == GGUF_SUFFIX:
         kwargs = {"gguf_file": path.name}
