@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from quipsharp.config import DEFAULT_CTX, DEFAULT_NSAMPLES, ModelQuantConfig, QuIPSharpConfig
+from quipsharp.config import FAST_CTX, FAST_NSAMPLES, ModelQuantConfig, QuIPSharpConfig
 from quipsharp.data import calibration_windows, evaluation_windows, read_documents
 from quipsharp.eval import compression_report, perplexity
 from quipsharp.hf import load_model, load_quantized, save_quantized
@@ -28,6 +28,7 @@ EVAL_WINDOWS = 4
 OFFLINE_EVAL_CTX = 512
 PROMPT = "What is the capital of France? Answer in one sentence."
 NEW_TOKENS = 40
+NO_ANSWER = "(nothing: the model ended its turn at once)"
 
 
 def _eval_windows(tokenizer, data: Path | None, heldout: list[str]) -> tuple[torch.Tensor, str]:
@@ -40,7 +41,8 @@ def _eval_windows(tokenizer, data: Path | None, heldout: list[str]) -> tuple[tor
     return windows, f"held-out pydoc topics, {n} windows of {OFFLINE_EVAL_CTX} tokens"
 
 
-def _generate(model, tokenizer) -> str:
+def _generate(model: torch.nn.Module, tokenizer: object) -> str:
+    """Greedy answer to PROMPT in the tokenizer's chat format."""
     ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
                                         return_tensors="pt", return_dict=True)["input_ids"]
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
@@ -52,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out/smollm2-135m-2bit")
     parser.add_argument("--bits", type=int, default=2, choices=(2, 3, 4))
-    parser.add_argument("--nsamples", type=int, default=DEFAULT_NSAMPLES)
-    parser.add_argument("--ctx", type=int, default=DEFAULT_CTX)
+    parser.add_argument("--nsamples", type=int, default=FAST_NSAMPLES)
+    parser.add_argument("--ctx", type=int, default=FAST_CTX)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
@@ -74,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{time.perf_counter() - start:.0f}s")
     float_ppl = perplexity(model, windows)["ppl"]
     print(f"float perplexity: {float_ppl:.2f} on {eval_name}")
+    float_answer = _generate(model, tokenizer)
 
     config = ModelQuantConfig(layer=QuIPSharpConfig(bits=args.bits), nsamples=args.nsamples, ctx=args.ctx)
     calibration = calibration_windows(calib_docs, tokenizer, config.nsamples, config.ctx, config.seed)
@@ -91,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
           f"in float16 ({report['codes_bits_per_weight']:.2f} bits/weight in the quantized layers; "
           "embeddings and norms stay float32)")
     print(f"prompt: {PROMPT}")
-    print(f"{args.bits}-bit answer: {_generate(reloaded, tokenizer)}")
+    print(f"float answer: {float_answer or NO_ANSWER}")
+    print(f"{args.bits}-bit answer: {_generate(reloaded, tokenizer) or NO_ANSWER}")
     print(f"total {time.perf_counter() - start:.0f}s")
     return 0
 
