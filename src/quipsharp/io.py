@@ -6,8 +6,10 @@ interrupted write never leaves a file that loads as valid.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -20,20 +22,33 @@ HESSIAN_FORMAT = "quipsharp-hessian"
 HESSIAN_FORMAT_VERSION = 1
 
 
-def atomic_save_safetensors(
-    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]
-) -> None:
-    """Write ``tensors`` to ``path`` via a temporary file and an atomic rename."""
+@contextlib.contextmanager
+def _atomic_target(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]
+) -> None:
+    """Write ``tensors`` to ``path`` via a temporary file and an atomic rename."""
+    with _atomic_target(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and an atomic rename."""
+    with _atomic_target(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def save_hessian(acc: HessianAccumulator, path: str | os.PathLike) -> None:
@@ -63,16 +78,3 @@ def load_hessian(path: str | os.PathLike) -> HessianAccumulator:
         raise ValueError(f"{path} has Hessian format version {version}, newer than supported {HESSIAN_FORMAT_VERSION}")
     return HessianAccumulator.from_state_dict(tensors)
 
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
