@@ -29,6 +29,8 @@ ROWS: dict[str, dict[str, Any]] = {
     "rtn2": {"kind": "rtn", "bits": 2},
     "rtn3": {"kind": "rtn", "bits": 3},
     "rtn4": {"kind": "rtn", "bits": 4},
+    # groups of 32 line up with the Q4_1 blocks of the GGUF our float baseline comes from
+    "rtn4-g32": {"kind": "rtn", "bits": 4, "group": 32},
     "qs2": {"kind": "quipsharp", "bits": 2},
     "qs3": {"kind": "quipsharp", "bits": 3},
     "qs4": {"kind": "quipsharp", "bits": 4},
@@ -64,8 +66,8 @@ def run_row(name: str, args: argparse.Namespace) -> dict[str, Any]:
         for block in blocks:
             for lin in block_linears(block).values():
                 with torch.no_grad():
-                    lin.weight.copy_(rtn_quantize(lin.weight, spec["bits"], RTN_GROUP))
-        row["bits_per_weight"] = rtn_bits_per_weight(spec["bits"], RTN_GROUP)
+                    lin.weight.copy_(rtn_quantize(lin.weight, spec["bits"], spec.get("group", RTN_GROUP)))
+        row["bits_per_weight"] = rtn_bits_per_weight(spec["bits"], spec.get("group", RTN_GROUP))
     elif spec["kind"] == "quipsharp":
         config = ModelQuantConfig(
             layer=QuIPSharpConfig(
