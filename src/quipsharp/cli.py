@@ -121,6 +121,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from quipsharp.eval.report import disk_bytes
     from quipsharp.hf import REPORT_FILE, read_quantization_config
 
     path = Path(args.dir)
@@ -128,7 +129,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     modules = qc["modules"]
     weights = sum(m["in_features"] * m["out_features"] for m in modules.values())
     bits = sum(m["bits"] * m["in_features"] * m["out_features"] for m in modules.values()) / weights
-    disk = sum(p.stat().st_size for p in path.iterdir() if p.suffix == ".safetensors")
+    disk = disk_bytes(path)
     report_path = path / REPORT_FILE
     layers = json.loads(report_path.read_text()) if report_path.is_file() else []
     info: dict[str, Any] = {

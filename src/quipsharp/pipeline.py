@@ -258,8 +258,7 @@ def quantize_linears(
             H = means[id(acc)]
         out_features, in_features = linear_shape(module)
         start = time.perf_counter()
-        q = QuantizedLinear(in_features, out_features, cfg, bias=module.bias is not None,
-                            device=module.weight.device)
+        q = _empty_quantized_like(module, cfg)
         qw = q.quantize_weight(linear_weight(module).float(), H, seed=layer_seed(cfg.hadamard_seed, full))
         if module.bias is not None:
             q.bias.copy_(module.bias.detach().float())
@@ -270,6 +269,13 @@ def quantize_linears(
         logger.info("%s: %d-bit %dx%d proxy loss %.4g (σ=%g) in %.2fs",
                     full, cfg.bits, out_features, in_features, qw.proxy_loss, qw.damping, seconds)
     return reports
+
+
+def _empty_quantized_like(module: nn.Module, cfg: QuIPSharpConfig) -> QuantizedLinear:
+    """An unfilled :class:`QuantizedLinear` with the shape, bias and device of a linear-like module."""
+    out_features, in_features = linear_shape(module)
+    return QuantizedLinear(in_features, out_features, cfg, bias=module.bias is not None,
+                           device=module.weight.device)
 
 
 def _fingerprint(model: nn.Module, config: ModelQuantConfig, calibration: torch.Tensor | None) -> str:
@@ -293,10 +299,7 @@ def _load_block(work_dir: Path, index: int, block: nn.Module, block_name: str, n
                 config: ModelQuantConfig) -> None:
     state = load_file(str(work_dir / BLOCK_FILE.format(index)))
     for name in names:
-        module = block.get_submodule(name)
-        out_features, in_features = linear_shape(module)
-        q = QuantizedLinear(in_features, out_features, config.layer_config(f"{block_name}.{name}"),
-                            bias=module.bias is not None, device=module.weight.device)
+        q = _empty_quantized_like(block.get_submodule(name), config.layer_config(f"{block_name}.{name}"))
         q.load_state_dict({k.removeprefix(f"{name}."): v for k, v in state.items() if k.startswith(f"{name}.")})
         set_submodule(block, name, q)
 

@@ -42,10 +42,15 @@ def compression_report(model: nn.Module, saved_dir: str | os.PathLike | None = N
         "in_memory_bytes": _tensor_bytes(model),
     }
     if saved_dir is not None:
-        disk = sum(p.stat().st_size for p in Path(saved_dir).iterdir() if p.suffix == ".safetensors")
+        disk = disk_bytes(saved_dir)
         out["disk_bytes"] = disk
         out["disk_vs_float16"] = disk / float16_bytes
     return out
+
+
+def disk_bytes(saved_dir: str | os.PathLike) -> int:
+    """Total size of the ``.safetensors`` files of a saved model directory."""
+    return sum(p.stat().st_size for p in Path(saved_dir).iterdir() if p.suffix == ".safetensors")
 
 
 def _unique_tensors(model: nn.Module) -> list:
