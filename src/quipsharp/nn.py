@@ -24,9 +24,10 @@ import math
 import torch
 from torch import nn
 
+from quipsharp import kernels
 from quipsharp.codebooks import codebook_id, get_codebook
 from quipsharp.config import CODEBOOK_DIM, QuIPSharpConfig
-from quipsharp.hadamard import hadamard_transform
+from quipsharp.hadamard import factor_dim, hadamard_transform, orthonormal_factor
 from quipsharp.quantize import QuantizedWeight, dequantize, quantize_weight
 
 
@@ -72,6 +73,14 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, device=device))
         else:
             self.bias = None
+        # Hadamard factors for the native kernel (constants of the shape, not state: built here,
+        # never inside forward, and not saved).
+        self._native = self.codebook.name in kernels.KINDS and kernels.available()
+        if self._native and self.config.use_hadamard:
+            self._m_in = _kernel_factor(in_features, transpose=False)
+            self._m_out_t = _kernel_factor(out_features, transpose=True)
+        else:
+            self._m_in = self._m_out_t = _NO_FACTOR
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -143,13 +152,35 @@ class QuantizedLinear(nn.Module):
                 f"{self.codebook.name} (id {codebook_id(self.codebook.name)})"
             )
 
+    def _use_native(self, x: torch.Tensor) -> bool:
+        """The native CPU kernel serves inference on CPU tensors; training uses the reference path."""
+        if not self._native or x.device.type != "cpu" or self.codes.device.type != "cpu":
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or any(b.requires_grad for b in (self.su, self.sv))):
+            return False
+        return True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` ``[..., in_features]`` -> ``[..., out_features]`` in ``x``'s dtype (reference path)."""
+        """``x`` ``[..., in_features]`` -> ``[..., out_features]`` in ``x``'s dtype.
+
+        On CPU the native kernel (``quipsharp.kernels``) runs when it is built and selected; the
+        torch reference below runs otherwise (``QUIPSHARP_KERNEL=reference`` forces it).
+        """
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with last dim {self.in_features}, got {tuple(x.shape)}")
-        self._check_loaded_codebook()
-        if torch.isnan(self.wscale):
-            raise RuntimeError("QuantizedLinear used before its weight was quantized or loaded")
+        if not torch.compiler.is_compiling():  # data-dependent checks: eager mode only
+            self._check_loaded_codebook()
+            if torch.isnan(self.wscale):
+                raise RuntimeError("QuantizedLinear used before its weight was quantized or loaded")
+        if self._use_native(x):
+            return torch.ops.quipsharp.e8p_linear(
+                x, self.codes, self.su, self.sv, self.wscale, self.bias, self._m_in, self._m_out_t,
+                self.codebook.name, self.config.use_hadamard,
+            )
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The pure-torch path (any device, differentiable in ``x``, ``su``, ``sv``, ``wscale``, ``bias``)."""
         m, n = self.out_features, self.in_features
         W = self.codebook.decode(self.codebook.unpack(self.codes)).reshape(m, n).to(self.su.device)
         h = x.to(torch.float32) * self.su
@@ -168,6 +199,16 @@ class QuantizedLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"codebook={self.codebook.name}, hadamard={self.config.use_hadamard}, bias={self.bias is not None}"
         )
+
+
+_NO_FACTOR = torch.ones(1, 1)
+
+
+def _kernel_factor(dim: int, transpose: bool) -> torch.Tensor:
+    """The ``[K, K]`` float32 factor of ``dim``'s Hadamard transform as the C kernel wants it."""
+    K, _, kind = factor_dim(dim)
+    M = orthonormal_factor(K, kind).to(torch.float32)
+    return (M.T if transpose else M).contiguous()
 
 
 # The seed API's name for the same layer.

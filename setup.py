@@ -1,0 +1,45 @@
+"""Build of the optional native kernels (everything else is in pyproject.toml).
+
+The C extension ``quipsharp._qskernels`` is optional: without a C compiler (or when compilation
+fails) the package still installs and ``QuantizedLinear`` uses the pure-torch reference path.
+OpenMP is used when the compiler supports it, otherwise the kernels run single-threaded.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+OPT_FLAGS = ["-O3", "-std=c11", "-fvisibility=hidden"]
+OPENMP_FLAG = "-fopenmp"
+
+
+class OptionalBuildExt(build_ext):
+    """Try with OpenMP, then without; never fail the install."""
+
+    def build_extension(self, ext: Extension) -> None:
+        base_compile, base_link = list(ext.extra_compile_args), list(ext.extra_link_args)
+        for flags in ([OPENMP_FLAG], []):
+            ext.extra_compile_args = base_compile + flags
+            ext.extra_link_args = base_link + flags
+            try:
+                super().build_extension(ext)
+                return
+            except Exception as err:  # compiler missing or flags unsupported
+                logging.warning("building %s with %s failed: %s", ext.name, flags or "no OpenMP", err)
+        logging.warning("quipsharp: native kernels not built; the pure-torch reference path will be used")
+
+
+setup(
+    ext_modules=[
+        Extension(
+            "quipsharp._qskernels",
+            sources=["src/quipsharp/csrc/qs_kernels.c"],
+            extra_compile_args=OPT_FLAGS,
+            optional=True,
+        )
+    ],
+    cmdclass={"build_ext": OptionalBuildExt},
+)

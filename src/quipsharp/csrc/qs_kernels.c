@@ -1,0 +1,688 @@
+/*
+ * quipsharp native CPU kernels: E8P12-family decode, fused decode-matmul, and the fast Hadamard
+ * transform on activations (QuIP# paper §3 and §4.2; DESIGN.md §1, §7).
+ *
+ * Plain C on raw buffers: no Python or PyTorch API is used by the kernels (the tiny module init at
+ * the end only makes the file importable). Python calls them through ctypes and wraps them as
+ * torch.library custom ops (quipsharp/kernels.py).
+ *
+ * Code layout (the on-disk layout of QuantizedLinear.codes, used as is, no repack):
+ *   codes  uint8 [m, n/8 * CB]   row i, codeword k at bytes [k*CB, k*CB + CB), little-endian
+ *   CB = 2  E8P12       (2 bits/weight): c1 = 16-bit E8P12 code
+ *   CB = 3  E8P12RVQ3B  (3 bits/weight): c1 (16 bits) | c2 << 16, c2 an 8-bit index into tab2
+ *   CB = 4  E8P12RVQ4B  (4 bits/weight): c1 (16 bits) | c2 << 16, c2 a 16-bit E8P12 code
+ * E8P12 code c: idx = c & 0xFF, signs = c >> 8. If popcount(signs) is odd, bit 7 of signs is
+ * toggled and the shift is -1/4, else +1/4. codeword[j] = (signs bit j ? -src[idx][j] : src[idx][j])
+ * + shift. A residual codeword is stage1 + stage2 / resid_scale.
+ *
+ * Every entry point returns QS_OK or a negative QS_E* error instead of touching memory it was not
+ * given: the Python side checks dtypes, shapes and contiguity first, and the C side re-checks the
+ * scalar arguments.
+ *
+ * ISA paths (runtime dispatch, chosen by qs_select_level): a portable scalar path, AVX2+FMA and
+ * AVX-512 (F+VL+BW+DQ), all float32 and equal to the reference up to summation order; and the
+ * int8 path (AVX-512 VNNI+VBMI+BITALG), which quantizes each activation vector to int8 (one scale
+ * per vector: after the Hadamard transform activations have no outlier channels) and multiplies it
+ * with int8 codeword values (4 × E8P12 values are odd integers in [-11, 11]) by VNNI dot products.
+ * Its integer sums are bitwise equal to the portable int8 reference (qs_matmul_int8_ref).
+ */
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define QS_X86 1
+#include <immintrin.h>
+#else
+#define QS_X86 0
+#endif
+
+#define QS_API __attribute__((visibility("default")))
+
+enum { QS_OK = 0, QS_EBADARG = -1, QS_EBADKIND = -2, QS_ENOMEM = -3, QS_EBADLEVEL = -4 };
+enum { QS_KIND_E8P = 0, QS_KIND_RVQ3 = 1, QS_KIND_RVQ4 = 2, QS_NUM_KINDS = 3 };
+enum { QS_LEVEL_SCALAR = 0, QS_LEVEL_AVX2 = 1, QS_LEVEL_AVX512 = 2, QS_LEVEL_VNNI = 3, QS_MAX_LEVEL = 3 };
+
+#define DIM 8                 /* E8: weights per codeword */
+#define NSRC 256              /* E8P12 source patterns */
+#define SRC_MASK 0xFFu
+#define SIGN_SHIFT 8
+#define PARITY_BIT 0x80u      /* sign bit toggled when the sign byte has odd popcount */
+#define E8P_SHIFT 0.25f
+#define ROWS_PER_TASK 16      /* rows handed to a thread at a time */
+#define MAX_FUSED_BATCH 8     /* batch vectors kept in registers by the fused kernels */
+
+static const int CODE_BYTES[QS_NUM_KINDS] = {2, 3, 4};
+
+static int g_level = -1; /* selected level; -1 = not yet selected */
+
+/* ------------------------------------------------------------------------------ CPU features */
+static int cpu_max_level(void) {
+#if QS_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi") &&
+        __builtin_cpu_supports("avx512bitalg"))
+        return QS_LEVEL_VNNI;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+        return QS_LEVEL_AVX512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return QS_LEVEL_AVX2;
+#endif
+    return QS_LEVEL_SCALAR;
+}
+
+/* Highest level this CPU and build support. */
+QS_API int qs_max_level(void) { return cpu_max_level(); }
+
+/* Select a level (-1 = best available). Returns the level now in use or QS_EBADLEVEL. */
+QS_API int qs_select_level(int level) {
+    int best = cpu_max_level();
+    if (level < 0) level = best;
+    if (level > best || level > QS_MAX_LEVEL) return QS_EBADLEVEL;
+    g_level = level;
+    return level;
+}
+
+QS_API int qs_level(void) {
+    if (g_level < 0) g_level = cpu_max_level();
+    return g_level;
+}
+
+QS_API int qs_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+static int code_bytes(int kind) { return (kind >= 0 && kind < QS_NUM_KINDS) ? CODE_BYTES[kind] : 0; }
+
+/* ----------------------------------------------------------------------- codeword reading */
+static inline uint32_t read_code(const uint8_t *p, int cb) {
+    uint32_t c = (uint32_t)p[0] | ((uint32_t)p[1] << 8);
+    if (cb >= 3) c |= (uint32_t)p[2] << 16;
+    if (cb >= 4) c |= (uint32_t)p[3] << 24;
+    return c;
+}
+
+/* Parity-fixed sign byte and shift sign of an E8P12 code (see header). */
+static inline uint32_t e8p_signs(uint32_t c, int *odd) {
+    uint32_t sg = (c >> SIGN_SHIFT) & SRC_MASK;
+    *odd = __builtin_parity(sg);
+    return *odd ? (sg ^ PARITY_BIT) : sg;
+}
+
+/* Exact scalar decode of one E8P12 code from table src [256*8]: mirrors the Python rule. */
+static inline void e8p_decode_scalar(uint32_t c, const float *src, float out[DIM]) {
+    int odd;
+    uint32_t sg = e8p_signs(c, &odd);
+    const float *s = src + (size_t)(c & SRC_MASK) * DIM;
+    float sh = odd ? -E8P_SHIFT : E8P_SHIFT;
+    for (int j = 0; j < DIM; j++) out[j] = (((sg >> j) & 1u) ? -s[j] : s[j]) + sh;
+}
+
+/* Exact decode of one codeword of any kind (the reference definition). */
+static inline void decode_scalar(uint32_t c, int kind, const float *src1, const float *tab2, float resid_scale,
+                                 float out[DIM]) {
+    e8p_decode_scalar(c & 0xFFFFu, src1, out);
+    if (kind == QS_KIND_E8P) return;
+    float second[DIM];
+    if (kind == QS_KIND_RVQ3) {
+        const float *t = tab2 + (size_t)((c >> 16) & SRC_MASK) * DIM;
+        for (int j = 0; j < DIM; j++) second[j] = t[j];
+    } else {
+        e8p_decode_scalar(c >> 16, tab2, second);
+    }
+    for (int j = 0; j < DIM; j++) out[j] = out[j] + second[j] / resid_scale;
+}
+
+/* --------------------------------------------------------------------------------- decode */
+/* out [m, n] float32 = decode(codes [m, n/8*CB]); bitwise equal to the Python decode. */
+QS_API int qs_decode(const uint8_t *codes, int64_t m, int64_t n, int kind, const float *src1, const float *tab2,
+                     float resid_scale, float *out, int nthreads) {
+    int cb = code_bytes(kind);
+    if (!cb) return QS_EBADKIND;
+    if (!codes || !src1 || !out || m < 0 || n < 0 || n % DIM || nthreads < 1) return QS_EBADARG;
+    if (kind != QS_KIND_E8P && (!tab2 || !(resid_scale > 0.0f))) return QS_EBADARG;
+    int64_t nblk = n / DIM, row_bytes = nblk * cb;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t i = 0; i < m; i++) {
+        const uint8_t *rc = codes + i * row_bytes;
+        float *ro = out + i * n;
+        for (int64_t k = 0; k < nblk; k++)
+            decode_scalar(read_code(rc + k * cb, cb), kind, src1, tab2, resid_scale, ro + k * DIM);
+    }
+    return QS_OK;
+}
+
+/* ------------------------------------------------------------------ fused decode-matmul */
+/*
+ * out[b, i] = sum_k < decode(codes[i, k]), x[b, 8k : 8k+8] >   for b < B, i < m
+ *   codes [m, n/8*CB] uint8, x [B, n] float32, out [B, m] float32.
+ * Stage-2 values use tab2 / resid_scale precomputed (tolerance-level, not bitwise, equal to the
+ * reference decode followed by a dot product).
+ */
+typedef struct {
+    const uint8_t *codes;
+    int64_t m, n, nblk, row_bytes;
+    int kind, cb;
+    const float *src1;
+    float tab2s[NSRC * DIM]; /* stage-2 table divided by resid_scale */
+    float shift2;            /* E8P shift of stage 2 (RVQ4) divided by resid_scale */
+    const float *x;
+    int64_t B;
+    float *out;
+    /* int8 path */
+    int8_t tab1q[NSRC * DIM];  /* 4 × stage-1 sources */
+    int8_t tab2q[NSRC * DIM];  /* stage 2: 4 × E8P12 sources (RVQ4) or 16 + 2 × E81B points (RVQ3) */
+    float unit2;               /* value of one stage-2 integer unit: 1/(4 s) or 1/(2 s) */
+    const int8_t *xq;          /* [B, n] activations quantized to int8 */
+    const float *xscale;       /* [B] their scales */
+    const int32_t *xsum;       /* [B] sums of xq */
+} mm_args;
+
+static void mm_rows_scalar(const mm_args *a, int64_t r0, int64_t r1, int64_t b0, int64_t nb) {
+    for (int64_t i = r0; i < r1; i++) {
+        const uint8_t *rc = a->codes + i * a->row_bytes;
+        double acc[MAX_FUSED_BATCH] = {0};
+        for (int64_t k = 0; k < a->nblk; k++) {
+            uint32_t c = read_code(rc + k * a->cb, a->cb);
+            float v[DIM];
+            e8p_decode_scalar(c & 0xFFFFu, a->src1, v);
+            if (a->kind == QS_KIND_RVQ3) {
+                const float *t = a->tab2s + (size_t)((c >> 16) & SRC_MASK) * DIM;
+                for (int j = 0; j < DIM; j++) v[j] += t[j];
+            } else if (a->kind == QS_KIND_RVQ4) {
+                int odd;
+                uint32_t sg = e8p_signs(c >> 16, &odd);
+                const float *t = a->tab2s + (size_t)((c >> 16) & SRC_MASK) * DIM;
+                float sh = odd ? -a->shift2 : a->shift2;
+                for (int j = 0; j < DIM; j++) v[j] += (((sg >> j) & 1u) ? -t[j] : t[j]) + sh;
+            }
+            for (int64_t b = 0; b < nb; b++) {
+                const float *xb = a->x + (b0 + b) * a->n + k * DIM;
+                float s = 0.0f;
+                for (int j = 0; j < DIM; j++) s += v[j] * xb[j];
+                acc[b] += s;
+            }
+        }
+        for (int64_t b = 0; b < nb; b++) a->out[(b0 + b) * a->m + i] = (float)acc[b];
+    }
+}
+
+#if QS_X86
+/* ---- AVX2 + FMA: sign bytes expanded to lane masks by broadcast / and / compare ---- */
+__attribute__((target("avx2,fma"))) static inline __m256 signs_to_xor_avx2(uint32_t sg) {
+    const __m256i bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    __m256i m = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)sg), bits), bits);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(m, 31));
+}
+
+__attribute__((target("avx2,fma"))) static inline __m256 decode_avx2(const mm_args *a, uint32_t c) {
+    int odd;
+    uint32_t sg = e8p_signs(c & 0xFFFFu, &odd);
+    __m256 v = _mm256_loadu_ps(a->src1 + (size_t)(c & SRC_MASK) * DIM);
+    v = _mm256_add_ps(_mm256_xor_ps(v, signs_to_xor_avx2(sg)), _mm256_set1_ps(odd ? -E8P_SHIFT : E8P_SHIFT));
+    if (a->kind == QS_KIND_RVQ3) {
+        v = _mm256_add_ps(v, _mm256_loadu_ps(a->tab2s + (size_t)((c >> 16) & SRC_MASK) * DIM));
+    } else if (a->kind == QS_KIND_RVQ4) {
+        int odd2;
+        uint32_t sg2 = e8p_signs(c >> 16, &odd2);
+        __m256 t = _mm256_loadu_ps(a->tab2s + (size_t)((c >> 16) & SRC_MASK) * DIM);
+        t = _mm256_add_ps(_mm256_xor_ps(t, signs_to_xor_avx2(sg2)), _mm256_set1_ps(odd2 ? -a->shift2 : a->shift2));
+        v = _mm256_add_ps(v, t);
+    }
+    return v;
+}
+
+__attribute__((target("avx2,fma"))) static inline float hsum_avx2(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2,fma"))) static void mm_rows_avx2(const mm_args *a, int64_t r0, int64_t r1, int64_t b0,
+                                                               int64_t nb) {
+    for (int64_t i = r0; i < r1; i++) {
+        const uint8_t *rc = a->codes + i * a->row_bytes;
+        if (nb == 1) { /* matvec: four independent accumulators hide the FMA latency */
+            const float *x = a->x + b0 * a->n;
+            __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+            int64_t k = 0;
+            for (; k + 4 <= a->nblk; k += 4) {
+                acc0 = _mm256_fmadd_ps(decode_avx2(a, read_code(rc + (k + 0) * a->cb, a->cb)),
+                                       _mm256_loadu_ps(x + (k + 0) * DIM), acc0);
+                acc1 = _mm256_fmadd_ps(decode_avx2(a, read_code(rc + (k + 1) * a->cb, a->cb)),
+                                       _mm256_loadu_ps(x + (k + 1) * DIM), acc1);
+                acc2 = _mm256_fmadd_ps(decode_avx2(a, read_code(rc + (k + 2) * a->cb, a->cb)),
+                                       _mm256_loadu_ps(x + (k + 2) * DIM), acc2);
+                acc3 = _mm256_fmadd_ps(decode_avx2(a, read_code(rc + (k + 3) * a->cb, a->cb)),
+                                       _mm256_loadu_ps(x + (k + 3) * DIM), acc3);
+            }
+            for (; k < a->nblk; k++)
+                acc0 = _mm256_fmadd_ps(decode_avx2(a, read_code(rc + k * a->cb, a->cb)),
+                                       _mm256_loadu_ps(x + k * DIM), acc0);
+            a->out[b0 * a->m + i] = hsum_avx2(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
+            continue;
+        }
+        __m256 acc[MAX_FUSED_BATCH];
+        for (int64_t b = 0; b < nb; b++) acc[b] = _mm256_setzero_ps();
+        for (int64_t k = 0; k < a->nblk; k++) {
+            __m256 v = decode_avx2(a, read_code(rc + k * a->cb, a->cb));
+            for (int64_t b = 0; b < nb; b++)
+                acc[b] = _mm256_fmadd_ps(v, _mm256_loadu_ps(a->x + (b0 + b) * a->n + k * DIM), acc[b]);
+        }
+        for (int64_t b = 0; b < nb; b++) a->out[(b0 + b) * a->m + i] = hsum_avx2(acc[b]);
+    }
+}
+
+/* ---- AVX-512 (F/VL/BW/DQ): sign bytes are lane masks directly (masked negate) ---- */
+#define QS_AVX512 "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"
+
+__attribute__((target(QS_AVX512))) static inline __m256 decode_avx512(const mm_args *a, uint32_t c) {
+    int odd;
+    uint32_t sg = e8p_signs(c & 0xFFFFu, &odd);
+    __m256 v = _mm256_loadu_ps(a->src1 + (size_t)(c & SRC_MASK) * DIM);
+    v = _mm256_mask_sub_ps(v, (__mmask8)sg, _mm256_setzero_ps(), v);
+    v = _mm256_add_ps(v, _mm256_set1_ps(odd ? -E8P_SHIFT : E8P_SHIFT));
+    if (a->kind == QS_KIND_RVQ3) {
+        v = _mm256_add_ps(v, _mm256_loadu_ps(a->tab2s + (size_t)((c >> 16) & SRC_MASK) * DIM));
+    } else if (a->kind == QS_KIND_RVQ4) {
+        int odd2;
+        uint32_t sg2 = e8p_signs(c >> 16, &odd2);
+        __m256 t = _mm256_loadu_ps(a->tab2s + (size_t)((c >> 16) & SRC_MASK) * DIM);
+        t = _mm256_mask_sub_ps(t, (__mmask8)sg2, _mm256_setzero_ps(), t);
+        v = _mm256_add_ps(v, _mm256_add_ps(t, _mm256_set1_ps(odd2 ? -a->shift2 : a->shift2)));
+    }
+    return v;
+}
+
+/* Two codewords in one zmm (2-bit only): 16 weights per FMA. */
+__attribute__((target(QS_AVX512))) static inline __m512 decode2_e8p_avx512(const float *src1, uint32_t c0,
+                                                                           uint32_t c1) {
+    int o0, o1;
+    uint32_t s0 = e8p_signs(c0, &o0), s1 = e8p_signs(c1, &o1);
+    __m512 v = _mm512_castps256_ps512(_mm256_loadu_ps(src1 + (size_t)(c0 & SRC_MASK) * DIM));
+    v = _mm512_insertf32x8(v, _mm256_loadu_ps(src1 + (size_t)(c1 & SRC_MASK) * DIM), 1);
+    v = _mm512_mask_sub_ps(v, (__mmask16)(s0 | (s1 << DIM)), _mm512_setzero_ps(), v);
+    /* shift: +1/4 on every lane, then -1/2 on the lanes of an odd code */
+    __mmask16 neg = (__mmask16)((o0 ? 0x00FFu : 0u) | (o1 ? 0xFF00u : 0u));
+    v = _mm512_add_ps(v, _mm512_mask_blend_ps(neg, _mm512_set1_ps(E8P_SHIFT), _mm512_set1_ps(-E8P_SHIFT)));
+    return v;
+}
+
+__attribute__((target(QS_AVX512))) static void mm_rows_avx512(const mm_args *a, int64_t r0, int64_t r1, int64_t b0,
+                                                                int64_t nb) {
+    for (int64_t i = r0; i < r1; i++) {
+        const uint8_t *rc = a->codes + i * a->row_bytes;
+        if (nb == 1 && a->kind == QS_KIND_E8P) {
+            const float *x = a->x + b0 * a->n;
+            const uint16_t *c16 = (const uint16_t *)rc; /* little-endian x86: byte pairs are the codes */
+            __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+            int64_t k = 0;
+            for (; k + 8 <= a->nblk; k += 8) {
+                acc0 = _mm512_fmadd_ps(decode2_e8p_avx512(a->src1, c16[k + 0], c16[k + 1]),
+                                       _mm512_loadu_ps(x + (k + 0) * DIM), acc0);
+                acc1 = _mm512_fmadd_ps(decode2_e8p_avx512(a->src1, c16[k + 2], c16[k + 3]),
+                                       _mm512_loadu_ps(x + (k + 2) * DIM), acc1);
+                acc2 = _mm512_fmadd_ps(decode2_e8p_avx512(a->src1, c16[k + 4], c16[k + 5]),
+                                       _mm512_loadu_ps(x + (k + 4) * DIM), acc2);
+                acc3 = _mm512_fmadd_ps(decode2_e8p_avx512(a->src1, c16[k + 6], c16[k + 7]),
+                                       _mm512_loadu_ps(x + (k + 6) * DIM), acc3);
+            }
+            __m256 tail = _mm256_setzero_ps();
+            for (; k < a->nblk; k++)
+                tail = _mm256_fmadd_ps(decode_avx512(a, c16[k]), _mm256_loadu_ps(x + k * DIM), tail);
+            __m512 s = _mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3));
+            a->out[b0 * a->m + i] = _mm512_reduce_add_ps(s) + hsum_avx2(tail);
+            continue;
+        }
+        if (nb == 1) {
+            const float *x = a->x + b0 * a->n;
+            __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+            int64_t k = 0;
+            for (; k + 4 <= a->nblk; k += 4) {
+                acc0 = _mm256_fmadd_ps(decode_avx512(a, read_code(rc + (k + 0) * a->cb, a->cb)),
+                                       _mm256_loadu_ps(x + (k + 0) * DIM), acc0);
+                acc1 = _mm256_fmadd_ps(decode_avx512(a, read_code(rc + (k + 1) * a->cb, a->cb)),
+                                       _mm256_loadu_ps(x + (k + 1) * DIM), acc1);
+                acc2 = _mm256_fmadd_ps(decode_avx512(a, read_code(rc + (k + 2) * a->cb, a->cb)),
+                                       _mm256_loadu_ps(x + (k + 2) * DIM), acc2);
+                acc3 = _mm256_fmadd_ps(decode_avx512(a, read_code(rc + (k + 3) * a->cb, a->cb)),
+                                       _mm256_loadu_ps(x + (k + 3) * DIM), acc3);
+            }
+            for (; k < a->nblk; k++)
+                acc0 = _mm256_fmadd_ps(decode_avx512(a, read_code(rc + k * a->cb, a->cb)),
+                                       _mm256_loadu_ps(x + k * DIM), acc0);
+            a->out[b0 * a->m + i] = hsum_avx2(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
+            continue;
+        }
+        __m256 acc[MAX_FUSED_BATCH];
+        for (int64_t b = 0; b < nb; b++) acc[b] = _mm256_setzero_ps();
+        for (int64_t k = 0; k < a->nblk; k++) {
+            __m256 v = decode_avx512(a, read_code(rc + k * a->cb, a->cb));
+            for (int64_t b = 0; b < nb; b++)
+                acc[b] = _mm256_fmadd_ps(v, _mm256_loadu_ps(a->x + (b0 + b) * a->n + k * DIM), acc[b]);
+        }
+        for (int64_t b = 0; b < nb; b++) a->out[(b0 + b) * a->m + i] = hsum_avx2(acc[b]);
+    }
+}
+#endif /* QS_X86 */
+
+
+/* ------------------------------------------------------------------------------- int8 path */
+/*
+ * Unsigned operand of one E8P12 codeword for u8 × s8 dot products: u = 4·codeword + INT8_OFFSET,
+ * i.e. (±4·src) + (odd ? -1 : +1) + 16, in [5, 27]. The offset makes it unsigned; its contribution
+ * INT8_OFFSET · Σ xq is removed per output.
+ */
+#define INT8_OFFSET 16
+#define INT8_QMAX 127.0f
+#define E8P_INT_UNIT 4 /* E8P12 values × 4 are integers */
+#define E81B_INT_UNIT 2 /* E81B values × 2 are integers */
+#define GROUP 8        /* codewords per SIMD step (64 int8 weights) */
+
+static inline int32_t e8p_dot_int8(uint32_t c, const int8_t *tab, const int8_t *xq) {
+    int odd;
+    uint32_t sg = e8p_signs(c & 0xFFFFu, &odd);
+    const int8_t *t = tab + (size_t)(c & SRC_MASK) * DIM;
+    int32_t acc = 0;
+    for (int j = 0; j < DIM; j++) {
+        int32_t u = (((sg >> j) & 1u) ? -t[j] : t[j]) + INT8_OFFSET + (odd ? -1 : 1);
+        acc += u * (int32_t)xq[j];
+    }
+    return acc;
+}
+
+static inline int32_t e81b_dot_int8(uint32_t idx, const int8_t *tab, const int8_t *xq) {
+    const int8_t *t = tab + (size_t)idx * DIM; /* already offset */
+    int32_t acc = 0;
+    for (int j = 0; j < DIM; j++) acc += (int32_t)t[j] * (int32_t)xq[j];
+    return acc;
+}
+
+/* Integer sums of codewords [k0, k1) of row rc for activation row xq: stage 1 in d1, stage 2 in d2. */
+static inline void int8_dots_scalar(const mm_args *a, const uint8_t *rc, const int8_t *xq, int64_t k0, int64_t k1,
+                                    int32_t *d1, int32_t *d2) {
+    for (int64_t k = k0; k < k1; k++) {
+        uint32_t c = read_code(rc + k * a->cb, a->cb);
+        *d1 += e8p_dot_int8(c, a->tab1q, xq + k * DIM);
+        if (a->kind == QS_KIND_RVQ4) *d2 += e8p_dot_int8(c >> 16, a->tab2q, xq + k * DIM);
+        if (a->kind == QS_KIND_RVQ3) *d2 += e81b_dot_int8((c >> 16) & SRC_MASK, a->tab2q, xq + k * DIM);
+    }
+}
+
+/* The one formula turning integer sums into an output (shared by every int8 kernel). */
+static inline float int8_output(const mm_args *a, int64_t b, int32_t d1, int32_t d2) {
+    int64_t off = (int64_t)INT8_OFFSET * a->xsum[b];
+    float v = (float)((int64_t)d1 - off) * (1.0f / E8P_INT_UNIT);
+    if (a->kind != QS_KIND_E8P) v += (float)((int64_t)d2 - off) * a->unit2;
+    return a->xscale[b] * v;
+}
+
+static void mm_rows_int8_scalar(const mm_args *a, int64_t r0, int64_t r1, int64_t b0, int64_t nb) {
+    for (int64_t i = r0; i < r1; i++) {
+        const uint8_t *rc = a->codes + i * a->row_bytes;
+        for (int64_t b = b0; b < b0 + nb; b++) {
+            int32_t d1 = 0, d2 = 0;
+            int8_dots_scalar(a, rc, a->xq + b * a->n, 0, a->nblk, &d1, &d2);
+            a->out[b * a->m + i] = int8_output(a, b, d1, d2);
+        }
+    }
+}
+
+#if QS_X86
+#define QS_VNNI "avx512f,avx512vl,avx512bw,avx512dq,avx512vnni,avx512vbmi,avx512bitalg,avx2,fma"
+
+/* 8 E8P12 codewords as 64 unsigned int8 operands; idx8 / sg8: low 8 bytes = indices / sign bytes. */
+__attribute__((target(QS_VNNI))) static inline __m512i e8p_u8_group(__m128i idx8, __m128i sg8, const int8_t *tab) {
+    __m512i v = _mm512_i64gather_epi64(_mm512_cvtepu8_epi64(idx8), (const void *)tab, DIM);
+    __m128i par = _mm_and_si128(_mm_popcnt_epi8(sg8), _mm_set1_epi8(1));
+    __m128i sg = _mm_xor_si128(sg8, _mm_slli_epi16(par, 7)); /* toggle bit 7 of odd bytes */
+    __mmask64 neg = _cvtu64_mask64((uint64_t)_mm_cvtsi128_si64(sg));
+    __mmask64 odd = _cvtu64_mask64((uint64_t)_mm_cvtsi128_si64(par) * 0xFFu);
+    v = _mm512_mask_sub_epi8(v, neg, _mm512_setzero_si512(), v);
+    v = _mm512_add_epi8(v, _mm512_set1_epi8(INT8_OFFSET + 1));
+    return _mm512_mask_sub_epi8(v, odd, v, _mm512_set1_epi8(2));
+}
+
+__attribute__((target(QS_VNNI))) static void mm_rows_vnni(const mm_args *a, int64_t r0, int64_t r1, int64_t b0,
+                                                            int64_t nb) {
+    /* byte shuffles gathering, for GROUP consecutive codewords, the stage-1 index bytes, the
+       stage-1 sign bytes, then (RVQ) the stage-2 low bytes and high bytes */
+    uint8_t ctrl_b[32];
+    for (int t = 0; t < GROUP; t++) {
+        ctrl_b[t] = (uint8_t)(t * a->cb);
+        ctrl_b[GROUP + t] = (uint8_t)(t * a->cb + 1);
+        ctrl_b[2 * GROUP + t] = (uint8_t)(a->cb >= 3 ? t * a->cb + 2 : 0);
+        ctrl_b[3 * GROUP + t] = (uint8_t)(a->cb >= 4 ? t * a->cb + 3 : 0);
+    }
+    const __m256i ctrl = _mm256_loadu_si256((const __m256i *)ctrl_b);
+    const __mmask32 load_mask = (__mmask32)(((uint64_t)1 << (GROUP * a->cb)) - 1);
+    int64_t ngroups = a->nblk / GROUP, kt = ngroups * GROUP;
+    for (int64_t i = r0; i < r1; i++) {
+        const uint8_t *rc = a->codes + i * a->row_bytes;
+        for (int64_t b = b0; b < b0 + nb; b++) {
+            const int8_t *xq = a->xq + b * a->n;
+            __m512i acc1 = _mm512_setzero_si512(), acc2 = _mm512_setzero_si512();
+            for (int64_t g = 0; g < ngroups; g++) {
+                __m256i raw = _mm256_maskz_loadu_epi8(load_mask, rc + g * GROUP * a->cb);
+                __m256i sh = _mm256_permutexvar_epi8(ctrl, raw);
+                __m128i lo = _mm256_castsi256_si128(sh), hi = _mm256_extracti128_si256(sh, 1);
+                __m512i x = _mm512_loadu_si512((const void *)(xq + g * GROUP * DIM));
+                acc1 = _mm512_dpbusd_epi32(acc1, e8p_u8_group(lo, _mm_srli_si128(lo, 8), a->tab1q), x);
+                if (a->kind == QS_KIND_RVQ4) {
+                    acc2 = _mm512_dpbusd_epi32(acc2, e8p_u8_group(hi, _mm_srli_si128(hi, 8), a->tab2q), x);
+                } else if (a->kind == QS_KIND_RVQ3) {
+                    __m512i v2 = _mm512_i64gather_epi64(_mm512_cvtepu8_epi64(hi), (const void *)a->tab2q, DIM);
+                    acc2 = _mm512_dpbusd_epi32(acc2, v2, x);
+                }
+            }
+            int32_t d1 = _mm512_reduce_add_epi32(acc1), d2 = _mm512_reduce_add_epi32(acc2);
+            int8_dots_scalar(a, rc, xq, kt, a->nblk, &d1, &d2);
+            a->out[b * a->m + i] = int8_output(a, b, d1, d2);
+        }
+    }
+}
+#endif /* QS_X86 */
+
+/* Quantize activations x [B, n] to int8 with one scale per vector (max |x| / 127). */
+static int quantize_activations(mm_args *a, int8_t **xq, float **xscale, int32_t **xsum) {
+    *xq = (int8_t *)malloc((size_t)(a->B * a->n) + 1);
+    *xscale = (float *)malloc(sizeof(float) * (size_t)(a->B + 1));
+    *xsum = (int32_t *)malloc(sizeof(int32_t) * (size_t)(a->B + 1));
+    if (!*xq || !*xscale || !*xsum) return QS_ENOMEM;
+    for (int64_t b = 0; b < a->B; b++) {
+        const float *x = a->x + b * a->n;
+        float amax = 0.0f;
+        for (int64_t j = 0; j < a->n; j++) amax = fmaxf(amax, fabsf(x[j]));
+        float scale = amax > 0.0f ? amax / INT8_QMAX : 1.0f, inv = 1.0f / scale;
+        int32_t sum = 0;
+        for (int64_t j = 0; j < a->n; j++) {
+            float q = nearbyintf(x[j] * inv);
+            q = q > INT8_QMAX ? INT8_QMAX : (q < -INT8_QMAX ? -INT8_QMAX : q);
+            (*xq)[b * a->n + j] = (int8_t)q;
+            sum += (int32_t)q;
+        }
+        (*xscale)[b] = scale;
+        (*xsum)[b] = sum;
+    }
+    return QS_OK;
+}
+
+/* Integer tables of the int8 path; QS_EBADARG if a table value is not on the integer grid. */
+static int int8_tables(mm_args *a, const float *tab2) {
+    for (int t = 0; t < NSRC * DIM; t++) {
+        float v1 = a->src1[t] * E8P_INT_UNIT;
+        if (v1 != nearbyintf(v1) || fabsf(v1) > INT8_QMAX) return QS_EBADARG;
+        a->tab1q[t] = (int8_t)v1;
+        a->tab2q[t] = 0;
+        if (a->kind == QS_KIND_E8P) continue;
+        int unit = a->kind == QS_KIND_RVQ4 ? E8P_INT_UNIT : E81B_INT_UNIT;
+        float v2 = tab2[t] * unit;
+        if (v2 != nearbyintf(v2) || fabsf(v2) > INT8_QMAX - INT8_OFFSET) return QS_EBADARG;
+        a->tab2q[t] = (int8_t)(a->kind == QS_KIND_RVQ3 ? v2 + INT8_OFFSET : v2);
+    }
+    return QS_OK;
+}
+
+typedef void (*mm_rows_fn)(const mm_args *, int64_t, int64_t, int64_t, int64_t);
+
+static mm_rows_fn mm_kernel(void) {
+#if QS_X86
+    switch (qs_level()) {
+    case QS_LEVEL_VNNI: return mm_rows_vnni;
+    case QS_LEVEL_AVX512: return mm_rows_avx512;
+    case QS_LEVEL_AVX2: return mm_rows_avx2;
+    default: break;
+    }
+#endif
+    return mm_rows_scalar;
+}
+
+/*
+ * out [B, m] = x [B, n] @ decode(codes)ᵀ   (fused; no decoded weight is stored).
+ * fn = NULL selects by the current level; int8 = 1 runs the int8 path (activations quantized).
+ */
+static int matmul_impl(const uint8_t *codes, int64_t m, int64_t n, int kind, const float *src1, const float *tab2,
+                       float resid_scale, const float *x, int64_t B, float *out, int nthreads, mm_rows_fn fn,
+                       int int8) {
+    int cb = code_bytes(kind);
+    if (!cb) return QS_EBADKIND;
+    if (!codes || !src1 || !x || !out || m < 0 || n < 0 || n % DIM || B < 0 || nthreads < 1) return QS_EBADARG;
+    if (kind != QS_KIND_E8P && (!tab2 || !(resid_scale > 0.0f))) return QS_EBADARG;
+    mm_args *a = (mm_args *)calloc(1, sizeof(mm_args));
+    if (!a) return QS_ENOMEM;
+    a->codes = codes;
+    a->m = m;
+    a->n = n;
+    a->nblk = n / DIM;
+    a->cb = cb;
+    a->row_bytes = a->nblk * cb;
+    a->kind = kind;
+    a->src1 = src1;
+    a->x = x;
+    a->B = B;
+    a->out = out;
+    a->shift2 = E8P_SHIFT / (kind == QS_KIND_E8P ? 1.0f : resid_scale);
+    if (kind != QS_KIND_E8P)
+        for (int t = 0; t < NSRC * DIM; t++) a->tab2s[t] = tab2[t] / resid_scale;
+    int8_t *xq = NULL;
+    float *xscale = NULL;
+    int32_t *xsum = NULL;
+    int rc = QS_OK;
+    if (int8) {
+        a->unit2 = 1.0f / ((kind == QS_KIND_RVQ3 ? E81B_INT_UNIT : E8P_INT_UNIT) * resid_scale);
+        rc = int8_tables(a, tab2);
+        if (rc == QS_OK) rc = quantize_activations(a, &xq, &xscale, &xsum);
+        a->xq = xq;
+        a->xscale = xscale;
+        a->xsum = xsum;
+    }
+    if (rc == QS_OK) {
+        int64_t ntasks = (m + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+        for (int64_t t = 0; t < ntasks; t++) {
+            int64_t r0 = t * ROWS_PER_TASK, r1 = r0 + ROWS_PER_TASK < m ? r0 + ROWS_PER_TASK : m;
+            for (int64_t b0 = 0; b0 < B; b0 += MAX_FUSED_BATCH) {
+                int64_t nb = B - b0 < MAX_FUSED_BATCH ? B - b0 : MAX_FUSED_BATCH;
+                fn(a, r0, r1, b0, nb);
+            }
+        }
+    }
+    free(xq);
+    free(xscale);
+    free(xsum);
+    free(a);
+    return rc;
+}
+
+QS_API int qs_matmul(const uint8_t *codes, int64_t m, int64_t n, int kind, const float *src1, const float *tab2,
+                     float resid_scale, const float *x, int64_t B, float *out, int nthreads) {
+    return matmul_impl(codes, m, n, kind, src1, tab2, resid_scale, x, B, out, nthreads, mm_kernel(),
+                       qs_level() == QS_LEVEL_VNNI);
+}
+
+/* The portable int8 reference: same activation quantization and integer sums as the VNNI path. */
+QS_API int qs_matmul_int8_ref(const uint8_t *codes, int64_t m, int64_t n, int kind, const float *src1,
+                              const float *tab2, float resid_scale, const float *x, int64_t B, float *out,
+                              int nthreads) {
+    return matmul_impl(codes, m, n, kind, src1, tab2, resid_scale, x, B, out, nthreads, mm_rows_int8_scalar, 1);
+}
+
+/* ----------------------------------------------------------------------- Hadamard transform */
+/* In-place unnormalised Walsh–Hadamard transform of v [p], p a power of two (Sylvester order). */
+static void fwht_inplace(float *v, int64_t p) {
+    for (int64_t h = 1; h < p; h <<= 1)
+        for (int64_t i = 0; i < p; i += h << 1)
+            for (int64_t j = i; j < i + h; j++) {
+                float lo = v[j], hi = v[j + h];
+                v[j] = lo + hi;
+                v[j + h] = lo - hi;
+            }
+}
+
+/*
+ * x [B, n] in place, n = K * P (P a power of two):
+ *   x <- post ⊙ (alpha · U (pre ⊙ x)),   U = M ⊗ H_P / sqrt(P)
+ * i.e. each vector is viewed as [K, P]; every row gets the normalised FWHT, then rows are mixed
+ * by M [K, K] (row-major: y[a] = sum_c M[a, c] z[c]). pre, post: [n] or NULL; M ignored when K = 1.
+ * Matches quipsharp.hadamard.hadamard_transform (pass Mᵀ for transpose=True).
+ */
+QS_API int qs_hadamard(float *x, int64_t B, int64_t K, int64_t P, const float *M, const float *pre, const float *post,
+                       float alpha, int nthreads) {
+    if (!x || B < 0 || K < 1 || P < 1 || (P & (P - 1)) || (K > 1 && !M) || nthreads < 1) return QS_EBADARG;
+    int64_t n = K * P;
+    float norm = alpha / sqrtf((float)P);
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && B > 1)
+    {
+        float *tmp = K > 1 ? (float *)malloc(sizeof(float) * (size_t)n) : NULL;
+        if (K > 1 && !tmp) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < B; b++) {
+            if (K > 1 && !tmp) continue;
+            float *v = x + b * n;
+            if (pre)
+                for (int64_t j = 0; j < n; j++) v[j] *= pre[j];
+            for (int64_t r = 0; r < K; r++) fwht_inplace(v + r * P, P);
+            if (K > 1) {
+                for (int64_t r = 0; r < K; r++) {
+                    float *t = tmp + r * P;
+                    for (int64_t j = 0; j < P; j++) t[j] = 0.0f;
+                    for (int64_t c = 0; c < K; c++) {
+                        float w = M[r * K + c];
+                        const float *z = v + c * P;
+                        for (int64_t j = 0; j < P; j++) t[j] += w * z[j];
+                    }
+                }
+                memcpy(v, tmp, sizeof(float) * (size_t)n);
+            }
+            if (post)
+                for (int64_t j = 0; j < n; j++) v[j] *= norm * post[j];
+            else
+                for (int64_t j = 0; j < n; j++) v[j] *= norm;
+        }
+        free(tmp);
+    }
+    return failed ? QS_ENOMEM : QS_OK;
+}
+
+/* ------------------------------------------------------------------ importable module stub */
+static struct PyModuleDef qs_module = {PyModuleDef_HEAD_INIT, "_qskernels",
+                                       "quipsharp native kernels (called through ctypes)", -1, NULL};
+
+PyMODINIT_FUNC PyInit__qskernels(void) { return PyModule_Create(&qs_module); }

@@ -1,0 +1,316 @@
+"""Native CPU kernels for ``QuantizedLinear`` (E8P12 family) behind one signature, with a selector.
+
+The C library ``quipsharp._qskernels`` (``src/quipsharp/csrc/qs_kernels.c``) works on raw buffers;
+this module loads it with ctypes, checks every argument before a pointer crosses over, and exposes
+
+* :func:`decode` — ``codes -> W`` exactly as the reference decode,
+* :func:`matmul` — fused decode–matmul ``x @ decode(codes)ᵀ`` (batch ≤ :data:`FUSED_MAX_BATCH`),
+* :func:`hadamard` — the transform of :func:`quipsharp.hadamard.hadamard_transform` with a
+  pre-multiplied vector, a scalar and a post-multiplied vector,
+* the custom op ``torch.ops.quipsharp.e8p_linear`` (a whole quantized linear: RHT on the input,
+  decode–matmul, inverse RHT on the output, bias) with a fake implementation, so models stay
+  ordinary modules that ``torch.compile`` can trace.
+
+Selection: the best path the CPU supports (AVX-512, AVX2+FMA, portable scalar C), logged once.
+``QUIPSHARP_KERNEL=reference`` forces the pure-torch path; ``scalar``/``avx2``/``avx512`` force
+a native path (refused if the CPU lacks it). Without the compiled library everything falls back to
+the torch reference, with a log line saying so.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from quipsharp.codebooks import get_codebook
+from quipsharp.config import CODEBOOK_DIM
+
+logger = logging.getLogger(__name__)
+
+ENV_KERNEL = "QUIPSHARP_KERNEL"
+REFERENCE = "reference"
+#: Native paths, in the C library's order: float32 scalar / AVX2 / AVX-512, then int8 activations
+#: with AVX-512 VNNI dot products.
+LEVELS = ("scalar", "avx2", "avx512", "avx512vnni")
+#: Batch sizes up to this use the fused kernel; larger batches decode row chunks and call torch's
+#: GEMM (the decode is amortised over the batch). Chosen from benchmarks/kernels.py.
+FUSED_MAX_BATCH = 8
+#: Decoded weight elements per chunk on the decode + GEMM path (64 MB of float32).
+DECODE_CHUNK_ELEMENTS = 16 * 2**20
+#: Codebook name -> kernel kind (the C enum).
+KINDS = {"E8P12": 0, "E8P12RVQ3B": 1, "E8P12RVQ4B": 2}
+
+_ERRORS = {-1: "bad argument", -2: "unknown codebook kind", -3: "out of memory", -4: "ISA level not supported"}
+
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+_INT = ctypes.c_int
+_F = ctypes.c_float
+
+
+class KernelError(RuntimeError):
+    """A native kernel refused its arguments or failed."""
+
+
+def _library_path() -> Path | None:
+    here = Path(__file__).parent
+    found = sorted(here.glob("_qskernels*.so")) + sorted(here.glob("_qskernels*.pyd"))
+    return found[0] if found else None
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL | None:
+    path = _library_path()
+    if path is None:
+        logger.info("quipsharp native kernels not built; QuantizedLinear uses the torch reference path")
+        return None
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as err:
+        logger.warning("could not load %s (%s); using the torch reference path", path, err)
+        return None
+    lib.qs_decode.argtypes = [_P, _I64, _I64, _INT, _P, _P, _F, _P, _INT]
+    lib.qs_matmul.argtypes = [_P, _I64, _I64, _INT, _P, _P, _F, _P, _I64, _P, _INT]
+    lib.qs_matmul_int8_ref.argtypes = lib.qs_matmul.argtypes
+    lib.qs_hadamard.argtypes = [_P, _I64, _I64, _I64, _P, _P, _P, _F, _INT]
+    lib.qs_select_level.argtypes = [_INT]
+    for fn in (lib.qs_decode, lib.qs_matmul, lib.qs_matmul_int8_ref, lib.qs_hadamard, lib.qs_select_level, lib.qs_level,
+               lib.qs_max_level, lib.qs_openmp):
+        fn.restype = _INT
+    return lib
+
+
+@functools.cache
+def selected() -> str:
+    """The path ``QuantizedLinear`` uses on CPU: ``"avx512"``, ``"avx2"``, ``"scalar"`` or ``"reference"``."""
+    lib = _lib()
+    want = os.environ.get(ENV_KERNEL, "").strip().lower() or "auto"
+    if want not in ("auto", REFERENCE, *LEVELS):
+        raise ValueError(f"{ENV_KERNEL}={want!r}: expected one of auto, {REFERENCE}, {', '.join(LEVELS)}")
+    if want == REFERENCE or lib is None:
+        choice = REFERENCE
+    else:
+        level = lib.qs_select_level(-1 if want == "auto" else LEVELS.index(want))
+        if level < 0:
+            best = LEVELS[lib.qs_max_level()]
+            raise ValueError(f"{ENV_KERNEL}={want}: this CPU supports at most {best}")
+        choice = LEVELS[level]
+    omp = bool(lib and lib.qs_openmp())
+    logger.info("quipsharp CPU kernel path: %s%s", choice, " (OpenMP)" if omp and choice != REFERENCE else "")
+    return choice
+
+
+def available() -> bool:
+    """Whether a native path is selected."""
+    return selected() != REFERENCE
+
+
+def set_level(level: str) -> None:
+    """Switch the native ISA path (``"scalar"``, ``"avx2"``, ``"avx512"``) — for tests and benchmarks."""
+    lib = _lib()
+    if lib is None:
+        raise KernelError("native kernels are not built")
+    rc = lib.qs_select_level(LEVELS.index(level))
+    if rc < 0:
+        _check(rc, f"select {level}")
+
+
+def supported_levels() -> list[str]:
+    """Native paths this CPU can run (empty without the library)."""
+    lib = _lib()
+    return [] if lib is None else list(LEVELS[: lib.qs_max_level() + 1])
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        raise KernelError(f"native kernel {what} failed: {_ERRORS.get(rc, rc)}")
+
+
+def _need(t: torch.Tensor, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} must be on the CPU, got {t.device}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+@dataclass(frozen=True)
+class Tables:
+    """Codebook tables handed to the kernels.
+
+    Attributes:
+        kind: C kind (0 E8P12, 1 E8P12RVQ3B, 2 E8P12RVQ4B).
+        code_bytes: bytes per codeword (2, 3, 4).
+        src1: ``[256, 8]`` float32 stored E8P12 sources.
+        tab2: ``[256, 8]`` float32 stage-2 table (E81B points, or E8P12 sources); ``src1`` when unused.
+        resid_scale: stage-2 divisor (1.0 when unused).
+    """
+
+    kind: int
+    code_bytes: int
+    src1: torch.Tensor
+    tab2: torch.Tensor
+    resid_scale: float
+
+
+@functools.cache
+def tables(codebook_name: str) -> Tables:
+    """Kernel tables of a codebook; raises ``ValueError`` for codebooks without a native kernel."""
+    if codebook_name not in KINDS:
+        raise ValueError(f"no native kernel for codebook {codebook_name!r} (have {sorted(KINDS)})")
+    cb = get_codebook(codebook_name)
+    stage1 = getattr(cb, "stage1", cb)
+    src1 = stage1.sources.contiguous()
+    if KINDS[codebook_name] == 0:
+        return Tables(0, cb.code_bytes, src1, src1, 1.0)
+    stage2 = cb.stage2
+    tab2 = stage2.sources if KINDS[codebook_name] == 2 else stage2.codewords()
+    return Tables(KINDS[codebook_name], cb.code_bytes, src1, tab2.to(torch.float32).contiguous(),
+                  float(cb.residual_scale))
+
+
+def _threads(threads: int | None) -> int:
+    return max(1, threads if threads is not None else torch.get_num_threads())
+
+
+def decode(codes: torch.Tensor, m: int, n: int, codebook_name: str, threads: int | None = None) -> torch.Tensor:
+    """``codes`` ``[m, n/8·code_bytes]`` uint8 -> ``W`` ``[m, n]`` float32, bitwise equal to the reference decode."""
+    lib, tb = _require(), tables(codebook_name)
+    _check_mn(m, n)
+    _need(codes, "codes", torch.uint8, (m, n // CODEBOOK_DIM * tb.code_bytes))
+    out = torch.empty(m, n, dtype=torch.float32)
+    _check(lib.qs_decode(codes.data_ptr(), m, n, tb.kind, tb.src1.data_ptr(), tb.tab2.data_ptr(), tb.resid_scale,
+                         out.data_ptr(), _threads(threads)), "decode")
+    return out
+
+
+def matmul(
+    x: torch.Tensor, codes: torch.Tensor, m: int, codebook_name: str, threads: int | None = None,
+    *, int8_reference: bool = False,
+) -> torch.Tensor:
+    """Fused ``x`` ``[B, n]`` float32 @ ``decode(codes)ᵀ`` -> ``[B, m]`` float32 (no decoded weight stored).
+
+    On the ``avx512vnni`` path each row of ``x`` is first quantized to int8 (scale ``max|x| / 127``).
+    ``int8_reference=True`` runs the portable C reference of that int8 arithmetic instead (tests).
+    """
+    lib, tb = _require(), tables(codebook_name)
+    fn = lib.qs_matmul_int8_ref if int8_reference else lib.qs_matmul
+    if x.dim() != 2:
+        raise ValueError(f"x must be [B, n], got shape {tuple(x.shape)}")
+    B, n = x.shape
+    _check_mn(m, n)
+    _need(x, "x", torch.float32, (B, n))
+    _need(codes, "codes", torch.uint8, (m, n // CODEBOOK_DIM * tb.code_bytes))
+    out = torch.empty(B, m, dtype=torch.float32)
+    _check(fn(codes.data_ptr(), m, n, tb.kind, tb.src1.data_ptr(), tb.tab2.data_ptr(), tb.resid_scale,
+                         x.data_ptr(), B, out.data_ptr(), _threads(threads)), "matmul")
+    return out
+
+
+def hadamard(
+    x: torch.Tensor,
+    M: torch.Tensor,
+    pre: torch.Tensor | None = None,
+    post: torch.Tensor | None = None,
+    alpha: float = 1.0,
+    threads: int | None = None,
+) -> torch.Tensor:
+    """In place on ``x`` ``[B, n]`` float32: ``x <- post ⊙ (alpha · U (pre ⊙ x))`` with ``U = M ⊗ H_P / √P``.
+
+    ``M`` ``[K, K]`` float32 is the orthonormal factor of :func:`quipsharp.hadamard.factor_dim`
+    (its transpose for ``Uᵀ``); ``pre``/``post`` are ``[n]`` float32 or None. Returns ``x``.
+    """
+    lib = _require()
+    if x.dim() != 2:
+        raise ValueError(f"x must be [B, n], got shape {tuple(x.shape)}")
+    B, n = x.shape
+    K = M.shape[0] if M.dim() == 2 else -1
+    if K < 1 or n % K or (n // K) & (n // K - 1):
+        raise ValueError(f"factor of shape {tuple(M.shape)} does not split n={n} into K x 2^k")
+    _need(x, "x", torch.float32, (B, n))
+    _need(M, "M", torch.float32, (K, K))
+    for name, v in (("pre", pre), ("post", post)):
+        if v is not None:
+            _need(v, name, torch.float32, (n,))
+    _check(lib.qs_hadamard(x.data_ptr(), B, K, n // K, M.data_ptr(), _ptr(pre), _ptr(post), alpha,
+                           _threads(threads)), "hadamard")
+    return x
+
+
+def _check_mn(m: int, n: int) -> None:
+    if m < 0 or n < 0 or n % CODEBOOK_DIM:
+        raise ValueError(f"bad weight shape ({m}, {n}): in_features must be a multiple of {CODEBOOK_DIM}")
+
+
+def _require() -> ctypes.CDLL:
+    lib = _lib()
+    if lib is None:
+        raise KernelError("quipsharp native kernels are not built (reinstall with a C compiler)")
+    return lib
+
+
+# ------------------------------------------------------------------------------------ custom op
+@torch.library.custom_op("quipsharp::e8p_linear", mutates_args=())
+def e8p_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    su: torch.Tensor,
+    sv: torch.Tensor,
+    wscale: torch.Tensor,
+    bias: torch.Tensor | None,
+    m_in: torch.Tensor,
+    m_out_t: torch.Tensor,
+    codebook_name: str,
+    use_hadamard: bool,
+) -> torch.Tensor:
+    """A whole QuantizedLinear on CPU: ``x`` ``[..., n]`` -> ``[..., m]`` in ``x``'s dtype.
+
+    ``codes`` ``[m, n/8·cb]`` uint8; ``su`` ``[n]``, ``sv`` ``[m]``, ``bias`` ``[m]`` float32;
+    ``wscale`` ``[]``; ``m_in`` ``[K_n, K_n]`` and ``m_out_t`` ``[K_m, K_m]`` the Hadamard factors
+    (the latter transposed, for ``Vᵀ``).
+    """
+    n, m = su.shape[0], sv.shape[0]
+    h = x.reshape(-1, n).to(torch.float32)
+    if h.data_ptr() == x.data_ptr() or not h.is_contiguous():  # the transform below works in place
+        h = h.clone(memory_format=torch.contiguous_format)
+    if use_hadamard:
+        hadamard(h, m_in, pre=su)
+    else:
+        h.mul_(su)
+    if h.shape[0] <= FUSED_MAX_BATCH:
+        y = matmul(h, codes, m, codebook_name)
+    else:
+        y = torch.empty(h.shape[0], m, dtype=torch.float32)
+        rows = max(1, DECODE_CHUNK_ELEMENTS // max(1, n))
+        for r0 in range(0, m, rows):
+            r1 = min(m, r0 + rows)
+            W = decode(codes[r0:r1], r1 - r0, n, codebook_name)
+            y[:, r0:r1] = h @ W.T
+    scale = float(wscale)
+    if use_hadamard:
+        hadamard(y, m_out_t, alpha=scale, post=sv)
+    else:
+        y.mul_(sv * scale)
+    if bias is not None:
+        y.add_(bias)
+    return y.reshape(*x.shape[:-1], m).to(x.dtype)
+
+
+@e8p_linear.register_fake
+def _(x, codes, su, sv, wscale, bias, m_in, m_out_t, codebook_name, use_hadamard):
+    return x.new_empty(*x.shape[:-1], sv.shape[0])
