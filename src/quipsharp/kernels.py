@@ -75,13 +75,16 @@ def _lib() -> ctypes.CDLL | None:
     except OSError as err:
         logger.warning("could not load %s (%s); using the torch reference path", path, err)
         return None
-    lib.qs_decode.argtypes = [_P, _I64, _I64, _INT, _P, _P, _F, _P, _INT]
-    lib.qs_matmul.argtypes = [_P, _I64, _I64, _INT, _P, _P, _F, _P, _I64, _P, _INT]
+    lib.qs_codebook_new.argtypes = [_INT, _P, _P, _F]
+    lib.qs_codebook_new.restype = _P
+    lib.qs_decode.argtypes = [_P, _I64, _I64, _P, _P, _INT]
+    lib.qs_matmul.argtypes = [_P, _I64, _I64, _P, _P, _I64, _P, _INT]
     lib.qs_matmul_int8_ref.argtypes = lib.qs_matmul.argtypes
     lib.qs_hadamard.argtypes = [_P, _I64, _I64, _I64, _P, _P, _P, _F, _INT]
+    lib.qs_linear.argtypes = [_P, _I64, _I64, _I64, _P, _P, _P, _P, _F, _P, _INT, _I64, _P, _I64, _P, _P, _INT]
     lib.qs_select_level.argtypes = [_INT]
-    for fn in (lib.qs_decode, lib.qs_matmul, lib.qs_matmul_int8_ref, lib.qs_hadamard, lib.qs_select_level, lib.qs_level,
-               lib.qs_max_level, lib.qs_openmp):
+    for fn in (lib.qs_decode, lib.qs_matmul, lib.qs_matmul_int8_ref, lib.qs_hadamard, lib.qs_linear,
+               lib.qs_select_level, lib.qs_level, lib.qs_max_level, lib.qs_openmp):
         fn.restype = _INT
     return lib
 
@@ -151,37 +154,38 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 @dataclass(frozen=True)
 class Tables:
-    """Codebook tables handed to the kernels.
+    """A codebook as the kernels see it.
 
     Attributes:
         kind: C kind (0 E8P12, 1 E8P12RVQ3B, 2 E8P12RVQ4B).
         code_bytes: bytes per codeword (2, 3, 4).
-        src1: ``[256, 8]`` float32 stored E8P12 sources.
-        tab2: ``[256, 8]`` float32 stage-2 table (E81B points, or E8P12 sources); ``src1`` when unused.
-        resid_scale: stage-2 divisor (1.0 when unused).
+        handle: the C ``qs_codebook`` built once from the codebook's tables (kept for the process).
     """
 
     kind: int
     code_bytes: int
-    src1: torch.Tensor
-    tab2: torch.Tensor
-    resid_scale: float
+    handle: int
 
 
 @functools.cache
 def tables(codebook_name: str) -> Tables:
-    """Kernel tables of a codebook; raises ``ValueError`` for codebooks without a native kernel."""
+    """The kernel handle of a codebook; raises ``ValueError`` for codebooks without a native kernel."""
     if codebook_name not in KINDS:
         raise ValueError(f"no native kernel for codebook {codebook_name!r} (have {sorted(KINDS)})")
+    lib = _require()
     cb = get_codebook(codebook_name)
-    stage1 = getattr(cb, "stage1", cb)
-    src1 = stage1.sources.contiguous()
-    if KINDS[codebook_name] == 0:
-        return Tables(0, cb.code_bytes, src1, src1, 1.0)
-    stage2 = cb.stage2
-    tab2 = stage2.sources if KINDS[codebook_name] == 2 else stage2.codewords()
-    return Tables(KINDS[codebook_name], cb.code_bytes, src1, tab2.to(torch.float32).contiguous(),
-                  float(cb.residual_scale))
+    kind = KINDS[codebook_name]
+    src1 = getattr(cb, "stage1", cb).sources.to(torch.float32).contiguous()  # [256, 8]
+    if kind == 0:
+        tab2, resid = src1, 1.0
+    else:
+        stage2 = cb.stage2
+        tab2 = (stage2.sources if kind == KINDS["E8P12RVQ4B"] else stage2.codewords()).to(torch.float32).contiguous()
+        resid = float(cb.residual_scale)
+    handle = lib.qs_codebook_new(kind, src1.data_ptr(), tab2.data_ptr(), resid)
+    if not handle:
+        raise KernelError(f"could not build the native tables of {codebook_name}")
+    return Tables(kind, cb.code_bytes, handle)
 
 
 def _threads(threads: int | None) -> int:
@@ -194,8 +198,7 @@ def decode(codes: torch.Tensor, m: int, n: int, codebook_name: str, threads: int
     _check_mn(m, n)
     _need(codes, "codes", torch.uint8, (m, n // CODEBOOK_DIM * tb.code_bytes))
     out = torch.empty(m, n, dtype=torch.float32)
-    _check(lib.qs_decode(codes.data_ptr(), m, n, tb.kind, tb.src1.data_ptr(), tb.tab2.data_ptr(), tb.resid_scale,
-                         out.data_ptr(), _threads(threads)), "decode")
+    _check(lib.qs_decode(codes.data_ptr(), m, n, tb.handle, out.data_ptr(), _threads(threads)), "decode")
     return out
 
 
@@ -217,8 +220,7 @@ def matmul(
     _need(x, "x", torch.float32, (B, n))
     _need(codes, "codes", torch.uint8, (m, n // CODEBOOK_DIM * tb.code_bytes))
     out = torch.empty(B, m, dtype=torch.float32)
-    _check(fn(codes.data_ptr(), m, n, tb.kind, tb.src1.data_ptr(), tb.tab2.data_ptr(), tb.resid_scale,
-                         x.data_ptr(), B, out.data_ptr(), _threads(threads)), "matmul")
+    _check(fn(codes.data_ptr(), m, n, tb.handle, x.data_ptr(), B, out.data_ptr(), _threads(threads)), "matmul")
     return out
 
 
@@ -264,9 +266,48 @@ def _require() -> ctypes.CDLL:
     return lib
 
 
+def _check_linear_args(x, codes, su, sv, bias, m_in, m_out_t, codebook_name, use_hadamard) -> None:
+    """Validate everything :func:`e8p_linear` hands to C (a wrong shape must not read out of bounds).
+
+    The common case is one combined comparison (this runs once per layer per token); the detailed
+    per-argument checks run only to name the problem.
+    """
+    n, m = su.shape[0], sv.shape[0]
+    k_in, k_out = m_in.shape[0], m_out_t.shape[0]
+    fast_ok = (
+        x.shape[-1] == n and x.device.type == "cpu"
+        and codes.shape == (m, n // CODEBOOK_DIM * tables(codebook_name).code_bytes)
+        and codes.dtype == torch.uint8 and su.dtype == torch.float32 and sv.dtype == torch.float32
+        and su.dim() == 1 and sv.dim() == 1 and codes.is_contiguous() and su.is_contiguous() and sv.is_contiguous()
+        and (bias is None or (bias.shape == (m,) and bias.dtype == torch.float32 and bias.is_contiguous()))
+        and (not use_hadamard or (_factor_ok(m_in, n) and _factor_ok(m_out_t, m)))
+    )
+    if fast_ok:
+        return
+    if x.shape[-1] != n:
+        raise ValueError(f"e8p_linear: x has last dim {x.shape[-1]}, expected {n}")
+    _need(codes, "codes", torch.uint8, (m, n // CODEBOOK_DIM * tables(codebook_name).code_bytes))
+    _need(su, "su", torch.float32, (n,))
+    _need(sv, "sv", torch.float32, (m,))
+    if bias is not None:
+        _need(bias, "bias", torch.float32, (m,))
+    for name, M, dim, k in (("m_in", m_in, n, k_in), ("m_out_t", m_out_t, m, k_out)):
+        _need(M, name, torch.float32, (k, k))
+        if not _factor_ok(M, dim):
+            raise ValueError(f"e8p_linear: factor {name} of order {k} does not split {dim} into K x 2^k")
+    raise ValueError("e8p_linear: x must be a CPU tensor")
+
+
+def _factor_ok(M: torch.Tensor, dim: int) -> bool:
+    """``M`` is a contiguous float32 ``[K, K]`` with ``dim = K · 2^k``."""
+    k = M.shape[0]
+    p = dim // k if k else 0
+    return (M.dim() == 2 and M.shape[1] == k and M.dtype == torch.float32 and M.is_contiguous() and k > 0
+            and dim % k == 0 and p & (p - 1) == 0)
+
+
 # ------------------------------------------------------------------------------------ custom op
-@torch.library.custom_op("quipsharp::e8p_linear", mutates_args=())
-def e8p_linear(
+def linear(
     x: torch.Tensor,
     codes: torch.Tensor,
     su: torch.Tensor,
@@ -280,28 +321,39 @@ def e8p_linear(
 ) -> torch.Tensor:
     """A whole QuantizedLinear on CPU: ``x`` ``[..., n]`` -> ``[..., m]`` in ``x``'s dtype.
 
+    Eager callers use this function directly (the dispatcher of a Python custom op costs ~20 µs a
+    call, as much as a small layer's matmul); under ``torch.compile`` use the registered op
+    ``torch.ops.quipsharp.e8p_linear``, which runs the same code.
+
     ``codes`` ``[m, n/8·cb]`` uint8; ``su`` ``[n]``, ``sv`` ``[m]``, ``bias`` ``[m]`` float32;
     ``wscale`` ``[]``; ``m_in`` ``[K_n, K_n]`` and ``m_out_t`` ``[K_m, K_m]`` the Hadamard factors
     (the latter transposed, for ``Vᵀ``).
     """
     n, m = su.shape[0], sv.shape[0]
-    h = x.reshape(-1, n).to(torch.float32)
-    if h.data_ptr() == x.data_ptr() or not h.is_contiguous():  # the transform below works in place
-        h = h.clone(memory_format=torch.contiguous_format)
+    _check_linear_args(x, codes, su, sv, bias, m_in, m_out_t, codebook_name, use_hadamard)
+    scale = float(wscale)
+    if scale != scale:  # NaN: the layer was never filled
+        raise RuntimeError("QuantizedLinear used before its weight was quantized or loaded")
+    h = x.reshape(-1, n).to(torch.float32).contiguous()
+    B = h.shape[0]
+    if B <= FUSED_MAX_BATCH:  # the decoding case: one native call for the whole layer
+        y = torch.empty(B, m, dtype=torch.float32)
+        _check(_require().qs_linear(
+            h.data_ptr(), B, n, m, codes.data_ptr(), tables(codebook_name).handle, su.data_ptr(), sv.data_ptr(),
+            scale, _ptr(bias), use_hadamard, m_in.shape[0], m_in.data_ptr(), m_out_t.shape[0],
+            m_out_t.data_ptr(), y.data_ptr(), _threads(None)), "linear")
+        return y.reshape(*x.shape[:-1], m).to(x.dtype)
+    if h.data_ptr() == x.data_ptr():  # the transform below works in place
+        h = h.clone()
     if use_hadamard:
         hadamard(h, m_in, pre=su)
     else:
         h.mul_(su)
-    if h.shape[0] <= FUSED_MAX_BATCH:
-        y = matmul(h, codes, m, codebook_name)
-    else:
-        y = torch.empty(h.shape[0], m, dtype=torch.float32)
-        rows = max(1, DECODE_CHUNK_ELEMENTS // max(1, n))
-        for r0 in range(0, m, rows):
-            r1 = min(m, r0 + rows)
-            W = decode(codes[r0:r1], r1 - r0, n, codebook_name)
-            y[:, r0:r1] = h @ W.T
-    scale = float(wscale)
+    y = torch.empty(B, m, dtype=torch.float32)
+    rows = max(1, DECODE_CHUNK_ELEMENTS // max(1, n))
+    for r0 in range(0, m, rows):
+        r1 = min(m, r0 + rows)
+        y[:, r0:r1] = h @ decode(codes[r0:r1], r1 - r0, n, codebook_name).T
     if use_hadamard:
         hadamard(y, m_out_t, alpha=scale, post=sv)
     else:
@@ -309,6 +361,9 @@ def e8p_linear(
     if bias is not None:
         y.add_(bias)
     return y.reshape(*x.shape[:-1], m).to(x.dtype)
+
+
+e8p_linear = torch.library.custom_op("quipsharp::e8p_linear", linear, mutates_args=())
 
 
 @e8p_linear.register_fake

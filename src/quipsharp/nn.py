@@ -76,6 +76,8 @@ class QuantizedLinear(nn.Module):
         # Hadamard factors for the native kernel (constants of the shape, not state: built here,
         # never inside forward, and not saved).
         self._native = self.codebook.name in kernels.KINDS and kernels.available()
+        # codes of another codebook must never be decoded with this one: checked on every load
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._check_loaded_codebook())
         if self._native and self.config.use_hadamard:
             self._m_in = _kernel_factor(in_features, transpose=False)
             self._m_out_t = _kernel_factor(out_features, transpose=True)
@@ -168,15 +170,16 @@ class QuantizedLinear(nn.Module):
         """
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with last dim {self.in_features}, got {tuple(x.shape)}")
+        if self._use_native(x):
+            args = (x, self.codes, self.su, self.sv, self.wscale, self.bias, self._m_in, self._m_out_t,
+                    self.codebook.name, self.config.use_hadamard)
+            if torch.compiler.is_compiling():
+                return torch.ops.quipsharp.e8p_linear(*args)
+            return kernels.linear(*args)  # same code without the dispatcher's per-call cost
         if not torch.compiler.is_compiling():  # data-dependent checks: eager mode only
             self._check_loaded_codebook()
             if torch.isnan(self.wscale):
-                raise RuntimeError("QuantizedLinear used before its weight was quantized or loaded")
-        if self._use_native(x):
-            return torch.ops.quipsharp.e8p_linear(
-                x, self.codes, self.su, self.sv, self.wscale, self.bias, self._m_in, self._m_out_t,
-                self.codebook.name, self.config.use_hadamard,
-            )
+                raise RuntimeError(UNFILLED_MESSAGE)
         return self.reference_forward(x)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -202,6 +205,7 @@ class QuantizedLinear(nn.Module):
 
 
 _NO_FACTOR = torch.ones(1, 1)
+UNFILLED_MESSAGE = "QuantizedLinear used before its weight was quantized or loaded"
 
 
 def _kernel_factor(dim: int, transpose: bool) -> torch.Tensor:

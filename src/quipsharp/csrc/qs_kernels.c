@@ -57,6 +57,7 @@ enum { QS_LEVEL_SCALAR = 0, QS_LEVEL_AVX2 = 1, QS_LEVEL_AVX512 = 2, QS_LEVEL_VNN
 #define E8P_SHIFT 0.25f
 #define ROWS_PER_TASK 16      /* rows handed to a thread at a time */
 #define MAX_FUSED_BATCH 8     /* batch vectors kept in registers by the fused kernels */
+#define PARALLEL_MIN_CODEWORDS (64 * 1024) /* below this a call stays on one thread (wake-up costs more) */
 
 static const int CODE_BYTES[QS_NUM_KINDS] = {2, 3, 4};
 
@@ -146,24 +147,6 @@ static inline void decode_scalar(uint32_t c, int kind, const float *src1, const 
 }
 
 /* --------------------------------------------------------------------------------- decode */
-/* out [m, n] float32 = decode(codes [m, n/8*CB]); bitwise equal to the Python decode. */
-QS_API int qs_decode(const uint8_t *codes, int64_t m, int64_t n, int kind, const float *src1, const float *tab2,
-                     float resid_scale, float *out, int nthreads) {
-    int cb = code_bytes(kind);
-    if (!cb) return QS_EBADKIND;
-    if (!codes || !src1 || !out || m < 0 || n < 0 || n % DIM || nthreads < 1) return QS_EBADARG;
-    if (kind != QS_KIND_E8P && (!tab2 || !(resid_scale > 0.0f))) return QS_EBADARG;
-    int64_t nblk = n / DIM, row_bytes = nblk * cb;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
-    for (int64_t i = 0; i < m; i++) {
-        const uint8_t *rc = codes + i * row_bytes;
-        float *ro = out + i * n;
-        for (int64_t k = 0; k < nblk; k++)
-            decode_scalar(read_code(rc + k * cb, cb), kind, src1, tab2, resid_scale, ro + k * DIM);
-    }
-    return QS_OK;
-}
-
 /* ------------------------------------------------------------------ fused decode-matmul */
 /*
  * out[b, i] = sum_k < decode(codes[i, k]), x[b, 8k : 8k+8] >   for b < B, i < m
@@ -171,20 +154,29 @@ QS_API int qs_decode(const uint8_t *codes, int64_t m, int64_t n, int kind, const
  * Stage-2 values use tab2 / resid_scale precomputed (tolerance-level, not bitwise, equal to the
  * reference decode followed by a dot product).
  */
+/* A codebook's tables, built once (qs_codebook_new) and shared by every call. */
+typedef struct qs_codebook {
+    int kind, cb;
+    float resid_scale;
+    float src1[NSRC * DIM];  /* stage-1 stored sources */
+    float tab2[NSRC * DIM];  /* stage-2 table as given (E81B points / E8P12 sources) */
+    float tab2s[NSRC * DIM]; /* stage-2 table divided by resid_scale */
+    float shift2;            /* E8P shift of stage 2 (RVQ4) divided by resid_scale */
+    int int8_ok;             /* tables lie on the integer grid of the int8 path */
+    int8_t tab1q[NSRC * DIM]; /* 4 × stage-1 sources */
+    int8_t tab2q[NSRC * DIM]; /* stage 2: 4 × E8P12 sources (RVQ4) or 16 + 2 × E81B points (RVQ3) */
+    float unit2;              /* value of one stage-2 integer unit: 1/(4 s) or 1/(2 s) */
+} qs_codebook;
+
 typedef struct {
     const uint8_t *codes;
     int64_t m, n, nblk, row_bytes;
     int kind, cb;
-    const float *src1;
-    float tab2s[NSRC * DIM]; /* stage-2 table divided by resid_scale */
-    float shift2;            /* E8P shift of stage 2 (RVQ4) divided by resid_scale */
+    const qs_codebook *t;
     const float *x;
     int64_t B;
     float *out;
     /* int8 path */
-    int8_t tab1q[NSRC * DIM];  /* 4 × stage-1 sources */
-    int8_t tab2q[NSRC * DIM];  /* stage 2: 4 × E8P12 sources (RVQ4) or 16 + 2 × E81B points (RVQ3) */
-    float unit2;               /* value of one stage-2 integer unit: 1/(4 s) or 1/(2 s) */
     const int8_t *xq;          /* [B, n] activations quantized to int8 */
     const float *xscale;       /* [B] their scales */
     const int32_t *xsum;       /* [B] sums of xq */
@@ -197,15 +189,15 @@ static void mm_rows_scalar(const mm_args *a, int64_t r0, int64_t r1, int64_t b0,
         for (int64_t k = 0; k < a->nblk; k++) {
             uint32_t c = read_code(rc + k * a->cb, a->cb);
             float v[DIM];
-            e8p_decode_scalar(c & 0xFFFFu, a->src1, v);
+            e8p_decode_scalar(c & 0xFFFFu, a->t->src1, v);
             if (a->kind == QS_KIND_RVQ3) {
-                const float *t = a->tab2s + (size_t)((c >> 16) & SRC_MASK) * DIM;
+                const float *t = a->t->tab2s + (size_t)((c >> 16) & SRC_MASK) * DIM;
                 for (int j = 0; j < DIM; j++) v[j] += t[j];
             } else if (a->kind == QS_KIND_RVQ4) {
                 int odd;
                 uint32_t sg = e8p_signs(c >> 16, &odd);
-                const float *t = a->tab2s + (size_t)((c >> 16) & SRC_MASK) * DIM;
-                float sh = odd ? -a->shift2 : a->shift2;
+                const float *t = a->t->tab2s + (size_t)((c >> 16) & SRC_MASK) * DIM;
+                float sh = odd ? -a->t->shift2 : a->t->shift2;
                 for (int j = 0; j < DIM; j++) v[j] += (((sg >> j) & 1u) ? -t[j] : t[j]) + sh;
             }
             for (int64_t b = 0; b < nb; b++) {
@@ -230,15 +222,15 @@ __attribute__((target("avx2,fma"))) static inline __m256 signs_to_xor_avx2(uint3
 __attribute__((target("avx2,fma"))) static inline __m256 decode_avx2(const mm_args *a, uint32_t c) {
     int odd;
     uint32_t sg = e8p_signs(c & 0xFFFFu, &odd);
-    __m256 v = _mm256_loadu_ps(a->src1 + (size_t)(c & SRC_MASK) * DIM);
+    __m256 v = _mm256_loadu_ps(a->t->src1 + (size_t)(c & SRC_MASK) * DIM);
     v = _mm256_add_ps(_mm256_xor_ps(v, signs_to_xor_avx2(sg)), _mm256_set1_ps(odd ? -E8P_SHIFT : E8P_SHIFT));
     if (a->kind == QS_KIND_RVQ3) {
-        v = _mm256_add_ps(v, _mm256_loadu_ps(a->tab2s + (size_t)((c >> 16) & SRC_MASK) * DIM));
+        v = _mm256_add_ps(v, _mm256_loadu_ps(a->t->tab2s + (size_t)((c >> 16) & SRC_MASK) * DIM));
     } else if (a->kind == QS_KIND_RVQ4) {
         int odd2;
         uint32_t sg2 = e8p_signs(c >> 16, &odd2);
-        __m256 t = _mm256_loadu_ps(a->tab2s + (size_t)((c >> 16) & SRC_MASK) * DIM);
-        t = _mm256_add_ps(_mm256_xor_ps(t, signs_to_xor_avx2(sg2)), _mm256_set1_ps(odd2 ? -a->shift2 : a->shift2));
+        __m256 t = _mm256_loadu_ps(a->t->tab2s + (size_t)((c >> 16) & SRC_MASK) * DIM);
+        t = _mm256_add_ps(_mm256_xor_ps(t, signs_to_xor_avx2(sg2)), _mm256_set1_ps(odd2 ? -a->t->shift2 : a->t->shift2));
         v = _mm256_add_ps(v, t);
     }
     return v;
@@ -292,17 +284,17 @@ __attribute__((target("avx2,fma"))) static void mm_rows_avx2(const mm_args *a, i
 __attribute__((target(QS_AVX512))) static inline __m256 decode_avx512(const mm_args *a, uint32_t c) {
     int odd;
     uint32_t sg = e8p_signs(c & 0xFFFFu, &odd);
-    __m256 v = _mm256_loadu_ps(a->src1 + (size_t)(c & SRC_MASK) * DIM);
+    __m256 v = _mm256_loadu_ps(a->t->src1 + (size_t)(c & SRC_MASK) * DIM);
     v = _mm256_mask_sub_ps(v, (__mmask8)sg, _mm256_setzero_ps(), v);
     v = _mm256_add_ps(v, _mm256_set1_ps(odd ? -E8P_SHIFT : E8P_SHIFT));
     if (a->kind == QS_KIND_RVQ3) {
-        v = _mm256_add_ps(v, _mm256_loadu_ps(a->tab2s + (size_t)((c >> 16) & SRC_MASK) * DIM));
+        v = _mm256_add_ps(v, _mm256_loadu_ps(a->t->tab2s + (size_t)((c >> 16) & SRC_MASK) * DIM));
     } else if (a->kind == QS_KIND_RVQ4) {
         int odd2;
         uint32_t sg2 = e8p_signs(c >> 16, &odd2);
-        __m256 t = _mm256_loadu_ps(a->tab2s + (size_t)((c >> 16) & SRC_MASK) * DIM);
+        __m256 t = _mm256_loadu_ps(a->t->tab2s + (size_t)((c >> 16) & SRC_MASK) * DIM);
         t = _mm256_mask_sub_ps(t, (__mmask8)sg2, _mm256_setzero_ps(), t);
-        v = _mm256_add_ps(v, _mm256_add_ps(t, _mm256_set1_ps(odd2 ? -a->shift2 : a->shift2)));
+        v = _mm256_add_ps(v, _mm256_add_ps(t, _mm256_set1_ps(odd2 ? -a->t->shift2 : a->t->shift2)));
     }
     return v;
 }
@@ -331,13 +323,13 @@ __attribute__((target(QS_AVX512))) static void mm_rows_avx512(const mm_args *a, 
             __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
             int64_t k = 0;
             for (; k + 8 <= a->nblk; k += 8) {
-                acc0 = _mm512_fmadd_ps(decode2_e8p_avx512(a->src1, c16[k + 0], c16[k + 1]),
+                acc0 = _mm512_fmadd_ps(decode2_e8p_avx512(a->t->src1, c16[k + 0], c16[k + 1]),
                                        _mm512_loadu_ps(x + (k + 0) * DIM), acc0);
-                acc1 = _mm512_fmadd_ps(decode2_e8p_avx512(a->src1, c16[k + 2], c16[k + 3]),
+                acc1 = _mm512_fmadd_ps(decode2_e8p_avx512(a->t->src1, c16[k + 2], c16[k + 3]),
                                        _mm512_loadu_ps(x + (k + 2) * DIM), acc1);
-                acc2 = _mm512_fmadd_ps(decode2_e8p_avx512(a->src1, c16[k + 4], c16[k + 5]),
+                acc2 = _mm512_fmadd_ps(decode2_e8p_avx512(a->t->src1, c16[k + 4], c16[k + 5]),
                                        _mm512_loadu_ps(x + (k + 4) * DIM), acc2);
-                acc3 = _mm512_fmadd_ps(decode2_e8p_avx512(a->src1, c16[k + 6], c16[k + 7]),
+                acc3 = _mm512_fmadd_ps(decode2_e8p_avx512(a->t->src1, c16[k + 6], c16[k + 7]),
                                        _mm512_loadu_ps(x + (k + 6) * DIM), acc3);
             }
             __m256 tail = _mm256_setzero_ps();
@@ -416,9 +408,9 @@ static inline void int8_dots_scalar(const mm_args *a, const uint8_t *rc, const i
                                     int32_t *d1, int32_t *d2) {
     for (int64_t k = k0; k < k1; k++) {
         uint32_t c = read_code(rc + k * a->cb, a->cb);
-        *d1 += e8p_dot_int8(c, a->tab1q, xq + k * DIM);
-        if (a->kind == QS_KIND_RVQ4) *d2 += e8p_dot_int8(c >> 16, a->tab2q, xq + k * DIM);
-        if (a->kind == QS_KIND_RVQ3) *d2 += e81b_dot_int8((c >> 16) & SRC_MASK, a->tab2q, xq + k * DIM);
+        *d1 += e8p_dot_int8(c, a->t->tab1q, xq + k * DIM);
+        if (a->kind == QS_KIND_RVQ4) *d2 += e8p_dot_int8(c >> 16, a->t->tab2q, xq + k * DIM);
+        if (a->kind == QS_KIND_RVQ3) *d2 += e81b_dot_int8((c >> 16) & SRC_MASK, a->t->tab2q, xq + k * DIM);
     }
 }
 
@@ -426,7 +418,7 @@ static inline void int8_dots_scalar(const mm_args *a, const uint8_t *rc, const i
 static inline float int8_output(const mm_args *a, int64_t b, int32_t d1, int32_t d2) {
     int64_t off = (int64_t)INT8_OFFSET * a->xsum[b];
     float v = (float)((int64_t)d1 - off) * (1.0f / E8P_INT_UNIT);
-    if (a->kind != QS_KIND_E8P) v += (float)((int64_t)d2 - off) * a->unit2;
+    if (a->kind != QS_KIND_E8P) v += (float)((int64_t)d2 - off) * a->t->unit2;
     return a->xscale[b] * v;
 }
 
@@ -480,11 +472,11 @@ __attribute__((target(QS_VNNI))) static void mm_rows_vnni(const mm_args *a, int6
                 __m256i sh = _mm256_permutexvar_epi8(ctrl, raw);
                 __m128i lo = _mm256_castsi256_si128(sh), hi = _mm256_extracti128_si256(sh, 1);
                 __m512i x = _mm512_loadu_si512((const void *)(xq + g * GROUP * DIM));
-                acc1 = _mm512_dpbusd_epi32(acc1, e8p_u8_group(lo, _mm_srli_si128(lo, 8), a->tab1q), x);
+                acc1 = _mm512_dpbusd_epi32(acc1, e8p_u8_group(lo, _mm_srli_si128(lo, 8), a->t->tab1q), x);
                 if (a->kind == QS_KIND_RVQ4) {
-                    acc2 = _mm512_dpbusd_epi32(acc2, e8p_u8_group(hi, _mm_srli_si128(hi, 8), a->tab2q), x);
+                    acc2 = _mm512_dpbusd_epi32(acc2, e8p_u8_group(hi, _mm_srli_si128(hi, 8), a->t->tab2q), x);
                 } else if (a->kind == QS_KIND_RVQ3) {
-                    __m512i v2 = _mm512_i64gather_epi64(_mm512_cvtepu8_epi64(hi), (const void *)a->tab2q, DIM);
+                    __m512i v2 = _mm512_i64gather_epi64(_mm512_cvtepu8_epi64(hi), (const void *)a->t->tab2q, DIM);
                     acc2 = _mm512_dpbusd_epi32(acc2, v2, x);
                 }
             }
@@ -497,7 +489,7 @@ __attribute__((target(QS_VNNI))) static void mm_rows_vnni(const mm_args *a, int6
 #endif /* QS_X86 */
 
 /* Quantize activations x [B, n] to int8 with one scale per vector (max |x| / 127). */
-static int quantize_activations(mm_args *a, int8_t **xq, float **xscale, int32_t **xsum) {
+static int quantize_activations(const mm_args *a, int8_t **xq, float **xscale, int32_t **xsum) {
     *xq = (int8_t *)malloc((size_t)(a->B * a->n) + 1);
     *xscale = (float *)malloc(sizeof(float) * (size_t)(a->B + 1));
     *xsum = (int32_t *)malloc(sizeof(int32_t) * (size_t)(a->B + 1));
@@ -520,28 +512,72 @@ static int quantize_activations(mm_args *a, int8_t **xq, float **xscale, int32_t
     return QS_OK;
 }
 
-/* Integer tables of the int8 path; QS_EBADARG if a table value is not on the integer grid. */
-static int int8_tables(mm_args *a, const float *tab2) {
-    for (int t = 0; t < NSRC * DIM; t++) {
-        float v1 = a->src1[t] * E8P_INT_UNIT;
-        if (v1 != nearbyintf(v1) || fabsf(v1) > INT8_QMAX) return QS_EBADARG;
-        a->tab1q[t] = (int8_t)v1;
-        a->tab2q[t] = 0;
-        if (a->kind == QS_KIND_E8P) continue;
-        int unit = a->kind == QS_KIND_RVQ4 ? E8P_INT_UNIT : E81B_INT_UNIT;
-        float v2 = tab2[t] * unit;
-        if (v2 != nearbyintf(v2) || fabsf(v2) > INT8_QMAX - INT8_OFFSET) return QS_EBADARG;
-        a->tab2q[t] = (int8_t)(a->kind == QS_KIND_RVQ3 ? v2 + INT8_OFFSET : v2);
+/* Integer tables of the int8 path; 0 if a table value is not on the integer grid. */
+static int int8_tables(qs_codebook *t) {
+    for (int i = 0; i < NSRC * DIM; i++) {
+        float v1 = t->src1[i] * E8P_INT_UNIT;
+        if (v1 != nearbyintf(v1) || fabsf(v1) > INT8_QMAX) return 0;
+        t->tab1q[i] = (int8_t)v1;
+        t->tab2q[i] = 0;
+        if (t->kind == QS_KIND_E8P) continue;
+        int unit = t->kind == QS_KIND_RVQ4 ? E8P_INT_UNIT : E81B_INT_UNIT;
+        float v2 = t->tab2[i] * unit;
+        if (v2 != nearbyintf(v2) || fabsf(v2) > INT8_QMAX - INT8_OFFSET) return 0;
+        t->tab2q[i] = (int8_t)(t->kind == QS_KIND_RVQ3 ? v2 + INT8_OFFSET : v2);
+    }
+    t->unit2 = 1.0f / ((t->kind == QS_KIND_RVQ3 ? E81B_INT_UNIT : E8P_INT_UNIT) * t->resid_scale);
+    return 1;
+}
+
+/*
+ * Build a codebook handle: src1 [256*8] stored E8P12 sources; tab2 [256*8] the stage-2 table
+ * (E81B points for RVQ3, E8P12 sources for RVQ4; ignored for E8P12); resid_scale the stage-2
+ * divisor. Returns NULL on bad arguments or no memory. Free with qs_codebook_free.
+ */
+QS_API qs_codebook *qs_codebook_new(int kind, const float *src1, const float *tab2, float resid_scale) {
+    int cb = code_bytes(kind);
+    if (!cb || !src1 || (kind != QS_KIND_E8P && (!tab2 || !(resid_scale > 0.0f)))) return NULL;
+    qs_codebook *t = (qs_codebook *)calloc(1, sizeof(qs_codebook));
+    if (!t) return NULL;
+    t->kind = kind;
+    t->cb = cb;
+    t->resid_scale = kind == QS_KIND_E8P ? 1.0f : resid_scale;
+    memcpy(t->src1, src1, sizeof(t->src1));
+    if (kind != QS_KIND_E8P) memcpy(t->tab2, tab2, sizeof(t->tab2));
+    for (int i = 0; i < NSRC * DIM; i++) t->tab2s[i] = t->tab2[i] / t->resid_scale;
+    t->shift2 = E8P_SHIFT / t->resid_scale;
+    t->int8_ok = int8_tables(t);
+    return t;
+}
+
+QS_API void qs_codebook_free(qs_codebook *t) { free(t); }
+
+/* Threads worth using for `work` codewords: small problems stay on the calling thread. */
+static int threads_for(int64_t work, int nthreads) { return work >= PARALLEL_MIN_CODEWORDS ? nthreads : 1; }
+
+/* out [m, n] float32 = decode(codes [m, n/8*CB]); bitwise equal to the Python decode. */
+QS_API int qs_decode(const uint8_t *codes, int64_t m, int64_t n, const qs_codebook *t, float *out, int nthreads) {
+    if (!t) return QS_EBADKIND;
+    if (!codes || !out || m < 0 || n < 0 || n % DIM || nthreads < 1) return QS_EBADARG;
+    int cb = t->cb, kind = t->kind;
+    int64_t nblk = n / DIM, row_bytes = nblk * cb;
+    int nt = threads_for(m * nblk, nthreads);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t i = 0; i < m; i++) {
+        const uint8_t *rc = codes + i * row_bytes;
+        float *ro = out + i * n;
+        for (int64_t k = 0; k < nblk; k++)
+            decode_scalar(read_code(rc + k * cb, cb), kind, t->src1, t->tab2, t->resid_scale, ro + k * DIM);
     }
     return QS_OK;
 }
 
 typedef void (*mm_rows_fn)(const mm_args *, int64_t, int64_t, int64_t, int64_t);
 
-static mm_rows_fn mm_kernel(void) {
+static mm_rows_fn mm_kernel(const qs_codebook *t) {
 #if QS_X86
     switch (qs_level()) {
-    case QS_LEVEL_VNNI: return mm_rows_vnni;
+    case QS_LEVEL_VNNI: return (t && t->int8_ok) ? mm_rows_vnni : mm_rows_avx512;
     case QS_LEVEL_AVX512: return mm_rows_avx512;
     case QS_LEVEL_AVX2: return mm_rows_avx2;
     default: break;
@@ -552,100 +588,131 @@ static mm_rows_fn mm_kernel(void) {
 
 /*
  * out [B, m] = x [B, n] @ decode(codes)ᵀ   (fused; no decoded weight is stored).
- * fn = NULL selects by the current level; int8 = 1 runs the int8 path (activations quantized).
+ * fn: the row kernel; int8 = 1 quantizes the activations first (int8 row kernels).
  */
-static int matmul_impl(const uint8_t *codes, int64_t m, int64_t n, int kind, const float *src1, const float *tab2,
-                       float resid_scale, const float *x, int64_t B, float *out, int nthreads, mm_rows_fn fn,
-                       int int8) {
-    int cb = code_bytes(kind);
-    if (!cb) return QS_EBADKIND;
-    if (!codes || !src1 || !x || !out || m < 0 || n < 0 || n % DIM || B < 0 || nthreads < 1) return QS_EBADARG;
-    if (kind != QS_KIND_E8P && (!tab2 || !(resid_scale > 0.0f))) return QS_EBADARG;
-    mm_args *a = (mm_args *)calloc(1, sizeof(mm_args));
-    if (!a) return QS_ENOMEM;
-    a->codes = codes;
-    a->m = m;
-    a->n = n;
-    a->nblk = n / DIM;
-    a->cb = cb;
-    a->row_bytes = a->nblk * cb;
-    a->kind = kind;
-    a->src1 = src1;
-    a->x = x;
-    a->B = B;
-    a->out = out;
-    a->shift2 = E8P_SHIFT / (kind == QS_KIND_E8P ? 1.0f : resid_scale);
-    if (kind != QS_KIND_E8P)
-        for (int t = 0; t < NSRC * DIM; t++) a->tab2s[t] = tab2[t] / resid_scale;
+static int matmul_impl(const uint8_t *codes, int64_t m, int64_t n, const qs_codebook *t, const float *x, int64_t B,
+                       float *out, int nthreads, mm_rows_fn fn, int int8) {
+    if (!t) return QS_EBADKIND;
+    if (!codes || !x || !out || m < 0 || n < 0 || n % DIM || B < 0 || nthreads < 1) return QS_EBADARG;
+    if (int8 && !t->int8_ok) return QS_EBADARG;
+    mm_args a;
+    memset(&a, 0, sizeof(a));
+    a.codes = codes;
+    a.m = m;
+    a.n = n;
+    a.nblk = n / DIM;
+    a.cb = t->cb;
+    a.row_bytes = a.nblk * t->cb;
+    a.kind = t->kind;
+    a.t = t;
+    a.x = x;
+    a.B = B;
+    a.out = out;
     int8_t *xq = NULL;
     float *xscale = NULL;
     int32_t *xsum = NULL;
     int rc = QS_OK;
     if (int8) {
-        a->unit2 = 1.0f / ((kind == QS_KIND_RVQ3 ? E81B_INT_UNIT : E8P_INT_UNIT) * resid_scale);
-        rc = int8_tables(a, tab2);
-        if (rc == QS_OK) rc = quantize_activations(a, &xq, &xscale, &xsum);
-        a->xq = xq;
-        a->xscale = xscale;
-        a->xsum = xsum;
+        rc = quantize_activations(&a, &xq, &xscale, &xsum);
+        a.xq = xq;
+        a.xscale = xscale;
+        a.xsum = xsum;
     }
     if (rc == QS_OK) {
         int64_t ntasks = (m + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
-        for (int64_t t = 0; t < ntasks; t++) {
-            int64_t r0 = t * ROWS_PER_TASK, r1 = r0 + ROWS_PER_TASK < m ? r0 + ROWS_PER_TASK : m;
+        int nt = threads_for(m * a.nblk * (B < MAX_FUSED_BATCH ? B : MAX_FUSED_BATCH), nthreads);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+        for (int64_t task = 0; task < ntasks; task++) {
+            int64_t r0 = task * ROWS_PER_TASK, r1 = r0 + ROWS_PER_TASK < m ? r0 + ROWS_PER_TASK : m;
             for (int64_t b0 = 0; b0 < B; b0 += MAX_FUSED_BATCH) {
                 int64_t nb = B - b0 < MAX_FUSED_BATCH ? B - b0 : MAX_FUSED_BATCH;
-                fn(a, r0, r1, b0, nb);
+                fn(&a, r0, r1, b0, nb);
             }
         }
     }
     free(xq);
     free(xscale);
     free(xsum);
-    free(a);
     return rc;
 }
 
-QS_API int qs_matmul(const uint8_t *codes, int64_t m, int64_t n, int kind, const float *src1, const float *tab2,
-                     float resid_scale, const float *x, int64_t B, float *out, int nthreads) {
-    return matmul_impl(codes, m, n, kind, src1, tab2, resid_scale, x, B, out, nthreads, mm_kernel(),
-                       qs_level() == QS_LEVEL_VNNI);
+static int use_int8(const qs_codebook *t) { return qs_level() == QS_LEVEL_VNNI && t && t->int8_ok; }
+
+QS_API int qs_matmul(const uint8_t *codes, int64_t m, int64_t n, const qs_codebook *t, const float *x, int64_t B,
+                     float *out, int nthreads) {
+    return matmul_impl(codes, m, n, t, x, B, out, nthreads, mm_kernel(t), use_int8(t));
 }
 
 /* The portable int8 reference: same activation quantization and integer sums as the VNNI path. */
-QS_API int qs_matmul_int8_ref(const uint8_t *codes, int64_t m, int64_t n, int kind, const float *src1,
-                              const float *tab2, float resid_scale, const float *x, int64_t B, float *out,
-                              int nthreads) {
-    return matmul_impl(codes, m, n, kind, src1, tab2, resid_scale, x, B, out, nthreads, mm_rows_int8_scalar, 1);
+QS_API int qs_matmul_int8_ref(const uint8_t *codes, int64_t m, int64_t n, const qs_codebook *t, const float *x,
+                              int64_t B, float *out, int nthreads) {
+    return matmul_impl(codes, m, n, t, x, B, out, nthreads, mm_rows_int8_scalar, 1);
 }
 
 /* ----------------------------------------------------------------------- Hadamard transform */
-/* In-place unnormalised Walsh–Hadamard transform of v [p], p a power of two (Sylvester order). */
-static void fwht_inplace(float *v, int64_t p) {
-    for (int64_t h = 1; h < p; h <<= 1)
-        for (int64_t i = 0; i < p; i += h << 1)
-            for (int64_t j = i; j < i + h; j++) {
-                float lo = v[j], hi = v[j + h];
-                v[j] = lo + hi;
-                v[j + h] = lo - hi;
+#if QS_X86
+/* Compiled for AVX-512, AVX2 and baseline x86-64, chosen at load time (GCC function multiversioning). */
+#define QS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define QS_CLONES
+#endif
+
+/*
+ * One vector v [K*P] in place: v <- post ⊙ (norm · (M ⊗ H_P)(pre ⊙ v)); tmp [K*P] scratch (K > 1).
+ * FWHT of each row of the [K, P] view (unnormalised, Sylvester order), then rows mixed by M [K, K]
+ * (row-major: y[a] = sum_c M[a, c] z[c]).
+ */
+QS_CLONES static void hadamard_vec(float *v, int64_t K, int64_t P, const float *M, const float *pre,
+                                   const float *post, float norm, float *tmp) {
+    int64_t n = K * P;
+    if (pre)
+        for (int64_t j = 0; j < n; j++) v[j] *= pre[j];
+    for (int64_t r = 0; r < K; r++) {
+        float *w = v + r * P;
+        for (int64_t h = 1; h < P; h <<= 1)
+            for (int64_t i = 0; i < P; i += h << 1)
+                for (int64_t j = i; j < i + h; j++) {
+                    float lo = w[j], hi = w[j + h];
+                    w[j] = lo + hi;
+                    w[j + h] = lo - hi;
+                }
+    }
+    if (K > 1) {
+        for (int64_t r = 0; r < K; r++) {
+            float *t = tmp + r * P;
+            for (int64_t j = 0; j < P; j++) t[j] = 0.0f;
+            for (int64_t c = 0; c < K; c++) {
+                float w = M[r * K + c];
+                const float *z = v + c * P;
+                for (int64_t j = 0; j < P; j++) t[j] += w * z[j];
             }
+        }
+        memcpy(v, tmp, sizeof(float) * (size_t)n);
+    }
+    if (post)
+        for (int64_t j = 0; j < n; j++) v[j] *= norm * post[j];
+    else
+        for (int64_t j = 0; j < n; j++) v[j] *= norm;
+}
+
+static int hadamard_args_ok(int64_t K, int64_t P, const float *M) {
+    return K >= 1 && P >= 1 && !(P & (P - 1)) && (K == 1 || M);
 }
 
 /*
  * x [B, n] in place, n = K * P (P a power of two):
  *   x <- post ⊙ (alpha · U (pre ⊙ x)),   U = M ⊗ H_P / sqrt(P)
- * i.e. each vector is viewed as [K, P]; every row gets the normalised FWHT, then rows are mixed
- * by M [K, K] (row-major: y[a] = sum_c M[a, c] z[c]). pre, post: [n] or NULL; M ignored when K = 1.
- * Matches quipsharp.hadamard.hadamard_transform (pass Mᵀ for transpose=True).
+ * pre, post: [n] or NULL; M [K, K] ignored when K = 1. Matches
+ * quipsharp.hadamard.hadamard_transform (pass Mᵀ for transpose=True).
  */
 QS_API int qs_hadamard(float *x, int64_t B, int64_t K, int64_t P, const float *M, const float *pre, const float *post,
                        float alpha, int nthreads) {
-    if (!x || B < 0 || K < 1 || P < 1 || (P & (P - 1)) || (K > 1 && !M) || nthreads < 1) return QS_EBADARG;
+    if (!x || B < 0 || !hadamard_args_ok(K, P, M) || nthreads < 1) return QS_EBADARG;
     int64_t n = K * P;
     float norm = alpha / sqrtf((float)P);
     int failed = 0;
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && B > 1)
+    int nt = threads_for(B * n / DIM, nthreads);
+#pragma omp parallel num_threads(nt) if (nt > 1)
     {
         float *tmp = K > 1 ? (float *)malloc(sizeof(float) * (size_t)n) : NULL;
         if (K > 1 && !tmp) {
@@ -653,32 +720,52 @@ QS_API int qs_hadamard(float *x, int64_t B, int64_t K, int64_t P, const float *M
             failed = 1;
         }
 #pragma omp for schedule(static)
-        for (int64_t b = 0; b < B; b++) {
-            if (K > 1 && !tmp) continue;
-            float *v = x + b * n;
-            if (pre)
-                for (int64_t j = 0; j < n; j++) v[j] *= pre[j];
-            for (int64_t r = 0; r < K; r++) fwht_inplace(v + r * P, P);
-            if (K > 1) {
-                for (int64_t r = 0; r < K; r++) {
-                    float *t = tmp + r * P;
-                    for (int64_t j = 0; j < P; j++) t[j] = 0.0f;
-                    for (int64_t c = 0; c < K; c++) {
-                        float w = M[r * K + c];
-                        const float *z = v + c * P;
-                        for (int64_t j = 0; j < P; j++) t[j] += w * z[j];
-                    }
-                }
-                memcpy(v, tmp, sizeof(float) * (size_t)n);
-            }
-            if (post)
-                for (int64_t j = 0; j < n; j++) v[j] *= norm * post[j];
-            else
-                for (int64_t j = 0; j < n; j++) v[j] *= norm;
-        }
+        for (int64_t b = 0; b < B; b++)
+            if (K == 1 || tmp) hadamard_vec(x + b * n, K, P, M, pre, post, norm, tmp);
         free(tmp);
     }
     return failed ? QS_ENOMEM : QS_OK;
+}
+
+/*
+ * A whole quantized linear layer for small batches (DESIGN.md §1, step 4):
+ *   out [B, m] = sv ⊙ (wscale · Vᵀ (decode(codes) · U (su ⊙ x))) + bias
+ * x [B, n]; codes [m, n/8*CB]; su [n]; sv [m]; bias [m] or NULL; U = M_in ⊗ H_Pin / sqrt(Pin),
+ * Vᵀ = M_out_t ⊗ H_Pout / sqrt(Pout) (M_out_t the transposed factor). use_hadamard = 0 skips U, V.
+ * One call per layer: x is copied (not modified).
+ */
+QS_API int qs_linear(const float *x, int64_t B, int64_t n, int64_t m, const uint8_t *codes, const qs_codebook *t,
+                     const float *su, const float *sv, float wscale, const float *bias, int use_hadamard,
+                     int64_t k_in, const float *m_in, int64_t k_out, const float *m_out_t, float *out, int nthreads) {
+    if (!x || !out || !su || !sv || B < 0 || n <= 0 || m <= 0 || n % DIM) return QS_EBADARG;
+    if (use_hadamard && (k_in < 1 || k_out < 1 || n % k_in || m % k_out || !hadamard_args_ok(k_in, n / k_in, m_in) ||
+                         !hadamard_args_ok(k_out, m / k_out, m_out_t)))
+        return QS_EBADARG;
+    int64_t kmax = n > m ? n : m;
+    float *h = (float *)malloc(sizeof(float) * (size_t)(B * n + kmax));
+    if (!h) return QS_ENOMEM;
+    float *tmp = h + B * n;
+    memcpy(h, x, sizeof(float) * (size_t)(B * n));
+    for (int64_t b = 0; b < B; b++) {
+        if (use_hadamard)
+            hadamard_vec(h + b * n, k_in, n / k_in, m_in, su, NULL, 1.0f / sqrtf((float)(n / k_in)), tmp);
+        else
+            for (int64_t j = 0; j < n; j++) h[b * n + j] *= su[j];
+    }
+    int rc = qs_matmul(codes, m, n, t, h, B, out, nthreads);
+    if (rc == QS_OK) {
+        for (int64_t b = 0; b < B; b++) {
+            float *y = out + b * m;
+            if (use_hadamard)
+                hadamard_vec(y, k_out, m / k_out, m_out_t, NULL, sv, wscale / sqrtf((float)(m / k_out)), tmp);
+            else
+                for (int64_t i = 0; i < m; i++) y[i] *= wscale * sv[i];
+            if (bias)
+                for (int64_t i = 0; i < m; i++) y[i] += bias[i];
+        }
+    }
+    free(h);
+    return rc;
 }
 
 /* ------------------------------------------------------------------ importable module stub */
