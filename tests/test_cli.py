@@ -54,6 +54,15 @@ def test_quantize_inspect_eval_generate(model_dir, calib_file, tmp_path, capsys)
     assert 1 < result["ppl"] < 1e4
     assert main(["generate", str(out), "--prompt", "The quick", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.strip() != ""
+    for dtype in ("float32", "bfloat16"):
+        assert main(["bench", str(out), "--threads", "1", "--new-tokens", "4", "--prompt-tokens", "8", "--runs", "2",
+                     "--dtype", dtype, "--json"]) == 0
+        speed = json.loads(capsys.readouterr().out)
+        assert {"decode_tok_s", "prefill_tok_s", "threads", "peak_rss_mb"} <= set(speed)
+        assert speed["threads"] == 1 and speed["decode_tok_s"] > 0 and speed["prefill_tok_s"] > 0
+        assert len(speed["decode_tok_s_runs"]) == 2 and speed["peak_rss_mb"] > 0
+    assert main(["bench", str(out), "--threads", "0"]) == 2
+    assert "--threads must be positive" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

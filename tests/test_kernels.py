@@ -194,3 +194,15 @@ def test_module_compiles_without_graph_breaks(gen):
     with torch.no_grad():
         compiled = torch.compile(q, backend="aot_eager", fullgraph=True)
         torch.testing.assert_close(compiled(x), q(x), rtol=0, atol=0)
+
+
+def test_casting_a_model_keeps_quantized_state_float32(gen):
+    q = QuantizedLinear.from_linear(torch.nn.Linear(64, 24, bias=True), None, QuIPSharpConfig(bits=2), seed=0)
+    model = torch.nn.Sequential(torch.nn.LayerNorm(64), q)
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    model.to(torch.bfloat16)
+    assert model[0].weight.dtype == torch.bfloat16
+    for k, v in q.state_dict().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+    x = torch.randn(3, 64, generator=gen).bfloat16()
+    assert model(x).dtype == torch.bfloat16

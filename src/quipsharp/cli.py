@@ -1,4 +1,4 @@
-"""The ``quipsharp`` command line: quantize, eval ppl, generate, inspect.
+"""The ``quipsharp`` command line: quantize, eval ppl, generate, bench, inspect.
 
 Every expected failure (missing file, unknown architecture, bad option) is printed as one line
 ``quipsharp: error: …`` with exit code 2.
@@ -15,6 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from quipsharp.bench import DEFAULT_NEW_TOKENS as DEFAULT_BENCH_NEW_TOKENS
+from quipsharp.bench import DEFAULT_PROMPT_TOKENS as DEFAULT_BENCH_PROMPT_TOKENS
+from quipsharp.bench import DEFAULT_RUNS as DEFAULT_BENCH_RUNS
 from quipsharp.config import DEFAULT_CTX, DEFAULT_NSAMPLES
 
 EXIT_USAGE = 2
@@ -120,6 +123,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from quipsharp import kernels
+    from quipsharp.bench import benchmark_generation
+    from quipsharp.hf import load_model
+
+    if args.threads is not None and args.threads < 1:
+        raise CliError(f"--threads must be positive, got {args.threads}")
+    model, _ = load_model(args.model)
+    if args.dtype != "float32":
+        model.to(getattr(torch, DTYPES[args.dtype]))  # QuantizedLinear keeps its float32 state
+    result = benchmark_generation(model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                                  runs=args.runs, threads=args.threads)
+    result["kernel"] = kernels.selected()
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"decode {result['decode_tok_s']:.1f} tok/s, prefill {result['prefill_tok_s']:.1f} tok/s "
+              f"({result['threads']} threads, batch 1, median of {result['runs']} runs, kernel "
+              f"{result['kernel']}), peak RSS {result['peak_rss_mb']:.0f} MB")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from quipsharp.eval.report import disk_bytes
     from quipsharp.hf import REPORT_FILE, read_quantization_config
@@ -203,6 +230,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--echo", action="store_true", help="print the prompt too")
     g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="decoding speed: prefill and generation tokens/s at batch 1")
+    b.add_argument("model")
+    b.add_argument("--threads", type=int, default=None, help="torch and kernel threads (default: torch's)")
+    b.add_argument("--new-tokens", type=int, default=DEFAULT_BENCH_NEW_TOKENS)
+    b.add_argument("--prompt-tokens", type=int, default=DEFAULT_BENCH_PROMPT_TOKENS)
+    b.add_argument("--runs", type=int, default=DEFAULT_BENCH_RUNS)
+    b.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="dtype of the unquantized tensors (embeddings, norms, LM head)")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench)
 
     i = sub.add_parser("inspect", help="describe a quantized directory")
     i.add_argument("dir")

@@ -84,6 +84,17 @@ class QuantizedLinear(nn.Module):
         else:
             self._m_in = self._m_out_t = _NO_FACTOR
 
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        """``.to(dtype)``/``.half()`` move the layer but keep its float32 state (signs, scale, bias)
+        exact: a ``model.to(torch.bfloat16)`` casts embeddings and norms, not the quantized layers."""
+        keep = {name: b for name, b in self._buffers.items() if b is not None and b.is_floating_point()}
+        super()._apply(fn, recurse)
+        for name, old in keep.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(device=new.device)
+        return self
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_linear(

