@@ -94,9 +94,16 @@ def test_end_to_end_perplexity(tmp_path):
     config = ModelQuantConfig(layer=QuIPSharpConfig(bits=4), nsamples=8, ctx=32)
     model, _ = quantize_model(model, config, calibration_tokens(8, 32), progress=False)
     out = save_quantized(model, tmp_path / "q4", config=config)
-    result = perplexity(load_quantized(out), windows)
+    loaded = load_quantized(out)
+    result = perplexity(loaded, windows)
     assert result["windows"] == 6 and result["tokens"] == 6 * 63 and result["ctx"] == 64
     assert abs(result["ppl"] / float_ppl - 1) < 0.02
+    # the generation path (KV cache, a few tokens per call: the decoding kernels) agrees
+    stepped = perplexity(loaded, windows[:2], step=5)
+    assert stepped["tokens"] == 2 * 63
+    assert abs(stepped["ppl"] / perplexity(loaded, windows[:2])["ppl"] - 1) < 0.01
+    with pytest.raises(ValueError, match="step must be positive"):
+        perplexity(loaded, windows, step=0)
     report = compression_report(model, out)
     assert report["codes_bits_per_weight"] == 4.0
     assert report["disk_bytes"] > 0

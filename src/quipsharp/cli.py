@@ -92,7 +92,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model)
     windows = evaluation_windows(args.data, tokenizer, args.ctx)
     result = perplexity(model, windows, max_windows=args.max_windows, batch_size=args.batch_size,
-                        progress=not args.json)
+                        step=args.step, progress=not args.json)
     if args.json:
         print(json.dumps({k: result[k] for k in ("ppl", "ctx", "windows", "tokens")}))
     else:
@@ -218,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=DEFAULT_EVAL_CTX)
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--step", type=int, default=None,
+                   help="feed each window STEP tokens at a time through the KV cache (as generation does)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval_ppl)
 
