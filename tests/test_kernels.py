@@ -96,7 +96,7 @@ def test_int8_reference_is_close_to_float(name, gen):
 
 @pytest.mark.parametrize("name", CODEBOOKS)
 def test_paths_agree_and_threads_do_not_change_results(name, gen):
-    m, n = 70, 576
+    m, n = 1100, 576  # 79,200 codewords: above the kernels' threshold for going parallel
     _, packed = random_codes(name, m, n, gen)
     x = torch.randn(3, n, generator=gen)
     outs = {}
@@ -206,3 +206,25 @@ def test_casting_a_model_keeps_quantized_state_float32(gen):
         assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
     x = torch.randn(3, 64, generator=gen).bfloat16()
     assert model(x).dtype == torch.bfloat16
+
+
+def test_without_the_library_everything_falls_back(monkeypatch, caplog):
+    monkeypatch.setattr(kernels, "_library_path", lambda: None)
+    kernels._lib.cache_clear()
+    kernels.selected.cache_clear()
+    try:
+        with caplog.at_level("INFO", logger="quipsharp.kernels"):
+            assert kernels.selected() == "reference"
+        assert "not built" in caplog.text and "path: reference" in caplog.text
+        assert kernels.supported_levels() == []
+        q = QuantizedLinear.from_linear(torch.nn.Linear(64, 16), None, QuIPSharpConfig(bits=2), seed=0)
+        assert not q._native
+        x = torch.randn(2, 64)
+        torch.testing.assert_close(q(x), q.reference_forward(x), rtol=0, atol=0)
+        with pytest.raises(kernels.KernelError, match="not built"):
+            kernels.decode(q.codes, 16, 64, "E8P12")
+    finally:
+        monkeypatch.undo()
+        kernels._lib.cache_clear()
+        kernels.selected.cache_clear()
+    assert kernels.selected() != "reference"
