@@ -211,7 +211,7 @@ def test_casting_a_model_keeps_quantized_state_float32(gen):
 def test_without_the_library_everything_falls_back(monkeypatch, caplog):
     monkeypatch.setattr(kernels, "_library_path", lambda: None)
     kernels._lib.cache_clear()
-    kernels.selected.cache_clear()
+    kernels._selected_level.cache_clear()
     try:
         with caplog.at_level("INFO", logger="quipsharp.kernels"):
             assert kernels.selected() == "reference"
@@ -226,5 +226,39 @@ def test_without_the_library_everything_falls_back(monkeypatch, caplog):
     finally:
         monkeypatch.undo()
         kernels._lib.cache_clear()
-        kernels.selected.cache_clear()
+        kernels._selected_level.cache_clear()
     assert kernels.selected() != "reference"
+
+
+def test_int8_activations_only_after_the_hadamard_transform(gen):
+    # without the RHT, activations keep their outlier channels: the layer must stay in float32
+    q = QuantizedLinear.from_linear(torch.nn.Linear(64, 16), None, QuIPSharpConfig(bits=2, use_hadamard=False), seed=0)
+    x = torch.randn(1, 64, generator=gen)
+    x[0, 5] = 100.0
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), q.reference_forward(x), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_non_finite_activations_give_nan_not_garbage(reference, gen):
+    _, packed = random_codes("E8P12", 8, 64, gen)
+    x = torch.randn(2, 64, generator=gen)
+    x[0, 3] = float("nan")
+    x[1, 7] = float("inf")
+    out = kernels.matmul(x, packed, 8, "E8P12", int8_reference=reference)
+    assert torch.isnan(out).all()
+
+
+def test_empty_inputs_give_empty_outputs(gen):
+    q = QuantizedLinear.from_linear(torch.nn.Linear(64, 16), None, QuIPSharpConfig(bits=2), seed=0)
+    assert q(torch.empty(0, 64)).shape == (0, 16)
+    assert q(torch.empty(2, 0, 64)).shape == (2, 0, 16)
+    assert kernels.matmul(torch.empty(0, 64), q.codes, 16, "E8P12").shape == (0, 16)
+
+
+def test_layer_state_on_another_device_is_refused(gen):
+    q = QuantizedLinear.from_linear(torch.nn.Linear(64, 16), None, QuIPSharpConfig(bits=2), seed=0)
+    args = [torch.randn(1, 64), q.codes, q.su, q.sv, q.wscale, None, q._m_in, q._m_out_t, "E8P12", True]
+    args[2] = q.su.to("meta")
+    with pytest.raises(ValueError, match="su must be on the CPU"):
+        kernels.linear(*args)

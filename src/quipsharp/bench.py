@@ -33,11 +33,12 @@ def peak_rss_mb() -> float:
 
 
 @torch.inference_mode()
-def _generate(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> float:
+def _generate(model: nn.Module, ids: torch.Tensor, new_tokens: int, cache: str | None) -> float:
     start = time.perf_counter()
+    extra = {"cache_implementation": cache} if cache else {}
     model.generate(
         input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-        do_sample=False, pad_token_id=0,
+        do_sample=False, pad_token_id=0, **extra,
     )
     return time.perf_counter() - start
 
@@ -57,8 +58,12 @@ def benchmark_generation(
     runs: int = DEFAULT_RUNS,
     threads: int | None = None,
     seed: int = 0,
+    cache: str | None = None,
 ) -> dict[str, Any]:
     """Time prefill and decode of ``model`` at batch 1.
+
+    ``cache``: a transformers ``cache_implementation`` for generation (e.g. ``"static"``); default
+    the model's own (dynamic) cache.
 
     Returns:
         ``{"decode_tok_s", "prefill_tok_s", "threads", "peak_rss_mb", "prompt_tokens", "new_tokens",
@@ -75,11 +80,11 @@ def benchmark_generation(
     ids = torch.randint(0, min(vocab, PROMPT_ID_BOUND), (1, prompt_tokens), generator=gen)
     model.eval()
     _prefill(model, ids)  # warm-up: kernels selected, caches allocated
-    _generate(model, ids, min(new_tokens, 2))
+    _generate(model, ids, min(new_tokens, 2), cache)
     prefill, decode = [], []
     for _ in range(runs):
         t_prefill = _prefill(model, ids)
-        t_gen = _generate(model, ids, new_tokens + 1)  # the first new token comes from the prefill
+        t_gen = _generate(model, ids, new_tokens + 1, cache)  # the first new token comes from the prefill
         prefill.append(prompt_tokens / t_prefill)
         decode.append(new_tokens / max(t_gen - t_prefill, 1e-9))
     result = {
@@ -90,6 +95,7 @@ def benchmark_generation(
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,
         "runs": runs,
+        "cache": cache or "dynamic",
         "decode_tok_s_runs": decode,
         "prefill_tok_s_runs": prefill,
     }

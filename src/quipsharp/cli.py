@@ -136,7 +136,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.dtype != "float32":
         model.to(getattr(torch, DTYPES[args.dtype]))  # QuantizedLinear keeps its float32 state
     result = benchmark_generation(model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-                                  runs=args.runs, threads=args.threads)
+                                  runs=args.runs, threads=args.threads,
+                                  cache=None if args.cache == "dynamic" else args.cache)
     result["kernel"] = kernels.selected()
     if args.json:
         print(json.dumps(result))
@@ -241,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--runs", type=int, default=DEFAULT_BENCH_RUNS)
     b.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="dtype of the unquantized tensors (embeddings, norms, LM head)")
+    b.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
+                   help="KV cache of generation (transformers' cache_implementation)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
 

@@ -78,8 +78,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.qs_codebook_new.argtypes = [_INT, _P, _P, _F]
     lib.qs_codebook_new.restype = _P
     lib.qs_decode.argtypes = [_P, _I64, _I64, _P, _P, _INT]
-    lib.qs_matmul.argtypes = [_P, _I64, _I64, _P, _P, _I64, _P, _INT]
-    lib.qs_matmul_int8_ref.argtypes = lib.qs_matmul.argtypes
+    lib.qs_matmul.argtypes = [_P, _I64, _I64, _P, _P, _I64, _P, _INT, _INT]
+    lib.qs_matmul_int8_ref.argtypes = [_P, _I64, _I64, _P, _P, _I64, _P, _INT]
     lib.qs_hadamard.argtypes = [_P, _I64, _I64, _I64, _P, _P, _P, _F, _INT]
     lib.qs_linear.argtypes = [_P, _I64, _I64, _I64, _P, _P, _P, _P, _F, _P, _INT, _I64, _P, _I64, _P, _P, _INT]
     lib.qs_select_level.argtypes = [_INT]
@@ -89,9 +89,17 @@ def _lib() -> ctypes.CDLL | None:
     return lib
 
 
-@functools.cache
 def selected() -> str:
-    """The path ``QuantizedLinear`` uses on CPU: ``"avx512"``, ``"avx2"``, ``"scalar"`` or ``"reference"``."""
+    """The path ``QuantizedLinear`` uses on CPU: ``"avx512vnni"``, ``"avx512"``, ``"avx2"``, ``"scalar"``
+    or ``"reference"`` (chosen once per process from the CPU and ``QUIPSHARP_KERNEL``, logged)."""
+    lib = _lib()
+    choice = _selected_level()
+    return choice if choice == REFERENCE or lib is None else LEVELS[lib.qs_level()]
+
+
+
+@functools.cache
+def _selected_level() -> str:
     lib = _lib()
     want = os.environ.get(ENV_KERNEL, "").strip().lower() or "auto"
     if want not in ("auto", REFERENCE, *LEVELS):
@@ -182,6 +190,10 @@ def tables(codebook_name: str) -> Tables:
         stage2 = cb.stage2
         tab2 = (stage2.sources if kind == KINDS["E8P12RVQ4B"] else stage2.codewords()).to(torch.float32).contiguous()
         resid = float(cb.residual_scale)
+    expected_bytes = (2, 3, 4)[kind]  # the C kinds' code sizes
+    if src1.shape != (256, 8) or tab2.shape != (256, 8) or cb.code_bytes != expected_bytes:
+        raise KernelError(f"{codebook_name}: tables {tuple(src1.shape)}/{tuple(tab2.shape)} or code size "
+                          f"{cb.code_bytes} do not match the native kernel's layout")
     handle = lib.qs_codebook_new(kind, src1.data_ptr(), tab2.data_ptr(), resid)
     if not handle:
         raise KernelError(f"could not build the native tables of {codebook_name}")
@@ -198,18 +210,21 @@ def decode(codes: torch.Tensor, m: int, n: int, codebook_name: str, threads: int
     _check_mn(m, n)
     _need(codes, "codes", torch.uint8, (m, n // CODEBOOK_DIM * tb.code_bytes))
     out = torch.empty(m, n, dtype=torch.float32)
+    if m == 0:
+        return out
     _check(lib.qs_decode(codes.data_ptr(), m, n, tb.handle, out.data_ptr(), _threads(threads)), "decode")
     return out
 
 
 def matmul(
     x: torch.Tensor, codes: torch.Tensor, m: int, codebook_name: str, threads: int | None = None,
-    *, int8_reference: bool = False,
+    *, int8_reference: bool = False, allow_int8: bool = True,
 ) -> torch.Tensor:
     """Fused ``x`` ``[B, n]`` float32 @ ``decode(codes)ᵀ`` -> ``[B, m]`` float32 (no decoded weight stored).
 
     On the ``avx512vnni`` path each row of ``x`` is first quantized to int8 (scale ``max|x| / 127``).
-    ``int8_reference=True`` runs the portable C reference of that int8 arithmetic instead (tests).
+    ``int8_reference=True`` runs the portable C reference of that int8 arithmetic instead (tests);
+    ``allow_int8=False`` keeps float32 activations (the AVX-512 float kernel) on that path.
     """
     lib, tb = _require(), tables(codebook_name)
     fn = lib.qs_matmul_int8_ref if int8_reference else lib.qs_matmul
@@ -220,7 +235,10 @@ def matmul(
     _need(x, "x", torch.float32, (B, n))
     _need(codes, "codes", torch.uint8, (m, n // CODEBOOK_DIM * tb.code_bytes))
     out = torch.empty(B, m, dtype=torch.float32)
-    _check(fn(codes.data_ptr(), m, n, tb.handle, x.data_ptr(), B, out.data_ptr(), _threads(threads)), "matmul")
+    if B == 0 or m == 0:
+        return out.zero_()
+    extra = () if int8_reference else (int(allow_int8),)
+    _check(fn(codes.data_ptr(), m, n, tb.handle, x.data_ptr(), B, out.data_ptr(), _threads(threads), *extra), "matmul")
     return out
 
 
@@ -249,6 +267,8 @@ def hadamard(
     for name, v in (("pre", pre), ("post", post)):
         if v is not None:
             _need(v, name, torch.float32, (n,))
+    if B == 0:
+        return x
     _check(lib.qs_hadamard(x.data_ptr(), B, K, n // K, M.data_ptr(), _ptr(pre), _ptr(post), alpha,
                            _threads(threads)), "hadamard")
     return x
@@ -263,6 +283,7 @@ def _require() -> ctypes.CDLL:
     lib = _lib()
     if lib is None:
         raise KernelError("quipsharp native kernels are not built (reinstall with a C compiler)")
+    _selected_level()  # QUIPSHARP_KERNEL applies to direct calls too
     return lib
 
 
@@ -274,12 +295,15 @@ def _check_linear_args(x, codes, su, sv, bias, m_in, m_out_t, codebook_name, use
     """
     n, m = su.shape[0], sv.shape[0]
     k_in, k_out = m_in.shape[0], m_out_t.shape[0]
+    cpu = "cpu"
     fast_ok = (
-        x.shape[-1] == n and x.device.type == "cpu"
+        x.shape[-1] == n and x.device.type == cpu and codes.device.type == cpu and su.device.type == cpu
+        and sv.device.type == cpu
         and codes.shape == (m, n // CODEBOOK_DIM * tables(codebook_name).code_bytes)
         and codes.dtype == torch.uint8 and su.dtype == torch.float32 and sv.dtype == torch.float32
         and su.dim() == 1 and sv.dim() == 1 and codes.is_contiguous() and su.is_contiguous() and sv.is_contiguous()
-        and (bias is None or (bias.shape == (m,) and bias.dtype == torch.float32 and bias.is_contiguous()))
+        and (bias is None or (bias.shape == (m,) and bias.dtype == torch.float32 and bias.is_contiguous()
+                              and bias.device.type == cpu))
         and (not use_hadamard or (_factor_ok(m_in, n) and _factor_ok(m_out_t, m)))
     )
     if fast_ok:
@@ -291,11 +315,12 @@ def _check_linear_args(x, codes, su, sv, bias, m_in, m_out_t, codebook_name, use
     _need(sv, "sv", torch.float32, (m,))
     if bias is not None:
         _need(bias, "bias", torch.float32, (m,))
-    for name, M, dim, k in (("m_in", m_in, n, k_in), ("m_out_t", m_out_t, m, k_out)):
-        _need(M, name, torch.float32, (k, k))
-        if not _factor_ok(M, dim):
-            raise ValueError(f"e8p_linear: factor {name} of order {k} does not split {dim} into K x 2^k")
-    raise ValueError("e8p_linear: x must be a CPU tensor")
+    if use_hadamard:
+        for name, M, dim, k in (("m_in", m_in, n, k_in), ("m_out_t", m_out_t, m, k_out)):
+            _need(M, name, torch.float32, (k, k))
+            if not _factor_ok(M, dim):
+                raise ValueError(f"e8p_linear: factor {name} of order {k} does not split {dim} into K x 2^k")
+    raise ValueError(f"e8p_linear: x must be a CPU tensor, got {x.device}")
 
 
 def _factor_ok(M: torch.Tensor, dim: int) -> bool:
@@ -303,6 +328,7 @@ def _factor_ok(M: torch.Tensor, dim: int) -> bool:
     k = M.shape[0]
     p = dim // k if k else 0
     return (M.dim() == 2 and M.shape[1] == k and M.dtype == torch.float32 and M.is_contiguous() and k > 0
+            and M.device.type == "cpu"
             and dim % k == 0 and p & (p - 1) == 0)
 
 
@@ -336,6 +362,8 @@ def linear(
         raise RuntimeError("QuantizedLinear used before its weight was quantized or loaded")
     h = x.reshape(-1, n).to(torch.float32).contiguous()
     B = h.shape[0]
+    if B == 0:
+        return x.new_empty(*x.shape[:-1], m)
     if B <= FUSED_MAX_BATCH:  # the decoding case: one native call for the whole layer
         y = torch.empty(B, m, dtype=torch.float32)
         _check(_require().qs_linear(
@@ -348,7 +376,7 @@ def linear(
     if use_hadamard:
         hadamard(h, m_in, pre=su)
     else:
-        h.mul_(su)
+        h.mul_(su)  # decode + float32 GEMM below: int8 activations never reach this path
     y = torch.empty(B, m, dtype=torch.float32)
     rows = max(1, DECODE_CHUNK_ELEMENTS // max(1, n))
     for r0 in range(0, m, rows):

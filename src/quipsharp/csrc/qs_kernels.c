@@ -27,6 +27,7 @@
  * Its integer sums are bitwise equal to the portable int8 reference (qs_matmul_int8_ref).
  */
 #include <Python.h>
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -61,7 +62,7 @@ enum { QS_LEVEL_SCALAR = 0, QS_LEVEL_AVX2 = 1, QS_LEVEL_AVX512 = 2, QS_LEVEL_VNN
 
 static const int CODE_BYTES[QS_NUM_KINDS] = {2, 3, 4};
 
-static int g_level = -1; /* selected level; -1 = not yet selected */
+static int g_level = -1; /* selected level; -1 = not yet selected (accessed atomically) */
 
 /* ------------------------------------------------------------------------------ CPU features */
 static int cpu_max_level(void) {
@@ -88,13 +89,17 @@ QS_API int qs_select_level(int level) {
     int best = cpu_max_level();
     if (level < 0) level = best;
     if (level > best || level > QS_MAX_LEVEL) return QS_EBADLEVEL;
-    g_level = level;
+    __atomic_store_n(&g_level, level, __ATOMIC_RELAXED);
     return level;
 }
 
 QS_API int qs_level(void) {
-    if (g_level < 0) g_level = cpu_max_level();
-    return g_level;
+    int level = __atomic_load_n(&g_level, __ATOMIC_RELAXED);
+    if (level < 0) {
+        level = cpu_max_level();
+        __atomic_store_n(&g_level, level, __ATOMIC_RELAXED);
+    }
+    return level;
 }
 
 QS_API int qs_openmp(void) {
@@ -307,7 +312,7 @@ __attribute__((target(QS_AVX512))) static inline __m512 decode2_e8p_avx512(const
     __m512 v = _mm512_castps256_ps512(_mm256_loadu_ps(src1 + (size_t)(c0 & SRC_MASK) * DIM));
     v = _mm512_insertf32x8(v, _mm256_loadu_ps(src1 + (size_t)(c1 & SRC_MASK) * DIM), 1);
     v = _mm512_mask_sub_ps(v, (__mmask16)(s0 | (s1 << DIM)), _mm512_setzero_ps(), v);
-    /* shift: +1/4 on every lane, then -1/2 on the lanes of an odd code */
+    /* shift: +1/4 on the lanes of an even code, -1/4 on those of an odd code */
     __mmask16 neg = (__mmask16)((o0 ? 0x00FFu : 0u) | (o1 ? 0xFF00u : 0u));
     v = _mm512_add_ps(v, _mm512_mask_blend_ps(neg, _mm512_set1_ps(E8P_SHIFT), _mm512_set1_ps(-E8P_SHIFT)));
     return v;
@@ -319,22 +324,22 @@ __attribute__((target(QS_AVX512))) static void mm_rows_avx512(const mm_args *a, 
         const uint8_t *rc = a->codes + i * a->row_bytes;
         if (nb == 1 && a->kind == QS_KIND_E8P) {
             const float *x = a->x + b0 * a->n;
-            const uint16_t *c16 = (const uint16_t *)rc; /* little-endian x86: byte pairs are the codes */
+            const uint8_t *c16 = rc; /* codeword k is bytes [2k, 2k+2), read with read_code */
             __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
             int64_t k = 0;
             for (; k + 8 <= a->nblk; k += 8) {
-                acc0 = _mm512_fmadd_ps(decode2_e8p_avx512(a->t->src1, c16[k + 0], c16[k + 1]),
+                acc0 = _mm512_fmadd_ps(decode2_e8p_avx512(a->t->src1, read_code(c16 + 2 * (k + 0), 2), read_code(c16 + 2 * (k + 1), 2)),
                                        _mm512_loadu_ps(x + (k + 0) * DIM), acc0);
-                acc1 = _mm512_fmadd_ps(decode2_e8p_avx512(a->t->src1, c16[k + 2], c16[k + 3]),
+                acc1 = _mm512_fmadd_ps(decode2_e8p_avx512(a->t->src1, read_code(c16 + 2 * (k + 2), 2), read_code(c16 + 2 * (k + 3), 2)),
                                        _mm512_loadu_ps(x + (k + 2) * DIM), acc1);
-                acc2 = _mm512_fmadd_ps(decode2_e8p_avx512(a->t->src1, c16[k + 4], c16[k + 5]),
+                acc2 = _mm512_fmadd_ps(decode2_e8p_avx512(a->t->src1, read_code(c16 + 2 * (k + 4), 2), read_code(c16 + 2 * (k + 5), 2)),
                                        _mm512_loadu_ps(x + (k + 4) * DIM), acc2);
-                acc3 = _mm512_fmadd_ps(decode2_e8p_avx512(a->t->src1, c16[k + 6], c16[k + 7]),
+                acc3 = _mm512_fmadd_ps(decode2_e8p_avx512(a->t->src1, read_code(c16 + 2 * (k + 6), 2), read_code(c16 + 2 * (k + 7), 2)),
                                        _mm512_loadu_ps(x + (k + 6) * DIM), acc3);
             }
             __m256 tail = _mm256_setzero_ps();
             for (; k < a->nblk; k++)
-                tail = _mm256_fmadd_ps(decode_avx512(a, c16[k]), _mm256_loadu_ps(x + k * DIM), tail);
+                tail = _mm256_fmadd_ps(decode_avx512(a, read_code(c16 + 2 * k, 2)), _mm256_loadu_ps(x + k * DIM), tail);
             __m512 s = _mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3));
             a->out[b0 * a->m + i] = _mm512_reduce_add_ps(s) + hsum_avx2(tail);
             continue;
@@ -497,8 +502,20 @@ static int quantize_activations(const mm_args *a, int8_t **xq, float **xscale, i
     for (int64_t b = 0; b < a->B; b++) {
         const float *x = a->x + b * a->n;
         float amax = 0.0f;
-        for (int64_t j = 0; j < a->n; j++) amax = fmaxf(amax, fabsf(x[j]));
-        float scale = amax > 0.0f ? amax / INT8_QMAX : 1.0f, inv = 1.0f / scale;
+        int finite = 1;
+        for (int64_t j = 0; j < a->n; j++) {
+            amax = fmaxf(amax, fabsf(x[j]));
+            finite &= isfinite(x[j]) != 0;
+        }
+        if (!finite) { /* NaN/Inf in, NaN out (as the float paths): never a finite wrong answer */
+            memset(*xq + b * a->n, 0, (size_t)a->n);
+            (*xscale)[b] = NAN;
+            (*xsum)[b] = 0;
+            continue;
+        }
+        float scale = amax / INT8_QMAX;
+        if (!(scale >= FLT_MIN)) scale = 1.0f; /* all zeros, or so small that they quantize to zero */
+        float inv = 1.0f / scale;
         int32_t sum = 0;
         for (int64_t j = 0; j < a->n; j++) {
             float q = nearbyintf(x[j] * inv);
@@ -516,13 +533,16 @@ static int quantize_activations(const mm_args *a, int8_t **xq, float **xscale, i
 static int int8_tables(qs_codebook *t) {
     for (int i = 0; i < NSRC * DIM; i++) {
         float v1 = t->src1[i] * E8P_INT_UNIT;
-        if (v1 != nearbyintf(v1) || fabsf(v1) > INT8_QMAX) return 0;
+        /* the SIMD operand is built with wrapping int8 arithmetic: ±v ± 1 + 16 must stay in [0, 127] */
+        if (v1 != nearbyintf(v1) || fabsf(v1) > INT8_OFFSET - 1) return 0;
         t->tab1q[i] = (int8_t)v1;
         t->tab2q[i] = 0;
         if (t->kind == QS_KIND_E8P) continue;
         int unit = t->kind == QS_KIND_RVQ4 ? E8P_INT_UNIT : E81B_INT_UNIT;
         float v2 = t->tab2[i] * unit;
-        if (v2 != nearbyintf(v2) || fabsf(v2) > INT8_QMAX - INT8_OFFSET) return 0;
+        if (v2 != nearbyintf(v2)) return 0;
+        if (t->kind == QS_KIND_RVQ4 ? fabsf(v2) > INT8_OFFSET - 1 : (v2 < -INT8_OFFSET || v2 > INT8_QMAX - INT8_OFFSET))
+            return 0;
         t->tab2q[i] = (int8_t)(t->kind == QS_KIND_RVQ3 ? v2 + INT8_OFFSET : v2);
     }
     t->unit2 = 1.0f / ((t->kind == QS_KIND_RVQ3 ? E81B_INT_UNIT : E8P_INT_UNIT) * t->resid_scale);
@@ -574,10 +594,10 @@ QS_API int qs_decode(const uint8_t *codes, int64_t m, int64_t n, const qs_codebo
 
 typedef void (*mm_rows_fn)(const mm_args *, int64_t, int64_t, int64_t, int64_t);
 
-static mm_rows_fn mm_kernel(const qs_codebook *t) {
+static mm_rows_fn mm_kernel(int level) {
 #if QS_X86
-    switch (qs_level()) {
-    case QS_LEVEL_VNNI: return (t && t->int8_ok) ? mm_rows_vnni : mm_rows_avx512;
+    switch (level) {
+    case QS_LEVEL_VNNI: return mm_rows_vnni;
     case QS_LEVEL_AVX512: return mm_rows_avx512;
     case QS_LEVEL_AVX2: return mm_rows_avx2;
     default: break;
@@ -636,11 +656,17 @@ static int matmul_impl(const uint8_t *codes, int64_t m, int64_t n, const qs_code
     return rc;
 }
 
-static int use_int8(const qs_codebook *t) { return qs_level() == QS_LEVEL_VNNI && t && t->int8_ok; }
-
+/*
+ * allow_int8: the caller accepts int8-quantized activations (set when the activations went
+ * through the Hadamard transform, which leaves no outlier channels for one scale to be crushed by).
+ * The level is read once, so a concurrent qs_select_level cannot mix two paths.
+ */
 QS_API int qs_matmul(const uint8_t *codes, int64_t m, int64_t n, const qs_codebook *t, const float *x, int64_t B,
-                     float *out, int nthreads) {
-    return matmul_impl(codes, m, n, t, x, B, out, nthreads, mm_kernel(t), use_int8(t));
+                     float *out, int nthreads, int allow_int8) {
+    int level = qs_level();
+    if (level == QS_LEVEL_VNNI && !(allow_int8 && t && t->int8_ok)) level = QS_LEVEL_AVX512;
+    mm_rows_fn fn = mm_kernel(level);
+    return matmul_impl(codes, m, n, t, x, B, out, nthreads, fn, level == QS_LEVEL_VNNI);
 }
 
 /* The portable int8 reference: same activation quantization and integer sums as the VNNI path. */
@@ -710,21 +736,22 @@ QS_API int qs_hadamard(float *x, int64_t B, int64_t K, int64_t P, const float *M
     if (!x || B < 0 || !hadamard_args_ok(K, P, M) || nthreads < 1) return QS_EBADARG;
     int64_t n = K * P;
     float norm = alpha / sqrtf((float)P);
-    int failed = 0;
     int nt = threads_for(B * n / DIM, nthreads);
+    /* scratch for every thread, allocated before x is touched: a failure leaves x unchanged */
+    float *scratch = K > 1 ? (float *)malloc(sizeof(float) * (size_t)(n * nt)) : NULL;
+    if (K > 1 && !scratch) return QS_ENOMEM;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        float *tmp = K > 1 ? (float *)malloc(sizeof(float) * (size_t)n) : NULL;
-        if (K > 1 && !tmp) {
-#pragma omp atomic write
-            failed = 1;
-        }
+#ifdef _OPENMP
+        float *tmp = scratch ? scratch + (size_t)omp_get_thread_num() * (size_t)n : NULL;
+#else
+        float *tmp = scratch;
+#endif
 #pragma omp for schedule(static)
-        for (int64_t b = 0; b < B; b++)
-            if (K == 1 || tmp) hadamard_vec(x + b * n, K, P, M, pre, post, norm, tmp);
-        free(tmp);
+        for (int64_t b = 0; b < B; b++) hadamard_vec(x + b * n, K, P, M, pre, post, norm, tmp);
     }
-    return failed ? QS_ENOMEM : QS_OK;
+    free(scratch);
+    return QS_OK;
 }
 
 /*
@@ -752,7 +779,7 @@ QS_API int qs_linear(const float *x, int64_t B, int64_t n, int64_t m, const uint
         else
             for (int64_t j = 0; j < n; j++) h[b * n + j] *= su[j];
     }
-    int rc = qs_matmul(codes, m, n, t, h, B, out, nthreads);
+    int rc = qs_matmul(codes, m, n, t, h, B, out, nthreads, use_hadamard);
     if (rc == QS_OK) {
         for (int64_t b = 0; b < B; b++) {
             float *y = out + b * m;
