@@ -110,8 +110,10 @@ def test_paths_agree_and_threads_do_not_change_results(name, gen):
         torch.testing.assert_close(out, outs["scalar"], rtol=1e-5, atol=1e-4, msg=level)
 
 
+@pytest.mark.parametrize("level", FLOAT_LEVELS)
 @pytest.mark.parametrize("n", HADAMARD_SIZES)
-def test_hadamard_matches_torch(n, gen):
+def test_hadamard_matches_torch(n, level, gen):
+    kernels.set_level(level)
     K, _, kind = factor_dim(n)
     M = orthonormal_factor(K, kind).to(torch.float32)
     x = torch.randn(3, n, generator=gen)

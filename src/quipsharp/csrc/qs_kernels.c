@@ -58,6 +58,7 @@ enum { QS_LEVEL_SCALAR = 0, QS_LEVEL_AVX2 = 1, QS_LEVEL_AVX512 = 2, QS_LEVEL_VNN
 #define E8P_SHIFT 0.25f
 #define ROWS_PER_TASK 16      /* rows handed to a thread at a time */
 #define MAX_FUSED_BATCH 8     /* batch vectors kept in registers by the fused kernels */
+#define MIX_LANES 16          /* Hadamard K x K mixing: float32 lanes of one AVX-512 register */
 #define PARALLEL_MIN_CODEWORDS (64 * 1024) /* below this a call stays on one thread (wake-up costs more) */
 
 static const int CODE_BYTES[QS_NUM_KINDS] = {2, 3, 4};
@@ -676,6 +677,54 @@ QS_API int qs_matmul_int8_ref(const uint8_t *codes, int64_t m, int64_t n, const 
 }
 
 /* ----------------------------------------------------------------------- Hadamard transform */
+/* out [K, P] = M [K, K] @ v [K, P] (the K x K factor of the Hadamard transform), portable. */
+static void mix_rows_scalar(const float *v, int64_t K, int64_t P, const float *M, float *out) {
+    for (int64_t r = 0; r < K; r++) {
+        float *restrict t = out + r * P;
+        for (int64_t j = 0; j < P; j++) t[j] = 0.0f;
+        for (int64_t c = 0; c < K; c++) {
+            const float w = M[r * K + c];
+            const float *restrict z = v + c * P;
+            for (int64_t j = 0; j < P; j++) t[j] += w * z[j];
+        }
+    }
+}
+
+#if QS_X86
+/* The same with AVX-512, for P a multiple of 16: each 16-column slice of a row is accumulated
+   over c in four independent registers (c mod 4), so the loop is not bound by FMA latency. */
+__attribute__((target("avx512f"))) static void mix_rows_avx512(const float *v, int64_t K, int64_t P, const float *M,
+                                                               float *out) {
+    const int64_t lanes = MIX_LANES;
+    for (int64_t r = 0; r < K; r++) {
+        const float *mr = M + r * K;
+        for (int64_t j0 = 0; j0 < P; j0 += lanes) {
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            const float *z = v + j0;
+            int64_t c = 0;
+            for (; c + 4 <= K; c += 4) {
+                a0 = _mm512_fmadd_ps(_mm512_set1_ps(mr[c]), _mm512_loadu_ps(z + c * P), a0);
+                a1 = _mm512_fmadd_ps(_mm512_set1_ps(mr[c + 1]), _mm512_loadu_ps(z + (c + 1) * P), a1);
+                a2 = _mm512_fmadd_ps(_mm512_set1_ps(mr[c + 2]), _mm512_loadu_ps(z + (c + 2) * P), a2);
+                a3 = _mm512_fmadd_ps(_mm512_set1_ps(mr[c + 3]), _mm512_loadu_ps(z + (c + 3) * P), a3);
+            }
+            for (; c < K; c++) a0 = _mm512_fmadd_ps(_mm512_set1_ps(mr[c]), _mm512_loadu_ps(z + c * P), a0);
+            _mm512_storeu_ps(out + r * P + j0, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+        }
+    }
+}
+#endif
+
+static void mix_rows(const float *v, int64_t K, int64_t P, const float *M, float *out) {
+#if QS_X86
+    if (P % MIX_LANES == 0 && qs_level() >= QS_LEVEL_AVX512) {
+        mix_rows_avx512(v, K, P, M, out);
+        return;
+    }
+#endif
+    mix_rows_scalar(v, K, P, M, out);
+}
+
 #if QS_X86
 /* Compiled for AVX-512, AVX2 and baseline x86-64, chosen at load time (GCC function multiversioning). */
 #define QS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -704,15 +753,7 @@ QS_CLONES static void hadamard_vec(float *v, int64_t K, int64_t P, const float *
                 }
     }
     if (K > 1) {
-        for (int64_t r = 0; r < K; r++) {
-            float *t = tmp + r * P;
-            for (int64_t j = 0; j < P; j++) t[j] = 0.0f;
-            for (int64_t c = 0; c < K; c++) {
-                float w = M[r * K + c];
-                const float *z = v + c * P;
-                for (int64_t j = 0; j < P; j++) t[j] += w * z[j];
-            }
-        }
+        mix_rows(v, K, P, M, tmp);
         memcpy(v, tmp, sizeof(float) * (size_t)n);
     }
     if (post)
