@@ -169,9 +169,8 @@ class QuantizedLinear(nn.Module):
         """The native CPU kernel serves inference on CPU tensors; training uses the reference path."""
         if not self._native or x.device.type != "cpu" or self.codes.device.type != "cpu":
             return False
-        if torch.is_grad_enabled() and (
-            x.requires_grad or any(b is not None and b.requires_grad for b in (self.su, self.sv, self.wscale, self.bias))
-        ):
+        state = (self.su, self.sv, self.wscale, self.bias)
+        if torch.is_grad_enabled() and (x.requires_grad or any(b is not None and b.requires_grad for b in state)):
             return False
         return True
 

@@ -72,7 +72,7 @@ static int cpu_max_level(void) {
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
         __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi") &&
-        __builtin_cpu_supports("avx512bitalg"))
+        __builtin_cpu_supports("avx512bitalg") && __builtin_cpu_supports("bmi2"))
         return QS_LEVEL_VNNI;
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
@@ -169,6 +169,8 @@ typedef struct qs_codebook {
     float tab2s[NSRC * DIM]; /* stage-2 table divided by resid_scale */
     float shift2;            /* E8P shift of stage 2 (RVQ4) divided by resid_scale */
     int int8_ok;             /* tables lie on the integer grid of the int8 path */
+    int pat_ok;              /* sources fit the 16-bit pattern encoding (gather-free int8 path) */
+    uint16_t pat[NSRC];      /* |source| as 2-bit fields: field j = (2|src_j| - 1) / 2 in {0, 1, 2} */
     int8_t tab1q[NSRC * DIM]; /* 4 × stage-1 sources */
     int8_t tab2q[NSRC * DIM]; /* stage 2: 4 × E8P12 sources (RVQ4) or 16 + 2 × E81B points (RVQ3) */
     float unit2;              /* value of one stage-2 integer unit: 1/(4 s) or 1/(2 s) */
@@ -186,6 +188,7 @@ typedef struct {
     const int8_t *xq;          /* [B, n] activations quantized to int8 */
     const float *xscale;       /* [B] their scales */
     const int32_t *xsum;       /* [B] sums of xq */
+    const int16_t *xbs;        /* [B, nblk] sums of xq over each codeword's 8 activations */
 } mm_args;
 
 static void mm_rows_scalar(const mm_args *a, int64_t r0, int64_t r1, int64_t b0, int64_t nb) {
@@ -454,38 +457,154 @@ __attribute__((target(QS_VNNI))) static inline __m512i e8p_u8_group(__m128i idx8
     return _mm512_mask_sub_epi8(v, odd, v, _mm512_set1_epi8(2));
 }
 
+/* Byte shuffle gathering, for GROUP consecutive codewords, the stage-1 index bytes, the stage-1
+   sign bytes, then (RVQ) the stage-2 low and high bytes; and the load mask of GROUP codewords. */
+typedef struct {
+    __m256i ctrl;
+    __mmask32 load_mask;
+} group8_shuffle;
+
+__attribute__((target(QS_VNNI))) static inline group8_shuffle group8_setup(int cb) {
+    uint8_t ctrl_b[32];
+    for (int t = 0; t < GROUP; t++) {
+        ctrl_b[t] = (uint8_t)(t * cb);
+        ctrl_b[GROUP + t] = (uint8_t)(t * cb + 1);
+        ctrl_b[2 * GROUP + t] = (uint8_t)(cb >= 3 ? t * cb + 2 : 0);
+        ctrl_b[3 * GROUP + t] = (uint8_t)(cb >= 4 ? t * cb + 3 : 0);
+    }
+    group8_shuffle sh;
+    sh.ctrl = _mm256_loadu_si256((const __m256i *)ctrl_b);
+    sh.load_mask = (__mmask32)(((uint64_t)1 << (GROUP * cb)) - 1);
+    return sh;
+}
+
+/* Codewords [8g, 8g + 8) of row rc (any kind) against activations xq, with gathers. */
+__attribute__((target(QS_VNNI))) static inline void vnni_group8(const mm_args *a, const group8_shuffle *sh,
+                                                                const uint8_t *rc, int64_t g, const int8_t *xq,
+                                                                __m512i *acc1, __m512i *acc2) {
+    __m256i raw = _mm256_maskz_loadu_epi8(sh->load_mask, rc + g * GROUP * a->cb);
+    __m256i s = _mm256_permutexvar_epi8(sh->ctrl, raw);
+    __m128i lo = _mm256_castsi256_si128(s), hi = _mm256_extracti128_si256(s, 1);
+    __m512i x = _mm512_loadu_si512((const void *)(xq + g * GROUP * DIM));
+    *acc1 = _mm512_dpbusd_epi32(*acc1, e8p_u8_group(lo, _mm_srli_si128(lo, 8), a->t->tab1q), x);
+    if (a->kind == QS_KIND_RVQ4) {
+        *acc2 = _mm512_dpbusd_epi32(*acc2, e8p_u8_group(hi, _mm_srli_si128(hi, 8), a->t->tab2q), x);
+    } else if (a->kind == QS_KIND_RVQ3) {
+        __m512i v2 = _mm512_i64gather_epi64(_mm512_cvtepu8_epi64(hi), (const void *)a->t->tab2q, DIM);
+        *acc2 = _mm512_dpbusd_epi32(*acc2, v2, x);
+    }
+}
+
+#define QS_VNNI_PAT QS_VNNI ",bmi2"
+#define BLOCK32 32 /* codewords per step of the gather-free kernel */
+
+/* The source-pattern table in eight registers (four 64-entry halves for vpermi2w). */
+typedef struct {
+    __m512i p[8];
+} pat_regs;
+
+/*
+ * Integer dot product of 32 E8P12 codes (words of `codes`) with 256 int8 activations xq, added to
+ * acc, plus the ±1/4 shifts (±1 in integer units) times the 32 block sums bs, added to accs.
+ * Sources come from the pattern registers (vpermi2w + blends) instead of a gather; each group of 8
+ * codewords is expanded with a multishift and two 64-byte tables (16 + 4|src| and 16 − 4|src|,
+ * the latter where the coordinate is negated: the sign bits, the parity fix of bit 7 and the stored
+ * negation of coordinate 7 folded into one byte mask). The integer total equals e8p_dot_int8's.
+ */
+__attribute__((target(QS_VNNI_PAT))) static inline void e8p_dot_block32(__m512i codes, const pat_regs *pr,
+                                                                        const int8_t *xq, const int16_t *bs,
+                                                                        __m512i *acc, __m512i *accs) {
+    const __m512i low8 = _mm512_set1_epi16(0xFF), one = _mm512_set1_epi16(1);
+    const __m512i idx = _mm512_and_si512(codes, low8);
+    const __m512i sg = _mm512_srli_epi16(codes, SIGN_SHIFT);
+    __m512i q0 = _mm512_permutex2var_epi16(pr->p[0], idx, pr->p[1]);
+    __m512i q1 = _mm512_permutex2var_epi16(pr->p[2], idx, pr->p[3]);
+    __m512i q2 = _mm512_permutex2var_epi16(pr->p[4], idx, pr->p[5]);
+    __m512i q3 = _mm512_permutex2var_epi16(pr->p[6], idx, pr->p[7]);
+    __mmask32 b6 = _mm512_test_epi16_mask(idx, _mm512_set1_epi16(64));
+    __mmask32 b7 = _mm512_test_epi16_mask(idx, _mm512_set1_epi16(128));
+    __m512i pat = _mm512_mask_blend_epi16(b7, _mm512_mask_blend_epi16(b6, q0, q1), _mm512_mask_blend_epi16(b6, q2, q3));
+    __m512i flag = _mm512_and_si512(_mm512_popcnt_epi16(_mm512_and_si512(pat, _mm512_set1_epi16(0x5555))), one);
+    __m512i odd = _mm512_and_si512(_mm512_popcnt_epi16(sg), one);
+    __m512i neg = _mm512_xor_si512(sg, _mm512_slli_epi16(_mm512_xor_si512(odd, flag), 7));
+    /* shifts: +bs for even codes, -bs for odd ones, summed in int32 lanes */
+    __m512i b16 = _mm512_loadu_si512((const void *)bs);
+    b16 = _mm512_mask_sub_epi16(b16, _mm512_test_epi16_mask(odd, odd), _mm512_setzero_si512(), b16);
+    *accs = _mm512_add_epi32(*accs, _mm512_madd_epi16(b16, one));
+    uint64_t negq[4];
+    _mm256_storeu_si256((__m256i *)negq, _mm512_cvtepi16_epi8(neg));
+    const __m512i shiftctl = _mm512_set1_epi64(0x0E0C0A0806040200LL); /* byte j <- bits 2j.. of the qword */
+    const __m512i lut_pos = _mm512_set1_epi32(0x101A1612);              /* field -> 16 + 4|src| (18, 22, 26) */
+    const __m512i lut_neg = _mm512_set1_epi32(0x10060A0E);              /* field -> 16 - 4|src| (14, 10, 6) */
+#define QS_GROUP(qi, ext)                                                                                      \
+    {                                                                                                        \
+        __m512i f = _mm512_multishift_epi64_epi8(shiftctl, _mm512_cvtepu16_epi64(ext));                      \
+        __m512i v = _mm512_mask_permutexvar_epi8(_mm512_permutexvar_epi8(f, lut_pos), _cvtu64_mask64(negq[qi]), \
+                                                 f, lut_neg);                                                \
+        *acc = _mm512_dpbusd_epi32(*acc, v, _mm512_loadu_si512((const void *)(xq + (qi) * GROUP * DIM)));    \
+    }
+    QS_GROUP(0, _mm512_castsi512_si128(pat))
+    QS_GROUP(1, _mm512_extracti32x4_epi32(pat, 1))
+    QS_GROUP(2, _mm512_extracti32x4_epi32(pat, 2))
+    QS_GROUP(3, _mm512_extracti32x4_epi32(pat, 3))
+#undef QS_GROUP
+}
+
+/* Gather-free int8 rows for E8P12 (2-bit) and E8P12RVQ4B (4-bit: both stages are E8P12). */
+__attribute__((target(QS_VNNI_PAT))) static void mm_rows_vnni_pat(const mm_args *a, int64_t r0, int64_t r1,
+                                                                    int64_t b0, int64_t nb) {
+    pat_regs pr;
+    for (int q = 0; q < 8; q++) pr.p[q] = _mm512_loadu_si512((const void *)(a->t->pat + 32 * q));
+    /* RVQ4: de-interleave 32 codewords (c1 words at even positions, c2 at odd) */
+    uint16_t even_b[32], odd_b[32];
+    for (int w = 0; w < 32; w++) {
+        even_b[w] = (uint16_t)(2 * w);
+        odd_b[w] = (uint16_t)(2 * w + 1);
+    }
+    const __m512i even = _mm512_loadu_si512((const void *)even_b), oddw = _mm512_loadu_si512((const void *)odd_b);
+    const group8_shuffle sh = group8_setup(a->cb);
+    int64_t nblock = a->nblk / BLOCK32, g8_0 = nblock * BLOCK32 / GROUP, g8_1 = a->nblk / GROUP, kt = g8_1 * GROUP;
+    for (int64_t i = r0; i < r1; i++) {
+        const uint8_t *rc = a->codes + i * a->row_bytes;
+        for (int64_t b = b0; b < b0 + nb; b++) {
+            const int8_t *xq = a->xq + b * a->n;
+            const int16_t *bs = a->xbs + b * a->nblk;
+            __m512i acc1 = _mm512_setzero_si512(), acc2 = acc1, accs1 = acc1, accs2 = acc1;
+            for (int64_t g = 0; g < nblock; g++) {
+                const int8_t *xg = xq + g * BLOCK32 * DIM;
+                const int16_t *bg = bs + g * BLOCK32;
+                if (a->kind == QS_KIND_E8P) {
+                    __m512i c = _mm512_loadu_si512((const void *)(rc + g * BLOCK32 * 2));
+                    e8p_dot_block32(c, &pr, xg, bg, &acc1, &accs1);
+                } else {
+                    __m512i lo = _mm512_loadu_si512((const void *)(rc + g * BLOCK32 * 4));
+                    __m512i hi = _mm512_loadu_si512((const void *)(rc + g * BLOCK32 * 4 + 64));
+                    e8p_dot_block32(_mm512_permutex2var_epi16(lo, even, hi), &pr, xg, bg, &acc1, &accs1);
+                    e8p_dot_block32(_mm512_permutex2var_epi16(lo, oddw, hi), &pr, xg, bg, &acc2, &accs2);
+                }
+            }
+            acc1 = _mm512_add_epi32(acc1, accs1);
+            acc2 = _mm512_add_epi32(acc2, accs2);
+            for (int64_t g = g8_0; g < g8_1; g++) vnni_group8(a, &sh, rc, g, xq, &acc1, &acc2);
+            int32_t d1 = _mm512_reduce_add_epi32(acc1), d2 = _mm512_reduce_add_epi32(acc2);
+            int8_dots_scalar(a, rc, xq, kt, a->nblk, &d1, &d2);
+            a->out[b * a->m + i] = int8_output(a, b, d1, d2);
+        }
+    }
+}
+
 __attribute__((target(QS_VNNI))) static void mm_rows_vnni(const mm_args *a, int64_t r0, int64_t r1, int64_t b0,
                                                             int64_t nb) {
     /* byte shuffles gathering, for GROUP consecutive codewords, the stage-1 index bytes, the
        stage-1 sign bytes, then (RVQ) the stage-2 low bytes and high bytes */
-    uint8_t ctrl_b[32];
-    for (int t = 0; t < GROUP; t++) {
-        ctrl_b[t] = (uint8_t)(t * a->cb);
-        ctrl_b[GROUP + t] = (uint8_t)(t * a->cb + 1);
-        ctrl_b[2 * GROUP + t] = (uint8_t)(a->cb >= 3 ? t * a->cb + 2 : 0);
-        ctrl_b[3 * GROUP + t] = (uint8_t)(a->cb >= 4 ? t * a->cb + 3 : 0);
-    }
-    const __m256i ctrl = _mm256_loadu_si256((const __m256i *)ctrl_b);
-    const __mmask32 load_mask = (__mmask32)(((uint64_t)1 << (GROUP * a->cb)) - 1);
+    const group8_shuffle sh = group8_setup(a->cb);
     int64_t ngroups = a->nblk / GROUP, kt = ngroups * GROUP;
     for (int64_t i = r0; i < r1; i++) {
         const uint8_t *rc = a->codes + i * a->row_bytes;
         for (int64_t b = b0; b < b0 + nb; b++) {
             const int8_t *xq = a->xq + b * a->n;
             __m512i acc1 = _mm512_setzero_si512(), acc2 = _mm512_setzero_si512();
-            for (int64_t g = 0; g < ngroups; g++) {
-                __m256i raw = _mm256_maskz_loadu_epi8(load_mask, rc + g * GROUP * a->cb);
-                __m256i sh = _mm256_permutexvar_epi8(ctrl, raw);
-                __m128i lo = _mm256_castsi256_si128(sh), hi = _mm256_extracti128_si256(sh, 1);
-                __m512i x = _mm512_loadu_si512((const void *)(xq + g * GROUP * DIM));
-                acc1 = _mm512_dpbusd_epi32(acc1, e8p_u8_group(lo, _mm_srli_si128(lo, 8), a->t->tab1q), x);
-                if (a->kind == QS_KIND_RVQ4) {
-                    acc2 = _mm512_dpbusd_epi32(acc2, e8p_u8_group(hi, _mm_srli_si128(hi, 8), a->t->tab2q), x);
-                } else if (a->kind == QS_KIND_RVQ3) {
-                    __m512i v2 = _mm512_i64gather_epi64(_mm512_cvtepu8_epi64(hi), (const void *)a->t->tab2q, DIM);
-                    acc2 = _mm512_dpbusd_epi32(acc2, v2, x);
-                }
-            }
+            for (int64_t g = 0; g < ngroups; g++) vnni_group8(a, &sh, rc, g, xq, &acc1, &acc2);
             int32_t d1 = _mm512_reduce_add_epi32(acc1), d2 = _mm512_reduce_add_epi32(acc2);
             int8_dots_scalar(a, rc, xq, kt, a->nblk, &d1, &d2);
             a->out[b * a->m + i] = int8_output(a, b, d1, d2);
@@ -551,6 +670,29 @@ static int int8_tables(qs_codebook *t) {
 }
 
 /*
+ * 16-bit pattern of every E8P12 source for the gather-free int8 kernel. It relies on the E8P12
+ * structure: |src_j| in {1/2, 3/2, 5/2}, and only coordinate 7 stored negated, exactly when
+ * sum |src| is odd (= the parity of the number of 3/2 entries, computed in the kernel with a
+ * popcount). Returns 0 if the table does not have that structure.
+ */
+static int pattern_table(qs_codebook *t) {
+    for (int i = 0; i < NSRC; i++) {
+        uint32_t word = 0, ones = 0;
+        for (int j = 0; j < DIM; j++) {
+            float v = t->src1[i * DIM + j];
+            int field = (int)(fabsf(v) * 2.0f - 1.0f) / 2; /* 1/2 -> 0, 3/2 -> 1, 5/2 -> 2 */
+            if (fabsf(v) != 0.5f + (float)field || field > 2) return 0;
+            if (v < 0.0f && j != DIM - 1) return 0;
+            word |= (uint32_t)field << (2 * j);
+            ones += field == 1;
+        }
+        if ((t->src1[i * DIM + DIM - 1] < 0.0f) != (int)(ones & 1u)) return 0;
+        t->pat[i] = (uint16_t)word;
+    }
+    return 1;
+}
+
+/*
  * Build a codebook handle: src1 [256*8] stored E8P12 sources; tab2 [256*8] the stage-2 table
  * (E81B points for RVQ3, E8P12 sources for RVQ4; ignored for E8P12); resid_scale the stage-2
  * divisor. Returns NULL on bad arguments or no memory. Free with qs_codebook_free.
@@ -568,6 +710,8 @@ QS_API qs_codebook *qs_codebook_new(int kind, const float *src1, const float *ta
     for (int i = 0; i < NSRC * DIM; i++) t->tab2s[i] = t->tab2[i] / t->resid_scale;
     t->shift2 = E8P_SHIFT / t->resid_scale;
     t->int8_ok = int8_tables(t);
+    t->pat_ok = t->int8_ok && pattern_table(t) &&
+                (kind == QS_KIND_E8P || (kind == QS_KIND_RVQ4 && memcmp(t->tab2, t->src1, sizeof(t->src1)) == 0));
     return t;
 }
 
@@ -595,10 +739,10 @@ QS_API int qs_decode(const uint8_t *codes, int64_t m, int64_t n, const qs_codebo
 
 typedef void (*mm_rows_fn)(const mm_args *, int64_t, int64_t, int64_t, int64_t);
 
-static mm_rows_fn mm_kernel(int level) {
+static mm_rows_fn mm_kernel(int level, const qs_codebook *t) {
 #if QS_X86
     switch (level) {
-    case QS_LEVEL_VNNI: return mm_rows_vnni;
+    case QS_LEVEL_VNNI: return t->pat_ok ? mm_rows_vnni_pat : mm_rows_vnni;
     case QS_LEVEL_AVX512: return mm_rows_avx512;
     case QS_LEVEL_AVX2: return mm_rows_avx2;
     default: break;
@@ -633,11 +777,21 @@ static int matmul_impl(const uint8_t *codes, int64_t m, int64_t n, const qs_code
     float *xscale = NULL;
     int32_t *xsum = NULL;
     int rc = QS_OK;
+    int16_t *xbs = NULL;
     if (int8) {
         rc = quantize_activations(&a, &xq, &xscale, &xsum);
         a.xq = xq;
         a.xscale = xscale;
         a.xsum = xsum;
+        xbs = (int16_t *)malloc(sizeof(int16_t) * (size_t)(B * a.nblk + 1));
+        if (rc == QS_OK && !xbs) rc = QS_ENOMEM;
+        if (rc == QS_OK)
+            for (int64_t k = 0; k < B * a.nblk; k++) {
+                int32_t sum = 0;
+                for (int j = 0; j < DIM; j++) sum += xq[k * DIM + j];
+                xbs[k] = (int16_t)sum; /* |sum| <= 8 * 127 */
+            }
+        a.xbs = xbs;
     }
     if (rc == QS_OK) {
         int64_t ntasks = (m + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
@@ -654,6 +808,7 @@ static int matmul_impl(const uint8_t *codes, int64_t m, int64_t n, const qs_code
     free(xq);
     free(xscale);
     free(xsum);
+    free(xbs);
     return rc;
 }
 
@@ -666,7 +821,7 @@ QS_API int qs_matmul(const uint8_t *codes, int64_t m, int64_t n, const qs_codebo
                      float *out, int nthreads, int allow_int8) {
     int level = qs_level();
     if (level == QS_LEVEL_VNNI && !(allow_int8 && t && t->int8_ok)) level = QS_LEVEL_AVX512;
-    mm_rows_fn fn = mm_kernel(level);
+    mm_rows_fn fn = t ? mm_kernel(level, t) : NULL;
     return matmul_impl(codes, m, n, t, x, B, out, nthreads, fn, level == QS_LEVEL_VNNI);
 }
 
