@@ -23,6 +23,7 @@ import ctypes
 import functools
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,12 +205,21 @@ def _threads(threads: int | None) -> int:
     return max(1, threads if threads is not None else torch.get_num_threads())
 
 
-def decode(codes: torch.Tensor, m: int, n: int, codebook_name: str, threads: int | None = None) -> torch.Tensor:
-    """``codes`` ``[m, n/8·code_bytes]`` uint8 -> ``W`` ``[m, n]`` float32, bitwise equal to the reference decode."""
+def decode(
+    codes: torch.Tensor, m: int, n: int, codebook_name: str, threads: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``codes`` ``[m, n/8·code_bytes]`` uint8 -> ``W`` ``[m, n]`` float32, bitwise equal to the reference decode.
+
+    ``out``: an optional contiguous float32 ``[m, n]`` tensor to write into.
+    """
     lib, tb = _require(), tables(codebook_name)
     _check_mn(m, n)
     _need(codes, "codes", torch.uint8, (m, n // CODEBOOK_DIM * tb.code_bytes))
-    out = torch.empty(m, n, dtype=torch.float32)
+    if out is None:
+        out = torch.empty(m, n, dtype=torch.float32)
+    else:
+        _need(out, "out", torch.float32, (m, n))
     if m == 0:
         return out
     _check(lib.qs_decode(codes.data_ptr(), m, n, tb.handle, out.data_ptr(), _threads(threads)), "decode")
@@ -272,6 +282,22 @@ def hadamard(
     _check(lib.qs_hadamard(x.data_ptr(), B, K, n // K, M.data_ptr(), _ptr(pre), _ptr(post), alpha,
                            _threads(threads)), "hadamard")
     return x
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(numel: int) -> torch.Tensor:
+    """A float32 work buffer of at least ``numel`` elements, reused by this thread's later calls.
+
+    Decoded weight chunks of the prefill path live here: allocating a fresh multi-MB tensor per
+    layer call makes the kernel spend more time in page faults than in decoding.
+    """
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=torch.float32)
+        _SCRATCH.buf = buf
+    return buf
 
 
 def _check_mn(m: int, n: int) -> None:
@@ -378,10 +404,12 @@ def linear(
     else:
         h.mul_(su)  # decode + float32 GEMM below: int8 activations never reach this path
     y = torch.empty(B, m, dtype=torch.float32)
-    rows = max(1, DECODE_CHUNK_ELEMENTS // max(1, n))
+    rows = max(1, min(m, DECODE_CHUNK_ELEMENTS // max(1, n)))
+    buffer = _scratch(rows * n)  # reused across calls: a fresh multi-MB tensor costs page faults each time
     for r0 in range(0, m, rows):
         r1 = min(m, r0 + rows)
-        y[:, r0:r1] = h @ decode(codes[r0:r1], r1 - r0, n, codebook_name).T
+        W = decode(codes[r0:r1], r1 - r0, n, codebook_name, out=buffer[: (r1 - r0) * n].view(r1 - r0, n))
+        torch.mm(h, W.T, out=y[:, r0:r1]) if r1 - r0 == m else y[:, r0:r1].copy_(h @ W.T)
     if use_hadamard:
         hadamard(y, m_out_t, alpha=scale, post=sv)
     else:

@@ -720,6 +720,33 @@ QS_API void qs_codebook_free(qs_codebook *t) { free(t); }
 /* Threads worth using for `work` codewords: small problems stay on the calling thread. */
 static int threads_for(int64_t work, int nthreads) { return work >= PARALLEL_MIN_CODEWORDS ? nthreads : 1; }
 
+#if QS_X86
+/* One E8P12 codeword (exact): src ⊙ (−1)^signs ± 1/4, as e8p_decode_scalar. */
+__attribute__((target("avx512f,avx512vl"))) static inline __m256 e8p_exact_avx512(uint32_t c, const float *src,
+                                                                                 float shift) {
+    int odd;
+    uint32_t sg = e8p_signs(c & 0xFFFFu, &odd);
+    __m256 v = _mm256_loadu_ps(src + (size_t)(c & SRC_MASK) * DIM);
+    v = _mm256_mask_sub_ps(v, (__mmask8)sg, _mm256_setzero_ps(), v);
+    return _mm256_add_ps(v, _mm256_set1_ps(odd ? -shift : shift));
+}
+
+/* A row of decode_scalar with AVX-512: same operations in the same order, so bitwise equal. */
+__attribute__((target("avx512f,avx512vl"))) static void decode_row_avx512(const uint8_t *rc, int64_t nblk,
+                                                                          const qs_codebook *t, float *ro) {
+    const __m256 resid = _mm256_set1_ps(t->resid_scale);
+    for (int64_t k = 0; k < nblk; k++) {
+        uint32_t c = read_code(rc + k * t->cb, t->cb);
+        __m256 v = e8p_exact_avx512(c, t->src1, E8P_SHIFT);
+        if (t->kind == QS_KIND_RVQ3)
+            v = _mm256_add_ps(v, _mm256_div_ps(_mm256_loadu_ps(t->tab2 + (size_t)((c >> 16) & SRC_MASK) * DIM), resid));
+        else if (t->kind == QS_KIND_RVQ4)
+            v = _mm256_add_ps(v, _mm256_div_ps(e8p_exact_avx512(c >> 16, t->tab2, E8P_SHIFT), resid));
+        _mm256_storeu_ps(ro + k * DIM, v);
+    }
+}
+#endif
+
 /* out [m, n] float32 = decode(codes [m, n/8*CB]); bitwise equal to the Python decode. */
 QS_API int qs_decode(const uint8_t *codes, int64_t m, int64_t n, const qs_codebook *t, float *out, int nthreads) {
     if (!t) return QS_EBADKIND;
@@ -727,10 +754,17 @@ QS_API int qs_decode(const uint8_t *codes, int64_t m, int64_t n, const qs_codebo
     int cb = t->cb, kind = t->kind;
     int64_t nblk = n / DIM, row_bytes = nblk * cb;
     int nt = threads_for(m * nblk, nthreads);
+    int simd = QS_X86 && qs_level() >= QS_LEVEL_AVX512;
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
     for (int64_t i = 0; i < m; i++) {
         const uint8_t *rc = codes + i * row_bytes;
         float *ro = out + i * n;
+#if QS_X86
+        if (simd) {
+            decode_row_avx512(rc, nblk, t, ro);
+            continue;
+        }
+#endif
         for (int64_t k = 0; k < nblk; k++)
             decode_scalar(read_code(rc + k * cb, cb), kind, t->src1, t->tab2, t->resid_scale, ro + k * DIM);
     }
