@@ -77,7 +77,8 @@ static int cpu_max_level(void) {
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
         return QS_LEVEL_AVX512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return QS_LEVEL_AVX2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt"))
+        return QS_LEVEL_AVX2;
 #endif
     return QS_LEVEL_SCALAR;
 }
@@ -222,13 +223,13 @@ static void mm_rows_scalar(const mm_args *a, int64_t r0, int64_t r1, int64_t b0,
 
 #if QS_X86
 /* ---- AVX2 + FMA: sign bytes expanded to lane masks by broadcast / and / compare ---- */
-__attribute__((target("avx2,fma"))) static inline __m256 signs_to_xor_avx2(uint32_t sg) {
+__attribute__((target("avx2,fma,popcnt"))) static inline __m256 signs_to_xor_avx2(uint32_t sg) {
     const __m256i bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
     __m256i m = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)sg), bits), bits);
     return _mm256_castsi256_ps(_mm256_slli_epi32(m, 31));
 }
 
-__attribute__((target("avx2,fma"))) static inline __m256 decode_avx2(const mm_args *a, uint32_t c) {
+__attribute__((target("avx2,fma,popcnt"))) static inline __m256 decode_avx2(const mm_args *a, uint32_t c) {
     int odd;
     uint32_t sg = e8p_signs(c & 0xFFFFu, &odd);
     __m256 v = _mm256_loadu_ps(a->t->src1 + (size_t)(c & SRC_MASK) * DIM);
@@ -245,14 +246,14 @@ __attribute__((target("avx2,fma"))) static inline __m256 decode_avx2(const mm_ar
     return v;
 }
 
-__attribute__((target("avx2,fma"))) static inline float hsum_avx2(__m256 v) {
+__attribute__((target("avx2,fma,popcnt"))) static inline float hsum_avx2(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
 
-__attribute__((target("avx2,fma"))) static void mm_rows_avx2(const mm_args *a, int64_t r0, int64_t r1, int64_t b0,
+__attribute__((target("avx2,fma,popcnt"))) static void mm_rows_avx2(const mm_args *a, int64_t r0, int64_t r1, int64_t b0,
                                                                int64_t nb) {
     for (int64_t i = r0; i < r1; i++) {
         const uint8_t *rc = a->codes + i * a->row_bytes;
@@ -288,7 +289,7 @@ __attribute__((target("avx2,fma"))) static void mm_rows_avx2(const mm_args *a, i
 }
 
 /* ---- AVX-512 (F/VL/BW/DQ): sign bytes are lane masks directly (masked negate) ---- */
-#define QS_AVX512 "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"
+#define QS_AVX512 "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,popcnt"
 
 __attribute__((target(QS_AVX512))) static inline __m256 decode_avx512(const mm_args *a, uint32_t c) {
     int odd;
@@ -722,7 +723,7 @@ static int threads_for(int64_t work, int nthreads) { return work >= PARALLEL_MIN
 
 #if QS_X86
 /* One E8P12 codeword (exact): src ⊙ (−1)^signs ± 1/4, as e8p_decode_scalar. */
-__attribute__((target("avx512f,avx512vl"))) static inline __m256 e8p_exact_avx512(uint32_t c, const float *src,
+__attribute__((target("avx512f,avx512vl,popcnt"))) static inline __m256 e8p_exact_avx512(uint32_t c, const float *src,
                                                                                  float shift) {
     int odd;
     uint32_t sg = e8p_signs(c & 0xFFFFu, &odd);
@@ -732,7 +733,7 @@ __attribute__((target("avx512f,avx512vl"))) static inline __m256 e8p_exact_avx51
 }
 
 /* A row of decode_scalar with AVX-512: same operations in the same order, so bitwise equal. */
-__attribute__((target("avx512f,avx512vl"))) static void decode_row_avx512(const uint8_t *rc, int64_t nblk,
+__attribute__((target("avx512f,avx512vl,popcnt"))) static void decode_row_avx512(const uint8_t *rc, int64_t nblk,
                                                                           const qs_codebook *t, float *ro) {
     const __m256 resid = _mm256_set1_ps(t->resid_scale);
     for (int64_t k = 0; k < nblk; k++) {
