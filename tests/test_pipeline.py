@@ -13,9 +13,9 @@ pytest.importorskip("accelerate")
 from quipsharp.config import ModelQuantConfig, QuIPSharpConfig
 from quipsharp.eval import compression_report, perplexity
 from quipsharp.hf import FORMAT_VERSION, ModelLoadError, load_quantized, save_quantized
-from quipsharp.models.walker import UnsupportedModelError, find_blocks
+from quipsharp.models.walker import UnsupportedModelError, block_linears, find_blocks
 from quipsharp.nn import QuantizedLinear
-from quipsharp.pipeline import capture_block_inputs, quantize_model, shared_input_groups
+from quipsharp.pipeline import capture_block_inputs, quantize_linears, quantize_model, shared_input_groups
 from tests.tiny_models import calibration_tokens, tiny_model
 
 ARCHS = ["llama", "qwen2", "gpt2", "gemma3", "gemma2", "phi3", "opt", "mistral"]
@@ -177,3 +177,12 @@ def test_interrupted_save_leaves_nothing_loadable(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_quantized(model, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_layer_callback_sees_every_layer_as_it_is_done():
+    _, blocks = find_blocks(tiny_model("llama", seed=0))
+    names = list(block_linears(blocks[0]))
+    seen = []
+    reports = quantize_linears(blocks[0], "model.layers.0", names, None, ModelQuantConfig(), seen.append)
+    assert len(seen) == len(names) == 7
+    assert [r.name for r in seen] == [r.name for r in reports] == [f"model.layers.0.{n}" for n in names]

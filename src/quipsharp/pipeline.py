@@ -21,7 +21,7 @@ import logging
 import os
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -242,8 +242,12 @@ def quantize_linears(
     names: list[str],
     hessians: dict[str, HessianAccumulator] | None,
     config: ModelQuantConfig,
+    on_layer: Callable[[LayerReport], None] | None = None,
 ) -> list[LayerReport]:
-    """Replace the named linears of ``block`` by :class:`QuantizedLinear` (data-free if no Hessians)."""
+    """Replace the named linears of ``block`` by :class:`QuantizedLinear` (data-free if no Hessians).
+
+    ``on_layer`` is called with each layer's report as soon as it is quantized (progress display).
+    """
     reports = []
     means: dict[int, torch.Tensor] = {}
     for name in names:
@@ -268,6 +272,8 @@ def quantize_linears(
                                    qw.proxy_loss, qw.damping, seconds))
         logger.info("%s: %d-bit %dx%d proxy loss %.4g (σ=%g) in %.2fs",
                     full, cfg.bits, out_features, in_features, qw.proxy_loss, qw.damping, seconds)
+        if on_layer is not None:
+            on_layer(reports[-1])
     return reports
 
 
@@ -360,6 +366,12 @@ def quantize_model(
         stream, calls = capture_block_inputs(model, blocks, batches)
 
     bar = _progress(range(len(blocks)), progress, "blocks")
+    set_postfix = getattr(bar, "set_postfix_str", None)
+
+    def on_layer(report: LayerReport) -> None:  # the layer being done, under the block bar
+        if set_postfix is not None:
+            set_postfix(f"{report.name} proxy loss {report.proxy_loss:.3g}")
+
     for i in bar:
         block, block_name, names = blocks[i], f"{blocks_name}.{i}", per_block[i]
         if i < len(done):  # resumed: rebuild the block and the stream exactly as the first run did
@@ -370,7 +382,7 @@ def quantize_model(
                 stream = run_block(block, stream, calls[i])
             continue
         if calibration is None:
-            block_reports = quantize_linears(block, block_name, names, None, config)
+            block_reports = quantize_linears(block, block_name, names, None, config, on_layer)
         else:
             groups = shared_input_groups(block, names, stream[0], calls[i][0])
             groups = [[n for n in g if n in names] for g in groups]
@@ -378,7 +390,7 @@ def quantize_model(
             original = config.hessian_inputs == "original"
             hessians, outputs = collect_hessians(block, groups, stream, calls[i], keep_outputs=original)
             called = [n for g in groups for n in g]
-            block_reports = quantize_linears(block, block_name, called, hessians, config)
+            block_reports = quantize_linears(block, block_name, called, hessians, config, on_layer)
             names = called
             stream = outputs if original else run_block(block, stream, calls[i])
         reports.extend(block_reports)
