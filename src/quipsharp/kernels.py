@@ -47,6 +47,7 @@ DECODE_CHUNK_ELEMENTS = 16 * 2**20
 #: Codebook name -> kernel kind (the C enum).
 KINDS = {"E8P12": 0, "E8P12RVQ3B": 1, "E8P12RVQ4B": 2}
 
+UNFILLED_MESSAGE = "QuantizedLinear used before its weight was quantized or loaded"
 _ERRORS = {-1: "bad argument", -2: "unknown codebook kind", -3: "out of memory", -4: "ISA level not supported"}
 
 _P = ctypes.c_void_p
@@ -385,7 +386,7 @@ def linear(
     _check_linear_args(x, codes, su, sv, bias, m_in, m_out_t, codebook_name, use_hadamard)
     scale = float(wscale)
     if scale != scale:  # NaN: the layer was never filled
-        raise RuntimeError("QuantizedLinear used before its weight was quantized or loaded")
+        raise RuntimeError(UNFILLED_MESSAGE)
     h = x.reshape(-1, n).to(torch.float32).contiguous()
     B = h.shape[0]
     if B == 0:

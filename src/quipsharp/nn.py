@@ -19,6 +19,7 @@ Buffers (the file format of one layer):
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -73,11 +74,11 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, device=device))
         else:
             self.bias = None
-        # Hadamard factors for the native kernel (constants of the shape, not state: built here,
-        # never inside forward, and not saved).
-        self._native = self.codebook.name in kernels.KINDS and kernels.available()
         # codes of another codebook must never be decoded with this one: checked on every load
         self.register_load_state_dict_post_hook(lambda module, _keys: module._check_loaded_codebook())
+        self._native = self.codebook.name in kernels.KINDS and kernels.available()
+        # Hadamard factors for the native kernel (constants of the shape, not state: built here,
+        # never inside forward, and not saved).
         if self._native and self.config.use_hadamard:
             self._m_in = _kernel_factor(in_features, transpose=False)
             self._m_out_t = _kernel_factor(out_features, transpose=True)
@@ -191,7 +192,7 @@ class QuantizedLinear(nn.Module):
         if not torch.compiler.is_compiling():  # data-dependent checks: eager mode only
             self._check_loaded_codebook()
             if torch.isnan(self.wscale):
-                raise RuntimeError(UNFILLED_MESSAGE)
+                raise RuntimeError(kernels.UNFILLED_MESSAGE)
         return self.reference_forward(x)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -217,11 +218,12 @@ class QuantizedLinear(nn.Module):
 
 
 _NO_FACTOR = torch.ones(1, 1)
-UNFILLED_MESSAGE = "QuantizedLinear used before its weight was quantized or loaded"
 
 
+@functools.cache
 def _kernel_factor(dim: int, transpose: bool) -> torch.Tensor:
-    """The ``[K, K]`` float32 factor of ``dim``'s Hadamard transform as the C kernel wants it."""
+    """The ``[K, K]`` float32 factor of ``dim``'s Hadamard transform as the C kernel wants it
+    (read-only, shared by every layer of that size)."""
     K, _, kind = factor_dim(dim)
     M = orthonormal_factor(K, kind).to(torch.float32)
     return (M.T if transpose else M).contiguous()
