@@ -11,9 +11,11 @@ this module loads it with ctypes, checks every argument before a pointer crosses
   decode–matmul, inverse RHT on the output, bias) with a fake implementation, so models stay
   ordinary modules that ``torch.compile`` can trace.
 
-Selection: the best path the CPU supports (AVX-512, AVX2+FMA, portable scalar C), logged once.
-``QUIPSHARP_KERNEL=reference`` forces the pure-torch path; ``scalar``/``avx2``/``avx512`` force
-a native path (refused if the CPU lacks it). Without the compiled library everything falls back to
+Selection: the best path the CPU supports (``avx512vnni``: int8 activations with VNNI dot
+products for batches ≤ :data:`FUSED_MAX_BATCH` behind the Hadamard transform; ``avx512``,
+``avx2``: float32; ``scalar``: portable C), logged once. ``QUIPSHARP_KERNEL=reference`` forces the
+pure-torch path; ``scalar``/``avx2``/``avx512``/``avx512vnni`` force a native path (refused if the
+CPU lacks it). Without the compiled library everything falls back to
 the torch reference, with a log line saying so.
 """
 
@@ -39,11 +41,12 @@ REFERENCE = "reference"
 #: Native paths, in the C library's order: float32 scalar / AVX2 / AVX-512, then int8 activations
 #: with AVX-512 VNNI dot products.
 LEVELS = ("scalar", "avx2", "avx512", "avx512vnni")
-#: Batch sizes up to this use the fused kernel; larger batches decode row chunks and call torch's
-#: GEMM (the decode is amortised over the batch). Chosen from benchmarks/kernels.py.
+#: Batch sizes up to this use the fused kernel (it keeps this many activation rows in registers and
+#: decodes every weight once per group of rows); larger batches decode the weights once, exactly,
+#: and call torch's float32 GEMM. Equal to the C kernels' MAX_FUSED_BATCH.
 FUSED_MAX_BATCH = 8
-#: Decoded weight elements per chunk on the decode + GEMM path (64 MB of float32).
-DECODE_CHUNK_ELEMENTS = 16 * 2**20
+#: Decoded weight elements per chunk on the decode + GEMM path (16 MB of float32 per thread).
+DECODE_CHUNK_ELEMENTS = 4 * 2**20
 #: Codebook name -> kernel kind (the C enum).
 KINDS = {"E8P12": 0, "E8P12RVQ3B": 1, "E8P12RVQ4B": 2}
 
