@@ -222,6 +222,38 @@ static void mm_rows_scalar(const mm_args *a, int64_t r0, int64_t r1, int64_t b0,
 }
 
 #if QS_X86
+/* Row i of the float32 kernels (after any kind-specific fast path): batch 1 with four
+   accumulators, else up to MAX_FUSED_BATCH rows sharing each decoded codeword. */
+#define QS_FLOAT_ROW(DECODE)                                                                                         \
+        if (nb == 1) { /* matvec: four independent accumulators hide the FMA latency */                              \
+            const float *x = a->x + b0 * a->n;                                                                       \
+            __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;                                \
+            int64_t k = 0;                                                                                           \
+            for (; k + 4 <= a->nblk; k += 4) {                                                                       \
+                acc0 = _mm256_fmadd_ps(DECODE(a, read_code(rc + (k + 0) * a->cb, a->cb)),                            \
+                                       _mm256_loadu_ps(x + (k + 0) * DIM), acc0);                                    \
+                acc1 = _mm256_fmadd_ps(DECODE(a, read_code(rc + (k + 1) * a->cb, a->cb)),                            \
+                                       _mm256_loadu_ps(x + (k + 1) * DIM), acc1);                                    \
+                acc2 = _mm256_fmadd_ps(DECODE(a, read_code(rc + (k + 2) * a->cb, a->cb)),                            \
+                                       _mm256_loadu_ps(x + (k + 2) * DIM), acc2);                                    \
+                acc3 = _mm256_fmadd_ps(DECODE(a, read_code(rc + (k + 3) * a->cb, a->cb)),                            \
+                                       _mm256_loadu_ps(x + (k + 3) * DIM), acc3);                                    \
+            }                                                                                                        \
+            for (; k < a->nblk; k++)                                                                                 \
+                acc0 = _mm256_fmadd_ps(DECODE(a, read_code(rc + k * a->cb, a->cb)),                                  \
+                                       _mm256_loadu_ps(x + k * DIM), acc0);                                          \
+            a->out[b0 * a->m + i] = hsum_avx2(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));  \
+            continue;                                                                                                \
+        }                                                                                                            \
+        __m256 acc[MAX_FUSED_BATCH];                                                                                 \
+        for (int64_t b = 0; b < nb; b++) acc[b] = _mm256_setzero_ps();                                               \
+        for (int64_t k = 0; k < a->nblk; k++) {                                                                      \
+            __m256 v = DECODE(a, read_code(rc + k * a->cb, a->cb));                                                  \
+            for (int64_t b = 0; b < nb; b++)                                                                         \
+                acc[b] = _mm256_fmadd_ps(v, _mm256_loadu_ps(a->x + (b0 + b) * a->n + k * DIM), acc[b]);              \
+        }                                                                                                            \
+        for (int64_t b = 0; b < nb; b++) a->out[(b0 + b) * a->m + i] = hsum_avx2(acc[b]);
+
 /* ---- AVX2 + FMA: sign bytes expanded to lane masks by broadcast / and / compare ---- */
 __attribute__((target("avx2,fma,popcnt"))) static inline __m256 signs_to_xor_avx2(uint32_t sg) {
     const __m256i bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
@@ -257,34 +289,7 @@ __attribute__((target("avx2,fma,popcnt"))) static void mm_rows_avx2(const mm_arg
                                                                int64_t nb) {
     for (int64_t i = r0; i < r1; i++) {
         const uint8_t *rc = a->codes + i * a->row_bytes;
-        if (nb == 1) { /* matvec: four independent accumulators hide the FMA latency */
-            const float *x = a->x + b0 * a->n;
-            __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
-            int64_t k = 0;
-            for (; k + 4 <= a->nblk; k += 4) {
-                acc0 = _mm256_fmadd_ps(decode_avx2(a, read_code(rc + (k + 0) * a->cb, a->cb)),
-                                       _mm256_loadu_ps(x + (k + 0) * DIM), acc0);
-                acc1 = _mm256_fmadd_ps(decode_avx2(a, read_code(rc + (k + 1) * a->cb, a->cb)),
-                                       _mm256_loadu_ps(x + (k + 1) * DIM), acc1);
-                acc2 = _mm256_fmadd_ps(decode_avx2(a, read_code(rc + (k + 2) * a->cb, a->cb)),
-                                       _mm256_loadu_ps(x + (k + 2) * DIM), acc2);
-                acc3 = _mm256_fmadd_ps(decode_avx2(a, read_code(rc + (k + 3) * a->cb, a->cb)),
-                                       _mm256_loadu_ps(x + (k + 3) * DIM), acc3);
-            }
-            for (; k < a->nblk; k++)
-                acc0 = _mm256_fmadd_ps(decode_avx2(a, read_code(rc + k * a->cb, a->cb)),
-                                       _mm256_loadu_ps(x + k * DIM), acc0);
-            a->out[b0 * a->m + i] = hsum_avx2(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
-            continue;
-        }
-        __m256 acc[MAX_FUSED_BATCH];
-        for (int64_t b = 0; b < nb; b++) acc[b] = _mm256_setzero_ps();
-        for (int64_t k = 0; k < a->nblk; k++) {
-            __m256 v = decode_avx2(a, read_code(rc + k * a->cb, a->cb));
-            for (int64_t b = 0; b < nb; b++)
-                acc[b] = _mm256_fmadd_ps(v, _mm256_loadu_ps(a->x + (b0 + b) * a->n + k * DIM), acc[b]);
-        }
-        for (int64_t b = 0; b < nb; b++) a->out[(b0 + b) * a->m + i] = hsum_avx2(acc[b]);
+        QS_FLOAT_ROW(decode_avx2)
     }
 }
 
@@ -349,34 +354,7 @@ __attribute__((target(QS_AVX512))) static void mm_rows_avx512(const mm_args *a, 
             a->out[b0 * a->m + i] = _mm512_reduce_add_ps(s) + hsum_avx2(tail);
             continue;
         }
-        if (nb == 1) {
-            const float *x = a->x + b0 * a->n;
-            __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
-            int64_t k = 0;
-            for (; k + 4 <= a->nblk; k += 4) {
-                acc0 = _mm256_fmadd_ps(decode_avx512(a, read_code(rc + (k + 0) * a->cb, a->cb)),
-                                       _mm256_loadu_ps(x + (k + 0) * DIM), acc0);
-                acc1 = _mm256_fmadd_ps(decode_avx512(a, read_code(rc + (k + 1) * a->cb, a->cb)),
-                                       _mm256_loadu_ps(x + (k + 1) * DIM), acc1);
-                acc2 = _mm256_fmadd_ps(decode_avx512(a, read_code(rc + (k + 2) * a->cb, a->cb)),
-                                       _mm256_loadu_ps(x + (k + 2) * DIM), acc2);
-                acc3 = _mm256_fmadd_ps(decode_avx512(a, read_code(rc + (k + 3) * a->cb, a->cb)),
-                                       _mm256_loadu_ps(x + (k + 3) * DIM), acc3);
-            }
-            for (; k < a->nblk; k++)
-                acc0 = _mm256_fmadd_ps(decode_avx512(a, read_code(rc + k * a->cb, a->cb)),
-                                       _mm256_loadu_ps(x + k * DIM), acc0);
-            a->out[b0 * a->m + i] = hsum_avx2(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
-            continue;
-        }
-        __m256 acc[MAX_FUSED_BATCH];
-        for (int64_t b = 0; b < nb; b++) acc[b] = _mm256_setzero_ps();
-        for (int64_t k = 0; k < a->nblk; k++) {
-            __m256 v = decode_avx512(a, read_code(rc + k * a->cb, a->cb));
-            for (int64_t b = 0; b < nb; b++)
-                acc[b] = _mm256_fmadd_ps(v, _mm256_loadu_ps(a->x + (b0 + b) * a->n + k * DIM), acc[b]);
-        }
-        for (int64_t b = 0; b < nb; b++) a->out[(b0 + b) * a->m + i] = hsum_avx2(acc[b]);
+        QS_FLOAT_ROW(decode_avx512)
     }
 }
 #endif /* QS_X86 */
