@@ -261,22 +261,27 @@ __attribute__((target("avx2,fma,popcnt"))) static inline __m256 signs_to_xor_avx
     return _mm256_castsi256_ps(_mm256_slli_epi32(m, 31));
 }
 
-__attribute__((target("avx2,fma,popcnt"))) static inline __m256 decode_avx2(const mm_args *a, uint32_t c) {
+/* One E8P12 codeword from table src: src ⊙ (−1)^signs ± shift. */
+__attribute__((target("avx2,fma,popcnt"))) static inline __m256 e8p_signed_avx2(uint32_t c, const float *src,
+                                                                              float shift) {
     int odd;
     uint32_t sg = e8p_signs(c & 0xFFFFu, &odd);
-    __m256 v = _mm256_loadu_ps(a->t->src1 + (size_t)(c & SRC_MASK) * DIM);
-    v = _mm256_add_ps(_mm256_xor_ps(v, signs_to_xor_avx2(sg)), _mm256_set1_ps(odd ? -E8P_SHIFT : E8P_SHIFT));
-    if (a->kind == QS_KIND_RVQ3) {
-        v = _mm256_add_ps(v, _mm256_loadu_ps(a->t->tab2s + (size_t)((c >> 16) & SRC_MASK) * DIM));
-    } else if (a->kind == QS_KIND_RVQ4) {
-        int odd2;
-        uint32_t sg2 = e8p_signs(c >> 16, &odd2);
-        __m256 t = _mm256_loadu_ps(a->t->tab2s + (size_t)((c >> 16) & SRC_MASK) * DIM);
-        t = _mm256_add_ps(_mm256_xor_ps(t, signs_to_xor_avx2(sg2)), _mm256_set1_ps(odd2 ? -a->t->shift2 : a->t->shift2));
-        v = _mm256_add_ps(v, t);
-    }
-    return v;
+    __m256 v = _mm256_loadu_ps(src + (size_t)(c & SRC_MASK) * DIM);
+    return _mm256_add_ps(_mm256_xor_ps(v, signs_to_xor_avx2(sg)), _mm256_set1_ps(odd ? -shift : shift));
 }
+
+/* A codeword of any kind for the float32 kernels: stage 1, plus stage 2 from the pre-divided table. */
+#define QS_DEFINE_DECODE(NAME, TARGET, E8P)                                                                \
+    __attribute__((target(TARGET))) static inline __m256 NAME(const mm_args *a, uint32_t c) {            \
+        __m256 v = E8P(c, a->t->src1, E8P_SHIFT);                                                        \
+        if (a->kind == QS_KIND_RVQ3)                                                                     \
+            v = _mm256_add_ps(v, _mm256_loadu_ps(a->t->tab2s + (size_t)((c >> 16) & SRC_MASK) * DIM)); \
+        else if (a->kind == QS_KIND_RVQ4)                                                                \
+            v = _mm256_add_ps(v, E8P(c >> 16, a->t->tab2s, a->t->shift2));                               \
+        return v;                                                                                        \
+    }
+
+QS_DEFINE_DECODE(decode_avx2, "avx2,fma,popcnt", e8p_signed_avx2)
 
 __attribute__((target("avx2,fma,popcnt"))) static inline float hsum_avx2(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -296,23 +301,18 @@ __attribute__((target("avx2,fma,popcnt"))) static void mm_rows_avx2(const mm_arg
 /* ---- AVX-512 (F/VL/BW/DQ): sign bytes are lane masks directly (masked negate) ---- */
 #define QS_AVX512 "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,popcnt"
 
-__attribute__((target(QS_AVX512))) static inline __m256 decode_avx512(const mm_args *a, uint32_t c) {
+/* One E8P12 codeword from table src: src ⊙ (−1)^signs ± shift (exact: as e8p_decode_scalar when
+   shift = 1/4). */
+__attribute__((target("avx512f,avx512vl,popcnt"))) static inline __m256 e8p_signed_avx512(uint32_t c, const float *src,
+                                                                                 float shift) {
     int odd;
     uint32_t sg = e8p_signs(c & 0xFFFFu, &odd);
-    __m256 v = _mm256_loadu_ps(a->t->src1 + (size_t)(c & SRC_MASK) * DIM);
+    __m256 v = _mm256_loadu_ps(src + (size_t)(c & SRC_MASK) * DIM);
     v = _mm256_mask_sub_ps(v, (__mmask8)sg, _mm256_setzero_ps(), v);
-    v = _mm256_add_ps(v, _mm256_set1_ps(odd ? -E8P_SHIFT : E8P_SHIFT));
-    if (a->kind == QS_KIND_RVQ3) {
-        v = _mm256_add_ps(v, _mm256_loadu_ps(a->t->tab2s + (size_t)((c >> 16) & SRC_MASK) * DIM));
-    } else if (a->kind == QS_KIND_RVQ4) {
-        int odd2;
-        uint32_t sg2 = e8p_signs(c >> 16, &odd2);
-        __m256 t = _mm256_loadu_ps(a->t->tab2s + (size_t)((c >> 16) & SRC_MASK) * DIM);
-        t = _mm256_mask_sub_ps(t, (__mmask8)sg2, _mm256_setzero_ps(), t);
-        v = _mm256_add_ps(v, _mm256_add_ps(t, _mm256_set1_ps(odd2 ? -a->t->shift2 : a->t->shift2)));
-    }
-    return v;
+    return _mm256_add_ps(v, _mm256_set1_ps(odd ? -shift : shift));
 }
+
+QS_DEFINE_DECODE(decode_avx512, QS_AVX512, e8p_signed_avx512)
 
 /* Two codewords in one zmm (2-bit only): 16 weights per FMA. */
 __attribute__((target(QS_AVX512))) static inline __m512 decode2_e8p_avx512(const float *src1, uint32_t c0,
@@ -700,27 +700,17 @@ QS_API void qs_codebook_free(qs_codebook *t) { free(t); }
 static int threads_for(int64_t work, int nthreads) { return work >= PARALLEL_MIN_CODEWORDS ? nthreads : 1; }
 
 #if QS_X86
-/* One E8P12 codeword (exact): src ⊙ (−1)^signs ± 1/4, as e8p_decode_scalar. */
-__attribute__((target("avx512f,avx512vl,popcnt"))) static inline __m256 e8p_exact_avx512(uint32_t c, const float *src,
-                                                                                 float shift) {
-    int odd;
-    uint32_t sg = e8p_signs(c & 0xFFFFu, &odd);
-    __m256 v = _mm256_loadu_ps(src + (size_t)(c & SRC_MASK) * DIM);
-    v = _mm256_mask_sub_ps(v, (__mmask8)sg, _mm256_setzero_ps(), v);
-    return _mm256_add_ps(v, _mm256_set1_ps(odd ? -shift : shift));
-}
-
 /* A row of decode_scalar with AVX-512: same operations in the same order, so bitwise equal. */
 __attribute__((target("avx512f,avx512vl,popcnt"))) static void decode_row_avx512(const uint8_t *rc, int64_t nblk,
                                                                           const qs_codebook *t, float *ro) {
     const __m256 resid = _mm256_set1_ps(t->resid_scale);
     for (int64_t k = 0; k < nblk; k++) {
         uint32_t c = read_code(rc + k * t->cb, t->cb);
-        __m256 v = e8p_exact_avx512(c, t->src1, E8P_SHIFT);
+        __m256 v = e8p_signed_avx512(c, t->src1, E8P_SHIFT);
         if (t->kind == QS_KIND_RVQ3)
             v = _mm256_add_ps(v, _mm256_div_ps(_mm256_loadu_ps(t->tab2 + (size_t)((c >> 16) & SRC_MASK) * DIM), resid));
         else if (t->kind == QS_KIND_RVQ4)
-            v = _mm256_add_ps(v, _mm256_div_ps(e8p_exact_avx512(c >> 16, t->tab2, E8P_SHIFT), resid));
+            v = _mm256_add_ps(v, _mm256_div_ps(e8p_signed_avx512(c >> 16, t->tab2, E8P_SHIFT), resid));
         _mm256_storeu_ps(ro + k * DIM, v);
     }
 }
