@@ -8,8 +8,9 @@ Importing the package needs only torch, numpy and safetensors; the Hugging Face 
 """
 
 from quipsharp.codebooks import E8P12, E8P12RVQ3B, E8P12RVQ4B, E8Lattice, get_codebook
-from quipsharp.config import ModelQuantConfig, QuIPSharpConfig
+from quipsharp.config import FinetuneConfig, ModelQuantConfig, QuIPSharpConfig
 from quipsharp.errors import HessianNotPositiveDefiniteError, NumericalError, QuipSharpError
+from quipsharp.finetune import finetune_block, finetune_model
 from quipsharp.hadamard import HadamardTransform
 from quipsharp.hessian import HessianAccumulator
 from quipsharp.hf import load_model, load_quantized, save_quantized
@@ -24,6 +25,7 @@ __all__ = [
     "E8P12RVQ3B",
     "E8P12RVQ4B",
     "E8Lattice",
+    "FinetuneConfig",
     "HadamardTransform",
     "HessianAccumulator",
     "HessianNotPositiveDefiniteError",
@@ -37,6 +39,8 @@ __all__ = [
     "QuipSharpError",
     "__version__",
     "dequantize",
+    "finetune_block",
+    "finetune_model",
     "get_codebook",
     "load_model",
     "load_quantized",

@@ -18,7 +18,7 @@ from typing import Any
 from quipsharp.bench import DEFAULT_NEW_TOKENS as DEFAULT_BENCH_NEW_TOKENS
 from quipsharp.bench import DEFAULT_PROMPT_TOKENS as DEFAULT_BENCH_PROMPT_TOKENS
 from quipsharp.bench import DEFAULT_RUNS as DEFAULT_BENCH_RUNS
-from quipsharp.config import DEFAULT_CTX, DEFAULT_NSAMPLES
+from quipsharp.config import DEFAULT_CTX, DEFAULT_NSAMPLES, FINETUNE_MODES
 
 EXIT_USAGE = 2
 DEFAULT_EVAL_CTX = 2048
@@ -43,6 +43,37 @@ def _bits_map(items: list[str]) -> list[tuple[str, int]]:
     return out
 
 
+def _finetune_config(args: argparse.Namespace, mode: str) -> Any:
+    from quipsharp.config import FinetuneConfig
+
+    return FinetuneConfig(mode=mode, block_epochs=args.ft_block_epochs, e2e_epochs=args.ft_e2e_epochs,
+                          lr=args.ft_lr, sign_lr=args.ft_sign_lr, batch_size=args.ft_batch_size,
+                          grad_accum=args.ft_grad_accum, holdout=args.ft_holdout,
+                          gradient_checkpointing=args.ft_checkpointing)
+
+
+def _source_name(model: str) -> str:
+    """How a model argument is recorded: local paths absolute, hub ids as given."""
+    path = Path(model)
+    return str(path.resolve()) if path.exists() else model
+
+
+def _finetune_e2e(model: Any, teacher_source: str, dtype: str, calibration: Any, ft: Any, quiet: bool) -> None:
+    from quipsharp.finetune import finetune_model
+    from quipsharp.hf import load_model
+
+    teacher, _ = load_model(teacher_source, dtype=dtype)
+    if teacher.get_input_embeddings().weight.shape[0] != model.get_input_embeddings().weight.shape[0]:
+        raise CliError(f"teacher {teacher_source} has a different vocabulary from the quantized model")
+
+    def on_epoch(report: Any) -> None:
+        if not quiet:
+            print(f"end-to-end epoch {len(report.losses) - 1}: held-out KL {report.losses[-1]:.4f} "
+                  f"(before {report.losses[0]:.4f})", file=sys.stderr)
+
+    finetune_model(model, teacher, calibration, ft, on_epoch=on_epoch)
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     import torch
 
@@ -62,8 +93,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     config = ModelQuantConfig(
         layer=layer, bits_map=tuple(_bits_map(args.bits_map)), skip=tuple(args.skip),
         hessian_inputs=args.hessian_inputs, nsamples=args.nsamples, ctx=args.ctx, seed=args.seed,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size, finetune=_finetune_config(args, args.finetune),
     )
+    if args.finetune != "none" and args.calib is None:
+        raise CliError(f"--finetune {args.finetune} needs calibration text (--calib FILE)")
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])
@@ -74,13 +107,46 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     work = Path(args.work_dir) if args.work_dir else out.with_name(out.name + WORK_SUFFIX)
     model, reports = quantize_model(model, config, calibration, work_dir=work, resume=args.resume,
                                     progress=not args.quiet)
-    save_quantized(model, out, tokenizer, config, reports)
+    if config.finetune.e2e:
+        _finetune_e2e(model, args.model, DTYPES[args.dtype], calibration, config.finetune, args.quiet)
+    save_quantized(model, out, tokenizer, config, reports, source=_source_name(args.model))
     shutil.rmtree(work, ignore_errors=True)
     report = compression_report(model, out)
     elapsed = time.perf_counter() - start
     print(f"quantized {report['quantized_layers']} layers to {report['codes_bits_per_weight']:.2f} bits/weight "
           f"in {elapsed:.0f}s; {report['disk_bytes'] / 1e6:.1f} MB on disk "
           f"({report['disk_vs_float16']:.1%} of float16); saved to {out}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from quipsharp.config import ModelQuantConfig
+    from quipsharp.data import calibration_windows, read_documents
+    from quipsharp.hf import REPORT_FILE, load_model, read_quantization_config, save_quantized
+    from quipsharp.pipeline import LayerReport
+
+    src = Path(args.dir)
+    _, qc = read_quantization_config(src)
+    teacher = args.teacher or qc.get("source_model")
+    if not teacher:
+        raise CliError(f"{src} does not record the float model it came from: give it with --teacher MODEL")
+    saved = ModelQuantConfig.from_dict(qc["config"])
+    nsamples = args.nsamples or saved.nsamples
+    ctx = args.ctx or saved.ctx
+    mode = "both" if saved.finetune.block else "e2e"
+    ft = _finetune_config(args, mode)
+    config = dataclasses.replace(saved, finetune=ft, nsamples=nsamples, ctx=ctx)
+    start = time.perf_counter()
+    model, tokenizer = load_model(src)
+    calibration = calibration_windows(read_documents(args.calib), tokenizer, nsamples, ctx, args.seed)
+    _finetune_e2e(model, teacher, "float32", calibration, ft, args.quiet)
+    report_path = src / REPORT_FILE
+    reports = ([LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in json.loads(report_path.read_text())]
+               if report_path.is_file() else None)
+    save_quantized(model, args.out, tokenizer, config, reports, source=teacher)
+    print(f"fine-tuned {src} end to end in {time.perf_counter() - start:.0f}s; saved to {args.out}")
     return 0
 
 
@@ -180,6 +246,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_finetune_options(p: argparse.ArgumentParser) -> None:
+    from quipsharp.config import FinetuneConfig
+
+    d = FinetuneConfig()
+    p.add_argument("--ft-block-epochs", type=int, default=d.block_epochs, help="in-block tuning epochs per group")
+    p.add_argument("--ft-e2e-epochs", type=int, default=d.e2e_epochs, help="end-to-end tuning epochs")
+    p.add_argument("--ft-lr", type=float, default=d.lr, help="learning rate of norms, float weights, LM head")
+    p.add_argument("--ft-sign-lr", type=float, default=d.sign_lr, help="learning rate of the sign vectors")
+    p.add_argument("--ft-batch-size", type=int, default=d.batch_size, help="windows per micro-batch")
+    p.add_argument("--ft-grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    p.add_argument("--ft-holdout", type=float, default=d.holdout, help="fraction of windows held out")
+    p.add_argument("--ft-checkpointing", action="store_true", help="gradient checkpointing (end-to-end)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quipsharp", description="QuIP# 2/3/4-bit quantization of causal LMs")
     parser.add_argument("-v", "--verbose", action="store_true", help="log per-layer details")
@@ -206,10 +286,25 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="dtype of the model while quantizing and of the tensors left unquantized "
                         "(embeddings, norms, LM head): bfloat16 halves their size on disk")
+    q.add_argument("--finetune", choices=FINETUNE_MODES, default="none",
+                   help="fine-tune inside each block while quantizing (block), the whole model after (e2e), or both")
+    _add_finetune_options(q)
     q.add_argument("--resume", action="store_true", help="continue an interrupted run")
     q.add_argument("--work-dir", help=f"per-block progress (default: OUT{WORK_SUFFIX})")
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(func=cmd_quantize)
+
+    f = sub.add_parser("finetune", help="fine-tune a quantized model end to end against its float model")
+    f.add_argument("dir", help="quantized model directory")
+    f.add_argument("--calib", required=True, help="calibration text: .txt, .jsonl (field 'text') or a HF dataset")
+    f.add_argument("--out", required=True, help="output directory")
+    f.add_argument("--teacher", help="the float model (default: the source recorded at quantization)")
+    f.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: as quantized)")
+    f.add_argument("--ctx", type=int, default=None, help="window length (default: as quantized)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--quiet", action="store_true")
+    _add_finetune_options(f)
+    f.set_defaults(func=cmd_finetune)
 
     e = sub.add_parser("eval", help="evaluate a model")
     esub = e.add_subparsers(dest="metric", required=True)

@@ -136,6 +136,101 @@ class QuIPSharpConfig:
         return cls(**{k: v for k, v in data.items() if k in known}, extra=unknown)
 
 
+FINETUNE_MODES = ("none", "block", "e2e", "both")
+# Fine-tuning defaults (DESIGN.md §5). The paper tunes weights/norms at 5e-5 and the real-valued sign
+# vectors at 10x that with Adam; these were checked on SmolLM2-135M (BENCHMARKS.md, fine-tuning rows).
+DEFAULT_FT_LR = 5e-5
+DEFAULT_FT_SIGN_LR = 5e-4
+DEFAULT_FT_BLOCK_EPOCHS = 2
+DEFAULT_FT_E2E_EPOCHS = 1
+DEFAULT_FT_BATCH = 4
+DEFAULT_FT_HOLDOUT = 0.125
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """How to fine-tune what stays continuous after quantization (QuIP# §5, DESIGN.md §5).
+
+    Attributes:
+        mode: ``"none"``; ``"block"`` tunes inside each decoder block while it is quantized (after
+            each group of linears, the block's remaining float weights, norms and the real-valued
+            sign vectors of its quantized layers learn to reproduce the float block's outputs, MSE);
+            ``"e2e"`` tunes sign vectors, norms and the LM head of the finished model to match the
+            float model's next-token distribution (KL); ``"both"`` does one then the other.
+        block_epochs, e2e_epochs: passes over the training windows per stage.
+        lr: Adam learning rate of float weights, norms and the LM head.
+        sign_lr: Adam learning rate of the sign vectors S_U, S_V (and biases) of quantized layers.
+        batch_size: calibration windows per optimizer micro-batch.
+        grad_accum: micro-batches per optimizer step.
+        holdout: fraction of the calibration windows held out for early stopping; the state with the
+            lowest held-out loss (possibly the untrained one) is restored after each stage.
+        gradient_checkpointing: recompute activations in the backward pass of end-to-end tuning
+            (less memory, about a third more time).
+    """
+
+    VERSION: ClassVar[int] = 1
+
+    mode: str = "none"
+    block_epochs: int = DEFAULT_FT_BLOCK_EPOCHS
+    e2e_epochs: int = DEFAULT_FT_E2E_EPOCHS
+    lr: float = DEFAULT_FT_LR
+    sign_lr: float = DEFAULT_FT_SIGN_LR
+    batch_size: int = DEFAULT_FT_BATCH
+    grad_accum: int = 1
+    holdout: float = DEFAULT_FT_HOLDOUT
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in FINETUNE_MODES:
+            raise ValueError(f"finetune mode must be one of {FINETUNE_MODES}, got {self.mode!r}")
+        for name in ("block_epochs", "e2e_epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        for name in ("batch_size", "grad_accum"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("lr", "sign_lr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+                raise ValueError(f"{name} must be a learning rate in (0, 1), got {value!r}")
+        if isinstance(self.holdout, bool) or not isinstance(self.holdout, (int, float)) or not 0 < self.holdout < 1:
+            raise ValueError(f"holdout must be a fraction in (0, 1), got {self.holdout!r}")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(f"gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}")
+
+    @property
+    def block(self) -> bool:
+        """Whether in-block tuning runs during quantization."""
+        return self.mode in ("block", "both") and self.block_epochs > 0
+
+    @property
+    def e2e(self) -> bool:
+        """Whether end-to-end tuning runs after quantization."""
+        return self.mode in ("e2e", "both") and self.e2e_epochs > 0
+
+    def replace(self, **changes: Any) -> FinetuneConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["version"] = self.VERSION
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FinetuneConfig:
+        data = dict(data)
+        version = data.pop("version", cls.VERSION)
+        if not isinstance(version, int) or version > cls.VERSION:
+            raise ValueError(f"finetune config version {version!r} is newer than supported ({cls.VERSION})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown finetune config fields: {unknown}")
+        return cls(**data)
+
+
 HESSIAN_INPUT_MODES = ("sequential", "original")
 # Calibration default, measured on SmolLM2-135M 2-bit (BENCHMARKS.md): 128 x 512 tokens gave perplexity
 # 94.8 against 105.4 for 64 x 256 (a gap near the run-to-run spread at 2 bits) in 428 s against 130 s,
@@ -163,9 +258,10 @@ class ModelQuantConfig:
         nsamples, ctx: calibration windows and their length in tokens.
         seed: seed of the calibration window sampling.
         batch_size: calibration windows per forward pass.
+        finetune: fine-tuning settings (version 2; files of version 1 load with no fine-tuning).
     """
 
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
 
     layer: QuIPSharpConfig = field(default_factory=QuIPSharpConfig)
     bits_map: tuple[tuple[str, int], ...] = ()
@@ -175,8 +271,11 @@ class ModelQuantConfig:
     ctx: int = DEFAULT_CTX
     seed: int = 0
     batch_size: int = DEFAULT_CALIB_BATCH
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.finetune, FinetuneConfig):
+            raise ValueError(f"finetune must be a FinetuneConfig, got {type(self.finetune).__name__}")
         object.__setattr__(self, "bits_map", tuple((str(p), int(b)) for p, b in self.bits_map))
         object.__setattr__(self, "skip", tuple(str(p) for p in self.skip))
         for pattern, bits in self.bits_map:
@@ -220,6 +319,7 @@ class ModelQuantConfig:
             "ctx": self.ctx,
             "seed": self.seed,
             "batch_size": self.batch_size,
+            "finetune": self.finetune.to_dict(),
         }
 
     @classmethod
@@ -229,8 +329,10 @@ class ModelQuantConfig:
         if not isinstance(version, int) or version > cls.VERSION:
             raise ValueError(f"model config version {version!r} is newer than supported ({cls.VERSION})")
         layer = QuIPSharpConfig.from_dict(data.pop("layer", {}))
+        finetune = FinetuneConfig.from_dict(data.pop("finetune", {}))
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown model config fields: {unknown}")
-        return cls(layer=layer, **{k: (tuple(map(tuple, v)) if k == "bits_map" else v) for k, v in data.items()})
+        fields = {k: (tuple(map(tuple, v)) if k == "bits_map" else v) for k, v in data.items()}
+        return cls(layer=layer, finetune=finetune, **fields)

@@ -119,8 +119,12 @@ def save_quantized(
     config: ModelQuantConfig | None = None,
     reports: list[Any] | None = None,
     overwrite: bool = True,
+    source: str | None = None,
 ) -> Path:
-    """Save a model quantized by :func:`quipsharp.quantize_model` (atomically) and return the path."""
+    """Save a model quantized by :func:`quipsharp.quantize_model` (atomically) and return the path.
+
+    ``source`` (the float model it came from: a path or hub id) is recorded so that
+    ``quipsharp finetune`` can find its teacher later."""
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists")
@@ -146,6 +150,8 @@ def save_quantized(
         "config": qconfig.to_dict(),
         "modules": modules,
     }
+    if source is not None:
+        hf_config["quantization_config"]["source_model"] = source
     state, tied = _dedupe_tied(model.state_dict())
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))

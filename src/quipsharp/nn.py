@@ -24,6 +24,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from quipsharp import kernels
 from quipsharp.codebooks import codebook_id, get_codebook
@@ -84,6 +85,8 @@ class QuantizedLinear(nn.Module):
             self._m_out_t = _kernel_factor(out_features, transpose=True)
         else:
             self._m_in = self._m_out_t = _NO_FACTOR
+        # Fine-tuning cache: the frozen part of the weight, built by enable_training(), never by forward.
+        self._core: torch.Tensor | None = None
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         """``.to(dtype)``/``.half()`` move the layer but keep its float32 state (signs, scale, bias)
@@ -158,6 +161,39 @@ class QuantizedLinear(nn.Module):
         """The effective weight ``[out_features, in_features]`` float32 (for tests and export)."""
         return dequantize(self.quantized_weight())
 
+    # ------------------------------------------------------------------ fine-tuning
+    @torch.no_grad()
+    def enable_training(self) -> None:
+        """Make the continuous state trainable, codes frozen (QuIP# §5, DESIGN.md §5).
+
+        Decodes the frozen core ``C = Vᵀ decode(codes) U`` ``[out_features, in_features]`` float32
+        once, so that the forward becomes the differentiable dense product
+        ``y = x (wscale · S_V C S_U)ᵀ + bias`` with ``S_U``, ``S_V`` real-valued: gradients reach
+        ``su``, ``sv``, ``wscale``, ``bias`` and the input, never the codes. The same function as the
+        inference paths up to float rounding. Undo with :meth:`disable_training`.
+        """
+        qw = self.quantized_weight()
+        ones_in = torch.ones_like(self.su)
+        ones_out = torch.ones_like(self.sv)
+        core = QuantizedWeight(qw.codes, ones_in, ones_out, 1.0, qw.codebook, qw.use_hadamard, math.nan, math.nan)
+        self._core = dequantize(core).to(self.su.device)
+        for name in TRAINABLE_BUFFERS:
+            buf = getattr(self, name)
+            if buf is not None:
+                buf.requires_grad_(True)
+
+    def disable_training(self) -> None:
+        """Drop the training cache and freeze the state again (inference uses the native kernel)."""
+        self._core = None
+        for name in TRAINABLE_BUFFERS:
+            buf = getattr(self, name)
+            if buf is not None:
+                buf.requires_grad_(False)
+
+    def trainable_state(self) -> list[torch.Tensor]:
+        """The tensors :meth:`enable_training` makes trainable: ``su``, ``sv``, ``wscale`` (and ``bias``)."""
+        return [getattr(self, n) for n in TRAINABLE_BUFFERS if getattr(self, n) is not None]
+
     # ------------------------------------------------------------------ inference
     def _check_loaded_codebook(self) -> None:
         if int(self.codebook_id) != codebook_id(self.codebook.name):
@@ -183,6 +219,9 @@ class QuantizedLinear(nn.Module):
         """
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with last dim {self.in_features}, got {tuple(x.shape)}")
+        if self._core is not None:  # fine-tuning (enable_training)
+            weight = (self.wscale * self.sv)[:, None] * self._core * self.su
+            return F.linear(x.to(torch.float32), weight, self.bias).to(x.dtype)
         if self._use_native(x):
             args = (x, self.codes, self.su, self.sv, self.wscale, self.bias, self._m_in, self._m_out_t,
                     self.codebook.name, self.config.use_hadamard)
@@ -218,6 +257,8 @@ class QuantizedLinear(nn.Module):
 
 
 _NO_FACTOR = torch.ones(1, 1)
+# The continuous state fine-tuning trains (the codes stay frozen).
+TRAINABLE_BUFFERS = ("su", "sv", "wscale", "bias")
 
 
 @functools.cache

@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from quipsharp.config import CODEBOOK_DIM, ModelQuantConfig, QuIPSharpConfig
+from quipsharp.finetune import finetune_block
 from quipsharp.hessian import HessianAccumulator
 from quipsharp.io import atomic_save_safetensors, atomic_write_text
 from quipsharp.models.walker import (
@@ -295,7 +296,8 @@ def _fingerprint(model: nn.Module, config: ModelQuantConfig, calibration: torch.
 
 def _save_block(work_dir: Path, index: int, block: nn.Module, names: list[str], reports: list[LayerReport],
                 done: list[dict[str, Any]], fingerprint: str) -> None:
-    tensors = {f"{name}.{k}": v for name in names for k, v in block.get_submodule(name).state_dict().items()}
+    # the whole block: in-block fine-tuning also changes its norms and float layers
+    tensors = {k: v.contiguous() for k, v in block.state_dict().items()}
     atomic_save_safetensors(tensors, work_dir / BLOCK_FILE.format(index), {"block": str(index)})
     done.append({"names": names, "reports": [asdict(r) for r in reports]})
     atomic_write_text(work_dir / PROGRESS_FILE, json.dumps({"fingerprint": fingerprint, "blocks": done}))
@@ -305,9 +307,9 @@ def _load_block(work_dir: Path, index: int, block: nn.Module, block_name: str, n
                 config: ModelQuantConfig) -> None:
     state = load_file(str(work_dir / BLOCK_FILE.format(index)))
     for name in names:
-        q = _empty_quantized_like(block.get_submodule(name), config.layer_config(f"{block_name}.{name}"))
-        q.load_state_dict({k.removeprefix(f"{name}."): v for k, v in state.items() if k.startswith(f"{name}.")})
-        set_submodule(block, name, q)
+        set_submodule(block, name, _empty_quantized_like(block.get_submodule(name),
+                                                         config.layer_config(f"{block_name}.{name}")))
+    block.load_state_dict(state)
 
 
 def quantize_model(
@@ -328,11 +330,18 @@ def quantize_model(
         work_dir: where per-block progress is saved (needed for ``resume``).
         resume: continue from the last completed block saved in ``work_dir``.
         progress: show tqdm progress bars.
+
+    ``config.finetune`` with mode ``block`` or ``both`` tunes each block while it is quantized
+    (needs calibration); the end-to-end stage needs the float model as teacher and is run afterwards
+    by :func:`quipsharp.finetune.finetune_model`.
+
     Returns:
         ``(model, reports)``: the same model object with :class:`QuantizedLinear` layers, and one
         :class:`LayerReport` per quantized layer.
     """
     config = config or ModelQuantConfig()
+    if config.finetune.block and calibration is None:
+        raise ValueError(f"fine-tuning mode {config.finetune.mode!r} needs calibration data")
     blocks_name, blocks = find_blocks(model)
     per_block = [_quantizable(f"{blocks_name}.{i}", b, config) for i, b in enumerate(blocks)]
     if not any(per_block):
@@ -383,6 +392,10 @@ def quantize_model(
             continue
         if calibration is None:
             block_reports = quantize_linears(block, block_name, names, None, config, on_layer)
+        elif config.finetune.block:
+            block_reports, stream = _quantize_block_finetuned(block, block_name, names, stream, calls[i], config,
+                                                              on_layer, set_postfix)
+            names = [r.name.removeprefix(f"{block_name}.") for r in block_reports]
         else:
             groups = shared_input_groups(block, names, stream[0], calls[i][0])
             groups = [[n for n in g if n in names] for g in groups]
@@ -399,6 +412,41 @@ def quantize_model(
         if delay:
             time.sleep(delay)
     return model, reports
+
+
+def _quantize_block_finetuned(
+    block: nn.Module,
+    block_name: str,
+    names: list[str],
+    stream: list[torch.Tensor],
+    calls: list[BlockCall],
+    config: ModelQuantConfig,
+    on_layer: Callable[[LayerReport], None],
+    set_postfix: Callable[[str], None] | None,
+) -> tuple[list[LayerReport], list[torch.Tensor]]:
+    """Quantize one block group by group with in-block fine-tuning after each group (QuIP# §5).
+
+    The targets are the float block's outputs for the block's input stream. Each group's Hessian is
+    collected just before it is quantized, from the block as it stands (earlier groups quantized and
+    everything tuned), so later layers are quantized in the context they will run in. Returns the
+    layer reports and the stream entering the next block.
+    """
+    targets = run_block(block, stream, calls)
+    groups = shared_input_groups(block, names, stream[0], calls[0])
+    groups = [g for g in ([n for n in g if n in names] for g in groups) if g]
+    reports: list[LayerReport] = []
+    for group in groups:
+        hessians, _ = collect_hessians(block, [group], stream, calls, keep_outputs=False)
+        reports.extend(quantize_linears(block, block_name, group, hessians, config, on_layer))
+        label = f"{block_name} after {'+'.join(n.rsplit('.', 1)[-1] for n in group)}"
+        ft = finetune_block(block, stream, targets, calls, config.finetune,
+                            seed=layer_seed(config.seed, label), name=label)
+        if set_postfix is not None:
+            set_postfix(f"{label}: fine-tuning held-out MSE -{ft.gain:.0%}")
+        del hessians
+    if config.hessian_inputs == "original":
+        return reports, targets
+    return reports, run_block(block, stream, calls)
 
 
 def _progress(iterable: Any, enabled: bool, desc: str) -> Any:

@@ -1,0 +1,302 @@
+"""Fine-tuning of what stays continuous after quantization (QuIP# §5, DESIGN.md §5).
+
+Two stages, both with the codes frozen and Adam on the continuous state:
+
+* :func:`finetune_block` — inside one decoder block while it is being quantized: the block's
+  remaining float weights, its norms and the real-valued sign vectors ``S_U``/``S_V`` (and biases)
+  of its quantized layers learn to reproduce the float block's outputs (MSE).
+* :func:`finetune_model` — end to end: sign vectors, norms and the LM head learn to match the float
+  model's next-token distribution (KL divergence on the logits, teacher computed on the fly).
+
+Both hold out part of the calibration windows, measure the held-out loss before training and after
+every epoch, and restore the best state (so fine-tuning never ends worse on held-out data than it
+started). :class:`quipsharp.nn.QuantizedLinear` trains through a cached dense core (see
+``enable_training``); everything here is device-generic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from quipsharp.config import FinetuneConfig
+from quipsharp.errors import NumericalError
+from quipsharp.nn import QuantizedLinear
+
+logger = logging.getLogger(__name__)
+
+BlockCall = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+@dataclass
+class FinetuneReport:
+    """Held-out losses of one fine-tuning stage: ``losses[0]`` before training, then one per epoch."""
+
+    name: str
+    losses: list[float] = field(default_factory=list)
+    best_epoch: int = 0
+    seconds: float = 0.0
+    parameters: int = 0
+
+    @property
+    def gain(self) -> float:
+        """Relative reduction of the held-out loss (0 when training did not help)."""
+        return 1.0 - self.losses[self.best_epoch] / self.losses[0] if self.losses and self.losses[0] > 0 else 0.0
+
+
+def split_holdout(n: int, fraction: float) -> tuple[list[int], list[int]]:
+    """``(train, held_out)`` indices of ``n`` windows: the last ``round(n·fraction)`` (at least 1) held out."""
+    if n < 2:
+        raise ValueError(f"fine-tuning needs at least 2 calibration windows (one held out), got {n}")
+    held = min(n - 1, max(1, round(n * fraction)))
+    return list(range(n - held)), list(range(n - held, n))
+
+
+@contextlib.contextmanager
+def _training_state(module: nn.Module, extra_trainable: list[torch.Tensor]) -> Iterator[list[QuantizedLinear]]:
+    """Enable training of the quantized layers in ``module`` (and of ``extra_trainable``) for a while.
+
+    Every parameter of ``module`` is frozen except ``extra_trainable``; the quantized layers get their
+    dense training cache. Everything is put back on exit, also after an error.
+    """
+    quantized = [m for m in module.modules() if isinstance(m, QuantizedLinear)]
+    flags = {id(p): p.requires_grad for p in module.parameters()}
+    was_training = module.training
+    try:
+        for p in module.parameters():
+            p.requires_grad_(False)
+        for t in extra_trainable:
+            t.requires_grad_(True)
+        for q in quantized:
+            q.enable_training()
+        yield quantized
+    finally:
+        for q in quantized:
+            q.disable_training()
+        for p in module.parameters():
+            p.requires_grad_(flags[id(p)])
+        module.train(was_training)
+
+
+def _param_groups(sign_state: list[torch.Tensor], weights: list[torch.Tensor], cfg: FinetuneConfig) -> list[dict]:
+    groups = []
+    if sign_state:
+        groups.append({"params": sign_state, "lr": cfg.sign_lr})
+    if weights:
+        groups.append({"params": weights, "lr": cfg.lr})
+    return groups
+
+
+def _train(
+    name: str,
+    trainable: list[torch.Tensor],
+    groups: list[dict],
+    train_batches: list[Any],
+    held_batches: list[Any],
+    loss_fn: Callable[[Any], torch.Tensor],
+    epochs: int,
+    cfg: FinetuneConfig,
+    generator: torch.Generator,
+    on_epoch: Callable[[FinetuneReport], None] | None = None,
+) -> FinetuneReport:
+    """Adam over ``train_batches`` for ``epochs``; held-out early stopping with best-state restore."""
+    report = FinetuneReport(name, parameters=sum(t.numel() for t in trainable))
+    start = time.perf_counter()
+
+    @torch.no_grad()
+    def held_out_loss() -> float:
+        total = sum(float(loss_fn(b)) for b in held_batches) / len(held_batches)
+        if not math.isfinite(total):
+            raise NumericalError(f"{name}: held-out fine-tuning loss is not finite ({total})")
+        return total
+
+    report.losses.append(held_out_loss())
+    best = [t.detach().clone() for t in trainable]
+    optimizer = torch.optim.Adam(groups)
+    for epoch in range(1, epochs + 1):
+        order = torch.randperm(len(train_batches), generator=generator).tolist()
+        optimizer.zero_grad(set_to_none=True)
+        for step, index in enumerate(order, start=1):
+            loss = loss_fn(train_batches[index]) / cfg.grad_accum
+            loss.backward()
+            if step % cfg.grad_accum == 0 or step == len(order):
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        report.losses.append(held_out_loss())
+        if report.losses[-1] < report.losses[report.best_epoch]:
+            report.best_epoch = epoch
+            best = [t.detach().clone() for t in trainable]
+        if on_epoch is not None:
+            on_epoch(report)
+    with torch.no_grad():
+        for t, b in zip(trainable, best, strict=True):
+            t.copy_(b)
+    report.seconds = time.perf_counter() - start
+    logger.info("%s: held-out loss %.4g -> %.4g (best epoch %d of %d, %d parameters, %.1fs)", name,
+                report.losses[0], report.losses[report.best_epoch], report.best_epoch, epochs,
+                report.parameters, report.seconds)
+    return report
+
+
+# --------------------------------------------------------------------------- in-block
+def _slice_call(call: BlockCall, rows: int, stop: int) -> BlockCall:
+    """The block arguments of a calibration batch of ``rows`` windows cut to its first ``stop``.
+
+    Calibration windows have no padding, so per-window tensors (masks, positions) are equal across
+    rows and the first ``stop`` rows serve any micro-batch of that size.
+    """
+    def cut(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows and rows > 1:
+            return value[:stop]
+        if isinstance(value, tuple):
+            return tuple(cut(v) for v in value)
+        if isinstance(value, list):
+            return [cut(v) for v in value]
+        return value
+
+    args, kwargs = call
+    return cut(args), {k: cut(v) for k, v in kwargs.items()}
+
+
+def _block_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def finetune_block(
+    block: nn.Module,
+    inputs: list[torch.Tensor],
+    targets: list[torch.Tensor],
+    calls: list[BlockCall],
+    cfg: FinetuneConfig,
+    *,
+    seed: int = 0,
+    name: str = "block",
+) -> FinetuneReport:
+    """Tune ``block`` in place so that ``block(inputs) ≈ targets`` (MSE), codes frozen (QuIP# §5).
+
+    Trained: every float parameter of the block (not-yet-quantized linears, norms) at ``cfg.lr`` and
+    the sign vectors, scale and bias of its quantized layers at ``cfg.sign_lr``.
+
+    Args:
+        block: a decoder block, partly quantized.
+        inputs, targets: per calibration batch, ``[b, ctx, hidden]`` hidden states entering the block
+            and the float block's outputs for them.
+        calls: per batch, the block's other arguments (as captured by the pipeline).
+        cfg: fine-tuning settings (``block_epochs``, ``lr``, ``sign_lr``, ``batch_size``, ``grad_accum``,
+            ``holdout``).
+        seed: seed of the shuffling.
+    """
+    if not inputs or len(inputs) != len(targets) or len(inputs) != len(calls):
+        raise ValueError("finetune_block needs one input, target and call per calibration batch")
+    rows = inputs[0].shape[0]
+    micro = min(cfg.batch_size, rows)
+    windows = [(b, r) for b, x in enumerate(inputs) for r in range(x.shape[0])]
+    train_idx, held_idx = split_holdout(len(windows), cfg.holdout)
+
+    def batches(indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor, BlockCall]]:
+        out = []
+        for start in range(0, len(indices), micro):
+            chunk = [windows[i] for i in indices[start:start + micro]]
+            x = torch.stack([inputs[b][r] for b, r in chunk])
+            y = torch.stack([targets[b][r] for b, r in chunk])
+            out.append((x, y, _slice_call(calls[chunk[0][0]], rows, len(chunk))))
+        return out
+
+    train_batches, held_batches = batches(train_idx), batches(held_idx)
+    dtype = next((p.dtype for p in block.parameters()), torch.float32)
+    block.float()  # train in float32 (bf16 Adam updates of small learning rates vanish)
+
+    def loss_fn(batch: tuple[torch.Tensor, torch.Tensor, BlockCall]) -> torch.Tensor:
+        x, y, (args, kwargs) = batch
+        out = _block_output(block(x.float(), *args, **kwargs))
+        return F.mse_loss(out.float(), y.float())
+
+    quantized = [m for m in block.modules() if isinstance(m, QuantizedLinear)]
+    sign_state = [t for q in quantized for t in q.trainable_state()]
+    weights = [p for p in block.parameters()]
+    try:
+        with _training_state(block, sign_state + weights):
+            block.eval()  # no dropout: the targets are deterministic
+            report = _train(name, sign_state + weights, _param_groups(sign_state, weights, cfg),
+                            train_batches, held_batches, loss_fn, cfg.block_epochs, cfg,
+                            torch.Generator().manual_seed(seed))
+    finally:
+        block.to(dtype)
+    return report
+
+
+# --------------------------------------------------------------------------- end to end
+def _causal_lm_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, use_cache=False).logits
+
+
+def finetune_model(
+    model: nn.Module,
+    teacher: nn.Module,
+    calibration: torch.Tensor,
+    cfg: FinetuneConfig,
+    *,
+    seed: int = 0,
+    on_epoch: Callable[[FinetuneReport], None] | None = None,
+) -> FinetuneReport:
+    """End-to-end tuning of a quantized causal LM against its float ``teacher`` (QuIP# §5).
+
+    Trained, codes frozen: the sign vectors, scales and biases of every :class:`QuantizedLinear` at
+    ``cfg.sign_lr``; every float parameter except the input embeddings (norms, the LM head, layers
+    left in float) at ``cfg.lr`` — when the LM head is tied to the embeddings it trains them too.
+    Loss: ``KL(teacher ‖ model)`` over the next-token distributions of all positions, the teacher's
+    logits computed on the fly without gradients.
+
+    Args:
+        model: the quantized model, tuned in place.
+        teacher: the float model it was quantized from (same vocabulary), left unchanged.
+        calibration: ``[nsamples, ctx]`` int64 token ids; ``cfg.holdout`` of them held out.
+        cfg: fine-tuning settings (``e2e_epochs``, ``lr``, ``sign_lr``, ``batch_size``, ``grad_accum``,
+            ``holdout``, ``gradient_checkpointing``).
+    """
+    if calibration.dim() != 2 or calibration.dtype != torch.int64:
+        raise ValueError(f"calibration must be [nsamples, ctx] int64 token ids, got {tuple(calibration.shape)} "
+                         f"{calibration.dtype}")
+    train_idx, held_idx = split_holdout(calibration.shape[0], cfg.holdout)
+    train_batches = list(calibration[train_idx].split(cfg.batch_size))
+    held_batches = list(calibration[held_idx].split(cfg.batch_size))
+    embeddings = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+    frozen = {id(p) for p in embeddings.parameters()} - head_ids
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    if not quantized:
+        raise ValueError("finetune_model needs a quantized model (no QuantizedLinear found)")
+    sign_state = [t for q in quantized for t in q.trainable_state()]
+    weights = [p for p in model.parameters() if id(p) not in frozen]
+    teacher.eval()
+
+    def loss_fn(ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = F.log_softmax(_causal_lm_logits(teacher, ids).float(), dim=-1)
+        logp = F.log_softmax(_causal_lm_logits(model, ids).float(), dim=-1)
+        vocab = logp.shape[-1]
+        return F.kl_div(logp.reshape(-1, vocab), target.reshape(-1, vocab), log_target=True, reduction="batchmean")
+
+    checkpointing = cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable")
+    with _training_state(model, sign_state + weights):
+        model.train(checkpointing)  # HF checkpoints only in training mode; otherwise no dropout
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        try:
+            return _train("end-to-end", sign_state + weights, _param_groups(sign_state, weights, cfg),
+                          train_batches, held_batches, loss_fn, cfg.e2e_epochs, cfg,
+                          torch.Generator().manual_seed(seed), on_epoch)
+        finally:
+            if checkpointing:
+                model.gradient_checkpointing_disable()
+            model.eval()
