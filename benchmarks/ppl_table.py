@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import machine_info, today
-from quipsharp.config import DEFAULT_CTX, DEFAULT_NSAMPLES
+from quipsharp.config import DEFAULT_CTX, DEFAULT_NSAMPLES, FinetuneConfig
 
 RTN_GROUP = 64  # divides 576 and 1536
 ROWS: dict[str, dict[str, Any]] = {
@@ -40,22 +40,27 @@ ROWS: dict[str, dict[str, Any]] = {
     "qs4": {"kind": "quipsharp", "bits": 4},
     # llama.cpp's "IQ2_XXS" allocation on this model: 2 bits only in the 1536-wide down projections
     "qs4-down2": {"kind": "quipsharp", "bits": 4, "bits_map": [["down_proj", 2]]},
+    # fine-tuning (issue 5): in-block during quantization, end to end after, or both
+    **{f"qs{bits}-{mode}": {"kind": "quipsharp", "bits": bits, "finetune": mode}
+       for bits in (2, 3) for mode in ("block", "e2e", "both")},
 }
 KB = 1024
 #: Arguments that change a row's figures (a cached row is reused only when all of them match).
 SETTINGS = ("nsamples", "ctx", "hessian_inputs", "cd_passes", "scale_rho", "damping", "eval_ctx", "max_windows",
-            "threads")
+            "threads", "ft_block_epochs", "ft_e2e_epochs", "ft_lr", "ft_sign_lr", "ft_batch_size")
 
 
-def _finished_rows(path: Path | None, settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Rows of a ``--results`` file measured with ``settings`` (the last one per row name)."""
+def _finished_rows(path: Path | None, settings: dict[str, Any], defaults: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Rows of a ``--results`` file measured with ``settings`` (the last one per row name).
+
+    A setting missing from an older line counts as its default (settings were added over time)."""
     if path is None or not path.exists():
         return {}
     done = {}
     for line in path.read_text().splitlines():
         if line.strip():
             entry = json.loads(line)
-            if entry["settings"] == settings:
+            if all(entry["settings"].get(k, defaults[k]) == v for k, v in settings.items()):
                 done[entry["row"]["row"]] = entry["row"]
     return done
 
@@ -64,9 +69,10 @@ def run_row(name: str, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from quipsharp.baselines import rtn_bits_per_weight, rtn_quantize
-    from quipsharp.config import ModelQuantConfig, QuIPSharpConfig
+    from quipsharp.config import FinetuneConfig, ModelQuantConfig, QuIPSharpConfig
     from quipsharp.data import calibration_windows, evaluation_windows, read_documents
     from quipsharp.eval import compression_report, perplexity
+    from quipsharp.finetune import finetune_model
     from quipsharp.hf import load_model, save_quantized
     from quipsharp.models.walker import block_linears, find_blocks
     from quipsharp.pipeline import quantize_model
@@ -89,16 +95,28 @@ def run_row(name: str, args: argparse.Namespace) -> dict[str, Any]:
                     lin.weight.copy_(rtn_quantize(lin.weight, spec["bits"], spec.get("group", RTN_GROUP)))
         row["bits_per_weight"] = rtn_bits_per_weight(spec["bits"], spec.get("group", RTN_GROUP))
     elif spec["kind"] == "quipsharp":
+        finetune = FinetuneConfig(mode=spec.get("finetune", "none"), block_epochs=args.ft_block_epochs,
+                                  e2e_epochs=args.ft_e2e_epochs, lr=args.ft_lr, sign_lr=args.ft_sign_lr,
+                                  batch_size=args.ft_batch_size)
         config = ModelQuantConfig(
             layer=QuIPSharpConfig(
                 bits=spec["bits"], cd_passes=args.cd_passes, scale_rho=args.scale_rho, damping=args.damping
             ),
             bits_map=tuple(tuple(p) for p in spec.get("bits_map", [])),
-            nsamples=args.nsamples, ctx=args.ctx, hessian_inputs=args.hessian_inputs,
+            nsamples=args.nsamples, ctx=args.ctx, hessian_inputs=args.hessian_inputs, finetune=finetune,
         )
         calib = calibration_windows(read_documents(data / C4_SAMPLE), tok, config.nsamples, config.ctx, config.seed)
         model, reports = quantize_model(model, config, calib, progress=False)
         row["quant_seconds"] = time.perf_counter() - start
+        if finetune.e2e:
+            teacher, _ = load_model(gguf)
+            ft_start = time.perf_counter()
+            ft = finetune_model(model, teacher, calib, finetune)
+            row["e2e_seconds"] = time.perf_counter() - ft_start
+            row["e2e_heldout_kl"] = [ft.losses[0], ft.losses[ft.best_epoch]]
+            del teacher
+        if finetune.mode != "none":
+            row["finetune"] = finetune.to_dict()
         row["calibration"] = f"C4 sample, {config.nsamples} x {config.ctx} tokens"
         row["mean_proxy_loss"] = sum(r.proxy_loss for r in reports) / len(reports)
         with tempfile.TemporaryDirectory() as tmp:
@@ -130,6 +148,12 @@ def main() -> None:
     parser.add_argument("--eval-ctx", type=int, default=2048)
     parser.add_argument("--max-windows", type=int, default=None, help="quick check: first N windows only")
     parser.add_argument("--threads", type=int, default=2)
+    ft = FinetuneConfig()
+    parser.add_argument("--ft-block-epochs", type=int, default=ft.block_epochs)
+    parser.add_argument("--ft-e2e-epochs", type=int, default=ft.e2e_epochs)
+    parser.add_argument("--ft-lr", type=float, default=ft.lr)
+    parser.add_argument("--ft-sign-lr", type=float, default=ft.sign_lr)
+    parser.add_argument("--ft-batch-size", type=int, default=ft.batch_size)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--results", type=Path, default=None,
                         help="JSON-lines file of finished rows: reused for the same settings, appended to")
@@ -139,7 +163,7 @@ def main() -> None:
         print(json.dumps(run_row(args.one_row, args)))
         return
     settings = {k: v for k, v in vars(args).items() if k in SETTINGS}
-    done = _finished_rows(args.results, settings)
+    done = _finished_rows(args.results, settings, {k: parser.get_default(k) for k in SETTINGS})
     rows = []
     passthrough = [a for a in sys.argv[1:] if a != "--json"]
     for name in args.rows:
