@@ -203,3 +203,20 @@ def test_native_kernel_serves_real_valued_signs_after_training():
                 torch.testing.assert_close(layer(x), expected, rtol=0, atol=tol, msg=level)
     finally:
         kernels.set_level(start)
+
+
+def test_resume_with_block_finetuning_gives_the_same_model(tmp_path):
+    """Progress is saved per block with its tuned norms: resuming after block 0 reproduces the full run."""
+    from quipsharp.pipeline import PROGRESS_FILE
+
+    tokens = calibration_tokens(16, 32)
+    cfg = ModelQuantConfig(layer=TWO_BIT, finetune=FinetuneConfig(mode="block", block_epochs=1, lr=1e-3))
+    work = tmp_path / "work"
+    full, _ = quantize_model(tiny_model("llama"), cfg, tokens, work_dir=work, progress=False)
+    progress = json.loads((work / PROGRESS_FILE).read_text())
+    progress["blocks"] = progress["blocks"][:1]  # as if killed after block 0
+    (work / PROGRESS_FILE).write_text(json.dumps(progress))
+    resumed, reports = quantize_model(tiny_model("llama"), cfg, tokens, work_dir=work, resume=True, progress=False)
+    a, b = full.state_dict(), resumed.state_dict()
+    assert len(reports) == 14 and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -66,12 +66,7 @@ def _finetune_e2e(model: Any, teacher_source: str, dtype: str, calibration: Any,
     if teacher.get_input_embeddings().weight.shape[0] != model.get_input_embeddings().weight.shape[0]:
         raise CliError(f"teacher {teacher_source} has a different vocabulary from the quantized model")
 
-    def on_epoch(report: Any) -> None:
-        if not quiet:
-            print(f"end-to-end epoch {len(report.losses) - 1}: held-out KL {report.losses[-1]:.4f} "
-                  f"(before {report.losses[0]:.4f})", file=sys.stderr)
-
-    finetune_model(model, teacher, calibration, ft, on_epoch=on_epoch)
+    finetune_model(model, teacher, calibration, ft, progress=not quiet)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:

@@ -107,6 +107,7 @@ def _train(
     cfg: FinetuneConfig,
     generator: torch.Generator,
     on_epoch: Callable[[FinetuneReport], None] | None = None,
+    progress: bool = False,
 ) -> FinetuneReport:
     """Adam over ``train_batches`` for ``epochs``; held-out early stopping with best-state restore."""
     report = FinetuneReport(name, parameters=sum(t.numel() for t in trainable))
@@ -122,6 +123,7 @@ def _train(
     report.losses.append(held_out_loss())
     best = [t.detach().clone() for t in trainable]
     optimizer = torch.optim.Adam(groups)
+    bar = _progress_bar(epochs * len(train_batches), name) if progress else None
     for epoch in range(1, epochs + 1):
         order = torch.randperm(len(train_batches), generator=generator).tolist()
         optimizer.zero_grad(set_to_none=True)
@@ -131,12 +133,19 @@ def _train(
             if step % cfg.grad_accum == 0 or step == len(order):
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(f"epoch {epoch} loss {float(loss) * cfg.grad_accum:.4g}")
         report.losses.append(held_out_loss())
+        if bar is not None:
+            bar.write(f"{name}: epoch {epoch} held-out loss {report.losses[-1]:.4g} (before {report.losses[0]:.4g})")
         if report.losses[-1] < report.losses[report.best_epoch]:
             report.best_epoch = epoch
             best = [t.detach().clone() for t in trainable]
         if on_epoch is not None:
             on_epoch(report)
+    if bar is not None:
+        bar.close()
     with torch.no_grad():
         for t, b in zip(trainable, best, strict=True):
             t.copy_(b)
@@ -145,6 +154,14 @@ def _train(
                 report.losses[0], report.losses[report.best_epoch], report.best_epoch, epochs,
                 report.parameters, report.seconds)
     return report
+
+
+def _progress_bar(total: int, desc: str) -> Any:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc)
 
 
 # --------------------------------------------------------------------------- in-block
@@ -247,6 +264,7 @@ def finetune_model(
     *,
     seed: int = 0,
     on_epoch: Callable[[FinetuneReport], None] | None = None,
+    progress: bool = False,
 ) -> FinetuneReport:
     """End-to-end tuning of a quantized causal LM against its float ``teacher`` (QuIP# §5).
 
@@ -262,6 +280,9 @@ def finetune_model(
         calibration: ``[nsamples, ctx]`` int64 token ids; ``cfg.holdout`` of them held out.
         cfg: fine-tuning settings (``e2e_epochs``, ``lr``, ``sign_lr``, ``batch_size``, ``grad_accum``,
             ``holdout``, ``gradient_checkpointing``).
+        seed: seed of the shuffling.
+        on_epoch: called with the report after every epoch.
+        progress: show a tqdm bar over the optimizer micro-batches with the training loss.
     """
     if calibration.dim() != 2 or calibration.dtype != torch.int64:
         raise ValueError(f"calibration must be [nsamples, ctx] int64 token ids, got {tuple(calibration.shape)} "
@@ -295,7 +316,7 @@ def finetune_model(
         try:
             return _train("end-to-end", sign_state + weights, _param_groups(sign_state, weights, cfg),
                           train_batches, held_batches, loss_fn, cfg.e2e_epochs, cfg,
-                          torch.Generator().manual_seed(seed), on_epoch)
+                          torch.Generator().manual_seed(seed), on_epoch, progress)
         finally:
             if checkpointing:
                 model.gradient_checkpointing_disable()

@@ -1,0 +1,438 @@
+"""Load quipsharp directories with ``transformers.AutoModelForCausalLM.from_pretrained``.
+
+After ``import quipsharp``, ``AutoModelForCausalLM.from_pretrained(dir)`` loads a directory written by
+:func:`quipsharp.save_quantized` and gives the same model as :func:`quipsharp.load_quantized` (bitwise
+identical logits). It goes through transformers' official extension points: a
+``QuantizationConfigMixin`` subclass registered with ``register_quantization_config("quipsharp")`` reads
+the ``quantization_config`` of ``config.json``, and an ``HfQuantizer`` subclass registered with
+``register_quantizer("quipsharp")`` swaps every listed linear layer for a
+:class:`~quipsharp.nn.QuantizedLinear` on the meta device before transformers loads the weights into
+its buffers.
+
+Registration without importing transformers
+-------------------------------------------
+Both classes must subclass transformers classes, and importing transformers' quantizer registry costs
+about two seconds, which ``import quipsharp`` should not pay (it needs only torch, numpy and
+safetensors). So ``import quipsharp`` calls :func:`register_when_transformers_loads`, which
+
+* registers at once if ``transformers.quantizers.auto`` (the module holding the registry) is already
+  imported, and otherwise
+* puts a finder on ``sys.meta_path`` that waits for that module to be imported (``from_pretrained``
+  cannot run before it is: ``transformers.modeling_utils`` imports it) and registers right after the
+  module has executed, then removes itself.
+
+Either way ``from_pretrained`` sees the quipsharp quantizer whether transformers was imported before
+or after quipsharp. :func:`register_with_transformers` registers explicitly (idempotent); the classes are
+built on first registration and are reachable as ``quipsharp.hf_quantizer.QuipSharpQuantizationConfig``
+and ``quipsharp.hf_quantizer.QuipSharpHfQuantizer`` (looking either up registers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.abc
+import importlib.machinery
+import json
+import logging
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from quipsharp.config import ModelQuantConfig, QuIPSharpConfig
+from quipsharp.hf import FORMAT_VERSION, QUANT_METHOD, ModelLoadError
+from quipsharp.models.walker import linear_shape, set_submodule
+from quipsharp.nn import QuantizedLinear
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+logger = logging.getLogger(__name__)
+
+# The transformers module that holds the quantization registry and `register_quantizer`.
+REGISTRY_MODULE = "transformers.quantizers.auto"
+SAFETENSORS_SUFFIX = ".safetensors"
+TIED_METADATA_KEY = "tied"  # safetensors metadata written by quipsharp.hf.save_quantized
+MODULE_SPEC_KEYS = ("bits", "in_features", "out_features", "bias")
+# Dtype of the float state (signs, scale, bias) of a QuantizedLinear, whatever dtype the model loads in.
+QUANTIZED_STATE_DTYPE = torch.float32
+# Attribute of the meta stand-in weight a QuantizedLinear carries while transformers loads the model.
+STAND_IN_WEIGHT = "weight"
+CONFIG_CLASS_NAME = "QuipSharpQuantizationConfig"
+QUANTIZER_CLASS_NAME = "QuipSharpHfQuantizer"
+
+_registered: tuple[type, type] | None = None
+
+
+# --------------------------------------------------------------------------- registration
+def register_with_transformers() -> tuple[type, type]:
+    """Register the quipsharp quantization config and quantizer with transformers (idempotent).
+
+    Imports transformers. ``import quipsharp`` arranges this automatically (see the module docstring);
+    call it yourself only to register eagerly. Returns ``(config class, quantizer class)``.
+    """
+    global _registered
+    if _registered is None:
+        _registered = _define_and_register()
+    return _registered
+
+
+def register_when_transformers_loads() -> None:
+    """Register now if transformers' quantizer registry is imported, else right after it is imported."""
+    if REGISTRY_MODULE in sys.modules:
+        register_with_transformers()
+    elif not any(isinstance(finder, _RegistryImportHook) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _RegistryImportHook())
+
+
+def _register_after_import() -> None:
+    """Run by the import hook; a failure must not break ``import transformers``, so it is logged."""
+    try:
+        register_with_transformers()
+    except Exception as err:  # reported; from_pretrained then warns of an unknown method
+        logger.warning("quipsharp could not register its quantizer with transformers: %s", err)
+
+
+class _RegistryImportHook(importlib.abc.MetaPathFinder):
+    """Finds ``transformers.quantizers.auto`` through the other finders and registers after it executes."""
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname != REGISTRY_MODULE:
+            return None
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self)  # one shot; also keeps the lookup below from reaching this finder
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            spec = find(fullname, path, target) if find is not None else None
+            if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                _run_after_exec(spec.loader, fullname)
+                return spec
+        return None  # not found: the import machinery raises its usual error
+
+
+def _run_after_exec(loader: importlib.abc.Loader, fullname: str) -> None:
+    """Wrap ``loader.exec_module`` (on the instance, once) to register after ``fullname`` executes."""
+    exec_module = loader.exec_module
+
+    def exec_then_register(module: ModuleType) -> None:
+        try:
+            exec_module(module)
+        finally:
+            if module.__name__ == fullname:
+                with contextlib.suppress(AttributeError):
+                    del loader.exec_module  # restore the class's method
+        if module.__name__ == fullname:
+            _register_after_import()
+
+    loader.exec_module = exec_then_register  # type: ignore[method-assign]
+
+
+def __getattr__(name: str) -> type:
+    """``QuipSharpQuantizationConfig`` and ``QuipSharpHfQuantizer`` exist once registered (PEP 562)."""
+    if name in (CONFIG_CLASS_NAME, QUANTIZER_CLASS_NAME):
+        config_cls, quantizer_cls = register_with_transformers()
+        return config_cls if name == CONFIG_CLASS_NAME else quantizer_cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _define_and_register() -> tuple[type, type]:
+    """Define both classes on transformers' bases and register them (reusing an earlier registration)."""
+    try:
+        from transformers.quantizers import auto
+        from transformers.quantizers.base import HfQuantizer
+        from transformers.utils.quantization_config import QuantizationConfigMixin
+    except ImportError as err:
+        raise ModelLoadError(
+            f"this transformers has no quantizer registry ({err}); loading quipsharp directories with "
+            "from_pretrained needs transformers 5; quipsharp.load_quantized works with any version"
+        ) from err
+
+    existing = (
+        auto.AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD),
+        auto.AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD),
+    )
+    if all(cls is not None and cls.__module__ == __name__ for cls in existing):
+        _publish(*existing)  # registered by an earlier copy of this module (e.g. after a reload)
+        return existing  # type: ignore[return-value]
+
+    config_cls = _make_config_class(QuantizationConfigMixin)
+    quantizer_cls = _make_quantizer_class(HfQuantizer, config_cls)
+    auto.register_quantization_config(QUANT_METHOD)(config_cls)
+    auto.register_quantizer(QUANT_METHOD)(quantizer_cls)
+    _publish(config_cls, quantizer_cls)
+    logger.debug("registered the %r quantizer with transformers", QUANT_METHOD)
+    return config_cls, quantizer_cls
+
+
+def _publish(*classes: type) -> None:
+    """Make the classes module attributes under their own names (so pickling finds them)."""
+    for cls in classes:
+        cls.__qualname__ = cls.__name__
+        globals()[cls.__name__] = cls
+
+
+# --------------------------------------------------------------------------- the quantization config
+def check_format_version(version: Any) -> None:
+    """Refuse a ``format_version`` this quipsharp cannot read (the message of ``read_quantization_config``)."""
+    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
+        raise ModelLoadError(
+            f"this model's config.json has quipsharp format version {version!r}; this quipsharp reads up to "
+            f"{FORMAT_VERSION}: upgrade"
+        )
+
+
+def parse_modules(modules: Any) -> dict[str, dict[str, Any]]:
+    """Validate the ``modules`` map of a quantization config: ``{name: {bits, in_features, ...}}``."""
+    if not isinstance(modules, dict) or not modules:
+        raise ModelLoadError("the quipsharp quantization_config lists no quantized modules")
+    for name, spec in modules.items():
+        missing = [key for key in MODULE_SPEC_KEYS if not isinstance(spec, dict) or key not in spec]
+        if missing:
+            raise ModelLoadError(f"quipsharp quantization_config: module {name!r} lacks {missing}")
+    return modules
+
+
+def _make_config_class(base: type) -> type:
+    """The ``QuantizationConfigMixin`` subclass holding the ``quantization_config`` of ``config.json``."""
+
+    class QuipSharpQuantizationConfig(base):  # type: ignore[misc, valid-type]
+        """The ``quantization_config`` of a quipsharp directory, as transformers sees it.
+
+        Args:
+            format_version: version of the directory format; newer than this quipsharp reads is refused.
+            config: :meth:`quipsharp.config.ModelQuantConfig.to_dict` of the quantization run.
+            modules: ``{module name: {"bits", "codebook", "in_features", "out_features", "bias"}}``.
+            source_model: the float model the directory was quantized from (optional).
+            quant_method: always ``"quipsharp"``.
+        """
+
+        def __init__(
+            self,
+            format_version: int = FORMAT_VERSION,
+            config: dict[str, Any] | None = None,
+            modules: dict[str, dict[str, Any]] | None = None,
+            source_model: str | None = None,
+            quant_method: str = QUANT_METHOD,
+            **unknown: Any,
+        ) -> None:
+            check_format_version(format_version)
+            if quant_method != QUANT_METHOD:
+                raise ModelLoadError(f"quant_method {quant_method!r} is not {QUANT_METHOD!r}")
+            if unknown:  # as quipsharp.load_quantized: not needed to load; kept so that saving keeps them
+                logger.warning("quipsharp quantization_config: ignoring unknown fields %s", sorted(unknown))
+            self.quant_method = QUANT_METHOD
+            self.format_version = format_version
+            self.config = copy.deepcopy(config) if config is not None else ModelQuantConfig().to_dict()
+            self.modules = copy.deepcopy(parse_modules(modules)) if modules is not None else {}
+            self.source_model = source_model
+            self.unknown_fields = copy.deepcopy(unknown)
+            self.model_quant_config()  # refuse an unreadable config now, not halfway through loading
+
+        def model_quant_config(self) -> ModelQuantConfig:
+            """The :class:`~quipsharp.config.ModelQuantConfig` of the run."""
+            try:
+                return ModelQuantConfig.from_dict(self.config)
+            except (ValueError, TypeError) as err:
+                raise ModelLoadError(f"the quipsharp quantization config is not readable: {err}") from err
+
+        def layer_config(self, name: str) -> QuIPSharpConfig:
+            """The config of quantized module ``name``; its recorded bit width wins."""
+            config = self.model_quant_config().layer_config(name)
+            bits = self.modules[name]["bits"]
+            return config if config.bits == bits else config.replace(bits=bits)
+
+        def to_dict(self) -> dict[str, Any]:
+            """The dictionary stored in ``config.json`` (what :func:`quipsharp.save_quantized` writes)."""
+            out = {
+                **copy.deepcopy(self.unknown_fields),
+                "quant_method": QUANT_METHOD,
+                "format_version": self.format_version,
+                "config": copy.deepcopy(self.config),
+                "modules": copy.deepcopy(self.modules),
+            }
+            if self.source_model is not None:
+                out["source_model"] = self.source_model
+            return out
+
+        def __iter__(self) -> Iterator[tuple[str, Any]]:
+            yield from self.to_dict().items()
+
+    return QuipSharpQuantizationConfig
+
+
+# --------------------------------------------------------------------------- the quantizer
+@contextlib.contextmanager
+def _building_quantized_layers() -> Iterator[None]:
+    """Step out of transformers' init context (default device ``meta``, default dtype the load dtype).
+
+    A :class:`QuantizedLinear` puts its buffers on ``meta`` itself, but the codebook tables and kernel
+    factors it builds are cached for the whole process and must be real CPU tensors; and its float
+    state is float32 whatever the model's dtype (transformers then loads into the buffers' dtype).
+    """
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(QUANTIZED_STATE_DTYPE)
+    try:
+        with torch.device("cpu"):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def model_key(model: nn.Module, name: str) -> str:
+    """A checkpoint name as the model names it: drops the base-model prefix when loading a bare base
+    model (``AutoModel``) from a causal LM checkpoint, as transformers does for the tensors."""
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    if prefix != "." and name.startswith(prefix) and not hasattr(model, prefix[:-1]):
+        return name[len(prefix):]
+    return name
+
+
+def read_checkpoint_index(files: Sequence[str | Path]) -> tuple[set[str], dict[str, str]]:
+    """``(tensor names, {dropped tied name: kept name})`` of safetensors checkpoint files (headers only)."""
+    names: set[str] = set()
+    tied: dict[str, str] = {}
+    for file in files:
+        if not str(file).endswith(SAFETENSORS_SUFFIX):
+            continue
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                names.update(handle.keys())
+                metadata = handle.metadata() or {}
+        except (SafetensorError, OSError) as err:
+            raise ModelLoadError(f"{file} is not a readable safetensors file: {err}") from err
+        raw = metadata.get(TIED_METADATA_KEY)
+        if raw:
+            try:
+                tied.update(json_object(raw))
+            except ValueError as err:
+                raise ModelLoadError(f"{file}: the {TIED_METADATA_KEY!r} metadata is not a JSON object") from err
+    return names, tied
+
+
+def json_object(text: str) -> dict[str, str]:
+    """Parse a JSON object of strings (raises ``ValueError`` otherwise)."""
+    value = json.loads(text)
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise ValueError("not a JSON object of strings")
+    return value
+
+
+def replace_quantized_layers(model: nn.Module, quantization_config: Any) -> dict[str, QuantizedLinear]:
+    """Swap every module listed in ``quantization_config.modules`` for an empty (meta) QuantizedLinear.
+
+    Returns the new layers by their name in ``model``.
+    """
+    layers: dict[str, QuantizedLinear] = {}
+    with _building_quantized_layers():
+        for saved_name, spec in quantization_config.modules.items():
+            name = model_key(model, saved_name)
+            try:
+                module = model.get_submodule(name)
+            except AttributeError as err:
+                raise ModelLoadError(f"the model has no module {saved_name!r} listed as quantized") from err
+            out_features, in_features = linear_shape(module)
+            if (out_features, in_features) != (spec["out_features"], spec["in_features"]):
+                raise ModelLoadError(
+                    f"module {saved_name} is {out_features}x{in_features} in the model config but "
+                    f"{spec['out_features']}x{spec['in_features']} in the quantization config"
+                )
+            layer = QuantizedLinear(in_features, out_features, quantization_config.layer_config(saved_name),
+                                    bias=bool(spec["bias"]), device="meta")
+            # transformers' weight initialisation (which runs after loading, for missing keys) reads the
+            # ``weight`` of known linears from their parents (e.g. GPT-2's ``attn.c_proj.weight``); give
+            # it an initialised meta stand-in it skips, removed again after loading.
+            stand_in = torch.empty_like(module.weight, device="meta")
+            stand_in._is_hf_initialized = True
+            layer.__dict__[STAND_IN_WEIGHT] = stand_in
+            set_submodule(model, name, layer)
+            layers[name] = layer
+    return layers
+
+
+def check_checkpoint_covers(
+    model: nn.Module, layers: dict[str, QuantizedLinear], files: Sequence[str | Path]
+) -> None:
+    """Refuse checkpoints that lack quantized tensors or tie tensors the model does not tie itself.
+
+    transformers would fill a missing buffer with uninitialised memory, so this is checked up front.
+    """
+    if not files or not all(str(f).endswith(SAFETENSORS_SUFFIX) for f in files):
+        return
+    names, tied = read_checkpoint_index(files)
+    names = {model_key(model, n) for n in names}
+    declared = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    state = model.state_dict()
+    for dropped, kept in tied.items():
+        dropped_key = model_key(model, dropped)
+        if dropped_key in state and dropped_key not in declared:
+            raise ModelLoadError(
+                f"{files[0]} stores {dropped} as a copy of {kept}, a tie this model's config does not declare"
+            )
+    expected = [f"{name}.{key}" for name, layer in layers.items() for key in layer.state_dict()]
+    missing = [key for key in expected if key not in names]
+    if missing:
+        raise ModelLoadError(f"{files[0]} is missing tensors: {missing[:5]}")
+
+
+def finish_loaded_layers(model: nn.Module) -> None:
+    """Drop the stand-in weights and check that every QuantizedLinear holds codes of the codebook its
+    config selects (transformers' loader does not run the layer's ``load_state_dict`` hook that does)."""
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLinear):
+            module.__dict__.pop(STAND_IN_WEIGHT, None)
+            try:
+                module._check_loaded_codebook()
+            except ValueError as err:
+                raise ModelLoadError(f"{name}: {err}") from err
+
+
+def _make_quantizer_class(base: type, config_cls: type) -> type:
+    """The ``HfQuantizer`` subclass that prepares the model skeleton for a quipsharp checkpoint."""
+
+    class QuipSharpHfQuantizer(base):  # type: ignore[misc, valid-type]
+        """Loads quipsharp checkpoints: swaps the listed linears for meta :class:`QuantizedLinear` layers
+        before the weights load; transformers then fills their buffers from ``model.safetensors``.
+
+        Quantizing a float model on the fly is not supported (it needs calibration data): quantize with
+        :func:`quipsharp.quantize_model` or the ``quipsharp`` CLI.
+        """
+
+        requires_calibration = True
+
+        def __init__(self, quantization_config: Any, **kwargs: Any) -> None:
+            if not isinstance(quantization_config, config_cls):
+                raise ModelLoadError(
+                    f"the quipsharp quantizer needs a {config_cls.__name__}, got {type(quantization_config).__name__}"
+                )
+            super().__init__(quantization_config, **kwargs)
+
+        def _process_model_before_weight_loading(
+            self, model: PreTrainedModel, checkpoint_files: Sequence[str] | None = None, **kwargs: Any
+        ) -> PreTrainedModel:
+            layers = replace_quantized_layers(model, self.quantization_config)
+            check_checkpoint_covers(model, layers, checkpoint_files or [])
+            logger.debug("replaced %d linear layers with QuantizedLinear", len(layers))
+            return model
+
+        def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
+            finish_loaded_layers(model)
+            return model
+
+        def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
+            """``save_pretrained`` writes a directory that both loaders read back identically."""
+            return True
+
+        @property
+        def is_trainable(self) -> bool:
+            """Training through transformers is not supported (quipsharp's own fine-tuning is)."""
+            return False
+
+    return QuipSharpHfQuantizer
