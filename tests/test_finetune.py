@@ -220,3 +220,15 @@ def test_resume_with_block_finetuning_gives_the_same_model(tmp_path):
     a, b = full.state_dict(), resumed.state_dict()
     assert len(reports) == 14 and a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_end_to_end_finetuning_of_a_bfloat16_model_trains_in_float32_and_casts_back():
+    teacher = tiny_model("llama")
+    tokens = calibration_tokens(16, 32)
+    model, _ = quantize_model(copy.deepcopy(teacher), ModelQuantConfig(layer=TWO_BIT), tokens, progress=False)
+    model.to(torch.bfloat16)
+    cfg = FinetuneConfig(mode="e2e", e2e_epochs=2, lr=1e-4, sign_lr=1e-3, batch_size=4, holdout=0.25)
+    report = finetune_model(model, teacher, tokens, cfg)
+    assert report.best_epoch > 0 and report.losses[report.best_epoch] < report.losses[0]
+    assert model.lm_head.weight.dtype == torch.bfloat16 and model.model.norm.weight.dtype == torch.bfloat16
+    assert all(m.su.dtype == torch.float32 for m in model.modules() if isinstance(m, QuantizedLinear))

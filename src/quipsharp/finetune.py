@@ -309,6 +309,21 @@ def finetune_model(
         return F.kl_div(logp.reshape(-1, vocab), target.reshape(-1, vocab), log_target=True, reduction="batchmean")
 
     checkpointing = cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable")
+    dtype = next((p.dtype for p in model.parameters()), torch.float32)
+    if dtype != torch.float32:  # train in float32 (bf16 Adam updates of small learning rates vanish)
+        model.float()
+        weights = [p for p in model.parameters() if id(p) not in frozen]
+    try:
+        return _finetune_model_float32(model, loss_fn, sign_state, weights, train_batches, held_batches, cfg,
+                                       checkpointing, seed, on_epoch, progress)
+    finally:
+        model.to(dtype)
+
+
+def _finetune_model_float32(model: nn.Module, loss_fn: Callable[[torch.Tensor], torch.Tensor],
+                            sign_state: list[torch.Tensor], weights: list[torch.Tensor], train_batches: list[Any],
+                            held_batches: list[Any], cfg: FinetuneConfig, checkpointing: bool, seed: int,
+                            on_epoch: Callable[[FinetuneReport], None] | None, progress: bool) -> FinetuneReport:
     with _training_state(model, sign_state + weights):
         model.train(checkpointing)  # HF checkpoints only in training mode; otherwise no dropout
         if checkpointing:
