@@ -232,3 +232,35 @@ def test_end_to_end_finetuning_of_a_bfloat16_model_trains_in_float32_and_casts_b
     assert report.best_epoch > 0 and report.losses[report.best_epoch] < report.losses[0]
     assert model.lm_head.weight.dtype == torch.bfloat16 and model.model.norm.weight.dtype == torch.bfloat16
     assert all(m.su.dtype == torch.float32 for m in model.modules() if isinstance(m, QuantizedLinear))
+
+
+def test_gradient_checkpointing_gives_the_same_training():
+    teacher = tiny_model("llama")
+    tokens = calibration_tokens(16, 32)
+    base, _ = quantize_model(copy.deepcopy(teacher), ModelQuantConfig(layer=TWO_BIT), tokens, progress=False)
+    losses, calls = [], []
+    for checkpointing in (False, True):
+        model = copy.deepcopy(base)
+        mlp, count = model.model.layers[0].mlp, [0]
+
+        def counted(x, _forward=mlp.forward, _count=count):  # module hooks do not fire in the recomputation
+            _count[0] += 1
+            return _forward(x)
+
+        mlp.forward = counted
+        cfg = FinetuneConfig(mode="e2e", e2e_epochs=2, lr=1e-4, sign_lr=1e-3, gradient_checkpointing=checkpointing)
+        losses.append(finetune_model(model, teacher, tokens, cfg).losses)
+        calls.append(count[0])
+        assert not model.training and not getattr(model.model, "gradient_checkpointing", False)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    assert calls[1] > calls[0]  # the checkpointed run recomputed the block in the backward pass
+
+
+def test_finetune_command_without_a_recorded_teacher_is_a_clear_error(tmp_path, capsys):
+    tokens = calibration_tokens(8, 32)
+    model, reports = quantize_model(tiny_model("llama"), ModelQuantConfig(layer=TWO_BIT), tokens, progress=False)
+    out = save_quantized(model, tmp_path / "q", reports=reports)  # no source recorded
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TEXT)
+    assert main(["finetune", str(out), "--calib", str(calib), "--out", str(tmp_path / "o")]) == 2
+    assert "--teacher" in capsys.readouterr().err

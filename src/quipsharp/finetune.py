@@ -308,7 +308,7 @@ def finetune_model(
         vocab = logp.shape[-1]
         return F.kl_div(logp.reshape(-1, vocab), target.reshape(-1, vocab), log_target=True, reduction="batchmean")
 
-    checkpointing = cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable")
+    checkpointing = cfg.gradient_checkpointing and _checkpointing_switch(model) is not None
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
     if dtype != torch.float32:  # train in float32 (bf16 Adam updates of small learning rates vanish)
         model.float()
@@ -327,12 +327,30 @@ def _finetune_model_float32(model: nn.Module, loss_fn: Callable[[torch.Tensor], 
     with _training_state(model, sign_state + weights):
         model.train(checkpointing)  # HF checkpoints only in training mode; otherwise no dropout
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _checkpointing_switch(model)(True)
         try:
             return _train("end-to-end", sign_state + weights, _param_groups(sign_state, weights, cfg),
                           train_batches, held_batches, loss_fn, cfg.e2e_epochs, cfg,
                           torch.Generator().manual_seed(seed), on_epoch, progress)
         finally:
             if checkpointing:
-                model.gradient_checkpointing_disable()
+                _checkpointing_switch(model)(False)
             model.eval()
+
+
+def _checkpointing_switch(model: nn.Module) -> Callable[[bool], None] | None:
+    """Turn a transformers model's activation checkpointing on/off (None if it has none).
+
+    transformers 5 renamed ``gradient_checkpointing_*`` to ``activation_checkpointing_*``; both work."""
+    for prefix, kwargs_name in (("activation", "activation_checkpointing_kwargs"),
+                                ("gradient", "gradient_checkpointing_kwargs")):
+        enable = getattr(model, f"{prefix}_checkpointing_enable", None)
+        disable = getattr(model, f"{prefix}_checkpointing_disable", None)
+        if enable is not None and disable is not None:
+            def switch(on: bool, _enable: Any = enable, _disable: Any = disable, _kw: str = kwargs_name) -> None:
+                if on:
+                    _enable(**{_kw: {"use_reentrant": False}})
+                else:
+                    _disable()
+            return switch
+    return None
