@@ -5,6 +5,7 @@ Quick-check protocol: WikiText-2 test, ctx 2048, the first EVAL_WINDOWS windows.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -13,9 +14,10 @@ import torch
 pytest.importorskip("transformers")
 
 from quipsharp.baselines import rtn_quantize
-from quipsharp.config import FAST_CTX, FAST_NSAMPLES, ModelQuantConfig, QuIPSharpConfig
+from quipsharp.config import FAST_CTX, FAST_NSAMPLES, FinetuneConfig, ModelQuantConfig, QuIPSharpConfig
 from quipsharp.data import calibration_windows, evaluation_windows, read_documents
 from quipsharp.eval import perplexity
+from quipsharp.finetune import finetune_model
 from quipsharp.hf import load_model, load_quantized, save_quantized
 from quipsharp.models.walker import block_linears, find_blocks
 from quipsharp.pipeline import quantize_model
@@ -58,18 +60,24 @@ def _quantized_ppl(assets, bits, tmp_path):
     ids = windows[:1, :64]
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
-    return perplexity(loaded, windows)["ppl"]
+    return perplexity(loaded, windows)["ppl"], loaded
+
+
+@pytest.fixture(scope="module")
+def two_bit(assets, tmp_path_factory):
+    """SmolLM2 quantized to 2 bits (fast calibration) and its perplexity."""
+    return _quantized_ppl(assets, 2, tmp_path_factory.mktemp("q2"))
 
 
 def test_4bit_close_to_float(assets, tmp_path):
     float_ppl = assets[3]
-    ppl = _quantized_ppl(assets, 4, tmp_path)
+    ppl, _ = _quantized_ppl(assets, 4, tmp_path)
     assert ppl < MAX_4BIT_RATIO * float_ppl, (ppl, float_ppl)
 
 
-def test_2bit_finite_and_far_better_than_rtn(assets, tmp_path):
+def test_2bit_finite_and_far_better_than_rtn(assets, two_bit):
     gguf, windows = assets[0], assets[1]
-    ppl2 = _quantized_ppl(assets, 2, tmp_path)
+    ppl2 = two_bit[0]
     rtn, _ = load_model(gguf)
     _, blocks = find_blocks(rtn)
     with torch.no_grad():
@@ -80,3 +88,18 @@ def test_2bit_finite_and_far_better_than_rtn(assets, tmp_path):
     assert math.isfinite(ppl2)
     # RTN 2-bit with 64-wide groups (2.5 bits/weight) destroys this model; QuIP# at 2.0 does not.
     assert ppl2 < 0.25 * rtn_ppl, (ppl2, rtn_ppl)
+
+
+FT_WINDOWS = 24  # calibration windows for the end-to-end test (3 held out): about a minute here
+
+
+def test_end_to_end_finetuning_improves_2bit(assets, two_bit, tmp_path):
+    gguf, windows, calib, _ = assets
+    ppl2, model = two_bit
+    model = copy.deepcopy(model)
+    teacher, tok = load_model(gguf)
+    report = finetune_model(model, teacher, calib[:FT_WINDOWS], FinetuneConfig(mode="e2e", e2e_epochs=1))
+    assert report.best_epoch == 1 and report.losses[1] < 0.95 * report.losses[0], report.losses
+    out = save_quantized(model, tmp_path / "ft", tok)
+    ppl_ft = perplexity(load_quantized(out), windows)["ppl"]
+    assert ppl_ft < 0.95 * ppl2, (ppl_ft, ppl2)
