@@ -54,8 +54,9 @@ def test_training_forward_matches_inference_and_gradients_skip_codes():
     y = layer(x)
     torch.testing.assert_close(y.detach(), expected, rtol=1e-4, atol=1e-4)
     y.square().sum().backward()
-    for t in (layer.su, layer.sv, layer.wscale, layer.bias, x):
+    for t in (layer.su, layer.sv, layer.bias, x):
         assert t.grad is not None and t.grad.abs().sum() > 0
+    assert layer.wscale.grad is None
     assert layer.codes.grad is None and not layer.codes.requires_grad and torch.equal(layer.codes, codes)
     layer.disable_training()
     assert layer._core is None and not layer.su.requires_grad
@@ -264,3 +265,23 @@ def test_finetune_command_without_a_recorded_teacher_is_a_clear_error(tmp_path, 
     calib.write_text(TEXT)
     assert main(["finetune", str(out), "--calib", str(calib), "--out", str(tmp_path / "o")]) == 2
     assert "--teacher" in capsys.readouterr().err
+
+
+def test_block_finetuning_with_a_short_last_batch_on_gemma2():
+    """Gemma2's block arguments carry a per-batch mask: micro-batches from the short last batch still fit."""
+    tokens = calibration_tokens(20, 32)  # batches of 8, 8 and 4
+    cfg = ModelQuantConfig(layer=TWO_BIT, batch_size=8,
+                           finetune=FinetuneConfig(mode="block", block_epochs=1, lr=1e-4, batch_size=8))
+    model, reports = quantize_model(tiny_model("gemma2"), cfg, tokens, progress=False)
+    assert len(reports) == 14
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=tokens[:2]).logits).all()
+
+
+def test_finetuning_under_no_grad_still_trains():
+    block, stream, calls, targets = _block_setup()
+    with torch.no_grad():
+        block.mlp.down_proj.sv.mul_(0.5)
+        report = finetune_block(block, stream, targets, calls,
+                                FinetuneConfig(mode="block", block_epochs=1, lr=1e-6, sign_lr=1e-2, batch_size=4))
+    assert report.best_epoch == 1

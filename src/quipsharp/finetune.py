@@ -124,6 +124,29 @@ def _train(
     best = [t.detach().clone() for t in trainable]
     optimizer = torch.optim.Adam(groups)
     bar = _progress_bar(epochs * len(train_batches), name) if progress else None
+    try:
+        with torch.enable_grad():  # callers may hold torch.no_grad() (e.g. around quantize_model)
+            _epochs(report, trainable, best, optimizer, bar, train_batches, held_out_loss, loss_fn, epochs, cfg,
+                    generator, on_epoch)
+    finally:  # also after an error or an interrupt: the best state measured so far, never a half-trained one
+        if bar is not None:
+            bar.close()
+        with torch.no_grad():
+            for t, b in zip(trainable, best, strict=True):
+                t.copy_(b)
+    report.seconds = time.perf_counter() - start
+    logger.info("%s: held-out loss %.4g -> %.4g (best epoch %d of %d, %d parameters, %.1fs)", name,
+                report.losses[0], report.losses[report.best_epoch], report.best_epoch, epochs,
+                report.parameters, report.seconds)
+    return report
+
+
+def _epochs(report: FinetuneReport, trainable: list[torch.Tensor], best: list[torch.Tensor],
+            optimizer: torch.optim.Optimizer, bar: Any, train_batches: list[Any],
+            held_out_loss: Callable[[], float], loss_fn: Callable[[Any], torch.Tensor], epochs: int,
+            cfg: FinetuneConfig, generator: torch.Generator,
+            on_epoch: Callable[[FinetuneReport], None] | None) -> None:
+    """The epochs of :func:`_train`; ``best`` is updated in place whenever the held-out loss improves."""
     for epoch in range(1, epochs + 1):
         order = torch.randperm(len(train_batches), generator=generator).tolist()
         optimizer.zero_grad(set_to_none=True)
@@ -138,22 +161,15 @@ def _train(
                 bar.set_postfix_str(f"epoch {epoch} loss {float(loss) * cfg.grad_accum:.4g}")
         report.losses.append(held_out_loss())
         if bar is not None:
-            bar.write(f"{name}: epoch {epoch} held-out loss {report.losses[-1]:.4g} (before {report.losses[0]:.4g})")
+            bar.write(f"{report.name}: epoch {epoch} held-out loss {report.losses[-1]:.4g} "
+                      f"(before {report.losses[0]:.4g})")
         if report.losses[-1] < report.losses[report.best_epoch]:
             report.best_epoch = epoch
-            best = [t.detach().clone() for t in trainable]
+            with torch.no_grad():
+                for t, b in zip(trainable, best, strict=True):
+                    b.copy_(t)
         if on_epoch is not None:
             on_epoch(report)
-    if bar is not None:
-        bar.close()
-    with torch.no_grad():
-        for t, b in zip(trainable, best, strict=True):
-            t.copy_(b)
-    report.seconds = time.perf_counter() - start
-    logger.info("%s: held-out loss %.4g -> %.4g (best epoch %d of %d, %d parameters, %.1fs)", name,
-                report.losses[0], report.losses[report.best_epoch], report.best_epoch, epochs,
-                report.parameters, report.seconds)
-    return report
 
 
 def _progress_bar(total: int, desc: str) -> Any:
@@ -201,7 +217,7 @@ def finetune_block(
     """Tune ``block`` in place so that ``block(inputs) ≈ targets`` (MSE), codes frozen (QuIP# §5).
 
     Trained: every float parameter of the block (not-yet-quantized linears, norms) at ``cfg.lr`` and
-    the sign vectors, scale and bias of its quantized layers at ``cfg.sign_lr``.
+    the sign vectors and biases of its quantized layers at ``cfg.sign_lr``.
 
     Args:
         block: a decoder block, partly quantized.
@@ -225,7 +241,8 @@ def finetune_block(
             chunk = [windows[i] for i in indices[start:start + micro]]
             x = torch.stack([inputs[b][r] for b, r in chunk])
             y = torch.stack([targets[b][r] for b, r in chunk])
-            out.append((x, y, _slice_call(calls[chunk[0][0]], rows, len(chunk))))
+            # calls[0] is a full batch: the last batch of the stream may be smaller than a micro-batch
+            out.append((x, y, _slice_call(calls[0], rows, len(chunk))))
         return out
 
     train_batches, held_batches = batches(train_idx), batches(held_idx)
@@ -253,7 +270,8 @@ def finetune_block(
 
 # --------------------------------------------------------------------------- end to end
 def _causal_lm_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids, use_cache=False).logits
+    device = next(model.parameters()).device
+    return model(input_ids=ids.to(device), use_cache=False).logits
 
 
 def finetune_model(
@@ -268,7 +286,7 @@ def finetune_model(
 ) -> FinetuneReport:
     """End-to-end tuning of a quantized causal LM against its float ``teacher`` (QuIP# §5).
 
-    Trained, codes frozen: the sign vectors, scales and biases of every :class:`QuantizedLinear` at
+    Trained, codes frozen: the sign vectors and biases of every :class:`QuantizedLinear` at
     ``cfg.sign_lr``; every float parameter except the input embeddings (norms, the LM head, layers
     left in float) at ``cfg.lr`` — when the LM head is tied to the embeddings it trains them too.
     Loss: ``KL(teacher ‖ model)`` over the next-token distributions of all positions, the teacher's
@@ -305,6 +323,7 @@ def finetune_model(
         with torch.no_grad():
             target = F.log_softmax(_causal_lm_logits(teacher, ids).float(), dim=-1)
         logp = F.log_softmax(_causal_lm_logits(model, ids).float(), dim=-1)
+        target = target.to(logp.device)
         vocab = logp.shape[-1]
         return F.kl_div(logp.reshape(-1, vocab), target.reshape(-1, vocab), log_target=True, reduction="batchmean")
 
@@ -325,7 +344,10 @@ def _finetune_model_float32(model: nn.Module, loss_fn: Callable[[torch.Tensor], 
                             held_batches: list[Any], cfg: FinetuneConfig, checkpointing: bool, seed: int,
                             on_epoch: Callable[[FinetuneReport], None] | None, progress: bool) -> FinetuneReport:
     with _training_state(model, sign_state + weights):
-        model.train(checkpointing)  # HF checkpoints only in training mode; otherwise no dropout
+        model.train(checkpointing)  # HF checkpoints only in training mode
+        for module in model.modules():  # ...but the targets are deterministic: no dropout layers
+            if isinstance(module, nn.Dropout):
+                module.eval()
         if checkpointing:
             _checkpointing_switch(model)(True)
         try:

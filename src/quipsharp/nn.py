@@ -169,7 +169,8 @@ class QuantizedLinear(nn.Module):
         Decodes the frozen core ``C = Vᵀ decode(codes) U`` ``[out_features, in_features]`` float32
         once, so that the forward becomes the differentiable dense product
         ``y = x (wscale · S_V C S_U)ᵀ + bias`` with ``S_U``, ``S_V`` real-valued: gradients reach
-        ``su``, ``sv``, ``wscale``, ``bias`` and the input, never the codes. The same function as the
+        ``su``, ``sv``, ``bias`` and the input, never the codes (``wscale`` stays fixed: a real-valued
+        ``S_V`` already scales every row). The same function as the
         inference paths up to float rounding. Undo with :meth:`disable_training`.
         """
         qw = self.quantized_weight()
@@ -191,7 +192,7 @@ class QuantizedLinear(nn.Module):
                 buf.requires_grad_(False)
 
     def trainable_state(self) -> list[torch.Tensor]:
-        """The tensors :meth:`enable_training` makes trainable: ``su``, ``sv``, ``wscale`` (and ``bias``)."""
+        """The tensors :meth:`enable_training` makes trainable: ``su``, ``sv`` (and ``bias``)."""
         return [getattr(self, n) for n in TRAINABLE_BUFFERS if getattr(self, n) is not None]
 
     # ------------------------------------------------------------------ inference
@@ -219,9 +220,10 @@ class QuantizedLinear(nn.Module):
         """
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with last dim {self.in_features}, got {tuple(x.shape)}")
-        if self._core is not None:  # fine-tuning (enable_training)
-            weight = (self.wscale * self.sv)[:, None] * self._core * self.su
-            return F.linear(x.to(torch.float32), weight, self.bias).to(x.dtype)
+        if self._core is not None:  # fine-tuning (enable_training): scales applied to activations,
+            # so the backward pass keeps activation-sized tensors, not extra [m, n] copies
+            y = F.linear(x.to(torch.float32) * self.su, self._core) * (self.wscale * self.sv)
+            return (y if self.bias is None else y + self.bias).to(x.dtype)
         if self._use_native(x):
             args = (x, self.codes, self.su, self.sv, self.wscale, self.bias, self._m_in, self._m_out_t,
                     self.codebook.name, self.config.use_hadamard)
@@ -258,7 +260,7 @@ class QuantizedLinear(nn.Module):
 
 _NO_FACTOR = torch.ones(1, 1)
 # The continuous state fine-tuning trains (the codes stay frozen).
-TRAINABLE_BUFFERS = ("su", "sv", "wscale", "bias")
+TRAINABLE_BUFFERS = ("su", "sv", "bias")  # wscale stays: a real-valued S_V already scales every row
 
 
 @functools.cache
