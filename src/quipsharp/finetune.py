@@ -30,12 +30,10 @@ from torch.nn import functional as F
 
 from quipsharp.config import FinetuneConfig
 from quipsharp.errors import NumericalError
+from quipsharp.models.walker import BlockCall, block_output
 from quipsharp.nn import QuantizedLinear
 
 logger = logging.getLogger(__name__)
-
-BlockCall = tuple[tuple[Any, ...], dict[str, Any]]
-
 
 @dataclass
 class FinetuneReport:
@@ -200,10 +198,6 @@ def _slice_call(call: BlockCall, rows: int, stop: int) -> BlockCall:
     return cut(args), {k: cut(v) for k, v in kwargs.items()}
 
 
-def _block_output(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def finetune_block(
     block: nn.Module,
     inputs: list[torch.Tensor],
@@ -251,7 +245,7 @@ def finetune_block(
 
     def loss_fn(batch: tuple[torch.Tensor, torch.Tensor, BlockCall]) -> torch.Tensor:
         x, y, (args, kwargs) = batch
-        out = _block_output(block(x.float(), *args, **kwargs))
+        out = block_output(block(x.float(), *args, **kwargs))
         return F.mse_loss(out.float(), y.float())
 
     quantized = [m for m in block.modules() if isinstance(m, QuantizedLinear)]

@@ -35,8 +35,10 @@ from quipsharp.finetune import finetune_block
 from quipsharp.hessian import HessianAccumulator
 from quipsharp.io import atomic_save_safetensors, atomic_write_text
 from quipsharp.models.walker import (
+    BlockCall,
     UnsupportedModelError,
     block_linears,
+    block_output,
     find_blocks,
     linear_shape,
     linear_weight,
@@ -69,16 +71,9 @@ class _StopForwardError(Exception):
     """Raised by a hook after the last decoder block: the LM head is not needed for calibration."""
 
 
-BlockCall = tuple[tuple[Any, ...], dict[str, Any]]  # (positional args after hidden_states, kwargs)
-
-
 def layer_seed(seed: int, name: str) -> int:
     """A per-layer seed for the sign vectors, stable across runs and Python versions."""
     return (zlib.crc32(name.encode()) ^ (seed * SEED_MIX)) % (2**63)
-
-
-def _block_output(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 @torch.no_grad()
@@ -136,7 +131,7 @@ def run_block(block: nn.Module, stream: list[torch.Tensor], calls: list[BlockCal
     matmul instead of a decode and two Hadamard transforms per batch.
     """
     with _dequantized(block, stream[0].dtype if stream else torch.float32):
-        return [_block_output(block(h, *args, **kwargs)) for h, (args, kwargs) in zip(stream, calls, strict=True)]
+        return [block_output(block(h, *args, **kwargs)) for h, (args, kwargs) in zip(stream, calls, strict=True)]
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -79,3 +80,12 @@ def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
+
+
+# How a decoder block was called: (positional args after hidden_states, kwargs).
+BlockCall = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def block_output(out: Any) -> Any:
+    """The hidden states a decoder block returned (blocks return a tensor or a tuple starting with it)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
