@@ -201,6 +201,26 @@ def read_quantization_config(path: str | os.PathLike) -> tuple[dict[str, Any], d
     return raw, qc
 
 
+def quantized_slot(model: nn.Module, name: str, spec: dict[str, Any], context: str = "",
+                   label: str | None = None) -> nn.Module:
+    """The linear-like module ``name`` of ``model`` that quantized layer ``spec`` (an entry of the
+    ``modules`` map) replaces, after checking that it exists and has the recorded shape.
+
+    ``context`` prefixes error messages; ``label`` is the name they show (default ``name``)."""
+    label = label or name
+    try:
+        module = model.get_submodule(name)
+    except AttributeError as err:
+        raise ModelLoadError(f"{context}the model has no module {label!r} listed as quantized") from err
+    out_features, in_features = linear_shape(module)
+    if (out_features, in_features) != (spec["out_features"], spec["in_features"]):
+        raise ModelLoadError(
+            f"{context}module {label} is {out_features}x{in_features} in the model config but "
+            f"{spec['out_features']}x{spec['in_features']} in the quantization config"
+        )
+    return module
+
+
 def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """Load a directory written by :func:`save_quantized`; logits are bitwise those of the saved model."""
     from accelerate import init_empty_weights
@@ -218,16 +238,8 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(hf_config)
     for name, spec in qc["modules"].items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError as err:
-            raise ModelLoadError(f"{path}: the model has no module {name!r} listed as quantized") from err
+        module = quantized_slot(model, name, spec, f"{path}: ")
         out_features, in_features = linear_shape(module)
-        if (out_features, in_features) != (spec["out_features"], spec["in_features"]):
-            raise ModelLoadError(
-                f"{path}: module {name} is {out_features}x{in_features} in the model config but "
-                f"{spec['out_features']}x{spec['in_features']} in the quantization config"
-            )
         layer_cfg = qconfig.layer.replace(bits=spec["bits"])
         set_submodule(model, name, QuantizedLinear(in_features, out_features, layer_cfg, bias=spec["bias"],
                                                    device="meta"))

@@ -46,7 +46,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from quipsharp.config import ModelQuantConfig, QuIPSharpConfig
-from quipsharp.hf import FORMAT_VERSION, QUANT_METHOD, ModelLoadError
+from quipsharp.hf import FORMAT_VERSION, QUANT_METHOD, ModelLoadError, quantized_slot
 from quipsharp.models.walker import linear_shape, set_submodule
 from quipsharp.nn import QuantizedLinear
 
@@ -334,16 +334,8 @@ def replace_quantized_layers(model: nn.Module, quantization_config: Any) -> dict
     with _building_quantized_layers():
         for saved_name, spec in quantization_config.modules.items():
             name = model_key(model, saved_name)
-            try:
-                module = model.get_submodule(name)
-            except AttributeError as err:
-                raise ModelLoadError(f"the model has no module {saved_name!r} listed as quantized") from err
+            module = quantized_slot(model, name, spec, label=saved_name)
             out_features, in_features = linear_shape(module)
-            if (out_features, in_features) != (spec["out_features"], spec["in_features"]):
-                raise ModelLoadError(
-                    f"module {saved_name} is {out_features}x{in_features} in the model config but "
-                    f"{spec['out_features']}x{spec['in_features']} in the quantization config"
-                )
             layer = QuantizedLinear(in_features, out_features, quantization_config.layer_config(saved_name),
                                     bias=bool(spec["bias"]), device="meta")
             # transformers' weight initialisation (which runs after loading, for missing keys) reads the
