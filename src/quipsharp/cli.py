@@ -138,7 +138,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     calibration = calibration_windows(read_documents(args.calib), tokenizer, nsamples, ctx, args.seed)
     _finetune_e2e(model, teacher, "float32", calibration, ft, args.quiet)
     report_path = src / REPORT_FILE
-    reports = ([LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in json.loads(report_path.read_text())]
+    reports = ([LayerReport.from_dict(r) for r in json.loads(report_path.read_text())]
                if report_path.is_file() else None)
     save_quantized(model, args.out, tokenizer, config, reports, source=_source_name(teacher))
     print(f"fine-tuned {src} end to end in {time.perf_counter() - start:.0f}s; saved to {args.out}")

@@ -66,6 +66,11 @@ class LayerReport:
     damping: float
     seconds: float
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LayerReport:
+        """Inverse of ``dataclasses.asdict`` after a JSON round trip (which turns the shape into a list)."""
+        return cls(**{**data, "shape": tuple(data["shape"])})
+
 
 class _StopForwardError(Exception):
     """Raised by a hook after the last decoder block: the LM head is not needed for calibration."""
@@ -360,7 +365,7 @@ def quantize_model(
             logger.info("resuming after %d completed blocks", len(done))
     if work is not None:
         work.mkdir(parents=True, exist_ok=True)
-    reports = [LayerReport(**{**r, "shape": tuple(r["shape"])}) for b in done for r in b["reports"]]
+    reports = [LayerReport.from_dict(r) for b in done for r in b["reports"]]
     delay = float(os.environ.get(DEBUG_DELAY_ENV, "0"))
 
     stream: list[torch.Tensor] = []
