@@ -45,6 +45,7 @@ ROWS: dict[str, dict[str, Any]] = {
        for bits in (2, 3) for mode in ("block", "e2e", "both")},
 }
 KB = 1024
+FT_PREFIX = "ft_"
 #: Arguments that change a row's figures (a cached row is reused only when all of them match).
 SETTINGS = ("nsamples", "ctx", "hessian_inputs", "cd_passes", "scale_rho", "damping", "eval_ctx", "max_windows",
             "threads", "ft_block_epochs", "ft_e2e_epochs", "ft_lr", "ft_sign_lr", "ft_batch_size")
@@ -53,15 +54,19 @@ SETTINGS = ("nsamples", "ctx", "hessian_inputs", "cd_passes", "scale_rho", "damp
 def _finished_rows(path: Path | None, settings: dict[str, Any], defaults: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Rows of a ``--results`` file measured with ``settings`` (the last one per row name).
 
-    A setting missing from an older line counts as its default (settings were added over time)."""
+    A setting missing from an older line counts as its default (settings were added over time);
+    the fine-tuning settings are compared for fine-tuned rows only."""
     if path is None or not path.exists():
         return {}
     done = {}
     for line in path.read_text().splitlines():
         if line.strip():
             entry = json.loads(line)
-            if all(entry["settings"].get(k, defaults[k]) == v for k, v in settings.items()):
-                done[entry["row"]["row"]] = entry["row"]
+            name = entry["row"]["row"]
+            tuned = ROWS.get(name, {}).get("finetune") is not None
+            if all(entry["settings"].get(k, defaults[k]) == v for k, v in settings.items()
+                   if tuned or not k.startswith(FT_PREFIX)):
+                done[name] = entry["row"]
     return done
 
 

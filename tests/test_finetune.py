@@ -173,10 +173,18 @@ def test_cli_quantize_with_finetuning_and_finetune_command(tmp_path, capsys):
     _, qc = read_quantization_config(out)
     assert qc["config"]["finetune"]["mode"] == "both" and qc["source_model"] == str(model_dir.resolve())
     out2 = tmp_path / "q2"
-    assert main(["finetune", str(out), "--calib", str(calib), "--out", str(out2), "--ft-e2e-epochs", "1",
+    assert main(["finetune", str(out), "--calib", str(calib), "--out", str(out2), "--ft-e2e-epochs", "2",
                  "--quiet"]) == 0
     assert "fine-tuned" in capsys.readouterr().out
     assert load_quantized(out2) is not None
+    # settings not given on the command line are the saved ones: seed, in-block epochs, batch size
+    saved, tuned = qc["config"], read_quantization_config(out2)[1]["config"]
+    assert tuned["seed"] == saved["seed"] and tuned["finetune"]["e2e_epochs"] == 2
+    assert {k: v for k, v in tuned["finetune"].items() if k != "e2e_epochs"} == \
+        {k: v for k, v in saved["finetune"].items() if k != "e2e_epochs"}
+    assert main(["finetune", str(out), "--calib", str(calib), "--out", str(tmp_path / "z"), "--nsamples", "1",
+                 "--quiet"]) == 2
+    assert "--nsamples 1 is too few" in capsys.readouterr().err
     capsys.readouterr()
     assert main(["quantize", str(model_dir), "--out", str(tmp_path / "x"), "--data-free", "--finetune", "e2e"]) == 2
     assert "needs calibration" in capsys.readouterr().err
@@ -187,6 +195,26 @@ def test_cli_quantize_with_finetuning_and_finetune_command(tmp_path, capsys):
 
 INT8_LEVEL = "avx512vnni"
 INT8_REL_TOL = 2e-2  # int8 activations (one scale per vector): error relative to the largest output
+
+
+def test_a_failed_end_to_end_stage_keeps_the_quantized_model(tmp_path, capsys, monkeypatch):
+    import quipsharp.finetune
+    from quipsharp.errors import NumericalError
+
+    def fail(*args, **kwargs):
+        raise NumericalError("end-to-end: held-out fine-tuning loss is not finite (nan)")
+
+    monkeypatch.setattr(quipsharp.finetune, "finetune_model", fail)
+    model_dir = save_tiny_model_dir(tmp_path / "model")
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("\n".join(json.dumps({"text": TEXT[i * 300: (i + 1) * 300]}) for i in range(10)))
+    out = tmp_path / "q"
+    assert main(["quantize", str(model_dir), "--out", str(out), "--bits", "2", "--calib", str(calib),
+                 "--nsamples", "8", "--ctx", "32", "--quiet", "--finetune", "e2e"]) == 2
+    err = capsys.readouterr().err
+    assert "not finite" in err and f"{out} holds the model without it" in err
+    assert read_quantization_config(out)[1]["config"]["finetune"]["mode"] == "none"
+    assert load_quantized(out) is not None and not (tmp_path / "q.quipsharp-work").exists()
 
 
 @pytest.mark.skipif(not kernels.available(), reason="native kernels not built")
@@ -233,6 +261,51 @@ def test_end_to_end_finetuning_of_a_bfloat16_model_trains_in_float32_and_casts_b
     assert report.best_epoch > 0 and report.losses[report.best_epoch] < report.losses[0]
     assert model.lm_head.weight.dtype == torch.bfloat16 and model.model.norm.weight.dtype == torch.bfloat16
     assert all(m.su.dtype == torch.float32 for m in model.modules() if isinstance(m, QuantizedLinear))
+    # the loss after rounding back to bf16 is measured, is the model's, and still beats the untrained one
+    _, held = split_holdout(16, 0.25)
+    with torch.no_grad():
+        t = torch.log_softmax(teacher(input_ids=tokens[held]).logits.float(), -1)
+        s = torch.log_softmax(model(input_ids=tokens[held]).logits.float(), -1)
+        kl = torch.nn.functional.kl_div(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]), log_target=True,
+                                        reduction="batchmean")
+    assert report.after_cast == pytest.approx(float(kl), rel=1e-3) and report.after_cast < report.losses[0]
+
+
+@pytest.mark.parametrize("tuned,kept", [(1.5, True), (1.001, False)])
+def test_tuning_lost_in_the_cast_back_to_bfloat16_is_undone(tuned, kept):
+    """bf16 cannot hold 1.001: that tuning rounds back to 1.0, loses its gain, and the untrained state returns."""
+    from quipsharp.finetune import FinetuneReport, _in_float32
+
+    module = torch.nn.Linear(1, 1, bias=False).to(torch.bfloat16)
+    sign = torch.full((1,), 2.0)  # stands for a float32 sign vector, trained alongside
+    with torch.no_grad():
+        module.weight.fill_(1.0)
+
+    def run() -> FinetuneReport:
+        assert module.weight.dtype == torch.float32
+        with torch.no_grad():
+            module.weight.fill_(tuned)
+            sign.fill_(3.0)
+        return FinetuneReport("toy", losses=[1.0, 0.5], best_epoch=1)
+
+    def held_out_loss() -> float:
+        return 1.0 - float(module.weight.detach().float() - 1.0)
+
+    report = _in_float32(module, [module.weight, sign], run, held_out_loss)
+    assert module.weight.dtype == torch.bfloat16
+    if kept:
+        assert report.best_epoch == 1 and report.after_cast == pytest.approx(0.5)
+        assert float(module.weight) == tuned and float(sign) == 3.0
+    else:
+        assert report.best_epoch == 0 and report.after_cast == 1.0
+        assert float(module.weight) == 1.0 and float(sign) == 2.0
+
+
+def test_patience_stops_a_stage_that_stopped_improving():
+    block, stream, calls, targets = _block_setup(("self_attn.q_proj", "mlp.up_proj"))
+    cfg = FinetuneConfig(mode="block", block_epochs=5, lr=0.5, sign_lr=0.5, batch_size=8, patience=2)
+    report = finetune_block(block, stream, targets, calls, cfg)
+    assert report.best_epoch == 0 and len(report.losses) == 1 + 2  # epochs 1 and 2 worse: stop
 
 
 def test_gradient_checkpointing_gives_the_same_training():

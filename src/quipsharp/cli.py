@@ -7,6 +7,7 @@ Every expected failure (missing file, unknown architecture, bad option) is print
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -43,13 +44,23 @@ def _bits_map(items: list[str]) -> list[tuple[str, int]]:
     return out
 
 
-def _finetune_config(args: argparse.Namespace, mode: str) -> Any:
+def _finetune_config(args: argparse.Namespace, mode: str, base: Any = None) -> Any:
+    """The ``--ft-*`` options as a FinetuneConfig; options not given keep ``base``'s values."""
     from quipsharp.config import FinetuneConfig
 
-    return FinetuneConfig(mode=mode, block_epochs=args.ft_block_epochs, e2e_epochs=args.ft_e2e_epochs,
-                          lr=args.ft_lr, sign_lr=args.ft_sign_lr, batch_size=args.ft_batch_size,
-                          grad_accum=args.ft_grad_accum, holdout=args.ft_holdout,
-                          gradient_checkpointing=args.ft_checkpointing)
+    base = base if base is not None else FinetuneConfig()
+    given = {field: getattr(args, f"ft_{option}") for field, option in FT_OPTIONS.items()}
+    return base.replace(mode=mode, **{k: v for k, v in given.items() if v is not None})
+
+
+def _check_holdout(nsamples: int, ft: Any) -> None:
+    from quipsharp.finetune import split_holdout
+
+    try:
+        split_holdout(nsamples, ft.holdout)
+    except ValueError as err:
+        raise CliError(f"fine-tuning holds out {ft.holdout:g} of the calibration windows and needs at least 2: "
+                       f"--nsamples {nsamples} is too few") from err
 
 
 def _source_name(model: str) -> str:
@@ -90,8 +101,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         hessian_inputs=args.hessian_inputs, nsamples=args.nsamples, ctx=args.ctx, seed=args.seed,
         batch_size=args.batch_size, finetune=_finetune_config(args, args.finetune),
     )
-    if args.finetune != "none" and args.calib is None:
-        raise CliError(f"--finetune {args.finetune} needs calibration text (--calib FILE)")
+    if args.finetune != "none":
+        if args.calib is None:
+            raise CliError(f"--finetune {args.finetune} needs calibration text (--calib FILE)")
+        _check_holdout(config.nsamples, config.finetune)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])
@@ -102,9 +115,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     work = Path(args.work_dir) if args.work_dir else out.with_name(out.name + WORK_SUFFIX)
     model, reports = quantize_model(model, config, calibration, work_dir=work, resume=args.resume,
                                     progress=not args.quiet)
-    if config.finetune.e2e:
-        _finetune_e2e(model, args.model, DTYPES[args.dtype], calibration, config.finetune, args.quiet)
-    save_quantized(model, out, tokenizer, config, reports, source=_source_name(args.model))
+    source = _source_name(args.model)
+    if config.finetune.e2e:  # save first: a failed or interrupted end-to-end stage must not lose the quantization
+        untuned = dataclasses.replace(config, finetune=config.finetune.replace(
+            mode="block" if config.finetune.block else "none"))
+        save_quantized(model, out, tokenizer, untuned, reports, source=source)
+        shutil.rmtree(work, ignore_errors=True)
+        try:
+            _finetune_e2e(model, args.model, DTYPES[args.dtype], calibration, config.finetune, args.quiet)
+        except BaseException:
+            print(f"quipsharp: end-to-end fine-tuning did not finish; {out} holds the model without it "
+                  f"(retry with `quipsharp finetune {out} --calib FILE --out DIR`)", file=sys.stderr)
+            raise
+    save_quantized(model, out, tokenizer, config, reports, source=source)
     shutil.rmtree(work, ignore_errors=True)
     report = compression_report(model, out)
     elapsed = time.perf_counter() - start
@@ -115,8 +138,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from quipsharp.config import ModelQuantConfig
     from quipsharp.data import calibration_windows, read_documents
     from quipsharp.hf import REPORT_FILE, load_model, read_quantization_config, save_quantized
@@ -130,12 +151,16 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     saved = ModelQuantConfig.from_dict(qc["config"])
     nsamples = args.nsamples or saved.nsamples
     ctx = args.ctx or saved.ctx
-    mode = "both" if saved.finetune.block else "e2e"
-    ft = _finetune_config(args, mode)
-    config = dataclasses.replace(saved, finetune=ft, nsamples=nsamples, ctx=ctx)
+    seed = saved.seed if args.seed is None else args.seed
+    # the in-block settings stay on record; options not given keep the saved (or default) values
+    ft = _finetune_config(args, "both" if saved.finetune.block else "e2e", saved.finetune)
+    if not ft.e2e:
+        raise CliError("--ft-e2e-epochs is 0: nothing to fine-tune")
+    _check_holdout(nsamples, ft)
+    config = dataclasses.replace(saved, finetune=ft, nsamples=nsamples, ctx=ctx, seed=seed)
     start = time.perf_counter()
     model, tokenizer = load_model(src)
-    calibration = calibration_windows(read_documents(args.calib), tokenizer, nsamples, ctx, args.seed)
+    calibration = calibration_windows(read_documents(args.calib), tokenizer, nsamples, ctx, seed)
     _finetune_e2e(model, teacher, "float32", calibration, ft, args.quiet)
     report_path = src / REPORT_FILE
     reports = ([LayerReport.from_dict(r) for r in json.loads(report_path.read_text())]
@@ -241,18 +266,34 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_finetune_options(p: argparse.ArgumentParser) -> None:
+FT_OPTIONS = {  # FinetuneConfig field -> --ft-* option (argparse dest ft_<option>)
+    "block_epochs": "block_epochs", "e2e_epochs": "e2e_epochs", "lr": "lr", "sign_lr": "sign_lr",
+    "batch_size": "batch_size", "grad_accum": "grad_accum", "holdout": "holdout", "patience": "patience",
+    "gradient_checkpointing": "checkpointing",
+}
+
+
+def _add_finetune_options(p: argparse.ArgumentParser, defaults_from: str | None = None) -> None:
+    """The ``--ft-*`` options; unset ones are None and take their value from FinetuneConfig (or a saved one)."""
     from quipsharp.config import FinetuneConfig
 
     d = FinetuneConfig()
-    p.add_argument("--ft-block-epochs", type=int, default=d.block_epochs, help="in-block tuning epochs per group")
-    p.add_argument("--ft-e2e-epochs", type=int, default=d.e2e_epochs, help="end-to-end tuning epochs")
-    p.add_argument("--ft-lr", type=float, default=d.lr, help="learning rate of norms, float weights, LM head")
-    p.add_argument("--ft-sign-lr", type=float, default=d.sign_lr, help="learning rate of the sign vectors")
-    p.add_argument("--ft-batch-size", type=int, default=d.batch_size, help="windows per micro-batch")
-    p.add_argument("--ft-grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
-    p.add_argument("--ft-holdout", type=float, default=d.holdout, help="fraction of windows held out")
-    p.add_argument("--ft-checkpointing", action="store_true", help="gradient checkpointing (end-to-end)")
+
+    def default(value: Any) -> str:
+        return f" (default: {defaults_from or value})"
+
+    p.add_argument("--ft-block-epochs", type=int, help="in-block tuning epochs per group" + default(d.block_epochs))
+    p.add_argument("--ft-e2e-epochs", type=int, help="end-to-end tuning epochs" + default(d.e2e_epochs))
+    p.add_argument("--ft-lr", type=float, help="learning rate of norms, float weights, LM head" + default(d.lr))
+    p.add_argument("--ft-sign-lr", type=float, help="learning rate of the sign vectors" + default(d.sign_lr))
+    p.add_argument("--ft-batch-size", type=int, help="windows per micro-batch" + default(d.batch_size))
+    p.add_argument("--ft-grad-accum", type=int, help="micro-batches per optimizer step" + default(d.grad_accum))
+    p.add_argument("--ft-holdout", type=float, help="fraction of windows held out" + default(d.holdout))
+    p.add_argument("--ft-patience", type=int,
+                   help="stop a stage after this many epochs without held-out improvement, 0: never"
+                        + default(d.patience))
+    p.add_argument("--ft-checkpointing", action="store_true", default=None,
+                   help="gradient checkpointing (end-to-end)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -296,9 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--teacher", help="the float model (default: the source recorded at quantization)")
     f.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: as quantized)")
     f.add_argument("--ctx", type=int, default=None, help="window length (default: as quantized)")
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--seed", type=int, default=None, help="calibration seed (default: as quantized)")
     f.add_argument("--quiet", action="store_true")
-    _add_finetune_options(f)
+    _add_finetune_options(f, defaults_from="the saved model's settings")
     f.set_defaults(func=cmd_finetune)
 
     e = sub.add_parser("eval", help="evaluate a model")

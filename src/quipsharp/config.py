@@ -167,9 +167,13 @@ class FinetuneConfig:
             lowest held-out loss (possibly the untrained one) is restored after each stage.
         gradient_checkpointing: recompute activations in the backward pass of end-to-end tuning
             (less memory, about a third more time).
+        patience: stop a stage after this many epochs in a row without a lower held-out loss
+            (0: run every epoch). Either way the best state is restored.
+
+    Version 2 added ``patience``; version-1 dicts load with its default.
     """
 
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
 
     mode: str = "none"
     block_epochs: int = DEFAULT_FT_BLOCK_EPOCHS
@@ -180,11 +184,12 @@ class FinetuneConfig:
     grad_accum: int = 1
     holdout: float = DEFAULT_FT_HOLDOUT
     gradient_checkpointing: bool = False
+    patience: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in FINETUNE_MODES:
             raise ValueError(f"finetune mode must be one of {FINETUNE_MODES}, got {self.mode!r}")
-        for name in ("block_epochs", "e2e_epochs"):
+        for name in ("block_epochs", "e2e_epochs", "patience"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")

@@ -1,7 +1,7 @@
 """Calibration and evaluation text: local files (plain text or JSON lines) or, online, a HF dataset.
 
-Calibration windows are drawn at random (seeded) from the token stream of the documents joined with
-the tokenizer's end-of-sequence token, so short documents are used too. Evaluation follows the
+Calibration windows are distinct slots drawn at random (seeded) from the token stream of the
+documents joined with the tokenizer's end-of-sequence token, so short documents are used too. Evaluation follows the
 protocol of ``../shared/data/README.md``: rows joined with ``"\\n\\n"``, tokenized once, cut into
 non-overlapping windows of ``ctx`` tokens, remainder dropped.
 """
@@ -24,6 +24,7 @@ JSONL_SUFFIXES = (".jsonl", ".json")
 JSONL_TEXT_FIELD = "text"
 EVAL_JOIN = "\n\n"
 MAX_CALIBRATION_DOCS = 100_000
+STREAM_OVERSAMPLING = 2  # tokenize twice the tokens the windows need, so slots are a random choice
 
 
 class DataError(QuipSharpError, ValueError):
@@ -91,15 +92,22 @@ def _hub_documents(name: str, field: str, limit: int | None) -> list[str]:
 def calibration_windows(
     docs: list[str], tokenizer: Any, nsamples: int, ctx: int, seed: int = 0
 ) -> torch.Tensor:
-    """``[nsamples, ctx]`` int64 token windows drawn at random offsets of the joined token stream."""
+    """``[nsamples, ctx]`` int64 token windows drawn at random from the joined token stream.
+
+    Documents are tokenized in a seeded random order (each followed by the end-of-sequence token)
+    until the stream holds twice the tokens asked for; the stream is cut into slots of ``ctx`` tokens
+    at a random phase and ``nsamples`` distinct slots are picked. Windows therefore never share a
+    token, so windows held out for fine-tuning are not seen in training. Only when the text is too
+    short for ``nsamples`` disjoint windows are they drawn at random offsets (overlapping, with a
+    warning).
+    """
     if nsamples <= 0 or ctx <= 1:
         raise DataError(f"need nsamples ≥ 1 and ctx ≥ 2, got nsamples={nsamples}, ctx={ctx}")
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(docs), generator=gen).tolist()
     eos = tokenizer.eos_token_id
     ids: list[int] = []
-    # Tokenize documents in a random order until there are enough tokens for distinct windows.
-    needed = nsamples * ctx * 2
+    needed = nsamples * ctx * STREAM_OVERSAMPLING
     for i in order:
         ids.extend(tokenizer(docs[i], add_special_tokens=False)["input_ids"])
         if eos is not None:
@@ -109,11 +117,16 @@ def calibration_windows(
     if len(ids) < ctx + 1:
         raise DataError(f"calibration text has {len(ids)} tokens, fewer than one window of ctx={ctx}")
     stream = torch.tensor(ids, dtype=torch.int64)
-    starts = torch.randint(0, len(stream) - ctx + 1, (nsamples,), generator=gen)
-    if len(ids) < nsamples * ctx:
+    spare = len(stream) - nsamples * ctx
+    if spare >= 0:
+        phase = int(torch.randint(0, min(ctx - 1, spare) + 1, (), generator=gen))
+        slots = (len(stream) - phase) // ctx
+        starts = phase + torch.randperm(slots, generator=gen)[:nsamples] * ctx
+    else:
         logger.warning(
             "calibration text has only %d tokens for %d windows of %d: windows overlap", len(ids), nsamples, ctx
         )
+        starts = torch.randint(0, len(stream) - ctx + 1, (nsamples,), generator=gen)
     return torch.stack([stream[s : s + ctx] for s in starts.tolist()])
 
 

@@ -44,6 +44,7 @@ class FinetuneReport:
     best_epoch: int = 0
     seconds: float = 0.0
     parameters: int = 0
+    after_cast: float | None = None  # held-out loss once a bf16/fp16 model is cast back from float32
 
     @property
     def gain(self) -> float:
@@ -111,12 +112,8 @@ def _train(
     report = FinetuneReport(name, parameters=sum(t.numel() for t in trainable))
     start = time.perf_counter()
 
-    @torch.no_grad()
     def held_out_loss() -> float:
-        total = sum(float(loss_fn(b)) for b in held_batches) / len(held_batches)
-        if not math.isfinite(total):
-            raise NumericalError(f"{name}: held-out fine-tuning loss is not finite ({total})")
-        return total
+        return _held_out_loss(name, loss_fn, held_batches)
 
     report.losses.append(held_out_loss())
     best = [t.detach().clone() for t in trainable]
@@ -136,6 +133,47 @@ def _train(
     logger.info("%s: held-out loss %.4g -> %.4g (best epoch %d of %d, %d parameters, %.1fs)", name,
                 report.losses[0], report.losses[report.best_epoch], report.best_epoch, epochs,
                 report.parameters, report.seconds)
+    return report
+
+
+@torch.no_grad()
+def _held_out_loss(name: str, loss_fn: Callable[[Any], torch.Tensor], held_batches: list[Any]) -> float:
+    """Mean loss over the held-out batches; raises :class:`NumericalError` when it is not finite."""
+    total = sum(float(loss_fn(b)) for b in held_batches) / len(held_batches)
+    if not math.isfinite(total):
+        raise NumericalError(f"{name}: held-out fine-tuning loss is not finite ({total})")
+    return total
+
+
+def _in_float32(module: nn.Module, state: list[torch.Tensor], run: Callable[[], FinetuneReport],
+                held_out_loss: Callable[[], float]) -> FinetuneReport:
+    """``run()`` a training stage with ``module`` in float32, then cast it back to its dtype.
+
+    Adam updates at fine-tuning learning rates vanish in bf16, so a bf16/fp16 model trains in
+    float32. Casting back rounds the tuned norms and weights; the held-out loss is measured again
+    after the cast (``report.after_cast``) and ``state`` (every trained tensor, as it was before
+    training) is restored if the rounded tuning no longer beats the untrained model.
+    """
+    dtype = next((p.dtype for p in module.parameters()), torch.float32)
+    if dtype == torch.float32:
+        return run()
+    before = [t.detach().clone() for t in state]
+    module.float()
+    try:
+        report = run()
+    finally:
+        module.to(dtype)
+    if report.best_epoch:
+        report.after_cast = held_out_loss()
+        if report.after_cast >= report.losses[0]:
+            logger.warning("%s: casting back to %s undid the tuning (held-out loss %.4g, untrained %.4g): "
+                           "restoring the untrained state", report.name, dtype, report.after_cast,
+                           report.losses[0])
+            with torch.no_grad():
+                for t, b in zip(state, before, strict=True):
+                    t.copy_(b)
+            report.best_epoch = 0
+            report.after_cast = report.losses[0]
     return report
 
 
@@ -168,6 +206,10 @@ def _epochs(report: FinetuneReport, trainable: list[torch.Tensor], best: list[to
                     b.copy_(t)
         if on_epoch is not None:
             on_epoch(report)
+        if cfg.patience and epoch - report.best_epoch >= cfg.patience:
+            logger.info("%s: no held-out improvement for %d epochs, stopping after epoch %d", report.name,
+                        cfg.patience, epoch)
+            break
 
 
 def _progress_bar(total: int, desc: str) -> Any:
@@ -240,26 +282,25 @@ def finetune_block(
         return out
 
     train_batches, held_batches = batches(train_idx), batches(held_idx)
-    dtype = next((p.dtype for p in block.parameters()), torch.float32)
-    block.float()  # train in float32 (bf16 Adam updates of small learning rates vanish)
 
     def loss_fn(batch: tuple[torch.Tensor, torch.Tensor, BlockCall]) -> torch.Tensor:
         x, y, (args, kwargs) = batch
-        out = block_output(block(x.float(), *args, **kwargs))
+        dtype = next(block.parameters()).dtype  # float32 while training, the block's own dtype after
+        out = block_output(block(x.to(dtype), *args, **kwargs))
         return F.mse_loss(out.float(), y.float())
 
     quantized = [m for m in block.modules() if isinstance(m, QuantizedLinear)]
     sign_state = [t for q in quantized for t in q.trainable_state()]
     weights = [p for p in block.parameters()]
-    try:
+
+    def run() -> FinetuneReport:
         with _training_state(block, sign_state + weights):
             block.eval()  # no dropout: the targets are deterministic
-            report = _train(name, sign_state + weights, _param_groups(sign_state, weights, cfg),
-                            train_batches, held_batches, loss_fn, cfg.block_epochs, cfg,
-                            torch.Generator().manual_seed(seed))
-    finally:
-        block.to(dtype)
-    return report
+            return _train(name, sign_state + weights, _param_groups(sign_state, weights, cfg),
+                          train_batches, held_batches, loss_fn, cfg.block_epochs, cfg,
+                          torch.Generator().manual_seed(seed))
+
+    return _in_float32(block, sign_state + weights, run, lambda: _held_out_loss(name, loss_fn, held_batches))
 
 
 # --------------------------------------------------------------------------- end to end
@@ -322,15 +363,12 @@ def finetune_model(
         return F.kl_div(logp.reshape(-1, vocab), target.reshape(-1, vocab), log_target=True, reduction="batchmean")
 
     checkpointing = cfg.gradient_checkpointing and _checkpointing_switch(model) is not None
-    dtype = next((p.dtype for p in model.parameters()), torch.float32)
-    if dtype != torch.float32:  # train in float32 (bf16 Adam updates of small learning rates vanish)
-        model.float()
-        weights = [p for p in model.parameters() if id(p) not in frozen]
-    try:
-        return _finetune_model_float32(model, loss_fn, sign_state, weights, train_batches, held_batches, cfg,
-                                       checkpointing, seed, on_epoch, progress)
-    finally:
-        model.to(dtype)
+    state = sign_state + weights  # parameters keep their identity through .float()/.to(dtype)
+    return _in_float32(
+        model, state,
+        lambda: _finetune_model_float32(model, loss_fn, sign_state, weights, train_batches, held_batches, cfg,
+                                        checkpointing, seed, on_epoch, progress),
+        lambda: _held_out_loss("end-to-end", loss_fn, held_batches))
 
 
 def _finetune_model_float32(model: nn.Module, loss_fn: Callable[[torch.Tensor], torch.Tensor],
