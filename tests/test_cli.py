@@ -52,12 +52,16 @@ def test_quantize_inspect_eval_generate(model_dir, calib_file, tmp_path, capsys)
     assert set(result) == {"ppl", "ctx", "windows", "tokens"}
     assert result["windows"] == 3 and result["ctx"] == 64 and result["tokens"] == 3 * 63
     assert 1 < result["ppl"] < 1e4
-    assert main(["generate", str(out), "--prompt", "The quick", "--max-new-tokens", "5"]) == 0
-    assert capsys.readouterr().out.strip() != ""
-    for dtype in ("float32", "bfloat16"):
+    texts = {}
+    for engine in ("lean", "transformers"):
+        assert main(["generate", str(out), "--prompt", "The quick", "--max-new-tokens", "5", "--engine", engine]) == 0
+        texts[engine] = capsys.readouterr().out
+    assert texts["lean"].strip() != "" and texts["lean"] == texts["transformers"]  # greedy: the same tokens
+    for dtype, engine in (("float32", "auto"), ("bfloat16", "auto"), ("float32", "transformers")):
         assert main(["bench", str(out), "--threads", "1", "--new-tokens", "4", "--prompt-tokens", "8", "--runs", "2",
-                     "--dtype", dtype, "--json"]) == 0
+                     "--dtype", dtype, "--engine", engine, "--json"]) == 0
         speed = json.loads(capsys.readouterr().out)
+        assert speed["engine"] == ("lean" if engine == "auto" else engine)
         assert {"decode_tok_s", "prefill_tok_s", "threads", "peak_rss_mb"} <= set(speed)
         assert speed["threads"] == 1 and speed["decode_tok_s"] > 0 and speed["prefill_tok_s"] > 0
         assert len(speed["decode_tok_s_runs"]) == 2 and speed["peak_rss_mb"] > 0

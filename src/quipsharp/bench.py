@@ -8,6 +8,7 @@ from a seeded generator, so no tokenizer or text is needed.
 
 from __future__ import annotations
 
+import functools
 import logging
 import resource
 import statistics
@@ -43,6 +44,21 @@ def _generate(model: nn.Module, ids: torch.Tensor, new_tokens: int, cache: str |
     return time.perf_counter() - start
 
 
+def _lean_generate(decoder: Any, ids: torch.Tensor, new_tokens: int) -> float:
+    start = time.perf_counter()
+    produced = sum(1 for _ in decoder.generate(ids[0], new_tokens))
+    if produced != new_tokens:
+        raise RuntimeError(f"lean decoder produced {produced} of {new_tokens} tokens")
+    return time.perf_counter() - start
+
+
+def _lean_prefill(decoder: Any, ids: torch.Tensor) -> float:
+    start = time.perf_counter()
+    decoder.reset()
+    decoder.prefill(ids[0])
+    return time.perf_counter() - start
+
+
 @torch.inference_mode()
 def _prefill(model: nn.Module, ids: torch.Tensor) -> float:
     start = time.perf_counter()
@@ -59,11 +75,16 @@ def benchmark_generation(
     threads: int | None = None,
     seed: int = 0,
     cache: str | None = None,
+    engine: str = "auto",
+    head_dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """Time prefill and decode of ``model`` at batch 1.
 
-    ``cache``: a transformers ``cache_implementation`` for generation (e.g. ``"static"``); default
-    the model's own (dynamic) cache.
+    ``engine``: ``"lean"`` runs :class:`quipsharp.fastdecode.LeanDecoder` (Llama/Mistral/Qwen2),
+    ``"transformers"`` ``model.generate``, ``"auto"`` the lean loop when the model is supported and no
+    ``cache`` is asked for. ``cache``: a transformers ``cache_implementation`` for ``model.generate``
+    (e.g. ``"static"``); default the model's own (dynamic) cache. ``head_dtype``: the lean loop's LM
+    head dtype (default the model's).
 
     Returns:
         ``{"decode_tok_s", "prefill_tok_s", "threads", "peak_rss_mb", "prompt_tokens", "new_tokens",
@@ -79,12 +100,27 @@ def benchmark_generation(
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, min(vocab, PROMPT_ID_BOUND), (1, prompt_tokens), generator=gen)
     model.eval()
-    _prefill(model, ids)  # warm-up: kernels selected, caches allocated
-    _generate(model, ids, min(new_tokens, 2), cache)
+    from quipsharp.fastdecode import LeanDecoder, check_supported, supports
+
+    max_len = prompt_tokens + new_tokens + 1
+    if engine == "auto":
+        engine = "lean" if cache is None and supports(model, max_len) else "transformers"
+    if engine == "lean":
+        check_supported(model, max_len)
+        decoder = LeanDecoder(model, max_len, head_dtype=head_dtype, threads=threads)
+        prefill_fn = functools.partial(_lean_prefill, decoder, ids)
+        generate_fn = functools.partial(_lean_generate, decoder, ids)
+    elif engine == "transformers":
+        prefill_fn = functools.partial(_prefill, model, ids)
+        generate_fn = functools.partial(_generate, model, ids, cache=cache)
+    else:
+        raise ValueError(f"engine must be auto, lean or transformers, got {engine!r}")
+    prefill_fn()  # warm-up: kernels selected, caches allocated
+    generate_fn(min(new_tokens, 2))
     prefill, decode = [], []
     for _ in range(runs):
-        t_prefill = _prefill(model, ids)
-        t_gen = _generate(model, ids, new_tokens + 1, cache)  # the first new token comes from the prefill
+        t_prefill = prefill_fn()
+        t_gen = generate_fn(new_tokens + 1)  # the first new token comes from the prefill
         prefill.append(prompt_tokens / t_prefill)
         decode.append(new_tokens / max(t_gen - t_prefill, 1e-9))
     result = {
@@ -95,7 +131,8 @@ def benchmark_generation(
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,
         "runs": runs,
-        "cache": cache or "dynamic",
+        "cache": cache or ("static" if engine == "lean" else "dynamic"),
+        "engine": engine,
         "decode_tok_s_runs": decode,
         "prefill_tok_s_runs": prefill,
     }

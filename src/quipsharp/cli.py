@@ -26,6 +26,8 @@ DEFAULT_EVAL_CTX = 2048
 DEFAULT_NEW_TOKENS = 64
 WORK_SUFFIX = ".quipsharp-work"
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+ENGINES = ("auto", "lean", "transformers")
+HEAD_DTYPES = ("model", "bfloat16")
 
 logger = logging.getLogger("quipsharp")
 
@@ -201,12 +203,51 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         input_ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
     streamer = TextStreamer(tokenizer, skip_prompt=not args.echo, skip_special_tokens=True)
+    if args.max_new_tokens < 1:
+        raise CliError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    max_len = input_ids.shape[1] + args.max_new_tokens
+    if _lean_engine(args.engine, model, max_len):
+        from quipsharp.fastdecode import LeanDecoder
+
+        decoder = LeanDecoder(model, max_len, head_dtype=_head_dtype(args.head_dtype))
+        streamer.put(input_ids)
+        for token in decoder.generate(input_ids[0], args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                      temperature=args.temperature,
+                                      generator=torch.Generator().manual_seed(args.seed)):
+            streamer.put(torch.tensor([token]))
+        streamer.end()
+        return 0
     torch.manual_seed(args.seed)
     model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                    max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                    temperature=args.temperature if args.temperature > 0 else None, top_p=None, top_k=None,
                    streamer=streamer, pad_token_id=tokenizer.eos_token_id)
     return 0
+
+
+def _head_dtype(name: str) -> Any:
+    import torch
+
+    return None if name == "model" else getattr(torch, name)
+
+
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="decoding loop: quipsharp's lean loop (Llama/Mistral/Qwen2, static cache), "
+                        "transformers' generate, or auto (lean when the model is supported)")
+    p.add_argument("--head-dtype", choices=HEAD_DTYPES, default="model",
+                   help="lean loop: LM head matmul in the model's dtype, or bfloat16 (faster; logits "
+                        "rounded to bf16 precision)")
+
+
+def _lean_engine(engine: str, model: Any, max_len: int) -> bool:
+    """Whether to decode with the lean loop: ``--engine lean`` (an error when unsupported) or ``auto``."""
+    from quipsharp.fastdecode import check_supported, supports
+
+    if engine == "lean":
+        check_supported(model, max_len)
+        return True
+    return engine == "auto" and supports(model, max_len)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -223,14 +264,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         model.to(getattr(torch, DTYPES[args.dtype]))  # QuantizedLinear keeps its float32 state
     result = benchmark_generation(model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                                   runs=args.runs, threads=args.threads,
-                                  cache=None if args.cache == "dynamic" else args.cache)
+                                  cache=None if args.cache == "dynamic" else args.cache,
+                                  engine=args.engine, head_dtype=_head_dtype(args.head_dtype))
     result["kernel"] = kernels.selected()
     if args.json:
         print(json.dumps(result))
     else:
         print(f"decode {result['decode_tok_s']:.1f} tok/s, prefill {result['prefill_tok_s']:.1f} tok/s "
               f"({result['threads']} threads, batch 1, median of {result['runs']} runs, kernel "
-              f"{result['kernel']}), peak RSS {result['peak_rss_mb']:.0f} MB")
+              f"{result['kernel']}, {result['engine']} loop), peak RSS {result['peak_rss_mb']:.0f} MB")
     return 0
 
 
@@ -363,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--echo", action="store_true", help="print the prompt too")
+    _add_engine_options(g)
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="decoding speed: prefill and generation tokens/s at batch 1")
@@ -374,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="dtype of the unquantized tensors (embeddings, norms, LM head)")
     b.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
-                   help="KV cache of generation (transformers' cache_implementation)")
+                   help="KV cache of transformers' generate (cache_implementation)")
+    _add_engine_options(b)
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
 

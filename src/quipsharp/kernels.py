@@ -423,6 +423,56 @@ def linear(
     return y.reshape(*x.shape[:-1], m).to(x.dtype)
 
 
+class BoundLinear:
+    """One quantized linear's fused native call with everything but the activations checked once.
+
+    For decoding loops that call the same layer once per token: :func:`linear` validates and
+    converts ten arguments on every call, this checks them at construction and keeps the converted
+    pointers. The tensors are held, so the pointers stay valid; the layer's state must not be
+    replaced while a BoundLinear of it is in use.
+
+    ``__call__(x, out, residual=None)``:
+        x:        ``[B, n]`` float32 contiguous CPU, ``B ≤ FUSED_MAX_BATCH``
+        out:      ``[B, m]`` float32 contiguous CPU (written; may be a contiguous slice of a larger buffer)
+        residual: ``[m]`` float32 contiguous, added to the output in place of the layer's bias; only
+                  for layers without a bias and ``B == 1`` (a residual connection fused into the layer)
+    """
+
+    def __init__(self, codes: torch.Tensor, su: torch.Tensor, sv: torch.Tensor, wscale: torch.Tensor,
+                 bias: torch.Tensor | None, m_in: torch.Tensor, m_out_t: torch.Tensor, codebook_name: str,
+                 use_hadamard: bool, threads: int | None = None) -> None:
+        self.n, self.m = su.shape[0], sv.shape[0]
+        _check_linear_args(torch.empty(1, self.n), codes, su, sv, bias, m_in, m_out_t, codebook_name, use_hadamard)
+        scale = float(wscale)
+        if scale != scale:
+            raise RuntimeError(UNFILLED_MESSAGE)
+        self._keep = (codes, su, sv, bias, m_in, m_out_t)
+        self.has_bias = bias is not None
+        self._fn = _require().qs_linear
+        self._head = (codes.data_ptr(), tables(codebook_name).handle, su.data_ptr(), sv.data_ptr(), scale)
+        self._bias = _ptr(bias)
+        self._tail = (bool(use_hadamard), m_in.shape[0], m_in.data_ptr(), m_out_t.shape[0], m_out_t.data_ptr())
+        self._threads = _threads(threads)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        B = x.shape[0]
+        if (x.dtype != torch.float32 or out.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.n
+                or out.shape != (B, self.m) or not x.is_contiguous() or not out.is_contiguous()
+                or not 0 < B <= FUSED_MAX_BATCH):
+            raise ValueError(f"BoundLinear: need x [B<={FUSED_MAX_BATCH}, {self.n}] and out [B, {self.m}] float32 "
+                             f"contiguous, got {tuple(x.shape)} {x.dtype} and {tuple(out.shape)} {out.dtype}")
+        bias = self._bias
+        if residual is not None:
+            if self.has_bias or B != 1 or residual.shape[-1] != self.m or residual.numel() != self.m \
+                    or residual.dtype != torch.float32 or not residual.is_contiguous():
+                raise ValueError(f"BoundLinear: a residual needs a layer without bias, B == 1 and [{self.m}] "
+                                 f"float32 contiguous, got {tuple(residual.shape)}")
+            bias = residual.data_ptr()
+        _check(self._fn(x.data_ptr(), B, self.n, self.m, *self._head, bias, *self._tail, out.data_ptr(),
+                        self._threads), "linear")
+        return out
+
+
 e8p_linear = torch.library.custom_op("quipsharp::e8p_linear", linear, mutates_args=())
 
 

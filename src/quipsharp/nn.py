@@ -236,6 +236,15 @@ class QuantizedLinear(nn.Module):
                 raise RuntimeError(kernels.UNFILLED_MESSAGE)
         return self.reference_forward(x)
 
+    def bind(self, threads: int | None = None) -> kernels.BoundLinear | None:
+        """This layer's native call with its state checked once (for decoding loops), or None when
+        the native kernel does not serve it (not built, not selected, not on CPU, in training)."""
+        if not self._native or self._core is not None or self.codes.device.type != "cpu" \
+                or kernels.selected() == kernels.REFERENCE:
+            return None
+        return kernels.BoundLinear(self.codes, self.su, self.sv, self.wscale, self.bias, self._m_in, self._m_out_t,
+                                   self.codebook.name, self.config.use_hadamard, threads)
+
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The pure-torch path (any device, differentiable in ``x``, ``su``, ``sv``, ``wscale``, ``bias``)."""
         m, n = self.out_features, self.in_features

@@ -1,0 +1,154 @@
+"""The lean decoding loop (issue 4): same logits as transformers' cached decoding, same greedy tokens,
+bound native calls equal to the checked ones, clear errors for what it does not run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from quipsharp import kernels
+from quipsharp.config import ModelQuantConfig, QuIPSharpConfig
+from quipsharp.fastdecode import LeanDecoder, UnsupportedModelError, supports
+from quipsharp.nn import QuantizedLinear
+from quipsharp.pipeline import quantize_model
+from tests.tiny_models import VOCAB, tiny_config, tiny_model
+
+PROMPT = 6
+STEPS = 6
+TOL = 1e-5  # float rounding only: both sides run the same kernels at the same batch sizes
+native = pytest.mark.skipif(not kernels.available(), reason="native kernels not built")
+
+
+def _quantized(arch: str):
+    model, _ = quantize_model(tiny_model(arch), ModelQuantConfig(layer=QuIPSharpConfig(bits=2)), None,
+                              progress=False)
+    return model
+
+
+def _ids(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB - 8, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def _hf_incremental(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    """transformers' logits: the prompt in one pass, then one token at a time through its cache."""
+    out = model(input_ids=ids[None, :PROMPT], use_cache=True)
+    logits, past = [out.logits[0, -1]], out.past_key_values
+    for t in range(PROMPT, ids.numel()):
+        out = model(input_ids=ids[None, t:t + 1], past_key_values=past, use_cache=True)
+        logits.append(out.logits[0, -1])
+        past = out.past_key_values
+    return logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("quantized", [False, pytest.param(True, marks=native)])
+def test_lean_logits_match_transformers(arch: str, quantized: bool) -> None:
+    model = _quantized(arch) if quantized else tiny_model(arch)
+    ids = _ids(PROMPT + STEPS)
+    expected = _hf_incremental(model, ids)
+    dec = LeanDecoder(model, max_len=32)
+    got = [dec.prefill(ids[:PROMPT])] + [dec.step(int(t)) for t in ids[PROMPT:]]
+    assert dec.length == PROMPT + STEPS
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=TOL, atol=TOL)
+
+
+@native
+def test_lean_greedy_generation_equals_generate_and_restarts() -> None:
+    model = _quantized("llama")
+    prompt = _ids(PROMPT, seed=1)
+    with torch.no_grad():
+        ref = model.generate(input_ids=prompt[None], attention_mask=torch.ones(1, PROMPT, dtype=torch.long),
+                             max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)[0, PROMPT:]
+    dec = LeanDecoder(model, max_len=PROMPT + 12)
+    assert list(dec.generate(prompt, 12)) == ref.tolist()
+    assert list(dec.generate(prompt, 12)) == ref.tolist()  # a second run starts from an empty cache
+    first = ref[0].item()
+    assert list(dec.generate(prompt, 12, eos_token_id=first)) == [first]  # stops at (and yields) EOS
+
+
+def test_sampling_is_seeded() -> None:
+    dec = LeanDecoder(tiny_model("llama"), max_len=40)
+    prompt = _ids(PROMPT)
+
+    def sample(seed: int) -> list[int]:
+        return list(dec.generate(prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(seed)))
+    assert sample(3) == sample(3) and sample(3) != sample(4)
+
+
+def test_bfloat16_head_stays_close() -> None:
+    model = tiny_model("llama")
+    ids = _ids(PROMPT)
+    exact = LeanDecoder(model, max_len=16).prefill(ids)
+    approx = LeanDecoder(model, max_len=16, head_dtype=torch.bfloat16).prefill(ids)
+    assert approx.dtype == torch.float32 and not torch.equal(approx, exact)
+    torch.testing.assert_close(approx, exact, rtol=0, atol=2e-2 * exact.abs().max().item())
+
+
+def test_unsupported_models_and_bad_lengths_are_clear_errors() -> None:
+    with pytest.raises(UnsupportedModelError, match="gpt2"):
+        LeanDecoder(tiny_model("gpt2"), max_len=16)
+    assert not supports(tiny_model("gemma2")) and supports(tiny_model("llama"))
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config("mistral")
+    cfg.sliding_window = 8
+    windowed = AutoModelForCausalLM.from_config(cfg)
+    assert supports(windowed, max_len=8)
+    with pytest.raises(UnsupportedModelError, match="sliding-window"):
+        LeanDecoder(windowed, max_len=16)
+    dec = LeanDecoder(tiny_model("llama"), max_len=8)
+    with pytest.raises(ValueError, match="exceed the cache"):
+        list(dec.generate(_ids(6), 3))
+    with pytest.raises(ValueError, match="does not fit"):
+        dec.prefill(_ids(8))
+
+
+@pytest.mark.parametrize("quantized", [False, pytest.param(True, marks=native)])
+def test_bfloat16_model_decodes_close_to_transformers(quantized: bool) -> None:
+    model = (_quantized("llama") if quantized else tiny_model("llama")).to(torch.bfloat16)
+    ids = _ids(PROMPT + STEPS)
+    expected = _hf_incremental(model, ids)
+    dec = LeanDecoder(model, max_len=32)
+    got = [dec.prefill(ids[:PROMPT])] + [dec.step(int(t)) for t in ids[PROMPT:]]
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e.float(), rtol=0, atol=5e-2 * e.abs().max().item())
+
+
+@native
+def test_bound_linear_equals_the_checked_call_and_fuses_the_residual() -> None:
+    gen = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(64, 48, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(48, 64, generator=gen))
+    layer = QuantizedLinear.from_linear(linear, config=QuIPSharpConfig(bits=2), seed=0)
+    bound = layer.bind()
+    assert bound is not None
+    for batch in (1, 3, kernels.FUSED_MAX_BATCH):
+        x = torch.randn(batch, 64, generator=gen)
+        out = torch.empty(batch, 48)
+        assert torch.equal(bound(x, out), layer(x))
+    x, residual = torch.randn(1, 64, generator=gen), torch.randn(48, generator=gen)
+    torch.testing.assert_close(bound(x, torch.empty(1, 48), residual), layer(x) + residual, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="BoundLinear"):
+        bound(torch.randn(kernels.FUSED_MAX_BATCH + 1, 64), torch.empty(kernels.FUSED_MAX_BATCH + 1, 48))
+    with pytest.raises(ValueError, match="BoundLinear"):
+        bound(torch.randn(1, 64, dtype=torch.float64), torch.empty(1, 48))
+    with pytest.raises(ValueError, match="BoundLinear"):
+        bound(torch.randn(1, 64), torch.empty(48, 1))
+    with pytest.raises(ValueError, match="residual"):
+        bound(torch.randn(2, 64), torch.empty(2, 48), torch.randn(48))
+
+
+def test_cli_lean_engine_on_an_unsupported_model_is_one_line(tmp_path, capsys) -> None:
+    from quipsharp.cli import main
+    from tests.tiny_models import save_tiny_model_dir
+
+    model_dir = save_tiny_model_dir(tmp_path / "gpt2", arch="gpt2")
+    assert main(["generate", str(model_dir), "--prompt", "The", "--max-new-tokens", "2", "--engine", "lean"]) == 2
+    err = capsys.readouterr().err
+    assert "lean decoding supports" in err and "gpt2" in err
+    assert main(["generate", str(model_dir), "--prompt", "The", "--max-new-tokens", "2"]) == 0  # auto: generate
