@@ -79,13 +79,15 @@ def test_sampling_is_seeded() -> None:
     assert sample(3) == sample(3) and sample(3) != sample(4)
 
 
-def test_bfloat16_head_stays_close() -> None:
+@pytest.mark.parametrize("dtype,rel", [(torch.bfloat16, 2e-2), (torch.int8, 3e-2)])
+def test_low_precision_heads_stay_close(dtype: torch.dtype, rel: float) -> None:
     model = tiny_model("llama")
     ids = _ids(PROMPT)
     exact = LeanDecoder(model, max_len=16).prefill(ids)
-    approx = LeanDecoder(model, max_len=16, head_dtype=torch.bfloat16).prefill(ids)
-    assert approx.dtype == torch.float32 and not torch.equal(approx, exact)
-    torch.testing.assert_close(approx, exact, rtol=0, atol=2e-2 * exact.abs().max().item())
+    dec = LeanDecoder(model, max_len=16, head_dtype=dtype)
+    approx = dec.prefill(ids)
+    assert dec.head.dtype == dtype and approx.dtype == torch.float32 and not torch.equal(approx, exact)
+    torch.testing.assert_close(approx, exact, rtol=0, atol=rel * exact.abs().max().item())
 
 
 def test_unsupported_models_and_bad_lengths_are_clear_errors() -> None:

@@ -27,7 +27,7 @@ DEFAULT_NEW_TOKENS = 64
 WORK_SUFFIX = ".quipsharp-work"
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 ENGINES = ("auto", "lean", "transformers")
-HEAD_DTYPES = ("model", "bfloat16")
+HEAD_DTYPES = ("model", "bfloat16", "int8")
 
 logger = logging.getLogger("quipsharp")
 
@@ -236,8 +236,8 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="decoding loop: quipsharp's lean loop (Llama/Mistral/Qwen2, static cache), "
                         "transformers' generate, or auto (lean when the model is supported)")
     p.add_argument("--head-dtype", choices=HEAD_DTYPES, default="model",
-                   help="lean loop: LM head matmul in the model's dtype, or bfloat16 (faster; logits "
-                        "rounded to bf16 precision)")
+                   help="lean loop: LM head matmul in the model's dtype, bfloat16, or int8 per-row weights "
+                        "(faster; logits approximate: about 1%% of the largest logit for int8)")
 
 
 def _lean_engine(engine: str, model: Any, max_len: int) -> bool:

@@ -9,8 +9,8 @@ model's own weights and modules but runs decoding as a flat sequence of tensor o
 * every quantized linear bound once to its native call (:class:`quipsharp.kernels.BoundLinear`),
   q/k/v and gate/up writing into slices of one buffer, the residual additions of ``o_proj`` and
   ``down_proj`` fused into their calls;
-* optionally a bfloat16 copy of the LM head (half the bytes of its float32 GEMV, the largest
-  single matrix of a small model).
+* optionally a bfloat16 or int8 copy of the LM head (half or a quarter of the bytes of its float32
+  GEMV, the largest single matrix of a small model).
 
 The prompt goes through the same blocks as one batch (causal attention); each new token is then
 one step. Logits equal the transformers model's up to float rounding (tested against it).
@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 #: transformers ``model_type`` values whose decoder blocks this loop reproduces exactly.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SILU_ACTIVATIONS = ("silu", "swish")
+INT8_MAX = 127
 
 
 class UnsupportedModelError(QuipSharpError, ValueError):
@@ -123,8 +124,10 @@ class LeanDecoder:
     Args:
         model: a Llama/Mistral/Qwen2 causal LM on CPU, float32 or bfloat16, quantized or not; read-only.
         max_len: prompt plus generated tokens, at most.
-        head_dtype: dtype of the LM head's matmul (``torch.bfloat16`` halves its cost, logits then
-            differ from float32 by bf16 rounding of the head); None keeps the model's.
+        head_dtype: dtype of the LM head's matmul, the largest single matrix of a small model: None
+            keeps the model's; ``torch.bfloat16`` halves its bytes (logits rounded to bf16);
+            ``torch.int8`` quarters them (per-row absmax int8 weights times bf16 activations through
+            torch's ``_weight_int8pack_mm``; logit errors near 1% of the largest logit).
         threads: native kernel threads (default torch's).
 
     Raises:
@@ -151,8 +154,17 @@ class LeanDecoder:
         self.embed = inner.embed_tokens.weight
         self.final_norm = inner.norm.weight.float()  # the loop computes in float32 (bf16 models too)
         head = model.get_output_embeddings()
-        self.head = head.weight.detach().to(head_dtype) if head_dtype is not None else head.weight
         self.head_bias = getattr(head, "bias", None)
+        self.head_scales: torch.Tensor | None = None
+        if head_dtype == torch.int8:  # per-row absmax int8 weights, bf16 activations (llama.cpp's Q8_0 idea)
+            weight = head.weight.detach().float()
+            scales = weight.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / INT8_MAX
+            self.head = torch.round(weight / scales[:, None]).to(torch.int8).contiguous()
+            self.head_scales = scales.to(torch.bfloat16)
+        elif head_dtype is not None:
+            self.head = head.weight.detach().to(head_dtype)
+        else:
+            self.head = head.weight
         self.blocks = [self._block(layer, threads) for layer in layers]
         self._rotary_tables(inner.rotary_emb)
         shape = (len(layers), self.kv_heads, max_len, self.head_dim)
@@ -190,8 +202,11 @@ class LeanDecoder:
         return F.rms_norm(x, (self.hidden,), weight, self.eps)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        h = self._rms(x, self.final_norm).to(self.head.dtype)
-        return F.linear(h, self.head, self.head_bias).float()
+        h = self._rms(x, self.final_norm)
+        if self.head_scales is not None:
+            logits = torch._weight_int8pack_mm(h.to(torch.bfloat16), self.head, self.head_scales).float()
+            return logits if self.head_bias is None else logits + self.head_bias
+        return F.linear(h.to(self.head.dtype), self.head, self.head_bias).float()
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
