@@ -42,7 +42,7 @@ ROWS: dict[str, dict[str, Any]] = {
     "qs4-down2": {"kind": "quipsharp", "bits": 4, "bits_map": [["down_proj", 2]]},
     # fine-tuning (issue 5): in-block during quantization, end to end after, or both
     **{f"qs{bits}-{mode}": {"kind": "quipsharp", "bits": bits, "finetune": mode}
-       for bits in (2, 3) for mode in ("block", "e2e", "both")},
+       for bits in (2, 3, 4) for mode in ("block", "e2e", "both")},
 }
 KB = 1024
 FT_PREFIX = "ft_"
