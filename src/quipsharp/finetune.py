@@ -271,12 +271,18 @@ def finetune_block(
     windows = [(b, r) for b, x in enumerate(inputs) for r in range(x.shape[0])]
     train_idx, held_idx = split_holdout(len(windows), cfg.holdout)
 
+    def take(tensors: list[torch.Tensor], chunk: list[tuple[int, int]]) -> torch.Tensor:
+        """The windows of ``chunk`` as one tensor: a view when they are consecutive rows of one batch."""
+        b0, r0 = chunk[0]
+        if chunk == [(b0, r0 + i) for i in range(len(chunk))]:
+            return tensors[b0][r0:r0 + len(chunk)]
+        return torch.stack([tensors[b][r] for b, r in chunk])
+
     def batches(indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor, BlockCall]]:
         out = []
         for start in range(0, len(indices), micro):
             chunk = [windows[i] for i in indices[start:start + micro]]
-            x = torch.stack([inputs[b][r] for b, r in chunk])
-            y = torch.stack([targets[b][r] for b, r in chunk])
+            x, y = take(inputs, chunk), take(targets, chunk)
             # calls[0] is a full batch: the last batch of the stream may be smaller than a micro-batch
             out.append((x, y, _slice_call(calls[0], rows, len(chunk))))
         return out
