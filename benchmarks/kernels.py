@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from _common import machine_info, today
@@ -103,7 +104,7 @@ def matvec_rows(threads: list[int], repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _build_model(name: str):
+def _build_model(name: str, cache: Path | None = None):
     import torch
 
     from quipsharp.config import QuIPSharpConfig
@@ -126,11 +127,24 @@ def _build_model(name: str):
         model.to(torch.bfloat16)
     elif name.endswith("-q2"):
         model = QuIPSharpQuantizer(QuIPSharpConfig(bits=2)).quantize_model(model, progress=False)
+        if cache is not None:
+            from quipsharp.hf import save_quantized
+
+            save_quantized(model, cache / name)
     return model
 
 
+def _cached_model(name: str, cache: Path | None):
+    """A quantized model saved by an earlier row of this run (``--model-cache``), or None."""
+    if cache is None or not name.endswith("-q2") or not (cache / name).is_dir():
+        return None
+    from quipsharp.hf import load_quantized
+
+    return load_quantized(cache / name)
+
+
 def generation_row(name: str, threads: int, new_tokens: int, runs: int, engine: str = "transformers",
-                   head: str = "model") -> dict[str, Any]:
+                   head: str = "model", cache: Path | None = None) -> dict[str, Any]:
     import torch
 
     from quipsharp import kernels
@@ -138,13 +152,16 @@ def generation_row(name: str, threads: int, new_tokens: int, runs: int, engine: 
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    model = _build_model(name)
+    model = _cached_model(name, cache)
+    cached = model is not None
+    if model is None:
+        model = _build_model(name, cache)
     build = time.perf_counter() - start
     result = benchmark_generation(model, new_tokens=new_tokens, runs=runs, threads=threads, engine=engine,
                                   head_dtype=None if head == "model" else getattr(torch, head))
     n_params = sum(p.numel() for p in model.parameters())
     return {"model": name, "build_seconds": build, "kernel": kernels.selected(), "float_params": n_params,
-            "head_dtype": head, **result}
+            "head_dtype": head, "loaded_from_cache": cached, **result}
 
 
 def main() -> None:
@@ -159,6 +176,8 @@ def main() -> None:
                         help="decoding loops to time (lean: quipsharp.fastdecode)")
     parser.add_argument("--heads", nargs="+", default=["model"], choices=["model", "bfloat16", "int8"],
                         help="LM head dtypes for the lean loop")
+    parser.add_argument("--model-cache", type=Path, default=None,
+                        help="directory where 2-bit models quantized by one row are saved for the next rows")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--one-model", help=argparse.SUPPRESS)
     parser.add_argument("--one-threads", type=int, help=argparse.SUPPRESS)
@@ -167,7 +186,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.one_model:
         print(json.dumps(generation_row(args.one_model, args.one_threads, args.new_tokens, args.runs,
-                                        args.one_engine, args.one_head)))
+                                        args.one_engine, args.one_head, args.model_cache)))
         return
     result: dict[str, Any] = {"date": today(), "machine": machine_info(), "args": vars(args)}
     if "matvec" in args.parts:
@@ -179,7 +198,7 @@ def main() -> None:
                 for engine, head in [(e, h) for e in args.engines for h in (args.heads if e == "lean" else ["model"])]:
                     cmd = [sys.executable, __file__, "--one-model", name, "--one-threads", str(t),
                            "--new-tokens", str(args.new_tokens), "--runs", str(args.runs), "--one-engine", engine,
-                           "--one-head", head]
+                           "--one-head", head, *(["--model-cache", str(args.model_cache)] if args.model_cache else [])]
                     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
                     if proc.returncode != 0:
                         raise SystemExit(f"model {name} ({engine}) failed:\n{proc.stderr[-3000:]}")
