@@ -109,6 +109,40 @@ def test_unsupported_models_and_bad_lengths_are_clear_errors() -> None:
         dec.prefill(_ids(8))
 
 
+def _variant(**changes):
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config("llama")
+    for key, value in changes.items():
+        setattr(cfg, key, value)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def test_int8_head_pads_odd_vocabularies_and_refuses_odd_hidden_sizes() -> None:
+    model = _variant(vocab_size=250)
+    ids = _ids(PROMPT)
+    exact = LeanDecoder(model, max_len=16).prefill(ids)
+    approx = LeanDecoder(model, max_len=16, head_dtype=torch.int8).prefill(ids)
+    assert approx.shape == exact.shape == (250,)
+    torch.testing.assert_close(approx, exact, rtol=0, atol=3e-2 * exact.abs().max().item())
+    with pytest.raises(ValueError, match="multiple of 64"):
+        LeanDecoder(_variant(hidden_size=40), max_len=16, head_dtype=torch.int8)
+
+
+def test_length_dependent_rope_is_refused_beyond_its_original_length() -> None:
+    model = _variant(max_position_embeddings=16,
+                     rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    with pytest.raises(UnsupportedModelError, match="dynamic"):
+        LeanDecoder(model, max_len=32)
+    ids = _ids(PROMPT + STEPS)
+    expected = _hf_incremental(model, ids)
+    dec = LeanDecoder(model, max_len=16)
+    got = [dec.prefill(ids[:PROMPT])] + [dec.step(int(t)) for t in ids[PROMPT:]]
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=TOL, atol=TOL)
+
+
 @pytest.mark.parametrize("quantized", [False, pytest.param(True, marks=native)])
 def test_bfloat16_model_decodes_close_to_transformers(quantized: bool) -> None:
     model = (_quantized("llama") if quantized else tiny_model("llama")).to(torch.bfloat16)
@@ -143,6 +177,9 @@ def test_bound_linear_equals_the_checked_call_and_fuses_the_residual() -> None:
         bound(torch.randn(1, 64), torch.empty(48, 1))
     with pytest.raises(ValueError, match="residual"):
         bound(torch.randn(2, 64), torch.empty(2, 48), torch.randn(48))
+    out = torch.empty(1, 48)
+    with pytest.raises(ValueError, match="overlap"):
+        bound(torch.randn(1, 64), out, out[0])
 
 
 def test_cli_lean_engine_on_an_unsupported_model_is_one_line(tmp_path, capsys) -> None:
@@ -154,3 +191,16 @@ def test_cli_lean_engine_on_an_unsupported_model_is_one_line(tmp_path, capsys) -
     err = capsys.readouterr().err
     assert "lean decoding supports" in err and "gpt2" in err
     assert main(["generate", str(model_dir), "--prompt", "The", "--max-new-tokens", "2"]) == 0  # auto: generate
+
+
+def test_cli_auto_engine_respects_the_generation_config() -> None:
+    from types import SimpleNamespace
+
+    from quipsharp.cli import _lean_engine, _stop_ids
+
+    model = tiny_model("llama")
+    assert _lean_engine("auto", model, 16)
+    model.generation_config.eos_token_id = [5, 7]
+    assert _stop_ids(model, SimpleNamespace(eos_token_id=0)) == [5, 7, 0]
+    model.generation_config.repetition_penalty = 1.3  # transformers applies it even to greedy decoding
+    assert not _lean_engine("auto", model, 16) and _lean_engine("lean", model, 16)

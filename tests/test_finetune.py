@@ -256,10 +256,13 @@ def test_end_to_end_finetuning_of_a_bfloat16_model_trains_in_float32_and_casts_b
     tokens = calibration_tokens(16, 32)
     model, _ = quantize_model(copy.deepcopy(teacher), ModelQuantConfig(layer=TWO_BIT), tokens, progress=False)
     model.to(torch.bfloat16)
+    rotary = model.model.rotary_emb  # as from_pretrained(dtype=bfloat16) leaves it: float32 frequencies
+    rotary.register_buffer("inv_freq", rotary.inv_freq.float(), persistent=False)
     cfg = FinetuneConfig(mode="e2e", e2e_epochs=2, lr=1e-4, sign_lr=1e-3, batch_size=4, holdout=0.25)
     report = finetune_model(model, teacher, tokens, cfg)
     assert report.best_epoch > 0 and report.losses[report.best_epoch] < report.losses[0]
     assert model.lm_head.weight.dtype == torch.bfloat16 and model.model.norm.weight.dtype == torch.bfloat16
+    assert rotary.inv_freq.dtype == torch.float32  # only parameters went through float32 and back
     assert all(m.su.dtype == torch.float32 for m in model.modules() if isinstance(m, QuantizedLinear))
     # the loss after rounding back to bf16 is measured, is the model's, and still beats the untrained one
     _, held = split_holdout(16, 0.25)

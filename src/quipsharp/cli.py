@@ -156,6 +156,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     seed = saved.seed if args.seed is None else args.seed
     # the in-block settings stay on record; options not given keep the saved (or default) values
     ft = _finetune_config(args, "both" if saved.finetune.block else "e2e", saved.finetune)
+    ft = ft.replace(block_epochs=saved.finetune.block_epochs)  # the in-block stage is not run again
+    if saved.finetune.block and (nsamples, ctx, seed) != (saved.nsamples, saved.ctx, saved.seed):
+        logger.warning("calibration windows differ from the in-block stage's: the end-to-end held-out windows "
+                       "may include text the in-block stage trained on")
     if not ft.e2e:
         raise CliError("--ft-e2e-epochs is 0: nothing to fine-tune")
     _check_holdout(nsamples, ft)
@@ -211,7 +215,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         decoder = LeanDecoder(model, max_len, head_dtype=_head_dtype(args.head_dtype))
         streamer.put(input_ids)
-        for token in decoder.generate(input_ids[0], args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+        for token in decoder.generate(input_ids[0], args.max_new_tokens, eos_token_id=_stop_ids(model, tokenizer),
                                       temperature=args.temperature,
                                       generator=torch.Generator().manual_seed(args.seed)):
             streamer.put(torch.tensor([token]))
@@ -240,14 +244,32 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
                         "(faster; logits approximate: about 1%% of the largest logit for int8)")
 
 
+#: generation_config settings that change greedy/temperature decoding; the lean loop has none of them.
+LOGITS_PROCESSOR_DEFAULTS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None,
+                             "suppress_tokens": None, "begin_suppress_tokens": None, "sequence_bias": None}
+
+
+def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
+    """End-of-sequence ids as ``model.generate`` uses them: the generation config's (one or a list)
+    and the tokenizer's."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
 def _lean_engine(engine: str, model: Any, max_len: int) -> bool:
-    """Whether to decode with the lean loop: ``--engine lean`` (an error when unsupported) or ``auto``."""
+    """Whether to decode with the lean loop: ``--engine lean`` (an error when unsupported) or ``auto``
+    (when the model is supported and its generation config asks for nothing the loop lacks)."""
     from quipsharp.fastdecode import check_supported, supports
 
     if engine == "lean":
         check_supported(model, max_len)
         return True
-    return engine == "auto" and supports(model, max_len)
+    gen = getattr(model, "generation_config", None)
+    plain = all(getattr(gen, k, v) in (v, None) for k, v in LOGITS_PROCESSOR_DEFAULTS.items())
+    return engine == "auto" and plain and supports(model, max_len)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -334,8 +356,8 @@ def _add_finetune_options(p: argparse.ArgumentParser, defaults_from: str | None 
     p.add_argument("--ft-patience", type=int,
                    help="stop a stage after this many epochs without held-out improvement, 0: never"
                         + default(d.patience))
-    p.add_argument("--ft-checkpointing", action="store_true", default=None,
-                   help="gradient checkpointing (end-to-end)")
+    p.add_argument("--ft-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="gradient checkpointing (end-to-end)" + default(d.gradient_checkpointing))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,6 +35,12 @@ logger = logging.getLogger(__name__)
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SILU_ACTIVATIONS = ("silu", "swish")
 INT8_MAX = 127
+#: RoPE types whose frequencies transformers recomputes from the sequence length.
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+#: torch's _weight_int8pack_mm is only correct for these multiples here (other shapes returned garbage
+#: or crashed in tests): the hidden size must be a multiple of the first, the head rows are padded to the second.
+INT8_HEAD_K_MULTIPLE = 64
+INT8_HEAD_N_MULTIPLE = 8
 
 
 class UnsupportedModelError(QuipSharpError, ValueError):
@@ -110,6 +116,15 @@ def check_supported(model: nn.Module, max_len: int | None = None) -> None:
     if window is not None and (max_len is None or max_len > window):
         raise UnsupportedModelError(f"lean decoding does not implement sliding-window attention (window {window}, "
                                     f"sequence {max_len})")
+    rotary = inner.rotary_emb
+    rope_type = getattr(rotary, "rope_type", "default")
+    if not isinstance(rope_type, str):
+        raise UnsupportedModelError("lean decoding needs one RoPE type for all layers")
+    limit = getattr(rotary, "original_max_seq_len", None)
+    if rope_type in LENGTH_DEPENDENT_ROPE and (max_len is None or limit is None or max_len > limit):
+        # transformers picks these frequencies from the current length; the lean tables are built once
+        raise UnsupportedModelError(f"lean decoding builds RoPE tables once: {rope_type!r} RoPE beyond its "
+                                    f"original {limit} positions changes with the sequence length")
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise UnsupportedModelError("lean decoding runs on CPU")
 
@@ -156,8 +171,14 @@ class LeanDecoder:
         head = model.get_output_embeddings()
         self.head_bias = getattr(head, "bias", None)
         self.head_scales: torch.Tensor | None = None
+        self.vocab = head.weight.shape[0]
         if head_dtype == torch.int8:  # per-row absmax int8 weights, bf16 activations (llama.cpp's Q8_0 idea)
+            if self.hidden % INT8_HEAD_K_MULTIPLE:
+                raise ValueError(f"an int8 LM head needs a hidden size that is a multiple of "
+                                 f"{INT8_HEAD_K_MULTIPLE}, got {self.hidden}: use bfloat16")
             weight = head.weight.detach().float()
+            rows = -(-self.vocab // INT8_HEAD_N_MULTIPLE) * INT8_HEAD_N_MULTIPLE
+            weight = F.pad(weight, (0, 0, 0, rows - self.vocab))
             scales = weight.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / INT8_MAX
             self.head = torch.round(weight / scales[:, None]).to(torch.int8).contiguous()
             self.head_scales = scales.to(torch.bfloat16)
@@ -204,7 +225,8 @@ class LeanDecoder:
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         h = self._rms(x, self.final_norm)
         if self.head_scales is not None:
-            logits = torch._weight_int8pack_mm(h.to(torch.bfloat16), self.head, self.head_scales).float()
+            logits = torch._weight_int8pack_mm(h.to(torch.bfloat16), self.head, self.head_scales)
+            logits = logits[:, : self.vocab].float()
             return logits if self.head_bias is None else logits + self.head_bias
         return F.linear(h.to(self.head.dtype), self.head, self.head_bias).float()
 

@@ -147,33 +147,37 @@ def _held_out_loss(name: str, loss_fn: Callable[[Any], torch.Tensor], held_batch
 
 def _in_float32(module: nn.Module, state: list[torch.Tensor], run: Callable[[], FinetuneReport],
                 held_out_loss: Callable[[], float]) -> FinetuneReport:
-    """``run()`` a training stage with ``module`` in float32, then cast it back to its dtype.
+    """``run()`` a training stage with ``module``'s parameters in float32, then cast them back.
 
-    Adam updates at fine-tuning learning rates vanish in bf16, so a bf16/fp16 model trains in
-    float32. Casting back rounds the tuned norms and weights; the held-out loss is measured again
-    after the cast (``report.after_cast``) and ``state`` (every trained tensor, as it was before
-    training) is restored if the rounded tuning no longer beats the untrained model.
+    Adam updates at fine-tuning learning rates vanish in bf16, so the parameters of a bf16/fp16
+    model train in float32 (buffers such as RoPE frequencies keep their dtype). Casting back rounds
+    the tuned norms and weights: the held-out loss is measured in the model's own dtype before
+    training and again after the cast (``report.after_cast``), and ``state`` (every trained tensor,
+    as it was before training) is restored if the rounded tuning no longer beats the untrained model.
     """
-    dtype = next((p.dtype for p in module.parameters()), torch.float32)
-    if dtype == torch.float32:
+    params = [p for p in module.parameters() if p.is_floating_point() and p.dtype != torch.float32]
+    if not params:
         return run()
+    dtypes = [p.dtype for p in params]
     before = [t.detach().clone() for t in state]
-    module.float()
+    untrained = held_out_loss()
+    for p in params:
+        p.data = p.data.float()
     try:
         report = run()
     finally:
-        module.to(dtype)
+        for p, dtype in zip(params, dtypes, strict=True):
+            p.data = p.data.to(dtype)
     if report.best_epoch:
         report.after_cast = held_out_loss()
-        if report.after_cast >= report.losses[0]:
+        if report.after_cast >= untrained:
             logger.warning("%s: casting back to %s undid the tuning (held-out loss %.4g, untrained %.4g): "
-                           "restoring the untrained state", report.name, dtype, report.after_cast,
-                           report.losses[0])
+                           "restoring the untrained state", report.name, dtypes[0], report.after_cast, untrained)
             with torch.no_grad():
                 for t, b in zip(state, before, strict=True):
                     t.copy_(b)
             report.best_epoch = 0
-            report.after_cast = report.losses[0]
+            report.after_cast = untrained
     return report
 
 

@@ -428,8 +428,8 @@ class BoundLinear:
 
     For decoding loops that call the same layer once per token: :func:`linear` validates and
     converts ten arguments on every call, this checks them at construction and keeps the converted
-    pointers. The tensors are held, so the pointers stay valid; the layer's state must not be
-    replaced while a BoundLinear of it is in use.
+    pointers. The tensors are held, so the pointers stay valid. The scale ``wscale`` and the thread
+    count are read at construction: bind again after loading new state into the layer.
 
     ``__call__(x, out, residual=None)``:
         x:        ``[B, n]`` float32 contiguous CPU, ``B ≤ FUSED_MAX_BATCH``
@@ -461,13 +461,19 @@ class BoundLinear:
                 or not 0 < B <= FUSED_MAX_BATCH):
             raise ValueError(f"BoundLinear: need x [B<={FUSED_MAX_BATCH}, {self.n}] and out [B, {self.m}] float32 "
                              f"contiguous, got {tuple(x.shape)} {x.dtype} and {tuple(out.shape)} {out.dtype}")
+        if x.device.type != "cpu" or out.device.type != "cpu":
+            raise ValueError(f"BoundLinear: x and out must be CPU tensors, got {x.device} and {out.device}")
         bias = self._bias
         if residual is not None:
             if self.has_bias or B != 1 or residual.shape[-1] != self.m or residual.numel() != self.m \
-                    or residual.dtype != torch.float32 or not residual.is_contiguous():
+                    or residual.dtype != torch.float32 or not residual.is_contiguous() \
+                    or residual.device.type != "cpu":
                 raise ValueError(f"BoundLinear: a residual needs a layer without bias, B == 1 and [{self.m}] "
-                                 f"float32 contiguous, got {tuple(residual.shape)}")
-            bias = residual.data_ptr()
+                                 f"float32 contiguous on CPU, got {tuple(residual.shape)}")
+            r0, o0, size = residual.data_ptr(), out.data_ptr(), self.m * residual.element_size()
+            if r0 < o0 + size and o0 < r0 + size:  # the kernel writes out before it adds the bias
+                raise ValueError("BoundLinear: residual and out overlap")
+            bias = r0
         _check(self._fn(x.data_ptr(), B, self.n, self.m, *self._head, bias, *self._tail, out.data_ptr(),
                         self._threads), "linear")
         return out
