@@ -206,7 +206,7 @@ def main() -> None:
                     print(json.dumps(rows[-1]), file=sys.stderr)
         result["generation"] = rows
     if args.json:
-        print(json.dumps(result, indent=1))
+        print(json.dumps(result, indent=1, default=str))
         return
     for r in result.get("matvec", []):
         print(f"{r['shape'][0]:6d}x{r['shape'][1]:<5d} {r['bits']}-bit t={r['threads']}: ours {r['ours_gw_s']:6.2f} "

@@ -138,12 +138,12 @@ class QuIPSharpConfig:
 
 FINETUNE_MODES = ("none", "block", "e2e", "both")
 # Fine-tuning defaults (DESIGN.md §5): the paper's Adam learning rates (weights/norms 5e-5, the real-valued
-# sign vectors 10x that). With these, both stages close 51% of SmolLM2-135M's 2-bit gap to float
-# (BENCHMARKS.md, fine-tuning rows); other values are untried.
+# sign vectors 10x that); other values are untried. On SmolLM2-135M at 2 bits (BENCHMARKS.md, fine-tuning
+# rows) both stages close 33.6% of the gap to float with 1 end-to-end epoch and 40.6% with 3 (+250 s).
 DEFAULT_FT_LR = 5e-5
 DEFAULT_FT_SIGN_LR = 5e-4
 DEFAULT_FT_BLOCK_EPOCHS = 2
-DEFAULT_FT_E2E_EPOCHS = 1
+DEFAULT_FT_E2E_EPOCHS = 3
 DEFAULT_FT_BATCH = 4
 DEFAULT_FT_HOLDOUT = 0.125
 
