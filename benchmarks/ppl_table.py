@@ -35,6 +35,9 @@ ROWS: dict[str, dict[str, Any]] = {
     "rtn4": {"kind": "rtn", "bits": 4},
     # groups of 32 line up with the Q4_1 blocks of the GGUF our float baseline comes from
     "rtn4-g32": {"kind": "rtn", "bits": 4, "group": 32},
+    # the lean decoding loop's --head-dtype int8: LM head weights rounded to per-row int8 (untied from the embeddings)
+    "float-head8": {"kind": "float", "head": "int8"},
+    "qs2-head8": {"kind": "quipsharp", "bits": 2, "head": "int8"},
     "qs2": {"kind": "quipsharp", "bits": 2},
     "qs3": {"kind": "quipsharp", "bits": 3},
     "qs4": {"kind": "quipsharp", "bits": 4},
@@ -132,6 +135,12 @@ def run_row(name: str, args: argparse.Namespace) -> dict[str, Any]:
         row["float16_mb"] = report["float16_model_bytes"] / 1e6
     else:
         row["bits_per_weight"] = 16.0
+    if spec.get("head") == "int8":
+        from quipsharp.fastdecode import int8_rows
+
+        head = model.get_output_embeddings()
+        q, scales = int8_rows(head.weight.detach())
+        head.weight = torch.nn.Parameter(q.float() * scales.float()[:, None], requires_grad=False)
     row["peak_rss_mb_quantize"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / KB
     windows = evaluation_windows(data / WIKITEXT_TEST, tok, args.eval_ctx)
     t0 = time.perf_counter()

@@ -77,6 +77,15 @@ def _bind(layer: nn.Module, threads: int | None) -> LinearCall:
     return generic
 
 
+def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row absmax int8 quantization of ``weight`` ``[rows, n]``: ``(q int8 [rows, n], scales bf16 [rows])``
+    with ``weight ≈ q · scales[:, None]`` (the lean loop's int8 LM head)."""
+    weight = weight.float()
+    scales = (weight.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / INT8_MAX).to(torch.bfloat16)
+    q = torch.round(weight / scales.float()[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8).contiguous()
+    return q, scales
+
+
 def _batched(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` for float32 ``x`` ``[T, n]`` -> float32, whatever the layer's dtype."""
     weight = getattr(layer, "weight", None)
@@ -176,12 +185,8 @@ class LeanDecoder:
             if self.hidden % INT8_HEAD_K_MULTIPLE:
                 raise ValueError(f"an int8 LM head needs a hidden size that is a multiple of "
                                  f"{INT8_HEAD_K_MULTIPLE}, got {self.hidden}: use bfloat16")
-            weight = head.weight.detach().float()
             rows = -(-self.vocab // INT8_HEAD_N_MULTIPLE) * INT8_HEAD_N_MULTIPLE
-            weight = F.pad(weight, (0, 0, 0, rows - self.vocab))
-            scales = weight.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / INT8_MAX
-            self.head = torch.round(weight / scales[:, None]).to(torch.int8).contiguous()
-            self.head_scales = scales.to(torch.bfloat16)
+            self.head, self.head_scales = int8_rows(F.pad(head.weight.detach().float(), (0, 0, 0, rows - self.vocab)))
         elif head_dtype is not None:
             self.head = head.weight.detach().to(head_dtype)
         else:
