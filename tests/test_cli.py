@@ -54,7 +54,8 @@ def test_quantize_inspect_eval_generate(model_dir, calib_file, tmp_path, capsys)
     assert 1 < result["ppl"] < 1e4
     texts = {}
     for engine in ("lean", "transformers"):
-        assert main(["generate", str(out), "--prompt", "The quick", "--max-new-tokens", "5", "--engine", engine]) == 0
+        assert main(["generate", str(out), "--prompt", "The quick", "--max-new-tokens", "5", "--engine", engine,
+                     "--head-dtype", "model"]) == 0
         texts[engine] = capsys.readouterr().out
     assert texts["lean"].strip() != "" and texts["lean"] == texts["transformers"]  # greedy: the same tokens
     for dtype, engine in (("float32", "auto"), ("bfloat16", "auto"), ("float32", "transformers")):
@@ -62,6 +63,7 @@ def test_quantize_inspect_eval_generate(model_dir, calib_file, tmp_path, capsys)
                      "--dtype", dtype, "--engine", engine, "--json"]) == 0
         speed = json.loads(capsys.readouterr().out)
         assert speed["engine"] == ("lean" if engine == "auto" else engine)
+        assert speed["head_dtype"] == ("int8" if engine == "auto" else "model")  # auto: int8 head, quantized
         assert {"decode_tok_s", "prefill_tok_s", "threads", "peak_rss_mb"} <= set(speed)
         assert speed["threads"] == 1 and speed["decode_tok_s"] > 0 and speed["prefill_tok_s"] > 0
         assert len(speed["decode_tok_s_runs"]) == 2 and speed["peak_rss_mb"] > 0

@@ -204,3 +204,11 @@ def test_cli_auto_engine_respects_the_generation_config() -> None:
     assert _stop_ids(model, SimpleNamespace(eos_token_id=0)) == [5, 7, 0]
     model.generation_config.repetition_penalty = 1.3  # transformers applies it even to greedy decoding
     assert not _lean_engine("auto", model, 16) and _lean_engine("lean", model, 16)
+
+
+@native
+def test_auto_head_is_int8_for_quantized_models_only() -> None:
+    from quipsharp.fastdecode import default_head_dtype
+
+    assert default_head_dtype(tiny_model("llama")) is None
+    assert default_head_dtype(_quantized("llama")) == torch.int8

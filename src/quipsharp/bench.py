@@ -133,6 +133,7 @@ def benchmark_generation(
         "runs": runs,
         "cache": cache or ("static" if engine == "lean" else "dynamic"),
         "engine": engine,
+        "head_dtype": str(head_dtype).removeprefix("torch.") if engine == "lean" and head_dtype else "model",
         "decode_tok_s_runs": decode,
         "prefill_tok_s_runs": prefill,
     }

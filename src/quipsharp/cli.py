@@ -27,7 +27,7 @@ DEFAULT_NEW_TOKENS = 64
 WORK_SUFFIX = ".quipsharp-work"
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 ENGINES = ("auto", "lean", "transformers")
-HEAD_DTYPES = ("model", "bfloat16", "int8")
+HEAD_DTYPES = ("auto", "model", "bfloat16", "int8")
 
 logger = logging.getLogger("quipsharp")
 
@@ -213,7 +213,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if _lean_engine(args.engine, model, max_len):
         from quipsharp.fastdecode import LeanDecoder
 
-        decoder = LeanDecoder(model, max_len, head_dtype=_head_dtype(args.head_dtype))
+        decoder = LeanDecoder(model, max_len, head_dtype=_head_dtype(args.head_dtype, model))
         streamer.put(input_ids)
         for token in decoder.generate(input_ids[0], args.max_new_tokens, eos_token_id=_stop_ids(model, tokenizer),
                                       temperature=args.temperature,
@@ -229,9 +229,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _head_dtype(name: str) -> Any:
+def _head_dtype(name: str, model: Any) -> Any:
     import torch
 
+    from quipsharp.fastdecode import default_head_dtype
+
+    if name == "auto":
+        return default_head_dtype(model)
     return None if name == "model" else getattr(torch, name)
 
 
@@ -239,9 +243,9 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", choices=ENGINES, default="auto",
                    help="decoding loop: quipsharp's lean loop (Llama/Mistral/Qwen2, static cache), "
                         "transformers' generate, or auto (lean when the model is supported)")
-    p.add_argument("--head-dtype", choices=HEAD_DTYPES, default="model",
+    p.add_argument("--head-dtype", choices=HEAD_DTYPES, default="auto",
                    help="lean loop: LM head matmul in the model's dtype, bfloat16, or int8 per-row weights "
-                        "(faster; logits approximate: about 1%% of the largest logit for int8)")
+                        "(faster; logits approximate); auto: int8 for quantized models, else the model's")
 
 
 #: generation_config settings that change greedy/temperature decoding; the lean loop has none of them.
@@ -287,7 +291,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = benchmark_generation(model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                                   runs=args.runs, threads=args.threads,
                                   cache=None if args.cache == "dynamic" else args.cache,
-                                  engine=args.engine, head_dtype=_head_dtype(args.head_dtype))
+                                  engine=args.engine, head_dtype=_head_dtype(args.head_dtype, model))
     result["kernel"] = kernels.selected()
     if args.json:
         print(json.dumps(result))
