@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quipsharp import kernels
 from quipsharp.errors import QuipSharpError
 from quipsharp.nn import QuantizedLinear
 
@@ -35,6 +36,8 @@ logger = logging.getLogger(__name__)
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SILU_ACTIVATIONS = ("silu", "swish")
 INT8_MAX = 127
+#: The linears of a decoder block, in the order the loop calls them (the fields of ``_Block``).
+BLOCK_LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
 #: RoPE types whose frequencies transformers recomputes from the sequence length.
 LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 #: torch's _weight_int8pack_mm is only correct for these multiples here (other shapes returned garbage
@@ -64,7 +67,9 @@ def _bind(layer: nn.Module, threads: int | None) -> LinearCall:
         weight, bias = layer.weight, layer.bias
 
         def dense(x: torch.Tensor, out: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-            torch.mm(x.to(weight.dtype), weight.T, out=out) if weight.dtype == out.dtype else \
+            if weight.dtype == out.dtype:
+                torch.mm(x, weight.T, out=out)
+            else:  # a bf16/fp16 float layer in the float32 loop
                 out.copy_(x.to(weight.dtype) @ weight.T)
             if bias is not None:
                 out.add_(bias)
@@ -201,11 +206,15 @@ class LeanDecoder:
         self._gate_up = torch.empty(1, 2 * self.intermediate)
         self._x = [torch.empty(1, self.hidden), torch.empty(1, self.hidden)]
         self.length = 0
+        calls = [getattr(b, name) for b in self.blocks for name in BLOCK_LINEARS]
+        logger.info("lean decoding: %d blocks, %d of %d linears on bound native calls, LM head %s, cache %d",
+                    len(self.blocks), sum(isinstance(c, kernels.BoundLinear) for c in calls), len(calls),
+                    self.head.dtype, max_len)
 
     def _block(self, layer: nn.Module, threads: int | None) -> _Block:
         attn, mlp = layer.self_attn, layer.mlp
-        modules = {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj, "o": attn.o_proj,
-                   "gate": mlp.gate_proj, "up": mlp.up_proj, "down": mlp.down_proj}
+        modules = dict(zip(BLOCK_LINEARS, (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj,
+                                           mlp.up_proj, mlp.down_proj), strict=True))
         return _Block(layer.input_layernorm.weight.float(), layer.post_attention_layernorm.weight.float(),
                       **{k: _bind(m, threads) for k, m in modules.items()}, modules=modules)
 
