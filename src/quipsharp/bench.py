@@ -100,13 +100,12 @@ def benchmark_generation(
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, min(vocab, PROMPT_ID_BOUND), (1, prompt_tokens), generator=gen)
     model.eval()
-    from quipsharp.fastdecode import LeanDecoder, check_supported, supports
+    from quipsharp.fastdecode import LeanDecoder, supports
 
     max_len = prompt_tokens + new_tokens + 1
     if engine == "auto":
         engine = "lean" if cache is None and supports(model, max_len) else "transformers"
-    if engine == "lean":
-        check_supported(model, max_len)
+    if engine == "lean":  # LeanDecoder raises UnsupportedModelError naming what it cannot run
         decoder = LeanDecoder(model, max_len, head_dtype=head_dtype, threads=threads)
         prefill_fn = functools.partial(_lean_prefill, decoder, ids)
         generate_fn = functools.partial(_lean_generate, decoder, ids)

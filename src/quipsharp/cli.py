@@ -51,7 +51,8 @@ def _finetune_config(args: argparse.Namespace, mode: str, base: Any = None) -> A
     from quipsharp.config import FinetuneConfig
 
     base = base if base is not None else FinetuneConfig()
-    given = {field: getattr(args, f"ft_{option}") for field, option in FT_OPTIONS.items()}
+    given = {f.name: getattr(args, "ft_" + FT_OPTION_NAMES.get(f.name, f.name))
+             for f in dataclasses.fields(FinetuneConfig) if f.name != "mode"}
     return base.replace(mode=mode, **{k: v for k, v in given.items() if v is not None})
 
 
@@ -266,11 +267,10 @@ def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
 def _lean_engine(engine: str, model: Any, max_len: int) -> bool:
     """Whether to decode with the lean loop: ``--engine lean`` (an error when unsupported) or ``auto``
     (when the model is supported and its generation config asks for nothing the loop lacks)."""
-    from quipsharp.fastdecode import check_supported, supports
+    from quipsharp.fastdecode import supports
 
     if engine == "lean":
-        check_supported(model, max_len)
-        return True
+        return True  # LeanDecoder raises UnsupportedModelError naming what it cannot run
     gen = getattr(model, "generation_config", None)
     plain = all(getattr(gen, k, v) in (v, None) for k, v in LOGITS_PROCESSOR_DEFAULTS.items())
     return engine == "auto" and plain and supports(model, max_len)
@@ -334,11 +334,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-FT_OPTIONS = {  # FinetuneConfig field -> --ft-* option (argparse dest ft_<option>)
-    "block_epochs": "block_epochs", "e2e_epochs": "e2e_epochs", "lr": "lr", "sign_lr": "sign_lr",
-    "batch_size": "batch_size", "grad_accum": "grad_accum", "holdout": "holdout", "patience": "patience",
-    "gradient_checkpointing": "checkpointing",
-}
+#: FinetuneConfig fields whose ``--ft-*`` option is not ``--ft-<field>`` (every other field's is).
+FT_OPTION_NAMES = {"gradient_checkpointing": "checkpointing"}
 
 
 def _add_finetune_options(p: argparse.ArgumentParser, defaults_from: str | None = None) -> None:
