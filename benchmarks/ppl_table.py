@@ -80,7 +80,7 @@ def run_row(name: str, args: argparse.Namespace) -> dict[str, Any]:
     from quipsharp.config import FinetuneConfig, ModelQuantConfig, QuIPSharpConfig
     from quipsharp.data import calibration_windows, evaluation_windows, read_documents
     from quipsharp.eval import compression_report, perplexity
-    from quipsharp.finetune import finetune_model
+    from quipsharp.finetune import finetune_model, teacher_targets
     from quipsharp.hf import load_model, save_quantized
     from quipsharp.models.walker import block_linears, find_blocks
     from quipsharp.pipeline import quantize_model
@@ -117,12 +117,13 @@ def run_row(name: str, args: argparse.Namespace) -> dict[str, Any]:
         model, reports = quantize_model(model, config, calib, progress=False)
         row["quant_seconds"] = time.perf_counter() - start
         if finetune.e2e:
-            teacher, _ = load_model(gguf)
             ft_start = time.perf_counter()
-            ft = finetune_model(model, teacher, calib, finetune)
+            teacher, _ = load_model(gguf)
+            targets = teacher_targets(teacher, calib, finetune.batch_size)  # Llama: its hidden states suffice
+            del teacher
+            ft = finetune_model(model, targets, calib, finetune)
             row["e2e_seconds"] = time.perf_counter() - ft_start
             row["e2e_heldout_kl"] = [ft.losses[0], ft.losses[ft.best_epoch]]
-            del teacher
         if finetune.mode != "none":
             row["finetune"] = finetune.to_dict()
         row["calibration"] = f"C4 sample, {config.nsamples} x {config.ctx} tokens"

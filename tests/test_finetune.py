@@ -361,3 +361,70 @@ def test_finetuning_under_no_grad_still_trains():
         report = finetune_block(block, stream, targets, calls,
                                 FinetuneConfig(mode="block", block_epochs=1, lr=1e-6, sign_lr=1e-2, batch_size=4))
     assert report.best_epoch == 1
+
+
+def _full_kl(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+    vocab = logits.shape[-1]
+    return torch.nn.functional.kl_div(torch.log_softmax(logits.float(), -1).reshape(-1, vocab),
+                                      torch.log_softmax(target_logits.float(), -1).reshape(-1, vocab),
+                                      log_target=True, reduction="batchmean")
+
+
+def test_chunked_kl_equals_the_full_logits_loss_and_its_gradients():
+    from quipsharp.finetune import chunked_kl
+
+    gen = torch.Generator().manual_seed(0)
+    head, teacher_head = torch.nn.Linear(16, 50, bias=False), torch.nn.Linear(16, 50)
+    hidden = torch.randn(3, 10, 16, generator=gen, requires_grad=True)
+    target = torch.randn(3, 10, 16, generator=gen)
+    full = _full_kl(head(hidden), teacher_head(target).detach())
+    full.backward()
+    expected = (hidden.grad.clone(), head.weight.grad.clone())
+    hidden.grad, head.weight.grad = None, None
+    chunked = chunked_kl(head, hidden, teacher_head, target, chunk=7)  # 30 positions: chunks of 7,7,7,7,2
+    chunked.backward()
+    torch.testing.assert_close(chunked, full)
+    torch.testing.assert_close(hidden.grad, expected[0])
+    torch.testing.assert_close(head.weight.grad, expected[1])
+    assert teacher_head.weight.grad is None
+    with pytest.raises(ValueError, match="different positions"):
+        chunked_kl(head, hidden, teacher_head, target[:, :9])
+
+
+def test_precomputed_teacher_targets_give_the_same_training_as_the_teacher():
+    from quipsharp.finetune import teacher_targets
+
+    teacher = tiny_model("llama")
+    tokens = calibration_tokens(16, 32)
+    base, _ = quantize_model(copy.deepcopy(teacher), ModelQuantConfig(layer=TWO_BIT), tokens, progress=False)
+    cfg = FinetuneConfig(mode="e2e", e2e_epochs=2, lr=1e-4, sign_lr=1e-3, batch_size=4, holdout=0.25)
+    targets = teacher_targets(teacher, tokens, cfg.batch_size)
+    assert targets is not None and targets.hidden.shape == (16, 32, teacher.config.hidden_size)
+    runs = [finetune_model(copy.deepcopy(base), t, tokens, cfg).losses for t in (teacher, targets)]
+    assert runs[0] == pytest.approx(runs[1], rel=1e-5)
+    with pytest.raises(ValueError, match="teacher targets cover"):
+        finetune_model(copy.deepcopy(base), targets, tokens[:8], cfg)
+
+
+def test_a_teacher_whose_logits_are_not_its_head_output_runs_whole():
+    """Scaled (or soft-capped) logits: the split path would be wrong, so the full logits are compared."""
+    from quipsharp.finetune import teacher_targets
+
+    teacher = tiny_model("llama")
+    tokens = calibration_tokens(16, 32)
+    model, _ = quantize_model(copy.deepcopy(teacher), ModelQuantConfig(layer=TWO_BIT), tokens, progress=False)
+    plain = teacher.forward
+
+    def scaled(*args, **kwargs):
+        out = plain(*args, **kwargs)
+        out.logits = out.logits * 2
+        return out
+
+    teacher.forward = scaled
+    assert teacher_targets(teacher, tokens, 4) is None
+    cfg = FinetuneConfig(mode="e2e", e2e_epochs=1, batch_size=4, holdout=0.25)
+    _, held = split_holdout(16, 0.25)
+    with torch.no_grad():
+        expected = _full_kl(model(input_ids=tokens[held]).logits, teacher(input_ids=tokens[held]).logits)
+    report = finetune_model(model, teacher, tokens, cfg)
+    assert report.losses[0] == pytest.approx(float(expected), rel=1e-4)

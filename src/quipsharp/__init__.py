@@ -13,7 +13,7 @@ registered with transformers as soon as transformers loads its quantizer registr
 from quipsharp.codebooks import E8P12, E8P12RVQ3B, E8P12RVQ4B, E8Lattice, get_codebook
 from quipsharp.config import FinetuneConfig, ModelQuantConfig, QuIPSharpConfig
 from quipsharp.errors import HessianNotPositiveDefiniteError, NumericalError, QuipSharpError
-from quipsharp.finetune import finetune_block, finetune_model
+from quipsharp.finetune import TeacherTargets, finetune_block, finetune_model, teacher_targets
 from quipsharp.hadamard import HadamardTransform
 from quipsharp.hessian import HessianAccumulator
 from quipsharp.hf import load_model, load_quantized, save_quantized
@@ -43,6 +43,7 @@ __all__ = [
     "QuantizedLinear",
     "QuantizedWeight",
     "QuipSharpError",
+    "TeacherTargets",
     "__version__",
     "dequantize",
     "finetune_block",
@@ -54,4 +55,5 @@ __all__ = [
     "quantize_weight",
     "register_with_transformers",
     "save_quantized",
+    "teacher_targets",
 ]

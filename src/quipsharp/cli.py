@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import logging
 import shutil
@@ -73,14 +74,20 @@ def _source_name(model: str) -> str:
 
 
 def _finetune_e2e(model: Any, teacher_source: str, dtype: str, calibration: Any, ft: Any, quiet: bool) -> None:
-    from quipsharp.finetune import finetune_model
+    from quipsharp.finetune import finetune_model, teacher_targets
     from quipsharp.hf import load_model
 
     teacher, _ = load_model(teacher_source, dtype=dtype)
     if teacher.get_input_embeddings().weight.shape[0] != model.get_input_embeddings().weight.shape[0]:
         raise CliError(f"teacher {teacher_source} has a different vocabulary from the quantized model")
 
-    finetune_model(model, teacher, calibration, ft, progress=not quiet)
+    targets = teacher_targets(teacher, calibration, ft.batch_size)
+    if targets is not None:  # the teacher's final hidden states suffice: free the rest of it before training
+        del teacher
+        gc.collect()
+        finetune_model(model, targets, calibration, ft, progress=not quiet)
+    else:
+        finetune_model(model, teacher, calibration, ft, progress=not quiet)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from quipsharp.config import FinetuneConfig
 from quipsharp.errors import NumericalError
@@ -314,14 +315,124 @@ def finetune_block(
 
 
 # --------------------------------------------------------------------------- end to end
+#: Positions whose vocabulary-sized logits exist at once in the end-to-end loss (per chunk, recomputed
+#: in the backward pass): ``KL_CHUNK_POSITIONS × vocab`` floats instead of ``batch × ctx × vocab``.
+KL_CHUNK_POSITIONS = 256
+#: How closely ``head(base_model(ids))`` must reproduce ``model(ids).logits`` for the split path.
+SPLIT_HEAD_RTOL = 1e-4
+SPLIT_HEAD_ATOL = 1e-4
+
+
+@dataclass
+class TeacherTargets:
+    """The float teacher reduced to what end-to-end tuning needs (QuIP# §5).
+
+    Attributes:
+        hidden: ``[nsamples, ctx, hidden]`` the teacher's final hidden states (after its last norm)
+            for every calibration window, in the teacher's dtype.
+        head: the teacher's output layer, frozen: ``head(hidden)`` are its logits.
+
+    Built by :func:`teacher_targets`, after which the teacher itself can be freed: its blocks never
+    run again, and its logits exist only one chunk of positions at a time.
+    """
+
+    hidden: torch.Tensor
+    head: nn.Module
+
+
 def _causal_lm_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """``[b, ctx, vocab]`` the logits of a causal LM for token ids ``[b, ctx]``."""
     device = next(model.parameters()).device
     return model(input_ids=ids.to(device), use_cache=False).logits
 
 
+def _final_hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """``[b, ctx, hidden]`` the final hidden states of a causal LM (its base model's output)."""
+    device = next(model.parameters()).device
+    return model.base_model(input_ids=ids.to(device), use_cache=False).last_hidden_state
+
+
+def _split_head_ok(model: nn.Module, ids: torch.Tensor) -> bool:
+    """Whether ``model``'s logits are exactly its output layer applied to its base model's output.
+
+    Models that scale or soft-cap their logits (or have no separate base model / head) fail this and
+    use the full-logits path."""
+    head = model.get_output_embeddings()
+    if head is None or model.base_model is model:
+        return False
+    with torch.no_grad():
+        try:
+            split = head(_final_hidden(model, ids)).float()
+        except (AttributeError, TypeError):
+            return False
+        full = _causal_lm_logits(model, ids).float()
+    return split.shape == full.shape and torch.allclose(split, full, rtol=SPLIT_HEAD_RTOL, atol=SPLIT_HEAD_ATOL)
+
+
+@torch.no_grad()
+def teacher_targets(teacher: nn.Module, calibration: torch.Tensor, batch_size: int) -> TeacherTargets | None:
+    """The teacher's final hidden states for ``calibration`` ``[nsamples, ctx]`` (None if its logits are
+    not ``head(hidden)``; :func:`finetune_model` then runs the whole teacher on every batch)."""
+    _check_calibration(calibration)
+    teacher.eval()
+    if not _split_head_ok(teacher, calibration[:1]):
+        logger.info("teacher logits are not head(final hidden states): the teacher runs on every batch")
+        return None
+    hidden = torch.cat([_final_hidden(teacher, ids).cpu() for ids in calibration.split(batch_size)])
+    head = teacher.get_output_embeddings()
+    for p in head.parameters():
+        p.requires_grad_(False)
+    return TeacherTargets(hidden, head)
+
+
+def _check_calibration(calibration: torch.Tensor) -> None:
+    if calibration.dim() != 2 or calibration.dtype != torch.int64:
+        raise ValueError(f"calibration must be [nsamples, ctx] int64 token ids, got {tuple(calibration.shape)} "
+                         f"{calibration.dtype}")
+
+
+def _chunk_kl(logits_of: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
+              target_head: nn.Module, target_hidden: torch.Tensor) -> torch.Tensor:
+    """``Σ KL(teacher ‖ model)`` over the positions of one chunk: ``hidden`` ``[n, hidden]`` (model) and
+    ``target_hidden`` ``[n, hidden_teacher]`` (teacher)."""
+    logp = F.log_softmax(logits_of(hidden).float(), dim=-1)
+    with torch.no_grad():
+        target = F.log_softmax(target_head(target_hidden.to(logp.device)).float(), dim=-1)
+    return F.kl_div(logp, target, log_target=True, reduction="sum")
+
+
+def chunked_kl(head: nn.Module, hidden: torch.Tensor, target_head: nn.Module, target_hidden: torch.Tensor,
+               chunk: int = KL_CHUNK_POSITIONS) -> torch.Tensor:
+    """Mean over positions of ``KL(softmax(target_head(target_hidden)) ‖ softmax(head(hidden)))``.
+
+    Args:
+        head: the model's output layer (trained).
+        hidden: ``[b, ctx, hidden]`` the model's final hidden states (with gradients).
+        target_head: the teacher's output layer (frozen).
+        target_hidden: ``[b, ctx, hidden_teacher]`` the teacher's final hidden states.
+        chunk: positions per chunk. Each chunk's logits are recomputed in the backward pass
+            (activation checkpointing), so at most one chunk of ``[chunk, vocab]`` tensors is alive.
+
+    Equal to ``F.kl_div(log_softmax(model logits), log_softmax(teacher logits), reduction="batchmean")``
+    over the flattened positions, without the ``[b, ctx, vocab]`` tensors.
+    """
+    if hidden.shape[:-1] != target_hidden.shape[:-1]:
+        raise ValueError(f"model and teacher hidden states cover different positions: {tuple(hidden.shape)} "
+                         f"vs {tuple(target_hidden.shape)}")
+    flat, target = hidden.reshape(-1, hidden.shape[-1]), target_hidden.reshape(-1, target_hidden.shape[-1])
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, flat.shape[0], chunk):
+        args = (head, flat[start:start + chunk], target_head, target[start:start + chunk])
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_kl, *args, use_reentrant=False)
+        else:
+            total = total + _chunk_kl(*args)
+    return total / flat.shape[0]
+
+
 def finetune_model(
     model: nn.Module,
-    teacher: nn.Module,
+    teacher: nn.Module | TeacherTargets,
     calibration: torch.Tensor,
     cfg: FinetuneConfig,
     *,
@@ -334,12 +445,17 @@ def finetune_model(
     Trained, codes frozen: the sign vectors and biases of every :class:`QuantizedLinear` at
     ``cfg.sign_lr``; every float parameter except the input embeddings (norms, the LM head, layers
     left in float) at ``cfg.lr`` — when the LM head is tied to the embeddings it trains them too.
-    Loss: ``KL(teacher ‖ model)`` over the next-token distributions of all positions, the teacher's
-    logits computed on the fly without gradients.
+    Loss: ``KL(teacher ‖ model)`` over the next-token distributions of all positions.
+
+    When the logits of both models are ``head(final hidden states)`` (Llama, Mistral, Qwen2, ... —
+    checked, not assumed), the teacher's final hidden states are computed once and the KL runs
+    over chunks of :data:`KL_CHUNK_POSITIONS` positions (:func:`chunked_kl`); otherwise the whole
+    teacher runs on every batch and the full logits are compared.
 
     Args:
         model: the quantized model, tuned in place.
-        teacher: the float model it was quantized from (same vocabulary), left unchanged.
+        teacher: the float model it was quantized from (same vocabulary), left unchanged, or its
+            :func:`teacher_targets` for ``calibration`` (so the caller can free the teacher first).
         calibration: ``[nsamples, ctx]`` int64 token ids; ``cfg.holdout`` of them held out.
         cfg: fine-tuning settings (``e2e_epochs``, ``lr``, ``sign_lr``, ``batch_size``, ``grad_accum``,
             ``holdout``, ``gradient_checkpointing``).
@@ -347,24 +463,34 @@ def finetune_model(
         on_epoch: called with the report after every epoch.
         progress: show a tqdm bar over the optimizer micro-batches with the training loss.
     """
-    if calibration.dim() != 2 or calibration.dtype != torch.int64:
-        raise ValueError(f"calibration must be [nsamples, ctx] int64 token ids, got {tuple(calibration.shape)} "
-                         f"{calibration.dtype}")
+    _check_calibration(calibration)
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    if not quantized:
+        raise ValueError("finetune_model needs a quantized model (no QuantizedLinear found)")
     train_idx, held_idx = split_holdout(calibration.shape[0], cfg.holdout)
-    train_batches = list(calibration[train_idx].split(cfg.batch_size))
-    held_batches = list(calibration[held_idx].split(cfg.batch_size))
+    train_batches = list(torch.tensor(train_idx).split(cfg.batch_size))
+    held_batches = list(torch.tensor(held_idx).split(cfg.batch_size))
+    model.eval()
+    targets = teacher
+    if isinstance(teacher, nn.Module):
+        targets = teacher_targets(teacher, calibration, cfg.batch_size) if _split_head_ok(model, calibration[:1]) \
+            else None
+    elif teacher.hidden.shape[:2] != calibration.shape:
+        raise ValueError(f"teacher targets cover {tuple(teacher.hidden.shape[:2])} windows x positions, "
+                         f"calibration is {tuple(calibration.shape)}")
+    elif not _split_head_ok(model, calibration[:1]):
+        raise ValueError("the model's logits are not head(final hidden states): pass the teacher model itself")
     embeddings = model.get_input_embeddings()
     head = model.get_output_embeddings()
     head_ids = {id(p) for p in head.parameters()} if head is not None else set()
     frozen = {id(p) for p in embeddings.parameters()} - head_ids
-    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
-    if not quantized:
-        raise ValueError("finetune_model needs a quantized model (no QuantizedLinear found)")
     sign_state = [t for q in quantized for t in q.trainable_state()]
     weights = [p for p in model.parameters() if id(p) not in frozen]
-    teacher.eval()
 
-    def loss_fn(ids: torch.Tensor) -> torch.Tensor:
+    def loss_fn(rows: torch.Tensor) -> torch.Tensor:
+        ids = calibration[rows]
+        if targets is not None:
+            return chunked_kl(head, _final_hidden(model, ids), targets.head, targets.hidden[rows])
         with torch.no_grad():
             target = F.log_softmax(_causal_lm_logits(teacher, ids).float(), dim=-1)
         logp = F.log_softmax(_causal_lm_logits(model, ids).float(), dim=-1)
