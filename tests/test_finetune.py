@@ -428,3 +428,12 @@ def test_a_teacher_whose_logits_are_not_its_head_output_runs_whole():
         expected = _full_kl(model(input_ids=tokens[held]).logits, teacher(input_ids=tokens[held]).logits)
     report = finetune_model(model, teacher, tokens, cfg)
     assert report.losses[0] == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_gemma2_soft_capped_logits_are_detected():
+    from quipsharp.finetune import teacher_targets
+
+    teacher = tiny_model("gemma2")
+    assert teacher.config.final_logit_softcapping  # logits = cap · tanh(head(h) / cap)
+    assert teacher_targets(teacher, calibration_tokens(4, 16), 2) is None
+    assert teacher_targets(tiny_model("qwen2"), calibration_tokens(4, 16), 2) is not None

@@ -319,8 +319,8 @@ def finetune_block(
 #: in the backward pass): ``KL_CHUNK_POSITIONS × vocab`` floats instead of ``batch × ctx × vocab``.
 KL_CHUNK_POSITIONS = 256
 #: How closely ``head(base_model(ids))`` must reproduce ``model(ids).logits`` for the split path.
-SPLIT_HEAD_RTOL = 1e-4
-SPLIT_HEAD_ATOL = 1e-4
+SPLIT_HEAD_RTOL = 1e-5  # the same operations run either way: equal up to float noise
+SPLIT_HEAD_ATOL = 1e-6
 
 
 @dataclass
