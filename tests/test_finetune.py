@@ -17,7 +17,7 @@ from quipsharp.cli import main
 from quipsharp.config import FinetuneConfig, ModelQuantConfig, QuIPSharpConfig
 from quipsharp.finetune import finetune_block, finetune_model, split_holdout
 from quipsharp.hf import load_quantized, read_quantization_config, save_quantized
-from quipsharp.models.walker import find_blocks
+from quipsharp.models.walker import block_output, find_blocks
 from quipsharp.nn import QuantizedLinear
 from quipsharp.pipeline import capture_block_inputs, quantize_linears, quantize_model, run_block
 from tests.tiny_models import TEXT, calibration_tokens, save_tiny_model_dir, tiny_model
@@ -437,3 +437,34 @@ def test_gemma2_soft_capped_logits_are_detected():
     assert teacher.config.final_logit_softcapping  # logits = cap · tanh(head(h) / cap)
     assert teacher_targets(teacher, calibration_tokens(4, 16), 2) is None
     assert teacher_targets(tiny_model("qwen2"), calibration_tokens(4, 16), 2) is not None
+
+
+def test_in_block_targets_are_the_float_models_hidden_states(monkeypatch):
+    """Block i learns to produce the float model's hidden states after block i, from the quantized
+    model's hidden states before it (so it also corrects upstream error)."""
+    import quipsharp.pipeline
+
+    tokens = calibration_tokens(8, 32)
+    float_model = tiny_model("llama")
+    expected = [None] * 3  # the embeddings, then each block's output (the last one before the final norm)
+    float_model.model.layers[0].register_forward_pre_hook(lambda m, args: expected.__setitem__(0, args[0]))
+    for i, layer in enumerate(float_model.model.layers):
+        layer.register_forward_hook(lambda m, args, out, i=i: expected.__setitem__(i + 1, block_output(out)))
+    with torch.no_grad():
+        float_model(input_ids=tokens)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real = quipsharp.pipeline.finetune_block
+
+    def spy(block, inputs, targets, *args, **kwargs):
+        seen.append((torch.cat(inputs), torch.cat(targets)))
+        return real(block, inputs, targets, *args, **kwargs)
+
+    monkeypatch.setattr(quipsharp.pipeline, "finetune_block", spy)
+    cfg = ModelQuantConfig(layer=TWO_BIT, finetune=FinetuneConfig(mode="block", block_epochs=1, lr=1e-3))
+    quantize_model(tiny_model("llama"), cfg, tokens, progress=False)
+    groups = len(seen) // 2  # two blocks, the same targets after every group of a block
+    first, second = seen[0], seen[groups]
+    torch.testing.assert_close(first[0], expected[0])  # block 0 sees the embeddings
+    torch.testing.assert_close(first[1], expected[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second[1], expected[2], rtol=1e-5, atol=1e-5)  # the float model's, not the block's
+    assert not torch.allclose(second[0], expected[1], atol=1e-3)  # ...from the quantized model's states

@@ -155,7 +155,8 @@ class FinetuneConfig:
     Attributes:
         mode: ``"none"``; ``"block"`` tunes inside each decoder block while it is quantized (after
             each group of linears, the block's remaining float weights, norms and the real-valued
-            sign vectors of its quantized layers learn to reproduce the float block's outputs, MSE);
+            sign vectors of its quantized layers learn to map the block's inputs to the float model's
+            hidden states after the block, MSE);
             ``"e2e"`` tunes sign vectors, norms and the LM head of the finished model to match the
             float model's next-token distribution (KL); ``"both"`` does one then the other.
         block_epochs, e2e_epochs: passes over the training windows per stage.

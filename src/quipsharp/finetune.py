@@ -4,7 +4,8 @@ Two stages, both with the codes frozen and Adam on the continuous state:
 
 * :func:`finetune_block` — inside one decoder block while it is being quantized: the block's
   remaining float weights, its norms and the real-valued sign vectors ``S_U``/``S_V`` (and biases)
-  of its quantized layers learn to reproduce the float block's outputs (MSE).
+  of its quantized layers learn to map the block's inputs to given targets (MSE): in the pipeline,
+  the float model's hidden states after that block.
 * :func:`finetune_model` — end to end: sign vectors, norms and the LM head learn to match the float
   model's next-token distribution (KL divergence on the logits, teacher computed on the fly).
 
@@ -263,7 +264,8 @@ def finetune_block(
     Args:
         block: a decoder block, partly quantized.
         inputs, targets: per calibration batch, ``[b, ctx, hidden]`` hidden states entering the block
-            and the float block's outputs for them.
+            and the outputs it should give for them (the pipeline passes the float model's hidden
+            states after this block, so the block also learns to undo upstream quantization error).
         calls: per batch, the block's other arguments (as captured by the pipeline).
         cfg: fine-tuning settings (``block_epochs``, ``lr``, ``sign_lr``, ``batch_size``, ``grad_accum``,
             ``holdout``).

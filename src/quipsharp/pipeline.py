@@ -373,6 +373,9 @@ def quantize_model(
     if calibration is not None:
         batches = list(calibration.split(config.batch_size))
         stream, calls = capture_block_inputs(model, blocks, batches)
+    # in-block tuning targets the float model's own hidden states, so each block also learns to undo
+    # the error of the quantized blocks before it (with "original" inputs the stream is that already)
+    float_stream = list(stream) if config.finetune.block and config.hessian_inputs == "sequential" else None
 
     bar = _progress(range(len(blocks)), progress, "blocks")
     set_postfix = getattr(bar, "set_postfix_str", None)
@@ -386,6 +389,8 @@ def quantize_model(
         if i < len(done):  # resumed: rebuild the block and the stream exactly as the first run did
             if calibration is not None and config.hessian_inputs == "original":
                 stream = run_block(block, stream, calls[i])
+            if float_stream is not None:
+                float_stream = run_block(block, float_stream, calls[i])
             _load_block(work, i, block, block_name, done[i]["names"], config)
             if calibration is not None and config.hessian_inputs == "sequential":
                 stream = run_block(block, stream, calls[i])
@@ -393,8 +398,11 @@ def quantize_model(
         if calibration is None:
             block_reports = quantize_linears(block, block_name, names, None, config, on_layer)
         elif config.finetune.block:
-            block_reports, stream = _quantize_block_finetuned(block, block_name, names, stream, calls[i], config,
-                                                              on_layer, set_postfix)
+            targets = run_block(block, stream if float_stream is None else float_stream, calls[i])
+            block_reports, stream = _quantize_block_finetuned(block, block_name, names, stream, targets, calls[i],
+                                                              config, on_layer, set_postfix)
+            if float_stream is not None:
+                float_stream = targets
             names = [r.name.removeprefix(f"{block_name}.") for r in block_reports]
         else:
             groups = shared_input_groups(block, names, stream[0], calls[i][0])
@@ -419,6 +427,7 @@ def _quantize_block_finetuned(
     block_name: str,
     names: list[str],
     stream: list[torch.Tensor],
+    targets: list[torch.Tensor],
     calls: list[BlockCall],
     config: ModelQuantConfig,
     on_layer: Callable[[LayerReport], None],
@@ -426,12 +435,12 @@ def _quantize_block_finetuned(
 ) -> tuple[list[LayerReport], list[torch.Tensor]]:
     """Quantize one block group by group with in-block fine-tuning after each group (QuIP# §5).
 
-    The targets are the float block's outputs for the block's input stream. Each group's Hessian is
-    collected just before it is quantized, from the block as it stands (earlier groups quantized and
-    everything tuned), so later layers are quantized in the context they will run in. Returns the
-    layer reports and the stream entering the next block.
+    ``stream`` are the block's inputs (per batch ``[b, ctx, hidden]``), ``targets`` the float model's
+    hidden states after this block for the same windows: the tuning maps the one to the other (MSE).
+    Each group's Hessian is collected just before it is quantized, from the block as it stands
+    (earlier groups quantized and everything tuned), so later layers are quantized in the context
+    they will run in. Returns the layer reports and the stream entering the next block.
     """
-    targets = run_block(block, stream, calls)
     groups = shared_input_groups(block, names, stream[0], calls[0])
     groups = [g for g in ([n for n in g if n in names] for g in groups) if g]
     reports: list[LayerReport] = []
