@@ -7,7 +7,8 @@ Two stages, both with the codes frozen and Adam on the continuous state:
   of its quantized layers learn to map the block's inputs to given targets (MSE): in the pipeline,
   the float model's hidden states after that block.
 * :func:`finetune_model` — end to end: sign vectors, norms and the LM head learn to match the float
-  model's next-token distribution (KL divergence on the logits, teacher computed on the fly).
+  model's next-token distribution (KL divergence on the logits; the teacher's final hidden states
+  are computed once and its logits one chunk of positions at a time).
 
 Both hold out part of the calibration windows, measure the held-out loss before training and after
 every epoch, and restore the best state (so fine-tuning never ends worse on held-out data than it
@@ -393,11 +394,11 @@ def _check_calibration(calibration: torch.Tensor) -> None:
                          f"{calibration.dtype}")
 
 
-def _chunk_kl(logits_of: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
-              target_head: nn.Module, target_hidden: torch.Tensor) -> torch.Tensor:
+def _chunk_kl(head: nn.Module, hidden: torch.Tensor, target_head: nn.Module,
+              target_hidden: torch.Tensor) -> torch.Tensor:
     """``Σ KL(teacher ‖ model)`` over the positions of one chunk: ``hidden`` ``[n, hidden]`` (model) and
     ``target_hidden`` ``[n, hidden_teacher]`` (teacher)."""
-    logp = F.log_softmax(logits_of(hidden).float(), dim=-1)
+    logp = F.log_softmax(head(hidden).float(), dim=-1)
     with torch.no_grad():
         target = F.log_softmax(target_head(target_hidden.to(logp.device)).float(), dim=-1)
     return F.kl_div(logp, target, log_target=True, reduction="sum")
@@ -473,15 +474,18 @@ def finetune_model(
     train_batches = list(torch.tensor(train_idx).split(cfg.batch_size))
     held_batches = list(torch.tensor(held_idx).split(cfg.batch_size))
     model.eval()
-    targets = teacher
+    targets: TeacherTargets | None = None  # None: the whole teacher runs on every batch
     if isinstance(teacher, nn.Module):
-        targets = teacher_targets(teacher, calibration, cfg.batch_size) if _split_head_ok(model, calibration[:1]) \
-            else None
+        teacher.eval()
+        if _split_head_ok(model, calibration[:1]):
+            targets = teacher_targets(teacher, calibration, cfg.batch_size)
     elif teacher.hidden.shape[:2] != calibration.shape:
         raise ValueError(f"teacher targets cover {tuple(teacher.hidden.shape[:2])} windows x positions, "
                          f"calibration is {tuple(calibration.shape)}")
     elif not _split_head_ok(model, calibration[:1]):
         raise ValueError("the model's logits are not head(final hidden states): pass the teacher model itself")
+    else:
+        targets = teacher
     embeddings = model.get_input_embeddings()
     head = model.get_output_embeddings()
     head_ids = {id(p) for p in head.parameters()} if head is not None else set()
