@@ -198,7 +198,7 @@ def main() -> None:
                 f.write(json.dumps({"settings": settings, "row": rows[-1]}) + "\n")
     result = {"date": today(), "machine": machine_info(), "args": vars(args), "rows": rows}
     if args.json:
-        print(json.dumps(result, indent=1))
+        print(json.dumps(result, indent=1, default=str))  # paths among the arguments
         return
     base = next((r["ppl"] for r in rows if r["row"] == "float"), None)
     for r in rows:
