@@ -51,7 +51,8 @@ KB = 1024
 FT_PREFIX = "ft_"
 #: Arguments that change a row's figures (a cached row is reused only when all of them match).
 SETTINGS = ("nsamples", "ctx", "hessian_inputs", "cd_passes", "scale_rho", "damping", "eval_ctx", "max_windows",
-            "threads", "ft_block_epochs", "ft_e2e_epochs", "ft_lr", "ft_sign_lr", "ft_batch_size")
+            "threads", "ft_block_epochs", "ft_e2e_epochs", "ft_lr", "ft_sign_lr", "ft_batch_size",
+            "ft_checkpointing")
 
 
 def _finished_rows(path: Path | None, settings: dict[str, Any], defaults: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -105,7 +106,7 @@ def run_row(name: str, args: argparse.Namespace) -> dict[str, Any]:
     elif spec["kind"] == "quipsharp":
         finetune = FinetuneConfig(mode=spec.get("finetune", "none"), block_epochs=args.ft_block_epochs,
                                   e2e_epochs=args.ft_e2e_epochs, lr=args.ft_lr, sign_lr=args.ft_sign_lr,
-                                  batch_size=args.ft_batch_size)
+                                  batch_size=args.ft_batch_size, gradient_checkpointing=args.ft_checkpointing)
         config = ModelQuantConfig(
             layer=QuIPSharpConfig(
                 bits=spec["bits"], cd_passes=args.cd_passes, scale_rho=args.scale_rho, damping=args.damping
@@ -169,6 +170,7 @@ def main() -> None:
     parser.add_argument("--ft-lr", type=float, default=ft.lr)
     parser.add_argument("--ft-sign-lr", type=float, default=ft.sign_lr)
     parser.add_argument("--ft-batch-size", type=int, default=ft.batch_size)
+    parser.add_argument("--ft-checkpointing", action="store_true", help="activation checkpointing in end-to-end tuning")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--results", type=Path, default=None,
                         help="JSON-lines file of finished rows: reused for the same settings, appended to")
