@@ -50,7 +50,7 @@ def main() -> None:
     from quipsharp.data import calibration_windows, evaluation_windows, read_documents
     from quipsharp.eval import perplexity
     from quipsharp.finetune import teacher_targets
-    from quipsharp.hf import load_model, load_quantized, save_quantized
+    from quipsharp.hf import load_model, load_quantized, read_quantization_config, save_quantized
     from quipsharp.pipeline import quantize_model
     from quipsharp.resources import C4_SAMPLE, WIKITEXT_TEST, shared_data_dir, smollm2_gguf
 
@@ -67,6 +67,10 @@ def main() -> None:
         return perplexity(model, windows, max_windows=args.max_windows)["ppl"]
 
     if args.model_cache is not None and (args.model_cache / "config.json").is_file():
+        saved = ModelQuantConfig.from_dict(read_quantization_config(args.model_cache)[1]["config"]).to_dict()
+        wanted = config.to_dict()
+        if any(saved[k] != v for k, v in wanted.items() if k != "finetune"):  # (the cached model is untuned)
+            raise SystemExit(f"{args.model_cache} holds a model quantized with other settings: use another directory")
         base = load_quantized(args.model_cache)
     else:
         base, reports = quantize_model(copy.deepcopy(teacher), config, calib, progress=False)
