@@ -82,12 +82,10 @@ def _finetune_e2e(model: Any, teacher_source: str, dtype: str, calibration: Any,
         raise CliError(f"teacher {teacher_source} has a different vocabulary from the quantized model")
 
     targets = teacher_targets(teacher, calibration, ft.batch_size)
-    if targets is not None:  # the teacher's final hidden states suffice: free the rest of it before training
-        del teacher
-        gc.collect()
-        finetune_model(model, targets, calibration, ft, progress=not quiet)
-    else:
-        finetune_model(model, teacher, calibration, ft, progress=not quiet)
+    source = teacher if targets is None else targets
+    del teacher, targets  # when its final hidden states suffice, all of the teacher but its head is freed
+    gc.collect()
+    finetune_model(model, source, calibration, ft, progress=not quiet)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:

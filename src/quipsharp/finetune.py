@@ -333,7 +333,7 @@ class TeacherTargets:
     Attributes:
         hidden: ``[nsamples, ctx, hidden]`` the teacher's final hidden states (after its last norm)
             for every calibration window, in the teacher's dtype.
-        head: the teacher's output layer, frozen: ``head(hidden)`` are its logits.
+        head: the teacher's output layer (only ever run without gradients): ``head(hidden)`` are its logits.
 
     Built by :func:`teacher_targets`, after which the teacher itself can be freed: its blocks never
     run again, and its logits exist only one chunk of positions at a time.
@@ -382,10 +382,7 @@ def teacher_targets(teacher: nn.Module, calibration: torch.Tensor, batch_size: i
         logger.info("teacher logits are not head(final hidden states): the teacher runs on every batch")
         return None
     hidden = torch.cat([_final_hidden(teacher, ids).cpu() for ids in calibration.split(batch_size)])
-    head = teacher.get_output_embeddings()
-    for p in head.parameters():
-        p.requires_grad_(False)
-    return TeacherTargets(hidden, head)
+    return TeacherTargets(hidden, teacher.get_output_embeddings())  # used under no_grad only
 
 
 def _check_calibration(calibration: torch.Tensor) -> None:
