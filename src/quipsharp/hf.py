@@ -10,8 +10,9 @@ A quantized model directory holds:
   to another (e.g. the LM head tied to the embeddings) are stored once and re-tied on load;
 * ``quipsharp_report.json`` (per-layer proxy loss and time) and the tokenizer files.
 
-The directory is written under a temporary name and renamed into place, so an interrupted save
-never leaves a directory that loads as valid.
+The directory is written under a hidden staging name and swapped into place whole, so an interrupted
+save never leaves a directory that loads as valid, and nothing but an earlier quipsharp model is
+ever replaced (:mod:`quipsharp.outputs`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from quipsharp.errors import QuipSharpError
 from quipsharp.io import atomic_save_safetensors, atomic_write_text
 from quipsharp.models.walker import linear_shape, set_submodule
 from quipsharp.nn import QuantizedLinear
+from quipsharp.outputs import check_output, locked, publish_dir, recover_leftovers, staging_dir
 
 logger = logging.getLogger(__name__)
 
@@ -118,16 +119,16 @@ def save_quantized(
     tokenizer: Any = None,
     config: ModelQuantConfig | None = None,
     reports: list[Any] | None = None,
-    overwrite: bool = True,
+    overwrite: bool = False,
     source: str | None = None,
 ) -> Path:
-    """Save a model quantized by :func:`quipsharp.quantize_model` (atomically) and return the path.
+    """Save a model quantized by :func:`quipsharp.quantize_model` and return the (absolute) path.
 
-    ``source`` (the float model it came from: a path or hub id) is recorded so that
-    ``quipsharp finetune`` can find its teacher later."""
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists")
+    ``out_dir`` must not exist, be empty, or (with ``overwrite=True``) hold a quipsharp model, which
+    is then replaced atomically: the new directory is written under a hidden name beside it and
+    swapped in whole (:mod:`quipsharp.outputs`). Anything else is refused with
+    :class:`~quipsharp.outputs.OutputError`. ``source`` (the float model it came from: a path or hub
+    id) is recorded so that ``quipsharp finetune`` can find its teacher later."""
     modules = {
         name: {
             "bits": m.config.bits,
@@ -141,6 +142,7 @@ def save_quantized(
     }
     if not modules:
         raise ValueError("the model has no QuantizedLinear layer: quantize it before saving")
+    out = check_output(out_dir, overwrite=overwrite)
     first = next(m for m in model.modules() if isinstance(m, QuantizedLinear))
     qconfig = config or ModelQuantConfig(layer=first.config)
     hf_config = model.config.to_dict()
@@ -153,29 +155,24 @@ def save_quantized(
     if source is not None:
         hf_config["quantization_config"]["source_model"] = source
     state, tied = _dedupe_tied(model.state_dict())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        atomic_save_safetensors(state, tmp / WEIGHTS_FILE, {"format": QUANT_METHOD, "tied": json.dumps(tied)})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        generation_config = getattr(model, "generation_config", None)
-        if generation_config is not None:
-            generation_config.save_pretrained(str(tmp))
-        if reports is not None:
-            atomic_write_text(tmp / REPORT_FILE, json.dumps([asdict(r) for r in reports], indent=1))
-        atomic_write_text(tmp / CONFIG_FILE, json.dumps(hf_config, indent=2, sort_keys=True, default=str))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with locked(out):
+        recover_leftovers(out)
+        out = check_output(out, overwrite=overwrite)  # again, under the lock
+        tmp = staging_dir(out)
+        try:
+            atomic_save_safetensors(state, tmp / WEIGHTS_FILE, {"format": QUANT_METHOD, "tied": json.dumps(tied)})
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            generation_config = getattr(model, "generation_config", None)
+            if generation_config is not None:
+                generation_config.save_pretrained(str(tmp))
+            if reports is not None:
+                atomic_write_text(tmp / REPORT_FILE, json.dumps([asdict(r) for r in reports], indent=1))
+            atomic_write_text(tmp / CONFIG_FILE, json.dumps(hf_config, indent=2, sort_keys=True, default=str))
+            publish_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return out
 
 

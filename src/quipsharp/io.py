@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from quipsharp.hessian import HessianAccumulator
+from quipsharp.outputs import normal_file_mode
 
 HESSIAN_FORMAT = "quipsharp-hessian"
 HESSIAN_FORMAT_VERSION = 1
@@ -31,6 +32,7 @@ def _atomic_target(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        normal_file_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

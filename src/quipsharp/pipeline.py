@@ -45,11 +45,10 @@ from quipsharp.models.walker import (
     set_submodule,
 )
 from quipsharp.nn import QuantizedLinear
+from quipsharp.outputs import BLOCK_FILE, PROGRESS_FILE, WorkDir, locked
 
 logger = logging.getLogger(__name__)
 
-PROGRESS_FILE = "progress.json"
-BLOCK_FILE = "block_{:05d}.safetensors"
 SEED_MIX = 0x9E3779B1  # odd constant spreading the user seed across the 32-bit name hash
 DEBUG_DELAY_ENV = "QUIPSHARP_DEBUG_BLOCK_DELAY"  # seconds to sleep after each block (tests of --resume)
 
@@ -285,17 +284,53 @@ def _empty_quantized_like(module: nn.Module, cfg: QuIPSharpConfig) -> QuantizedL
                            device=module.weight.device)
 
 
-def _fingerprint(model: nn.Module, config: ModelQuantConfig, calibration: torch.Tensor | None) -> str:
-    h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
-    for name, p in model.state_dict().items():
-        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-    if calibration is not None:
-        h.update(calibration.numpy().tobytes())
-    return h.hexdigest()
+#: What a resume fingerprint covers, with the words a refusal uses for each part.
+FINGERPRINT_PARTS = {
+    "settings": "the quantization settings",
+    "structure": "the model's tensor names, shapes or dtypes",
+    "weights": "the source model's weights",
+    "calibration": "the calibration tokens",
+}
+
+
+def _digest_tensor(h: Any, t: torch.Tensor) -> None:
+    """Feed a tensor's raw bytes to a hash without copying it (any dtype)."""
+    flat = t.detach().reshape(-1)
+    if flat.numel():
+        h.update(memoryview(flat.contiguous().view(torch.uint8).numpy()))
+
+
+def _fingerprint(model: nn.Module, config: ModelQuantConfig, calibration: torch.Tensor | None) -> dict[str, str]:
+    """SHA-256 digests of everything a resumed run must share with the run it continues: the
+    settings, the tensor layout, the source weights (content, streamed) and the calibration tokens."""
+    settings = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
+    structure, weights, calib = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
+    for name, t in model.state_dict().items():
+        structure.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        _digest_tensor(weights, t)
+    if calibration is None:
+        calib.update(b"data-free")
+    else:
+        calib.update(f"{tuple(calibration.shape)}:{calibration.dtype};".encode())
+        _digest_tensor(calib, calibration)
+    return {"settings": settings.hexdigest(), "structure": structure.hexdigest(), "weights": weights.hexdigest(),
+            "calibration": calib.hexdigest()}
+
+
+def _check_resumable(saved: dict[str, Any], fingerprint: dict[str, str], work: Path) -> None:
+    """Refuse, naming what differs, to resume progress made by a different run."""
+    recorded = saved.get("fingerprint")
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{work} holds progress written by an older quipsharp that cannot be checked against this "
+                         "run: remove it and start afresh")
+    differ = [words for part, words in FINGERPRINT_PARTS.items() if recorded.get(part) != fingerprint[part]]
+    if differ:
+        raise ValueError(f"cannot resume from {work}: {', '.join(differ)} differ from the interrupted run's; "
+                         "start afresh without --resume, or use another work directory")
 
 
 def _save_block(work_dir: Path, index: int, block: nn.Module, names: list[str], reports: list[LayerReport],
-                done: list[dict[str, Any]], fingerprint: str) -> None:
+                done: list[dict[str, Any]], fingerprint: dict[str, str]) -> None:
     # the whole block: in-block fine-tuning also changes its norms and float layers
     tensors = {k: v.contiguous() for k, v in block.state_dict().items()}
     atomic_save_safetensors(tensors, work_dir / BLOCK_FILE.format(index), {"block": str(index)})
@@ -347,24 +382,35 @@ def quantize_model(
     if not any(per_block):
         raise UnsupportedModelError("no linear layer to quantize (all skipped or unsuitable)")
     model.eval()
-    work = Path(work_dir) if work_dir is not None else None
-    fingerprint = _fingerprint(model, config, calibration) if work is not None else ""
-    done: list[dict[str, Any]] = []
-    if resume:
-        if work is None:
+    if work_dir is None:
+        if resume:
             raise ValueError("resume needs a work directory")
+        return _quantize_blocks(model, config, calibration, (blocks_name, blocks, per_block), None, progress)
+    with locked(work_dir) as work_path:
+        return _quantize_blocks(model, config, calibration, (blocks_name, blocks, per_block),
+                                WorkDir(work_path, resume), progress)
+
+
+def _quantize_blocks(model: nn.Module, config: ModelQuantConfig, calibration: torch.Tensor | None,
+                     found: tuple[str, Any, list[list[str]]], work_dir: WorkDir | None,
+                     progress: bool) -> tuple[nn.Module, list[LayerReport]]:
+    """The body of :func:`quantize_model` (``found``: the blocks and their linears), with the work
+    directory checked and locked."""
+    blocks_name, blocks, per_block = found
+    work = work_dir.path if work_dir is not None else None
+    fingerprint = _fingerprint(model, config, calibration) if work is not None else {}
+    done: list[dict[str, Any]] = []
+    if work_dir is not None and work_dir.resume:
         progress_path = work / PROGRESS_FILE
         if progress_path.is_file():
             saved = json.loads(progress_path.read_text())
-            if saved.get("fingerprint") != fingerprint:
-                raise ValueError(
-                    f"{work} holds progress of a different run (model, config or calibration changed); "
-                    "start afresh without --resume or use another directory"
-                )
+            _check_resumable(saved, fingerprint, work)
             done = saved["blocks"]
             logger.info("resuming after %d completed blocks", len(done))
-    if work is not None:
-        work.mkdir(parents=True, exist_ok=True)
+        else:
+            logger.warning("%s holds no progress to resume: starting afresh", work)
+    if work_dir is not None:
+        work_dir.create()
     reports = [LayerReport.from_dict(r) for b in done for r in b["reports"]]
     delay = float(os.environ.get(DEBUG_DELAY_ENV, "0"))
 

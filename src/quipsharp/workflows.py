@@ -1,0 +1,231 @@
+"""Whole jobs as library calls: quantize a model into a directory, fine-tune a saved one.
+
+The command line (:mod:`quipsharp.cli`) only parses options and prints; what a job does, in which
+order, and what it may touch on disk is decided here:
+
+* every output is checked before any work starts (:func:`quipsharp.outputs.check_output`: never a
+  file, an input, or a directory that is not an earlier quipsharp output; replacing one needs
+  ``overwrite``) and locked for the whole job, so two jobs never write the same place;
+* the work directory of a quantization is locked too; quipsharp removes it after success only if it
+  created it, and otherwise removes only the files it wrote there;
+* with end-to-end fine-tuning the quantized model is saved before that stage starts, so a failed or
+  interrupted stage loses nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from quipsharp.config import FinetuneConfig, ModelQuantConfig
+from quipsharp.errors import QuipSharpError
+from quipsharp.outputs import WorkDir, check_output, locked
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+WORK_SUFFIX = ".quipsharp-work"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class WorkflowError(QuipSharpError, ValueError):
+    """A job cannot start with the options given; the message names the problem."""
+
+
+@dataclass
+class JobResult:
+    """What a job produced: the saved directory, the model in memory and its layer reports."""
+
+    out: Path
+    model: Any
+    reports: list[Any] | None
+    seconds: float
+
+
+def add_note(err: BaseException, note: str) -> None:
+    """Attach ``note`` to an exception (``BaseException.add_note`` where Python has it); the CLI
+    prints notes under its one-line error."""
+    notes = getattr(err, "__notes__", None)
+    if notes is None:
+        notes = []
+        err.__notes__ = notes
+    notes.append(note)
+
+
+def source_name(model: str | os.PathLike) -> str:
+    """How a model argument is recorded in a saved directory: local paths absolute, hub ids as given."""
+    path = Path(model)
+    return str(path.resolve()) if path.exists() else str(model)
+
+
+def default_work_dir(out: str | os.PathLike) -> Path:
+    """``OUT.quipsharp-work`` beside the output directory."""
+    out = Path(out)
+    return out.with_name(out.name + WORK_SUFFIX)
+
+
+def check_holdout(nsamples: int, ft: FinetuneConfig) -> None:
+    """Refuse fine-tuning settings that leave fewer than 2 windows on either side of the split."""
+    from quipsharp.finetune import split_holdout
+
+    try:
+        split_holdout(nsamples, ft.holdout)
+    except ValueError as err:
+        raise WorkflowError(f"fine-tuning holds out {ft.holdout:g} of the calibration windows and needs at least 2: "
+                            f"--nsamples {nsamples} is too few") from err
+
+
+def finetune_e2e(model: Any, teacher_source: str, dtype: str, calibration: torch.Tensor, ft: FinetuneConfig,
+                 progress: bool = True) -> None:
+    """End-to-end fine-tuning of ``model`` against the float model at ``teacher_source``; the teacher
+    is freed (all but its LM head) once its final hidden states are computed, where that suffices."""
+    from quipsharp.finetune import finetune_model, teacher_targets
+    from quipsharp.hf import load_model
+
+    teacher, _ = load_model(teacher_source, dtype=dtype)
+    if teacher.get_input_embeddings().weight.shape[0] != model.get_input_embeddings().weight.shape[0]:
+        raise WorkflowError(f"teacher {teacher_source} has a different vocabulary from the quantized model")
+    targets = teacher_targets(teacher, calibration, ft.batch_size)
+    source = teacher if targets is None else targets
+    del teacher, targets
+    gc.collect()
+    finetune_model(model, source, calibration, ft, progress=progress)
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
+def quantize_to_dir(
+    model_source: str | os.PathLike,
+    out: str | os.PathLike,
+    config: ModelQuantConfig,
+    calib: str | os.PathLike | None = None,
+    *,
+    dtype: str = "float32",
+    work_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> JobResult:
+    """Load a float model, quantize it (with the fine-tuning ``config.finetune`` asks for) and save it.
+
+    Args:
+        model_source: a HF model directory, a ``.gguf`` file or a hub id.
+        out: the output directory (see :func:`quipsharp.outputs.check_output`).
+        config: the quantization settings.
+        calib: calibration text (``.txt``/``.jsonl`` or a dataset name); None quantizes data-free.
+        dtype: dtype of the model while quantizing and of the tensors left in float.
+        work_dir: per-block progress (default ``OUT.quipsharp-work``).
+        resume: continue the interrupted run whose progress ``work_dir`` holds.
+        overwrite: replace an existing quipsharp model at ``out``.
+    """
+    import torch
+
+    from quipsharp.data import calibration_windows, read_documents
+    from quipsharp.hf import load_model, save_quantized
+    from quipsharp.pipeline import quantize_model
+
+    if dtype not in DTYPES:
+        raise WorkflowError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if config.finetune.mode != "none":
+        if calib is None:
+            raise WorkflowError(f"fine-tuning mode {config.finetune.mode!r} needs calibration text")
+        check_holdout(config.nsamples, config.finetune)
+    inputs = (model_source,) + ((calib,) if calib is not None else ())
+    out = check_output(out, overwrite=overwrite, inputs=inputs)
+    work = Path(work_dir).expanduser().resolve() if work_dir is not None else default_work_dir(out)
+    if _overlaps(work, out):
+        raise WorkflowError(f"the work directory {work} and the output {out} must not contain each other")
+    for item in inputs:
+        if Path(item).exists() and _overlaps(work, Path(item).resolve()):
+            raise WorkflowError(f"the work directory {work} overlaps the input {item}")
+    start = time.perf_counter()
+    with locked(out), locked(work):
+        WorkDir(work, resume)  # refuses a foreign directory or unrequested progress before any loading
+        torch.manual_seed(config.seed)
+        model, tokenizer = load_model(model_source, dtype=dtype)
+        calibration = None
+        if calib is not None:
+            docs = read_documents(calib)
+            calibration = calibration_windows(docs, tokenizer, config.nsamples, config.ctx, config.seed)
+        model, reports = quantize_model(model, config, calibration, work_dir=work, resume=resume, progress=progress)
+        source = source_name(model_source)
+        replace = overwrite
+        if config.finetune.e2e:  # save first: a failed or interrupted end-to-end stage must not lose the quantization
+            untuned = dataclasses.replace(config, finetune=config.finetune.replace(
+                mode="block" if config.finetune.block else "none"))
+            save_quantized(model, out, tokenizer, untuned, reports, overwrite=replace, source=source)
+            WorkDir(work, resume=True).cleanup()
+            replace = True  # from here on `out` holds this job's own output
+            try:
+                finetune_e2e(model, str(model_source), dtype, calibration, config.finetune, progress)
+            except BaseException as err:
+                add_note(err, f"end-to-end fine-tuning did not finish; {out} holds the model without it "
+                              f"(retry with `quipsharp finetune {out} --calib FILE --out DIR`)")
+                raise
+        save_quantized(model, out, tokenizer, config, reports, overwrite=replace, source=source)
+        WorkDir(work, resume=True).cleanup()
+    return JobResult(out, model, reports, time.perf_counter() - start)
+
+
+def finetune_dir(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    calib: str | os.PathLike,
+    ft: FinetuneConfig,
+    *,
+    teacher: str | None = None,
+    nsamples: int | None = None,
+    ctx: int | None = None,
+    seed: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> JobResult:
+    """Fine-tune a saved quantized model end to end against its float model and save the result.
+
+    ``nsamples``/``ctx``/``seed``/``teacher`` default to what the saved model records. ``ft`` gives
+    the end-to-end settings; the saved in-block settings stay on record (that stage is not re-run).
+    """
+    import json
+
+    from quipsharp.data import calibration_windows, read_documents
+    from quipsharp.hf import REPORT_FILE, load_model, read_quantization_config, save_quantized
+    from quipsharp.pipeline import LayerReport
+
+    src = Path(src)
+    _, qc = read_quantization_config(src)
+    teacher = teacher or qc.get("source_model")
+    if not teacher:
+        raise WorkflowError(f"{src} does not record the float model it came from: give it with --teacher MODEL")
+    saved = ModelQuantConfig.from_dict(qc["config"])
+    nsamples = nsamples or saved.nsamples
+    ctx = ctx or saved.ctx
+    seed = saved.seed if seed is None else seed
+    ft = ft.replace(mode="both" if saved.finetune.block else "e2e", block_epochs=saved.finetune.block_epochs)
+    if saved.finetune.block and (nsamples, ctx, seed) != (saved.nsamples, saved.ctx, saved.seed):
+        logger.warning("calibration windows differ from the in-block stage's: the end-to-end held-out windows "
+                       "may include text the in-block stage trained on")
+    if not ft.e2e:
+        raise WorkflowError("--ft-e2e-epochs is 0: nothing to fine-tune")
+    check_holdout(nsamples, ft)
+    out = check_output(out, overwrite=overwrite, inputs=(src, teacher, calib))
+    config = dataclasses.replace(saved, finetune=ft, nsamples=nsamples, ctx=ctx, seed=seed)
+    start = time.perf_counter()
+    with locked(out):
+        model, tokenizer = load_model(src)
+        calibration = calibration_windows(read_documents(calib), tokenizer, nsamples, ctx, seed)
+        finetune_e2e(model, teacher, "float32", calibration, ft, progress)
+        report_path = src / REPORT_FILE
+        reports = ([LayerReport.from_dict(r) for r in json.loads(report_path.read_text())]
+                   if report_path.is_file() else None)
+        save_quantized(model, out, tokenizer, config, reports, overwrite=overwrite, source=source_name(teacher))
+    return JobResult(out, model, reports, time.perf_counter() - start)
