@@ -68,7 +68,8 @@ def test_quantize_inspect_eval_generate(model_dir, calib_file, tmp_path, capsys)
         assert speed["threads"] == 1 and speed["decode_tok_s"] > 0 and speed["prefill_tok_s"] > 0
         assert len(speed["decode_tok_s_runs"]) == 2 and speed["peak_rss_mb"] > 0
     assert main(["bench", str(out), "--threads", "0"]) == 2
-    assert "--threads must be positive" in capsys.readouterr().err
+    expected = "quipsharp: error: bench: argument --threads: must be ≥ 1, got 0 (see --help)"
+    assert capsys.readouterr().err.strip() == expected
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,12 @@ Every expected failure (missing file, unknown architecture, bad option) is print
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
+import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ from quipsharp.config import DEFAULT_CTX, DEFAULT_NSAMPLES, FINETUNE_MODES
 from quipsharp.workflows import WORK_SUFFIX
 
 EXIT_USAGE = 2
+EXIT_UNEXPECTED = 1
 DEFAULT_EVAL_CTX = 2048
 DEFAULT_NEW_TOKENS = 64
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -32,6 +36,34 @@ logger = logging.getLogger("quipsharp")
 
 class CliError(Exception):
     """A user-facing error: printed as one line."""
+
+
+def _number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False) -> Any:
+    """An argparse type: a finite ``kind`` within ``[low, high]`` (``(low, high]`` if ``low_open``)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if low is not None and (value <= low if low_open else value < low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '≥'} {low:g}, got {text}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be ≤ {high:g}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE = _number(int, 1)
+NON_NEGATIVE = _number(int, 0)
+WINDOW = _number(int, 2)
+FINITE_NON_NEGATIVE = _number(float, 0.0)
+FINITE_POSITIVE = _number(float, 0.0, low_open=True)
 
 
 def _bits_map(items: list[str]) -> list[tuple[str, int]]:
@@ -98,11 +130,18 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     from quipsharp.data import evaluation_windows
     from quipsharp.eval import perplexity
     from quipsharp.hf import load_model
+    from quipsharp.limits import check_window
 
     model, tokenizer = load_model(args.model)
+    if not Path(args.data).is_file():
+        raise CliError(f"evaluation file not found: {args.data}")
+    check_window(model.config, args.ctx)
     windows = evaluation_windows(args.data, tokenizer, args.ctx)
     result = perplexity(model, windows, max_windows=args.max_windows, batch_size=args.batch_size,
                         step=args.step, progress=not args.json)
+    if not math.isfinite(result["ppl"]):
+        raise CliError(f"perplexity is {result['ppl']}: the model's logits are not finite (a damaged model? "
+                       "check it with `quipsharp inspect --verify`)")
     if args.json:
         print(json.dumps({k: result[k] for k in ("ppl", "ctx", "windows", "tokens")}))
     else:
@@ -116,7 +155,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
     from quipsharp.hf import load_model
+    from quipsharp.limits import generation_length
 
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise CliError(f"--prompt is not valid UTF-8 text (byte {err.start} of the argument)") from None
     model, tokenizer = load_model(args.model)
     if args.chat and getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
@@ -124,16 +168,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         input_ids = ids["input_ids"]
     else:
         input_ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+    new_tokens = generation_length(model.config, input_ids.shape[1], args.max_new_tokens)
     streamer = TextStreamer(tokenizer, skip_prompt=not args.echo, skip_special_tokens=True)
-    if args.max_new_tokens < 1:
-        raise CliError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    max_len = input_ids.shape[1] + args.max_new_tokens
+    max_len = input_ids.shape[1] + new_tokens
     if _lean_engine(args.engine, model, max_len):
         from quipsharp.fastdecode import LeanDecoder
 
         decoder = LeanDecoder(model, max_len, head_dtype=_head_dtype(args.head_dtype, model))
         streamer.put(input_ids)
-        for token in decoder.generate(input_ids[0], args.max_new_tokens, eos_token_id=_stop_ids(model, tokenizer),
+        for token in decoder.generate(input_ids[0], new_tokens, eos_token_id=_stop_ids(model, tokenizer),
                                       temperature=args.temperature,
                                       generator=torch.Generator().manual_seed(args.seed)):
             streamer.put(torch.tensor([token]))
@@ -141,7 +184,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 0
     torch.manual_seed(args.seed)
     model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                   max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                   max_new_tokens=new_tokens, do_sample=args.temperature > 0,
                    temperature=args.temperature if args.temperature > 0 else None, top_p=None, top_k=None,
                    streamer=streamer, pad_token_id=tokenizer.eos_token_id)
     return 0
@@ -200,8 +243,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from quipsharp.bench import benchmark_generation
     from quipsharp.hf import load_model
 
-    if args.threads is not None and args.threads < 1:
-        raise CliError(f"--threads must be positive, got {args.threads}")
     model, _ = load_model(args.model)
     if args.dtype != "float32":
         model.to(getattr(torch, DTYPES[args.dtype]))  # QuantizedLinear keeps its float32 state
@@ -264,14 +305,16 @@ def _add_finetune_options(p: argparse.ArgumentParser, defaults_from: str | None 
     def default(value: Any) -> str:
         return f" (default: {defaults_from or value})"
 
-    p.add_argument("--ft-block-epochs", type=int, help="in-block tuning epochs per group" + default(d.block_epochs))
-    p.add_argument("--ft-e2e-epochs", type=int, help="end-to-end tuning epochs" + default(d.e2e_epochs))
-    p.add_argument("--ft-lr", type=float, help="learning rate of norms, float weights, LM head" + default(d.lr))
-    p.add_argument("--ft-sign-lr", type=float, help="learning rate of the sign vectors" + default(d.sign_lr))
-    p.add_argument("--ft-batch-size", type=int, help="windows per micro-batch" + default(d.batch_size))
-    p.add_argument("--ft-grad-accum", type=int, help="micro-batches per optimizer step" + default(d.grad_accum))
-    p.add_argument("--ft-holdout", type=float, help="fraction of windows held out" + default(d.holdout))
-    p.add_argument("--ft-patience", type=int,
+    p.add_argument("--ft-block-epochs", type=NON_NEGATIVE,
+                   help="in-block tuning epochs per group" + default(d.block_epochs))
+    p.add_argument("--ft-e2e-epochs", type=NON_NEGATIVE, help="end-to-end tuning epochs" + default(d.e2e_epochs))
+    p.add_argument("--ft-lr", type=FINITE_POSITIVE,
+                   help="learning rate of norms, float weights, LM head" + default(d.lr))
+    p.add_argument("--ft-sign-lr", type=FINITE_POSITIVE, help="learning rate of the sign vectors" + default(d.sign_lr))
+    p.add_argument("--ft-batch-size", type=POSITIVE, help="windows per micro-batch" + default(d.batch_size))
+    p.add_argument("--ft-grad-accum", type=POSITIVE, help="micro-batches per optimizer step" + default(d.grad_accum))
+    p.add_argument("--ft-holdout", type=FINITE_POSITIVE, help="fraction of windows held out" + default(d.holdout))
+    p.add_argument("--ft-patience", type=NON_NEGATIVE,
                    help="stop a stage after this many epochs without held-out improvement, 0: never"
                         + default(d.patience))
     p.add_argument("--ft-checkpointing", action=argparse.BooleanOptionalAction, default=None,
@@ -279,11 +322,14 @@ def _add_finetune_options(p: argparse.ArgumentParser, defaults_from: str | None 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="quipsharp", description="QuIP# 2/3/4-bit quantization of causal LMs")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log per-layer details")
-    sub = parser.add_subparsers(dest="command", required=True)
+    common = _Parser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log details, and show the traceback of an unexpected error")
+    parser = _Parser(prog="quipsharp", description="QuIP# 2/3/4-bit quantization of causal LMs", parents=[common])
+    parser.add_argument("--version", action="version", version=f"quipsharp {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    q = sub.add_parser("quantize", help="quantize a model and save it")
+    q = sub.add_parser("quantize", parents=[common], help="quantize a model and save it")
     q.add_argument("model", help="HF model directory, .gguf file, or hub id")
     q.add_argument("--out", required=True,
                    help="output directory: new, empty, or an earlier quipsharp model with --overwrite")
@@ -292,17 +338,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", type=int, choices=(2, 3, 4), default=2)
     q.add_argument("--calib", help="calibration text: .txt, .jsonl (field 'text') or a HF dataset name")
     q.add_argument("--data-free", action="store_true", help="quantize without calibration data (H = I)")
-    q.add_argument("--nsamples", type=int, default=DEFAULT_NSAMPLES)
-    q.add_argument("--ctx", type=int, default=DEFAULT_CTX)
-    q.add_argument("--batch-size", type=int, default=8)
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--nsamples", type=POSITIVE, default=DEFAULT_NSAMPLES,
+                   help="calibration windows (default: %(default)s)")
+    q.add_argument("--ctx", type=WINDOW, default=DEFAULT_CTX,
+                   help="tokens per calibration window (default: %(default)s)")
+    q.add_argument("--batch-size", type=POSITIVE, default=8,
+                   help="calibration windows per forward pass (default: %(default)s)")
+    q.add_argument("--seed", type=NON_NEGATIVE, default=0,
+                   help="seed of the sign vectors and the calibration draw (default: %(default)s)")
     q.add_argument("--skip", action="append", default=[], metavar="REGEX", help="leave matching modules in float")
     q.add_argument("--bits-map", action="append", default=[], metavar="REGEX=BITS",
                    help="per-module bit width, first match wins (repeatable)")
     q.add_argument("--hessian-inputs", choices=("sequential", "original"), default="sequential")
-    q.add_argument("--cd-passes", type=int, default=0)
-    q.add_argument("--scale-rho", type=float, default=None)
-    q.add_argument("--damping", type=float, default=None)
+    q.add_argument("--cd-passes", type=NON_NEGATIVE, default=0,
+                   help="block coordinate-descent passes after BlockLDLQ (default: %(default)s)")
+    q.add_argument("--scale-rho", type=FINITE_POSITIVE, default=None,
+                   help="codebook scale ρ (default: the codebook's tuned value)")
+    q.add_argument("--damping", type=FINITE_NON_NEGATIVE, default=None,
+                   help="relative Hessian damping σ (default: the config's)")
     q.add_argument("--no-hadamard", action="store_true", help="skip the randomized Hadamard transform")
     q.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="dtype of the model while quantizing and of the tensors left unquantized "
@@ -315,50 +368,56 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(func=cmd_quantize)
 
-    f = sub.add_parser("finetune", help="fine-tune a quantized model end to end against its float model")
+    f = sub.add_parser("finetune", parents=[common],
+                       help="fine-tune a quantized model end to end against its float model")
     f.add_argument("dir", help="quantized model directory")
     f.add_argument("--calib", required=True, help="calibration text: .txt, .jsonl (field 'text') or a HF dataset")
     f.add_argument("--out", required=True,
                    help="output directory: new, empty, or an earlier quipsharp model with --overwrite")
     f.add_argument("--overwrite", action="store_true", help="replace the quipsharp model already at --out")
     f.add_argument("--teacher", help="the float model (default: the source recorded at quantization)")
-    f.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: as quantized)")
-    f.add_argument("--ctx", type=int, default=None, help="window length (default: as quantized)")
-    f.add_argument("--seed", type=int, default=None, help="calibration seed (default: as quantized)")
+    f.add_argument("--nsamples", type=POSITIVE, default=None, help="calibration windows (default: as quantized)")
+    f.add_argument("--ctx", type=WINDOW, default=None, help="window length (default: as quantized)")
+    f.add_argument("--seed", type=NON_NEGATIVE, default=None, help="calibration seed (default: as quantized)")
     f.add_argument("--quiet", action="store_true")
     _add_finetune_options(f, defaults_from="the saved model's settings")
     f.set_defaults(func=cmd_finetune)
 
-    e = sub.add_parser("eval", help="evaluate a model")
+    e = sub.add_parser("eval", parents=[common], help="evaluate a model")
     esub = e.add_subparsers(dest="metric", required=True)
-    p = esub.add_parser("ppl", help="perplexity on a text file")
+    p = esub.add_parser("ppl", parents=[common], help="perplexity on a text file")
     p.add_argument("model")
     p.add_argument("--data", required=True)
-    p.add_argument("--ctx", type=int, default=DEFAULT_EVAL_CTX)
-    p.add_argument("--max-windows", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--step", type=int, default=None,
+    p.add_argument("--ctx", type=WINDOW, default=DEFAULT_EVAL_CTX, help="tokens per window (default: %(default)s)")
+    p.add_argument("--max-windows", type=POSITIVE, default=None, help="evaluate the first N windows only")
+    p.add_argument("--batch-size", type=POSITIVE, default=1, help="windows per forward pass (default: %(default)s)")
+    p.add_argument("--step", type=POSITIVE, default=None,
                    help="feed each window STEP tokens at a time through the KV cache (as generation does)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval_ppl)
 
-    g = sub.add_parser("generate", help="generate text (streams tokens)")
+    g = sub.add_parser("generate", parents=[common], help="generate text (streams tokens)")
     g.add_argument("model")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=DEFAULT_NEW_TOKENS)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-new-tokens", type=POSITIVE, default=DEFAULT_NEW_TOKENS,
+                   help="at most this many tokens, capped by the model's positions (default: %(default)s)")
+    g.add_argument("--temperature", type=FINITE_NON_NEGATIVE, default=0.0,
+                   help="sampling temperature; 0 is greedy (default: %(default)s)")
+    g.add_argument("--seed", type=NON_NEGATIVE, default=0, help="sampling seed (default: %(default)s)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--echo", action="store_true", help="print the prompt too")
     _add_engine_options(g)
     g.set_defaults(func=cmd_generate)
 
-    b = sub.add_parser("bench", help="decoding speed: prefill and generation tokens/s at batch 1")
+    b = sub.add_parser("bench", parents=[common], help="decoding speed: prefill and generation tokens/s at batch 1")
     b.add_argument("model")
-    b.add_argument("--threads", type=int, default=None, help="torch and kernel threads (default: torch's)")
-    b.add_argument("--new-tokens", type=int, default=DEFAULT_BENCH_NEW_TOKENS)
-    b.add_argument("--prompt-tokens", type=int, default=DEFAULT_BENCH_PROMPT_TOKENS)
-    b.add_argument("--runs", type=int, default=DEFAULT_BENCH_RUNS)
+    b.add_argument("--threads", type=POSITIVE, default=None, help="torch and kernel threads (default: torch's)")
+    b.add_argument("--new-tokens", type=POSITIVE, default=DEFAULT_BENCH_NEW_TOKENS,
+                   help="generated tokens per run (default: %(default)s)")
+    b.add_argument("--prompt-tokens", type=POSITIVE, default=DEFAULT_BENCH_PROMPT_TOKENS,
+                   help="prompt length (default: %(default)s)")
+    b.add_argument("--runs", type=POSITIVE, default=DEFAULT_BENCH_RUNS,
+                   help="runs; medians are reported (default: %(default)s)")
     b.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="dtype of the unquantized tensors (embeddings, norms, LM head)")
     b.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
@@ -367,16 +426,38 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
 
-    i = sub.add_parser("inspect", help="describe a quantized directory")
+    i = sub.add_parser("inspect", parents=[common], help="describe a quantized directory")
     i.add_argument("dir")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("quipsharp")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``quipsharp: error: …``, exit code 2) instead of usage + error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        where = "" if self.prog == "quipsharp" else f"{self.prog.removeprefix('quipsharp ')}: "
+        print(f"quipsharp: error: {where}{message} (see --help)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a one-line option error: its exit code
+        return int(done.code or 0)
+    args.verbose = getattr(args, "verbose", False)  # -v may come before or after the subcommand
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from quipsharp.errors import QuipSharpError
@@ -391,6 +472,17 @@ def main(argv: list[str] | None = None) -> int:
         print("quipsharp: interrupted", file=sys.stderr)
         _print_notes(err)
         return 130
+    except BrokenPipeError:  # e.g. `quipsharp inspect DIR | head`: the reader left; not an error of ours
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # keep the interpreter's final flush quiet
+        return 0
+    except Exception as err:
+        if args.verbose:
+            raise
+        print(f"quipsharp: error: unexpected {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+              "(run with -v for the traceback)", file=sys.stderr)
+        _print_notes(err)
+        return EXIT_UNEXPECTED
 
 
 def _print_notes(err: BaseException) -> None:

@@ -31,6 +31,19 @@ class DataError(QuipSharpError, ValueError):
     """Calibration or evaluation text cannot be read or is too short."""
 
 
+def read_text(path: str | os.PathLike) -> str:
+    """The contents of a text file; binary files and invalid UTF-8 are refused with the byte offset."""
+    path = Path(path)
+    data = path.read_bytes()
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise DataError(f"{path} is not a text file (NUL byte at offset {nul})")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text (invalid byte at offset {err.start})") from None
+
+
 def read_documents(
     source: str | os.PathLike, field: str = JSONL_TEXT_FIELD, limit: int | None = None
 ) -> list[str]:
@@ -41,7 +54,7 @@ def read_documents(
     """
     path = Path(source)
     if path.is_file():
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = read_text(path)
         if path.suffix in JSONL_SUFFIXES:
             docs = []
             for lineno, line in enumerate(text.splitlines(), 1):
@@ -139,7 +152,7 @@ def evaluation_windows(text_source: str | os.PathLike, tokenizer: Any, ctx: int)
         text = EVAL_JOIN.join(read_documents(path))
     else:
         # The raw WikiText layout: one dataset row per line, rows joined with "\n\n" (protocol).
-        text = EVAL_JOIN.join(path.read_text(encoding="utf-8").splitlines())
+        text = EVAL_JOIN.join(read_text(path).splitlines())
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
     windows = ids.numel() // ctx
     if windows == 0:

@@ -132,6 +132,7 @@ def quantize_to_dir(
 
     from quipsharp.data import calibration_windows, read_documents
     from quipsharp.hf import load_model, save_quantized
+    from quipsharp.limits import check_window
     from quipsharp.pipeline import quantize_model
 
     if dtype not in DTYPES:
@@ -151,11 +152,12 @@ def quantize_to_dir(
     start = time.perf_counter()
     with locked(out), locked(work):
         WorkDir(work, resume)  # refuses a foreign directory or unrequested progress before any loading
+        docs = read_documents(calib) if calib is not None else None  # bad text fails before the model loads
         torch.manual_seed(config.seed)
         model, tokenizer = load_model(model_source, dtype=dtype)
+        check_window(model.config, config.ctx)
         calibration = None
-        if calib is not None:
-            docs = read_documents(calib)
+        if docs is not None:
             calibration = calibration_windows(docs, tokenizer, config.nsamples, config.ctx, config.seed)
         model, reports = quantize_model(model, config, calibration, work_dir=work, resume=resume, progress=progress)
         source = source_name(model_source)
@@ -199,6 +201,7 @@ def finetune_dir(
 
     from quipsharp.data import calibration_windows, read_documents
     from quipsharp.hf import REPORT_FILE, load_model, read_quantization_config, save_quantized
+    from quipsharp.limits import check_window
     from quipsharp.pipeline import LayerReport
 
     src = Path(src)
@@ -221,8 +224,10 @@ def finetune_dir(
     config = dataclasses.replace(saved, finetune=ft, nsamples=nsamples, ctx=ctx, seed=seed)
     start = time.perf_counter()
     with locked(out):
+        docs = read_documents(calib)
         model, tokenizer = load_model(src)
-        calibration = calibration_windows(read_documents(calib), tokenizer, nsamples, ctx, seed)
+        check_window(model.config, ctx)
+        calibration = calibration_windows(docs, tokenizer, nsamples, ctx, seed)
         finetune_e2e(model, teacher, "float32", calibration, ft, progress)
         report_path = src / REPORT_FILE
         reports = ([LayerReport.from_dict(r) for r in json.loads(report_path.read_text())]
