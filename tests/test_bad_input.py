@@ -130,18 +130,25 @@ def test_a_kv_cache_that_does_not_fit_is_refused_before_allocating(monkeypatch):
         generation_length(config, 8192, 1)
 
 
-def test_a_non_finite_perplexity_is_an_error_not_a_number(quantized_dir, text_file, tmp_path, capsys):
+@pytest.mark.parametrize(("value", "message"), [
+    (float("nan"), "model.norm.weight holds 64 non-finite values: the weights are damaged"),  # refused at load
+    (3e38, "perplexity is nan: the model's logits are not finite"),  # finite weights whose logits overflow
+])
+def test_non_finite_weights_or_perplexity_are_errors_not_numbers(quantized_dir, text_file, tmp_path, capsys,
+                                                                 value, message):
     import shutil
 
-    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    from safetensors.torch import save_file
 
     damaged = Path(shutil.copytree(quantized_dir, tmp_path / "damaged"))
-    state = load_file(str(damaged / "model.safetensors"))
-    state["model.norm.weight"] = torch.full_like(state["model.norm.weight"], float("nan"))
-    save_file(state, str(damaged / "model.safetensors"), metadata={"format": "quipsharp", "tied": "{}"})
+    with safe_open(str(damaged / "model.safetensors"), framework="pt") as f:
+        metadata, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    state["model.norm.weight"] = torch.full_like(state["model.norm.weight"], value)
+    save_file(state, str(damaged / "model.safetensors"), metadata=metadata)
     code = main(["eval", "ppl", str(damaged), "--data", str(text_file), "--ctx", "64", "--max-windows", "1"])
     assert code == 2
-    assert "not finite" in one_error_line(capsys)
+    assert message in one_error_line(capsys)
 
 
 def test_unexpected_errors_are_one_line_unless_verbose(monkeypatch, capsys):

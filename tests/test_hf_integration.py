@@ -171,16 +171,32 @@ def test_missing_quantized_tensor_is_refused(quantized_dirs, tmp_path):
 
 
 def test_codes_of_another_codebook_are_refused(quantized_dirs, tmp_path):
+    name = "model.layers.0.mlp.up_proj"
+
     def wrong_bits(qc):
-        qc["modules"]["model.layers.0.mlp.up_proj"]["bits"] = 4
+        qc["modules"][name]["bits"] = 4
+
+    def wrong_bits_and_codebook(qc):
+        qc["modules"][name].update(bits=4, codebook="E8P12RVQ4B")
 
     path = copy_with_config(quantized_dirs["llama"], tmp_path / "wrong-bits", wrong_bits)
-    # the 4-bit codes buffer does not fit the 2-bit codes, so transformers refuses it first ...
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ModelLoadError, match=f"module '{name}' is recorded with codebook E8P12 but the config "
+                                             "selects E8P12RVQ4B"):
         AutoModelForCausalLM.from_pretrained(path)
-    # ... and when told to ignore that, the codebook id check refuses the layer
-    with pytest.raises(ModelLoadError, match=r"model\.layers\.0\.mlp\.up_proj: layer holds codes of codebook"):
-        AutoModelForCausalLM.from_pretrained(path, ignore_mismatched_sizes=True)
+    # a consistent edit is caught by the settings saved with the weights ...
+    path = copy_with_config(quantized_dirs["llama"], tmp_path / "wrong-both", wrong_bits_and_codebook)
+    with pytest.raises(ModelLoadError, match=rf"differs from the one saved with the weights \(modules\.{name}\.bits: "
+                                             r"saved 2, config.json 4\)"):
+        AutoModelForCausalLM.from_pretrained(path)
+    # ... and, without them (a directory written by transformers), by the tensors' shapes
+    weights = path / WEIGHTS_FILE
+    with safe_open(str(weights), framework="pt") as handle:
+        metadata = {k: v for k, v in handle.metadata().items() if k != "quantization_config"}
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    save_file(tensors, str(weights), metadata=metadata)
+    for load in (AutoModelForCausalLM.from_pretrained, load_quantized):
+        with pytest.raises(ModelLoadError, match=rf"{name}\.codes is uint8 \[128, 16\], expected uint8 \[128, 32\]"):
+            load(path)
 
 
 def test_plain_directory_still_loads_normally(tmp_path, tokens):

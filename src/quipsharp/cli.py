@@ -262,33 +262,44 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from quipsharp.eval.report import disk_bytes
-    from quipsharp.hf import REPORT_FILE, read_quantization_config
+    from quipsharp.format import CHECKSUMS_FILE, REPORT_FILE, check_dir
 
     path = Path(args.dir)
-    raw, qc = read_quantization_config(path)
-    modules = qc["modules"]
-    weights = sum(m["in_features"] * m["out_features"] for m in modules.values())
-    bits = sum(m["bits"] * m["in_features"] * m["out_features"] for m in modules.values()) / weights
+    raw, record, problems = check_dir(path, verify=args.verify)
+    modules = record.modules
+    weights = sum(m.in_features * m.out_features for m in modules.values())
+    bits = sum(m.bits * m.in_features * m.out_features for m in modules.values()) / weights
     disk = disk_bytes(path)
     report_path = path / REPORT_FILE
     layers = json.loads(report_path.read_text()) if report_path.is_file() else []
     info: dict[str, Any] = {
-        "format_version": qc["format_version"],
+        "format_version": record.format_version,
         "model_type": raw.get("model_type"),
         "quantized_layers": len(modules),
         "bits_per_weight": bits,
         "disk_bytes": disk,
-        "config": qc["config"],
+        "config": record.raw.get("config"),
         "layers": layers,
+        "verified": bool(args.verify) and not problems,
+        "problems": problems,
     }
     if args.json:
         print(json.dumps(info, indent=1))
-        return 0
-    print(f"{path}: quipsharp format {info['format_version']}, {info['model_type']}, "
-          f"{len(modules)} quantized layers, {bits:.2f} bits/weight, {disk / 1e6:.1f} MB on disk")
-    for layer in layers:
-        print(f"  {layer['name']:50s} {layer['bits']}b {layer['shape'][0]:6d}x{layer['shape'][1]:<6d} "
-              f"proxy {layer['proxy_loss']:.4g}  {layer['seconds']:.2f}s")
+    else:
+        print(f"{path}: quipsharp format {info['format_version']}, {info['model_type']}, "
+              f"{len(modules)} quantized layers, {bits:.2f} bits/weight, {disk / 1e6:.1f} MB on disk")
+        for layer in layers:
+            print(f"  {layer['name']:50s} {layer['bits']}b {layer['shape'][0]:6d}x{layer['shape'][1]:<6d} "
+                  f"proxy {layer['proxy_loss']:.4g}  {layer['seconds']:.2f}s")
+        for problem in problems:
+            print(f"  problem: {problem}")
+        if args.verify and not problems:
+            sums = "every file matches its checksum" if (path / CHECKSUMS_FILE).is_file() else \
+                "no checksums recorded (saved by transformers)"
+            print(f"  verified: {sums}; every scale, sign and float tensor is finite")
+    if problems:
+        raise CliError(f"{path} is damaged: {problems[0]}" + (f" (and {len(problems) - 1} more problems)"
+                                                               if len(problems) > 1 else ""))
     return 0
 
 
@@ -428,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", parents=[common], help="describe a quantized directory")
     i.add_argument("dir")
+    i.add_argument("--verify", action="store_true",
+                   help="also check every file against its saved checksum and every stored value for NaN/inf")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)
     return parser

@@ -31,7 +31,25 @@ from safetensors.torch import load_file
 from torch import nn
 
 from quipsharp.config import ModelQuantConfig
-from quipsharp.errors import QuipSharpError
+from quipsharp.format import (  # also re-exports the format's names from where they always were
+    CONFIG_FILE,
+    FORMAT_METADATA_KEY,
+    FORMAT_VERSION,
+    QUANT_METHOD,
+    REPORT_FILE,
+    TIED_METADATA_KEY,
+    WEIGHTS_FILE,
+    ModelLoadError,
+    QuantizationRecord,
+    check_loaded_model,
+    check_weights_header,
+    is_quantized_dir,
+    is_quipsharp_weights,
+    load_metadata,
+    read_header,
+    read_record,
+    write_checksums,
+)
 from quipsharp.io import atomic_save_safetensors, atomic_write_text
 from quipsharp.models.walker import linear_shape, set_submodule
 from quipsharp.nn import QuantizedLinear
@@ -39,16 +57,7 @@ from quipsharp.outputs import check_output, locked, publish_dir, recover_leftove
 
 logger = logging.getLogger(__name__)
 
-QUANT_METHOD = "quipsharp"
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-REPORT_FILE = "quipsharp_report.json"
 GGUF_SUFFIX = ".gguf"
-
-
-class ModelLoadError(QuipSharpError, ValueError):
-    """A model or quantized directory cannot be loaded; the message names the problem."""
 
 
 # --------------------------------------------------------------------------- loading float models
@@ -67,6 +76,8 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | str = torch.float
             raise ModelLoadError(f"{path} has no {CONFIG_FILE}: not a Hugging Face model directory")
         if is_quantized_dir(path):
             return load_quantized(path), AutoTokenizer.from_pretrained(str(path))
+        if is_quipsharp_weights(path / WEIGHTS_FILE):
+            read_record(path)  # raises: quipsharp weights whose config.json lacks or garbles the quantization_config
         kwargs, location = {}, str(path)
     elif path.exists():
         raise ModelLoadError(f"{path} is neither a model directory nor a {GGUF_SUFFIX} file")
@@ -76,26 +87,18 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | str = torch.float
         kwargs, location = {}, str(source)  # a hub id: needs network access
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, output_loading_info=True, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(f"could not load model {source}: {err}") from err
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers would fill them with random values
+        raise ModelLoadError(f"{source} lacks {len(missing)} tensor{'s' if len(missing) > 1 else ''} of its "
+                             f"architecture (e.g. {missing[0]}): they would be random; refusing to load it")
     config = model.config
     if getattr(config, "quantization_config", None) is not None and "gguf_file" in kwargs:
         del config.quantization_config  # the GGUF was dequantized to float; drop the loader's note
     model.eval()
     return model, tokenizer
-
-
-def is_quantized_dir(path: str | os.PathLike) -> bool:
-    """True if ``path/config.json`` declares ``quant_method: quipsharp``."""
-    cfg = Path(path) / CONFIG_FILE
-    if not cfg.is_file():
-        return False
-    try:
-        qc = json.loads(cfg.read_text()).get("quantization_config") or {}
-    except json.JSONDecodeError:
-        return False
-    return qc.get("quant_method") == QUANT_METHOD
 
 
 # --------------------------------------------------------------------------- saving
@@ -154,13 +157,15 @@ def save_quantized(
     }
     if source is not None:
         hf_config["quantization_config"]["source_model"] = source
+    record = QuantizationRecord.from_dict(hf_config["quantization_config"])  # write only what loads
     state, tied = _dedupe_tied(model.state_dict())
+    metadata = {FORMAT_METADATA_KEY: QUANT_METHOD, TIED_METADATA_KEY: json.dumps(tied), **load_metadata(record)}
     with locked(out):
         recover_leftovers(out)
         out = check_output(out, overwrite=overwrite)  # again, under the lock
         tmp = staging_dir(out)
         try:
-            atomic_save_safetensors(state, tmp / WEIGHTS_FILE, {"format": QUANT_METHOD, "tied": json.dumps(tied)})
+            atomic_save_safetensors(state, tmp / WEIGHTS_FILE, metadata)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
             generation_config = getattr(model, "generation_config", None)
@@ -169,6 +174,7 @@ def save_quantized(
             if reports is not None:
                 atomic_write_text(tmp / REPORT_FILE, json.dumps([asdict(r) for r in reports], indent=1))
             atomic_write_text(tmp / CONFIG_FILE, json.dumps(hf_config, indent=2, sort_keys=True, default=str))
+            write_checksums(tmp)
             publish_dir(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -178,24 +184,10 @@ def save_quantized(
 
 # --------------------------------------------------------------------------- loading quantized models
 def read_quantization_config(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(hf_config_dict, quantization_config)`` of a quantized directory, validated."""
-    path = Path(path)
-    cfg_file = path / CONFIG_FILE
-    if not cfg_file.is_file():
-        raise ModelLoadError(f"{path} has no {CONFIG_FILE}: not a quantized model directory")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ModelLoadError(f"{cfg_file} is not valid JSON: {err}") from err
-    qc = raw.get("quantization_config") or {}
-    if qc.get("quant_method") != QUANT_METHOD:
-        raise ModelLoadError(f"{path} is not a quipsharp model (quant_method {qc.get('quant_method')!r})")
-    version = qc.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ModelLoadError(
-            f"{path} has quipsharp format version {version!r}; this quipsharp reads up to {FORMAT_VERSION}: upgrade"
-        )
-    return raw, qc
+    """``(hf_config_dict, quantization_config)`` of a quantized directory, validated
+    (:class:`~quipsharp.format.QuantizationRecord`)."""
+    raw, record = read_record(path)
+    return raw, record.raw
 
 
 def quantized_slot(model: nn.Module, name: str, spec: dict[str, Any], context: str = "",
@@ -224,36 +216,37 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
-    _, qc = read_quantization_config(path)
+    _, record = read_record(path)
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise ModelLoadError(f"{path} has no {WEIGHTS_FILE}")
-    qconfig = ModelQuantConfig.from_dict(qc["config"])
+    tensors, metadata = read_header(weights)
+    check_weights_header(tensors, metadata, record, weights)
     hf_config = AutoConfig.from_pretrained(str(path))
     if hasattr(hf_config, "quantization_config"):
         del hf_config.quantization_config
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(hf_config)
-    for name, spec in qc["modules"].items():
-        module = quantized_slot(model, name, spec, f"{path}: ")
+    for name, spec in record.modules.items():
+        module = quantized_slot(model, name, spec.to_dict(), f"{path}: ")
         out_features, in_features = linear_shape(module)
-        layer_cfg = qconfig.layer.replace(bits=spec["bits"])
-        set_submodule(model, name, QuantizedLinear(in_features, out_features, layer_cfg, bias=spec["bias"],
-                                                   device="meta"))
+        set_submodule(model, name, QuantizedLinear(in_features, out_features, record.layer_config(name),
+                                                   bias=spec.bias, device="meta"))
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as err:
         raise ModelLoadError(f"{weights} is not a readable safetensors file: {err}") from err
     try:
         result = model.load_state_dict(state, strict=False, assign=True)
-    except RuntimeError as err:
-        raise ModelLoadError(f"{weights}: tensors do not fit the model: {err}") from err
+    except (RuntimeError, ValueError) as err:
+        raise ModelLoadError(f"{weights}: tensors do not fit the model: {str(err).splitlines()[0]}") from err
     if result.unexpected_keys:
         raise ModelLoadError(f"{weights}: unexpected tensors {sorted(result.unexpected_keys)[:5]}")
     model.tie_weights()
     still_empty = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if still_empty:
         raise ModelLoadError(f"{weights} is missing tensors: {still_empty[:5]}")
+    check_loaded_model(model, f"{path}: ")
     model.to(device)
     model.eval()
     return model

@@ -42,11 +42,23 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from quipsharp.config import ModelQuantConfig, QuIPSharpConfig
-from quipsharp.hf import FORMAT_VERSION, QUANT_METHOD, ModelLoadError, quantized_slot
+from quipsharp.format import (
+    FORMAT_VERSION,
+    QUANT_METHOD,
+    QUANTIZED_STATE_DTYPE,
+    TIED_METADATA_KEY,
+    ModelLoadError,
+    QuantizationRecord,
+    TensorInfo,
+    check_format_version,
+    check_loaded_model,
+    check_weights_header,
+    read_header,
+)
+from quipsharp.hf import quantized_slot
 from quipsharp.models.walker import linear_shape, set_submodule
 from quipsharp.nn import QuantizedLinear
 
@@ -58,10 +70,6 @@ logger = logging.getLogger(__name__)
 # The transformers module that holds the quantization registry and `register_quantizer`.
 REGISTRY_MODULE = "transformers.quantizers.auto"
 SAFETENSORS_SUFFIX = ".safetensors"
-TIED_METADATA_KEY = "tied"  # safetensors metadata written by quipsharp.hf.save_quantized
-MODULE_SPEC_KEYS = ("bits", "in_features", "out_features", "bias")
-# Dtype of the float state (signs, scale, bias) of a QuantizedLinear, whatever dtype the model loads in.
-QUANTIZED_STATE_DTYPE = torch.float32
 # Attribute of the meta stand-in weight a QuantizedLinear carries while transformers loads the model.
 STAND_IN_WEIGHT = "weight"
 CONFIG_CLASS_NAME = "QuipSharpQuantizationConfig"
@@ -180,23 +188,14 @@ def _publish(*classes: type) -> None:
 
 
 # --------------------------------------------------------------------------- the quantization config
-def check_format_version(version: Any) -> None:
-    """Refuse a ``format_version`` this quipsharp cannot read (the message of ``read_quantization_config``)."""
-    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
-        raise ModelLoadError(
-            f"this model's config.json has quipsharp format version {version!r}; this quipsharp reads up to "
-            f"{FORMAT_VERSION}: upgrade"
-        )
-
-
 def parse_modules(modules: Any) -> dict[str, dict[str, Any]]:
-    """Validate the ``modules`` map of a quantization config: ``{name: {bits, in_features, ...}}``."""
+    """Validate the ``modules`` map of a quantization config (:class:`~quipsharp.format.ModuleSpec`)."""
+    from quipsharp.format import ModuleSpec
+
     if not isinstance(modules, dict) or not modules:
         raise ModelLoadError("the quipsharp quantization_config lists no quantized modules")
     for name, spec in modules.items():
-        missing = [key for key in MODULE_SPEC_KEYS if not isinstance(spec, dict) or key not in spec]
-        if missing:
-            raise ModelLoadError(f"quipsharp quantization_config: module {name!r} lacks {missing}")
+        ModuleSpec.from_dict(name, spec)
     return modules
 
 
@@ -234,7 +233,13 @@ def _make_config_class(base: type) -> type:
             self.modules = copy.deepcopy(parse_modules(modules)) if modules is not None else {}
             self.source_model = source_model
             self.unknown_fields = copy.deepcopy(unknown)
+            if modules is not None:  # the whole record, as every quipsharp loader checks it
+                QuantizationRecord.from_dict(self.to_dict())
             self.model_quant_config()  # refuse an unreadable config now, not halfway through loading
+
+        def record(self) -> QuantizationRecord:
+            """The validated :class:`~quipsharp.format.QuantizationRecord`."""
+            return QuantizationRecord.from_dict(self.to_dict())
 
         def model_quant_config(self) -> ModelQuantConfig:
             """The :class:`~quipsharp.config.ModelQuantConfig` of the run."""
@@ -245,9 +250,7 @@ def _make_config_class(base: type) -> type:
 
         def layer_config(self, name: str) -> QuIPSharpConfig:
             """The config of quantized module ``name``; its recorded bit width wins."""
-            config = self.model_quant_config().layer_config(name)
-            bits = self.modules[name]["bits"]
-            return config if config.bits == bits else config.replace(bits=bits)
+            return self.record().layer_config(name)
 
         def to_dict(self) -> dict[str, Any]:
             """The dictionary stored in ``config.json`` (what :func:`quipsharp.save_quantized` writes)."""
@@ -295,26 +298,26 @@ def model_key(model: nn.Module, name: str) -> str:
     return name
 
 
-def read_checkpoint_index(files: Sequence[str | Path]) -> tuple[set[str], dict[str, str]]:
-    """``(tensor names, {dropped tied name: kept name})`` of safetensors checkpoint files (headers only)."""
-    names: set[str] = set()
+def read_checkpoint_index(files: Sequence[str | Path]) -> tuple[dict[str, TensorInfo], dict[str, str], dict[str, str]]:
+    """``({tensor name: TensorInfo}, {dropped tied name: kept name}, metadata)`` of safetensors
+    checkpoint files (headers only; metadata of the first file that has quipsharp's)."""
+    tensors: dict[str, TensorInfo] = {}
     tied: dict[str, str] = {}
+    metadata: dict[str, str] = {}
     for file in files:
         if not str(file).endswith(SAFETENSORS_SUFFIX):
             continue
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                names.update(handle.keys())
-                metadata = handle.metadata() or {}
-        except (SafetensorError, OSError) as err:
-            raise ModelLoadError(f"{file} is not a readable safetensors file: {err}") from err
-        raw = metadata.get(TIED_METADATA_KEY)
+        names, meta = read_header(file)
+        tensors.update(names)
+        if not metadata and meta.get(TIED_METADATA_KEY) is not None:
+            metadata = meta
+        raw = meta.get(TIED_METADATA_KEY)
         if raw:
             try:
                 tied.update(json_object(raw))
             except ValueError as err:
                 raise ModelLoadError(f"{file}: the {TIED_METADATA_KEY!r} metadata is not a JSON object") from err
-    return names, tied
+    return tensors, tied, metadata
 
 
 def json_object(text: str) -> dict[str, str]:
@@ -349,17 +352,16 @@ def replace_quantized_layers(model: nn.Module, quantization_config: Any) -> dict
     return layers
 
 
-def check_checkpoint_covers(
-    model: nn.Module, layers: dict[str, QuantizedLinear], files: Sequence[str | Path]
-) -> None:
-    """Refuse checkpoints that lack quantized tensors or tie tensors the model does not tie itself.
+def check_checkpoint_covers(model: nn.Module, quantization_config: Any, files: Sequence[str | Path]) -> None:
+    """Refuse checkpoints that lack quantized tensors (or hold them with another dtype or shape), whose
+    saved quantization settings differ from config.json's, or that tie tensors the model does not tie.
 
-    transformers would fill a missing buffer with uninitialised memory, so this is checked up front.
+    transformers would fill a missing buffer with uninitialised memory, so this is checked up front
+    (:func:`quipsharp.format.check_weights_header`, the check :func:`quipsharp.load_quantized` runs).
     """
     if not files or not all(str(f).endswith(SAFETENSORS_SUFFIX) for f in files):
         return
-    names, tied = read_checkpoint_index(files)
-    names = {model_key(model, n) for n in names}
+    tensors, tied, metadata = read_checkpoint_index(files)
     declared = set(getattr(model, "all_tied_weights_keys", {}) or {})
     state = model.state_dict()
     for dropped, kept in tied.items():
@@ -368,10 +370,7 @@ def check_checkpoint_covers(
             raise ModelLoadError(
                 f"{files[0]} stores {dropped} as a copy of {kept}, a tie this model's config does not declare"
             )
-    expected = [f"{name}.{key}" for name, layer in layers.items() for key in layer.state_dict()]
-    missing = [key for key in expected if key not in names]
-    if missing:
-        raise ModelLoadError(f"{files[0]} is missing tensors: {missing[:5]}")
+    check_weights_header(tensors, metadata, quantization_config.record(), files[0])
 
 
 def finish_loaded_layers(model: nn.Module) -> None:
@@ -384,6 +383,7 @@ def finish_loaded_layers(model: nn.Module) -> None:
                 module._check_loaded_codebook()
             except ValueError as err:
                 raise ModelLoadError(f"{name}: {err}") from err
+    check_loaded_model(model)
 
 
 def _make_quantizer_class(base: type, config_cls: type) -> type:
@@ -410,7 +410,7 @@ def _make_quantizer_class(base: type, config_cls: type) -> type:
             self, model: PreTrainedModel, checkpoint_files: Sequence[str] | None = None, **kwargs: Any
         ) -> PreTrainedModel:
             layers = replace_quantized_layers(model, self.quantization_config)
-            check_checkpoint_covers(model, layers, checkpoint_files or [])
+            check_checkpoint_covers(model, self.quantization_config, checkpoint_files or [])
             logger.debug("replaced %d linear layers with QuantizedLinear", len(layers))
             return model
 

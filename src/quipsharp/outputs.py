@@ -134,7 +134,7 @@ def check_output(
         kind: what the output is, for messages.
     """
     if replaceable is None:
-        from quipsharp.hf import is_quantized_dir as replaceable
+        from quipsharp.format import is_quantized_dir as replaceable
 
     path = Path(out).expanduser()
     resolved = path.resolve()

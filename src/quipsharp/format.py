@@ -1,0 +1,449 @@
+"""The quantized model directory, as data, and the checks every loader runs.
+
+One definition serves :func:`quipsharp.load_quantized`, the transformers quantizer
+(:mod:`quipsharp.hf_quantizer`) and ``quipsharp inspect``. A directory (format version 1) holds:
+
+=========================== =============================================================================
+file                        contents
+=========================== =============================================================================
+``config.json``             the model's config plus ``quantization_config``: ``quant_method: "quipsharp"``,
+                            ``format_version``, ``config`` (:class:`~quipsharp.config.ModelQuantConfig`),
+                            ``modules`` (one :class:`ModuleSpec` per quantized linear), ``source_model``
+``model.safetensors``       every tensor; metadata ``format: "quipsharp"``, ``tied`` (JSON ``{dropped:
+                            kept}``: tensors stored once and re-tied on load) and ``quantization_config``
+                            (a copy of config.json's, compared at load: a changed config is refused)
+``quipsharp_report.json``   per-layer proxy loss and time (optional)
+``quipsharp_checksums.json`` size and SHA-256 of every other file (optional; ``inspect --verify``)
+tokenizer, generation config as transformers writes them
+=========================== =============================================================================
+
+Per quantized module ``NAME`` (:meth:`ModuleSpec.schema`): ``NAME.codes`` uint8 ``[m, n/8·code_bytes]``,
+``NAME.su`` float32 ``[n]``, ``NAME.sv`` float32 ``[m]``, ``NAME.wscale`` float32 ``[]``,
+``NAME.codebook_id`` int64 ``[]`` and, with a bias, ``NAME.bias`` float32 ``[m]``.
+
+Tie policy: a tensor that shares storage with one saved earlier is dropped and named in ``tied``;
+a loader re-ties it, and refuses a tie the model's own config does not declare.
+
+Checks at every load (cheap): the safetensors header is complete (its size matches the file),
+every quantized module's tensors exist with the schema's dtype and shape, the codebook id matches the
+config, config.json's quantization settings equal those saved with the weights, and after loading
+every scale, sign, bias, norm and embedding is finite (and every scale positive).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quipsharp.codebooks import codebook_id, get_codebook
+from quipsharp.config import CODEBOOK_DIM, SUPPORTED_BITS, ModelQuantConfig, QuIPSharpConfig
+from quipsharp.errors import QuipSharpError
+
+QUANT_METHOD = "quipsharp"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+REPORT_FILE = "quipsharp_report.json"
+CHECKSUMS_FILE = "quipsharp_checksums.json"
+FORMAT_METADATA_KEY = "format"
+TIED_METADATA_KEY = "tied"
+QCONFIG_METADATA_KEY = "quantization_config"
+#: Fields of ``quantization_config`` that decide how the weights are read (compared with the copy
+#: saved in the weights' metadata; ``source_model`` is a record only).
+LOAD_FIELDS = ("quant_method", "format_version", "config", "modules")
+#: dtype of the float state (signs, scale, bias) of a quantized module.
+QUANTIZED_STATE_DTYPE = torch.float32
+SAFETENSORS_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+                      "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+                      "F64": torch.float64, "BOOL": torch.bool}
+HEADER_LENGTH_BYTES = 8
+MAX_HEADER_BYTES = 100 * 2**20
+HASH_CHUNK = 16 * 2**20
+
+
+class ModelLoadError(QuipSharpError, ValueError):
+    """A model or quantized directory cannot be loaded; the message names the problem."""
+
+
+# --------------------------------------------------------------------------- the quantization config
+@dataclass(frozen=True)
+class ModuleSpec:
+    """One quantized linear as ``config.json`` records it."""
+
+    bits: int
+    codebook: str
+    in_features: int
+    out_features: int
+    bias: bool
+
+    @classmethod
+    def from_dict(cls, name: str, data: Any) -> ModuleSpec:
+        """Validate an entry of the ``modules`` map (:class:`ModelLoadError` naming the field)."""
+        if not isinstance(data, dict):
+            raise ModelLoadError(f"quantization_config: module {name!r} is not an object")
+        missing = [k for k in ("bits", "in_features", "out_features", "bias") if k not in data]
+        if missing:
+            raise ModelLoadError(f"quantization_config: module {name!r} lacks {missing}")
+        bits, n, m, bias = data["bits"], data["in_features"], data["out_features"], data["bias"]
+        if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+            raise ModelLoadError(f"quantization_config: module {name!r} has bits {bits!r}, not one of {SUPPORTED_BITS}")
+        for key, value in (("in_features", n), ("out_features", m)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ModelLoadError(f"quantization_config: module {name!r} has {key} {value!r}")
+        if n % CODEBOOK_DIM:
+            raise ModelLoadError(f"quantization_config: module {name!r} has in_features {n}, not a multiple of "
+                                 f"{CODEBOOK_DIM}")
+        if not isinstance(bias, bool):
+            raise ModelLoadError(f"quantization_config: module {name!r} has bias {bias!r}, not true/false")
+        codebook = data.get("codebook")
+        if codebook is not None:
+            try:
+                codebook_id(codebook)
+            except ValueError as err:
+                raise ModelLoadError(f"quantization_config: module {name!r}: {err}") from None
+        return cls(bits, codebook, n, m, bias)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bits": self.bits, "codebook": self.codebook, "in_features": self.in_features,
+                "out_features": self.out_features, "bias": self.bias}
+
+    def schema(self, layer_config: QuIPSharpConfig) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """``{buffer name: (dtype, shape)}`` of this module's tensors under ``layer_config``."""
+        code_bytes = get_codebook(layer_config.codebook_name).code_bytes
+        out = {
+            "codes": (torch.uint8, (self.out_features, self.in_features // CODEBOOK_DIM * code_bytes)),
+            "su": (QUANTIZED_STATE_DTYPE, (self.in_features,)),
+            "sv": (QUANTIZED_STATE_DTYPE, (self.out_features,)),
+            "wscale": (QUANTIZED_STATE_DTYPE, ()),
+            "codebook_id": (torch.int64, ()),
+        }
+        if self.bias:
+            out["bias"] = (QUANTIZED_STATE_DTYPE, (self.out_features,))
+        return out
+
+
+@dataclass(frozen=True)
+class QuantizationRecord:
+    """The ``quantization_config`` of a quipsharp directory, validated."""
+
+    format_version: int
+    config: ModelQuantConfig
+    modules: dict[str, ModuleSpec]
+    source_model: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_dict(cls, qc: Any, where: str = "") -> QuantizationRecord:
+        """Validate a ``quantization_config`` dict; ``where`` prefixes messages (e.g. a path)."""
+        if not isinstance(qc, dict) or not qc:
+            raise ModelLoadError(f"{where}config.json has no quantization_config: not a quipsharp model")
+        if qc.get("quant_method") != QUANT_METHOD:
+            raise ModelLoadError(f"{where}not a quipsharp model (quant_method {qc.get('quant_method')!r})")
+        check_format_version(qc.get("format_version"), where)
+        try:
+            config = ModelQuantConfig.from_dict(qc.get("config", {}))
+        except (ValueError, TypeError, AttributeError) as err:
+            raise ModelLoadError(f"{where}the quipsharp quantization config is not readable: {err}") from err
+        modules = qc.get("modules")
+        if not isinstance(modules, dict) or not modules:
+            raise ModelLoadError(f"{where}the quipsharp quantization_config lists no quantized modules")
+        specs = {name: ModuleSpec.from_dict(name, spec) for name, spec in modules.items()}
+        record = cls(qc["format_version"], config, specs, qc.get("source_model"), copy.deepcopy(qc))
+        for name, spec in specs.items():
+            layer = record.layer_config(name)
+            if spec.codebook is not None and spec.codebook != layer.codebook_name:
+                raise ModelLoadError(f"{where}module {name!r} is recorded with codebook {spec.codebook} but the "
+                                     f"config selects {layer.codebook_name}")
+        return record
+
+    def layer_config(self, name: str) -> QuIPSharpConfig:
+        """The config of quantized module ``name``; its recorded bit width wins."""
+        config = self.config.layer_config(name)
+        bits = self.modules[name].bits
+        return config if config.bits == bits else config.replace(bits=bits)
+
+    def schema(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """``{tensor name: (dtype, shape)}`` of every quantized module's tensors."""
+        return {f"{name}.{key}": value for name, spec in self.modules.items()
+                for key, value in spec.schema(self.layer_config(name)).items()}
+
+
+def check_format_version(version: Any, where: str = "") -> None:
+    """Refuse a ``format_version`` this quipsharp cannot read."""
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1 or version > FORMAT_VERSION:
+        raise ModelLoadError(
+            f"{where}this model's config.json has quipsharp format version {version!r}; this quipsharp reads up "
+            f"to {FORMAT_VERSION}: upgrade quipsharp"
+        )
+
+
+def read_config(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(config.json as a dict, its quantization_config)`` of a directory claiming to be quipsharp's;
+    refuses a missing or foreign quantization_config."""
+    path = Path(path)
+    cfg_file = path / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise ModelLoadError(f"{path} has no {CONFIG_FILE}: not a quantized model directory")
+    try:
+        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"{cfg_file} is not valid JSON: {err}") from err
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{cfg_file} is not a JSON object")
+    qc = raw.get("quantization_config")
+    if not qc:
+        hint = " but model.safetensors holds quipsharp weights (config.json damaged?)" if is_quipsharp_weights(
+            path / WEIGHTS_FILE) else ""
+        raise ModelLoadError(f"{path}: config.json has no quantization_config{hint}: not a quipsharp model")
+    return raw, qc
+
+
+def read_record(path: str | os.PathLike) -> tuple[dict[str, Any], QuantizationRecord]:
+    """``(config.json as a dict, its validated QuantizationRecord)``."""
+    raw, qc = read_config(path)
+    return raw, QuantizationRecord.from_dict(qc, f"{path}: ")
+
+
+def is_quantized_dir(path: str | os.PathLike) -> bool:
+    """True if ``path/config.json`` declares ``quant_method: quipsharp``."""
+    cfg = Path(path) / CONFIG_FILE
+    if not cfg.is_file():
+        return False
+    try:
+        qc = json.loads(cfg.read_text(encoding="utf-8")).get("quantization_config") or {}
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
+
+
+# --------------------------------------------------------------------------- safetensors headers
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: torch.dtype | None  # None: a dtype torch has no name for here
+    shape: tuple[int, ...]
+
+
+def read_header(file: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """``({name: TensorInfo}, metadata)`` of a safetensors file, read from its header alone.
+
+    Refuses (:class:`ModelLoadError`) a file that is not safetensors or whose data are truncated or
+    overlap (the header's offsets must tile the data exactly)."""
+    file = Path(file)
+    try:
+        size = file.stat().st_size
+        with file.open("rb") as handle:
+            head = handle.read(HEADER_LENGTH_BYTES)
+            if len(head) < HEADER_LENGTH_BYTES:
+                raise ModelLoadError(f"{file} is not a safetensors file (only {len(head)} bytes)")
+            (length,) = struct.unpack("<Q", head)
+            if length > min(MAX_HEADER_BYTES, size - HEADER_LENGTH_BYTES):
+                raise ModelLoadError(f"{file} is not a safetensors file or is truncated (header of {length} bytes)")
+            header = json.loads(handle.read(length))
+    except OSError as err:
+        raise ModelLoadError(f"cannot read {file}: {err.strerror or err}") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"{file} is not a safetensors file (header is not JSON: {err})") from err
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{file} is not a safetensors file (header is not an object)")
+    metadata = header.pop("__metadata__", None) or {}
+    tensors, spans = {}, []
+    for name, info in header.items():
+        try:
+            dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+            shape = tuple(int(d) for d in info["shape"])
+            start, end = (int(v) for v in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ModelLoadError(f"{file}: malformed header entry for {name!r}") from err
+        tensors[name] = TensorInfo(dtype, shape)
+        spans.append((start, end))
+    data_bytes = size - HEADER_LENGTH_BYTES - length
+    covered = 0
+    for start, end in sorted(spans):
+        if start != covered or end < start:
+            raise ModelLoadError(f"{file} is damaged (tensor data overlap or leave a gap at byte {covered})")
+        covered = end
+    if covered != data_bytes:
+        state = "truncated" if covered > data_bytes else "longer than its header says"
+        raise ModelLoadError(f"{file} is {state}: its header describes {covered} data bytes, the file holds "
+                             f"{data_bytes}")
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+def is_quipsharp_weights(file: str | os.PathLike) -> bool:
+    """Whether a safetensors file was written by :func:`quipsharp.save_quantized`."""
+    try:
+        return read_header(file)[1].get(FORMAT_METADATA_KEY) == QUANT_METHOD
+    except (ModelLoadError, FileNotFoundError):
+        return False
+
+
+def check_weights_header(tensors: dict[str, TensorInfo], metadata: dict[str, str], record: QuantizationRecord,
+                         file: str | os.PathLike, key: Any = None) -> None:
+    """Check a weights file's header against the quantization record.
+
+    Every quantized module's tensors must exist with the schema's dtype and shape, and the
+    quantization settings saved with the weights (if any) must equal config.json's. ``key`` maps a
+    saved tensor name to the name looked up (for loaders that strip a prefix)."""
+    _check_saved_settings(metadata.get(QCONFIG_METADATA_KEY), record, file)
+    key = key or (lambda name: name)
+    missing, wrong = [], []
+    for name, (dtype, shape) in record.schema().items():
+        info = tensors.get(key(name))
+        if info is None:
+            missing.append(name)
+        elif info.dtype != dtype or info.shape != shape:
+            found = str(info.dtype).removeprefix("torch.") if info.dtype is not None else "unknown dtype"
+            wrong.append(f"{name} is {found} {list(info.shape)}, expected {str(dtype).removeprefix('torch.')} "
+                         f"{list(shape)}")
+    if missing:
+        raise ModelLoadError(f"{file} is missing tensors: {missing[:5]}")
+    if wrong:
+        raise ModelLoadError(f"{file}: {wrong[0]}" + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""))
+
+
+def _check_saved_settings(saved: str | None, record: QuantizationRecord, file: str | os.PathLike) -> None:
+    """Config.json's quantization settings must equal those saved with the weights (when there are)."""
+    if saved is None:  # written by transformers' save_pretrained or an older quipsharp: nothing to compare
+        return
+    try:
+        saved_qc = json.loads(saved)
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(f"{file}: the saved quantization settings are not JSON ({err})") from err
+    differences = _differences({k: saved_qc.get(k) for k in LOAD_FIELDS}, {k: record.raw.get(k) for k in LOAD_FIELDS})
+    if differences:
+        raise ModelLoadError(f"config.json's quantization_config differs from the one saved with the weights "
+                             f"({differences[0]}): the config was edited or belongs to other weights")
+
+
+def _differences(saved: Any, now: Any, path: str = "") -> list[str]:
+    """Where two JSON values differ, as ``path: saved X, config.json Y`` lines."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        out = []
+        for k in sorted(set(saved) | set(now)):
+            out += _differences(saved.get(k), now.get(k), f"{path}.{k}" if path else k)
+        return out
+    if saved != now:
+        return [f"{path}: saved {json.dumps(saved)}, config.json {json.dumps(now)}"]
+    return []
+
+
+def load_metadata(record: QuantizationRecord) -> dict[str, str]:
+    """The metadata :func:`quipsharp.save_quantized` writes into the weights file."""
+    return {QCONFIG_METADATA_KEY: json.dumps({k: record.raw.get(k) for k in LOAD_FIELDS}, sort_keys=True)}
+
+
+# --------------------------------------------------------------------------- after loading
+def check_loaded_model(model: nn.Module, where: str = "") -> None:
+    """Refuse a loaded model whose float state is not finite or whose scales are not positive.
+
+    Runs at every load: a flipped bit in a scale or a NaN in an embedding row would otherwise give
+    NaN logits or silent garbage. Cost: one pass over the float tensors."""
+    from quipsharp.nn import QuantizedLinear
+
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLinear):
+            scale = float(module.wscale)
+            if not (scale > 0 and scale < float("inf")):
+                raise ModelLoadError(f"{where}{name}.wscale is {scale}: the weights are damaged")
+    quantized_state = {id(t) for m in model.modules() if isinstance(m, QuantizedLinear) for t in m.buffers()}
+    float_dtypes: dict[torch.dtype, str] = {}
+    seen: set[int] = set()
+    for tname, t in model.named_parameters():  # (buffers such as RoPE tables keep float32 in any model)
+        if t.is_floating_point() and id(t) not in quantized_state:
+            float_dtypes.setdefault(t.dtype, tname)
+        if t is None or not t.is_floating_point() or t.is_meta or id(t) in seen:
+            continue
+        seen.add(id(t))
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise ModelLoadError(f"{where}{tname} holds {bad} non-finite value{'s' if bad > 1 else ''}: "
+                                 "the weights are damaged")
+    if len(float_dtypes) > 1:  # one dtype for the tensors left in float (quantize --dtype): mixed is damage
+        (d1, n1), (d2, n2) = list(float_dtypes.items())[:2]
+        raise ModelLoadError(f"{where}{n2} is {str(d2).removeprefix('torch.')} but {n1} is "
+                             f"{str(d1).removeprefix('torch.')}: the weights were altered after saving")
+
+
+# --------------------------------------------------------------------------- inspect
+def check_dir(path: str | os.PathLike, verify: bool = False) -> tuple[dict[str, Any], QuantizationRecord, list[str]]:
+    """``(config.json dict, record, problems)`` of a quantized directory.
+
+    Always: the config is readable and consistent and the weights header matches it (structure,
+    sizes, dtypes, shapes, saved settings). With ``verify``: every file against its recorded
+    checksum, and every stored float tensor finite (every ``wscale`` positive), read tensor by tensor.
+    Unreadable config raises :class:`ModelLoadError`; anything else found is a line in ``problems``."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    raw, record = read_record(path)
+    problems = []
+    weights = path / WEIGHTS_FILE
+    try:
+        tensors, metadata = read_header(weights)
+        check_weights_header(tensors, metadata, record, weights)
+    except (ModelLoadError, FileNotFoundError) as err:
+        problems.append(str(err))
+    if verify:
+        problems += verify_checksums(path) or []  # None: no checksums recorded (saved by transformers)
+        if not problems:
+            with safe_open(str(weights), framework="pt") as handle:
+                for name in handle.keys():
+                    t = handle.get_tensor(name)
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        problems.append(f"{name} holds non-finite values")
+                    elif name.endswith(".wscale") and not float(t) > 0:
+                        problems.append(f"{name} is {float(t)}, not a positive scale")
+    return raw, record, problems
+
+
+# --------------------------------------------------------------------------- checksums
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checksums(directory: Path) -> None:
+    """Record the size and SHA-256 of every file in ``directory`` (not in subfolders) in
+    :data:`CHECKSUMS_FILE`."""
+    from quipsharp.io import atomic_write_text
+
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+             for p in sorted(directory.iterdir()) if p.is_file() and p.name != CHECKSUMS_FILE}
+    atomic_write_text(directory / CHECKSUMS_FILE, json.dumps({"files": files}, indent=1, sort_keys=True))
+
+
+def verify_checksums(directory: Path, full: bool = True) -> list[str] | None:
+    """Problems found comparing ``directory`` with its recorded checksums (empty: all match; None: no
+    checksums recorded, as in a directory written by transformers' ``save_pretrained``).
+
+    ``full=False`` compares sizes only (cheap); ``True`` also hashes every file."""
+    manifest = directory / CHECKSUMS_FILE
+    if not manifest.is_file():
+        return None
+    try:
+        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        return [f"{manifest} is damaged"]
+    problems = []
+    for name, want in sorted(files.items()):
+        path = directory / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != want.get("bytes"):
+            problems.append(f"{name} has {path.stat().st_size} bytes, {want.get('bytes')} were saved")
+        elif full and file_sha256(path) != want.get("sha256"):
+            problems.append(f"{name} differs from what was saved (SHA-256 mismatch)")
+    return problems
