@@ -52,11 +52,15 @@ def edit_config(path: Path, change) -> None:
     (path / CONFIG_FILE).write_text(json.dumps(cfg))
 
 
-def edit_tensors(path: Path, change) -> None:
+def edit_tensors(path: Path, change, keep_checksums: bool = False) -> None:
+    """Change tensors of a saved directory. Unless ``keep_checksums``, its checksums are dropped too (as
+    in a directory written by transformers), so what is tested is the check behind the checksum."""
     with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
         metadata, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     change(state)
     save_file(state, str(path / WEIGHTS_FILE), metadata=metadata)
+    if not keep_checksums:
+        (path / CHECKSUMS_FILE).unlink()
 
 
 def loaders(path: Path):
@@ -94,9 +98,10 @@ def test_a_bit_flip_in_a_scale_is_refused(saved, tmp_path, capsys):
         bits = state[f"{LAYER}.wscale"].view(torch.int32)
         state[f"{LAYER}.wscale"] = (bits ^ (1 << 30)).view(torch.float32)
 
-    edit_tensors(path, flip)
+    edit_tensors(path, flip, keep_checksums=True)
     assert main(["inspect", str(path), "--verify"]) == 2
     assert "differs from what was saved (SHA-256 mismatch)" in capsys.readouterr().err
+    refused_by_all(path, "differs from what was saved \\(checksum mismatch\\)")
 
     def nan(state):
         state[f"{LAYER}.wscale"] = torch.tensor(float("nan"))

@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from quipsharp import faults
 from quipsharp.config import FinetuneConfig
 from quipsharp.errors import NumericalError
 from quipsharp.models.walker import BlockCall, block_output
@@ -191,6 +192,7 @@ def _epochs(report: FinetuneReport, trainable: list[torch.Tensor], best: list[to
             on_epoch: Callable[[FinetuneReport], None] | None) -> None:
     """The epochs of :func:`_train`; ``best`` is updated in place whenever the held-out loss improves."""
     for epoch in range(1, epochs + 1):
+        faults.point("finetune:epoch")
         order = torch.randperm(len(train_batches), generator=generator).tolist()
         optimizer.zero_grad(set_to_none=True)
         for step, index in enumerate(order, start=1):

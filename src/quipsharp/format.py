@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
 import struct
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ from quipsharp.codebooks import codebook_id, get_codebook
 from quipsharp.config import CODEBOOK_DIM, SUPPORTED_BITS, ModelQuantConfig, QuIPSharpConfig
 from quipsharp.errors import QuipSharpError
 
+logger = logging.getLogger(__name__)
+
 QUANT_METHOD = "quipsharp"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -57,6 +60,10 @@ CHECKSUMS_FILE = "quipsharp_checksums.json"
 FORMAT_METADATA_KEY = "format"
 TIED_METADATA_KEY = "tied"
 QCONFIG_METADATA_KEY = "quantization_config"
+MODEL_CONFIG_METADATA_KEY = "model_config"
+#: config.json keys that change without changing the model (who wrote the file, how it loads).
+VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "quantization_config",
+                        "architectures", "use_cache", "output_attentions", "output_hidden_states", "return_dict")
 #: Fields of ``quantization_config`` that decide how the weights are read (compared with the copy
 #: saved in the weights' metadata; ``source_model`` is a record only).
 LOAD_FIELDS = ("quant_method", "format_version", "config", "modules")
@@ -336,9 +343,40 @@ def _differences(saved: Any, now: Any, path: str = "") -> list[str]:
     return []
 
 
-def load_metadata(record: QuantizationRecord) -> dict[str, str]:
-    """The metadata :func:`quipsharp.save_quantized` writes into the weights file."""
-    return {QCONFIG_METADATA_KEY: json.dumps({k: record.raw.get(k) for k in LOAD_FIELDS}, sort_keys=True)}
+def load_metadata(record: QuantizationRecord, model_config: dict[str, Any] | None = None) -> dict[str, str]:
+    """The metadata :func:`quipsharp.save_quantized` writes into the weights file: the quantization
+    settings (an edit is refused at load) and the model's config (an edit is reported)."""
+    out = {QCONFIG_METADATA_KEY: json.dumps({k: record.raw.get(k) for k in LOAD_FIELDS}, sort_keys=True)}
+    if model_config is not None:
+        kept = {k: v for k, v in model_config.items() if k not in VOLATILE_CONFIG_KEYS}
+        out[MODEL_CONFIG_METADATA_KEY] = json.dumps(kept, sort_keys=True, default=str)
+    return out
+
+
+def model_config_changes(metadata: dict[str, str], config: dict[str, Any]) -> list[str]:
+    """How ``config`` (config.json, or a loaded model's config) differs from the model config saved
+    with the weights, field by field; keys a reader adds or drops are ignored."""
+    saved = metadata.get(MODEL_CONFIG_METADATA_KEY)
+    if saved is None:
+        return []
+    try:
+        saved_config = json.loads(saved)
+    except json.JSONDecodeError:
+        return ["the model config saved with the weights is not JSON"]
+    now = json.loads(json.dumps(config, default=str))
+    return [line for key in sorted(saved_config) if key in now
+            for line in _differences(saved_config[key], now[key], key)]
+
+
+def warn_model_config_changes(metadata: dict[str, str], config: dict[str, Any], where: str = "") -> list[str]:
+    """Log a warning naming how the model config differs from the one saved with the weights (an
+    edit such as a longer RoPE scaling may be deliberate, so it is reported, not refused)."""
+    changes = model_config_changes(metadata, config)
+    if changes:
+        more = f" and {len(changes) - 1} more" if len(changes) > 1 else ""
+        logger.warning("%sconfig.json differs from the model config saved with the weights (%s%s): the model may "
+                       "not behave as it did when quantized", where, changes[0], more)
+    return changes
 
 
 # --------------------------------------------------------------------------- after loading
@@ -423,6 +461,22 @@ def write_checksums(directory: Path) -> None:
     files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
              for p in sorted(directory.iterdir()) if p.is_file() and p.name != CHECKSUMS_FILE}
     atomic_write_text(directory / CHECKSUMS_FILE, json.dumps({"files": files}, indent=1, sort_keys=True))
+
+
+def check_weights_checksum(directory: Path, name: str = WEIGHTS_FILE) -> None:
+    """Refuse a weights file whose bytes differ from those saved (every load runs this: one read of
+    the file at SHA-256 speed, ~2 GB/s here). Other files, which users may edit on purpose (a chat
+    template), are checked by ``inspect --verify``; a directory without checksums passes."""
+    manifest = directory / CHECKSUMS_FILE
+    if not manifest.is_file():
+        return
+    try:
+        want = json.loads(manifest.read_text(encoding="utf-8"))["files"][name]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise ModelLoadError(f"{manifest} is damaged or does not list {name}") from None
+    path = directory / name
+    if path.stat().st_size != want.get("bytes") or file_sha256(path) != want.get("sha256"):
+        raise ModelLoadError(f"{path} differs from what was saved (checksum mismatch): the file is damaged")
 
 
 def verify_checksums(directory: Path, full: bool = True) -> list[str] | None:

@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from quipsharp import faults
 from quipsharp.config import ModelQuantConfig
 from quipsharp.format import (  # also re-exports the format's names from where they always were
     CONFIG_FILE,
@@ -42,12 +43,14 @@ from quipsharp.format import (  # also re-exports the format's names from where 
     ModelLoadError,
     QuantizationRecord,
     check_loaded_model,
+    check_weights_checksum,
     check_weights_header,
     is_quantized_dir,
     is_quipsharp_weights,
     load_metadata,
     read_header,
     read_record,
+    warn_model_config_changes,
     write_checksums,
 )
 from quipsharp.io import atomic_save_safetensors, atomic_write_text
@@ -88,7 +91,7 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | str = torch.float
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
         model, info = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, output_loading_info=True, **kwargs)
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as err:
         raise ModelLoadError(f"could not load model {source}: {err}") from err
     missing = sorted(info.get("missing_keys") or [])
     if missing:  # transformers would fill them with random values
@@ -159,7 +162,8 @@ def save_quantized(
         hf_config["quantization_config"]["source_model"] = source
     record = QuantizationRecord.from_dict(hf_config["quantization_config"])  # write only what loads
     state, tied = _dedupe_tied(model.state_dict())
-    metadata = {FORMAT_METADATA_KEY: QUANT_METHOD, TIED_METADATA_KEY: json.dumps(tied), **load_metadata(record)}
+    metadata = {FORMAT_METADATA_KEY: QUANT_METHOD, TIED_METADATA_KEY: json.dumps(tied),
+                **load_metadata(record, {k: v for k, v in hf_config.items() if k != "quantization_config"})}
     with locked(out):
         recover_leftovers(out)
         out = check_output(out, overwrite=overwrite)  # again, under the lock
@@ -175,6 +179,7 @@ def save_quantized(
                 atomic_write_text(tmp / REPORT_FILE, json.dumps([asdict(r) for r in reports], indent=1))
             atomic_write_text(tmp / CONFIG_FILE, json.dumps(hf_config, indent=2, sort_keys=True, default=str))
             write_checksums(tmp)
+            faults.point("save:staged")
             publish_dir(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -216,17 +221,23 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
-    _, record = read_record(path)
+    raw, record = read_record(path)
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise ModelLoadError(f"{path} has no {WEIGHTS_FILE}")
     tensors, metadata = read_header(weights)
     check_weights_header(tensors, metadata, record, weights)
-    hf_config = AutoConfig.from_pretrained(str(path))
-    if hasattr(hf_config, "quantization_config"):
-        del hf_config.quantization_config
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(hf_config)
+    check_weights_checksum(path)
+    warn_model_config_changes(metadata, raw, f"{path}: ")
+    try:  # transformers' own config errors are of many types; each is a damaged config.json here
+        hf_config = AutoConfig.from_pretrained(str(path))
+        if hasattr(hf_config, "quantization_config"):
+            del hf_config.quantization_config
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(hf_config)
+    except Exception as err:  # transformers raises many unrelated types for a bad config
+        raise ModelLoadError(f"{path}: config.json does not describe a model transformers can build: "
+                             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
     for name, spec in record.modules.items():
         module = quantized_slot(model, name, spec.to_dict(), f"{path}: ")
         out_features, in_features = linear_shape(module)

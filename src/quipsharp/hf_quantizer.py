@@ -55,8 +55,10 @@ from quipsharp.format import (
     TensorInfo,
     check_format_version,
     check_loaded_model,
+    check_weights_checksum,
     check_weights_header,
     read_header,
+    warn_model_config_changes,
 )
 from quipsharp.hf import quantized_slot
 from quipsharp.models.walker import linear_shape, set_submodule
@@ -371,6 +373,9 @@ def check_checkpoint_covers(model: nn.Module, quantization_config: Any, files: S
                 f"{files[0]} stores {dropped} as a copy of {kept}, a tie this model's config does not declare"
             )
     check_weights_header(tensors, metadata, quantization_config.record(), files[0])
+    for file in files:
+        check_weights_checksum(Path(file).parent, Path(file).name)
+    warn_model_config_changes(metadata, model.config.to_dict(), f"{Path(files[0]).parent}: ")
 
 
 def finish_loaded_layers(model: nn.Module) -> None:

@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from quipsharp import faults
 from quipsharp.hessian import HessianAccumulator
 from quipsharp.outputs import normal_file_mode
 
@@ -33,6 +34,7 @@ def _atomic_target(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield Path(tmp)
         normal_file_mode(tmp)
+        faults.point("atomic-write:before-rename")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -39,6 +39,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from quipsharp import faults
 from quipsharp.errors import QuipSharpError
 
 logger = logging.getLogger(__name__)
@@ -258,6 +259,7 @@ def publish_dir(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)  # rename(2) replaces an empty directory atomically
         return
     if _rename_exchange(tmp, out):
+        faults.point("publish:swapped")
         shutil.rmtree(tmp)  # now holds the old output
         return
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING_INFIX}", dir=out.parent))

@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from quipsharp import faults
 from quipsharp.config import CODEBOOK_DIM, ModelQuantConfig, QuIPSharpConfig
 from quipsharp.finetune import finetune_block
 from quipsharp.hessian import HessianAccumulator
@@ -461,8 +462,10 @@ def _quantize_blocks(model: nn.Module, config: ModelQuantConfig, calibration: to
             names = called
             stream = outputs if original else run_block(block, stream, calls[i])
         reports.extend(block_reports)
+        faults.point("block:quantized")
         if work is not None:
             _save_block(work, i, block, names, block_reports, done, fingerprint)
+            faults.point("block:saved")
         if delay:
             time.sleep(delay)
     return model, reports

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from quipsharp import faults
 from quipsharp.config import FinetuneConfig, ModelQuantConfig
 from quipsharp.errors import QuipSharpError
 from quipsharp.outputs import WorkDir, check_output, locked
@@ -166,6 +167,7 @@ def quantize_to_dir(
             untuned = dataclasses.replace(config, finetune=config.finetune.replace(
                 mode="block" if config.finetune.block else "none"))
             save_quantized(model, out, tokenizer, untuned, reports, overwrite=replace, source=source)
+            faults.point("e2e:saved-untuned")
             WorkDir(work, resume=True).cleanup()
             replace = True  # from here on `out` holds this job's own output
             try:
@@ -175,6 +177,7 @@ def quantize_to_dir(
                               f"(retry with `quipsharp finetune {out} --calib FILE --out DIR`)")
                 raise
         save_quantized(model, out, tokenizer, config, reports, overwrite=replace, source=source)
+        faults.point("quantize:saved")
         WorkDir(work, resume=True).cleanup()
     return JobResult(out, model, reports, time.perf_counter() - start)
 
