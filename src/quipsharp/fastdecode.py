@@ -250,7 +250,8 @@ class _RopeTable:
         return cos[start:end, None], ssin[start:end, None], self.perm
 
 
-def _rope_tables(inv_freq: torch.Tensor, scaling: float, max_len: int, head_dim: int) -> tuple[torch.Tensor, ...]:
+def _rope_tables(inv_freq: torch.Tensor, scaling: float, max_len: int,
+                 head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(cos, ssin)`` ``[max_len, head_dim]`` from ``inv_freq`` ``[rotary_dim / 2]`` as transformers computes them."""
     freqs = torch.arange(max_len)[:, None].float() * inv_freq.float()
     emb = torch.cat((freqs, freqs), dim=-1)
@@ -265,6 +266,8 @@ def _rope_tables(inv_freq: torch.Tensor, scaling: float, max_len: int, head_dim:
 
 def _rope_table(rotary: nn.Module, config: object, layer_type: str | None, max_len: int,
                 head_dim: int) -> _RopeTable:
+    """The tables of the rotary module's frequencies for ``layer_type`` (None: its only set), read
+    from the values it was built with (``original_inv_freq``: a dynamic RoPE may have grown its own)."""
     prefix = "" if layer_type is None else f"{layer_type}_"
     inv_freq = getattr(rotary, f"{prefix}original_inv_freq", None)
     if inv_freq is None:
