@@ -34,10 +34,15 @@ def tiny_config(arch: str):
         return tf.MistralConfig(**common)
     if arch == "qwen2":
         return tf.Qwen2Config(**common)
+    if arch == "qwen3":
+        return tf.Qwen3Config(**common, head_dim=HIDDEN // HEADS)
+    if arch == "gemma":
+        return tf.GemmaConfig(**common, head_dim=16)
     if arch == "gemma2":
         return tf.Gemma2Config(**common, head_dim=16, sliding_window=8)
-    if arch == "gemma3":
-        return tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=8)
+    if arch == "gemma3":  # one local layer (window 8, RoPE base 10k) and one global layer (base 1M)
+        return tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=8,
+                                   layer_types=["sliding_attention", "full_attention"])
     if arch == "phi3":
         return tf.Phi3Config(**common)
     if arch == "gpt2":

@@ -80,11 +80,11 @@ def benchmark_generation(
 ) -> dict[str, Any]:
     """Time prefill and decode of ``model`` at batch 1.
 
-    ``engine``: ``"lean"`` runs :class:`quipsharp.fastdecode.LeanDecoder` (Llama/Mistral/Qwen2),
-    ``"transformers"`` ``model.generate``, ``"auto"`` the lean loop when the model is supported and no
-    ``cache`` is asked for. ``cache``: a transformers ``cache_implementation`` for ``model.generate``
-    (e.g. ``"static"``); default the model's own (dynamic) cache. ``head_dtype``: the lean loop's LM
-    head dtype (default the model's).
+    ``engine``: ``"lean"`` runs :class:`quipsharp.fastdecode.LeanDecoder` (the families of
+    :mod:`quipsharp.models.families`), ``"transformers"`` ``model.generate``, ``"auto"`` the lean loop
+    when the model is supported and no ``cache`` is asked for. ``cache``: a transformers
+    ``cache_implementation`` for ``model.generate`` (e.g. ``"static"``); default the model's own
+    (dynamic) cache. ``head_dtype``: the lean loop's LM head dtype (default the model's).
 
     Returns:
         ``{"decode_tok_s", "prefill_tok_s", "threads", "peak_rss_mb", "prompt_tokens", "new_tokens",

@@ -1,4 +1,4 @@
-"""A lean batch-1 decoding loop for Llama-family causal LMs (Llama, SmolLM2, Mistral, Qwen2).
+"""A lean batch-1 decoding loop for decoder-only causal LMs: Llama/SmolLM2, Mistral, Qwen2/3, Phi-3, Gemma 1/2/3.
 
 For a 135M model the quantized layers are a minority of the time per token under
 ``model.generate``: transformers' per-token machinery (cache objects, masks, rotary recomputation,
@@ -8,12 +8,17 @@ model's own weights and modules but runs decoding as a flat sequence of tensor o
 * a static KV cache ``[layers, kv_heads, max_len, head_dim]`` and rotary tables built once;
 * every quantized linear bound once to its native call (:class:`quipsharp.kernels.BoundLinear`),
   q/k/v and gate/up writing into slices of one buffer, the residual additions of ``o_proj`` and
-  ``down_proj`` fused into their calls;
+  ``down_proj`` fused into their calls (when no norm sits between them, i.e. not in Gemma-2/3);
 * optionally a bfloat16 or int8 copy of the LM head (half or a quarter of the bytes of its float32
   GEMV, the largest single matrix of a small model).
 
-The prompt goes through the same blocks as one batch (causal attention); each new token is then
-one step. Logits equal the transformers model's up to float rounding (tested against it).
+The families differ only in data (:mod:`quipsharp.models.families`): attribute paths, the norm's
+weight, the activation, embedding scaling, extra norms, q/k norms, soft-capping, sliding windows
+and RoPE per layer type. One block function (:meth:`LeanDecoder._blocks`) runs T tokens: the
+prompt as one batch (causal attention), then each new token as a batch of one through the bound
+native calls. Logits equal the transformers model's up to float rounding (tested against it for
+every family). What the loop does not reproduce is refused with a one-line reason
+(:func:`unsupported_reason`).
 """
 
 from __future__ import annotations
@@ -28,18 +33,30 @@ from torch import nn
 
 from quipsharp import kernels
 from quipsharp.errors import QuipSharpError
+from quipsharp.models.families import (
+    ACTIVATIONS,
+    SUPPORTED_MODEL_TYPES,
+    Family,
+    family_for,
+    layer_windows,
+    resolve,
+)
 from quipsharp.nn import QuantizedLinear
 
 logger = logging.getLogger(__name__)
 
-#: transformers ``model_type`` values whose decoder blocks this loop reproduces exactly.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-SILU_ACTIVATIONS = ("silu", "swish")
+__all__ = ["SUPPORTED_MODEL_TYPES", "LeanDecoder", "UnsupportedModelError", "check_supported", "default_head_dtype",
+           "int8_rows", "supports", "unsupported_reason"]
+
 INT8_MAX = 127
-#: The linears of a decoder block, in the order the loop calls them (the fields of ``_Block``).
-BLOCK_LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
-#: RoPE types whose frequencies transformers recomputes from the sequence length.
-LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+#: RoPE types whose frequencies transformers fixes when it builds the rotary module.
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+#: RoPE types (substring) whose frequencies transformers recomputes from the sequence length beyond
+#: the rotary module's ``original_max_seq_len``; the lean tables are built once, so refused beyond it.
+DYNAMIC_ROPE = "dynamic"
+#: LongRoPE (Phi-3): short-factor frequencies while a forward pass ends within
+#: ``original_max_position_embeddings`` positions, long-factor ones after (two tables here).
+LONG_ROPE = "longrope"
 #: torch's _weight_int8pack_mm is only correct for these multiples here (other shapes returned garbage
 #: or crashed in tests): the hidden size must be a multiple of the first, the head rows are padded to the second.
 INT8_HEAD_K_MULTIPLE = 64
@@ -50,11 +67,13 @@ class UnsupportedModelError(QuipSharpError, ValueError):
     """The model is not one the lean loop reproduces (use ``model.generate``)."""
 
 
+#: ``call(x [T, n], out [T, m], residual [T, m] | None) -> out``: ``out = layer(x) (+ residual)``, float32.
 LinearCall = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 def _bind(layer: nn.Module, threads: int | None) -> LinearCall:
-    """``call(x [1, n], out [1, m], residual [m] | None)`` for one linear layer, float32."""
+    """The one-token call of a linear layer: its bound native call when it has one (``T == 1``; the
+    residual, ``[1, m]``, fused into the kernel), else a dense ``mm`` into ``out``."""
     bound = layer.bind(threads) if isinstance(layer, QuantizedLinear) else None
     if bound is not None:
         if bound.has_bias:
@@ -75,11 +94,15 @@ def _bind(layer: nn.Module, threads: int | None) -> LinearCall:
                 out.add_(bias)
             return out if residual is None else out.add_(residual)
         return dense
+    return _batched_call(layer)
 
-    def generic(x: torch.Tensor, out: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        out.copy_(layer(x))
-        return out if residual is None else out.add_(residual)
-    return generic
+
+def _batched_call(layer: nn.Module) -> LinearCall:
+    """The T-token call of a linear layer: the module's own forward (as transformers calls it), copied into ``out``."""
+    def batched(x: torch.Tensor, out: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        y = _batched(layer, x)
+        return out.copy_(y) if residual is None else torch.add(y, residual, out=out)
+    return batched
 
 
 def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,48 +122,215 @@ def _batched(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return layer(x)
 
 
-@dataclasses.dataclass
-class _Block:
-    norm1: torch.Tensor
-    norm2: torch.Tensor
-    q: LinearCall
-    k: LinearCall
-    v: LinearCall
-    o: LinearCall
-    gate: LinearCall
-    up: LinearCall
-    down: LinearCall
-    modules: dict[str, nn.Module]  # the same layers as modules, for the prompt's batched pass
+# ---------------------------------------------------------------------------------------------- support checks
+def _rope_layer_types(family: Family, config: object) -> list[str | None]:
+    """The rotary module's frequency sets the loop needs: one per layer type (Gemma-3) or one (None)."""
+    if not family.rope_per_layer_type:
+        return [None]
+    return sorted(set(getattr(config, "layer_types", None) or []))
+
+
+def _rope_type(rotary: nn.Module, layer_type: str | None) -> object:
+    """The rotary module's RoPE type (a str when usable) for ``layer_type`` (None: the module's only one)."""
+    kinds = getattr(rotary, "rope_type", "default")
+    if layer_type is None:
+        return kinds
+    return kinds.get(layer_type) if isinstance(kinds, dict) else None
+
+
+def _rope_reason(rotary: nn.Module, config: object, layer_type: str | None, max_len: int | None) -> str | None:
+    kind = _rope_type(rotary, layer_type)
+    where = "" if layer_type is None else f" ({layer_type} layers)"
+    if not isinstance(kind, str):
+        return f"lean decoding needs one RoPE type per layer type, got {kind!r}{where}"
+    if kind in STATIC_ROPE:
+        return None
+    if DYNAMIC_ROPE in kind:
+        limit = getattr(rotary, "original_max_seq_len", None)
+        if max_len is None or limit is None or max_len > limit:
+            # transformers picks these frequencies from the current length; the lean tables are built once
+            return (f"lean decoding builds RoPE tables once: {kind!r} RoPE{where} beyond its original {limit} "
+                    f"positions changes with the sequence length (asked for {max_len})")
+        return None
+    if kind == LONG_ROPE:
+        params = _rope_parameters(config, layer_type)
+        if "original_max_position_embeddings" not in params:
+            return f"lean decoding needs original_max_position_embeddings for {kind!r} RoPE{where}"
+        return None
+    return f"lean decoding does not implement {kind!r} RoPE{where}"
+
+
+def _rope_parameters(config: object, layer_type: str | None) -> dict:
+    """``config.rope_parameters``, or its entry for ``layer_type``."""
+    params = getattr(config, "rope_parameters", None) or {}
+    return (params.get(layer_type) or {}) if layer_type is not None else params
+
+
+def unsupported_reason(model: nn.Module, max_len: int | None = None) -> str | None:
+    """Why :class:`LeanDecoder` cannot run ``model`` for sequences of up to ``max_len`` tokens (one
+    line), or None when it can. ``max_len`` None: any length (refuses length-dependent RoPE)."""
+    cfg = getattr(model, "config", None)
+    model_type = getattr(cfg, "model_type", None)
+    family = family_for(model_type)
+    if family is None:
+        return f"lean decoding supports {', '.join(SUPPORTED_MODEL_TYPES)}, not {model_type!r}"
+    for flag in family.refused_flags:
+        if getattr(cfg, flag, False):
+            return f"lean decoding does not implement {model_type} with {flag}={getattr(cfg, flag)!r}"
+    act = getattr(cfg, family.activation_key, None)
+    if act not in ACTIVATIONS:
+        return f"lean decoding needs a {'/'.join(ACTIVATIONS)} MLP, {model_type} model has {act!r}"
+    name = type(model).__name__
+    try:
+        layers = resolve(model, family.layers)
+        for path in (family.embed, family.final_norm, family.rotary):
+            resolve(model, path)
+    except AttributeError as e:
+        return f"{name} does not have the {family.name} layout: {e}"
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        return f"{name}: {family.layers} is not a non-empty ModuleList"
+    block_paths = (*family.linear_paths, family.attn_norm, family.mlp_norm,
+                   *(p for p in (family.attn_out_norm, family.mlp_out_norm, family.q_norm, family.k_norm) if p))
+    for i, layer in enumerate(layers):
+        for path in block_paths:
+            try:
+                resolve(layer, path)
+            except AttributeError:
+                return f"{name} block {i} has no {path} ({family.name} layout)"
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if getattr(head, "weight", None) is None or head.weight.dim() != 2:
+        return f"{name} has no LM head with a [vocab, hidden] weight"
+    rotary = resolve(model, family.rotary)
+    layer_types = _rope_layer_types(family, cfg)
+    if not layer_types:
+        return f"{name}: {family.name} needs config.layer_types for its per-layer-type RoPE"
+    for layer_type in layer_types:
+        reason = _rope_reason(rotary, cfg, layer_type, max_len)
+        if reason is not None:
+            return reason
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        return "lean decoding runs on CPU"
+    return None
 
 
 def check_supported(model: nn.Module, max_len: int | None = None) -> None:
     """Raise :class:`UnsupportedModelError` naming why the lean loop cannot run ``model`` (for
     sequences of up to ``max_len`` tokens)."""
-    cfg = getattr(model, "config", None)
-    model_type = getattr(cfg, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedModelError(f"lean decoding supports {', '.join(SUPPORTED_MODEL_TYPES)}, not {model_type!r}")
-    act = getattr(cfg, "hidden_act", None)
-    if act not in SILU_ACTIVATIONS:
-        raise UnsupportedModelError(f"lean decoding needs a SiLU MLP, {model_type} model has {act!r}")
-    inner = getattr(model, "model", None)
-    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
-        raise UnsupportedModelError(f"{type(model).__name__} has no model.layers / model.rotary_emb")
-    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
-    if window is not None and (max_len is None or max_len > window):
-        raise UnsupportedModelError(f"lean decoding does not implement sliding-window attention (window {window}, "
-                                    f"sequence {max_len})")
-    rotary = inner.rotary_emb
-    rope_type = getattr(rotary, "rope_type", "default")
-    if not isinstance(rope_type, str):
-        raise UnsupportedModelError("lean decoding needs one RoPE type for all layers")
-    limit = getattr(rotary, "original_max_seq_len", None)
-    if rope_type in LENGTH_DEPENDENT_ROPE and (max_len is None or limit is None or max_len > limit):
-        # transformers picks these frequencies from the current length; the lean tables are built once
-        raise UnsupportedModelError(f"lean decoding builds RoPE tables once: {rope_type!r} RoPE beyond its "
-                                    f"original {limit} positions changes with the sequence length")
-    if any(p.device.type != "cpu" for p in model.parameters()):
-        raise UnsupportedModelError("lean decoding runs on CPU")
+    reason = unsupported_reason(model, max_len)
+    if reason is not None:
+        raise UnsupportedModelError(reason)
+
+
+def supports(model: nn.Module, max_len: int | None = None) -> bool:
+    """Whether :class:`LeanDecoder` can run ``model``; when not, the one-line reason is logged (INFO)."""
+    reason = unsupported_reason(model, max_len)
+    if reason is not None:
+        logger.info("lean decoding unavailable, use transformers: %s", reason)
+    return reason is None
+
+
+# ---------------------------------------------------------------------------------------------- model state
+@dataclasses.dataclass(frozen=True)
+class _RopeTable:
+    """RoPE as ``rot(x) = x·cos + x[..., perm]·ssin`` per position: cos and signed sin ``[max_len, D]``
+    (rotate-half RoPE on the first ``2·len(inv_freq)`` dims, identity — cos 1, sin 0 — on the rest).
+    LongRoPE: ``long`` holds the long-factor tables, used by passes ending after ``switch`` positions."""
+
+    cos: torch.Tensor
+    ssin: torch.Tensor
+    perm: torch.Tensor
+    long: tuple[torch.Tensor, torch.Tensor] | None = None
+    switch: int = 0
+
+    def rows(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(cos [T, 1, D], ssin [T, 1, D], perm [D])`` for positions ``start..end-1`` of one pass."""
+        cos, ssin = self.cos, self.ssin
+        if self.long is not None and end > self.switch:
+            cos, ssin = self.long
+        return cos[start:end, None], ssin[start:end, None], self.perm
+
+
+def _rope_tables(inv_freq: torch.Tensor, scaling: float, max_len: int,
+                 head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, ssin)`` ``[max_len, head_dim]`` from ``inv_freq`` ``[rotary_dim / 2]`` as transformers computes them."""
+    freqs = torch.arange(max_len)[:, None].float() * inv_freq.float()
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos() * scaling, emb.sin() * scaling
+    half = inv_freq.numel()
+    sign = torch.cat([-torch.ones(half), torch.ones(half)])
+    rest = head_dim - 2 * half
+    cos = torch.cat([cos, torch.ones(max_len, rest)], dim=1)
+    ssin = torch.cat([sin * sign, torch.zeros(max_len, rest)], dim=1)
+    return cos.contiguous(), ssin.contiguous()
+
+
+def _rope_table(rotary: nn.Module, config: object, layer_type: str | None, max_len: int,
+                head_dim: int) -> _RopeTable:
+    """The tables of the rotary module's frequencies for ``layer_type`` (None: its only set), read
+    from the values it was built with (``original_inv_freq``: a dynamic RoPE may have grown its own)."""
+    prefix = "" if layer_type is None else f"{layer_type}_"
+    inv_freq = getattr(rotary, f"{prefix}original_inv_freq", None)
+    if inv_freq is None:
+        inv_freq = getattr(rotary, f"{prefix}inv_freq")
+    scaling = float(getattr(rotary, f"{prefix}attention_scaling", 1.0))
+    half = inv_freq.numel()
+    if 2 * half > head_dim:
+        raise UnsupportedModelError(f"RoPE over {2 * half} dims does not fit heads of {head_dim}")
+    perm = torch.cat([torch.arange(half, 2 * half), torch.arange(half), torch.arange(2 * half, head_dim)])
+    cos, ssin = _rope_tables(inv_freq, scaling, max_len, head_dim)
+    if _rope_type(rotary, layer_type) != LONG_ROPE:
+        return _RopeTable(cos, ssin, perm)
+    switch = int(_rope_parameters(config, layer_type)["original_max_position_embeddings"])
+    if max_len <= switch:
+        return _RopeTable(cos, ssin, perm)
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    # transformers swaps the frequencies and keeps the module's attention scaling
+    long_freq, _ = ROPE_INIT_FUNCTIONS[LONG_ROPE](config, None, seq_len=switch + 1, layer_type=layer_type)
+    return _RopeTable(cos, ssin, perm, _rope_tables(long_freq, scaling, max_len, head_dim), switch)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Calls:
+    """A block's linears as :data:`LinearCall` s, in the order the loop calls them."""
+
+    qkv: tuple[LinearCall, ...]  # one fused [q | k | v] linear or three
+    o: LinearCall
+    gate_up: tuple[LinearCall, ...]  # one fused [gate | up] linear or two
+    down: LinearCall
+
+
+@dataclasses.dataclass(frozen=True)
+class _Block:
+    """One decoder block: float32 norm weights (``1 + w`` for Gemma already added) and its linears."""
+
+    attn_norm: torch.Tensor  # [hidden]
+    mlp_norm: torch.Tensor  # [hidden]
+    attn_out_norm: torch.Tensor | None  # [hidden]
+    mlp_out_norm: torch.Tensor | None  # [hidden]
+    q_norm: torch.Tensor | None  # [head_dim]
+    k_norm: torch.Tensor | None  # [head_dim]
+    window: int | None  # sliding window (keys in (p - window, p]) or None
+    rope: int  # index into LeanDecoder.ropes
+    step: _Calls  # one token: bound native calls, residuals fused
+    batch: _Calls  # T tokens: the modules' forwards
+
+
+@dataclasses.dataclass(frozen=True)
+class _Buffers:
+    """The activations of one pass over T tokens (the single-token step's are allocated once)."""
+
+    qkv: torch.Tensor  # [T, (H + 2·Hk)·D]
+    qkv_parts: tuple[torch.Tensor, ...]  # the column slices the q/k/v (or fused) linears write
+    gate_up: torch.Tensor  # [T, 2·I]
+    gate_up_parts: tuple[torch.Tensor, ...]
+    x2: torch.Tensor  # [T, hidden]: the residual stream after attention
+    tmp: torch.Tensor  # [T, hidden]: an attention/MLP output before its norm (Gemma-2/3)
+
+
+def _eps(norm: nn.Module) -> float:
+    eps = getattr(norm, "variance_epsilon", None)
+    return float(norm.eps if eps is None else eps)
 
 
 class LeanDecoder:
@@ -148,10 +338,12 @@ class LeanDecoder:
 
     The loop computes in float32; a bfloat16 model's embeddings, norms and float layers are read in
     their dtype and its activations rounded only where its float layers need bf16 inputs, so its
-    logits are close to, not equal to, transformers' bf16 forward.
+    logits are close to, not equal to, transformers' bf16 forward. Sliding-window layers keep every
+    position in the cache and attend to the last ``window`` of them, so sequences may exceed the window.
 
     Args:
-        model: a Llama/Mistral/Qwen2 causal LM on CPU, float32 or bfloat16, quantized or not; read-only.
+        model: a causal LM of a family in :mod:`quipsharp.models.families` on CPU, float32 or
+            bfloat16, quantized or not; read-only.
         max_len: prompt plus generated tokens, at most.
         head_dtype: dtype of the LM head's matmul, the largest single matrix of a small model: None
             keeps the model's; ``torch.bfloat16`` halves its bytes (logits rounded to bf16);
@@ -160,7 +352,7 @@ class LeanDecoder:
         threads: native kernel threads (default torch's).
 
     Raises:
-        UnsupportedModelError: another architecture (see :func:`check_supported`).
+        UnsupportedModelError: a model the loop does not reproduce (see :func:`unsupported_reason`).
     """
 
     def __init__(self, model: nn.Module, max_len: int, *, head_dtype: torch.dtype | None = None,
@@ -169,19 +361,27 @@ class LeanDecoder:
         if max_len < 2:
             raise ValueError(f"max_len must be at least 2, got {max_len}")
         cfg = model.config
-        inner = model.model
+        fam = family_for(cfg.model_type)
+        assert fam is not None  # check_supported
+        self.family = fam
+        layers = list(resolve(model, fam.layers))
+        attn0 = resolve(layers[0], fam.o_proj.rpartition(".")[0])
         self.max_len = max_len
         self.hidden = cfg.hidden_size
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
-        self.head_dim = getattr(cfg, "head_dim", None) or self.hidden // self.heads
+        self.head_dim = getattr(attn0, "head_dim", None) or getattr(cfg, "head_dim", None) or self.hidden // self.heads
         self.intermediate = cfg.intermediate_size
-        layers = list(inner.layers)
-        attn0 = layers[0].self_attn
         self.scale = float(getattr(attn0, "scaling", self.head_dim ** -0.5))
-        self.eps = float(inner.norm.variance_epsilon)
-        self.embed = inner.embed_tokens.weight
-        self.final_norm = inner.norm.weight.float()  # the loop computes in float32 (bf16 models too)
+        self.act = ACTIVATIONS[getattr(cfg, fam.activation_key)]
+        final_norm = resolve(model, fam.final_norm)
+        self.eps = _eps(final_norm)
+        embed = resolve(model, fam.embed)
+        self.embed = embed.weight
+        self.embed_scale = embed.embed_scale.to(self.embed.dtype) if fam.scaled_embedding else None
+        self.final_norm = self._norm_weight(final_norm)  # the loop computes in float32 (bf16 models too)
+        self.attn_softcap = getattr(cfg, fam.attn_softcap_key, None) if fam.attn_softcap_key else None
+        self.final_softcap = getattr(cfg, fam.final_softcap_key, None) if fam.final_softcap_key else None
         head = model.get_output_embeddings()
         self.head_bias = getattr(head, "bias", None)
         self.head_scales: torch.Tensor | None = None
@@ -196,37 +396,53 @@ class LeanDecoder:
             self.head = head.weight.detach().to(head_dtype)
         else:
             self.head = head.weight
-        self.blocks = [self._block(layer, threads) for layer in layers]
-        self._rotary_tables(inner.rotary_emb)
+        rotary = resolve(model, fam.rotary)
+        rope_types = _rope_layer_types(fam, cfg)
+        self.ropes = [_rope_table(rotary, cfg, t, max_len, self.head_dim) for t in rope_types]
+        layer_types = getattr(cfg, "layer_types", None) or []
+        windows = layer_windows(fam, cfg, len(layers))
+        self.blocks = [self._block(layer, windows[i], rope_types.index(layer_types[i]) if fam.rope_per_layer_type
+                                   else 0, threads) for i, layer in enumerate(layers)]
         shape = (len(layers), self.kv_heads, max_len, self.head_dim)
         self.k_cache = torch.zeros(shape)
         self.v_cache = torch.zeros(shape)
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        self._qkv = torch.empty(1, q + 2 * kv)
-        self._gate_up = torch.empty(1, 2 * self.intermediate)
-        self._x = [torch.empty(1, self.hidden), torch.empty(1, self.hidden)]
+        self._qkv_sizes = (q, kv, kv) if len(fam.qkv) == 3 else (q + 2 * kv,)
+        self._gate_up_sizes = (self.intermediate,) * 2 if len(fam.gate_up) == 2 else (2 * self.intermediate,)
+        self._x = torch.empty(1, self.hidden)
+        self._step_buffers = self._buffers(1)
         self.length = 0
-        calls = [getattr(b, name) for b in self.blocks for name in BLOCK_LINEARS]
-        logger.info("lean decoding: %d blocks, %d of %d linears on bound native calls, LM head %s, cache %d",
-                    len(self.blocks), sum(isinstance(c, kernels.BoundLinear) for c in calls), len(calls),
+        calls = [c for b in self.blocks for c in (*b.step.qkv, b.step.o, *b.step.gate_up, b.step.down)]
+        logger.info("lean decoding (%s): %d blocks, %d of %d linears on bound native calls, LM head %s, cache %d",
+                    fam.name, len(self.blocks), sum(isinstance(c, kernels.BoundLinear) for c in calls), len(calls),
                     self.head.dtype, max_len)
 
-    def _block(self, layer: nn.Module, threads: int | None) -> _Block:
-        attn, mlp = layer.self_attn, layer.mlp
-        modules = dict(zip(BLOCK_LINEARS, (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj,
-                                           mlp.up_proj, mlp.down_proj), strict=True))
-        return _Block(layer.input_layernorm.weight.float(), layer.post_attention_layernorm.weight.float(),
-                      **{k: _bind(m, threads) for k, m in modules.items()}, modules=modules)
+    def _norm_weight(self, norm: nn.Module) -> torch.Tensor:
+        """The float32 weight the loop multiplies by: ``w`` or Gemma's ``1 + w``."""
+        weight = norm.weight.detach().float()
+        return weight + 1.0 if self.family.norm == "rms_one_plus" else weight
 
-    def _rotary_tables(self, rotary: nn.Module) -> None:
-        """cos and signed sin per position, so that ``rot(x) = x·cos + x[:, perm]·ssin`` (rotate-half RoPE)."""
-        positions = torch.arange(self.max_len).unsqueeze(0)
-        cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions)
-        half = self.head_dim // 2
-        self.cos = cos[0].float().contiguous()  # [max_len, head_dim]
-        sign = torch.cat([-torch.ones(half), torch.ones(half)])
-        self.ssin = (sin[0].float() * sign).contiguous()
-        self.perm = torch.cat([torch.arange(half, self.head_dim), torch.arange(half)])
+    def _block(self, layer: nn.Module, window: int | None, rope: int, threads: int | None) -> _Block:
+        fam = self.family
+
+        def calls(make: Callable[[nn.Module], LinearCall]) -> _Calls:
+            return _Calls(tuple(make(resolve(layer, p)) for p in fam.qkv), make(resolve(layer, fam.o_proj)),
+                          tuple(make(resolve(layer, p)) for p in fam.gate_up), make(resolve(layer, fam.down_proj)))
+
+        def norm(path: str | None) -> torch.Tensor | None:
+            return None if path is None else self._norm_weight(resolve(layer, path))
+
+        return _Block(norm(fam.attn_norm), norm(fam.mlp_norm), norm(fam.attn_out_norm), norm(fam.mlp_out_norm),
+                      norm(fam.q_norm), norm(fam.k_norm), window, rope,
+                      step=calls(lambda m: _bind(m, threads)), batch=calls(_batched_call))
+
+    def _buffers(self, T: int) -> _Buffers:
+        def split(buf: torch.Tensor, sizes: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+            return tuple(buf.split(sizes, dim=1)) if len(sizes) > 1 else (buf,)
+
+        qkv, gate_up = torch.empty(T, sum(self._qkv_sizes)), torch.empty(T, 2 * self.intermediate)
+        return _Buffers(qkv, split(qkv, self._qkv_sizes), gate_up, split(gate_up, self._gate_up_sizes),
+                        torch.empty(T, self.hidden), torch.empty(T, self.hidden))
 
     def reset(self) -> None:
         """Forget the cached sequence."""
@@ -234,15 +450,105 @@ class LeanDecoder:
 
     # ------------------------------------------------------------------ forward passes
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (self.hidden,), weight, self.eps)
+        """RMSNorm over the last dimension of ``x`` ``[..., len(weight)]``."""
+        return F.rms_norm(x, weight.shape, weight, self.eps)
+
+    def _embed(self, ids: torch.Tensor | int) -> torch.Tensor:
+        """Float32 embeddings of ``ids`` (``[T]`` -> ``[T, hidden]``; an int -> ``[hidden]``), scaled as the
+        model scales them."""
+        rows = self.embed[ids]
+        if self.embed_scale is not None:
+            rows = rows * self.embed_scale  # in the embedding's dtype, as transformers rounds it
+        return rows.float()
+
+    def _attention(self, layer: int, window: int | None, q: torch.Tensor, start: int) -> torch.Tensor:
+        """Attention of queries ``q`` ``[T, H, D]`` at positions ``start..start+T-1`` over the cached
+        keys and values of ``layer`` (causal, within ``window``); returns ``[T, H·D]``."""
+        T, H, D = q.shape
+        end = start + T
+        lo = 0 if window is None else max(0, start - window + 1)  # the first key any of these queries sees
+        k, v = self.k_cache[layer, None, :, lo:end], self.v_cache[layer, None, :, lo:end]
+        mask, causal = None, False
+        if T > 1:
+            if start == 0 and (window is None or window >= end):
+                causal = True
+            else:
+                qpos, kpos = torch.arange(start, end)[:, None], torch.arange(lo, end)[None]
+                mask = (kpos <= qpos) & (kpos > qpos - window) if window is not None else kpos <= qpos
+        if self.attn_softcap is None:
+            out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, attn_mask=mask, is_causal=causal,
+                                                 scale=self.scale, enable_gqa=self.kv_heads != H)
+            return out[0].transpose(0, 1).reshape(T, H * D)
+        # soft-capped scores (Gemma-2), as transformers' eager attention: cap · tanh(s / cap), mask, softmax
+        if causal:
+            mask = torch.ones(T, T, dtype=torch.bool).tril()
+        g, Hk = H // self.kv_heads, self.kv_heads
+        qg = q.transpose(0, 1).reshape(Hk, g * T, D)  # query head kv·g + r at rows r·T .. r·T + T-1 of group kv
+        scores = torch.matmul(qg, k[0].transpose(1, 2)) * self.scale  # [Hk, g·T, L]
+        scores = torch.tanh(scores / self.attn_softcap) * self.attn_softcap
+        if mask is not None:
+            scores = scores.masked_fill(~mask.repeat(g, 1), float("-inf"))
+        out = torch.matmul(torch.softmax(scores, dim=-1), v[0])  # [Hk, g·T, D]
+        return out.view(H, T, D).transpose(0, 1).reshape(T, H * D)
+
+    def _blocks(self, x: torch.Tensor, start: int, buffers: _Buffers) -> torch.Tensor:
+        """Run ``x`` ``[T, hidden]`` float32, the tokens at positions ``start..start+T-1``, through every
+        block, writing their keys and values into the cache; returns ``x``, overwritten with the output.
+
+        The hot loop: one token (``T == 1``) goes through the bound native calls with residuals fused
+        into ``o_proj``/``down_proj`` and preallocated buffers; T tokens through the modules' forwards.
+        """
+        T = x.shape[0]
+        H, Hk, D = self.heads, self.kv_heads, self.head_dim
+        k_end, inter = (H + Hk) * D, self.intermediate
+        qkv, gate_up, x2, tmp = buffers.qkv, buffers.gate_up, buffers.x2, buffers.tmp
+        end = start + T
+        ropes = [r.rows(start, end) for r in self.ropes]
+        act, one = self.act, T == 1
+        for layer, blk in enumerate(self.blocks):
+            calls = blk.step if one else blk.batch
+            h = self._rms(x, blk.attn_norm)
+            for call, out in zip(calls.qkv, buffers.qkv_parts, strict=True):
+                call(h, out)
+            qk = qkv[:, :k_end].view(T, H + Hk, D)
+            if blk.q_norm is not None:
+                qk = torch.cat([self._rms(qk[:, :H], blk.q_norm), self._rms(qk[:, H:], blk.k_norm)], dim=1)
+            cos, ssin, perm = ropes[blk.rope]
+            # not addcmul: its fused multiply-add rounds unlike transformers, and int8-activation kernels
+            # (avx512vnni) turn one-ulp differences into 1e-2 logit differences
+            qk = qk * cos + qk[..., perm] * ssin
+            self.k_cache[layer, :, start:end] = qk[:, H:].transpose(0, 1)
+            self.v_cache[layer, :, start:end] = qkv[:, k_end:].view(T, Hk, D).transpose(0, 1)
+            attn = self._attention(layer, blk.window, qk[:, :H], start)
+            if blk.attn_out_norm is None:
+                calls.o(attn, x2, x)  # x2 = o(attn) + x
+            else:
+                calls.o(attn, tmp)
+                torch.add(x, self._rms(tmp, blk.attn_out_norm), out=x2)
+            h = self._rms(x2, blk.mlp_norm)
+            for call, out in zip(calls.gate_up, buffers.gate_up_parts, strict=True):
+                call(h, out)
+            a = act(gate_up[:, :inter]) * gate_up[:, inter:]
+            if blk.mlp_out_norm is None:
+                calls.down(a, x, x2)  # x = down(a) + x2
+            else:
+                calls.down(a, tmp)
+                torch.add(x2, self._rms(tmp, blk.mlp_out_norm), out=x)
+        return x
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        h = self._rms(x, self.final_norm)
+        """Next-token logits ``[vocab]`` float32 of the last row of ``x`` ``[T, hidden]``."""
+        h = self._rms(x[-1:], self.final_norm)
         if self.head_scales is not None:
             logits = torch._weight_int8pack_mm(h.to(torch.bfloat16), self.head, self.head_scales)
             logits = logits[:, : self.vocab].float()
-            return logits if self.head_bias is None else logits + self.head_bias
-        return F.linear(h.to(self.head.dtype), self.head, self.head_bias).float()
+            if self.head_bias is not None:
+                logits = logits + self.head_bias
+        else:
+            logits = F.linear(h.to(self.head.dtype), self.head, self.head_bias).float()
+        if self.final_softcap is not None:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits[0]
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
@@ -250,26 +556,10 @@ class LeanDecoder:
         T = ids.numel()
         if T < 1 or T >= self.max_len:
             raise ValueError(f"prompt of {T} tokens does not fit a cache of {self.max_len}")
-        H, Hk, D = self.heads, self.kv_heads, self.head_dim
-        q_end, k_end = H * D, (H + Hk) * D
-        x = self.embed[ids.reshape(-1)].float()
-        cos, ssin = self.cos[:T, None], self.ssin[:T, None]
-        for layer, blk in enumerate(self.blocks):
-            h = self._rms(x, blk.norm1)
-            mods = blk.modules
-            qkv = torch.cat([_batched(mods["q"], h), _batched(mods["k"], h), _batched(mods["v"], h)], dim=-1)
-            qk = qkv[:, :k_end].reshape(T, H + Hk, D)
-            qk = qk * cos + qk[..., self.perm] * ssin
-            self.k_cache[layer, :, :T] = qk[:, H:].transpose(0, 1)
-            self.v_cache[layer, :, :T] = qkv[:, k_end:].reshape(T, Hk, D).transpose(0, 1)
-            attn = F.scaled_dot_product_attention(
-                qk[:, :H].transpose(0, 1)[None], self.k_cache[layer, None, :, :T], self.v_cache[layer, None, :, :T],
-                is_causal=True, scale=self.scale, enable_gqa=Hk != H)
-            x = x + _batched(mods["o"], attn[0].transpose(0, 1).reshape(T, q_end))
-            h = self._rms(x, blk.norm2)
-            x = x + _batched(mods["down"], F.silu(_batched(mods["gate"], h)) * _batched(mods["up"], h))
+        x = self._embed(ids.reshape(-1))
+        self._blocks(x, 0, self._step_buffers if T == 1 else self._buffers(T))
         self.length = T
-        return self._logits(x[-1:])[0]
+        return self._logits(x)
 
     @torch.inference_mode()
     def step(self, token: int) -> torch.Tensor:
@@ -277,32 +567,11 @@ class LeanDecoder:
         pos = self.length
         if pos >= self.max_len:
             raise ValueError(f"the cache of {self.max_len} positions is full")
-        H, Hk, D = self.heads, self.kv_heads, self.head_dim
-        q_end, k_end, inter = H * D, (H + Hk) * D, self.intermediate
-        qkv, gate_up = self._qkv, self._gate_up
-        x, x2 = self._x
-        x.copy_(self.embed[token])  # (casts a bf16 embedding row)
-        cos, ssin, perm = self.cos[pos], self.ssin[pos], self.perm
-        for layer, blk in enumerate(self.blocks):
-            h = self._rms(x, blk.norm1)
-            blk.q(h, qkv[:, :q_end])
-            blk.k(h, qkv[:, q_end:k_end])
-            blk.v(h, qkv[:, k_end:])
-            qk = qkv[0, :k_end].view(H + Hk, D)
-            qk = torch.addcmul(qk * cos, qk[:, perm], ssin)
-            self.k_cache[layer, :, pos] = qk[H:]
-            self.v_cache[layer, :, pos] = qkv[0, k_end:].view(Hk, D)
-            attn = F.scaled_dot_product_attention(
-                qk[:H].view(1, H, 1, D), self.k_cache[layer, None, :, : pos + 1],
-                self.v_cache[layer, None, :, : pos + 1], scale=self.scale, enable_gqa=Hk != H)
-            blk.o(attn.reshape(1, q_end), x2, x[0])  # x2 = o(attn) + x
-            h = self._rms(x2, blk.norm2)
-            blk.gate(h, gate_up[:, :inter])
-            blk.up(h, gate_up[:, inter:])
-            act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-            blk.down(act, x, x2[0])  # x = down(act) + x2
+        x = self._x
+        x.copy_(self._embed(token))
+        self._blocks(x, pos, self._step_buffers)
         self.length = pos + 1
-        return self._logits(x)[0]
+        return self._logits(x)
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, eos_token_id: int | list[int] | None = None,
@@ -337,12 +606,3 @@ def default_head_dtype(model: nn.Module) -> torch.dtype | None:
     hidden = getattr(getattr(model, "config", None), "hidden_size", 0)
     quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())
     return torch.int8 if quantized and hidden and hidden % INT8_HEAD_K_MULTIPLE == 0 else None
-
-
-def supports(model: nn.Module, max_len: int | None = None) -> bool:
-    """Whether :class:`LeanDecoder` can run ``model``."""
-    try:
-        check_supported(model, max_len)
-    except UnsupportedModelError:
-        return False
-    return True
