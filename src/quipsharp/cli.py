@@ -202,8 +202,9 @@ def _head_dtype(name: str, model: Any) -> Any:
 
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", choices=ENGINES, default="auto",
-                   help="decoding loop: quipsharp's lean loop (Llama/Mistral/Qwen2, static cache), "
-                        "transformers' generate, or auto (lean when the model is supported)")
+                   help="decoding loop: quipsharp's lean loop (Llama, Mistral, Qwen2/3, Phi-3, Gemma 1/2/3; "
+                        "static cache), transformers' generate, or auto (lean when the model is supported; -v "
+                        "logs why not)")
     p.add_argument("--head-dtype", choices=HEAD_DTYPES, default="auto",
                    help="lean loop: LM head matmul in the model's dtype, bfloat16, or int8 per-row weights "
                         "(faster; logits approximate); auto: int8 for quantized models, else the model's")
