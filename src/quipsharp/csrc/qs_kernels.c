@@ -26,7 +26,9 @@
  * with int8 codeword values (4 × E8P12 values are odd integers in [-11, 11]) by VNNI dot products.
  * Its integer sums are bitwise equal to the portable int8 reference (qs_matmul_int8_ref).
  */
+#ifndef QS_STANDALONE /* the C test driver (tests/native) builds this file without Python */
 #include <Python.h>
+#endif
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
@@ -48,7 +50,8 @@
 
 enum { QS_OK = 0, QS_EBADARG = -1, QS_EBADKIND = -2, QS_ENOMEM = -3, QS_EBADLEVEL = -4 };
 enum { QS_KIND_E8P = 0, QS_KIND_RVQ3 = 1, QS_KIND_RVQ4 = 2, QS_NUM_KINDS = 3 };
-enum { QS_LEVEL_SCALAR = 0, QS_LEVEL_AVX2 = 1, QS_LEVEL_AVX512 = 2, QS_LEVEL_VNNI = 3, QS_MAX_LEVEL = 3 };
+enum { QS_LEVEL_SCALAR = 0, QS_LEVEL_AVX2 = 1, QS_LEVEL_AVX512 = 2, QS_LEVEL_VNNI = 3, QS_LEVEL_NEON = 4,
+       QS_LEVEL_NEON_DOT = 5, QS_NUM_LEVELS = 6 };
 
 #define DIM 8                 /* E8: weights per codeword */
 #define NSRC 256              /* E8P12 source patterns */
@@ -63,45 +66,45 @@ enum { QS_LEVEL_SCALAR = 0, QS_LEVEL_AVX2 = 1, QS_LEVEL_AVX512 = 2, QS_LEVEL_VNN
 
 static const int CODE_BYTES[QS_NUM_KINDS] = {2, 3, 4};
 
-static int g_level = -1; /* selected level; -1 = not yet selected (accessed atomically) */
-
 /* ------------------------------------------------------------------------------ CPU features */
-static int cpu_max_level(void) {
+/*
+ * There is no selected level in this library: every entry point takes the level to run as an
+ * argument and refuses (QS_EBADLEVEL) a level this CPU or build cannot run, so a caller can never
+ * reach an illegal instruction. Only the CPU's feature bits are cached (they do not change).
+ */
+static int detect_levels(void) {
+    int mask = 1 << QS_LEVEL_SCALAR;
 #if QS_X86
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-        __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi") &&
-        __builtin_cpu_supports("avx512bitalg") && __builtin_cpu_supports("bmi2"))
-        return QS_LEVEL_VNNI;
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
-        return QS_LEVEL_AVX512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt"))
-        return QS_LEVEL_AVX2;
+    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt");
+    int avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                 __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+    int vnni = avx512 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi") &&
+               __builtin_cpu_supports("avx512bitalg") && __builtin_cpu_supports("bmi2");
+    if (avx2) mask |= 1 << QS_LEVEL_AVX2;
+    if (avx512) mask |= 1 << QS_LEVEL_AVX512;
+    if (vnni) mask |= 1 << QS_LEVEL_VNNI;
 #endif
-    return QS_LEVEL_SCALAR;
+    return mask;
 }
 
-/* Highest level this CPU and build support. */
-QS_API int qs_max_level(void) { return cpu_max_level(); }
+static int g_cpu_levels = 0; /* cached detect_levels(); 0 = not yet detected (accessed atomically) */
 
-/* Select a level (-1 = best available). Returns the level now in use or QS_EBADLEVEL. */
-QS_API int qs_select_level(int level) {
-    int best = cpu_max_level();
-    if (level < 0) level = best;
-    if (level > best || level > QS_MAX_LEVEL) return QS_EBADLEVEL;
-    __atomic_store_n(&g_level, level, __ATOMIC_RELAXED);
-    return level;
-}
-
-QS_API int qs_level(void) {
-    int level = __atomic_load_n(&g_level, __ATOMIC_RELAXED);
-    if (level < 0) {
-        level = cpu_max_level();
-        __atomic_store_n(&g_level, level, __ATOMIC_RELAXED);
+/* Bit L set: this CPU and build can run level L (QS_LEVEL_*). */
+QS_API int qs_supported_levels(void) {
+    int mask = __atomic_load_n(&g_cpu_levels, __ATOMIC_RELAXED);
+    if (!mask) {
+        mask = detect_levels();
+        __atomic_store_n(&g_cpu_levels, mask, __ATOMIC_RELAXED);
     }
-    return level;
+    return mask;
+}
+
+/* x86 levels with AVX-512 F/VL/BW/DQ. */
+static int is_avx512(int level) { return QS_X86 && (level == QS_LEVEL_AVX512 || level == QS_LEVEL_VNNI); }
+
+static int level_ok(int level) {
+    return level >= 0 && level < QS_NUM_LEVELS && ((qs_supported_levels() >> level) & 1);
 }
 
 QS_API int qs_openmp(void) {
@@ -696,6 +699,13 @@ QS_API qs_codebook *qs_codebook_new(int kind, const float *src1, const float *ta
 
 QS_API void qs_codebook_free(qs_codebook *t) { free(t); }
 
+/* Whether all n values of x are finite. */
+static int row_finite(const float *x, int64_t n) {
+    int finite = 1;
+    for (int64_t j = 0; j < n; j++) finite &= isfinite(x[j]) != 0;
+    return finite;
+}
+
 /* Threads worth using for `work` codewords: small problems stay on the calling thread. */
 static int threads_for(int64_t work, int nthreads) { return work >= PARALLEL_MIN_CODEWORDS ? nthreads : 1; }
 
@@ -717,13 +727,15 @@ __attribute__((target("avx512f,avx512vl,popcnt"))) static void decode_row_avx512
 #endif
 
 /* out [m, n] float32 = decode(codes [m, n/8*CB]); bitwise equal to the Python decode. */
-QS_API int qs_decode(const uint8_t *codes, int64_t m, int64_t n, const qs_codebook *t, float *out, int nthreads) {
+QS_API int qs_decode(const uint8_t *codes, int64_t m, int64_t n, const qs_codebook *t, float *out, int nthreads,
+                     int level) {
+    if (!level_ok(level)) return QS_EBADLEVEL;
     if (!t) return QS_EBADKIND;
     if (!codes || !out || m < 0 || n < 0 || n % DIM || nthreads < 1) return QS_EBADARG;
     int cb = t->cb, kind = t->kind;
     int64_t nblk = n / DIM, row_bytes = nblk * cb;
     int nt = threads_for(m * nblk, nthreads);
-    int simd = QS_X86 && qs_level() >= QS_LEVEL_AVX512;
+    int simd = is_avx512(level);
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
     for (int64_t i = 0; i < m; i++) {
         const uint8_t *rc = codes + i * row_bytes;
@@ -808,6 +820,11 @@ static int matmul_impl(const uint8_t *codes, int64_t m, int64_t n, const qs_code
             }
         }
     }
+    if (rc == QS_OK && !int8) /* NaN/Inf in, NaN out on every path (as the int8 ones): a lone ±Inf
+                                  activation must not come out as a plausible ±Inf sum */
+        for (int64_t b = 0; b < B; b++)
+            if (!row_finite(x + b * n, n))
+                for (int64_t i = 0; i < m; i++) out[b * m + i] = NAN;
     free(xq);
     free(xscale);
     free(xsum);
@@ -818,11 +835,10 @@ static int matmul_impl(const uint8_t *codes, int64_t m, int64_t n, const qs_code
 /*
  * allow_int8: the caller accepts int8-quantized activations (set when the activations went
  * through the Hadamard transform, which leaves no outlier channels for one scale to be crushed by).
- * The level is read once, so a concurrent qs_select_level cannot mix two paths.
  */
 QS_API int qs_matmul(const uint8_t *codes, int64_t m, int64_t n, const qs_codebook *t, const float *x, int64_t B,
-                     float *out, int nthreads, int allow_int8) {
-    int level = qs_level();
+                     float *out, int nthreads, int level, int allow_int8) {
+    if (!level_ok(level)) return QS_EBADLEVEL;
     if (level == QS_LEVEL_VNNI && !(allow_int8 && t && t->int8_ok)) level = QS_LEVEL_AVX512;
     mm_rows_fn fn = t ? mm_kernel(level, t) : NULL;
     return matmul_impl(codes, m, n, t, x, B, out, nthreads, fn, level == QS_LEVEL_VNNI);
@@ -873,9 +889,9 @@ __attribute__((target("avx512f"))) static void mix_rows_avx512(const float *v, i
 }
 #endif
 
-static void mix_rows(const float *v, int64_t K, int64_t P, const float *M, float *out) {
+static void mix_rows(const float *v, int64_t K, int64_t P, const float *M, float *out, int level) {
 #if QS_X86
-    if (P % MIX_LANES == 0 && qs_level() >= QS_LEVEL_AVX512) {
+    if (P % MIX_LANES == 0 && is_avx512(level)) {
         mix_rows_avx512(v, K, P, M, out);
         return;
     }
@@ -883,41 +899,57 @@ static void mix_rows(const float *v, int64_t K, int64_t P, const float *M, float
     mix_rows_scalar(v, K, P, M, out);
 }
 
-#if QS_X86
-/* Compiled for AVX-512, AVX2 and baseline x86-64, chosen at load time (GCC function multiversioning). */
-#define QS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define QS_CLONES
-#endif
-
 /*
  * One vector v [K*P] in place: v <- post ⊙ (norm · (M ⊗ H_P)(pre ⊙ v)); tmp [K*P] scratch (K > 1).
  * FWHT of each row of the [K, P] view (unnormalised, Sylvester order), then rows mixed by M [K, K]
- * (row-major: y[a] = sum_c M[a, c] z[c]).
+ * (row-major: y[a] = sum_c M[a, c] z[c]). Compiled once per ISA (the same C, vectorised by the
+ * compiler for that target) and chosen by the caller's level, never by the CPU behind its back.
  */
-QS_CLONES static void hadamard_vec(float *v, int64_t K, int64_t P, const float *M, const float *pre,
-                                   const float *post, float norm, float *tmp) {
-    int64_t n = K * P;
-    if (pre)
-        for (int64_t j = 0; j < n; j++) v[j] *= pre[j];
-    for (int64_t r = 0; r < K; r++) {
-        float *w = v + r * P;
-        for (int64_t h = 1; h < P; h <<= 1)
-            for (int64_t i = 0; i < P; i += h << 1)
-                for (int64_t j = i; j < i + h; j++) {
-                    float lo = w[j], hi = w[j + h];
-                    w[j] = lo + hi;
-                    w[j + h] = lo - hi;
-                }
+#define QS_DEFINE_HADAMARD_VEC(NAME, ATTR)                                                                     \
+    ATTR static void NAME(float *v, int64_t K, int64_t P, const float *M, const float *pre, const float *post, \
+                          float norm, float *tmp, int level) {                                                 \
+        int64_t n = K * P;                                                                                     \
+        if (pre)                                                                                               \
+            for (int64_t j = 0; j < n; j++) v[j] *= pre[j];                                                    \
+        for (int64_t r = 0; r < K; r++) {                                                                      \
+            float *w = v + r * P;                                                                              \
+            for (int64_t h = 1; h < P; h <<= 1)                                                                \
+                for (int64_t i = 0; i < P; i += h << 1)                                                        \
+                    for (int64_t j = i; j < i + h; j++) {                                                      \
+                        float lo = w[j], hi = w[j + h];                                                        \
+                        w[j] = lo + hi;                                                                        \
+                        w[j + h] = lo - hi;                                                                    \
+                    }                                                                                          \
+        }                                                                                                      \
+        if (K > 1) {                                                                                           \
+            mix_rows(v, K, P, M, tmp, level);                                                                  \
+            memcpy(v, tmp, sizeof(float) * (size_t)n);                                                         \
+        }                                                                                                      \
+        if (post)                                                                                              \
+            for (int64_t j = 0; j < n; j++) v[j] *= norm * post[j];                                            \
+        else                                                                                                   \
+            for (int64_t j = 0; j < n; j++) v[j] *= norm;                                                      \
     }
-    if (K > 1) {
-        mix_rows(v, K, P, M, tmp);
-        memcpy(v, tmp, sizeof(float) * (size_t)n);
+
+QS_DEFINE_HADAMARD_VEC(hadamard_vec_base, )
+#if QS_X86
+QS_DEFINE_HADAMARD_VEC(hadamard_vec_avx2, __attribute__((target("avx2,fma"))))
+QS_DEFINE_HADAMARD_VEC(hadamard_vec_avx512, __attribute__((target("avx512f,avx512vl,avx2,fma"))))
+#endif
+
+static void hadamard_vec(float *v, int64_t K, int64_t P, const float *M, const float *pre, const float *post,
+                         float norm, float *tmp, int level) {
+#if QS_X86
+    if (is_avx512(level)) {
+        hadamard_vec_avx512(v, K, P, M, pre, post, norm, tmp, level);
+        return;
     }
-    if (post)
-        for (int64_t j = 0; j < n; j++) v[j] *= norm * post[j];
-    else
-        for (int64_t j = 0; j < n; j++) v[j] *= norm;
+    if (level == QS_LEVEL_AVX2) {
+        hadamard_vec_avx2(v, K, P, M, pre, post, norm, tmp, level);
+        return;
+    }
+#endif
+    hadamard_vec_base(v, K, P, M, pre, post, norm, tmp, level);
 }
 
 static int hadamard_args_ok(int64_t K, int64_t P, const float *M) {
@@ -931,7 +963,8 @@ static int hadamard_args_ok(int64_t K, int64_t P, const float *M) {
  * quipsharp.hadamard.hadamard_transform (pass Mᵀ for transpose=True).
  */
 QS_API int qs_hadamard(float *x, int64_t B, int64_t K, int64_t P, const float *M, const float *pre, const float *post,
-                       float alpha, int nthreads) {
+                       float alpha, int nthreads, int level) {
+    if (!level_ok(level)) return QS_EBADLEVEL;
     if (!x || B < 0 || !hadamard_args_ok(K, P, M) || nthreads < 1) return QS_EBADARG;
     int64_t n = K * P;
     float norm = alpha / sqrtf((float)P);
@@ -947,7 +980,7 @@ QS_API int qs_hadamard(float *x, int64_t B, int64_t K, int64_t P, const float *M
         float *tmp = scratch;
 #endif
 #pragma omp for schedule(static)
-        for (int64_t b = 0; b < B; b++) hadamard_vec(x + b * n, K, P, M, pre, post, norm, tmp);
+        for (int64_t b = 0; b < B; b++) hadamard_vec(x + b * n, K, P, M, pre, post, norm, tmp, level);
     }
     free(scratch);
     return QS_OK;
@@ -962,7 +995,9 @@ QS_API int qs_hadamard(float *x, int64_t B, int64_t K, int64_t P, const float *M
  */
 QS_API int qs_linear(const float *x, int64_t B, int64_t n, int64_t m, const uint8_t *codes, const qs_codebook *t,
                      const float *su, const float *sv, float wscale, const float *bias, int use_hadamard,
-                     int64_t k_in, const float *m_in, int64_t k_out, const float *m_out_t, float *out, int nthreads) {
+                     int64_t k_in, const float *m_in, int64_t k_out, const float *m_out_t, float *out, int nthreads,
+                     int level) {
+    if (!level_ok(level)) return QS_EBADLEVEL;
     if (!x || !out || !su || !sv || B < 0 || n <= 0 || m <= 0 || n % DIM) return QS_EBADARG;
     if (use_hadamard && (k_in < 1 || k_out < 1 || n % k_in || m % k_out || !hadamard_args_ok(k_in, n / k_in, m_in) ||
                          !hadamard_args_ok(k_out, m / k_out, m_out_t)))
@@ -974,16 +1009,16 @@ QS_API int qs_linear(const float *x, int64_t B, int64_t n, int64_t m, const uint
     memcpy(h, x, sizeof(float) * (size_t)(B * n));
     for (int64_t b = 0; b < B; b++) {
         if (use_hadamard)
-            hadamard_vec(h + b * n, k_in, n / k_in, m_in, su, NULL, 1.0f / sqrtf((float)(n / k_in)), tmp);
+            hadamard_vec(h + b * n, k_in, n / k_in, m_in, su, NULL, 1.0f / sqrtf((float)(n / k_in)), tmp, level);
         else
             for (int64_t j = 0; j < n; j++) h[b * n + j] *= su[j];
     }
-    int rc = qs_matmul(codes, m, n, t, h, B, out, nthreads, use_hadamard);
+    int rc = qs_matmul(codes, m, n, t, h, B, out, nthreads, level, use_hadamard);
     if (rc == QS_OK) {
         for (int64_t b = 0; b < B; b++) {
             float *y = out + b * m;
             if (use_hadamard)
-                hadamard_vec(y, k_out, m / k_out, m_out_t, NULL, sv, wscale / sqrtf((float)(m / k_out)), tmp);
+                hadamard_vec(y, k_out, m / k_out, m_out_t, NULL, sv, wscale / sqrtf((float)(m / k_out)), tmp, level);
             else
                 for (int64_t i = 0; i < m; i++) y[i] *= wscale * sv[i];
             if (bias)
@@ -995,7 +1030,9 @@ QS_API int qs_linear(const float *x, int64_t B, int64_t n, int64_t m, const uint
 }
 
 /* ------------------------------------------------------------------ importable module stub */
+#ifndef QS_STANDALONE
 static struct PyModuleDef qs_module = {PyModuleDef_HEAD_INIT, "_qskernels",
                                        "quipsharp native kernels (called through ctypes)", -1, NULL};
 
 PyMODINIT_FUNC PyInit__qskernels(void) { return PyModule_Create(&qs_module); }
+#endif
