@@ -178,6 +178,10 @@ typedef struct qs_codebook {
     int8_t tab1q[NSRC * DIM]; /* 4 × stage-1 sources */
     int8_t tab2q[NSRC * DIM]; /* stage 2: 4 × E8P12 sources (RVQ4) or 16 + 2 × E81B points (RVQ3) */
     float unit2;              /* value of one stage-2 integer unit: 1/(4 s) or 1/(2 s) */
+    /* E8P12 sign byte sg -> 8 signed bytes (±1 per the parity-fixed signs) × (INT8_OFFSET ± 1, the
+       shift of an even / odd code): with T the 4 × source row, sign(T, G) + |G| is the unsigned
+       operand of the int8 path (see e8p_dot_int8), with no branch or bit test per codeword. */
+    int8_t sgnq[NSRC * DIM];
 } qs_codebook;
 
 typedef struct {
@@ -593,6 +597,115 @@ __attribute__((target(QS_VNNI))) static void mm_rows_vnni(const mm_args *a, int6
         }
     }
 }
+
+/*
+ * ---- AVX2 int8 path (no gathers). Four codewords at a time: their 8-byte rows of the stage-1
+ * table (4 × source) and of the sign table sgnq are loaded from L1 by index (two 64-bit loads per
+ * 128-bit lane), combined as u = sign(T, G) + |G| — exactly the reference's unsigned operand
+ * ±4·src + 16 ± 1 in [5, 27] — and multiplied with the int8 activations by vpmaddubsw (u8 × s8:
+ * |pair sum| <= 2 · 27 · 127 = 6858, two of them added in int16 <= 13716, no saturation) and
+ * vpmaddwd by ones into int32. The RVQ3 stage-2 operand (16 + 2 · E81B, up to 127: a pair sum up
+ * to 32258) goes to int32 after every vpmaddubsw. Integer sums equal the reference's bit for bit.
+ */
+#define QS_AVX2 "avx2,fma,popcnt"
+#define AVX2_STEP 8 /* codewords per loop iteration (two ymm of operands per stage) */
+
+/* The 8-byte rows i0..i3 of table tab [NSRC * DIM] in one ymm (lane order i0 i1 | i2 i3). */
+__attribute__((target(QS_AVX2))) static inline __m256i rows4_avx2(const int8_t *tab, uint32_t i0, uint32_t i1,
+                                                                  uint32_t i2, uint32_t i3) {
+    __m128i lo = _mm_loadl_epi64((const __m128i *)(tab + (size_t)i0 * DIM));
+    lo = _mm_castpd_si128(_mm_loadh_pd(_mm_castsi128_pd(lo), (const double *)(tab + (size_t)i1 * DIM)));
+    __m128i hi = _mm_loadl_epi64((const __m128i *)(tab + (size_t)i2 * DIM));
+    hi = _mm_castpd_si128(_mm_loadh_pd(_mm_castsi128_pd(hi), (const double *)(tab + (size_t)i3 * DIM)));
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+}
+
+/* Unsigned operands of 4 E8P12 codes whose index byte is at p, p + cb, p + 2cb, p + 3cb (sign byte next). */
+__attribute__((target(QS_AVX2))) static inline __m256i e8p_u4_avx2(const int8_t *tabq, const int8_t *sgnq,
+                                                                   const uint8_t *p, int cb) {
+    __m256i T = rows4_avx2(tabq, p[0], p[cb], p[2 * cb], p[3 * cb]);
+    __m256i G = rows4_avx2(sgnq, p[1], p[cb + 1], p[2 * cb + 1], p[3 * cb + 1]);
+    return _mm256_add_epi8(_mm256_sign_epi8(T, G), _mm256_abs_epi8(G));
+}
+
+__attribute__((target(QS_AVX2))) static inline int32_t hsum_epi32_avx2(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* Weight row i against activation rows b0 .. b0 + NB - 1 (NB and KIND compile-time constants after
+   inlining): each group of codewords is decoded once for all NB rows. */
+__attribute__((target(QS_AVX2), always_inline)) static inline void int8_row_avx2(const mm_args *a, int64_t i,
+                                                                                int64_t b0, const int NB,
+                                                                                const int KIND) {
+    const int cb = KIND == QS_KIND_E8P ? 2 : (KIND == QS_KIND_RVQ3 ? 3 : 4);
+    const uint8_t *rc = a->codes + i * a->row_bytes;
+    const int8_t *t1 = a->t->tab1q, *t2 = a->t->tab2q, *sg = a->t->sgnq;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc1[MAX_FUSED_BATCH], acc2[MAX_FUSED_BATCH];
+    for (int b = 0; b < NB; b++) acc1[b] = acc2[b] = _mm256_setzero_si256();
+    const int64_t kend = a->nblk / AVX2_STEP * AVX2_STEP;
+    for (int64_t k = 0; k < kend; k += AVX2_STEP) {
+        const uint8_t *p = rc + k * cb;
+        __m256i ua = e8p_u4_avx2(t1, sg, p, cb), ub = e8p_u4_avx2(t1, sg, p + 4 * cb, cb);
+        for (int b = 0; b < NB; b++) {
+            const int8_t *x = a->xq + (b0 + b) * a->n + k * DIM;
+            __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(ua, _mm256_loadu_si256((const __m256i *)x)),
+                                         _mm256_maddubs_epi16(ub, _mm256_loadu_si256((const __m256i *)(x + 32))));
+            acc1[b] = _mm256_add_epi32(acc1[b], _mm256_madd_epi16(s, ones));
+        }
+        if (KIND == QS_KIND_RVQ4) {
+            ua = e8p_u4_avx2(t2, sg, p + 2, cb);
+            ub = e8p_u4_avx2(t2, sg, p + 4 * cb + 2, cb);
+            for (int b = 0; b < NB; b++) {
+                const int8_t *x = a->xq + (b0 + b) * a->n + k * DIM;
+                __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(ua, _mm256_loadu_si256((const __m256i *)x)),
+                                             _mm256_maddubs_epi16(ub, _mm256_loadu_si256((const __m256i *)(x + 32))));
+                acc2[b] = _mm256_add_epi32(acc2[b], _mm256_madd_epi16(s, ones));
+            }
+        } else if (KIND == QS_KIND_RVQ3) {
+            ua = rows4_avx2(t2, p[2], p[cb + 2], p[2 * cb + 2], p[3 * cb + 2]);
+            ub = rows4_avx2(t2, p[4 * cb + 2], p[5 * cb + 2], p[6 * cb + 2], p[7 * cb + 2]);
+            for (int b = 0; b < NB; b++) {
+                const int8_t *x = a->xq + (b0 + b) * a->n + k * DIM;
+                __m256i sa = _mm256_madd_epi16(_mm256_maddubs_epi16(ua, _mm256_loadu_si256((const __m256i *)x)), ones);
+                __m256i sb = _mm256_madd_epi16(_mm256_maddubs_epi16(ub, _mm256_loadu_si256((const __m256i *)(x + 32))),
+                                               ones);
+                acc2[b] = _mm256_add_epi32(acc2[b], _mm256_add_epi32(sa, sb));
+            }
+        }
+    }
+    for (int b = 0; b < NB; b++) {
+        int32_t d1 = hsum_epi32_avx2(acc1[b]), d2 = hsum_epi32_avx2(acc2[b]);
+        int8_dots_scalar(a, rc, a->xq + (b0 + b) * a->n, kend, a->nblk, &d1, &d2);
+        a->out[(b0 + b) * a->m + i] = int8_output(a, b0 + b, d1, d2);
+    }
+}
+
+/* Rows per pass: E8P12 keeps 8 accumulators, the residual kinds 2 × 4 (16 ymm registers in all). */
+#define QS_DEFINE_INT8_AVX2(NAME, KIND, PASS)                                                                  \
+    __attribute__((target(QS_AVX2))) static void NAME(const mm_args *a, int64_t r0, int64_t r1, int64_t b0,    \
+                                                      int64_t nb) {                                            \
+        for (int64_t i = r0; i < r1; i++)                                                                      \
+            for (int64_t c0 = b0; c0 < b0 + nb; c0 += PASS) {                                                  \
+                switch (b0 + nb - c0 < PASS ? b0 + nb - c0 : PASS) {                                           \
+                case 1: int8_row_avx2(a, i, c0, 1, KIND); break;                                               \
+                case 2: int8_row_avx2(a, i, c0, 2, KIND); break;                                               \
+                case 3: int8_row_avx2(a, i, c0, 3, KIND); break;                                               \
+                case 4: int8_row_avx2(a, i, c0, 4, KIND); break;                                               \
+                case 5: int8_row_avx2(a, i, c0, 5, KIND); break;                                               \
+                case 6: int8_row_avx2(a, i, c0, 6, KIND); break;                                               \
+                case 7: int8_row_avx2(a, i, c0, 7, KIND); break;                                               \
+                default: int8_row_avx2(a, i, c0, 8, KIND); break;                                              \
+                }                                                                                              \
+            }                                                                                                  \
+    }
+
+QS_DEFINE_INT8_AVX2(mm_rows_int8_avx2_e8p, QS_KIND_E8P, 8)
+QS_DEFINE_INT8_AVX2(mm_rows_int8_avx2_rvq3, QS_KIND_RVQ3, 4)
+QS_DEFINE_INT8_AVX2(mm_rows_int8_avx2_rvq4, QS_KIND_RVQ4, 4)
 #endif /* QS_X86 */
 
 /* Quantize activations x [B, n] to int8 with one scale per vector (max |x| / 127). */
@@ -692,6 +805,14 @@ QS_API qs_codebook *qs_codebook_new(int kind, const float *src1, const float *ta
     for (int i = 0; i < NSRC * DIM; i++) t->tab2s[i] = t->tab2[i] / t->resid_scale;
     t->shift2 = E8P_SHIFT / t->resid_scale;
     t->int8_ok = int8_tables(t);
+    for (int sg = 0; sg < NSRC; sg++) {
+        int odd;
+        uint32_t fixed = e8p_signs((uint32_t)sg << SIGN_SHIFT, &odd);
+        for (int j = 0; j < DIM; j++) {
+            int mag = INT8_OFFSET + (odd ? -1 : 1);
+            t->sgnq[sg * DIM + j] = (int8_t)(((fixed >> j) & 1u) ? -mag : mag);
+        }
+    }
     t->pat_ok = t->int8_ok && pattern_table(t) &&
                 (kind == QS_KIND_E8P || (kind == QS_KIND_RVQ4 && memcmp(t->tab2, t->src1, sizeof(t->src1)) == 0));
     return t;
@@ -754,16 +875,26 @@ QS_API int qs_decode(const uint8_t *codes, int64_t m, int64_t n, const qs_codebo
 
 typedef void (*mm_rows_fn)(const mm_args *, int64_t, int64_t, int64_t, int64_t);
 
-static mm_rows_fn mm_kernel(int level, const qs_codebook *t) {
+/* The float32 row kernel of a level. */
+static mm_rows_fn float_kernel(int level) {
 #if QS_X86
-    switch (level) {
-    case QS_LEVEL_VNNI: return t->pat_ok ? mm_rows_vnni_pat : mm_rows_vnni;
-    case QS_LEVEL_AVX512: return mm_rows_avx512;
-    case QS_LEVEL_AVX2: return mm_rows_avx2;
-    default: break;
-    }
+    if (is_avx512(level)) return mm_rows_avx512;
+    if (level == QS_LEVEL_AVX2) return mm_rows_avx2;
 #endif
+    (void)level;
     return mm_rows_scalar;
+}
+
+/* The int8 row kernel of a level (every level has one; integer sums equal mm_rows_int8_scalar's). */
+static mm_rows_fn int8_kernel(int level, const qs_codebook *t) {
+#if QS_X86
+    if (level == QS_LEVEL_VNNI) return t->pat_ok ? mm_rows_vnni_pat : mm_rows_vnni;
+    if (level == QS_LEVEL_AVX2 || level == QS_LEVEL_AVX512) /* AVX-512 without VNNI: the AVX2 kernel */
+        return t->kind == QS_KIND_E8P ? mm_rows_int8_avx2_e8p
+                                      : (t->kind == QS_KIND_RVQ3 ? mm_rows_int8_avx2_rvq3 : mm_rows_int8_avx2_rvq4);
+#endif
+    (void)level;
+    return mm_rows_int8_scalar;
 }
 
 /*
@@ -839,9 +970,9 @@ static int matmul_impl(const uint8_t *codes, int64_t m, int64_t n, const qs_code
 QS_API int qs_matmul(const uint8_t *codes, int64_t m, int64_t n, const qs_codebook *t, const float *x, int64_t B,
                      float *out, int nthreads, int level, int allow_int8) {
     if (!level_ok(level)) return QS_EBADLEVEL;
-    if (level == QS_LEVEL_VNNI && !(allow_int8 && t && t->int8_ok)) level = QS_LEVEL_AVX512;
-    mm_rows_fn fn = t ? mm_kernel(level, t) : NULL;
-    return matmul_impl(codes, m, n, t, x, B, out, nthreads, fn, level == QS_LEVEL_VNNI);
+    if (!t) return QS_EBADKIND;
+    int int8 = allow_int8 && t->int8_ok;
+    return matmul_impl(codes, m, n, t, x, B, out, nthreads, int8 ? int8_kernel(level, t) : float_kernel(level), int8);
 }
 
 /* The portable int8 reference: same activation quantization and integer sums as the VNNI path. */

@@ -23,12 +23,15 @@ from quipsharp.config import CODEBOOK_DIM
 
 logger = logging.getLogger("quipsharp.kernels")
 
-#: Native paths, in the C library's enum order (QS_LEVEL_*). Float32 kernels for layers without the
-#: Hadamard transform; int8 activations (see :data:`INT8_LEVELS`) behind it.
+#: Native paths, in the C library's enum order (QS_LEVEL_*). Each has float32 kernels (layers
+#: without the Hadamard transform) and int8 ones (activations behind it; see :data:`INT8_LEVELS`):
+#: ``scalar`` portable C; ``avx2`` AVX2+FMA (vpmaddubsw); ``avx512`` AVX-512 F/VL/BW/DQ float
+#: kernels, the AVX2 int8 kernel; ``avx512vnni`` + VNNI/VBMI/BITALG int8 kernels; ``neon``,
+#: ``neon_dotprod`` AArch64 (sdot).
 LEVELS = ("scalar", "avx2", "avx512", "avx512vnni", "neon", "neon_dotprod")
 #: Levels whose kernels quantize the activations to int8 behind the Hadamard transform
-#: (``allow_int8``); the others compute in float32.
-INT8_LEVELS = frozenset({"avx512vnni"})
+#: (``allow_int8``): all of them; their integer sums equal the portable reference's bit for bit.
+INT8_LEVELS = frozenset(LEVELS)
 #: Batch sizes up to this use the fused kernel (it keeps this many activation rows in registers and
 #: decodes every weight once per group of rows); larger batches decode the weights once, exactly,
 #: and call torch's float32 GEMM. Equal to the C kernels' MAX_FUSED_BATCH.
