@@ -116,6 +116,48 @@ def matvec_rows(threads: list[int], repeats: int, levels: list[str] | None = Non
     return rows
 
 
+def prefill_rows(threads: list[int], repeats: int, levels: list[str] | None, shapes: list[tuple[int, int]],
+                 batch: int) -> list[dict[str, Any]]:
+    """One layer at a prefill batch: our whole QuantizedLinear (int8 GEMM tiles behind the Hadamard
+    transform) against torch ``F.linear`` in float32 and bfloat16; tokens/s = batch / time."""
+    import torch
+    import torch.nn.functional as F
+
+    from quipsharp import kernels
+    from quipsharp.codebooks import get_codebook
+    from quipsharp.config import QuIPSharpConfig
+    from quipsharp.nn import QuantizedLinear
+
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for m, n in shapes:
+        W = torch.randn(m, n, generator=gen)
+        Wb = W.to(torch.bfloat16)
+        x = torch.randn(batch, n, generator=gen)
+        xb = x.to(torch.bfloat16)
+        for bits in BITS:
+            q = QuantizedLinear(n, m, QuIPSharpConfig(bits=bits))
+            cb = get_codebook(q.config.codebook_name)
+            q.codes.copy_(cb.pack(torch.randint(0, cb.num_codes, (m, n // 8), generator=gen)))
+            q.su.copy_(torch.randint(0, 2, (n,), generator=gen) * 2.0 - 1)
+            q.sv.copy_(torch.randint(0, 2, (m,), generator=gen) * 2.0 - 1)
+            q.wscale.fill_(0.01)
+            for t in threads:
+                torch.set_num_threads(t)
+                with torch.inference_mode():
+                    fp32 = _median_seconds(partial(F.linear, x, W), repeats)
+                    bf16 = _median_seconds(partial(F.linear, xb, Wb), repeats)
+                    for level in levels or [None]:
+                        q.use_kernel(kernels.select(level).name)
+                        ours = _median_seconds(partial(q, x), repeats)
+                        rows.append({"shape": [m, n], "bits": bits, "threads": t, "batch": batch,
+                                     "kernel": q._kernel.name, "ours_tok_s": batch / ours,
+                                     "torch_fp32_tok_s": batch / fp32, "torch_bf16_tok_s": batch / bf16,
+                                     "ours_over_fp32": fp32 / ours, "ours_over_bf16": bf16 / ours})
+                        print(json.dumps(rows[-1]), file=sys.stderr)
+    return rows
+
+
 def _build_model(name: str, cache: Path | None = None):
     import torch
 
@@ -178,7 +220,9 @@ def generation_row(name: str, threads: int, new_tokens: int, runs: int, engine: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", default=["matvec", "generation"], choices=["matvec", "generation"])
+    parser.add_argument("--parts", nargs="+", default=["matvec", "generation"],
+                        choices=["matvec", "prefill", "generation"])
+    parser.add_argument("--batch", type=int, default=64, help="tokens per call of the prefill rows")
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--levels", nargs="+", default=None,
@@ -207,6 +251,8 @@ def main() -> None:
     result: dict[str, Any] = {"date": today(), "machine": machine_info(), "args": vars(args)}
     if "matvec" in args.parts:
         result["matvec"] = matvec_rows(args.threads, args.repeats, args.levels, _shapes(args.shapes))
+    if "prefill" in args.parts:
+        result["prefill"] = prefill_rows(args.threads, args.repeats, args.levels, _shapes(args.shapes), args.batch)
     if "generation" in args.parts:
         rows = []
         for t in args.threads:
@@ -229,6 +275,10 @@ def main() -> None:
               f"{r['ours_gw_s']:6.2f} "
               f"G w/s (kernel {r['ours_kernel_only_gw_s']:6.2f}), torch fp32 {r['torch_fp32_gw_s']:6.2f}, "
               f"bf16 {r['torch_bf16_gw_s']:6.2f}")
+    for r in result.get("prefill", []):
+        print(f"{r['shape'][0]:6d}x{r['shape'][1]:<5d} {r['bits']}-bit t={r['threads']} {r['kernel']:10} batch "
+              f"{r['batch']}: ours {r['ours_tok_s']:8.1f} tok/s, torch fp32 {r['torch_fp32_tok_s']:8.1f}, bf16 "
+              f"{r['torch_bf16_tok_s']:8.1f} (ours/fp32 {r['ours_over_fp32']:.2f})")
     for r in result.get("generation", []):
         print(f"{r['model']:14} {r['engine']:12} head {r['head_dtype']:8} t={r['threads']}:"
               f" decode {r['decode_tok_s']:7.1f} tok/s, prefill "

@@ -115,6 +115,9 @@ QS_API int qs_openmp(void) {
 #endif
 }
 
+/* Threads worth using for `work` codewords: small problems stay on the calling thread. */
+static int threads_for(int64_t work, int nthreads) { return work >= PARALLEL_MIN_CODEWORDS ? nthreads : 1; }
+
 static int code_bytes(int kind) { return (kind >= 0 && kind < QS_NUM_KINDS) ? CODE_BYTES[kind] : 0; }
 
 /* ----------------------------------------------------------------------- codeword reading */
@@ -708,12 +711,261 @@ QS_DEFINE_INT8_AVX2(mm_rows_int8_avx2_rvq3, QS_KIND_RVQ3, 4)
 QS_DEFINE_INT8_AVX2(mm_rows_int8_avx2_rvq4, QS_KIND_RVQ4, 4)
 #endif /* QS_X86 */
 
+
+/* ------------------------------------------------------------------- int8 prefill (GEMM tiles) */
+/*
+ * Batches above MAX_FUSED_BATCH: the weight is never materialised in float32. A tile of
+ * GEMM_ROWS weight rows × GEMM_K columns is decoded once to the int8 path's unsigned operands u
+ * (exactly the values the row kernels use: u1 for stage 1, u2 for stage 2) and multiplied with
+ * every activation row by an int8 GEMM micro-kernel of the level, accumulating int32 sums per
+ * (activation row, weight row). Activations are copied with their rows padded by zeros to a
+ * multiple of GEMM_ALIGN and decoded tiles are zero-padded the same way, so the micro-kernels only
+ * see whole vectors. Integer sums, hence outputs, equal the reference's bit for bit.
+ */
+#define GEMM_ROWS 16   /* weight rows per tile (a multiple of the micro-kernels' 4) */
+#define GEMM_K 2048    /* columns (bytes of u) per tile: 4 rows of a tile stay in L1 */
+#define GEMM_ALIGN 64  /* activation rows padded to this many bytes */
+
+/* acc [B, GEMM_ROWS] += u [GEMM_ROWS, kc] (row stride ldu) · x [B, kc]ᵀ (row stride ldx); kc % GEMM_ALIGN == 0.
+   narrow: every u <= 27 (stage-1 / E8P12 operands), so two vpmaddubsw results may share an int16. */
+typedef void (*gemm_fn)(const uint8_t *u, int64_t ldu, const int8_t *x, int64_t ldx, int64_t B, int64_t kc,
+                        int32_t *acc, int narrow);
+
+static void gemm_scalar(const uint8_t *u, int64_t ldu, const int8_t *x, int64_t ldx, int64_t B, int64_t kc,
+                        int32_t *acc, int narrow) {
+    (void)narrow;
+    for (int64_t b = 0; b < B; b++)
+        for (int r = 0; r < GEMM_ROWS; r++) {
+            const uint8_t *ur = u + r * ldu;
+            const int8_t *xb = x + b * ldx;
+            int32_t s = 0;
+            for (int64_t j = 0; j < kc; j++) s += (int32_t)ur[j] * (int32_t)xb[j];
+            acc[b * GEMM_ROWS + r] += s;
+        }
+}
+
+/* Unsigned operands of codewords [k0, k1) of code row rc into u1 (and u2 for the residual kinds). */
+static void decode_u_scalar(const qs_codebook *t, const uint8_t *rc, int64_t k0, int64_t k1, uint8_t *u1,
+                            uint8_t *u2) {
+    for (int64_t k = k0; k < k1; k++) {
+        uint32_t c = read_code(rc + k * t->cb, t->cb);
+        const int8_t *T = t->tab1q + (size_t)(c & SRC_MASK) * DIM, *G = t->sgnq + (size_t)((c >> 8) & SRC_MASK) * DIM;
+        uint8_t *o = u1 + (k - k0) * DIM;
+        for (int j = 0; j < DIM; j++) o[j] = (uint8_t)((G[j] < 0 ? -T[j] : T[j]) + abs(G[j]));
+        if (t->kind == QS_KIND_E8P) continue;
+        o = u2 + (k - k0) * DIM;
+        if (t->kind == QS_KIND_RVQ3) {
+            const int8_t *T2 = t->tab2q + (size_t)((c >> 16) & SRC_MASK) * DIM;
+            for (int j = 0; j < DIM; j++) o[j] = (uint8_t)T2[j];
+        } else {
+            const int8_t *T2 = t->tab2q + (size_t)((c >> 16) & SRC_MASK) * DIM;
+            const int8_t *G2 = t->sgnq + (size_t)(c >> 24) * DIM;
+            for (int j = 0; j < DIM; j++) o[j] = (uint8_t)((G2[j] < 0 ? -T2[j] : T2[j]) + abs(G2[j]));
+        }
+    }
+}
+
+typedef void (*decode_u_fn)(const qs_codebook *, const uint8_t *, int64_t, int64_t, uint8_t *, uint8_t *);
+
+#if QS_X86
+__attribute__((target(QS_AVX2))) static void decode_u_avx2(const qs_codebook *t, const uint8_t *rc, int64_t k0,
+                                                           int64_t k1, uint8_t *u1, uint8_t *u2) {
+    const int cb = t->cb;
+    int64_t k = k0;
+    for (; k + 4 <= k1; k += 4) {
+        const uint8_t *p = rc + k * cb;
+        _mm256_storeu_si256((__m256i *)(u1 + (k - k0) * DIM), e8p_u4_avx2(t->tab1q, t->sgnq, p, cb));
+        if (t->kind == QS_KIND_RVQ4)
+            _mm256_storeu_si256((__m256i *)(u2 + (k - k0) * DIM), e8p_u4_avx2(t->tab2q, t->sgnq, p + 2, cb));
+        else if (t->kind == QS_KIND_RVQ3)
+            _mm256_storeu_si256((__m256i *)(u2 + (k - k0) * DIM),
+                                rows4_avx2(t->tab2q, p[2], p[cb + 2], p[2 * cb + 2], p[3 * cb + 2]));
+    }
+    decode_u_scalar(t, rc, k, k1, u1 + (k - k0) * DIM, u2 ? u2 + (k - k0) * DIM : NULL);
+}
+
+/* AVX2 micro-kernel: blocks of 4 weight rows × 2 activation rows (8 int32 accumulators). */
+__attribute__((target(QS_AVX2))) static void gemm_avx2(const uint8_t *u, int64_t ldu, const int8_t *x, int64_t ldx,
+                                                       int64_t B, int64_t kc, int32_t *acc, int narrow) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int r = 0; r < GEMM_ROWS; r += 4) {
+        const uint8_t *u0 = u + r * ldu, *u1 = u0 + ldu, *u2 = u1 + ldu, *u3 = u2 + ldu;
+        int64_t b = 0;
+        for (; b + 2 <= B; b += 2) {
+            const int8_t *xa = x + b * ldx, *xb = xa + ldx;
+            __m256i c[8];
+            for (int q = 0; q < 8; q++) c[q] = _mm256_setzero_si256();
+#define QS_MAC(UR, CA, CB)                                                                                  \
+    {                                                                                                     \
+        __m256i w = _mm256_loadu_si256((const __m256i *)(UR + j));                                        \
+        __m256i w2 = _mm256_loadu_si256((const __m256i *)(UR + j + 32));                                  \
+        if (narrow) {                                                                                     \
+            CA = _mm256_add_epi32(CA, _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(w, x0),     \
+                                                                         _mm256_maddubs_epi16(w2, x1)),   \
+                                                        ones));                                           \
+            CB = _mm256_add_epi32(CB, _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(w, y0),     \
+                                                                         _mm256_maddubs_epi16(w2, y1)),   \
+                                                        ones));                                           \
+        } else {                                                                                          \
+            CA = _mm256_add_epi32(CA, _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(w, x0), ones), \
+                                                       _mm256_madd_epi16(_mm256_maddubs_epi16(w2, x1), ones))); \
+            CB = _mm256_add_epi32(CB, _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(w, y0), ones), \
+                                                       _mm256_madd_epi16(_mm256_maddubs_epi16(w2, y1), ones))); \
+        }                                                                                                 \
+    }
+            for (int64_t j = 0; j < kc; j += 64) {
+                __m256i x0 = _mm256_loadu_si256((const __m256i *)(xa + j));
+                __m256i x1 = _mm256_loadu_si256((const __m256i *)(xa + j + 32));
+                __m256i y0 = _mm256_loadu_si256((const __m256i *)(xb + j));
+                __m256i y1 = _mm256_loadu_si256((const __m256i *)(xb + j + 32));
+                QS_MAC(u0, c[0], c[4])
+                QS_MAC(u1, c[1], c[5])
+                QS_MAC(u2, c[2], c[6])
+                QS_MAC(u3, c[3], c[7])
+            }
+            for (int q = 0; q < 4; q++) {
+                acc[b * GEMM_ROWS + r + q] += hsum_epi32_avx2(c[q]);
+                acc[(b + 1) * GEMM_ROWS + r + q] += hsum_epi32_avx2(c[4 + q]);
+            }
+        }
+        for (; b < B; b++) { /* odd last activation row: the 4 x 2 block against itself, second half dropped */
+            const int8_t *xa = x + b * ldx, *xb = xa;
+            __m256i c[8];
+            for (int q = 0; q < 8; q++) c[q] = _mm256_setzero_si256();
+            for (int64_t j = 0; j < kc; j += 64) {
+                __m256i x0 = _mm256_loadu_si256((const __m256i *)(xa + j));
+                __m256i x1 = _mm256_loadu_si256((const __m256i *)(xa + j + 32));
+                __m256i y0 = _mm256_loadu_si256((const __m256i *)(xb + j));
+                __m256i y1 = _mm256_loadu_si256((const __m256i *)(xb + j + 32));
+                QS_MAC(u0, c[0], c[4])
+                QS_MAC(u1, c[1], c[5])
+                QS_MAC(u2, c[2], c[6])
+                QS_MAC(u3, c[3], c[7])
+            }
+            for (int q = 0; q < 4; q++) acc[b * GEMM_ROWS + r + q] += hsum_epi32_avx2(c[q]);
+        }
+#undef QS_MAC
+    }
+}
+
+/* AVX-512 VNNI micro-kernel: blocks of 4 weight rows × 4 activation rows, 64 bytes per vpdpbusd. */
+__attribute__((target(QS_VNNI))) static void gemm_vnni(const uint8_t *u, int64_t ldu, const int8_t *x, int64_t ldx,
+                                                       int64_t B, int64_t kc, int32_t *acc, int narrow) {
+    (void)narrow;
+    for (int r = 0; r < GEMM_ROWS; r += 4) {
+        const uint8_t *ur = u + r * ldu;
+        for (int64_t b = 0; b < B; b += 4) {
+            int nbk = B - b < 4 ? (int)(B - b) : 4;
+            const int8_t *xr[4];
+            for (int q = 0; q < 4; q++) xr[q] = x + (b + (q < nbk ? q : 0)) * ldx; /* short block: repeat row b */
+            __m512i c[16];
+            for (int q = 0; q < 16; q++) c[q] = _mm512_setzero_si512();
+            for (int64_t j = 0; j < kc; j += 64) {
+                __m512i w0 = _mm512_loadu_si512((const void *)(ur + j));
+                __m512i w1 = _mm512_loadu_si512((const void *)(ur + ldu + j));
+                __m512i w2 = _mm512_loadu_si512((const void *)(ur + 2 * ldu + j));
+                __m512i w3 = _mm512_loadu_si512((const void *)(ur + 3 * ldu + j));
+                for (int q = 0; q < 4; q++) {
+                    __m512i xv = _mm512_loadu_si512((const void *)(xr[q] + j));
+                    c[4 * q + 0] = _mm512_dpbusd_epi32(c[4 * q + 0], w0, xv);
+                    c[4 * q + 1] = _mm512_dpbusd_epi32(c[4 * q + 1], w1, xv);
+                    c[4 * q + 2] = _mm512_dpbusd_epi32(c[4 * q + 2], w2, xv);
+                    c[4 * q + 3] = _mm512_dpbusd_epi32(c[4 * q + 3], w3, xv);
+                }
+            }
+            for (int q = 0; q < nbk; q++)
+                for (int rr = 0; rr < 4; rr++) acc[(b + q) * GEMM_ROWS + r + rr] += _mm512_reduce_add_epi32(c[4 * q + rr]);
+        }
+    }
+}
+#endif
+
+static void gemm_kernels(int level, gemm_fn *gemm, decode_u_fn *dec) {
+    *gemm = gemm_scalar;
+    *dec = decode_u_scalar;
+#if QS_X86
+    if (level == QS_LEVEL_VNNI) {
+        *gemm = gemm_vnni;
+        *dec = decode_u_avx2;
+    } else if (level == QS_LEVEL_AVX2 || level == QS_LEVEL_AVX512) {
+        *gemm = gemm_avx2;
+        *dec = decode_u_avx2;
+    }
+#endif
+    (void)level;
+}
+
+/* out [B, m] for B > MAX_FUSED_BATCH on the int8 path (a->xq, xscale, xsum filled). */
+static int int8_gemm(const mm_args *a, int level, int nthreads) {
+    gemm_fn gemm;
+    decode_u_fn dec;
+    gemm_kernels(level, &gemm, &dec);
+    const int64_t n = a->n, m = a->m, B = a->B, npad = (n + GEMM_ALIGN - 1) / GEMM_ALIGN * GEMM_ALIGN;
+    const int rvq = a->kind != QS_KIND_E8P;
+    int8_t *xp = (int8_t *)aligned_alloc(GEMM_ALIGN, (size_t)(B * npad));
+    if (!xp) return QS_ENOMEM;
+    for (int64_t b = 0; b < B; b++) {
+        memcpy(xp + b * npad, a->xq + b * n, (size_t)n);
+        memset(xp + b * npad + n, 0, (size_t)(npad - n));
+    }
+    int64_t ntiles = (m + GEMM_ROWS - 1) / GEMM_ROWS;
+    int nt = threads_for(m * a->nblk * MAX_FUSED_BATCH, nthreads);
+    if (nt > ntiles) nt = (int)(ntiles > 0 ? ntiles : 1);
+    int rc = QS_OK;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        size_t tile = (size_t)GEMM_ROWS * GEMM_K;
+        uint8_t *u1 = (uint8_t *)aligned_alloc(GEMM_ALIGN, tile * (rvq ? 2 : 1));
+        uint8_t *u2 = u1 && rvq ? u1 + tile : NULL;
+        int32_t *acc = (int32_t *)malloc(sizeof(int32_t) * (size_t)(B * GEMM_ROWS) * 2);
+        int ok = u1 && acc;
+        if (!ok) {
+#pragma omp atomic write
+            rc = QS_ENOMEM;
+        }
+#pragma omp for schedule(static)
+        for (int64_t tl = 0; tl < ntiles; tl++) {
+            if (!ok) continue;
+            int64_t r0 = tl * GEMM_ROWS, rows = m - r0 < GEMM_ROWS ? m - r0 : GEMM_ROWS;
+            int32_t *acc1 = acc, *acc2 = acc + B * GEMM_ROWS;
+            memset(acc, 0, sizeof(int32_t) * (size_t)(B * GEMM_ROWS) * 2);
+            for (int64_t k0 = 0; k0 < npad; k0 += GEMM_K) {
+                int64_t kc = npad - k0 < GEMM_K ? npad - k0 : GEMM_K;       /* a multiple of GEMM_ALIGN */
+                int64_t c0 = k0 / DIM, c1 = (k0 + kc < n ? k0 + kc : n) / DIM; /* codewords in this tile */
+                int64_t used = (c1 - c0) * DIM;
+                for (int64_t r = 0; r < GEMM_ROWS; r++) {
+                    uint8_t *d1 = u1 + r * GEMM_K, *d2 = rvq ? u2 + r * GEMM_K : NULL;
+                    if (r < rows) {
+                        dec(a->t, a->codes + (r0 + r) * a->row_bytes, c0, c1, d1, d2);
+                        memset(d1 + used, 0, (size_t)(kc - used));
+                        if (rvq) memset(d2 + used, 0, (size_t)(kc - used));
+                    } else {
+                        memset(d1, 0, (size_t)kc);
+                        if (rvq) memset(d2, 0, (size_t)kc);
+                    }
+                }
+                gemm(u1, GEMM_K, xp + k0, npad, B, kc, acc1, 1);
+                if (rvq) gemm(u2, GEMM_K, xp + k0, npad, B, kc, acc2, a->kind == QS_KIND_RVQ4);
+            }
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t r = 0; r < rows; r++)
+                    a->out[b * m + r0 + r] = int8_output(a, b, acc1[b * GEMM_ROWS + r], acc2[b * GEMM_ROWS + r]);
+        }
+        free(u1);
+        free(acc);
+    }
+    free(xp);
+    return rc;
+}
+
 /* Quantize activations x [B, n] to int8 with one scale per vector (max |x| / 127). */
-static int quantize_activations(const mm_args *a, int8_t **xq, float **xscale, int32_t **xsum) {
+static int quantize_activations(const mm_args *a, int8_t **xq, float **xscale, int32_t **xsum, int nthreads) {
     *xq = (int8_t *)malloc((size_t)(a->B * a->n) + 1);
     *xscale = (float *)malloc(sizeof(float) * (size_t)(a->B + 1));
     *xsum = (int32_t *)malloc(sizeof(int32_t) * (size_t)(a->B + 1));
     if (!*xq || !*xscale || !*xsum) return QS_ENOMEM;
+    int nt = threads_for(a->B * a->n, nthreads);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
     for (int64_t b = 0; b < a->B; b++) {
         const float *x = a->x + b * a->n;
         float amax = 0.0f;
@@ -827,8 +1079,6 @@ static int row_finite(const float *x, int64_t n) {
     return finite;
 }
 
-/* Threads worth using for `work` codewords: small problems stay on the calling thread. */
-static int threads_for(int64_t work, int nthreads) { return work >= PARALLEL_MIN_CODEWORDS ? nthreads : 1; }
 
 #if QS_X86
 /* A row of decode_scalar with AVX-512: same operations in the same order, so bitwise equal. */
@@ -899,10 +1149,11 @@ static mm_rows_fn int8_kernel(int level, const qs_codebook *t) {
 
 /*
  * out [B, m] = x [B, n] @ decode(codes)ᵀ   (fused; no decoded weight is stored).
- * fn: the row kernel; int8 = 1 quantizes the activations first (int8 row kernels).
+ * fn: the row kernel; int8 = 1 quantizes the activations first (int8 row kernels). gemm_level >= 0:
+ * batches above MAX_FUSED_BATCH on the int8 path go to that level's GEMM tiles (int8_gemm) instead.
  */
 static int matmul_impl(const uint8_t *codes, int64_t m, int64_t n, const qs_codebook *t, const float *x, int64_t B,
-                       float *out, int nthreads, mm_rows_fn fn, int int8) {
+                       float *out, int nthreads, mm_rows_fn fn, int int8, int gemm_level) {
     if (!t) return QS_EBADKIND;
     if (!codes || !x || !out || m < 0 || n < 0 || n % DIM || B < 0 || nthreads < 1) return QS_EBADARG;
     if (int8 && !t->int8_ok) return QS_EBADARG;
@@ -925,10 +1176,14 @@ static int matmul_impl(const uint8_t *codes, int64_t m, int64_t n, const qs_code
     int rc = QS_OK;
     int16_t *xbs = NULL;
     if (int8) {
-        rc = quantize_activations(&a, &xq, &xscale, &xsum);
+        rc = quantize_activations(&a, &xq, &xscale, &xsum, nthreads);
         a.xq = xq;
         a.xscale = xscale;
         a.xsum = xsum;
+        if (rc == QS_OK && gemm_level >= 0 && B > MAX_FUSED_BATCH) {
+            rc = int8_gemm(&a, gemm_level, nthreads);
+            goto done;
+        }
         xbs = (int16_t *)malloc(sizeof(int16_t) * (size_t)(B * a.nblk + 1));
         if (rc == QS_OK && !xbs) rc = QS_ENOMEM;
         if (rc == QS_OK)
@@ -956,6 +1211,7 @@ static int matmul_impl(const uint8_t *codes, int64_t m, int64_t n, const qs_code
         for (int64_t b = 0; b < B; b++)
             if (!row_finite(x + b * n, n))
                 for (int64_t i = 0; i < m; i++) out[b * m + i] = NAN;
+done:
     free(xq);
     free(xscale);
     free(xsum);
@@ -972,13 +1228,14 @@ QS_API int qs_matmul(const uint8_t *codes, int64_t m, int64_t n, const qs_codebo
     if (!level_ok(level)) return QS_EBADLEVEL;
     if (!t) return QS_EBADKIND;
     int int8 = allow_int8 && t->int8_ok;
-    return matmul_impl(codes, m, n, t, x, B, out, nthreads, int8 ? int8_kernel(level, t) : float_kernel(level), int8);
+    return matmul_impl(codes, m, n, t, x, B, out, nthreads, int8 ? int8_kernel(level, t) : float_kernel(level), int8,
+                       level);
 }
 
 /* The portable int8 reference: same activation quantization and integer sums as the VNNI path. */
 QS_API int qs_matmul_int8_ref(const uint8_t *codes, int64_t m, int64_t n, const qs_codebook *t, const float *x,
                               int64_t B, float *out, int nthreads) {
-    return matmul_impl(codes, m, n, t, x, B, out, nthreads, mm_rows_int8_scalar, 1);
+    return matmul_impl(codes, m, n, t, x, B, out, nthreads, mm_rows_int8_scalar, 1, -1);
 }
 
 /* ----------------------------------------------------------------------- Hadamard transform */
@@ -1118,7 +1375,8 @@ QS_API int qs_hadamard(float *x, int64_t B, int64_t K, int64_t P, const float *M
 }
 
 /*
- * A whole quantized linear layer for small batches (DESIGN.md §1, step 4):
+ * A whole quantized linear layer (DESIGN.md §1, step 4), any batch (above MAX_FUSED_BATCH the int8
+ * path runs GEMM tiles; the float path of layers without the transform is meant for small batches):
  *   out [B, m] = sv ⊙ (wscale · Vᵀ (decode(codes) · U (su ⊙ x))) + bias
  * x [B, n]; codes [m, n/8*CB]; su [n]; sv [m]; bias [m] or NULL; U = M_in ⊗ H_Pin / sqrt(Pin),
  * Vᵀ = M_out_t ⊗ H_Pout / sqrt(Pout) (M_out_t the transposed factor). use_hadamard = 0 skips U, V.
@@ -1134,11 +1392,18 @@ QS_API int qs_linear(const float *x, int64_t B, int64_t n, int64_t m, const uint
                          !hadamard_args_ok(k_out, m / k_out, m_out_t)))
         return QS_EBADARG;
     int64_t kmax = n > m ? n : m;
-    float *h = (float *)malloc(sizeof(float) * (size_t)(B * n + kmax));
+    int nt = threads_for(B * kmax, nthreads); /* a decoding step (B <= 8) stays on one thread */
+    float *h = (float *)malloc(sizeof(float) * (size_t)(B * n + kmax * nt));
     if (!h) return QS_ENOMEM;
-    float *tmp = h + B * n;
     memcpy(h, x, sizeof(float) * (size_t)(B * n));
+    /* rows are independent: a prefill batch transforms them in parallel (tmp: one scratch row per thread) */
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
     for (int64_t b = 0; b < B; b++) {
+#ifdef _OPENMP
+        float *tmp = h + B * n + (size_t)omp_get_thread_num() * (size_t)kmax;
+#else
+        float *tmp = h + B * n;
+#endif
         if (use_hadamard)
             hadamard_vec(h + b * n, k_in, n / k_in, m_in, su, NULL, 1.0f / sqrtf((float)(n / k_in)), tmp, level);
         else
@@ -1146,7 +1411,13 @@ QS_API int qs_linear(const float *x, int64_t B, int64_t n, int64_t m, const uint
     }
     int rc = qs_matmul(codes, m, n, t, h, B, out, nthreads, level, use_hadamard);
     if (rc == QS_OK) {
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
         for (int64_t b = 0; b < B; b++) {
+#ifdef _OPENMP
+            float *tmp = h + B * n + (size_t)omp_get_thread_num() * (size_t)kmax;
+#else
+            float *tmp = h + B * n;
+#endif
             float *y = out + b * m;
             if (use_hadamard)
                 hadamard_vec(y, k_out, m / k_out, m_out_t, NULL, sv, wscale / sqrtf((float)(m / k_out)), tmp, level);

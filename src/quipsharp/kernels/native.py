@@ -33,8 +33,9 @@ LEVELS = ("scalar", "avx2", "avx512", "avx512vnni", "neon", "neon_dotprod")
 #: (``allow_int8``): all of them; their integer sums equal the portable reference's bit for bit.
 INT8_LEVELS = frozenset(LEVELS)
 #: Batch sizes up to this use the fused kernel (it keeps this many activation rows in registers and
-#: decodes every weight once per group of rows); larger batches decode the weights once, exactly,
-#: and call torch's float32 GEMM. Equal to the C kernels' MAX_FUSED_BATCH.
+#: decodes every weight once per group of rows). Larger batches behind the Hadamard transform run
+#: int8 GEMM tiles (each tile of codewords decoded to int8 once for the whole batch); without the
+#: transform they decode float32 weight chunks for torch's GEMM. Equal to the C kernels' MAX_FUSED_BATCH.
 FUSED_MAX_BATCH = 8
 #: Decoded weight elements per chunk on the decode + GEMM path (16 MB of float32 per thread).
 DECODE_CHUNK_ELEMENTS = 4 * 2**20
@@ -348,13 +349,17 @@ class NativeKernel:
         B = h.shape[0]
         if B == 0:
             return x.new_empty(*x.shape[:-1], m)
-        if B <= FUSED_MAX_BATCH:  # the decoding case: one native call for the whole layer
+        if B <= FUSED_MAX_BATCH or (use_hadamard and self.int8_activations):
+            # one native call for the whole layer: the fused kernel for a decoding step, int8 GEMM
+            # tiles (no float32 weight) for a prefill batch behind the Hadamard transform
             y = torch.empty(B, m, dtype=torch.float32)
             _check(_require().qs_linear(
                 h.data_ptr(), B, n, m, codes.data_ptr(), tables(codebook_name).handle, su.data_ptr(), sv.data_ptr(),
                 scale, _ptr(bias), use_hadamard, m_in.shape[0], m_in.data_ptr(), m_out_t.shape[0],
                 m_out_t.data_ptr(), y.data_ptr(), _threads(None), self.level), "linear")
             return y.reshape(*x.shape[:-1], m).to(x.dtype)
+        # a prefill batch of a layer without the transform (float32 activations: outlier channels
+        # would crush one int8 scale): decode chunks of the weight once and use torch's GEMM
         if h.data_ptr() == x.data_ptr():  # the transform below works in place
             h = h.clone()
         if use_hadamard:
