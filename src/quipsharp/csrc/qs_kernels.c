@@ -46,6 +46,22 @@
 #define QS_X86 0
 #endif
 
+#if defined(__aarch64__) && defined(__GNUC__) && defined(__linux__)
+#define QS_ARM 1
+#include <arm_neon.h>
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMD
+#define HWCAP_ASIMD (1UL << 1)
+#endif
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1UL << 20)
+#endif
+/* sdot (Armv8.2 dot product) only in the functions of the neon_dotprod level, chosen at run time */
+#define QS_DOTPROD __attribute__((target("arch=armv8.2-a+dotprod")))
+#else
+#define QS_ARM 0
+#endif
+
 #define QS_API __attribute__((visibility("default")))
 
 enum { QS_OK = 0, QS_EBADARG = -1, QS_EBADKIND = -2, QS_ENOMEM = -3, QS_EBADLEVEL = -4 };
@@ -85,6 +101,11 @@ static int detect_levels(void) {
     if (avx512) mask |= 1 << QS_LEVEL_AVX512;
     if (vnni) mask |= 1 << QS_LEVEL_VNNI;
 #endif
+#if QS_ARM
+    unsigned long hw = getauxval(AT_HWCAP);
+    if (hw & HWCAP_ASIMD) mask |= 1 << QS_LEVEL_NEON;
+    if ((hw & HWCAP_ASIMD) && (hw & HWCAP_ASIMDDP)) mask |= 1 << QS_LEVEL_NEON_DOT;
+#endif
     return mask;
 }
 
@@ -101,7 +122,7 @@ QS_API int qs_supported_levels(void) {
 }
 
 /* x86 levels with AVX-512 F/VL/BW/DQ. */
-static int is_avx512(int level) { return QS_X86 && (level == QS_LEVEL_AVX512 || level == QS_LEVEL_VNNI); }
+static inline int is_avx512(int level) { return QS_X86 && (level == QS_LEVEL_AVX512 || level == QS_LEVEL_VNNI); }
 
 static int level_ok(int level) {
     return level >= 0 && level < QS_NUM_LEVELS && ((qs_supported_levels() >> level) & 1);
@@ -712,6 +733,90 @@ QS_DEFINE_INT8_AVX2(mm_rows_int8_avx2_rvq4, QS_KIND_RVQ4, 4)
 #endif /* QS_X86 */
 
 
+#if QS_ARM
+/*
+ * ---- AArch64 int8 path: the AVX2 scheme on 16-byte vectors. Two codewords per vector: their
+ * 8-byte rows of the stage-1 table and of the sign table (loaded by index from L1, no gathers)
+ * give u = (G < 0 ? -T : T) + |G|, the reference's operand in [5, 27] (RVQ3 stage 2: the table
+ * row, <= 127). Both operands fit int8, so the products are signed × signed:
+ *   neon_dotprod: sdot (vdotq_s32, 4 products per int32 lane);
+ *   neon:         smull (vmull_s8, |u x| <= 127 · 127 fits int16) + sadalp (vpadalq_s16) into int32.
+ * Integer sums equal the reference's bit for bit.
+ */
+static inline int8x16_t rows2_neon(const int8_t *tab, uint32_t i0, uint32_t i1) {
+    return vcombine_s8(vld1_s8(tab + (size_t)i0 * DIM), vld1_s8(tab + (size_t)i1 * DIM));
+}
+
+/* Operands of 2 E8P12 codes whose index byte is at p and p + cb (sign byte next). */
+static inline int8x16_t e8p_u2_neon(const int8_t *tabq, const int8_t *sgnq, const uint8_t *p, int cb) {
+    int8x16_t T = rows2_neon(tabq, p[0], p[cb]), G = rows2_neon(sgnq, p[1], p[cb + 1]);
+    return vaddq_s8(vbslq_s8(vcltzq_s8(G), vnegq_s8(T), T), vabsq_s8(G));
+}
+
+QS_DOTPROD static inline int32x4_t dot_sdot(int32x4_t acc, int8x16_t u, int8x16_t x) { return vdotq_s32(acc, u, x); }
+
+static inline int32x4_t dot_mull(int32x4_t acc, int8x16_t u, int8x16_t x) {
+    acc = vpadalq_s16(acc, vmull_s8(vget_low_s8(u), vget_low_s8(x)));
+    return vpadalq_s16(acc, vmull_high_s8(u, x));
+}
+
+/* Weight row i against activation rows b0 .. b0 + NB - 1 (constants after inlining), two codewords a step. */
+#define QS_DEFINE_INT8_ROW_NEON(NAME, ATTR, DOT)                                                               \
+    ATTR __attribute__((always_inline)) static inline void NAME(const mm_args *a, int64_t i, int64_t b0,       \
+                                                                const int NB, const int KIND) {                \
+        const int cb = KIND == QS_KIND_E8P ? 2 : (KIND == QS_KIND_RVQ3 ? 3 : 4);                               \
+        const uint8_t *rc = a->codes + i * a->row_bytes;                                                       \
+        const int8_t *t1 = a->t->tab1q, *t2 = a->t->tab2q, *sg = a->t->sgnq;                                   \
+        int32x4_t acc1[MAX_FUSED_BATCH], acc2[MAX_FUSED_BATCH];                                                \
+        for (int b = 0; b < NB; b++) acc1[b] = acc2[b] = vdupq_n_s32(0);                                       \
+        const int64_t kend = a->nblk / 2 * 2;                                                                  \
+        for (int64_t k = 0; k < kend; k += 2) {                                                                \
+            const uint8_t *p = rc + k * cb;                                                                    \
+            int8x16_t u1 = e8p_u2_neon(t1, sg, p, cb), u2 = u1;                                                \
+            if (KIND == QS_KIND_RVQ4) u2 = e8p_u2_neon(t2, sg, p + 2, cb);                                     \
+            if (KIND == QS_KIND_RVQ3) u2 = rows2_neon(t2, p[2], p[cb + 2]);                                    \
+            for (int b = 0; b < NB; b++) {                                                                     \
+                int8x16_t x = vld1q_s8(a->xq + (b0 + b) * a->n + k * DIM);                                     \
+                acc1[b] = DOT(acc1[b], u1, x);                                                                 \
+                if (KIND != QS_KIND_E8P) acc2[b] = DOT(acc2[b], u2, x);                                        \
+            }                                                                                                  \
+        }                                                                                                      \
+        for (int b = 0; b < NB; b++) {                                                                         \
+            int32_t d1 = vaddvq_s32(acc1[b]), d2 = vaddvq_s32(acc2[b]);                                        \
+            int8_dots_scalar(a, rc, a->xq + (b0 + b) * a->n, kend, a->nblk, &d1, &d2);                         \
+            a->out[(b0 + b) * a->m + i] = int8_output(a, b0 + b, d1, d2);                                      \
+        }                                                                                                      \
+    }
+
+QS_DEFINE_INT8_ROW_NEON(int8_row_neon, , dot_mull)
+QS_DEFINE_INT8_ROW_NEON(int8_row_sdot, QS_DOTPROD, dot_sdot)
+
+/* Row kernels over a batch: passes of up to 8 (E8P12) / 4 (RVQ) activation rows. */
+#define QS_DEFINE_INT8_ROWS_NEON(NAME, ATTR, ROW, KIND, PASS)                                                 \
+    ATTR static void NAME(const mm_args *a, int64_t r0, int64_t r1, int64_t b0, int64_t nb) {                 \
+        for (int64_t i = r0; i < r1; i++)                                                                     \
+            for (int64_t c0 = b0; c0 < b0 + nb; c0 += PASS) {                                                 \
+                switch (b0 + nb - c0 < PASS ? b0 + nb - c0 : PASS) {                                          \
+                case 1: ROW(a, i, c0, 1, KIND); break;                                                        \
+                case 2: ROW(a, i, c0, 2, KIND); break;                                                        \
+                case 3: ROW(a, i, c0, 3, KIND); break;                                                        \
+                case 4: ROW(a, i, c0, 4, KIND); break;                                                        \
+                case 5: ROW(a, i, c0, 5, KIND); break;                                                        \
+                case 6: ROW(a, i, c0, 6, KIND); break;                                                        \
+                case 7: ROW(a, i, c0, 7, KIND); break;                                                        \
+                default: ROW(a, i, c0, 8, KIND); break;                                                       \
+                }                                                                                             \
+            }                                                                                                 \
+    }
+
+QS_DEFINE_INT8_ROWS_NEON(mm_rows_neon_e8p, , int8_row_neon, QS_KIND_E8P, 8)
+QS_DEFINE_INT8_ROWS_NEON(mm_rows_neon_rvq3, , int8_row_neon, QS_KIND_RVQ3, 4)
+QS_DEFINE_INT8_ROWS_NEON(mm_rows_neon_rvq4, , int8_row_neon, QS_KIND_RVQ4, 4)
+QS_DEFINE_INT8_ROWS_NEON(mm_rows_sdot_e8p, QS_DOTPROD, int8_row_sdot, QS_KIND_E8P, 8)
+QS_DEFINE_INT8_ROWS_NEON(mm_rows_sdot_rvq3, QS_DOTPROD, int8_row_sdot, QS_KIND_RVQ3, 4)
+QS_DEFINE_INT8_ROWS_NEON(mm_rows_sdot_rvq4, QS_DOTPROD, int8_row_sdot, QS_KIND_RVQ4, 4)
+#endif /* QS_ARM */
+
 /* ------------------------------------------------------------------- int8 prefill (GEMM tiles) */
 /*
  * Batches above MAX_FUSED_BATCH: the weight is never materialised in float32. A tile of
@@ -880,6 +985,41 @@ __attribute__((target(QS_VNNI))) static void gemm_vnni(const uint8_t *u, int64_t
 }
 #endif
 
+#if QS_ARM
+/* NEON micro-kernels: blocks of 4 weight rows × 4 activation rows (16 int32x4 accumulators), 16 bytes a step. */
+#define QS_DEFINE_GEMM_NEON(NAME, ATTR, DOT)                                                                   \
+    ATTR static void NAME(const uint8_t *u, int64_t ldu, const int8_t *x, int64_t ldx, int64_t B, int64_t kc,  \
+                          int32_t *acc, int narrow) {                                                          \
+        (void)narrow;                                                                                          \
+        for (int r = 0; r < GEMM_ROWS; r += 4) {                                                               \
+            const int8_t *ur = (const int8_t *)u + r * ldu; /* operands <= 127: the same bytes as int8 */     \
+            for (int64_t b = 0; b < B; b += 4) {                                                               \
+                int nbk = B - b < 4 ? (int)(B - b) : 4;                                                        \
+                const int8_t *xr[4];                                                                           \
+                for (int q = 0; q < 4; q++) xr[q] = x + (b + (q < nbk ? q : 0)) * ldx;                         \
+                int32x4_t c[16];                                                                               \
+                for (int q = 0; q < 16; q++) c[q] = vdupq_n_s32(0);                                            \
+                for (int64_t j = 0; j < kc; j += 16) {                                                         \
+                    int8x16_t w0 = vld1q_s8(ur + j), w1 = vld1q_s8(ur + ldu + j);                              \
+                    int8x16_t w2 = vld1q_s8(ur + 2 * ldu + j), w3 = vld1q_s8(ur + 3 * ldu + j);                \
+                    for (int q = 0; q < 4; q++) {                                                              \
+                        int8x16_t xv = vld1q_s8(xr[q] + j);                                                    \
+                        c[4 * q + 0] = DOT(c[4 * q + 0], w0, xv);                                              \
+                        c[4 * q + 1] = DOT(c[4 * q + 1], w1, xv);                                              \
+                        c[4 * q + 2] = DOT(c[4 * q + 2], w2, xv);                                              \
+                        c[4 * q + 3] = DOT(c[4 * q + 3], w3, xv);                                              \
+                    }                                                                                          \
+                }                                                                                              \
+                for (int q = 0; q < nbk; q++)                                                                  \
+                    for (int rr = 0; rr < 4; rr++) acc[(b + q) * GEMM_ROWS + r + rr] += vaddvq_s32(c[4 * q + rr]); \
+            }                                                                                                  \
+        }                                                                                                      \
+    }
+
+QS_DEFINE_GEMM_NEON(gemm_neon, , dot_mull)
+QS_DEFINE_GEMM_NEON(gemm_sdot, QS_DOTPROD, dot_sdot)
+#endif
+
 static void gemm_kernels(int level, gemm_fn *gemm, decode_u_fn *dec) {
     *gemm = gemm_scalar;
     *dec = decode_u_scalar;
@@ -891,6 +1031,10 @@ static void gemm_kernels(int level, gemm_fn *gemm, decode_u_fn *dec) {
         *gemm = gemm_avx2;
         *dec = decode_u_avx2;
     }
+#endif
+#if QS_ARM
+    if (level == QS_LEVEL_NEON) *gemm = gemm_neon;
+    if (level == QS_LEVEL_NEON_DOT) *gemm = gemm_sdot;
 #endif
     (void)level;
 }
@@ -1106,7 +1250,9 @@ QS_API int qs_decode(const uint8_t *codes, int64_t m, int64_t n, const qs_codebo
     int cb = t->cb, kind = t->kind;
     int64_t nblk = n / DIM, row_bytes = nblk * cb;
     int nt = threads_for(m * nblk, nthreads);
+#if QS_X86
     int simd = is_avx512(level);
+#endif
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
     for (int64_t i = 0; i < m; i++) {
         const uint8_t *rc = codes + i * row_bytes;
@@ -1142,6 +1288,14 @@ static mm_rows_fn int8_kernel(int level, const qs_codebook *t) {
     if (level == QS_LEVEL_AVX2 || level == QS_LEVEL_AVX512) /* AVX-512 without VNNI: the AVX2 kernel */
         return t->kind == QS_KIND_E8P ? mm_rows_int8_avx2_e8p
                                       : (t->kind == QS_KIND_RVQ3 ? mm_rows_int8_avx2_rvq3 : mm_rows_int8_avx2_rvq4);
+#endif
+#if QS_ARM
+    if (level == QS_LEVEL_NEON)
+        return t->kind == QS_KIND_E8P ? mm_rows_neon_e8p
+                                      : (t->kind == QS_KIND_RVQ3 ? mm_rows_neon_rvq3 : mm_rows_neon_rvq4);
+    if (level == QS_LEVEL_NEON_DOT)
+        return t->kind == QS_KIND_E8P ? mm_rows_sdot_e8p
+                                      : (t->kind == QS_KIND_RVQ3 ? mm_rows_sdot_rvq3 : mm_rows_sdot_rvq4);
 #endif
     (void)level;
     return mm_rows_int8_scalar;
@@ -1278,6 +1432,7 @@ __attribute__((target("avx512f"))) static void mix_rows_avx512(const float *v, i
 #endif
 
 static void mix_rows(const float *v, int64_t K, int64_t P, const float *M, float *out, int level) {
+    (void)level;
 #if QS_X86
     if (P % MIX_LANES == 0 && is_avx512(level)) {
         mix_rows_avx512(v, K, P, M, out);
