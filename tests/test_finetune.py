@@ -419,8 +419,10 @@ def test_a_teacher_whose_logits_are_not_its_head_output_runs_whole():
     assert teacher_targets(teacher, tokens, 4) is None
     cfg = FinetuneConfig(mode="e2e", e2e_epochs=1, batch_size=4, holdout=0.25)
     _, held = split_holdout(16, 0.25)
-    with torch.no_grad():
+    with torch.no_grad():  # float32 like fine-tuning's loss (native prefill has int8 activations)
+        kernels.use(model, kernels.REFERENCE)
         expected = _full_kl(model(input_ids=tokens[held]).logits, teacher(input_ids=tokens[held]).logits)
+        kernels.use(model, None)
     report = finetune_model(model, teacher, tokens, cfg)
     assert report.losses[0] == pytest.approx(float(expected), rel=1e-4)
 
