@@ -79,6 +79,7 @@ enum { QS_LEVEL_SCALAR = 0, QS_LEVEL_AVX2 = 1, QS_LEVEL_AVX512 = 2, QS_LEVEL_VNN
 #define MAX_FUSED_BATCH 8     /* batch vectors kept in registers by the fused kernels */
 #define MIX_LANES 16          /* Hadamard K x K mixing: float32 lanes of one AVX-512 register */
 #define PARALLEL_MIN_CODEWORDS (64 * 1024) /* below this a call stays on one thread (wake-up costs more) */
+#define PARALLEL_MIN_ELEMENTS (2 * 1024 * 1024) /* activation passes (quantization, Hadamard rows) */
 
 static const int CODE_BYTES[QS_NUM_KINDS] = {2, 3, 4};
 
@@ -1108,7 +1109,7 @@ static int quantize_activations(const mm_args *a, int8_t **xq, float **xscale, i
     *xscale = (float *)malloc(sizeof(float) * (size_t)(a->B + 1));
     *xsum = (int32_t *)malloc(sizeof(int32_t) * (size_t)(a->B + 1));
     if (!*xq || !*xscale || !*xsum) return QS_ENOMEM;
-    int nt = threads_for(a->B * a->n, nthreads);
+    int nt = a->B * a->n >= PARALLEL_MIN_ELEMENTS ? nthreads : 1;
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
     for (int64_t b = 0; b < a->B; b++) {
         const float *x = a->x + b * a->n;
@@ -1550,7 +1551,9 @@ QS_API int qs_linear(const float *x, int64_t B, int64_t n, int64_t m, const uint
                          !hadamard_args_ok(k_out, m / k_out, m_out_t)))
         return QS_EBADARG;
     int64_t kmax = n > m ? n : m;
-    int nt = threads_for(B * kmax, nthreads); /* a decoding step (B <= 8) stays on one thread */
+    /* a decoding step and a typical prompt stay on one thread: these passes are cheap next to the
+       matmul, and every extra parallel region is a barrier that costs milliseconds on busy cores */
+    int nt = B * kmax >= PARALLEL_MIN_ELEMENTS ? nthreads : 1;
     float *h = (float *)malloc(sizeof(float) * (size_t)(B * n + kmax * nt));
     if (!h) return QS_ENOMEM;
     memcpy(h, x, sizeof(float) * (size_t)(B * n));
