@@ -400,6 +400,7 @@ __attribute__((target(QS_AVX512))) static void mm_rows_avx512(const mm_args *a, 
  */
 #define INT8_OFFSET 16
 #define INT8_QMAX 127.0f
+#define ROUND_MAGIC 12582912.0f /* 1.5 · 2^23: v + M - M rounds v to an integer (|v| < 2^22) */
 #define E8P_INT_UNIT 4 /* E8P12 values × 4 are integers */
 #define E81B_INT_UNIT 2 /* E81B values × 2 are integers */
 #define GROUP 8        /* codewords per SIMD step (64 int8 weights) */
@@ -954,6 +955,17 @@ __attribute__((target(QS_AVX2))) static void gemm_avx2(const uint8_t *u, int64_t
     }
 }
 
+/* The four sums of the int32 lanes of a, b, c, d (a transpose-and-add tree: about 12 instructions
+   for the four, against about 8 for each _mm512_reduce_add_epi32). */
+__attribute__((target(QS_VNNI))) static inline __m128i reduce4_epi32(__m512i a, __m512i b, __m512i c, __m512i d) {
+    __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+    __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+    /* per 128-bit lane: [a, b, c, d] partial sums */
+    __m512i t = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+    __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(t), _mm512_extracti64x4_epi64(t, 1));
+    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
 /* AVX-512 VNNI micro-kernel: blocks of 4 weight rows × 4 activation rows, 64 bytes per vpdpbusd. */
 __attribute__((target(QS_VNNI))) static void gemm_vnni(const uint8_t *u, int64_t ldu, const int8_t *x, int64_t ldx,
                                                        int64_t B, int64_t kc, int32_t *acc, int narrow) {
@@ -979,8 +991,11 @@ __attribute__((target(QS_VNNI))) static void gemm_vnni(const uint8_t *u, int64_t
                     c[4 * q + 3] = _mm512_dpbusd_epi32(c[4 * q + 3], w3, xv);
                 }
             }
-            for (int q = 0; q < nbk; q++)
-                for (int rr = 0; rr < 4; rr++) acc[(b + q) * GEMM_ROWS + r + rr] += _mm512_reduce_add_epi32(c[4 * q + rr]);
+            for (int q = 0; q < nbk; q++) {
+                int32_t sums[4];
+                _mm_storeu_si128((__m128i *)sums, reduce4_epi32(c[4 * q], c[4 * q + 1], c[4 * q + 2], c[4 * q + 3]));
+                for (int rr = 0; rr < 4; rr++) acc[(b + q) * GEMM_ROWS + r + rr] += sums[rr];
+            }
         }
     }
 }
@@ -1116,7 +1131,8 @@ static int quantize_activations(const mm_args *a, int8_t **xq, float **xscale, i
         float amax = 0.0f;
         int finite = 1;
         for (int64_t j = 0; j < a->n; j++) {
-            amax = fmaxf(amax, fabsf(x[j]));
+            float v = fabsf(x[j]);
+            amax = v > amax ? v : amax; /* NaN: caught by the finiteness check */
             finite &= isfinite(x[j]) != 0;
         }
         if (!finite) { /* NaN/Inf in, NaN out (as the float paths): never a finite wrong answer */
@@ -1130,7 +1146,9 @@ static int quantize_activations(const mm_args *a, int8_t **xq, float **xscale, i
         float inv = 1.0f / scale;
         int32_t sum = 0;
         for (int64_t j = 0; j < a->n; j++) {
-            float q = nearbyintf(x[j] * inv);
+            /* round half to even (= nearbyintf in the default rounding mode, |x · inv| <= ~127 here)
+               by the 1.5 · 2^23 trick: no libm call per element, and the loop vectorises */
+            float q = (x[j] * inv + ROUND_MAGIC) - ROUND_MAGIC;
             q = q > INT8_QMAX ? INT8_QMAX : (q < -INT8_QMAX ? -INT8_QMAX : q);
             (*xq)[b * a->n + j] = (int8_t)q;
             sum += (int32_t)q;
@@ -1452,6 +1470,17 @@ static void mix_rows(const float *v, int64_t K, int64_t P, const float *M, float
  * (row-major: y[a] = sum_c M[a, c] z[c]). Compiled once per ISA (the same C, vectorised by the
  * compiler for that target) and chosen by the caller's level, never by the CPU behind its back.
  */
+/* The first three butterfly stages (h = 1, 2, 4) of a Sylvester FWHT on 8 consecutive values, in
+   registers: the operations of the staged loop in the same order, so bitwise equal to it. */
+static inline void fwht8(float *w) {
+    float a0 = w[0] + w[1], a1 = w[0] - w[1], a2 = w[2] + w[3], a3 = w[2] - w[3];
+    float a4 = w[4] + w[5], a5 = w[4] - w[5], a6 = w[6] + w[7], a7 = w[6] - w[7];
+    float b0 = a0 + a2, b2 = a0 - a2, b1 = a1 + a3, b3 = a1 - a3;
+    float b4 = a4 + a6, b6 = a4 - a6, b5 = a5 + a7, b7 = a5 - a7;
+    w[0] = b0 + b4, w[4] = b0 - b4, w[1] = b1 + b5, w[5] = b1 - b5;
+    w[2] = b2 + b6, w[6] = b2 - b6, w[3] = b3 + b7, w[7] = b3 - b7;
+}
+
 #define QS_DEFINE_HADAMARD_VEC(NAME, ATTR)                                                                     \
     ATTR static void NAME(float *v, int64_t K, int64_t P, const float *M, const float *pre, const float *post, \
                           float norm, float *tmp, int level) {                                                 \
@@ -1460,7 +1489,12 @@ static void mix_rows(const float *v, int64_t K, int64_t P, const float *M, float
             for (int64_t j = 0; j < n; j++) v[j] *= pre[j];                                                    \
         for (int64_t r = 0; r < K; r++) {                                                                      \
             float *w = v + r * P;                                                                              \
-            for (int64_t h = 1; h < P; h <<= 1)                                                                \
+            int64_t h0 = 1;                                                                                    \
+            if (P >= 8) { /* stages h = 1, 2, 4 fused per block of 8 (same operations, same order) */        \
+                for (int64_t i = 0; i < P; i += 8) fwht8(w + i);                                               \
+                h0 = 8;                                                                                        \
+            }                                                                                                  \
+            for (int64_t h = h0; h < P; h <<= 1)                                                               \
                 for (int64_t i = 0; i < P; i += h << 1)                                                        \
                     for (int64_t j = i; j < i + h; j++) {                                                      \
                         float lo = w[j], hi = w[j + h];                                                        \
