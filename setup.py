@@ -8,6 +8,7 @@ OpenMP is used when the compiler supports it, otherwise the kernels run single-t
 from __future__ import annotations
 
 import logging
+import warnings
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -29,7 +30,10 @@ class OptionalBuildExt(build_ext):
                 return
             except Exception as err:  # compiler missing or flags unsupported
                 logging.warning("building %s with %s failed: %s", ext.name, flags or "no OpenMP", err)
-        logging.warning("quipsharp: native kernels not built; the pure-torch reference path will be used")
+        message = ("quipsharp: native kernels NOT built (no working C compiler?); QuantizedLinear will use the "
+                   "much slower pure-torch reference path. Install gcc/clang and reinstall to get them.")
+        logging.warning(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=1)
 
 
 setup(

@@ -58,7 +58,15 @@ def _median_seconds(fn, repeats: int, min_time: float = 0.2) -> float:
     return statistics.median(samples)
 
 
-def matvec_rows(threads: list[int], repeats: int) -> list[dict[str, Any]]:
+def _shapes(spec: list[str] | None) -> list[tuple[int, int]]:
+    if not spec:
+        return SHAPES
+    return [(int(s.split("x")[0]), int(s.split("x")[1])) for s in spec]
+
+
+def matvec_rows(threads: list[int], repeats: int, levels: list[str] | None = None,
+                shapes: list[tuple[int, int]] | None = None) -> list[dict[str, Any]]:
+    """One row per shape, bits, thread count and kernel level (``levels``: None = the default kernel)."""
     import torch
     import torch.nn.functional as F
 
@@ -69,7 +77,7 @@ def matvec_rows(threads: list[int], repeats: int) -> list[dict[str, Any]]:
 
     rows = []
     gen = torch.Generator().manual_seed(0)
-    for m, n in SHAPES:
+    for m, n in shapes or SHAPES:
         W = torch.randn(m, n, generator=gen)
         Wb = W.to(torch.bfloat16)
         x = torch.randn(1, n, generator=gen)
@@ -89,18 +97,64 @@ def matvec_rows(threads: list[int], repeats: int) -> list[dict[str, Any]]:
                 fp32 = _median_seconds(partial(F.linear, x, W), repeats)
                 bf16 = _median_seconds(partial(F.linear, xb, Wb), repeats)
                 for bits, q in layers.items():
-                    layer = _median_seconds(partial(q, x), repeats)
-                    kern = _median_seconds(partial(kernels.matmul, x, q.codes, m, q.codebook.name, threads=t), repeats)
-                    rows.append({
-                        "shape": [m, n], "bits": bits, "threads": t,
-                        "ours_gw_s": m * n / layer / GIGA,
-                        "ours_kernel_only_gw_s": m * n / kern / GIGA,
-                        "torch_fp32_gw_s": m * n / fp32 / GIGA,
-                        "torch_bf16_gw_s": m * n / bf16 / GIGA,
-                        "ours_us": layer * 1e6, "torch_fp32_us": fp32 * 1e6, "torch_bf16_us": bf16 * 1e6,
-                        "kernel": kernels.selected(),
-                    })
-                    print(json.dumps(rows[-1]), file=sys.stderr)
+                    for level in levels or [None]:
+                        kernel = kernels.select(level)
+                        q.use_kernel(kernel.name)
+                        layer = _median_seconds(partial(q, x), repeats)
+                        kern = _median_seconds(partial(kernel.matmul, x, q.codes, m, q.codebook.name, threads=t),
+                                               repeats)
+                        rows.append({
+                            "shape": [m, n], "bits": bits, "threads": t,
+                            "ours_gw_s": m * n / layer / GIGA,
+                            "ours_kernel_only_gw_s": m * n / kern / GIGA,
+                            "torch_fp32_gw_s": m * n / fp32 / GIGA,
+                            "torch_bf16_gw_s": m * n / bf16 / GIGA,
+                            "ours_us": layer * 1e6, "torch_fp32_us": fp32 * 1e6, "torch_bf16_us": bf16 * 1e6,
+                            "kernel": kernel.name,
+                        })
+                        print(json.dumps(rows[-1]), file=sys.stderr)
+    return rows
+
+
+def prefill_rows(threads: list[int], repeats: int, levels: list[str] | None, shapes: list[tuple[int, int]],
+                 batch: int) -> list[dict[str, Any]]:
+    """One layer at a prefill batch: our whole QuantizedLinear (int8 GEMM tiles behind the Hadamard
+    transform) against torch ``F.linear`` in float32 and bfloat16; tokens/s = batch / time."""
+    import torch
+    import torch.nn.functional as F
+
+    from quipsharp import kernels
+    from quipsharp.codebooks import get_codebook
+    from quipsharp.config import QuIPSharpConfig
+    from quipsharp.nn import QuantizedLinear
+
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for m, n in shapes:
+        W = torch.randn(m, n, generator=gen)
+        Wb = W.to(torch.bfloat16)
+        x = torch.randn(batch, n, generator=gen)
+        xb = x.to(torch.bfloat16)
+        for bits in BITS:
+            q = QuantizedLinear(n, m, QuIPSharpConfig(bits=bits))
+            cb = get_codebook(q.config.codebook_name)
+            q.codes.copy_(cb.pack(torch.randint(0, cb.num_codes, (m, n // 8), generator=gen)))
+            q.su.copy_(torch.randint(0, 2, (n,), generator=gen) * 2.0 - 1)
+            q.sv.copy_(torch.randint(0, 2, (m,), generator=gen) * 2.0 - 1)
+            q.wscale.fill_(0.01)
+            for t in threads:
+                torch.set_num_threads(t)
+                with torch.inference_mode():
+                    fp32 = _median_seconds(partial(F.linear, x, W), repeats)
+                    bf16 = _median_seconds(partial(F.linear, xb, Wb), repeats)
+                    for level in levels or [None]:
+                        q.use_kernel(kernels.select(level).name)
+                        ours = _median_seconds(partial(q, x), repeats)
+                        rows.append({"shape": [m, n], "bits": bits, "threads": t, "batch": batch,
+                                     "kernel": q._kernel.name, "ours_tok_s": batch / ours,
+                                     "torch_fp32_tok_s": batch / fp32, "torch_bf16_tok_s": batch / bf16,
+                                     "ours_over_fp32": fp32 / ours, "ours_over_bf16": bf16 / ours})
+                        print(json.dumps(rows[-1]), file=sys.stderr)
     return rows
 
 
@@ -166,9 +220,15 @@ def generation_row(name: str, threads: int, new_tokens: int, runs: int, engine: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", default=["matvec", "generation"], choices=["matvec", "generation"])
+    parser.add_argument("--parts", nargs="+", default=["matvec", "generation"],
+                        choices=["matvec", "prefill", "generation"])
+    parser.add_argument("--batch", type=int, default=64, help="tokens per call of the prefill rows")
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--levels", nargs="+", default=None,
+                        help="kernel levels for the matvec/prefill rows (default: the selected default), e.g. avx2 "
+                             "avx512vnni")
+    parser.add_argument("--shapes", nargs="+", default=None, help="matvec shapes as MxN (default: all)")
     parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=5)
@@ -190,7 +250,9 @@ def main() -> None:
         return
     result: dict[str, Any] = {"date": today(), "machine": machine_info(), "args": vars(args)}
     if "matvec" in args.parts:
-        result["matvec"] = matvec_rows(args.threads, args.repeats)
+        result["matvec"] = matvec_rows(args.threads, args.repeats, args.levels, _shapes(args.shapes))
+    if "prefill" in args.parts:
+        result["prefill"] = prefill_rows(args.threads, args.repeats, args.levels, _shapes(args.shapes), args.batch)
     if "generation" in args.parts:
         rows = []
         for t in args.threads:
@@ -209,9 +271,14 @@ def main() -> None:
         print(json.dumps(result, indent=1, default=str))
         return
     for r in result.get("matvec", []):
-        print(f"{r['shape'][0]:6d}x{r['shape'][1]:<5d} {r['bits']}-bit t={r['threads']}: ours {r['ours_gw_s']:6.2f} "
+        print(f"{r['shape'][0]:6d}x{r['shape'][1]:<5d} {r['bits']}-bit t={r['threads']} {r['kernel']:10}: ours "
+              f"{r['ours_gw_s']:6.2f} "
               f"G w/s (kernel {r['ours_kernel_only_gw_s']:6.2f}), torch fp32 {r['torch_fp32_gw_s']:6.2f}, "
               f"bf16 {r['torch_bf16_gw_s']:6.2f}")
+    for r in result.get("prefill", []):
+        print(f"{r['shape'][0]:6d}x{r['shape'][1]:<5d} {r['bits']}-bit t={r['threads']} {r['kernel']:10} batch "
+              f"{r['batch']}: ours {r['ours_tok_s']:8.1f} tok/s, torch fp32 {r['torch_fp32_tok_s']:8.1f}, bf16 "
+              f"{r['torch_bf16_tok_s']:8.1f} (ours/fp32 {r['ours_over_fp32']:.2f})")
     for r in result.get("generation", []):
         print(f"{r['model']:14} {r['engine']:12} head {r['head_dtype']:8} t={r['threads']}:"
               f" decode {r['decode_tok_s']:7.1f} tok/s, prefill "

@@ -22,7 +22,11 @@ def test_forward_matches_dequantized_weight(n, m, bits, gen):
     # inputs distributed as the Hessian says: E[x xᵀ] = H
     x = (torch.randn(3, 5, n, generator=gen, dtype=torch.float64) @ torch.linalg.cholesky(H).T).float()
     expected = x @ q.dequantize().T + lin.bias.detach()
-    torch.testing.assert_close(q(x), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(q.reference_forward(x), expected, rtol=1e-4, atol=1e-4)
+    if q._kernel.int8_activations:  # native kernels: int8 activations behind the Hadamard transform
+        assert float((q(x) - expected).norm() / expected.norm()) < 0.03
+    else:
+        torch.testing.assert_close(q(x), expected, rtol=1e-4, atol=1e-4)
     # and it approximates the float layer (on such inputs the error is the proxy loss)
     rel = (q(x) - lin(x)).square().mean() / lin(x).square().mean()
     assert rel < 0.1

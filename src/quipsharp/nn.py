@@ -77,16 +77,29 @@ class QuantizedLinear(nn.Module):
             self.bias = None
         # codes of another codebook must never be decoded with this one: checked on every load
         self.register_load_state_dict_post_hook(lambda module, _keys: module._check_loaded_codebook())
-        self._native = self.codebook.name in kernels.KINDS and kernels.available()
-        # Hadamard factors for the native kernel (constants of the shape, not state: built here,
-        # never inside forward, and not saved).
-        if self._native and self.config.use_hadamard:
-            self._m_in = _kernel_factor(in_features, transpose=False)
-            self._m_out_t = _kernel_factor(out_features, transpose=True)
-        else:
-            self._m_in = self._m_out_t = _NO_FACTOR
+        # The CPU kernel serving inference (kernels.select; the reference for codebooks without a
+        # native kernel), chosen here, never inside forward; use_kernel() changes it.
+        self._kernel: kernels.Kernel = kernels.select(kernels.REFERENCE)
+        self._m_in = self._m_out_t = _NO_FACTOR
+        self.use_kernel(None)
         # Fine-tuning cache: the frozen part of the weight, built by enable_training(), never by forward.
         self._core: torch.Tensor | None = None
+
+    @property
+    def _native(self) -> bool:
+        """Whether a native kernel serves this layer's CPU inference."""
+        return self._kernel.native
+
+    def use_kernel(self, level: str | None) -> None:
+        """Serve CPU inference with :func:`quipsharp.kernels.select` ``(level)`` (None: the default;
+        ``"reference"``: the torch path). Codebooks without a native kernel always use the reference."""
+        kernel = kernels.select(level) if self.codebook.name in kernels.KINDS else kernels.select(kernels.REFERENCE)
+        if kernel.native and self.config.use_hadamard:
+            # Hadamard factors for the native kernel (constants of the shape, not state: built here,
+            # never inside forward, and not saved)
+            self._m_in = _kernel_factor(self.in_features, transpose=False)
+            self._m_out_t = _kernel_factor(self.out_features, transpose=True)
+        self._kernel = kernel
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         """``.to(dtype)``/``.half()`` move the layer but keep its float32 state (signs, scale, bias)
@@ -215,8 +228,9 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``[..., in_features]`` -> ``[..., out_features]`` in ``x``'s dtype.
 
-        On CPU the native kernel (``quipsharp.kernels``) runs when it is built and selected; the
-        torch reference below runs otherwise (``QUIPSHARP_KERNEL=reference`` forces it).
+        On CPU the layer's kernel (:meth:`use_kernel`; by default ``quipsharp.kernels.select()``)
+        runs when it is native; the torch reference below runs otherwise
+        (``use_kernel("reference")`` or ``QUIPSHARP_KERNEL=reference`` forces it).
         """
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with last dim {self.in_features}, got {tuple(x.shape)}")
@@ -228,8 +242,8 @@ class QuantizedLinear(nn.Module):
             args = (x, self.codes, self.su, self.sv, self.wscale, self.bias, self._m_in, self._m_out_t,
                     self.codebook.name, self.config.use_hadamard)
             if torch.compiler.is_compiling():
-                return torch.ops.quipsharp.e8p_linear(*args)
-            return kernels.linear(*args)  # same code without the dispatcher's per-call cost
+                return torch.ops.quipsharp.e8p_linear(*args, self._kernel.name)
+            return self._kernel.linear(*args)  # same code without the dispatcher's per-call cost
         if not torch.compiler.is_compiling():  # data-dependent checks: eager mode only
             self._check_loaded_codebook()
             if torch.isnan(self.wscale):
@@ -239,11 +253,10 @@ class QuantizedLinear(nn.Module):
     def bind(self, threads: int | None = None) -> kernels.BoundLinear | None:
         """This layer's native call with its state checked once (for decoding loops), or None when
         the native kernel does not serve it (not built, not selected, not on CPU, in training)."""
-        if not self._native or self._core is not None or self.codes.device.type != "cpu" \
-                or kernels.selected() == kernels.REFERENCE:
+        if not self._native or self._core is not None or self.codes.device.type != "cpu":
             return None
         return kernels.BoundLinear(self.codes, self.su, self.sv, self.wscale, self.bias, self._m_in, self._m_out_t,
-                                   self.codebook.name, self.config.use_hadamard, threads)
+                                   self.codebook.name, self.config.use_hadamard, threads, level=self._kernel.name)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The pure-torch path (any device, differentiable in ``x``, ``su``, ``sv``, ``wscale``, ``bias``)."""

@@ -26,7 +26,9 @@
  * with int8 codeword values (4 × E8P12 values are odd integers in [-11, 11]) by VNNI dot products.
  * Its integer sums are bitwise equal to the portable int8 reference (qs_matmul_int8_ref).
  */
+#ifndef QS_STANDALONE /* the C test driver (tests/native) builds this file without Python */
 #include <Python.h>
+#endif
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
@@ -44,11 +46,28 @@
 #define QS_X86 0
 #endif
 
+#if defined(__aarch64__) && defined(__GNUC__) && defined(__linux__)
+#define QS_ARM 1
+#include <arm_neon.h>
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMD
+#define HWCAP_ASIMD (1UL << 1)
+#endif
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1UL << 20)
+#endif
+/* sdot (Armv8.2 dot product) only in the functions of the neon_dotprod level, chosen at run time */
+#define QS_DOTPROD __attribute__((target("arch=armv8.2-a+dotprod")))
+#else
+#define QS_ARM 0
+#endif
+
 #define QS_API __attribute__((visibility("default")))
 
 enum { QS_OK = 0, QS_EBADARG = -1, QS_EBADKIND = -2, QS_ENOMEM = -3, QS_EBADLEVEL = -4 };
 enum { QS_KIND_E8P = 0, QS_KIND_RVQ3 = 1, QS_KIND_RVQ4 = 2, QS_NUM_KINDS = 3 };
-enum { QS_LEVEL_SCALAR = 0, QS_LEVEL_AVX2 = 1, QS_LEVEL_AVX512 = 2, QS_LEVEL_VNNI = 3, QS_MAX_LEVEL = 3 };
+enum { QS_LEVEL_SCALAR = 0, QS_LEVEL_AVX2 = 1, QS_LEVEL_AVX512 = 2, QS_LEVEL_VNNI = 3, QS_LEVEL_NEON = 4,
+       QS_LEVEL_NEON_DOT = 5, QS_NUM_LEVELS = 6 };
 
 #define DIM 8                 /* E8: weights per codeword */
 #define NSRC 256              /* E8P12 source patterns */
@@ -60,48 +79,54 @@ enum { QS_LEVEL_SCALAR = 0, QS_LEVEL_AVX2 = 1, QS_LEVEL_AVX512 = 2, QS_LEVEL_VNN
 #define MAX_FUSED_BATCH 8     /* batch vectors kept in registers by the fused kernels */
 #define MIX_LANES 16          /* Hadamard K x K mixing: float32 lanes of one AVX-512 register */
 #define PARALLEL_MIN_CODEWORDS (64 * 1024) /* below this a call stays on one thread (wake-up costs more) */
+#define PARALLEL_MIN_ELEMENTS (2 * 1024 * 1024) /* activation passes (quantization, Hadamard rows) */
 
 static const int CODE_BYTES[QS_NUM_KINDS] = {2, 3, 4};
 
-static int g_level = -1; /* selected level; -1 = not yet selected (accessed atomically) */
-
 /* ------------------------------------------------------------------------------ CPU features */
-static int cpu_max_level(void) {
+/*
+ * There is no selected level in this library: every entry point takes the level to run as an
+ * argument and refuses (QS_EBADLEVEL) a level this CPU or build cannot run, so a caller can never
+ * reach an illegal instruction. Only the CPU's feature bits are cached (they do not change).
+ */
+static int detect_levels(void) {
+    int mask = 1 << QS_LEVEL_SCALAR;
 #if QS_X86
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-        __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi") &&
-        __builtin_cpu_supports("avx512bitalg") && __builtin_cpu_supports("bmi2"))
-        return QS_LEVEL_VNNI;
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
-        return QS_LEVEL_AVX512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt"))
-        return QS_LEVEL_AVX2;
+    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt");
+    int avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                 __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+    int vnni = avx512 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi") &&
+               __builtin_cpu_supports("avx512bitalg") && __builtin_cpu_supports("bmi2");
+    if (avx2) mask |= 1 << QS_LEVEL_AVX2;
+    if (avx512) mask |= 1 << QS_LEVEL_AVX512;
+    if (vnni) mask |= 1 << QS_LEVEL_VNNI;
 #endif
-    return QS_LEVEL_SCALAR;
+#if QS_ARM
+    unsigned long hw = getauxval(AT_HWCAP);
+    if (hw & HWCAP_ASIMD) mask |= 1 << QS_LEVEL_NEON;
+    if ((hw & HWCAP_ASIMD) && (hw & HWCAP_ASIMDDP)) mask |= 1 << QS_LEVEL_NEON_DOT;
+#endif
+    return mask;
 }
 
-/* Highest level this CPU and build support. */
-QS_API int qs_max_level(void) { return cpu_max_level(); }
+static int g_cpu_levels = 0; /* cached detect_levels(); 0 = not yet detected (accessed atomically) */
 
-/* Select a level (-1 = best available). Returns the level now in use or QS_EBADLEVEL. */
-QS_API int qs_select_level(int level) {
-    int best = cpu_max_level();
-    if (level < 0) level = best;
-    if (level > best || level > QS_MAX_LEVEL) return QS_EBADLEVEL;
-    __atomic_store_n(&g_level, level, __ATOMIC_RELAXED);
-    return level;
-}
-
-QS_API int qs_level(void) {
-    int level = __atomic_load_n(&g_level, __ATOMIC_RELAXED);
-    if (level < 0) {
-        level = cpu_max_level();
-        __atomic_store_n(&g_level, level, __ATOMIC_RELAXED);
+/* Bit L set: this CPU and build can run level L (QS_LEVEL_*). */
+QS_API int qs_supported_levels(void) {
+    int mask = __atomic_load_n(&g_cpu_levels, __ATOMIC_RELAXED);
+    if (!mask) {
+        mask = detect_levels();
+        __atomic_store_n(&g_cpu_levels, mask, __ATOMIC_RELAXED);
     }
-    return level;
+    return mask;
+}
+
+/* x86 levels with AVX-512 F/VL/BW/DQ. */
+static inline int is_avx512(int level) { return QS_X86 && (level == QS_LEVEL_AVX512 || level == QS_LEVEL_VNNI); }
+
+static int level_ok(int level) {
+    return level >= 0 && level < QS_NUM_LEVELS && ((qs_supported_levels() >> level) & 1);
 }
 
 QS_API int qs_openmp(void) {
@@ -111,6 +136,9 @@ QS_API int qs_openmp(void) {
     return 0;
 #endif
 }
+
+/* Threads worth using for `work` codewords: small problems stay on the calling thread. */
+static int threads_for(int64_t work, int nthreads) { return work >= PARALLEL_MIN_CODEWORDS ? nthreads : 1; }
 
 static int code_bytes(int kind) { return (kind >= 0 && kind < QS_NUM_KINDS) ? CODE_BYTES[kind] : 0; }
 
@@ -175,6 +203,10 @@ typedef struct qs_codebook {
     int8_t tab1q[NSRC * DIM]; /* 4 × stage-1 sources */
     int8_t tab2q[NSRC * DIM]; /* stage 2: 4 × E8P12 sources (RVQ4) or 16 + 2 × E81B points (RVQ3) */
     float unit2;              /* value of one stage-2 integer unit: 1/(4 s) or 1/(2 s) */
+    /* E8P12 sign byte sg -> 8 signed bytes (±1 per the parity-fixed signs) × (INT8_OFFSET ± 1, the
+       shift of an even / odd code): with T the 4 × source row, sign(T, G) + |G| is the unsigned
+       operand of the int8 path (see e8p_dot_int8), with no branch or bit test per codeword. */
+    int8_t sgnq[NSRC * DIM];
 } qs_codebook;
 
 typedef struct {
@@ -368,6 +400,7 @@ __attribute__((target(QS_AVX512))) static void mm_rows_avx512(const mm_args *a, 
  */
 #define INT8_OFFSET 16
 #define INT8_QMAX 127.0f
+#define ROUND_MAGIC 12582912.0f /* 1.5 · 2^23: v + M - M rounds v to an integer (|v| < 2^22) */
 #define E8P_INT_UNIT 4 /* E8P12 values × 4 are integers */
 #define E81B_INT_UNIT 2 /* E81B values × 2 are integers */
 #define GROUP 8        /* codewords per SIMD step (64 int8 weights) */
@@ -590,20 +623,516 @@ __attribute__((target(QS_VNNI))) static void mm_rows_vnni(const mm_args *a, int6
         }
     }
 }
+
+/*
+ * ---- AVX2 int8 path (no gathers). Four codewords at a time: their 8-byte rows of the stage-1
+ * table (4 × source) and of the sign table sgnq are loaded from L1 by index (two 64-bit loads per
+ * 128-bit lane), combined as u = sign(T, G) + |G| — exactly the reference's unsigned operand
+ * ±4·src + 16 ± 1 in [5, 27] — and multiplied with the int8 activations by vpmaddubsw (u8 × s8:
+ * |pair sum| <= 2 · 27 · 127 = 6858, two of them added in int16 <= 13716, no saturation) and
+ * vpmaddwd by ones into int32. The RVQ3 stage-2 operand (16 + 2 · E81B, up to 127: a pair sum up
+ * to 32258) goes to int32 after every vpmaddubsw. Integer sums equal the reference's bit for bit.
+ */
+#define QS_AVX2 "avx2,fma,popcnt"
+#define AVX2_STEP 8 /* codewords per loop iteration (two ymm of operands per stage) */
+
+/* The 8-byte rows i0..i3 of table tab [NSRC * DIM] in one ymm (lane order i0 i1 | i2 i3). */
+__attribute__((target(QS_AVX2))) static inline __m256i rows4_avx2(const int8_t *tab, uint32_t i0, uint32_t i1,
+                                                                  uint32_t i2, uint32_t i3) {
+    __m128i lo = _mm_loadl_epi64((const __m128i *)(tab + (size_t)i0 * DIM));
+    lo = _mm_castpd_si128(_mm_loadh_pd(_mm_castsi128_pd(lo), (const double *)(tab + (size_t)i1 * DIM)));
+    __m128i hi = _mm_loadl_epi64((const __m128i *)(tab + (size_t)i2 * DIM));
+    hi = _mm_castpd_si128(_mm_loadh_pd(_mm_castsi128_pd(hi), (const double *)(tab + (size_t)i3 * DIM)));
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+}
+
+/* Unsigned operands of 4 E8P12 codes whose index byte is at p, p + cb, p + 2cb, p + 3cb (sign byte next). */
+__attribute__((target(QS_AVX2))) static inline __m256i e8p_u4_avx2(const int8_t *tabq, const int8_t *sgnq,
+                                                                   const uint8_t *p, int cb) {
+    __m256i T = rows4_avx2(tabq, p[0], p[cb], p[2 * cb], p[3 * cb]);
+    __m256i G = rows4_avx2(sgnq, p[1], p[cb + 1], p[2 * cb + 1], p[3 * cb + 1]);
+    return _mm256_add_epi8(_mm256_sign_epi8(T, G), _mm256_abs_epi8(G));
+}
+
+__attribute__((target(QS_AVX2))) static inline int32_t hsum_epi32_avx2(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* Weight row i against activation rows b0 .. b0 + NB - 1 (NB and KIND compile-time constants after
+   inlining): each group of codewords is decoded once for all NB rows. */
+__attribute__((target(QS_AVX2), always_inline)) static inline void int8_row_avx2(const mm_args *a, int64_t i,
+                                                                                int64_t b0, const int NB,
+                                                                                const int KIND) {
+    const int cb = KIND == QS_KIND_E8P ? 2 : (KIND == QS_KIND_RVQ3 ? 3 : 4);
+    const uint8_t *rc = a->codes + i * a->row_bytes;
+    const int8_t *t1 = a->t->tab1q, *t2 = a->t->tab2q, *sg = a->t->sgnq;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc1[MAX_FUSED_BATCH], acc2[MAX_FUSED_BATCH];
+    for (int b = 0; b < NB; b++) acc1[b] = acc2[b] = _mm256_setzero_si256();
+    const int64_t kend = a->nblk / AVX2_STEP * AVX2_STEP;
+    for (int64_t k = 0; k < kend; k += AVX2_STEP) {
+        const uint8_t *p = rc + k * cb;
+        __m256i ua = e8p_u4_avx2(t1, sg, p, cb), ub = e8p_u4_avx2(t1, sg, p + 4 * cb, cb);
+        for (int b = 0; b < NB; b++) {
+            const int8_t *x = a->xq + (b0 + b) * a->n + k * DIM;
+            __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(ua, _mm256_loadu_si256((const __m256i *)x)),
+                                         _mm256_maddubs_epi16(ub, _mm256_loadu_si256((const __m256i *)(x + 32))));
+            acc1[b] = _mm256_add_epi32(acc1[b], _mm256_madd_epi16(s, ones));
+        }
+        if (KIND == QS_KIND_RVQ4) {
+            ua = e8p_u4_avx2(t2, sg, p + 2, cb);
+            ub = e8p_u4_avx2(t2, sg, p + 4 * cb + 2, cb);
+            for (int b = 0; b < NB; b++) {
+                const int8_t *x = a->xq + (b0 + b) * a->n + k * DIM;
+                __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(ua, _mm256_loadu_si256((const __m256i *)x)),
+                                             _mm256_maddubs_epi16(ub, _mm256_loadu_si256((const __m256i *)(x + 32))));
+                acc2[b] = _mm256_add_epi32(acc2[b], _mm256_madd_epi16(s, ones));
+            }
+        } else if (KIND == QS_KIND_RVQ3) {
+            ua = rows4_avx2(t2, p[2], p[cb + 2], p[2 * cb + 2], p[3 * cb + 2]);
+            ub = rows4_avx2(t2, p[4 * cb + 2], p[5 * cb + 2], p[6 * cb + 2], p[7 * cb + 2]);
+            for (int b = 0; b < NB; b++) {
+                const int8_t *x = a->xq + (b0 + b) * a->n + k * DIM;
+                __m256i sa = _mm256_madd_epi16(_mm256_maddubs_epi16(ua, _mm256_loadu_si256((const __m256i *)x)), ones);
+                __m256i sb = _mm256_madd_epi16(_mm256_maddubs_epi16(ub, _mm256_loadu_si256((const __m256i *)(x + 32))),
+                                               ones);
+                acc2[b] = _mm256_add_epi32(acc2[b], _mm256_add_epi32(sa, sb));
+            }
+        }
+    }
+    for (int b = 0; b < NB; b++) {
+        int32_t d1 = hsum_epi32_avx2(acc1[b]), d2 = hsum_epi32_avx2(acc2[b]);
+        int8_dots_scalar(a, rc, a->xq + (b0 + b) * a->n, kend, a->nblk, &d1, &d2);
+        a->out[(b0 + b) * a->m + i] = int8_output(a, b0 + b, d1, d2);
+    }
+}
+
+/* Rows per pass: E8P12 keeps 8 accumulators, the residual kinds 2 × 4 (16 ymm registers in all). */
+#define QS_DEFINE_INT8_AVX2(NAME, KIND, PASS)                                                                  \
+    __attribute__((target(QS_AVX2))) static void NAME(const mm_args *a, int64_t r0, int64_t r1, int64_t b0,    \
+                                                      int64_t nb) {                                            \
+        for (int64_t i = r0; i < r1; i++)                                                                      \
+            for (int64_t c0 = b0; c0 < b0 + nb; c0 += PASS) {                                                  \
+                switch (b0 + nb - c0 < PASS ? b0 + nb - c0 : PASS) {                                           \
+                case 1: int8_row_avx2(a, i, c0, 1, KIND); break;                                               \
+                case 2: int8_row_avx2(a, i, c0, 2, KIND); break;                                               \
+                case 3: int8_row_avx2(a, i, c0, 3, KIND); break;                                               \
+                case 4: int8_row_avx2(a, i, c0, 4, KIND); break;                                               \
+                case 5: int8_row_avx2(a, i, c0, 5, KIND); break;                                               \
+                case 6: int8_row_avx2(a, i, c0, 6, KIND); break;                                               \
+                case 7: int8_row_avx2(a, i, c0, 7, KIND); break;                                               \
+                default: int8_row_avx2(a, i, c0, 8, KIND); break;                                              \
+                }                                                                                              \
+            }                                                                                                  \
+    }
+
+QS_DEFINE_INT8_AVX2(mm_rows_int8_avx2_e8p, QS_KIND_E8P, 8)
+QS_DEFINE_INT8_AVX2(mm_rows_int8_avx2_rvq3, QS_KIND_RVQ3, 4)
+QS_DEFINE_INT8_AVX2(mm_rows_int8_avx2_rvq4, QS_KIND_RVQ4, 4)
 #endif /* QS_X86 */
 
+
+#if QS_ARM
+/*
+ * ---- AArch64 int8 path: the AVX2 scheme on 16-byte vectors. Two codewords per vector: their
+ * 8-byte rows of the stage-1 table and of the sign table (loaded by index from L1, no gathers)
+ * give u = (G < 0 ? -T : T) + |G|, the reference's operand in [5, 27] (RVQ3 stage 2: the table
+ * row, <= 127). Both operands fit int8, so the products are signed × signed:
+ *   neon_dotprod: sdot (vdotq_s32, 4 products per int32 lane);
+ *   neon:         smull (vmull_s8, |u x| <= 127 · 127 fits int16) + sadalp (vpadalq_s16) into int32.
+ * Integer sums equal the reference's bit for bit.
+ */
+static inline int8x16_t rows2_neon(const int8_t *tab, uint32_t i0, uint32_t i1) {
+    return vcombine_s8(vld1_s8(tab + (size_t)i0 * DIM), vld1_s8(tab + (size_t)i1 * DIM));
+}
+
+/* Operands of 2 E8P12 codes whose index byte is at p and p + cb (sign byte next). */
+static inline int8x16_t e8p_u2_neon(const int8_t *tabq, const int8_t *sgnq, const uint8_t *p, int cb) {
+    int8x16_t T = rows2_neon(tabq, p[0], p[cb]), G = rows2_neon(sgnq, p[1], p[cb + 1]);
+    return vaddq_s8(vbslq_s8(vcltzq_s8(G), vnegq_s8(T), T), vabsq_s8(G));
+}
+
+QS_DOTPROD static inline int32x4_t dot_sdot(int32x4_t acc, int8x16_t u, int8x16_t x) { return vdotq_s32(acc, u, x); }
+
+static inline int32x4_t dot_mull(int32x4_t acc, int8x16_t u, int8x16_t x) {
+    acc = vpadalq_s16(acc, vmull_s8(vget_low_s8(u), vget_low_s8(x)));
+    return vpadalq_s16(acc, vmull_high_s8(u, x));
+}
+
+/* Weight row i against activation rows b0 .. b0 + NB - 1 (constants after inlining), two codewords a step. */
+#define QS_DEFINE_INT8_ROW_NEON(NAME, ATTR, DOT)                                                               \
+    ATTR __attribute__((always_inline)) static inline void NAME(const mm_args *a, int64_t i, int64_t b0,       \
+                                                                const int NB, const int KIND) {                \
+        const int cb = KIND == QS_KIND_E8P ? 2 : (KIND == QS_KIND_RVQ3 ? 3 : 4);                               \
+        const uint8_t *rc = a->codes + i * a->row_bytes;                                                       \
+        const int8_t *t1 = a->t->tab1q, *t2 = a->t->tab2q, *sg = a->t->sgnq;                                   \
+        int32x4_t acc1[MAX_FUSED_BATCH], acc2[MAX_FUSED_BATCH];                                                \
+        for (int b = 0; b < NB; b++) acc1[b] = acc2[b] = vdupq_n_s32(0);                                       \
+        const int64_t kend = a->nblk / 2 * 2;                                                                  \
+        for (int64_t k = 0; k < kend; k += 2) {                                                                \
+            const uint8_t *p = rc + k * cb;                                                                    \
+            int8x16_t u1 = e8p_u2_neon(t1, sg, p, cb), u2 = u1;                                                \
+            if (KIND == QS_KIND_RVQ4) u2 = e8p_u2_neon(t2, sg, p + 2, cb);                                     \
+            if (KIND == QS_KIND_RVQ3) u2 = rows2_neon(t2, p[2], p[cb + 2]);                                    \
+            for (int b = 0; b < NB; b++) {                                                                     \
+                int8x16_t x = vld1q_s8(a->xq + (b0 + b) * a->n + k * DIM);                                     \
+                acc1[b] = DOT(acc1[b], u1, x);                                                                 \
+                if (KIND != QS_KIND_E8P) acc2[b] = DOT(acc2[b], u2, x);                                        \
+            }                                                                                                  \
+        }                                                                                                      \
+        for (int b = 0; b < NB; b++) {                                                                         \
+            int32_t d1 = vaddvq_s32(acc1[b]), d2 = vaddvq_s32(acc2[b]);                                        \
+            int8_dots_scalar(a, rc, a->xq + (b0 + b) * a->n, kend, a->nblk, &d1, &d2);                         \
+            a->out[(b0 + b) * a->m + i] = int8_output(a, b0 + b, d1, d2);                                      \
+        }                                                                                                      \
+    }
+
+QS_DEFINE_INT8_ROW_NEON(int8_row_neon, , dot_mull)
+QS_DEFINE_INT8_ROW_NEON(int8_row_sdot, QS_DOTPROD, dot_sdot)
+
+/* Row kernels over a batch: passes of up to 8 (E8P12) / 4 (RVQ) activation rows. */
+#define QS_DEFINE_INT8_ROWS_NEON(NAME, ATTR, ROW, KIND, PASS)                                                 \
+    ATTR static void NAME(const mm_args *a, int64_t r0, int64_t r1, int64_t b0, int64_t nb) {                 \
+        for (int64_t i = r0; i < r1; i++)                                                                     \
+            for (int64_t c0 = b0; c0 < b0 + nb; c0 += PASS) {                                                 \
+                switch (b0 + nb - c0 < PASS ? b0 + nb - c0 : PASS) {                                          \
+                case 1: ROW(a, i, c0, 1, KIND); break;                                                        \
+                case 2: ROW(a, i, c0, 2, KIND); break;                                                        \
+                case 3: ROW(a, i, c0, 3, KIND); break;                                                        \
+                case 4: ROW(a, i, c0, 4, KIND); break;                                                        \
+                case 5: ROW(a, i, c0, 5, KIND); break;                                                        \
+                case 6: ROW(a, i, c0, 6, KIND); break;                                                        \
+                case 7: ROW(a, i, c0, 7, KIND); break;                                                        \
+                default: ROW(a, i, c0, 8, KIND); break;                                                       \
+                }                                                                                             \
+            }                                                                                                 \
+    }
+
+QS_DEFINE_INT8_ROWS_NEON(mm_rows_neon_e8p, , int8_row_neon, QS_KIND_E8P, 8)
+QS_DEFINE_INT8_ROWS_NEON(mm_rows_neon_rvq3, , int8_row_neon, QS_KIND_RVQ3, 4)
+QS_DEFINE_INT8_ROWS_NEON(mm_rows_neon_rvq4, , int8_row_neon, QS_KIND_RVQ4, 4)
+QS_DEFINE_INT8_ROWS_NEON(mm_rows_sdot_e8p, QS_DOTPROD, int8_row_sdot, QS_KIND_E8P, 8)
+QS_DEFINE_INT8_ROWS_NEON(mm_rows_sdot_rvq3, QS_DOTPROD, int8_row_sdot, QS_KIND_RVQ3, 4)
+QS_DEFINE_INT8_ROWS_NEON(mm_rows_sdot_rvq4, QS_DOTPROD, int8_row_sdot, QS_KIND_RVQ4, 4)
+#endif /* QS_ARM */
+
+/* ------------------------------------------------------------------- int8 prefill (GEMM tiles) */
+/*
+ * Batches above MAX_FUSED_BATCH: the weight is never materialised in float32. A tile of
+ * GEMM_ROWS weight rows × GEMM_K columns is decoded once to the int8 path's unsigned operands u
+ * (exactly the values the row kernels use: u1 for stage 1, u2 for stage 2) and multiplied with
+ * every activation row by an int8 GEMM micro-kernel of the level, accumulating int32 sums per
+ * (activation row, weight row). Activations are copied with their rows padded by zeros to a
+ * multiple of GEMM_ALIGN and decoded tiles are zero-padded the same way, so the micro-kernels only
+ * see whole vectors. Integer sums, hence outputs, equal the reference's bit for bit.
+ */
+#define GEMM_ROWS 16   /* weight rows per tile (a multiple of the micro-kernels' 4) */
+#define GEMM_K 2048    /* columns (bytes of u) per tile: 4 rows of a tile stay in L1 */
+#define GEMM_ALIGN 64  /* activation rows padded to this many bytes */
+
+/* acc [B, GEMM_ROWS] += u [GEMM_ROWS, kc] (row stride ldu) · x [B, kc]ᵀ (row stride ldx); kc % GEMM_ALIGN == 0.
+   narrow: every u <= 27 (stage-1 / E8P12 operands), so two vpmaddubsw results may share an int16. */
+typedef void (*gemm_fn)(const uint8_t *u, int64_t ldu, const int8_t *x, int64_t ldx, int64_t B, int64_t kc,
+                        int32_t *acc, int narrow);
+
+static void gemm_scalar(const uint8_t *u, int64_t ldu, const int8_t *x, int64_t ldx, int64_t B, int64_t kc,
+                        int32_t *acc, int narrow) {
+    (void)narrow;
+    for (int64_t b = 0; b < B; b++)
+        for (int r = 0; r < GEMM_ROWS; r++) {
+            const uint8_t *ur = u + r * ldu;
+            const int8_t *xb = x + b * ldx;
+            int32_t s = 0;
+            for (int64_t j = 0; j < kc; j++) s += (int32_t)ur[j] * (int32_t)xb[j];
+            acc[b * GEMM_ROWS + r] += s;
+        }
+}
+
+/* Unsigned operands of codewords [k0, k1) of code row rc into u1 (and u2 for the residual kinds). */
+static void decode_u_scalar(const qs_codebook *t, const uint8_t *rc, int64_t k0, int64_t k1, uint8_t *u1,
+                            uint8_t *u2) {
+    for (int64_t k = k0; k < k1; k++) {
+        uint32_t c = read_code(rc + k * t->cb, t->cb);
+        const int8_t *T = t->tab1q + (size_t)(c & SRC_MASK) * DIM, *G = t->sgnq + (size_t)((c >> 8) & SRC_MASK) * DIM;
+        uint8_t *o = u1 + (k - k0) * DIM;
+        for (int j = 0; j < DIM; j++) o[j] = (uint8_t)((G[j] < 0 ? -T[j] : T[j]) + abs(G[j]));
+        if (t->kind == QS_KIND_E8P) continue;
+        o = u2 + (k - k0) * DIM;
+        if (t->kind == QS_KIND_RVQ3) {
+            const int8_t *T2 = t->tab2q + (size_t)((c >> 16) & SRC_MASK) * DIM;
+            for (int j = 0; j < DIM; j++) o[j] = (uint8_t)T2[j];
+        } else {
+            const int8_t *T2 = t->tab2q + (size_t)((c >> 16) & SRC_MASK) * DIM;
+            const int8_t *G2 = t->sgnq + (size_t)(c >> 24) * DIM;
+            for (int j = 0; j < DIM; j++) o[j] = (uint8_t)((G2[j] < 0 ? -T2[j] : T2[j]) + abs(G2[j]));
+        }
+    }
+}
+
+typedef void (*decode_u_fn)(const qs_codebook *, const uint8_t *, int64_t, int64_t, uint8_t *, uint8_t *);
+
+#if QS_X86
+__attribute__((target(QS_AVX2))) static void decode_u_avx2(const qs_codebook *t, const uint8_t *rc, int64_t k0,
+                                                           int64_t k1, uint8_t *u1, uint8_t *u2) {
+    const int cb = t->cb;
+    int64_t k = k0;
+    for (; k + 4 <= k1; k += 4) {
+        const uint8_t *p = rc + k * cb;
+        _mm256_storeu_si256((__m256i *)(u1 + (k - k0) * DIM), e8p_u4_avx2(t->tab1q, t->sgnq, p, cb));
+        if (t->kind == QS_KIND_RVQ4)
+            _mm256_storeu_si256((__m256i *)(u2 + (k - k0) * DIM), e8p_u4_avx2(t->tab2q, t->sgnq, p + 2, cb));
+        else if (t->kind == QS_KIND_RVQ3)
+            _mm256_storeu_si256((__m256i *)(u2 + (k - k0) * DIM),
+                                rows4_avx2(t->tab2q, p[2], p[cb + 2], p[2 * cb + 2], p[3 * cb + 2]));
+    }
+    decode_u_scalar(t, rc, k, k1, u1 + (k - k0) * DIM, u2 ? u2 + (k - k0) * DIM : NULL);
+}
+
+/* AVX2 micro-kernel: blocks of 4 weight rows × 2 activation rows (8 int32 accumulators). */
+__attribute__((target(QS_AVX2))) static void gemm_avx2(const uint8_t *u, int64_t ldu, const int8_t *x, int64_t ldx,
+                                                       int64_t B, int64_t kc, int32_t *acc, int narrow) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int r = 0; r < GEMM_ROWS; r += 4) {
+        const uint8_t *u0 = u + r * ldu, *u1 = u0 + ldu, *u2 = u1 + ldu, *u3 = u2 + ldu;
+        int64_t b = 0;
+        for (; b + 2 <= B; b += 2) {
+            const int8_t *xa = x + b * ldx, *xb = xa + ldx;
+            __m256i c[8];
+            for (int q = 0; q < 8; q++) c[q] = _mm256_setzero_si256();
+#define QS_MAC(UR, CA, CB)                                                                                  \
+    {                                                                                                     \
+        __m256i w = _mm256_loadu_si256((const __m256i *)(UR + j));                                        \
+        __m256i w2 = _mm256_loadu_si256((const __m256i *)(UR + j + 32));                                  \
+        if (narrow) {                                                                                     \
+            CA = _mm256_add_epi32(CA, _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(w, x0),     \
+                                                                         _mm256_maddubs_epi16(w2, x1)),   \
+                                                        ones));                                           \
+            CB = _mm256_add_epi32(CB, _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(w, y0),     \
+                                                                         _mm256_maddubs_epi16(w2, y1)),   \
+                                                        ones));                                           \
+        } else {                                                                                          \
+            CA = _mm256_add_epi32(CA, _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(w, x0), ones), \
+                                                       _mm256_madd_epi16(_mm256_maddubs_epi16(w2, x1), ones))); \
+            CB = _mm256_add_epi32(CB, _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(w, y0), ones), \
+                                                       _mm256_madd_epi16(_mm256_maddubs_epi16(w2, y1), ones))); \
+        }                                                                                                 \
+    }
+            for (int64_t j = 0; j < kc; j += 64) {
+                __m256i x0 = _mm256_loadu_si256((const __m256i *)(xa + j));
+                __m256i x1 = _mm256_loadu_si256((const __m256i *)(xa + j + 32));
+                __m256i y0 = _mm256_loadu_si256((const __m256i *)(xb + j));
+                __m256i y1 = _mm256_loadu_si256((const __m256i *)(xb + j + 32));
+                QS_MAC(u0, c[0], c[4])
+                QS_MAC(u1, c[1], c[5])
+                QS_MAC(u2, c[2], c[6])
+                QS_MAC(u3, c[3], c[7])
+            }
+            for (int q = 0; q < 4; q++) {
+                acc[b * GEMM_ROWS + r + q] += hsum_epi32_avx2(c[q]);
+                acc[(b + 1) * GEMM_ROWS + r + q] += hsum_epi32_avx2(c[4 + q]);
+            }
+        }
+        for (; b < B; b++) { /* odd last activation row: the 4 x 2 block against itself, second half dropped */
+            const int8_t *xa = x + b * ldx, *xb = xa;
+            __m256i c[8];
+            for (int q = 0; q < 8; q++) c[q] = _mm256_setzero_si256();
+            for (int64_t j = 0; j < kc; j += 64) {
+                __m256i x0 = _mm256_loadu_si256((const __m256i *)(xa + j));
+                __m256i x1 = _mm256_loadu_si256((const __m256i *)(xa + j + 32));
+                __m256i y0 = _mm256_loadu_si256((const __m256i *)(xb + j));
+                __m256i y1 = _mm256_loadu_si256((const __m256i *)(xb + j + 32));
+                QS_MAC(u0, c[0], c[4])
+                QS_MAC(u1, c[1], c[5])
+                QS_MAC(u2, c[2], c[6])
+                QS_MAC(u3, c[3], c[7])
+            }
+            for (int q = 0; q < 4; q++) acc[b * GEMM_ROWS + r + q] += hsum_epi32_avx2(c[q]);
+        }
+#undef QS_MAC
+    }
+}
+
+/* The four sums of the int32 lanes of a, b, c, d (a transpose-and-add tree: about 12 instructions
+   for the four, against about 8 for each _mm512_reduce_add_epi32). */
+__attribute__((target(QS_VNNI))) static inline __m128i reduce4_epi32(__m512i a, __m512i b, __m512i c, __m512i d) {
+    __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+    __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+    /* per 128-bit lane: [a, b, c, d] partial sums */
+    __m512i t = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+    __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(t), _mm512_extracti64x4_epi64(t, 1));
+    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+/* AVX-512 VNNI micro-kernel: blocks of 4 weight rows × 4 activation rows, 64 bytes per vpdpbusd. */
+__attribute__((target(QS_VNNI))) static void gemm_vnni(const uint8_t *u, int64_t ldu, const int8_t *x, int64_t ldx,
+                                                       int64_t B, int64_t kc, int32_t *acc, int narrow) {
+    (void)narrow;
+    for (int r = 0; r < GEMM_ROWS; r += 4) {
+        const uint8_t *ur = u + r * ldu;
+        for (int64_t b = 0; b < B; b += 4) {
+            int nbk = B - b < 4 ? (int)(B - b) : 4;
+            const int8_t *xr[4];
+            for (int q = 0; q < 4; q++) xr[q] = x + (b + (q < nbk ? q : 0)) * ldx; /* short block: repeat row b */
+            __m512i c[16];
+            for (int q = 0; q < 16; q++) c[q] = _mm512_setzero_si512();
+            for (int64_t j = 0; j < kc; j += 64) {
+                __m512i w0 = _mm512_loadu_si512((const void *)(ur + j));
+                __m512i w1 = _mm512_loadu_si512((const void *)(ur + ldu + j));
+                __m512i w2 = _mm512_loadu_si512((const void *)(ur + 2 * ldu + j));
+                __m512i w3 = _mm512_loadu_si512((const void *)(ur + 3 * ldu + j));
+                for (int q = 0; q < 4; q++) {
+                    __m512i xv = _mm512_loadu_si512((const void *)(xr[q] + j));
+                    c[4 * q + 0] = _mm512_dpbusd_epi32(c[4 * q + 0], w0, xv);
+                    c[4 * q + 1] = _mm512_dpbusd_epi32(c[4 * q + 1], w1, xv);
+                    c[4 * q + 2] = _mm512_dpbusd_epi32(c[4 * q + 2], w2, xv);
+                    c[4 * q + 3] = _mm512_dpbusd_epi32(c[4 * q + 3], w3, xv);
+                }
+            }
+            for (int q = 0; q < nbk; q++) {
+                int32_t sums[4];
+                _mm_storeu_si128((__m128i *)sums, reduce4_epi32(c[4 * q], c[4 * q + 1], c[4 * q + 2], c[4 * q + 3]));
+                for (int rr = 0; rr < 4; rr++) acc[(b + q) * GEMM_ROWS + r + rr] += sums[rr];
+            }
+        }
+    }
+}
+#endif
+
+#if QS_ARM
+/* NEON micro-kernels: blocks of 4 weight rows × 4 activation rows (16 int32x4 accumulators), 16 bytes a step. */
+#define QS_DEFINE_GEMM_NEON(NAME, ATTR, DOT)                                                                   \
+    ATTR static void NAME(const uint8_t *u, int64_t ldu, const int8_t *x, int64_t ldx, int64_t B, int64_t kc,  \
+                          int32_t *acc, int narrow) {                                                          \
+        (void)narrow;                                                                                          \
+        for (int r = 0; r < GEMM_ROWS; r += 4) {                                                               \
+            const int8_t *ur = (const int8_t *)u + r * ldu; /* operands <= 127: the same bytes as int8 */     \
+            for (int64_t b = 0; b < B; b += 4) {                                                               \
+                int nbk = B - b < 4 ? (int)(B - b) : 4;                                                        \
+                const int8_t *xr[4];                                                                           \
+                for (int q = 0; q < 4; q++) xr[q] = x + (b + (q < nbk ? q : 0)) * ldx;                         \
+                int32x4_t c[16];                                                                               \
+                for (int q = 0; q < 16; q++) c[q] = vdupq_n_s32(0);                                            \
+                for (int64_t j = 0; j < kc; j += 16) {                                                         \
+                    int8x16_t w0 = vld1q_s8(ur + j), w1 = vld1q_s8(ur + ldu + j);                              \
+                    int8x16_t w2 = vld1q_s8(ur + 2 * ldu + j), w3 = vld1q_s8(ur + 3 * ldu + j);                \
+                    for (int q = 0; q < 4; q++) {                                                              \
+                        int8x16_t xv = vld1q_s8(xr[q] + j);                                                    \
+                        c[4 * q + 0] = DOT(c[4 * q + 0], w0, xv);                                              \
+                        c[4 * q + 1] = DOT(c[4 * q + 1], w1, xv);                                              \
+                        c[4 * q + 2] = DOT(c[4 * q + 2], w2, xv);                                              \
+                        c[4 * q + 3] = DOT(c[4 * q + 3], w3, xv);                                              \
+                    }                                                                                          \
+                }                                                                                              \
+                for (int q = 0; q < nbk; q++)                                                                  \
+                    for (int rr = 0; rr < 4; rr++) acc[(b + q) * GEMM_ROWS + r + rr] += vaddvq_s32(c[4 * q + rr]); \
+            }                                                                                                  \
+        }                                                                                                      \
+    }
+
+QS_DEFINE_GEMM_NEON(gemm_neon, , dot_mull)
+QS_DEFINE_GEMM_NEON(gemm_sdot, QS_DOTPROD, dot_sdot)
+#endif
+
+static void gemm_kernels(int level, gemm_fn *gemm, decode_u_fn *dec) {
+    *gemm = gemm_scalar;
+    *dec = decode_u_scalar;
+#if QS_X86
+    if (level == QS_LEVEL_VNNI) {
+        *gemm = gemm_vnni;
+        *dec = decode_u_avx2;
+    } else if (level == QS_LEVEL_AVX2 || level == QS_LEVEL_AVX512) {
+        *gemm = gemm_avx2;
+        *dec = decode_u_avx2;
+    }
+#endif
+#if QS_ARM
+    if (level == QS_LEVEL_NEON) *gemm = gemm_neon;
+    if (level == QS_LEVEL_NEON_DOT) *gemm = gemm_sdot;
+#endif
+    (void)level;
+}
+
+/* out [B, m] for B > MAX_FUSED_BATCH on the int8 path (a->xq, xscale, xsum filled). */
+static int int8_gemm(const mm_args *a, int level, int nthreads) {
+    gemm_fn gemm;
+    decode_u_fn dec;
+    gemm_kernels(level, &gemm, &dec);
+    const int64_t n = a->n, m = a->m, B = a->B, npad = (n + GEMM_ALIGN - 1) / GEMM_ALIGN * GEMM_ALIGN;
+    const int rvq = a->kind != QS_KIND_E8P;
+    int8_t *xp = (int8_t *)aligned_alloc(GEMM_ALIGN, (size_t)(B * npad));
+    if (!xp) return QS_ENOMEM;
+    for (int64_t b = 0; b < B; b++) {
+        memcpy(xp + b * npad, a->xq + b * n, (size_t)n);
+        memset(xp + b * npad + n, 0, (size_t)(npad - n));
+    }
+    int64_t ntiles = (m + GEMM_ROWS - 1) / GEMM_ROWS;
+    int nt = threads_for(m * a->nblk * MAX_FUSED_BATCH, nthreads);
+    if (nt > ntiles) nt = (int)(ntiles > 0 ? ntiles : 1);
+    int rc = QS_OK;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        size_t tile = (size_t)GEMM_ROWS * GEMM_K;
+        uint8_t *u1 = (uint8_t *)aligned_alloc(GEMM_ALIGN, tile * (rvq ? 2 : 1));
+        uint8_t *u2 = u1 && rvq ? u1 + tile : NULL;
+        int32_t *acc = (int32_t *)malloc(sizeof(int32_t) * (size_t)(B * GEMM_ROWS) * 2);
+        int ok = u1 && acc;
+        if (!ok) {
+#pragma omp atomic write
+            rc = QS_ENOMEM;
+        }
+#pragma omp for schedule(static)
+        for (int64_t tl = 0; tl < ntiles; tl++) {
+            if (!ok) continue;
+            int64_t r0 = tl * GEMM_ROWS, rows = m - r0 < GEMM_ROWS ? m - r0 : GEMM_ROWS;
+            int32_t *acc1 = acc, *acc2 = acc + B * GEMM_ROWS;
+            memset(acc, 0, sizeof(int32_t) * (size_t)(B * GEMM_ROWS) * 2);
+            for (int64_t k0 = 0; k0 < npad; k0 += GEMM_K) {
+                int64_t kc = npad - k0 < GEMM_K ? npad - k0 : GEMM_K;       /* a multiple of GEMM_ALIGN */
+                int64_t c0 = k0 / DIM, c1 = (k0 + kc < n ? k0 + kc : n) / DIM; /* codewords in this tile */
+                int64_t used = (c1 - c0) * DIM;
+                for (int64_t r = 0; r < GEMM_ROWS; r++) {
+                    uint8_t *d1 = u1 + r * GEMM_K, *d2 = rvq ? u2 + r * GEMM_K : NULL;
+                    if (r < rows) {
+                        dec(a->t, a->codes + (r0 + r) * a->row_bytes, c0, c1, d1, d2);
+                        memset(d1 + used, 0, (size_t)(kc - used));
+                        if (rvq) memset(d2 + used, 0, (size_t)(kc - used));
+                    } else {
+                        memset(d1, 0, (size_t)kc);
+                        if (rvq) memset(d2, 0, (size_t)kc);
+                    }
+                }
+                gemm(u1, GEMM_K, xp + k0, npad, B, kc, acc1, 1);
+                if (rvq) gemm(u2, GEMM_K, xp + k0, npad, B, kc, acc2, a->kind == QS_KIND_RVQ4);
+            }
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t r = 0; r < rows; r++)
+                    a->out[b * m + r0 + r] = int8_output(a, b, acc1[b * GEMM_ROWS + r], acc2[b * GEMM_ROWS + r]);
+        }
+        free(u1);
+        free(acc);
+    }
+    free(xp);
+    return rc;
+}
+
 /* Quantize activations x [B, n] to int8 with one scale per vector (max |x| / 127). */
-static int quantize_activations(const mm_args *a, int8_t **xq, float **xscale, int32_t **xsum) {
+static int quantize_activations(const mm_args *a, int8_t **xq, float **xscale, int32_t **xsum, int nthreads) {
     *xq = (int8_t *)malloc((size_t)(a->B * a->n) + 1);
     *xscale = (float *)malloc(sizeof(float) * (size_t)(a->B + 1));
     *xsum = (int32_t *)malloc(sizeof(int32_t) * (size_t)(a->B + 1));
     if (!*xq || !*xscale || !*xsum) return QS_ENOMEM;
+    int nt = a->B * a->n >= PARALLEL_MIN_ELEMENTS ? nthreads : 1;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
     for (int64_t b = 0; b < a->B; b++) {
         const float *x = a->x + b * a->n;
         float amax = 0.0f;
         int finite = 1;
         for (int64_t j = 0; j < a->n; j++) {
-            amax = fmaxf(amax, fabsf(x[j]));
+            float v = fabsf(x[j]);
+            amax = v > amax ? v : amax; /* NaN: caught by the finiteness check */
             finite &= isfinite(x[j]) != 0;
         }
         if (!finite) { /* NaN/Inf in, NaN out (as the float paths): never a finite wrong answer */
@@ -617,7 +1146,9 @@ static int quantize_activations(const mm_args *a, int8_t **xq, float **xscale, i
         float inv = 1.0f / scale;
         int32_t sum = 0;
         for (int64_t j = 0; j < a->n; j++) {
-            float q = nearbyintf(x[j] * inv);
+            /* round half to even (= nearbyintf in the default rounding mode, |x · inv| <= ~127 here)
+               by the 1.5 · 2^23 trick: no libm call per element, and the loop vectorises */
+            float q = (x[j] * inv + ROUND_MAGIC) - ROUND_MAGIC;
             q = q > INT8_QMAX ? INT8_QMAX : (q < -INT8_QMAX ? -INT8_QMAX : q);
             (*xq)[b * a->n + j] = (int8_t)q;
             sum += (int32_t)q;
@@ -689,6 +1220,14 @@ QS_API qs_codebook *qs_codebook_new(int kind, const float *src1, const float *ta
     for (int i = 0; i < NSRC * DIM; i++) t->tab2s[i] = t->tab2[i] / t->resid_scale;
     t->shift2 = E8P_SHIFT / t->resid_scale;
     t->int8_ok = int8_tables(t);
+    for (int sg = 0; sg < NSRC; sg++) {
+        int odd;
+        uint32_t fixed = e8p_signs((uint32_t)sg << SIGN_SHIFT, &odd);
+        for (int j = 0; j < DIM; j++) {
+            int mag = INT8_OFFSET + (odd ? -1 : 1);
+            t->sgnq[sg * DIM + j] = (int8_t)(((fixed >> j) & 1u) ? -mag : mag);
+        }
+    }
     t->pat_ok = t->int8_ok && pattern_table(t) &&
                 (kind == QS_KIND_E8P || (kind == QS_KIND_RVQ4 && memcmp(t->tab2, t->src1, sizeof(t->src1)) == 0));
     return t;
@@ -696,8 +1235,13 @@ QS_API qs_codebook *qs_codebook_new(int kind, const float *src1, const float *ta
 
 QS_API void qs_codebook_free(qs_codebook *t) { free(t); }
 
-/* Threads worth using for `work` codewords: small problems stay on the calling thread. */
-static int threads_for(int64_t work, int nthreads) { return work >= PARALLEL_MIN_CODEWORDS ? nthreads : 1; }
+/* Whether all n values of x are finite. */
+static int row_finite(const float *x, int64_t n) {
+    int finite = 1;
+    for (int64_t j = 0; j < n; j++) finite &= isfinite(x[j]) != 0;
+    return finite;
+}
+
 
 #if QS_X86
 /* A row of decode_scalar with AVX-512: same operations in the same order, so bitwise equal. */
@@ -717,13 +1261,17 @@ __attribute__((target("avx512f,avx512vl,popcnt"))) static void decode_row_avx512
 #endif
 
 /* out [m, n] float32 = decode(codes [m, n/8*CB]); bitwise equal to the Python decode. */
-QS_API int qs_decode(const uint8_t *codes, int64_t m, int64_t n, const qs_codebook *t, float *out, int nthreads) {
+QS_API int qs_decode(const uint8_t *codes, int64_t m, int64_t n, const qs_codebook *t, float *out, int nthreads,
+                     int level) {
+    if (!level_ok(level)) return QS_EBADLEVEL;
     if (!t) return QS_EBADKIND;
     if (!codes || !out || m < 0 || n < 0 || n % DIM || nthreads < 1) return QS_EBADARG;
     int cb = t->cb, kind = t->kind;
     int64_t nblk = n / DIM, row_bytes = nblk * cb;
     int nt = threads_for(m * nblk, nthreads);
-    int simd = QS_X86 && qs_level() >= QS_LEVEL_AVX512;
+#if QS_X86
+    int simd = is_avx512(level);
+#endif
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
     for (int64_t i = 0; i < m; i++) {
         const uint8_t *rc = codes + i * row_bytes;
@@ -742,24 +1290,46 @@ QS_API int qs_decode(const uint8_t *codes, int64_t m, int64_t n, const qs_codebo
 
 typedef void (*mm_rows_fn)(const mm_args *, int64_t, int64_t, int64_t, int64_t);
 
-static mm_rows_fn mm_kernel(int level, const qs_codebook *t) {
+/* The float32 row kernel of a level. */
+static mm_rows_fn float_kernel(int level) {
 #if QS_X86
-    switch (level) {
-    case QS_LEVEL_VNNI: return t->pat_ok ? mm_rows_vnni_pat : mm_rows_vnni;
-    case QS_LEVEL_AVX512: return mm_rows_avx512;
-    case QS_LEVEL_AVX2: return mm_rows_avx2;
-    default: break;
-    }
+    if (is_avx512(level)) return mm_rows_avx512;
+    if (level == QS_LEVEL_AVX2) return mm_rows_avx2;
 #endif
+    (void)level;
     return mm_rows_scalar;
+}
+
+/* The int8 row kernel of a level (every level has one; integer sums equal mm_rows_int8_scalar's). */
+static mm_rows_fn int8_kernel(int level, const qs_codebook *t) {
+#if QS_X86
+    /* VNNI: gather-free kernel for E8P12 / RVQ4; RVQ3 (its E81B stage is not a pattern table) runs
+       faster on the gather-free AVX2 kernel than on the gathering VNNI one (measured, 1 thread) */
+    if (level == QS_LEVEL_VNNI)
+        return t->pat_ok ? mm_rows_vnni_pat : (t->kind == QS_KIND_RVQ3 ? mm_rows_int8_avx2_rvq3 : mm_rows_vnni);
+    if (level == QS_LEVEL_AVX2 || level == QS_LEVEL_AVX512) /* AVX-512 without VNNI: the AVX2 kernel */
+        return t->kind == QS_KIND_E8P ? mm_rows_int8_avx2_e8p
+                                      : (t->kind == QS_KIND_RVQ3 ? mm_rows_int8_avx2_rvq3 : mm_rows_int8_avx2_rvq4);
+#endif
+#if QS_ARM
+    if (level == QS_LEVEL_NEON)
+        return t->kind == QS_KIND_E8P ? mm_rows_neon_e8p
+                                      : (t->kind == QS_KIND_RVQ3 ? mm_rows_neon_rvq3 : mm_rows_neon_rvq4);
+    if (level == QS_LEVEL_NEON_DOT)
+        return t->kind == QS_KIND_E8P ? mm_rows_sdot_e8p
+                                      : (t->kind == QS_KIND_RVQ3 ? mm_rows_sdot_rvq3 : mm_rows_sdot_rvq4);
+#endif
+    (void)level;
+    return mm_rows_int8_scalar;
 }
 
 /*
  * out [B, m] = x [B, n] @ decode(codes)ᵀ   (fused; no decoded weight is stored).
- * fn: the row kernel; int8 = 1 quantizes the activations first (int8 row kernels).
+ * fn: the row kernel; int8 = 1 quantizes the activations first (int8 row kernels). gemm_level >= 0:
+ * batches above MAX_FUSED_BATCH on the int8 path go to that level's GEMM tiles (int8_gemm) instead.
  */
 static int matmul_impl(const uint8_t *codes, int64_t m, int64_t n, const qs_codebook *t, const float *x, int64_t B,
-                       float *out, int nthreads, mm_rows_fn fn, int int8) {
+                       float *out, int nthreads, mm_rows_fn fn, int int8, int gemm_level) {
     if (!t) return QS_EBADKIND;
     if (!codes || !x || !out || m < 0 || n < 0 || n % DIM || B < 0 || nthreads < 1) return QS_EBADARG;
     if (int8 && !t->int8_ok) return QS_EBADARG;
@@ -782,10 +1352,14 @@ static int matmul_impl(const uint8_t *codes, int64_t m, int64_t n, const qs_code
     int rc = QS_OK;
     int16_t *xbs = NULL;
     if (int8) {
-        rc = quantize_activations(&a, &xq, &xscale, &xsum);
+        rc = quantize_activations(&a, &xq, &xscale, &xsum, nthreads);
         a.xq = xq;
         a.xscale = xscale;
         a.xsum = xsum;
+        if (rc == QS_OK && gemm_level >= 0 && B > MAX_FUSED_BATCH) {
+            rc = int8_gemm(&a, gemm_level, nthreads);
+            goto done;
+        }
         xbs = (int16_t *)malloc(sizeof(int16_t) * (size_t)(B * a.nblk + 1));
         if (rc == QS_OK && !xbs) rc = QS_ENOMEM;
         if (rc == QS_OK)
@@ -808,6 +1382,12 @@ static int matmul_impl(const uint8_t *codes, int64_t m, int64_t n, const qs_code
             }
         }
     }
+    if (rc == QS_OK && !int8) /* NaN/Inf in, NaN out on every path (as the int8 ones): a lone ±Inf
+                                  activation must not come out as a plausible ±Inf sum */
+        for (int64_t b = 0; b < B; b++)
+            if (!row_finite(x + b * n, n))
+                for (int64_t i = 0; i < m; i++) out[b * m + i] = NAN;
+done:
     free(xq);
     free(xscale);
     free(xsum);
@@ -818,20 +1398,20 @@ static int matmul_impl(const uint8_t *codes, int64_t m, int64_t n, const qs_code
 /*
  * allow_int8: the caller accepts int8-quantized activations (set when the activations went
  * through the Hadamard transform, which leaves no outlier channels for one scale to be crushed by).
- * The level is read once, so a concurrent qs_select_level cannot mix two paths.
  */
 QS_API int qs_matmul(const uint8_t *codes, int64_t m, int64_t n, const qs_codebook *t, const float *x, int64_t B,
-                     float *out, int nthreads, int allow_int8) {
-    int level = qs_level();
-    if (level == QS_LEVEL_VNNI && !(allow_int8 && t && t->int8_ok)) level = QS_LEVEL_AVX512;
-    mm_rows_fn fn = t ? mm_kernel(level, t) : NULL;
-    return matmul_impl(codes, m, n, t, x, B, out, nthreads, fn, level == QS_LEVEL_VNNI);
+                     float *out, int nthreads, int level, int allow_int8) {
+    if (!level_ok(level)) return QS_EBADLEVEL;
+    if (!t) return QS_EBADKIND;
+    int int8 = allow_int8 && t->int8_ok;
+    return matmul_impl(codes, m, n, t, x, B, out, nthreads, int8 ? int8_kernel(level, t) : float_kernel(level), int8,
+                       level);
 }
 
 /* The portable int8 reference: same activation quantization and integer sums as the VNNI path. */
 QS_API int qs_matmul_int8_ref(const uint8_t *codes, int64_t m, int64_t n, const qs_codebook *t, const float *x,
                               int64_t B, float *out, int nthreads) {
-    return matmul_impl(codes, m, n, t, x, B, out, nthreads, mm_rows_int8_scalar, 1);
+    return matmul_impl(codes, m, n, t, x, B, out, nthreads, mm_rows_int8_scalar, 1, -1);
 }
 
 /* ----------------------------------------------------------------------- Hadamard transform */
@@ -873,9 +1453,10 @@ __attribute__((target("avx512f"))) static void mix_rows_avx512(const float *v, i
 }
 #endif
 
-static void mix_rows(const float *v, int64_t K, int64_t P, const float *M, float *out) {
+static void mix_rows(const float *v, int64_t K, int64_t P, const float *M, float *out, int level) {
+    (void)level;
 #if QS_X86
-    if (P % MIX_LANES == 0 && qs_level() >= QS_LEVEL_AVX512) {
+    if (P % MIX_LANES == 0 && is_avx512(level)) {
         mix_rows_avx512(v, K, P, M, out);
         return;
     }
@@ -883,41 +1464,73 @@ static void mix_rows(const float *v, int64_t K, int64_t P, const float *M, float
     mix_rows_scalar(v, K, P, M, out);
 }
 
-#if QS_X86
-/* Compiled for AVX-512, AVX2 and baseline x86-64, chosen at load time (GCC function multiversioning). */
-#define QS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define QS_CLONES
-#endif
-
 /*
  * One vector v [K*P] in place: v <- post ⊙ (norm · (M ⊗ H_P)(pre ⊙ v)); tmp [K*P] scratch (K > 1).
  * FWHT of each row of the [K, P] view (unnormalised, Sylvester order), then rows mixed by M [K, K]
- * (row-major: y[a] = sum_c M[a, c] z[c]).
+ * (row-major: y[a] = sum_c M[a, c] z[c]). Compiled once per ISA (the same C, vectorised by the
+ * compiler for that target) and chosen by the caller's level, never by the CPU behind its back.
  */
-QS_CLONES static void hadamard_vec(float *v, int64_t K, int64_t P, const float *M, const float *pre,
-                                   const float *post, float norm, float *tmp) {
-    int64_t n = K * P;
-    if (pre)
-        for (int64_t j = 0; j < n; j++) v[j] *= pre[j];
-    for (int64_t r = 0; r < K; r++) {
-        float *w = v + r * P;
-        for (int64_t h = 1; h < P; h <<= 1)
-            for (int64_t i = 0; i < P; i += h << 1)
-                for (int64_t j = i; j < i + h; j++) {
-                    float lo = w[j], hi = w[j + h];
-                    w[j] = lo + hi;
-                    w[j + h] = lo - hi;
-                }
+/* The first three butterfly stages (h = 1, 2, 4) of a Sylvester FWHT on 8 consecutive values, in
+   registers: the operations of the staged loop in the same order, so bitwise equal to it. */
+static inline void fwht8(float *w) {
+    float a0 = w[0] + w[1], a1 = w[0] - w[1], a2 = w[2] + w[3], a3 = w[2] - w[3];
+    float a4 = w[4] + w[5], a5 = w[4] - w[5], a6 = w[6] + w[7], a7 = w[6] - w[7];
+    float b0 = a0 + a2, b2 = a0 - a2, b1 = a1 + a3, b3 = a1 - a3;
+    float b4 = a4 + a6, b6 = a4 - a6, b5 = a5 + a7, b7 = a5 - a7;
+    w[0] = b0 + b4, w[4] = b0 - b4, w[1] = b1 + b5, w[5] = b1 - b5;
+    w[2] = b2 + b6, w[6] = b2 - b6, w[3] = b3 + b7, w[7] = b3 - b7;
+}
+
+#define QS_DEFINE_HADAMARD_VEC(NAME, ATTR)                                                                     \
+    ATTR static void NAME(float *v, int64_t K, int64_t P, const float *M, const float *pre, const float *post, \
+                          float norm, float *tmp, int level) {                                                 \
+        int64_t n = K * P;                                                                                     \
+        if (pre)                                                                                               \
+            for (int64_t j = 0; j < n; j++) v[j] *= pre[j];                                                    \
+        for (int64_t r = 0; r < K; r++) {                                                                      \
+            float *w = v + r * P;                                                                              \
+            int64_t h0 = 1;                                                                                    \
+            if (P >= 8) { /* stages h = 1, 2, 4 fused per block of 8 (same operations, same order) */        \
+                for (int64_t i = 0; i < P; i += 8) fwht8(w + i);                                               \
+                h0 = 8;                                                                                        \
+            }                                                                                                  \
+            for (int64_t h = h0; h < P; h <<= 1)                                                               \
+                for (int64_t i = 0; i < P; i += h << 1)                                                        \
+                    for (int64_t j = i; j < i + h; j++) {                                                      \
+                        float lo = w[j], hi = w[j + h];                                                        \
+                        w[j] = lo + hi;                                                                        \
+                        w[j + h] = lo - hi;                                                                    \
+                    }                                                                                          \
+        }                                                                                                      \
+        if (K > 1) {                                                                                           \
+            mix_rows(v, K, P, M, tmp, level);                                                                  \
+            memcpy(v, tmp, sizeof(float) * (size_t)n);                                                         \
+        }                                                                                                      \
+        if (post)                                                                                              \
+            for (int64_t j = 0; j < n; j++) v[j] *= norm * post[j];                                            \
+        else                                                                                                   \
+            for (int64_t j = 0; j < n; j++) v[j] *= norm;                                                      \
     }
-    if (K > 1) {
-        mix_rows(v, K, P, M, tmp);
-        memcpy(v, tmp, sizeof(float) * (size_t)n);
+
+QS_DEFINE_HADAMARD_VEC(hadamard_vec_base, )
+#if QS_X86
+QS_DEFINE_HADAMARD_VEC(hadamard_vec_avx2, __attribute__((target("avx2,fma"))))
+QS_DEFINE_HADAMARD_VEC(hadamard_vec_avx512, __attribute__((target("avx512f,avx512vl,avx2,fma"))))
+#endif
+
+static void hadamard_vec(float *v, int64_t K, int64_t P, const float *M, const float *pre, const float *post,
+                         float norm, float *tmp, int level) {
+#if QS_X86
+    if (is_avx512(level)) {
+        hadamard_vec_avx512(v, K, P, M, pre, post, norm, tmp, level);
+        return;
     }
-    if (post)
-        for (int64_t j = 0; j < n; j++) v[j] *= norm * post[j];
-    else
-        for (int64_t j = 0; j < n; j++) v[j] *= norm;
+    if (level == QS_LEVEL_AVX2) {
+        hadamard_vec_avx2(v, K, P, M, pre, post, norm, tmp, level);
+        return;
+    }
+#endif
+    hadamard_vec_base(v, K, P, M, pre, post, norm, tmp, level);
 }
 
 static int hadamard_args_ok(int64_t K, int64_t P, const float *M) {
@@ -931,7 +1544,8 @@ static int hadamard_args_ok(int64_t K, int64_t P, const float *M) {
  * quipsharp.hadamard.hadamard_transform (pass Mᵀ for transpose=True).
  */
 QS_API int qs_hadamard(float *x, int64_t B, int64_t K, int64_t P, const float *M, const float *pre, const float *post,
-                       float alpha, int nthreads) {
+                       float alpha, int nthreads, int level) {
+    if (!level_ok(level)) return QS_EBADLEVEL;
     if (!x || B < 0 || !hadamard_args_ok(K, P, M) || nthreads < 1) return QS_EBADARG;
     int64_t n = K * P;
     float norm = alpha / sqrtf((float)P);
@@ -947,14 +1561,15 @@ QS_API int qs_hadamard(float *x, int64_t B, int64_t K, int64_t P, const float *M
         float *tmp = scratch;
 #endif
 #pragma omp for schedule(static)
-        for (int64_t b = 0; b < B; b++) hadamard_vec(x + b * n, K, P, M, pre, post, norm, tmp);
+        for (int64_t b = 0; b < B; b++) hadamard_vec(x + b * n, K, P, M, pre, post, norm, tmp, level);
     }
     free(scratch);
     return QS_OK;
 }
 
 /*
- * A whole quantized linear layer for small batches (DESIGN.md §1, step 4):
+ * A whole quantized linear layer (DESIGN.md §1, step 4), any batch (above MAX_FUSED_BATCH the int8
+ * path runs GEMM tiles; the float path of layers without the transform is meant for small batches):
  *   out [B, m] = sv ⊙ (wscale · Vᵀ (decode(codes) · U (su ⊙ x))) + bias
  * x [B, n]; codes [m, n/8*CB]; su [n]; sv [m]; bias [m] or NULL; U = M_in ⊗ H_Pin / sqrt(Pin),
  * Vᵀ = M_out_t ⊗ H_Pout / sqrt(Pout) (M_out_t the transposed factor). use_hadamard = 0 skips U, V.
@@ -962,28 +1577,45 @@ QS_API int qs_hadamard(float *x, int64_t B, int64_t K, int64_t P, const float *M
  */
 QS_API int qs_linear(const float *x, int64_t B, int64_t n, int64_t m, const uint8_t *codes, const qs_codebook *t,
                      const float *su, const float *sv, float wscale, const float *bias, int use_hadamard,
-                     int64_t k_in, const float *m_in, int64_t k_out, const float *m_out_t, float *out, int nthreads) {
+                     int64_t k_in, const float *m_in, int64_t k_out, const float *m_out_t, float *out, int nthreads,
+                     int level) {
+    if (!level_ok(level)) return QS_EBADLEVEL;
     if (!x || !out || !su || !sv || B < 0 || n <= 0 || m <= 0 || n % DIM) return QS_EBADARG;
     if (use_hadamard && (k_in < 1 || k_out < 1 || n % k_in || m % k_out || !hadamard_args_ok(k_in, n / k_in, m_in) ||
                          !hadamard_args_ok(k_out, m / k_out, m_out_t)))
         return QS_EBADARG;
     int64_t kmax = n > m ? n : m;
-    float *h = (float *)malloc(sizeof(float) * (size_t)(B * n + kmax));
+    /* a decoding step and a typical prompt stay on one thread: these passes are cheap next to the
+       matmul, and every extra parallel region is a barrier that costs milliseconds on busy cores */
+    int nt = B * kmax >= PARALLEL_MIN_ELEMENTS ? nthreads : 1;
+    float *h = (float *)malloc(sizeof(float) * (size_t)(B * n + kmax * nt));
     if (!h) return QS_ENOMEM;
-    float *tmp = h + B * n;
     memcpy(h, x, sizeof(float) * (size_t)(B * n));
+    /* rows are independent: a prefill batch transforms them in parallel (tmp: one scratch row per thread) */
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
     for (int64_t b = 0; b < B; b++) {
+#ifdef _OPENMP
+        float *tmp = h + B * n + (size_t)omp_get_thread_num() * (size_t)kmax;
+#else
+        float *tmp = h + B * n;
+#endif
         if (use_hadamard)
-            hadamard_vec(h + b * n, k_in, n / k_in, m_in, su, NULL, 1.0f / sqrtf((float)(n / k_in)), tmp);
+            hadamard_vec(h + b * n, k_in, n / k_in, m_in, su, NULL, 1.0f / sqrtf((float)(n / k_in)), tmp, level);
         else
             for (int64_t j = 0; j < n; j++) h[b * n + j] *= su[j];
     }
-    int rc = qs_matmul(codes, m, n, t, h, B, out, nthreads, use_hadamard);
+    int rc = qs_matmul(codes, m, n, t, h, B, out, nthreads, level, use_hadamard);
     if (rc == QS_OK) {
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
         for (int64_t b = 0; b < B; b++) {
+#ifdef _OPENMP
+            float *tmp = h + B * n + (size_t)omp_get_thread_num() * (size_t)kmax;
+#else
+            float *tmp = h + B * n;
+#endif
             float *y = out + b * m;
             if (use_hadamard)
-                hadamard_vec(y, k_out, m / k_out, m_out_t, NULL, sv, wscale / sqrtf((float)(m / k_out)), tmp);
+                hadamard_vec(y, k_out, m / k_out, m_out_t, NULL, sv, wscale / sqrtf((float)(m / k_out)), tmp, level);
             else
                 for (int64_t i = 0; i < m; i++) y[i] *= wscale * sv[i];
             if (bias)
@@ -995,7 +1627,9 @@ QS_API int qs_linear(const float *x, int64_t B, int64_t n, int64_t m, const uint
 }
 
 /* ------------------------------------------------------------------ importable module stub */
+#ifndef QS_STANDALONE
 static struct PyModuleDef qs_module = {PyModuleDef_HEAD_INIT, "_qskernels",
                                        "quipsharp native kernels (called through ctypes)", -1, NULL};
 
 PyMODINIT_FUNC PyInit__qskernels(void) { return PyModule_Create(&qs_module); }
+#endif

@@ -1,0 +1,486 @@
+"""The native C kernels (``quipsharp._qskernels``, ``src/quipsharp/csrc/qs_kernels.c``) behind the
+:class:`quipsharp.kernels.Kernel` signature.
+
+The C library works on raw buffers and keeps no selected ISA level: every call names the level it
+runs (:class:`NativeKernel` holds it), and the library refuses a level the CPU cannot run
+(``QS_EBADLEVEL``) rather than executing an illegal instruction. This module loads the library with
+ctypes and checks every argument before a pointer crosses over.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from quipsharp.codebooks import get_codebook
+from quipsharp.config import CODEBOOK_DIM
+
+logger = logging.getLogger("quipsharp.kernels")
+
+#: Native paths, in the C library's enum order (QS_LEVEL_*). Each has float32 kernels (layers
+#: without the Hadamard transform) and int8 ones (activations behind it; see :data:`INT8_LEVELS`):
+#: ``scalar`` portable C; ``avx2`` AVX2+FMA (vpmaddubsw); ``avx512`` AVX-512 F/VL/BW/DQ float
+#: kernels, the AVX2 int8 kernel; ``avx512vnni`` + VNNI/VBMI/BITALG int8 kernels; ``neon``,
+#: ``neon_dotprod`` AArch64 (sdot).
+LEVELS = ("scalar", "avx2", "avx512", "avx512vnni", "neon", "neon_dotprod")
+#: Levels whose kernels quantize the activations to int8 behind the Hadamard transform
+#: (``allow_int8``): all of them; their integer sums equal the portable reference's bit for bit.
+INT8_LEVELS = frozenset(LEVELS)
+#: Batch sizes up to this use the fused kernel (it keeps this many activation rows in registers and
+#: decodes every weight once per group of rows). Larger batches behind the Hadamard transform run
+#: int8 GEMM tiles (each tile of codewords decoded to int8 once for the whole batch); without the
+#: transform they decode float32 weight chunks for torch's GEMM. Equal to the C kernels' MAX_FUSED_BATCH.
+FUSED_MAX_BATCH = 8
+#: Decoded weight elements per chunk on the decode + GEMM path (16 MB of float32 per thread).
+DECODE_CHUNK_ELEMENTS = 4 * 2**20
+#: Codebook name -> kernel kind (the C enum).
+KINDS = {"E8P12": 0, "E8P12RVQ3B": 1, "E8P12RVQ4B": 2}
+
+UNFILLED_MESSAGE = "QuantizedLinear used before its weight was quantized or loaded"
+NOT_BUILT_MESSAGE = ("quipsharp native kernels are not built (no C compiler at install time, or the build "
+                     "failed); QuantizedLinear uses the slower pure-torch reference path")
+QS_EBADLEVEL = -4
+_ERRORS = {-1: "bad argument", -2: "unknown codebook kind", -3: "out of memory",
+           QS_EBADLEVEL: "ISA level not supported"}
+
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+_INT = ctypes.c_int
+_F = ctypes.c_float
+
+
+class KernelError(RuntimeError):
+    """A native kernel refused its arguments or failed, or the native library is missing."""
+
+
+class UnsupportedLevelError(KernelError, ValueError):
+    """A kernel level this CPU (or this build) cannot run was asked for explicitly."""
+
+
+def library_path() -> Path | None:
+    """The built ``_qskernels`` shared library next to the package, or None."""
+    here = Path(__file__).resolve().parent.parent
+    found = sorted(here.glob("_qskernels*.so")) + sorted(here.glob("_qskernels*.pyd"))
+    return found[0] if found else None
+
+
+@functools.cache
+def lib() -> ctypes.CDLL | None:
+    """The loaded library with its signatures declared, or None (logged once as a warning)."""
+    path = library_path()
+    if path is None:
+        logger.warning(NOT_BUILT_MESSAGE)
+        return None
+    try:
+        cdll = ctypes.CDLL(str(path))
+    except OSError as err:
+        logger.warning("could not load %s (%s); QuantizedLinear uses the pure-torch reference path", path, err)
+        return None
+    cdll.qs_codebook_new.argtypes = [_INT, _P, _P, _F]
+    cdll.qs_codebook_new.restype = _P
+    cdll.qs_decode.argtypes = [_P, _I64, _I64, _P, _P, _INT, _INT]
+    cdll.qs_matmul.argtypes = [_P, _I64, _I64, _P, _P, _I64, _P, _INT, _INT, _INT]
+    cdll.qs_matmul_int8_ref.argtypes = [_P, _I64, _I64, _P, _P, _I64, _P, _INT]
+    cdll.qs_hadamard.argtypes = [_P, _I64, _I64, _I64, _P, _P, _P, _F, _INT, _INT]
+    cdll.qs_linear.argtypes = [_P, _I64, _I64, _I64, _P, _P, _P, _P, _F, _P, _INT, _I64, _P, _I64, _P, _P, _INT,
+                               _INT]
+    cdll.qs_supported_levels.argtypes = []
+    for fn in (cdll.qs_decode, cdll.qs_matmul, cdll.qs_matmul_int8_ref, cdll.qs_hadamard, cdll.qs_linear,
+               cdll.qs_supported_levels, cdll.qs_openmp):
+        fn.restype = _INT
+    return cdll
+
+
+def cpu_levels() -> list[str]:
+    """Native levels this CPU and build can run, in :data:`LEVELS` order (empty without the library)."""
+    cdll = lib()
+    if cdll is None:
+        return []
+    mask = cdll.qs_supported_levels()
+    return [name for i, name in enumerate(LEVELS) if mask >> i & 1]
+
+
+def openmp() -> bool:
+    """Whether the library was built with OpenMP (otherwise every kernel runs on one thread)."""
+    cdll = lib()
+    return bool(cdll is not None and cdll.qs_openmp())
+
+
+def _check(rc: int, what: str) -> None:
+    if rc == QS_EBADLEVEL:
+        raise UnsupportedLevelError(f"native kernel {what}: this CPU cannot run the requested ISA level")
+    if rc != 0:
+        raise KernelError(f"native kernel {what} failed: {_ERRORS.get(rc, rc)}")
+
+
+def _need(t: torch.Tensor, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} must be on the CPU, got {t.device}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _require() -> ctypes.CDLL:
+    cdll = lib()
+    if cdll is None:
+        raise KernelError(NOT_BUILT_MESSAGE)
+    return cdll
+
+
+@dataclass(frozen=True)
+class Tables:
+    """A codebook as the kernels see it.
+
+    Attributes:
+        kind: C kind (0 E8P12, 1 E8P12RVQ3B, 2 E8P12RVQ4B).
+        code_bytes: bytes per codeword (2, 3, 4).
+        handle: the C ``qs_codebook`` built once from the codebook's tables (kept for the process).
+    """
+
+    kind: int
+    code_bytes: int
+    handle: int
+
+
+@functools.cache
+def tables(codebook_name: str) -> Tables:
+    """The kernel handle of a codebook; raises ``ValueError`` for codebooks without a native kernel."""
+    if codebook_name not in KINDS:
+        raise ValueError(f"no native kernel for codebook {codebook_name!r} (have {sorted(KINDS)})")
+    cdll = _require()
+    cb = get_codebook(codebook_name)
+    kind = KINDS[codebook_name]
+    src1 = getattr(cb, "stage1", cb).sources.to(torch.float32).contiguous()  # [256, 8]
+    if kind == 0:
+        tab2, resid = src1, 1.0
+    else:
+        stage2 = cb.stage2
+        tab2 = (stage2.sources if kind == KINDS["E8P12RVQ4B"] else stage2.codewords()).to(torch.float32).contiguous()
+        resid = float(cb.residual_scale)
+    expected_bytes = (2, 3, 4)[kind]  # the C kinds' code sizes
+    if src1.shape != (256, 8) or tab2.shape != (256, 8) or cb.code_bytes != expected_bytes:
+        raise KernelError(f"{codebook_name}: tables {tuple(src1.shape)}/{tuple(tab2.shape)} or code size "
+                          f"{cb.code_bytes} do not match the native kernel's layout")
+    handle = cdll.qs_codebook_new(kind, src1.data_ptr(), tab2.data_ptr(), resid)
+    if not handle:
+        raise KernelError(f"could not build the native tables of {codebook_name}")
+    return Tables(kind, cb.code_bytes, handle)
+
+
+def _threads(threads: int | None) -> int:
+    return max(1, threads if threads is not None else torch.get_num_threads())
+
+
+def _check_mn(m: int, n: int) -> None:
+    if m < 0 or n < 0 or n % CODEBOOK_DIM:
+        raise ValueError(f"bad weight shape ({m}, {n}): in_features must be a multiple of {CODEBOOK_DIM}")
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(numel: int) -> torch.Tensor:
+    """A float32 work buffer of at least ``numel`` elements, reused by this thread's later calls.
+
+    Decoded weight chunks of the float prefill path live here: allocating a fresh multi-MB tensor
+    per layer call makes the kernel spend more time in page faults than in decoding.
+    """
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=torch.float32)
+        _SCRATCH.buf = buf
+    return buf
+
+
+def check_linear_args(x, codes, su, sv, bias, m_in, m_out_t, codebook_name, use_hadamard) -> None:
+    """Validate everything a native linear hands to C (a wrong shape must not read out of bounds).
+
+    The common case is one combined comparison (this runs once per layer per token); the detailed
+    per-argument checks run only to name the problem.
+    """
+    n, m = su.shape[0], sv.shape[0]
+    k_in, k_out = m_in.shape[0], m_out_t.shape[0]
+    cpu = "cpu"
+    fast_ok = (
+        x.shape[-1] == n and x.device.type == cpu and codes.device.type == cpu and su.device.type == cpu
+        and sv.device.type == cpu
+        and codes.shape == (m, n // CODEBOOK_DIM * tables(codebook_name).code_bytes)
+        and codes.dtype == torch.uint8 and su.dtype == torch.float32 and sv.dtype == torch.float32
+        and su.dim() == 1 and sv.dim() == 1 and codes.is_contiguous() and su.is_contiguous() and sv.is_contiguous()
+        and (bias is None or (bias.shape == (m,) and bias.dtype == torch.float32 and bias.is_contiguous()
+                              and bias.device.type == cpu))
+        and (not use_hadamard or (_factor_ok(m_in, n) and _factor_ok(m_out_t, m)))
+    )
+    if fast_ok:
+        return
+    if x.shape[-1] != n:
+        raise ValueError(f"e8p_linear: x has last dim {x.shape[-1]}, expected {n}")
+    _need(codes, "codes", torch.uint8, (m, n // CODEBOOK_DIM * tables(codebook_name).code_bytes))
+    _need(su, "su", torch.float32, (n,))
+    _need(sv, "sv", torch.float32, (m,))
+    if bias is not None:
+        _need(bias, "bias", torch.float32, (m,))
+    if use_hadamard:
+        for name, M, dim, k in (("m_in", m_in, n, k_in), ("m_out_t", m_out_t, m, k_out)):
+            _need(M, name, torch.float32, (k, k))
+            if not _factor_ok(M, dim):
+                raise ValueError(f"e8p_linear: factor {name} of order {k} does not split {dim} into K x 2^k")
+    raise ValueError(f"e8p_linear: x must be a CPU tensor, got {x.device}")
+
+
+def _factor_ok(M: torch.Tensor, dim: int) -> bool:
+    """``M`` is a contiguous float32 ``[K, K]`` with ``dim = K · 2^k``."""
+    k = M.shape[0]
+    p = dim // k if k else 0
+    return (M.dim() == 2 and M.shape[1] == k and M.dtype == torch.float32 and M.is_contiguous() and k > 0
+            and M.device.type == "cpu"
+            and dim % k == 0 and p & (p - 1) == 0)
+
+
+class NativeKernel:
+    """The C kernels at one ISA level (``"scalar"``, ``"avx2"``, ``"avx512"``, ``"avx512vnni"``,
+    ``"neon"``, ``"neon_dotprod"``). Build it with :func:`quipsharp.kernels.select`, which checks the
+    CPU first; the C side re-checks on every call.
+
+    Attributes:
+        name: the level.
+        native: True.
+        int8_activations: whether :meth:`matmul` with ``allow_int8`` (and :meth:`linear` with the
+            Hadamard transform) quantizes activations to int8 (one scale per row).
+    """
+
+    native = True
+
+    def __init__(self, level: str) -> None:
+        if level not in LEVELS:
+            raise ValueError(f"unknown native level {level!r} (have {', '.join(LEVELS)})")
+        self.name = level
+        self.level = LEVELS.index(level)
+        self.int8_activations = level in INT8_LEVELS
+
+    def __repr__(self) -> str:
+        return f"NativeKernel({self.name!r})"
+
+    def __reduce__(self):  # pickles by level name (models are deep-copied and saved whole)
+        return (NativeKernel, (self.name,))
+
+    def decode(
+        self, codes: torch.Tensor, m: int, n: int, codebook_name: str, threads: int | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``codes`` ``[m, n/8·code_bytes]`` uint8 -> ``W`` ``[m, n]`` float32, bitwise equal to the
+        reference decode. ``out``: an optional contiguous float32 ``[m, n]`` tensor to write into."""
+        cdll, tb = _require(), tables(codebook_name)
+        _check_mn(m, n)
+        _need(codes, "codes", torch.uint8, (m, n // CODEBOOK_DIM * tb.code_bytes))
+        if out is None:
+            out = torch.empty(m, n, dtype=torch.float32)
+        else:
+            _need(out, "out", torch.float32, (m, n))
+        if m == 0:
+            return out
+        _check(cdll.qs_decode(codes.data_ptr(), m, n, tb.handle, out.data_ptr(), _threads(threads), self.level),
+               "decode")
+        return out
+
+    def matmul(
+        self, x: torch.Tensor, codes: torch.Tensor, m: int, codebook_name: str, threads: int | None = None,
+        *, allow_int8: bool = True,
+    ) -> torch.Tensor:
+        """Fused ``x`` ``[B, n]`` float32 @ ``decode(codes)ᵀ`` -> ``[B, m]`` float32 (no decoded weight stored).
+
+        With :attr:`int8_activations` and ``allow_int8`` each row of ``x`` is first quantized to
+        int8 (scale ``max|x| / 127``); ``allow_int8=False`` keeps float32 activations. A row with a
+        NaN or ±Inf gives a row of NaN.
+        """
+        return _matmul(x, codes, m, codebook_name, threads, "matmul",
+                       lambda *a: _require().qs_matmul(*a, self.level, int(allow_int8)))
+
+    def hadamard(
+        self, x: torch.Tensor, M: torch.Tensor, pre: torch.Tensor | None = None, post: torch.Tensor | None = None,
+        alpha: float = 1.0, threads: int | None = None,
+    ) -> torch.Tensor:
+        """In place on ``x`` ``[B, n]`` float32: ``x <- post ⊙ (alpha · U (pre ⊙ x))`` with ``U = M ⊗ H_P / √P``.
+
+        ``M`` ``[K, K]`` float32 is the orthonormal factor of :func:`quipsharp.hadamard.factor_dim`
+        (its transpose for ``Uᵀ``); ``pre``/``post`` are ``[n]`` float32 or None. Returns ``x``.
+        """
+        cdll = _require()
+        B, n, K = _hadamard_shapes(x, M, pre, post)
+        if B == 0:
+            return x
+        _check(cdll.qs_hadamard(x.data_ptr(), B, K, n // K, M.data_ptr(), _ptr(pre), _ptr(post), alpha,
+                                _threads(threads), self.level), "hadamard")
+        return x
+
+    def linear(
+        self, x: torch.Tensor, codes: torch.Tensor, su: torch.Tensor, sv: torch.Tensor, wscale: torch.Tensor,
+        bias: torch.Tensor | None, m_in: torch.Tensor, m_out_t: torch.Tensor, codebook_name: str,
+        use_hadamard: bool,
+    ) -> torch.Tensor:
+        """A whole QuantizedLinear: ``x`` ``[..., n]`` -> ``[..., m]`` in ``x``'s dtype.
+
+        ``codes`` ``[m, n/8·cb]`` uint8; ``su`` ``[n]``, ``sv`` ``[m]``, ``bias`` ``[m]`` float32;
+        ``wscale`` ``[]``; ``m_in`` ``[K_n, K_n]`` and ``m_out_t`` ``[K_m, K_m]`` the Hadamard
+        factors (the latter transposed, for ``Vᵀ``).
+        """
+        n, m = su.shape[0], sv.shape[0]
+        check_linear_args(x, codes, su, sv, bias, m_in, m_out_t, codebook_name, use_hadamard)
+        scale = float(wscale)
+        if scale != scale:  # NaN: the layer was never filled
+            raise RuntimeError(UNFILLED_MESSAGE)
+        h = x.reshape(-1, n).to(torch.float32).contiguous()
+        B = h.shape[0]
+        if B == 0:
+            return x.new_empty(*x.shape[:-1], m)
+        if B <= FUSED_MAX_BATCH or (use_hadamard and self.int8_activations):
+            # one native call for the whole layer: the fused kernel for a decoding step, int8 GEMM
+            # tiles (no float32 weight) for a prefill batch behind the Hadamard transform
+            y = torch.empty(B, m, dtype=torch.float32)
+            _check(_require().qs_linear(
+                h.data_ptr(), B, n, m, codes.data_ptr(), tables(codebook_name).handle, su.data_ptr(), sv.data_ptr(),
+                scale, _ptr(bias), use_hadamard, m_in.shape[0], m_in.data_ptr(), m_out_t.shape[0],
+                m_out_t.data_ptr(), y.data_ptr(), _threads(None), self.level), "linear")
+            return y.reshape(*x.shape[:-1], m).to(x.dtype)
+        # a prefill batch of a layer without the transform (float32 activations: outlier channels
+        # would crush one int8 scale): decode chunks of the weight once and use torch's GEMM
+        if h.data_ptr() == x.data_ptr():  # the transform below works in place
+            h = h.clone()
+        if use_hadamard:
+            self.hadamard(h, m_in, pre=su)
+        else:
+            h.mul_(su)  # decode + float32 GEMM below: int8 activations never reach this path
+        y = torch.empty(B, m, dtype=torch.float32)
+        rows = max(1, min(m, DECODE_CHUNK_ELEMENTS // max(1, n)))
+        buffer = _scratch(rows * n)  # reused across calls: a fresh multi-MB tensor costs page faults each time
+        for r0 in range(0, m, rows):
+            r1 = min(m, r0 + rows)
+            W = self.decode(codes[r0:r1], r1 - r0, n, codebook_name, out=buffer[: (r1 - r0) * n].view(r1 - r0, n))
+            torch.mm(h, W.T, out=y[:, r0:r1]) if r1 - r0 == m else y[:, r0:r1].copy_(h @ W.T)
+        if use_hadamard:
+            self.hadamard(y, m_out_t, alpha=scale, post=sv)
+        else:
+            y.mul_(sv * scale)
+        if bias is not None:
+            y.add_(bias)
+        return y.reshape(*x.shape[:-1], m).to(x.dtype)
+
+
+def int8_reference_matmul(
+    x: torch.Tensor, codes: torch.Tensor, m: int, codebook_name: str, threads: int | None = None,
+) -> torch.Tensor:
+    """The portable C reference of the int8 arithmetic (``qs_matmul_int8_ref``): ``x`` ``[B, n]`` float32
+    -> ``[B, m]`` float32. Every int8 kernel's integer sums, hence outputs, are bitwise equal to it."""
+    return _matmul(x, codes, m, codebook_name, threads, "int8 reference matmul", _require().qs_matmul_int8_ref)
+
+
+def _matmul(x, codes, m, codebook_name, threads, what, call) -> torch.Tensor:
+    tb = tables(codebook_name)
+    if x.dim() != 2:
+        raise ValueError(f"x must be [B, n], got shape {tuple(x.shape)}")
+    B, n = x.shape
+    _check_mn(m, n)
+    _need(x, "x", torch.float32, (B, n))
+    _need(codes, "codes", torch.uint8, (m, n // CODEBOOK_DIM * tb.code_bytes))
+    out = torch.empty(B, m, dtype=torch.float32)
+    if B == 0 or m == 0:
+        return out.zero_()
+    _check(call(codes.data_ptr(), m, n, tb.handle, x.data_ptr(), B, out.data_ptr(), _threads(threads)), what)
+    return out
+
+
+def _hadamard_shapes(x, M, pre, post) -> tuple[int, int, int]:
+    if x.dim() != 2:
+        raise ValueError(f"x must be [B, n], got shape {tuple(x.shape)}")
+    B, n = x.shape
+    K = M.shape[0] if M.dim() == 2 else -1
+    if K < 1 or n % K or (n // K) & (n // K - 1):
+        raise ValueError(f"factor of shape {tuple(M.shape)} does not split n={n} into K x 2^k")
+    _need(x, "x", torch.float32, (B, n))
+    _need(M, "M", torch.float32, (K, K))
+    for name, v in (("pre", pre), ("post", post)):
+        if v is not None:
+            _need(v, name, torch.float32, (n,))
+    return B, n, K
+
+
+class BoundLinear:
+    """One quantized linear's fused native call with everything but the activations checked once.
+
+    For decoding loops that call the same layer once per token: :meth:`NativeKernel.linear`
+    validates and converts ten arguments on every call, this checks them at construction and keeps
+    the converted pointers. The tensors are held, so the pointers stay valid. The scale ``wscale``,
+    the thread count and the level are read at construction: bind again after loading new state into
+    the layer.
+
+    ``level``: a native level name (None: :func:`quipsharp.kernels.select`'s default).
+
+    ``__call__(x, out, residual=None)``:
+        x:        ``[B, n]`` float32 contiguous CPU, ``B ≤ FUSED_MAX_BATCH``
+        out:      ``[B, m]`` float32 contiguous CPU (written; may be a contiguous slice of a larger buffer)
+        residual: ``[m]`` float32 contiguous, added to the output in place of the layer's bias; only
+                  for layers without a bias and ``B == 1`` (a residual connection fused into the layer)
+    """
+
+    def __init__(self, codes: torch.Tensor, su: torch.Tensor, sv: torch.Tensor, wscale: torch.Tensor,
+                 bias: torch.Tensor | None, m_in: torch.Tensor, m_out_t: torch.Tensor, codebook_name: str,
+                 use_hadamard: bool, threads: int | None = None, level: str | None = None) -> None:
+        from quipsharp.kernels import select
+
+        kernel = select(level)
+        if not kernel.native:
+            raise KernelError(f"BoundLinear needs a native kernel, the selection gave {kernel.name!r}")
+        self.level = kernel.name
+        self.n, self.m = su.shape[0], sv.shape[0]
+        check_linear_args(torch.empty(1, self.n), codes, su, sv, bias, m_in, m_out_t, codebook_name, use_hadamard)
+        scale = float(wscale)
+        if scale != scale:
+            raise RuntimeError(UNFILLED_MESSAGE)
+        self._keep = (codes, su, sv, bias, m_in, m_out_t)
+        self.has_bias = bias is not None
+        self._fn = _require().qs_linear
+        self._head = (codes.data_ptr(), tables(codebook_name).handle, su.data_ptr(), sv.data_ptr(), scale)
+        self._bias = _ptr(bias)
+        self._tail = (bool(use_hadamard), m_in.shape[0], m_in.data_ptr(), m_out_t.shape[0], m_out_t.data_ptr())
+        self._threads = _threads(threads)
+        self._level = LEVELS.index(kernel.name)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        B = x.shape[0]
+        if (x.dtype != torch.float32 or out.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.n
+                or out.shape != (B, self.m) or not x.is_contiguous() or not out.is_contiguous()
+                or not 0 < B <= FUSED_MAX_BATCH):
+            raise ValueError(f"BoundLinear: need x [B<={FUSED_MAX_BATCH}, {self.n}] and out [B, {self.m}] float32 "
+                             f"contiguous, got {tuple(x.shape)} {x.dtype} and {tuple(out.shape)} {out.dtype}")
+        if x.device.type != "cpu" or out.device.type != "cpu":
+            raise ValueError(f"BoundLinear: x and out must be CPU tensors, got {x.device} and {out.device}")
+        bias = self._bias
+        if residual is not None:
+            if self.has_bias or B != 1 or residual.shape[-1] != self.m or residual.numel() != self.m \
+                    or residual.dtype != torch.float32 or not residual.is_contiguous() \
+                    or residual.device.type != "cpu":
+                raise ValueError(f"BoundLinear: a residual needs a layer without bias, B == 1 and [{self.m}] "
+                                 f"float32 contiguous on CPU, got {tuple(residual.shape)}")
+            r0, o0, size = residual.data_ptr(), out.data_ptr(), self.m * residual.element_size()
+            if r0 < o0 + size and o0 < r0 + size:  # the kernel writes out before it adds the bias
+                raise ValueError("BoundLinear: residual and out overlap")
+            bias = r0
+        _check(self._fn(x.data_ptr(), B, self.n, self.m, *self._head, bias, *self._tail, out.data_ptr(),
+                        self._threads, self._level), "linear")
+        return out

@@ -1,0 +1,184 @@
+/*
+ * Standalone test of the AArch64 kernels (make test-arm: cross-compiled, run under qemu-aarch64).
+ *
+ * Built as one translation unit with the kernels (QS_STANDALONE: no Python), so the static decode
+ * helpers are reachable. For the neon and neon_dotprod levels it checks, bit for bit against the
+ * portable scalar reference:
+ *   - the NEON operand decode of every one of the 65,536 E8P12 codes (stage-1 table and sign table);
+ *   - qs_decode (float32 weights) against decode_scalar;
+ *   - the int8 sums, i.e. qs_matmul outputs against qs_matmul_int8_ref, for the three codebook kinds,
+ *     odd shapes (tails of every loop, several GEMM column tiles) and batch sizes 1..16 (<= 8: row
+ *     kernels, above: GEMM tiles), including rows with NaN / Inf activations;
+ *   - the Hadamard transform against the scalar level.
+ * A level the CPU lacks must be refused (QS_EBADLEVEL) rather than run: `qemu-aarch64 -cpu cortex-a53`
+ * has no dot product, `-cpu max` has it.
+ *
+ * The codebook tables are synthetic (random values on the int8 path's grid, including its extremes:
+ * stage-1 values ±1/2, ±3/2, ±5/2; RVQ3 stage-2 values k/2 for k in [-16, 111]); the kernels' integer
+ * arithmetic does not depend on which valid values they hold.
+ */
+#define QS_STANDALONE 1
+#include "../../src/quipsharp/csrc/qs_kernels.c"
+
+#include <stdio.h>
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+static uint32_t rnd(void) { /* xorshift64* */
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
+    return (uint32_t)((rng_state * 0x2545F4914F6CDD1Dull) >> 32);
+}
+static float rnd_normal(void) { /* sum of uniforms: roughly Gaussian, enough for activations */
+    float s = 0.0f;
+    for (int i = 0; i < 4; i++) s += (float)(rnd() & 0xFFFF) / 65536.0f - 0.5f;
+    return s * 1.7f;
+}
+
+static int failures = 0;
+#define CHECK(cond, ...)                                                                                  \
+    do {                                                                                                  \
+        if (!(cond)) {                                                                                    \
+            failures++;                                                                                   \
+            if (failures <= 20) {                                                                         \
+                printf("FAIL %s:%d: ", __FILE__, __LINE__);                                               \
+                printf(__VA_ARGS__);                                                                      \
+                printf("\n");                                                                             \
+            }                                                                                             \
+        }                                                                                                 \
+    } while (0)
+
+static void e8p_table(float *t) {
+    static const float mags[3] = {0.5f, 1.5f, 2.5f};
+    for (int i = 0; i < NSRC * DIM; i++) t[i] = (rnd() & 1 ? -1.0f : 1.0f) * mags[rnd() % 3];
+}
+
+static qs_codebook *make_codebook(int kind) {
+    float src1[NSRC * DIM], tab2[NSRC * DIM];
+    e8p_table(src1);
+    if (kind == QS_KIND_RVQ4) e8p_table(tab2);
+    if (kind == QS_KIND_RVQ3) {
+        for (int i = 0; i < NSRC * DIM; i++) tab2[i] = (float)((int)(rnd() % 128) - 16) / 2.0f;
+        tab2[0] = -8.0f;  /* the grid's extremes: operands 0 and 127 */
+        tab2[1] = 55.5f;
+    }
+    qs_codebook *t = qs_codebook_new(kind, src1, kind == QS_KIND_E8P ? NULL : tab2, 3.0f);
+    CHECK(t && t->int8_ok, "codebook kind %d: tables not accepted", kind);
+    return t;
+}
+
+static const char *LEVEL_NAMES[QS_NUM_LEVELS] = {"scalar", "avx2", "avx512", "avx512vnni", "neon", "neon_dotprod"};
+
+static void test_operand_decode(const qs_codebook *t) {
+#if QS_ARM
+    uint8_t codes[4];
+    for (uint32_t c = 0; c < 65536; c += 2) { /* two codes per vector: c and c + 1 */
+        codes[0] = (uint8_t)c, codes[1] = (uint8_t)(c >> 8), codes[2] = (uint8_t)(c + 1), codes[3] = (uint8_t)((c + 1) >> 8);
+        int8_t got[16];
+        vst1q_s8(got, e8p_u2_neon(t->tab1q, t->sgnq, codes, 2));
+        for (int h = 0; h < 2; h++) {
+            uint32_t code = c + (uint32_t)h;
+            int odd;
+            uint32_t sg = e8p_signs(code, &odd);
+            for (int j = 0; j < DIM; j++) {
+                int8_t v = t->tab1q[(code & SRC_MASK) * DIM + j];
+                int want = (((sg >> j) & 1u) ? -v : v) + INT8_OFFSET + (odd ? -1 : 1);
+                CHECK(got[h * DIM + j] == want, "operand of code %u coordinate %d: %d != %d", code, j, got[h * DIM + j], want);
+            }
+        }
+    }
+#else
+    (void)t;
+#endif
+}
+
+static void test_kind(int kind, int levels) {
+    qs_codebook *t = make_codebook(kind);
+    if (!t) return;
+    test_operand_decode(t);
+    static const int64_t shapes[][2] = {{1, 8}, {5, 24}, {17, 136}, {33, 1032}, {7, 4360}, {20, 2056}};
+    int nshapes = (int)(sizeof(shapes) / sizeof(shapes[0]));
+    for (int s = 0; s < nshapes; s++) {
+        int64_t m = shapes[s][0], n = shapes[s][1], row_bytes = n / DIM * t->cb;
+        uint8_t *codes = (uint8_t *)malloc((size_t)(m * row_bytes));
+        float *x = (float *)malloc(sizeof(float) * (size_t)(16 * n));
+        float *ref = (float *)malloc(sizeof(float) * (size_t)(16 * m)), *got = (float *)malloc(sizeof(float) * (size_t)(16 * m));
+        float *w_ref = (float *)malloc(sizeof(float) * (size_t)(m * n)), *w_got = (float *)malloc(sizeof(float) * (size_t)(m * n));
+        for (int64_t i = 0; i < m * row_bytes; i++) codes[i] = (uint8_t)rnd();
+        /* decode (float32) on every level against the scalar definition */
+        for (int64_t i = 0; i < m; i++)
+            for (int64_t k = 0; k < n / DIM; k++)
+                decode_scalar(read_code(codes + i * row_bytes + k * t->cb, t->cb), kind, t->src1, t->tab2, t->resid_scale,
+                              w_ref + i * n + k * DIM);
+        for (int level = 0; level < QS_NUM_LEVELS; level++) {
+            if (!((levels >> level) & 1)) continue;
+            CHECK(qs_decode(codes, m, n, t, w_got, 2, level) == QS_OK, "decode rc");
+            CHECK(memcmp(w_ref, w_got, sizeof(float) * (size_t)(m * n)) == 0, "decode kind %d %s (%ld x %ld)", kind,
+                  LEVEL_NAMES[level], (long)m, (long)n);
+        }
+        for (int64_t B = 1; B <= 16; B++) {
+            for (int64_t i = 0; i < B * n; i++) x[i] = rnd_normal();
+            if (B >= 3) {
+                x[1 * n + (n - 1)] = NAN; /* row 1: NaN, row 2: +Inf -> NaN rows */
+                x[2 * n] = INFINITY;
+            }
+            CHECK(qs_matmul_int8_ref(codes, m, n, t, x, B, ref, 2) == QS_OK, "reference rc");
+            for (int level = QS_LEVEL_NEON; level <= QS_LEVEL_NEON_DOT; level++) {
+                int rc = qs_matmul(codes, m, n, t, x, B, got, 2, level, 1);
+                if (!((levels >> level) & 1)) {
+                    CHECK(rc == QS_EBADLEVEL, "%s ran on a CPU without it (rc %d)", LEVEL_NAMES[level], rc);
+                    continue;
+                }
+                CHECK(rc == QS_OK, "matmul rc %d", rc);
+                int same = 1;
+                for (int64_t i = 0; i < B * m; i++)
+                    same &= (isnan(ref[i]) && isnan(got[i])) || memcmp(&ref[i], &got[i], sizeof(float)) == 0;
+                CHECK(same, "int8 sums kind %d %s (%ld x %ld) batch %ld differ from the reference", kind,
+                      LEVEL_NAMES[level], (long)m, (long)n, (long)B);
+                if (B >= 3)
+                    CHECK(isnan(got[1 * m]) && isnan(got[2 * m]) && !isnan(got[0]), "non-finite rows %s",
+                          LEVEL_NAMES[level]);
+            }
+        }
+        free(codes), free(x), free(ref), free(got), free(w_ref), free(w_got);
+    }
+    qs_codebook_free(t);
+}
+
+static void test_hadamard(int levels) {
+    const int64_t K = 12, P = 64, n = K * P, B = 3;
+    float M[12 * 12], x0[3 * 768], a[3 * 768], b[3 * 768], pre[768];
+    for (int i = 0; i < K * K; i++) M[i] = rnd_normal();
+    for (int i = 0; i < B * n; i++) x0[i] = rnd_normal();
+    for (int i = 0; i < n; i++) pre[i] = rnd_normal();
+    memcpy(a, x0, sizeof(a));
+    CHECK(qs_hadamard(a, B, K, P, M, pre, NULL, 0.5f, 1, QS_LEVEL_SCALAR) == QS_OK, "hadamard scalar");
+    for (int level = QS_LEVEL_NEON; level <= QS_LEVEL_NEON_DOT; level++) {
+        if (!((levels >> level) & 1)) continue;
+        memcpy(b, x0, sizeof(b));
+        CHECK(qs_hadamard(b, B, K, P, M, pre, NULL, 0.5f, 1, level) == QS_OK, "hadamard rc");
+        CHECK(memcmp(a, b, sizeof(a)) == 0, "hadamard %s differs from scalar", LEVEL_NAMES[level]);
+    }
+}
+
+int main(void) {
+    int levels = qs_supported_levels();
+    printf("test_arm: CPU levels:");
+    for (int l = 0; l < QS_NUM_LEVELS; l++)
+        if ((levels >> l) & 1) printf(" %s", LEVEL_NAMES[l]);
+    printf("\n");
+    if (!((levels >> QS_LEVEL_NEON) & 1)) {
+        printf("test_arm: FAIL: not an AArch64 CPU with NEON (build with aarch64-linux-gnu-gcc, run under qemu-aarch64)\n");
+        return 1;
+    }
+    if (!((levels >> QS_LEVEL_NEON_DOT) & 1))
+        printf("test_arm: neon_dotprod: CPU lacks it; checking that it is refused (QS_EBADLEVEL) instead\n");
+    for (int kind = 0; kind < QS_NUM_KINDS; kind++) test_kind(kind, levels);
+    test_hadamard(levels);
+    if (failures) {
+        printf("test_arm: %d check(s) FAILED\n", failures);
+        return 1;
+    }
+    printf("test_arm: all checks passed (levels tested: neon%s)\n", (levels >> QS_LEVEL_NEON_DOT) & 1 ? ", neon_dotprod" : "");
+    return 0;
+}
