@@ -329,3 +329,12 @@ def test_old_progress_without_content_hashes_is_refused(tmp_path):
     (work / PROGRESS_FILE).write_text(json.dumps({"fingerprint": "abc", "blocks": []}))
     with pytest.raises(ValueError, match="older quipsharp"):
         quantize_model(tiny_model("llama"), ModelQuantConfig(), work_dir=work, resume=True, progress=False)
+
+
+def test_a_damaged_block_file_in_the_work_dir_is_a_clear_error(finished_work, tmp_path):
+    work = shutil.copytree(finished_work[0], tmp_path / "w")
+    block = work / "block_00001.safetensors"
+    block.write_bytes(block.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"cannot resume: .*block_00001\.safetensors is damaged"):
+        quantize_model(tiny_model("llama"), RESUME_CONFIG, resume_calibration(), work_dir=work, resume=True,
+                       progress=False)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -341,7 +342,12 @@ def _save_block(work_dir: Path, index: int, block: nn.Module, names: list[str], 
 
 def _load_block(work_dir: Path, index: int, block: nn.Module, block_name: str, names: list[str],
                 config: ModelQuantConfig) -> None:
-    state = load_file(str(work_dir / BLOCK_FILE.format(index)))
+    path = work_dir / BLOCK_FILE.format(index)
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"cannot resume: {path} is damaged or missing ({err}); remove {work_dir} and start "
+                         "afresh") from err
     for name in names:
         set_submodule(block, name, _empty_quantized_like(block.get_submodule(name),
                                                          config.layer_config(f"{block_name}.{name}")))
