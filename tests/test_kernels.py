@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import zlib
 
 import pytest
 import torch
@@ -409,3 +410,31 @@ def test_layer_state_on_another_device_is_refused(gen):
     args[2] = q.su.to("meta")
     with pytest.raises(ValueError, match="su must be on the CPU"):
         kernels.linear(*args)
+
+
+FUZZ_CASES = 24  # seeded random shapes per codebook and level
+
+
+@pytest.mark.parametrize("name", CODEBOOKS)
+@pytest.mark.parametrize("level", ALL_LEVELS)
+def test_kernel_fuzz_random_codes_shapes_batches_and_threads(name, level):
+    """Seeded fuzz (issue 13 item 7): random packed bytes (any byte pattern is a code), odd shapes,
+    batches 1-40 and 1-2 threads; integer sums bitwise equal to the int8 reference, float mode close to
+    the exact decode, outputs finite."""
+    kernel = level_kernel(level)
+    rng = torch.Generator().manual_seed(zlib.crc32(f"{name}/{level}".encode()))  # (str hash() is salted)
+    code_bytes = get_codebook(name).code_bytes
+    for case in range(FUZZ_CASES):
+        m = int(torch.randint(1, 97, (), generator=rng))
+        n = 8 * int(torch.randint(1, 160, (), generator=rng))
+        batch = int(torch.randint(1, 41, (), generator=rng))
+        threads = 1 + case % 2
+        packed = torch.randint(0, 256, (m, n // 8 * code_bytes), dtype=torch.uint8, generator=rng)
+        x = torch.randn(batch, n, generator=rng) * float(torch.rand((), generator=rng) * 10 + 1e-3)
+        exact = x @ kernels.select(kernels.REFERENCE).decode(packed, m, n, name).T
+        floats = kernel.matmul(x, packed, m, name, threads=threads, allow_int8=False)
+        assert torch.isfinite(floats).all(), (case, m, n, batch)
+        torch.testing.assert_close(floats, exact, rtol=1e-4, atol=1e-3 * float(exact.abs().max()) + 1e-5)
+        if kernel.int8_activations:
+            got = kernel.matmul(x, packed, m, name, threads=threads)
+            assert torch.equal(got, kernels.matmul(x, packed, m, name, int8_reference=True)), (case, m, n, batch)
