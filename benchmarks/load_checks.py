@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
+from _common import median_time
 from quipsharp.format import (
     WEIGHTS_FILE,
     check_loaded_model,
@@ -22,15 +21,6 @@ from quipsharp.format import (
     read_record,
 )
 from quipsharp.hf import load_quantized
-
-
-def timed(fn, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -52,10 +42,10 @@ def main() -> None:
     row = {
         "dir": str(path),
         "weights_mb": size / 1e6,
-        "checksum_s": timed(lambda: check_weights_checksum(path), args.runs),
-        "header_and_schema_s": timed(header, args.runs),
-        "finite_values_s": timed(lambda: check_loaded_model(model), args.runs),
-        "whole_load_s": timed(lambda: load_quantized(path), args.runs),
+        "checksum_s": median_time(lambda: check_weights_checksum(path), args.runs),
+        "header_and_schema_s": median_time(header, args.runs),
+        "finite_values_s": median_time(lambda: check_loaded_model(model), args.runs),
+        "whole_load_s": median_time(lambda: load_quantized(path), args.runs),
         "runs": args.runs,
     }
     row["checks_share_of_load"] = (row["checksum_s"] + row["header_and_schema_s"] + row["finite_values_s"]) / \

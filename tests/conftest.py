@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -25,3 +28,22 @@ def decaying_hessian(n: int, seed: int, decay: float = 0.9, outlier: float | Non
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny Llama as a Hugging Face directory (weights + tokenizer), shared read-only by CLI tests."""
+    pytest.importorskip("transformers")
+    from tests.tiny_models import save_tiny_model_dir
+
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory) -> Path:
+    """Ten JSON-lines documents of the tiny models' training text, for calibration."""
+    from tests.tiny_models import TEXT
+
+    path = tmp_path_factory.mktemp("calib") / "calib.jsonl"
+    path.write_text("\n".join(json.dumps({"text": TEXT[i * 300: (i + 1) * 300]}) for i in range(10)))
+    return path

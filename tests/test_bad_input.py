@@ -20,11 +20,6 @@ QUANTIZE = ["--bits", "2", "--nsamples", "4", "--ctx", "32", "--quiet"]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
 def quantized_dir(model_dir, tmp_path_factory) -> Path:
     calib = tmp_path_factory.mktemp("calib") / "calib.txt"
     calib.write_text(TEXT)

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,21 +15,9 @@ pytest.importorskip("transformers")
 
 from quipsharp.cli import main
 from quipsharp.pipeline import DEBUG_DELAY_ENV, PROGRESS_FILE
-from tests.tiny_models import TEXT, save_tiny_model_dir
+from tests.tiny_models import TEXT
 
 KILL_TIMEOUT_S = 180
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("calib") / "calib.jsonl"
-    path.write_text("\n".join(json.dumps({"text": TEXT[i * 300 : (i + 1) * 300]}) for i in range(10)))
-    return path
 
 
 def quantize_args(model_dir, calib_file, out):

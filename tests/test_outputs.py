@@ -22,21 +22,9 @@ from quipsharp.config import ModelQuantConfig, QuIPSharpConfig
 from quipsharp.hf import CONFIG_FILE, WEIGHTS_FILE, load_quantized, save_quantized
 from quipsharp.outputs import STAGING_INFIX, WORK_MARKER, LockedError, OutputError, WorkDir, check_output, locked
 from quipsharp.pipeline import PROGRESS_FILE, quantize_model
-from tests.tiny_models import TEXT, save_tiny_model_dir, tiny_model
+from tests.tiny_models import tiny_model
 
 ARGS = ["--bits", "2", "--nsamples", "4", "--ctx", "32", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("calib") / "calib.jsonl"
-    path.write_text("\n".join(json.dumps({"text": TEXT[i * 300: (i + 1) * 300]}) for i in range(10)))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +48,8 @@ def finished_work(tmp_path_factory) -> tuple[Path, nn.Module]:
     return work, model
 
 
-def quantize(model_dir, calib, out, *extra, capsys=None):
-    code = main(["quantize", str(model_dir), "--out", str(out), "--calib", str(calib), *ARGS, *extra])
+def quantize(model_dir, calib_file, out, *extra, capsys=None):
+    code = main(["quantize", str(model_dir), "--out", str(out), "--calib", str(calib_file), *ARGS, *extra])
     if code == 0 and capsys is not None:
         capsys.readouterr()  # the loader's progress output: not what the error checks read
     return code
@@ -83,69 +71,69 @@ def no_leftovers(parent: Path) -> list[str]:
 
 
 # --------------------------------------------------------------------------- outputs
-def test_a_directory_with_a_users_files_is_refused_and_untouched(model_dir, calib, tmp_path, capsys):
+def test_a_directory_with_a_users_files_is_refused_and_untouched(model_dir, calib_file, tmp_path, capsys):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "thesis.tex").write_text("years of work")
     before = tree(out)
     for extra in ([], ["--overwrite"]):
-        assert quantize(model_dir, calib, out, *extra) == 2
+        assert quantize(model_dir, calib_file, out, *extra) == 2
         assert "is not a quipsharp model directory: refusing to replace it" in error_line(capsys)
         assert tree(out) == before
 
 
-def test_the_input_model_is_never_the_output(model_dir, calib, tmp_path, capsys):
+def test_the_input_model_is_never_the_output(model_dir, calib_file, tmp_path, capsys):
     before = tree(model_dir)
     for out in (model_dir, model_dir.parent):
-        assert quantize(model_dir, calib, out, "--overwrite") == 2
+        assert quantize(model_dir, calib_file, out, "--overwrite") == 2
         assert "the input" in error_line(capsys)
     assert tree(model_dir) == before
 
 
-def test_a_file_is_never_replaced_by_a_directory(model_dir, calib, tmp_path, capsys):
+def test_a_file_is_never_replaced_by_a_directory(model_dir, calib_file, tmp_path, capsys):
     target = tmp_path / "notes.txt"
     target.write_text("keep me")
-    assert quantize(model_dir, calib, target, "--overwrite") == 2
+    assert quantize(model_dir, calib_file, target, "--overwrite") == 2
     assert "exists and is not a directory" in error_line(capsys)
     assert target.read_text() == "keep me"
-    assert quantize(model_dir, calib, calib, "--overwrite") == 2  # nor the calibration text
+    assert quantize(model_dir, calib_file, calib_file, "--overwrite") == 2  # nor the calibration text
     assert "the input" in error_line(capsys)
 
 
-def test_the_current_directory_is_refused(model_dir, calib, tmp_path, capsys, monkeypatch):
+def test_the_current_directory_is_refused(model_dir, calib_file, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for out in (".", ".."):
-        assert quantize(model_dir, calib, out) == 2
+        assert quantize(model_dir, calib_file, out) == 2
         assert "current directory" in error_line(capsys)
 
 
-def test_an_unwritable_output_is_refused_before_any_work(model_dir, calib, capsys, monkeypatch):
+def test_an_unwritable_output_is_refused_before_any_work(model_dir, calib_file, capsys, monkeypatch):
     import quipsharp.hf
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the output was checked")
 
     monkeypatch.setattr(quipsharp.hf, "load_model", must_not_load)
-    assert quantize(model_dir, calib, "/proc/quipsharp-out") == 2  # /proc: not writable, even by root
+    assert quantize(model_dir, calib_file, "/proc/quipsharp-out") == 2  # /proc: not writable, even by root
     assert "cannot write to /proc" in error_line(capsys)
 
 
-def test_overwrite_replaces_only_a_quipsharp_model_and_leaves_nothing_behind(model_dir, calib, tmp_path, capsys):
+def test_overwrite_replaces_only_a_quipsharp_model_and_leaves_nothing_behind(model_dir, calib_file, tmp_path, capsys):
     out = tmp_path / "q"
-    assert quantize(model_dir, calib, out, capsys=capsys) == 0
+    assert quantize(model_dir, calib_file, out, capsys=capsys) == 0
     first = tree(out)
-    assert quantize(model_dir, calib, out) == 2
+    assert quantize(model_dir, calib_file, out) == 2
     assert "pass --overwrite" in error_line(capsys)
     assert tree(out) == first
-    assert quantize(model_dir, calib, out, "--overwrite", "--seed", "1", capsys=capsys) == 0
+    assert quantize(model_dir, calib_file, out, "--overwrite", "--seed", "1", capsys=capsys) == 0
     assert tree(out) != first and load_quantized(out) is not None
     assert no_leftovers(tmp_path) == [] and not (tmp_path / "q.quipsharp-work").exists()
 
 
-def test_an_empty_directory_is_used(model_dir, calib, tmp_path, capsys):
+def test_an_empty_directory_is_used(model_dir, calib_file, tmp_path, capsys):
     out = tmp_path / "empty"
     out.mkdir()
-    assert quantize(model_dir, calib, out, capsys=capsys) == 0
+    assert quantize(model_dir, calib_file, out, capsys=capsys) == 0
     assert (out / WEIGHTS_FILE).is_file()
 
 
@@ -208,18 +196,18 @@ def _hold_lock_in_child(path: Path) -> subprocess.Popen:
     return proc
 
 
-def test_a_second_run_into_the_same_output_is_refused_while_the_first_lives(model_dir, calib, tmp_path, capsys):
+def test_a_second_run_into_the_same_output_is_refused_while_the_first_lives(model_dir, calib_file, tmp_path, capsys):
     out = tmp_path / "q"
     proc = _hold_lock_in_child(out)
     try:
-        assert quantize(model_dir, calib, out) == 2
+        assert quantize(model_dir, calib_file, out) == 2
         assert f"in use by pid {proc.pid}" in error_line(capsys)
         assert not out.exists()
     finally:
         proc.kill()  # a killed holder leaves its lock file behind; the kernel has dropped the lock
         proc.wait()
     assert outputs.lock_path(out.resolve()).exists()
-    assert quantize(model_dir, calib, out, capsys=capsys) == 0
+    assert quantize(model_dir, calib_file, out, capsys=capsys) == 0
     assert not outputs.lock_path(out.resolve()).exists()
 
 
@@ -242,24 +230,24 @@ def test_locks_are_reentrant_and_exclusive(tmp_path):
 
 
 # --------------------------------------------------------------------------- work directories
-def test_a_users_work_dir_is_never_removed(model_dir, calib, tmp_path, capsys):
+def test_a_users_work_dir_is_never_removed(model_dir, calib_file, tmp_path, capsys):
     work = tmp_path / "mywork"
     work.mkdir()
     (work / "notes.md").write_text("mine")
-    assert quantize(model_dir, calib, tmp_path / "q", "--work-dir", str(work)) == 2
+    assert quantize(model_dir, calib_file, tmp_path / "q", "--work-dir", str(work)) == 2
     assert "holds files quipsharp did not write" in error_line(capsys)
     assert tree(work) == {"notes.md": b"mine"}
     (work / "notes.md").unlink()
-    assert quantize(model_dir, calib, tmp_path / "q", "--work-dir", str(work)) == 0
+    assert quantize(model_dir, calib_file, tmp_path / "q", "--work-dir", str(work)) == 0
     assert work.is_dir() and list(work.iterdir()) == []  # our files gone, the user's directory kept
 
 
-def test_progress_of_an_interrupted_run_is_not_discarded_without_resume(model_dir, calib, finished_work, tmp_path,
+def test_progress_of_an_interrupted_run_is_not_discarded_without_resume(model_dir, calib_file, finished_work, tmp_path,
                                                                         capsys):
     work, _ = finished_work
     config = RESUME_CONFIG
     before = tree(work)
-    assert quantize(model_dir, calib, tmp_path / "q", "--work-dir", str(work)) == 2
+    assert quantize(model_dir, calib_file, tmp_path / "q", "--work-dir", str(work)) == 2
     assert "pass --resume" in error_line(capsys)
     assert tree(work) == before
     with pytest.raises(OutputError, match="pass --resume"):
