@@ -12,7 +12,8 @@ prefill time), medians of ``--runs`` runs after a warm-up, ``--threads`` threads
 
 each peer on the F32 / Q4_K_M / Q2_K / IQ4_KT GGUF files made here with ik_llama.cpp's ``llama-quantize``
 (IQ4_KT is an ik_llama.cpp type: mainline cannot load it). Each row runs in its own process, after the
-1-minute load average has fallen below ``--max-load`` (the load is recorded in every row).
+1-minute load average has fallen below ``--max-load`` before the first row, and between rows until other
+processes use less than ``--max-busy`` of the CPUs (load and busy fraction are recorded in every row).
 
 The real bits per weight of every GGUF file are computed from the file (``gguf`` reader: tensor bytes × 8 /
 weights), for the linear layers and for the whole file: rows whose length is not a multiple of 256
@@ -81,6 +82,31 @@ def wait_for_quiet(max_load: float, timeout: float) -> float:
     return load
 
 
+def busy_fraction(seconds: float = 3.0) -> float:
+    """Fraction of all CPUs busy over ``seconds`` (from /proc/stat): what other processes use right now."""
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # total, idle + iowait
+
+    t0, i0 = sample()
+    time.sleep(seconds)
+    t1, i1 = sample()
+    return 1.0 - (i1 - i0) / max(t1 - t0, 1)
+
+
+def wait_for_idle(max_busy: float, timeout: float) -> float:
+    """Between rows: the load average still carries our own previous row, so wait instead until other
+    processes use less than ``max_busy`` of the CPUs (at most ``timeout`` s); return that fraction."""
+    start = time.monotonic()
+    busy = busy_fraction()
+    while busy >= max_busy and time.monotonic() - start < timeout:
+        busy = busy_fraction()
+    if busy >= max_busy:
+        _log(f"CPUs {busy:.0%} busy after {timeout:.0f}s: timing anyway (recorded)")
+    return busy
+
+
 # ----------------------------------------------------------------------------------------------- worker side
 # Runs under the peer's interpreter (no torch there): times one GGUF file and prints one JSON line.
 
@@ -106,6 +132,7 @@ def _run_llama_cpp(gguf: str, ids: list[int], threads: int, runs: int, new_token
     n_ctx = len(ids) + new_tokens + 8
     llm = llama_cpp.Llama(gguf, n_ctx=n_ctx, n_batch=len(ids), n_ubatch=len(ids), n_threads=threads,
                           n_threads_batch=threads, flash_attn=False, verbose=False)
+    n_vocab = llm.n_vocab()  # logits of the last token only (eval no longer copies them to llm.scores)
 
     def prefill() -> float:
         start = time.perf_counter()
@@ -118,7 +145,7 @@ def _run_llama_cpp(gguf: str, ids: list[int], threads: int, runs: int, new_token
         llm.reset()
         llm.eval(ids)
         for produced in range(1, n + 1):
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
             if produced == n:
                 break
             llm.eval([token])
@@ -288,20 +315,82 @@ def quipsharp_model(cache: Path, name: str, source: Path, bits: int, calib: Path
     return out
 
 
+#: ggml type ids of ik_llama.cpp that the ``gguf`` package does not know (from ik_llama.cpp's ggml.h).
+IK_GGML_TYPES = {155: "IQ4_KT", 153: "IQ2_KT", 154: "IQ3_KT"}
+
+
+def _gguf_tensors(path: Path) -> list[tuple[str, int, str, int]]:
+    """``(name, weights, type name, bytes in the file)`` of each tensor, read from the GGUF header.
+
+    A small reader of its own: ``gguf.GGUFReader`` refuses files with ik_llama.cpp's types. The bytes of a
+    tensor of a type the ``gguf`` package knows are exact; otherwise the distance to the next tensor's
+    offset (at most ``alignment - 1`` bytes of padding more)."""
+    import struct
+
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    scalar = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+    with open(path, "rb") as f:
+        def read(fmt):
+            return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+        def string():
+            return f.read(read("<Q")).decode("utf-8", "replace")
+
+        def value(vtype):
+            if vtype == 8:
+                return string()
+            if vtype == 9:
+                itype, n = read("<I"), read("<Q")
+                return [value(itype) for _ in range(n)] if itype in (8, 9) else f.read(
+                    n * struct.calcsize(scalar[itype])) and None
+            return read(scalar[vtype])
+
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        read("<I")
+        n_tensors, n_kv = read("<Q"), read("<Q")
+        alignment = 32
+        for _ in range(n_kv):
+            key = string()
+            v = value(read("<I"))
+            if key == "general.alignment":
+                alignment = v
+        infos = []
+        for _ in range(n_tensors):
+            name = string()
+            dims = [read("<Q") for _ in range(read("<I"))]
+            ttype, offset = read("<I"), read("<Q")
+            infos.append((name, dims, ttype, offset))
+        data_start = -(-f.tell() // alignment) * alignment
+    size = path.stat().st_size
+    offsets = sorted(o for *_, o in infos)
+    next_offset = dict(zip(offsets, [*offsets[1:], size - data_start], strict=True))
+    out = []
+    for name, dims, ttype, offset in infos:
+        n = 1
+        for d in dims:
+            n *= d
+        try:
+            qt = GGMLQuantizationType(ttype)
+            block, nbytes = GGML_QUANT_SIZES[qt]
+            out.append((name, n, qt.name, n // block * nbytes))
+        except (ValueError, KeyError):
+            out.append((name, n, IK_GGML_TYPES.get(ttype, f"ggml_type_{ttype}"), next_offset[offset] - offset))
+    return out
+
+
 def gguf_bits(path: Path) -> dict[str, Any]:
     """Real bits per weight of a GGUF file: linear layers, all tensors, the whole file; types of the linears."""
-    from gguf import GGUFReader
-
-    r = GGUFReader(str(path))
     lin_bytes = lin_n = all_bytes = all_n = 0
     types: dict[str, int] = {}
-    for t in r.tensors:
-        all_bytes += int(t.n_bytes)
-        all_n += int(t.n_elements)
-        if LINEAR.match(t.name):
-            lin_bytes += int(t.n_bytes)
-            lin_n += int(t.n_elements)
-            types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    for name, n, tname, nbytes in _gguf_tensors(path):
+        all_bytes += nbytes
+        all_n += n
+        if LINEAR.match(name):
+            lin_bytes += nbytes
+            lin_n += n
+            types[tname] = types.get(tname, 0) + 1
     return {"linear_bpw": 8 * lin_bytes / lin_n, "all_tensors_bpw": 8 * all_bytes / all_n,
             "file_bpw": 8 * path.stat().st_size / all_n, "file_bytes": path.stat().st_size,
             "linear_types": types, "linear_weights": lin_n, "all_weights": all_n}
@@ -357,17 +446,19 @@ def _json_line(stdout: str) -> dict[str, Any]:
     raise RuntimeError(f"no JSON in output: {stdout[-500:]}")
 
 
-def time_quipsharp(model: Path, kernel: str, threads: int, runs: int) -> dict[str, Any]:
+def time_quipsharp(model: Path, kernel: str, threads: int, runs: int, new_tokens: int) -> dict[str, Any]:
     cli = Path(sys.executable).parent / "quipsharp"
-    cmd = [str(cli), "bench", str(model), "--threads", str(threads), "--runs", str(runs), "--json"]
+    cmd = [str(cli), "bench", str(model), "--threads", str(threads), "--runs", str(runs), "--prompt-tokens",
+           str(PROMPT_TOKENS), "--new-tokens", str(new_tokens), "--json"]
     env = {**os.environ, "QUIPSHARP_KERNEL": kernel}
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return {**_json_line(out.stdout), "command": f"QUIPSHARP_KERNEL={kernel} " + " ".join(cmd)}
 
 
-def time_peer(peer: str, python: str, gguf: Path, ids: list[int], threads: int, runs: int) -> dict[str, Any]:
+def time_peer(peer: str, python: str, gguf: Path, ids: list[int], threads: int, runs: int,
+              new_tokens: int) -> dict[str, Any]:
     cmd = [python, str(Path(__file__).resolve()), "--one-peer", peer, "--gguf", str(gguf), "--ids", json.dumps(ids),
-           "--threads", str(threads), "--runs", str(runs), "--new-tokens", str(NEW_TOKENS)]
+           "--threads", str(threads), "--runs", str(runs), "--new-tokens", str(new_tokens)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return {**_json_line(out.stdout), "command": " ".join([*cmd[:2], "--one-peer", peer, "--gguf", str(gguf)])}
 
@@ -389,6 +480,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
     parser.add_argument("--max-load", type=float, default=0.6)
+    parser.add_argument("--max-busy", type=float, default=0.1,
+                        help="between rows: wait until other processes use less than this fraction of the CPUs")
     parser.add_argument("--load-timeout", type=float, default=900.0)
     parser.add_argument("--prepare-only", action="store_true", help="make the GGUF files and models, time nothing")
     parser.add_argument("--out", type=Path, default=None, help="JSON file of the results (default: stdout)")
@@ -427,40 +520,46 @@ def main() -> None:
 
     from gguf import GGUFReader
 
+    start_load = wait_for_quiet(args.max_load, args.load_timeout)
+    _log(f"1-minute load {start_load:.2f}: timing")
     rows: list[dict[str, Any]] = []
     for p in plan:
-        vocab = len(GGUFReader(str(p["ggufs"]["F32"])).fields["tokenizer.ggml.tokens"].data)
+        vocab = int(GGUFReader(str(p["ggufs"]["F32"])).tensors[0].shape[-1])
         ids = prompt_ids(vocab)
         jobs: list[tuple[str, dict[str, Any], Any]] = []
         for kernel in args.kernels:
             for bits, model_dir in p["ours"].items():
                 jobs.append(("quipsharp", {"format": f"{bits}-bit", "isa": kernel, **quipsharp_bits(model_dir)},
-                             lambda m=model_dir, k=kernel: time_quipsharp(m, k, args.threads, args.runs)))
+                             partial(time_quipsharp, model_dir, kernel, args.threads, args.runs, args.new_tokens)))
         jobs.append(("quipsharp (torch float)", {"format": "F32", "isa": "torch (oneDNN/MKL, AVX-512)"},
-                     lambda m=p["float_model"]: time_quipsharp(m, args.kernels[0], args.threads, args.runs)))
+                     partial(time_quipsharp, p["float_model"], args.kernels[0], args.threads, args.runs,
+                             args.new_tokens)))
         for peer in args.peers:
             python = args.llama_python if peer == "llama.cpp" else args.ik_python
             isa = "native build (-DGGML_NATIVE=ON): AVX-512" if peer == "llama.cpp" else "prebuilt wheel: AVX2"
             for qtype, path in p["ggufs"].items():
                 if peer == "llama.cpp" and qtype in IK_ONLY_TYPES:
                     continue
-                fn = partial(time_peer, peer, python, path, ids, args.threads, args.runs)
+                fn = partial(time_peer, peer, python, path, ids, args.threads, args.runs, args.new_tokens)
                 jobs.append((peer, {"format": qtype, "isa": isa, "gguf": path.name, **gguf_bits(path)}, fn))
         for engine, meta, fn in jobs:
-            load = wait_for_quiet(args.max_load, args.load_timeout)
-            _log(f"{p['model']} {engine} {meta['format']} {meta['isa']} (load {load:.2f})")
+            busy = wait_for_idle(args.max_busy, args.load_timeout)
+            load = loadavg()
+            _log(f"{p['model']} {engine} {meta['format']} {meta['isa']} (load {load:.2f}, CPUs {busy:.0%} busy)")
             try:
                 result = fn()
             except subprocess.CalledProcessError as e:
                 result = {"error": (e.stderr or e.stdout or str(e))[-2000:]}
-            row = {"model": p["model"], "engine": engine, **meta, "load_before": load, "load_after": loadavg(),
+            row = {"model": p["model"], "engine": engine, **meta, "load_before": load, "cpu_busy_before": busy,
+                   "load_after": loadavg(),
                    **result}
             _log(f"  decode {row.get('decode_tok_s', float('nan')):.1f} tok/s, "
                  f"prefill {row.get('prefill_tok_s', float('nan')):.1f} tok/s")
             rows.append(row)
     report = {"date": today(), "machine": machine_info(), "commit": _git_head(), "cpu_flags": _cpu_flags(),
               "protocol": {"prompt_tokens": PROMPT_TOKENS, "new_tokens": args.new_tokens, "runs": args.runs,
-                           "threads": args.threads, "greedy": True, "max_load": args.max_load},
+                           "threads": args.threads, "greedy": True, "max_load": args.max_load,
+                           "max_busy": args.max_busy, "load_at_start": start_load},
               "argv": sys.argv, "rows": rows, "ratios": ratios(rows)}
     text = json.dumps(report, indent=1)
     if args.out:
@@ -486,7 +585,8 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for r in rows:
             if r["model"] != model or r["engine"] != "quipsharp" or "decode_tok_s" not in r:
                 continue
-            for peer, fmt in (("llama.cpp", "Q4_K_M"), ("ik_llama.cpp", "Q4_K_M"), ("ik_llama.cpp", "IQ4_KT")):
+            for peer, fmt in (("llama.cpp", "Q4_K_M"), ("llama.cpp", "Q2_K"), ("ik_llama.cpp", "Q4_K_M"),
+                              ("ik_llama.cpp", "Q2_K"), ("ik_llama.cpp", "IQ4_KT")):
                 ref = find(model, peer, fmt)
                 if ref:
                     v = r["decode_tok_s"] / ref["decode_tok_s"]
