@@ -42,6 +42,24 @@ MODELS = ["smollm2-f32", "smollm2-bf16", "smollm2-q2", "llama1b-f32", "llama1b-b
 GIGA = 1e9
 
 
+
+def random_layer(m: int, n: int, bits: int, gen: Any) -> Any:
+    """A ``bits``-bit QuantizedLinear ``[m, n]`` with random codes and signs (speed rows need no real weights);
+    ``gen`` a ``torch.Generator``."""
+    import torch
+
+    from quipsharp.codebooks import get_codebook
+    from quipsharp.config import QuIPSharpConfig
+    from quipsharp.nn import QuantizedLinear
+
+    q = QuantizedLinear(n, m, QuIPSharpConfig(bits=bits))
+    cb = get_codebook(q.config.codebook_name)
+    q.codes.copy_(cb.pack(torch.randint(0, cb.num_codes, (m, n // 8), generator=gen)))
+    q.su.copy_(torch.randint(0, 2, (n,), generator=gen) * 2.0 - 1)
+    q.sv.copy_(torch.randint(0, 2, (m,), generator=gen) * 2.0 - 1)
+    q.wscale.fill_(0.01)
+    return q
+
 def _median_seconds(fn, repeats: int, min_time: float = 0.2) -> float:
     """Median over ``repeats`` samples; each sample repeats ``fn`` until ``min_time`` has passed."""
     fn()
@@ -71,9 +89,6 @@ def matvec_rows(threads: list[int], repeats: int, levels: list[str] | None = Non
     import torch.nn.functional as F
 
     from quipsharp import kernels
-    from quipsharp.codebooks import get_codebook
-    from quipsharp.config import QuIPSharpConfig
-    from quipsharp.nn import QuantizedLinear
 
     rows = []
     gen = torch.Generator().manual_seed(0)
@@ -84,13 +99,7 @@ def matvec_rows(threads: list[int], repeats: int, levels: list[str] | None = Non
         xb = x.to(torch.bfloat16)
         layers = {}
         for bits in BITS:
-            q = QuantizedLinear(n, m, QuIPSharpConfig(bits=bits))
-            cb = get_codebook(q.config.codebook_name)
-            q.codes.copy_(cb.pack(torch.randint(0, cb.num_codes, (m, n // 8), generator=gen)))
-            q.su.copy_(torch.randint(0, 2, (n,), generator=gen) * 2.0 - 1)
-            q.sv.copy_(torch.randint(0, 2, (m,), generator=gen) * 2.0 - 1)
-            q.wscale.fill_(0.01)
-            layers[bits] = q
+            layers[bits] = random_layer(m, n, bits, gen)
         for t in threads:
             torch.set_num_threads(t)
             with torch.inference_mode():
@@ -124,9 +133,6 @@ def prefill_rows(threads: list[int], repeats: int, levels: list[str] | None, sha
     import torch.nn.functional as F
 
     from quipsharp import kernels
-    from quipsharp.codebooks import get_codebook
-    from quipsharp.config import QuIPSharpConfig
-    from quipsharp.nn import QuantizedLinear
 
     rows = []
     gen = torch.Generator().manual_seed(0)
@@ -136,12 +142,7 @@ def prefill_rows(threads: list[int], repeats: int, levels: list[str] | None, sha
         x = torch.randn(batch, n, generator=gen)
         xb = x.to(torch.bfloat16)
         for bits in BITS:
-            q = QuantizedLinear(n, m, QuIPSharpConfig(bits=bits))
-            cb = get_codebook(q.config.codebook_name)
-            q.codes.copy_(cb.pack(torch.randint(0, cb.num_codes, (m, n // 8), generator=gen)))
-            q.su.copy_(torch.randint(0, 2, (n,), generator=gen) * 2.0 - 1)
-            q.sv.copy_(torch.randint(0, 2, (m,), generator=gen) * 2.0 - 1)
-            q.wscale.fill_(0.01)
+            q = random_layer(m, n, bits, gen)
             for t in threads:
                 torch.set_num_threads(t)
                 with torch.inference_mode():

@@ -190,17 +190,6 @@ def _publish(*classes: type) -> None:
 
 
 # --------------------------------------------------------------------------- the quantization config
-def parse_modules(modules: Any) -> dict[str, dict[str, Any]]:
-    """Validate the ``modules`` map of a quantization config (:class:`~quipsharp.format.ModuleSpec`)."""
-    from quipsharp.format import ModuleSpec
-
-    if not isinstance(modules, dict) or not modules:
-        raise ModelLoadError("the quipsharp quantization_config lists no quantized modules")
-    for name, spec in modules.items():
-        ModuleSpec.from_dict(name, spec)
-    return modules
-
-
 def _make_config_class(base: type) -> type:
     """The ``QuantizationConfigMixin`` subclass holding the ``quantization_config`` of ``config.json``."""
 
@@ -232,10 +221,10 @@ def _make_config_class(base: type) -> type:
             self.quant_method = QUANT_METHOD
             self.format_version = format_version
             self.config = copy.deepcopy(config) if config is not None else ModelQuantConfig().to_dict()
-            self.modules = copy.deepcopy(parse_modules(modules)) if modules is not None else {}
+            self.modules = copy.deepcopy(modules) if modules is not None else {}
             self.source_model = source_model
             self.unknown_fields = copy.deepcopy(unknown)
-            if modules is not None:  # the whole record, as every quipsharp loader checks it
+            if modules is not None:  # the whole record (format version, modules), as every quipsharp loader checks it
                 QuantizationRecord.from_dict(self.to_dict())
             self.model_quant_config()  # refuse an unreadable config now, not halfway through loading
 
@@ -336,12 +325,13 @@ def replace_quantized_layers(model: nn.Module, quantization_config: Any) -> dict
     Returns the new layers by their name in ``model``.
     """
     layers: dict[str, QuantizedLinear] = {}
+    record = quantization_config.record()  # validated once, not once per layer
     with _building_quantized_layers():
         for saved_name, spec in quantization_config.modules.items():
             name = model_key(model, saved_name)
             module = quantized_slot(model, name, spec, label=saved_name)
             out_features, in_features = linear_shape(module)
-            layer = QuantizedLinear(in_features, out_features, quantization_config.layer_config(saved_name),
+            layer = QuantizedLinear(in_features, out_features, record.layer_config(saved_name),
                                     bias=bool(spec["bias"]), device="meta")
             # transformers' weight initialisation (which runs after loading, for missing keys) reads the
             # ``weight`` of known linears from their parents (e.g. GPT-2's ``attn.c_proj.weight``); give

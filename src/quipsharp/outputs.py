@@ -95,6 +95,11 @@ def _is_within(path: Path, ancestor: Path) -> bool:
     return path == ancestor or ancestor in path.parents
 
 
+def overlaps(a: Path, b: Path) -> bool:
+    """Whether one of two resolved paths is, or lies inside, the other."""
+    return _is_within(a, b) or _is_within(b, a)
+
+
 def _existing_ancestor(path: Path) -> Path:
     while not path.exists():
         path = path.parent

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from quipsharp import faults
 from quipsharp.config import FinetuneConfig, ModelQuantConfig
 from quipsharp.errors import QuipSharpError
-from quipsharp.outputs import WorkDir, check_output, locked
+from quipsharp.outputs import WorkDir, check_output, locked, overlaps
 
 if TYPE_CHECKING:
     import torch
@@ -101,10 +101,6 @@ def finetune_e2e(model: Any, teacher_source: str, dtype: str, calibration: torch
     finetune_model(model, source, calibration, ft, progress=progress)
 
 
-def _overlaps(a: Path, b: Path) -> bool:
-    return a == b or a in b.parents or b in a.parents
-
-
 def quantize_to_dir(
     model_source: str | os.PathLike,
     out: str | os.PathLike,
@@ -145,10 +141,10 @@ def quantize_to_dir(
     inputs = (model_source,) + ((calib,) if calib is not None else ())
     out = check_output(out, overwrite=overwrite, inputs=inputs)
     work = Path(work_dir).expanduser().resolve() if work_dir is not None else default_work_dir(out)
-    if _overlaps(work, out):
+    if overlaps(work, out):
         raise WorkflowError(f"the work directory {work} and the output {out} must not contain each other")
     for item in inputs:
-        if Path(item).exists() and _overlaps(work, Path(item).resolve()):
+        if Path(item).exists() and overlaps(work, Path(item).resolve()):
             raise WorkflowError(f"the work directory {work} overlaps the input {item}")
     start = time.perf_counter()
     with locked(out), locked(work):

@@ -454,6 +454,26 @@ static void mm_rows_int8_scalar(const mm_args *a, int64_t r0, int64_t r1, int64_
     }
 }
 
+/* A row kernel over a batch (shared by the SIMD levels): for each weight row, the batch's activation
+ * rows in passes of up to PASS, each pass a call of ROW(a, row, first activation row, rows, KIND) with
+ * a compile-time row count, so ROW keeps its accumulators in registers. ATTR: the function's target. */
+#define QS_DEFINE_INT8_ROWS(NAME, ATTR, ROW, KIND, PASS)                                                      \
+    ATTR static void NAME(const mm_args *a, int64_t r0, int64_t r1, int64_t b0, int64_t nb) {                 \
+        for (int64_t i = r0; i < r1; i++)                                                                     \
+            for (int64_t c0 = b0; c0 < b0 + nb; c0 += PASS) {                                                 \
+                switch (b0 + nb - c0 < PASS ? b0 + nb - c0 : PASS) {                                          \
+                case 1: ROW(a, i, c0, 1, KIND); break;                                                        \
+                case 2: ROW(a, i, c0, 2, KIND); break;                                                        \
+                case 3: ROW(a, i, c0, 3, KIND); break;                                                        \
+                case 4: ROW(a, i, c0, 4, KIND); break;                                                        \
+                case 5: ROW(a, i, c0, 5, KIND); break;                                                        \
+                case 6: ROW(a, i, c0, 6, KIND); break;                                                        \
+                case 7: ROW(a, i, c0, 7, KIND); break;                                                        \
+                default: ROW(a, i, c0, 8, KIND); break;                                                       \
+                }                                                                                             \
+            }                                                                                                 \
+    }
+
 #if QS_X86
 #define QS_VNNI "avx512f,avx512vl,avx512bw,avx512dq,avx512vnni,avx512vbmi,avx512bitalg,avx2,fma"
 
@@ -711,27 +731,10 @@ __attribute__((target(QS_AVX2), always_inline)) static inline void int8_row_avx2
 }
 
 /* Rows per pass: E8P12 keeps 8 accumulators, the residual kinds 2 × 4 (16 ymm registers in all). */
-#define QS_DEFINE_INT8_AVX2(NAME, KIND, PASS)                                                                  \
-    __attribute__((target(QS_AVX2))) static void NAME(const mm_args *a, int64_t r0, int64_t r1, int64_t b0,    \
-                                                      int64_t nb) {                                            \
-        for (int64_t i = r0; i < r1; i++)                                                                      \
-            for (int64_t c0 = b0; c0 < b0 + nb; c0 += PASS) {                                                  \
-                switch (b0 + nb - c0 < PASS ? b0 + nb - c0 : PASS) {                                           \
-                case 1: int8_row_avx2(a, i, c0, 1, KIND); break;                                               \
-                case 2: int8_row_avx2(a, i, c0, 2, KIND); break;                                               \
-                case 3: int8_row_avx2(a, i, c0, 3, KIND); break;                                               \
-                case 4: int8_row_avx2(a, i, c0, 4, KIND); break;                                               \
-                case 5: int8_row_avx2(a, i, c0, 5, KIND); break;                                               \
-                case 6: int8_row_avx2(a, i, c0, 6, KIND); break;                                               \
-                case 7: int8_row_avx2(a, i, c0, 7, KIND); break;                                               \
-                default: int8_row_avx2(a, i, c0, 8, KIND); break;                                              \
-                }                                                                                              \
-            }                                                                                                  \
-    }
-
-QS_DEFINE_INT8_AVX2(mm_rows_int8_avx2_e8p, QS_KIND_E8P, 8)
-QS_DEFINE_INT8_AVX2(mm_rows_int8_avx2_rvq3, QS_KIND_RVQ3, 4)
-QS_DEFINE_INT8_AVX2(mm_rows_int8_avx2_rvq4, QS_KIND_RVQ4, 4)
+#define QS_AVX2_FN __attribute__((target(QS_AVX2)))
+QS_DEFINE_INT8_ROWS(mm_rows_int8_avx2_e8p, QS_AVX2_FN, int8_row_avx2, QS_KIND_E8P, 8)
+QS_DEFINE_INT8_ROWS(mm_rows_int8_avx2_rvq3, QS_AVX2_FN, int8_row_avx2, QS_KIND_RVQ3, 4)
+QS_DEFINE_INT8_ROWS(mm_rows_int8_avx2_rvq4, QS_AVX2_FN, int8_row_avx2, QS_KIND_RVQ4, 4)
 #endif /* QS_X86 */
 
 
@@ -794,29 +797,12 @@ QS_DEFINE_INT8_ROW_NEON(int8_row_neon, , dot_mull)
 QS_DEFINE_INT8_ROW_NEON(int8_row_sdot, QS_DOTPROD, dot_sdot)
 
 /* Row kernels over a batch: passes of up to 8 (E8P12) / 4 (RVQ) activation rows. */
-#define QS_DEFINE_INT8_ROWS_NEON(NAME, ATTR, ROW, KIND, PASS)                                                 \
-    ATTR static void NAME(const mm_args *a, int64_t r0, int64_t r1, int64_t b0, int64_t nb) {                 \
-        for (int64_t i = r0; i < r1; i++)                                                                     \
-            for (int64_t c0 = b0; c0 < b0 + nb; c0 += PASS) {                                                 \
-                switch (b0 + nb - c0 < PASS ? b0 + nb - c0 : PASS) {                                          \
-                case 1: ROW(a, i, c0, 1, KIND); break;                                                        \
-                case 2: ROW(a, i, c0, 2, KIND); break;                                                        \
-                case 3: ROW(a, i, c0, 3, KIND); break;                                                        \
-                case 4: ROW(a, i, c0, 4, KIND); break;                                                        \
-                case 5: ROW(a, i, c0, 5, KIND); break;                                                        \
-                case 6: ROW(a, i, c0, 6, KIND); break;                                                        \
-                case 7: ROW(a, i, c0, 7, KIND); break;                                                        \
-                default: ROW(a, i, c0, 8, KIND); break;                                                       \
-                }                                                                                             \
-            }                                                                                                 \
-    }
-
-QS_DEFINE_INT8_ROWS_NEON(mm_rows_neon_e8p, , int8_row_neon, QS_KIND_E8P, 8)
-QS_DEFINE_INT8_ROWS_NEON(mm_rows_neon_rvq3, , int8_row_neon, QS_KIND_RVQ3, 4)
-QS_DEFINE_INT8_ROWS_NEON(mm_rows_neon_rvq4, , int8_row_neon, QS_KIND_RVQ4, 4)
-QS_DEFINE_INT8_ROWS_NEON(mm_rows_sdot_e8p, QS_DOTPROD, int8_row_sdot, QS_KIND_E8P, 8)
-QS_DEFINE_INT8_ROWS_NEON(mm_rows_sdot_rvq3, QS_DOTPROD, int8_row_sdot, QS_KIND_RVQ3, 4)
-QS_DEFINE_INT8_ROWS_NEON(mm_rows_sdot_rvq4, QS_DOTPROD, int8_row_sdot, QS_KIND_RVQ4, 4)
+QS_DEFINE_INT8_ROWS(mm_rows_neon_e8p, , int8_row_neon, QS_KIND_E8P, 8)
+QS_DEFINE_INT8_ROWS(mm_rows_neon_rvq3, , int8_row_neon, QS_KIND_RVQ3, 4)
+QS_DEFINE_INT8_ROWS(mm_rows_neon_rvq4, , int8_row_neon, QS_KIND_RVQ4, 4)
+QS_DEFINE_INT8_ROWS(mm_rows_sdot_e8p, QS_DOTPROD, int8_row_sdot, QS_KIND_E8P, 8)
+QS_DEFINE_INT8_ROWS(mm_rows_sdot_rvq3, QS_DOTPROD, int8_row_sdot, QS_KIND_RVQ3, 4)
+QS_DEFINE_INT8_ROWS(mm_rows_sdot_rvq4, QS_DOTPROD, int8_row_sdot, QS_KIND_RVQ4, 4)
 #endif /* QS_ARM */
 
 /* ------------------------------------------------------------------- int8 prefill (GEMM tiles) */
