@@ -33,6 +33,8 @@ from torch import nn
 
 from quipsharp import kernels
 from quipsharp.errors import QuipSharpError
+from quipsharp.hadamard import factor_dim, hadamard_transform, orthonormal_factor
+from quipsharp.kernels.native import STEP_ACTIVATIONS, DecodeStep, StepBlock, StepHead, StepLinear, StepRope
 from quipsharp.models.families import (
     ACTIVATIONS,
     SUPPORTED_MODEL_TYPES,
@@ -46,7 +48,7 @@ from quipsharp.nn import QuantizedLinear
 logger = logging.getLogger(__name__)
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "LeanDecoder", "UnsupportedModelError", "check_supported", "default_head_dtype",
-           "int8_rows", "supports", "unsupported_reason"]
+           "int8_rows", "rotated_int8_head", "supports", "unsupported_reason"]
 
 INT8_MAX = 127
 #: RoPE types whose frequencies transformers fixes when it builds the rotary module.
@@ -112,6 +114,20 @@ def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scales = (weight.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / INT8_MAX).to(torch.bfloat16)
     q = torch.round(weight / scales.float()[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8).contiguous()
     return q, scales
+
+
+def rotated_int8_head(weight: torch.Tensor, final_norm: torch.Tensor, row_multiple: int = 1) -> StepHead:
+    """The int8 LM head of ``weight`` ``[vocab, hidden]``: its rows rotated by the Hadamard transform
+    ``U`` of the hidden size (``W Uᵀ``: logits ``= (W Uᵀ)(U h)``, and the native step may quantize the
+    rotated vector ``U h`` to int8 with one scale, the rotation spreading the few large channels of
+    ``h``), then per-row absmax int8, zero rows appended up to a multiple of ``row_multiple``.
+    On SmolLM2 (1,023 WikiText tokens, float32 activations) the mean NLL grows by -0.03% with these
+    rows, 0.11% with unrotated int8 rows; with int8 activations by 0.13% rotated, 0.79% unrotated."""
+    vocab, hidden = weight.shape
+    rows = -(-vocab // row_multiple) * row_multiple
+    q, scales = int8_rows(F.pad(hadamard_transform(weight.detach().float()), (0, 0, 0, rows - vocab)))
+    K, _, kind = factor_dim(hidden)
+    return StepHead(final_norm.contiguous(), q, scales.float(), orthonormal_factor(K, kind).float().contiguous())
 
 
 def _batched(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -350,13 +366,18 @@ class LeanDecoder:
             ``torch.int8`` quarters them (per-row absmax int8 weights times bf16 activations through
             torch's ``_weight_int8pack_mm``; logit errors near 1% of the largest logit).
         threads: native kernel threads (default torch's).
+        native_step: run each new token's blocks as one native call (:class:`~quipsharp.kernels.native.DecodeStep`:
+            no Python per layer, the threads kept in one parallel region) — True: required, False: the
+            Python loop, None (default): when every linear is quantized on a native kernel or dense
+            float32 and the kernels are built. Logits equal the Python loop's up to float rounding.
 
     Raises:
-        UnsupportedModelError: a model the loop does not reproduce (see :func:`unsupported_reason`).
+        UnsupportedModelError: a model the loop does not reproduce (see :func:`unsupported_reason`),
+            or ``native_step=True`` for one the native step does not run (the reason named).
     """
 
     def __init__(self, model: nn.Module, max_len: int, *, head_dtype: torch.dtype | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, native_step: bool | None = None) -> None:
         check_supported(model, max_len)
         if max_len < 2:
             raise ValueError(f"max_len must be at least 2, got {max_len}")
@@ -373,7 +394,8 @@ class LeanDecoder:
         self.head_dim = getattr(attn0, "head_dim", None) or getattr(cfg, "head_dim", None) or self.hidden // self.heads
         self.intermediate = cfg.intermediate_size
         self.scale = float(getattr(attn0, "scaling", self.head_dim ** -0.5))
-        self.act = ACTIVATIONS[getattr(cfg, fam.activation_key)]
+        self.act_name = getattr(cfg, fam.activation_key)
+        self.act = ACTIVATIONS[self.act_name]
         final_norm = resolve(model, fam.final_norm)
         self.eps = _eps(final_norm)
         embed = resolve(model, fam.embed)
@@ -386,16 +408,10 @@ class LeanDecoder:
         self.head_bias = getattr(head, "bias", None)
         self.head_scales: torch.Tensor | None = None
         self.vocab = head.weight.shape[0]
-        if head_dtype == torch.int8:  # per-row absmax int8 weights, bf16 activations (llama.cpp's Q8_0 idea)
-            if self.hidden % INT8_HEAD_K_MULTIPLE:
-                raise ValueError(f"an int8 LM head needs a hidden size that is a multiple of "
-                                 f"{INT8_HEAD_K_MULTIPLE}, got {self.hidden}: use bfloat16")
-            rows = -(-self.vocab // INT8_HEAD_N_MULTIPLE) * INT8_HEAD_N_MULTIPLE
-            self.head, self.head_scales = int8_rows(F.pad(head.weight.detach().float(), (0, 0, 0, rows - self.vocab)))
-        elif head_dtype is not None:
+        if head_dtype is not None and head_dtype != torch.int8:
             self.head = head.weight.detach().to(head_dtype)
         else:
-            self.head = head.weight
+            self.head = head.weight  # int8: built below, for the native step or for torch
         rotary = resolve(model, fam.rotary)
         rope_types = _rope_layer_types(fam, cfg)
         self.ropes = [_rope_table(rotary, cfg, t, max_len, self.head_dim) for t in rope_types]
@@ -412,10 +428,66 @@ class LeanDecoder:
         self._x = torch.empty(1, self.hidden)
         self._step_buffers = self._buffers(1)
         self.length = 0
+        step_head = None
+        if head_dtype == torch.int8:
+            if self.hidden % INT8_HEAD_K_MULTIPLE:
+                raise ValueError(f"an int8 LM head needs a hidden size that is a multiple of "
+                                 f"{INT8_HEAD_K_MULTIPLE}, got {self.hidden}: use bfloat16")
+            step_head = rotated_int8_head(head.weight, self.final_norm, INT8_HEAD_N_MULTIPLE)
+            # torch's int8 matmul (the prompt's logits; every token's without the native step) reads the
+            # same int8 rows with bf16 activations
+            self.head, self.head_scales = step_head.weight, step_head.scales.to(torch.bfloat16)
+        self.native_step: DecodeStep | None = None
+        if native_step is not False:
+            reason = self._native_step_reason(layers, threads, step_head)
+            if reason is not None and native_step:
+                raise UnsupportedModelError(f"no native decoding step: {reason}")
+            if reason is not None:
+                logger.info("native decoding step unavailable, Python loop per token: %s", reason)
+        self._step_logits = torch.empty(self.vocab) if self.native_step is not None and self.native_step.vocab else None
         calls = [c for b in self.blocks for c in (*b.step.qkv, b.step.o, *b.step.gate_up, b.step.down)]
-        logger.info("lean decoding (%s): %d blocks, %d of %d linears on bound native calls, LM head %s, cache %d",
-                    fam.name, len(self.blocks), sum(isinstance(c, kernels.BoundLinear) for c in calls), len(calls),
-                    self.head.dtype, max_len)
+        logger.info("lean decoding (%s): %d blocks, %d of %d linears on bound native calls, %s step, LM head %s, "
+                    "cache %d", fam.name, len(self.blocks), sum(isinstance(c, kernels.BoundLinear) for c in calls),
+                    len(calls), "native" if self.native_step is not None else "Python", self.head.dtype, max_len)
+
+    def _native_step_reason(self, layers: list[nn.Module], threads: int | None, head: StepHead | None) -> str | None:
+        """Build :attr:`native_step` for ``layers`` (with the int8 ``head`` when given); or the reason
+        it cannot run this model (one line)."""
+        if not kernels.available():
+            return "the native kernels are not built"
+        if self.act_name not in STEP_ACTIVATIONS:
+            return f"activation {self.act_name!r}"
+        level = kernels.select(None).name
+        fam = self.family
+
+        def linear(layer: nn.Module, path: str) -> StepLinear | str:
+            module = resolve(layer, path)
+            if isinstance(module, QuantizedLinear):
+                bound = module.bind(threads)
+                return f"{path} is not on a native kernel" if bound is None else StepLinear.quantized(bound)
+            weight = getattr(module, "weight", None)
+            if type(module) is nn.Linear and weight is not None and weight.dtype == torch.float32:
+                return StepLinear.dense(weight, module.bias, level)
+            return f"{path} is a {type(module).__name__} of {getattr(weight, 'dtype', None)}"
+
+        blocks = []
+        for i, (layer, blk) in enumerate(zip(layers, self.blocks, strict=True)):
+            parts = [linear(layer, p) for p in (*fam.qkv, fam.o_proj, *fam.gate_up, fam.down_proj)]
+            bad = next((p for p in parts if isinstance(p, str)), None)
+            if bad is not None:
+                return f"block {i}: {bad}"
+            nq, ng = len(fam.qkv), len(fam.gate_up)
+            blocks.append(StepBlock(tuple(parts[:nq]), parts[nq], tuple(parts[nq + 1:nq + 1 + ng]), parts[-1],
+                                    blk.attn_norm, blk.mlp_norm, blk.attn_out_norm, blk.mlp_out_norm, blk.q_norm,
+                                    blk.k_norm, blk.window, blk.rope, self.k_cache[i], self.v_cache[i]))
+        ropes = [StepRope(r.cos, r.ssin, r.perm, r.long, r.switch) for r in self.ropes]
+        self.native_step = DecodeStep(blocks, ropes, hidden=self.hidden, heads=self.heads, kv_heads=self.kv_heads,
+                                      head_dim=self.head_dim, inter=self.intermediate, max_len=self.max_len,
+                                      act=self.act_name, eps=self.eps, scale=self.scale,
+                                      attn_softcap=self.attn_softcap, threads=threads, level=level,
+                                      head=None if head is None else dataclasses.replace(
+                                          head, weight=head.weight[:self.vocab], scales=head.scales[:self.vocab]))
+        return None
 
     def _norm_weight(self, norm: nn.Module) -> torch.Tensor:
         """The float32 weight the loop multiplies by: ``w`` or Gemma's ``1 + w``."""
@@ -539,16 +611,19 @@ class LeanDecoder:
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """Next-token logits ``[vocab]`` float32 of the last row of ``x`` ``[T, hidden]``."""
         h = self._rms(x[-1:], self.final_norm)
-        if self.head_scales is not None:
-            logits = torch._weight_int8pack_mm(h.to(torch.bfloat16), self.head, self.head_scales)
-            logits = logits[:, : self.vocab].float()
+        if self.head_scales is not None:  # rows of W Uᵀ: rotate h by U
+            logits = torch._weight_int8pack_mm(hadamard_transform(h).to(torch.bfloat16), self.head, self.head_scales)
+            logits = logits[0, : self.vocab].float()
             if self.head_bias is not None:
                 logits = logits + self.head_bias
         else:
-            logits = F.linear(h.to(self.head.dtype), self.head, self.head_bias).float()
+            logits = F.linear(h.to(self.head.dtype), self.head, self.head_bias).float()[0]
+        return self._softcap(logits)
+
+    def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
-        return logits[0]
+        return logits
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
@@ -569,7 +644,15 @@ class LeanDecoder:
             raise ValueError(f"the cache of {self.max_len} positions is full")
         x = self._x
         x.copy_(self._embed(token))
-        self._blocks(x, pos, self._step_buffers)
+        if self._step_logits is not None:  # blocks, final norm and int8 head in one native call
+            self.native_step(x, pos, self._step_logits)
+            self.length = pos + 1
+            logits = self._step_logits.clone()
+            return self._softcap(logits if self.head_bias is None else logits.add_(self.head_bias))
+        if self.native_step is not None:
+            self.native_step(x, pos)
+        else:
+            self._blocks(x, pos, self._step_buffers)
         self.length = pos + 1
         return self._logits(x)
 

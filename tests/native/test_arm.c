@@ -9,7 +9,8 @@
  *   - the int8 sums, i.e. qs_matmul outputs against qs_matmul_int8_ref, for the three codebook kinds,
  *     odd shapes (tails of every loop, several GEMM column tiles) and batch sizes 1..16 (<= 8: row
  *     kernels, above: GEMM tiles), including rows with NaN / Inf activations;
- *   - the Hadamard transform against the scalar level.
+ *   - the Hadamard transform against the scalar level;
+ *   - the int8 LM head's rows · vector kernel against exact integer sums.
  * A level the CPU lacks must be refused (QS_EBADLEVEL) rather than run: `qemu-aarch64 -cpu cortex-a53`
  * has no dot product, `-cpu max` has it.
  *
@@ -161,6 +162,38 @@ static void test_hadamard(int levels) {
     }
 }
 
+/* The int8 head's rows · vector kernel: exact int32 sums on every level (tails of every length, the
+   ±127 extremes), and a refused level where the CPU lacks it. */
+static void test_dot_rows(int levels) {
+    const int64_t V = 37, ns[] = {1, 15, 16, 17, 576, 1000};
+    for (size_t c = 0; c < sizeof(ns) / sizeof(ns[0]); c++) {
+        int64_t n = ns[c];
+        int8_t *W = malloc((size_t)(V * n)), *xq = malloc((size_t)n);
+        int32_t *ref = malloc(sizeof(int32_t) * V), *got = malloc(sizeof(int32_t) * V);
+        for (int64_t i = 0; i < V * n; i++) W[i] = (int8_t)((int)(rnd() % 255) - 127);
+        for (int64_t j = 0; j < n; j++) {
+            W[j] = 127, W[n + j] = -127; /* rows 0 and 1 at the extremes */
+            xq[j] = j % 2 ? (int8_t)((int)(rnd() % 255) - 127) : -127;
+        }
+        CHECK(qs_dot_rows_int8(W, V, n, xq, ref, 1, QS_LEVEL_SCALAR) == QS_OK, "dot_rows scalar");
+        for (int64_t v = 0; v < V; v++) {
+            int32_t s = 0;
+            for (int64_t j = 0; j < n; j++) s += (int32_t)W[v * n + j] * xq[j];
+            CHECK(ref[v] == s, "dot_rows scalar row %lld", (long long)v);
+        }
+        for (int level = QS_LEVEL_NEON; level <= QS_LEVEL_NEON_DOT; level++) {
+            int rc = qs_dot_rows_int8(W, V, n, xq, got, 2, level);
+            if (!((levels >> level) & 1)) {
+                CHECK(rc == QS_EBADLEVEL, "dot_rows %s not refused", LEVEL_NAMES[level]);
+                continue;
+            }
+            CHECK(rc == QS_OK && memcmp(ref, got, sizeof(int32_t) * V) == 0, "dot_rows %s n=%lld differs from scalar",
+                  LEVEL_NAMES[level], (long long)n);
+        }
+        free(W), free(xq), free(ref), free(got);
+    }
+}
+
 int main(void) {
     int levels = qs_supported_levels();
     printf("test_arm: CPU levels:");
@@ -175,6 +208,7 @@ int main(void) {
         printf("test_arm: neon_dotprod: CPU lacks it; checking that it is refused (QS_EBADLEVEL) instead\n");
     for (int kind = 0; kind < QS_NUM_KINDS; kind++) test_kind(kind, levels);
     test_hadamard(levels);
+    test_dot_rows(levels);
     if (failures) {
         printf("test_arm: %d check(s) FAILED\n", failures);
         return 1;

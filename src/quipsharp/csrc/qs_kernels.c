@@ -1104,7 +1104,48 @@ static int int8_gemm(const mm_args *a, int level, int nthreads) {
     return rc;
 }
 
-/* Quantize activations x [B, n] to int8 with one scale per vector (max |x| / 127). */
+/* One activation vector x [n] to int8 with one scale (max |x| / 127): xq [n], *scale, *sum (of xq).
+   NaN/Inf in x: xq zeros and scale NaN, so every output of the vector is NaN (never a finite wrong answer). */
+static void quantize_row(const float *x, int64_t n, int8_t *xq, float *scale_out, int32_t *sum_out) {
+    float amax = 0.0f;
+    int finite = 1;
+    for (int64_t j = 0; j < n; j++) {
+        float v = fabsf(x[j]);
+        amax = v > amax ? v : amax; /* NaN: caught by the finiteness check */
+        finite &= isfinite(x[j]) != 0;
+    }
+    if (!finite) { /* NaN/Inf in, NaN out (as the float paths) */
+        memset(xq, 0, (size_t)n);
+        *scale_out = NAN;
+        *sum_out = 0;
+        return;
+    }
+    float scale = amax / INT8_QMAX;
+    if (!(scale >= FLT_MIN)) scale = 1.0f; /* all zeros, or so small that they quantize to zero */
+    float inv = 1.0f / scale;
+    int32_t sum = 0;
+    for (int64_t j = 0; j < n; j++) {
+        /* round half to even (= nearbyintf in the default rounding mode, |x · inv| <= ~127 here)
+           by the 1.5 · 2^23 trick: no libm call per element, and the loop vectorises */
+        float q = (x[j] * inv + ROUND_MAGIC) - ROUND_MAGIC;
+        q = q > INT8_QMAX ? INT8_QMAX : (q < -INT8_QMAX ? -INT8_QMAX : q);
+        xq[j] = (int8_t)q;
+        sum += (int32_t)q;
+    }
+    *scale_out = scale;
+    *sum_out = sum;
+}
+
+/* Sums of xq over each codeword's 8 activations: xbs [nblk] (|sum| <= 8 * 127). */
+static void block_sums(const int8_t *xq, int64_t nblk, int16_t *xbs) {
+    for (int64_t k = 0; k < nblk; k++) {
+        int32_t sum = 0;
+        for (int j = 0; j < DIM; j++) sum += xq[k * DIM + j];
+        xbs[k] = (int16_t)sum;
+    }
+}
+
+/* Quantize activations x [B, n] to int8 with one scale per vector (quantize_row). */
 static int quantize_activations(const mm_args *a, int8_t **xq, float **xscale, int32_t **xsum, int nthreads) {
     *xq = (int8_t *)malloc((size_t)(a->B * a->n) + 1);
     *xscale = (float *)malloc(sizeof(float) * (size_t)(a->B + 1));
@@ -1112,36 +1153,7 @@ static int quantize_activations(const mm_args *a, int8_t **xq, float **xscale, i
     if (!*xq || !*xscale || !*xsum) return QS_ENOMEM;
     int nt = a->B * a->n >= PARALLEL_MIN_ELEMENTS ? nthreads : 1;
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-    for (int64_t b = 0; b < a->B; b++) {
-        const float *x = a->x + b * a->n;
-        float amax = 0.0f;
-        int finite = 1;
-        for (int64_t j = 0; j < a->n; j++) {
-            float v = fabsf(x[j]);
-            amax = v > amax ? v : amax; /* NaN: caught by the finiteness check */
-            finite &= isfinite(x[j]) != 0;
-        }
-        if (!finite) { /* NaN/Inf in, NaN out (as the float paths): never a finite wrong answer */
-            memset(*xq + b * a->n, 0, (size_t)a->n);
-            (*xscale)[b] = NAN;
-            (*xsum)[b] = 0;
-            continue;
-        }
-        float scale = amax / INT8_QMAX;
-        if (!(scale >= FLT_MIN)) scale = 1.0f; /* all zeros, or so small that they quantize to zero */
-        float inv = 1.0f / scale;
-        int32_t sum = 0;
-        for (int64_t j = 0; j < a->n; j++) {
-            /* round half to even (= nearbyintf in the default rounding mode, |x · inv| <= ~127 here)
-               by the 1.5 · 2^23 trick: no libm call per element, and the loop vectorises */
-            float q = (x[j] * inv + ROUND_MAGIC) - ROUND_MAGIC;
-            q = q > INT8_QMAX ? INT8_QMAX : (q < -INT8_QMAX ? -INT8_QMAX : q);
-            (*xq)[b * a->n + j] = (int8_t)q;
-            sum += (int32_t)q;
-        }
-        (*xscale)[b] = scale;
-        (*xsum)[b] = sum;
-    }
+    for (int64_t b = 0; b < a->B; b++) quantize_row(a->x + b * a->n, a->n, *xq + b * a->n, *xscale + b, *xsum + b);
     return QS_OK;
 }
 
@@ -1349,11 +1361,7 @@ static int matmul_impl(const uint8_t *codes, int64_t m, int64_t n, const qs_code
         xbs = (int16_t *)malloc(sizeof(int16_t) * (size_t)(B * a.nblk + 1));
         if (rc == QS_OK && !xbs) rc = QS_ENOMEM;
         if (rc == QS_OK)
-            for (int64_t k = 0; k < B * a.nblk; k++) {
-                int32_t sum = 0;
-                for (int j = 0; j < DIM; j++) sum += xq[k * DIM + j];
-                xbs[k] = (int16_t)sum; /* |sum| <= 8 * 127 */
-            }
+            block_sums(xq, B * a.nblk, xbs);
         a.xbs = xbs;
     }
     if (rc == QS_OK) {
@@ -1610,6 +1618,536 @@ QS_API int qs_linear(const float *x, int64_t B, int64_t n, int64_t m, const uint
     }
     free(h);
     return rc;
+}
+
+/* ------------------------------------------------------------------ int8 rows · int8 vector */
+/*
+ * out[v] = Σ_j W[v, j] · xq[j]  (int32, exact: |W|, |xq| <= 127) for rows v of a row-major int8 W [V, n]:
+ * the lean loop's int8 LM head (per-row absmax int8 weights, rotated by the Hadamard transform so
+ * that one int8 scale fits the activation vector). Every level's sums equal the scalar ones bit for bit.
+ * x86 multiplies |W| (u8) by sign(xq, W) (s8): pair sums <= 2 · 127 · 127 fit vpmaddubsw's int16.
+ */
+typedef void (*dot_rows_fn)(const int8_t *W, int64_t n, const int8_t *xq, int64_t r0, int64_t r1, int32_t *out);
+
+static void dot_rows_scalar(const int8_t *W, int64_t n, const int8_t *xq, int64_t r0, int64_t r1, int32_t *out) {
+    for (int64_t v = r0; v < r1; v++) {
+        const int8_t *w = W + v * n;
+        int32_t s = 0;
+        for (int64_t j = 0; j < n; j++) s += (int32_t)w[j] * xq[j];
+        out[v] = s;
+    }
+}
+
+#if QS_X86
+__attribute__((target(QS_AVX2))) static void dot_rows_avx2(const int8_t *W, int64_t n, const int8_t *xq, int64_t r0,
+                                                           int64_t r1, int32_t *out) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    int64_t nv = n / 32 * 32;
+    for (int64_t v = r0; v < r1; v++) {
+        const int8_t *w = W + v * n;
+        __m256i acc = _mm256_setzero_si256();
+        for (int64_t j = 0; j < nv; j += 32) {
+            __m256i a = _mm256_loadu_si256((const __m256i *)(w + j)), b = _mm256_loadu_si256((const __m256i *)(xq + j));
+            __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(a), _mm256_sign_epi8(b, a));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+        }
+        int32_t s = hsum_epi32_avx2(acc);
+        for (int64_t j = nv; j < n; j++) s += (int32_t)w[j] * xq[j];
+        out[v] = s;
+    }
+}
+
+__attribute__((target(QS_VNNI))) static void dot_rows_vnni(const int8_t *W, int64_t n, const int8_t *xq, int64_t r0,
+                                                           int64_t r1, int32_t *out) {
+    int64_t nv = n / 64 * 64;
+    __mmask64 tail = n > nv ? (__mmask64)(~0ULL >> (64 - (n - nv))) : 0;
+    for (int64_t v = r0; v < r1; v++) {
+        const int8_t *w = W + v * n;
+        __m512i acc = _mm512_setzero_si512();
+        for (int64_t j = 0; j <= nv; j += 64) {
+            __mmask64 k = j < nv ? ~(__mmask64)0 : tail;
+            if (!k) break;
+            __m512i a = _mm512_maskz_loadu_epi8(k, w + j), b = _mm512_maskz_loadu_epi8(k, xq + j);
+            __m512i s = _mm512_mask_sub_epi8(b, _mm512_movepi8_mask(a), _mm512_setzero_si512(), b);
+            acc = _mm512_dpbusd_epi32(acc, _mm512_abs_epi8(a), s);
+        }
+        out[v] = _mm512_reduce_add_epi32(acc);
+    }
+}
+#endif
+
+#if QS_ARM
+#define QS_DEFINE_DOT_ROWS_NEON(NAME, ATTR, DOT)                                                               \
+    ATTR static void NAME(const int8_t *W, int64_t n, const int8_t *xq, int64_t r0, int64_t r1, int32_t *out) { \
+        int64_t nv = n / 16 * 16;                                                                              \
+        for (int64_t v = r0; v < r1; v++) {                                                                    \
+            const int8_t *w = W + v * n;                                                                       \
+            int32x4_t acc = vdupq_n_s32(0);                                                                    \
+            for (int64_t j = 0; j < nv; j += 16) acc = DOT(acc, vld1q_s8(w + j), vld1q_s8(xq + j));            \
+            int32_t s = vaddvq_s32(acc);                                                                       \
+            for (int64_t j = nv; j < n; j++) s += (int32_t)w[j] * xq[j];                                       \
+            out[v] = s;                                                                                        \
+        }                                                                                                      \
+    }
+QS_DEFINE_DOT_ROWS_NEON(dot_rows_neon, , dot_mull)
+QS_DEFINE_DOT_ROWS_NEON(dot_rows_sdot, QS_DOTPROD, dot_sdot)
+#endif
+
+static dot_rows_fn dot_rows_kernel(int level) {
+#if QS_X86
+    if (level == QS_LEVEL_VNNI) return dot_rows_vnni;
+    if (level == QS_LEVEL_AVX2 || level == QS_LEVEL_AVX512) return dot_rows_avx2;
+#endif
+#if QS_ARM
+    if (level == QS_LEVEL_NEON) return dot_rows_neon;
+    if (level == QS_LEVEL_NEON_DOT) return dot_rows_sdot;
+#endif
+    (void)level;
+    return dot_rows_scalar;
+}
+
+#define DOT_ROWS_PER_TASK 64
+
+/* out [V] = W [V, n] · xq [n] as int32 (the test entry of the dot_rows kernels). */
+QS_API int qs_dot_rows_int8(const int8_t *W, int64_t V, int64_t n, const int8_t *xq, int32_t *out, int nthreads,
+                            int level) {
+    if (!level_ok(level)) return QS_EBADLEVEL;
+    if (!W || !xq || !out || V < 0 || n < 0 || nthreads < 1) return QS_EBADARG;
+    dot_rows_fn fn = dot_rows_kernel(level);
+    int64_t ntasks = (V + DOT_ROWS_PER_TASK - 1) / DOT_ROWS_PER_TASK;
+    int nt = V * n >= PARALLEL_MIN_CODEWORDS * DIM ? nthreads : 1;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t task = 0; task < ntasks; task++) {
+        int64_t r0 = task * DOT_ROWS_PER_TASK, r1 = r0 + DOT_ROWS_PER_TASK < V ? r0 + DOT_ROWS_PER_TASK : V;
+        fn(W, n, xq, r0, r1, out);
+    }
+    return QS_OK;
+}
+
+/* ------------------------------------------------------- one decoding step of a whole model */
+/*
+ * The lean loop's single-token step (quipsharp/fastdecode.py, LeanDecoder._blocks with T = 1) as one
+ * native call per token: every block's norms, linears (quantized: the fused transform-decode-matmul
+ * of qs_linear; or dense float32), RoPE, KV-cache write, attention and MLP, in one OpenMP parallel
+ * region. Per token the Python loop paid ~7 µs per linear call and ~10 µs per small tensor op, and a
+ * 576-wide matrix stayed on one thread (a parallel region per call costs more than it saves); here
+ * the threads stay in one region and meet at a barrier between phases, and the q/k/v (gate/up) rows
+ * of a block are split over the threads as one list.
+ *
+ * The model is described once (qs_step_model, built by quipsharp/kernels/native.py) and read-only
+ * here; the caller's x [hidden] holds the token's embedding on entry and the last block's output on
+ * exit; the KV caches are written at position pos. Numerics: the same formulas as the Python loop
+ * in float32 (sums of squares and softmax denominators in double), equal to it up to rounding.
+ */
+enum { QS_ACT_SILU = 0, QS_ACT_GELU = 1, QS_ACT_GELU_TANH = 2 };
+#define STEP_MAX_PARTS 3 /* linears sharing one input: q, k, v */
+
+typedef struct {
+    int64_t n, m;                /* in and out features */
+    const uint8_t *codes;        /* quantized: [m, n/8 * CB]; NULL: a dense layer */
+    const qs_codebook *t;
+    const float *su, *sv;        /* [n], [m] */
+    float wscale;
+    int64_t use_hadamard, k_in, k_out;
+    const float *m_in, *m_out_t; /* K x K factors (NULL when K = 1) */
+    const float *weight;         /* dense: [m, n] float32 row-major */
+    const float *bias;           /* [m] or NULL */
+    int64_t level;               /* this layer's kernel level (the selector's choice) */
+} qs_step_linear;
+
+typedef struct {
+    qs_step_linear qkv[STEP_MAX_PARTS]; /* [q | k | v] as one fused linear (n_qkv = 1) or three */
+    int64_t n_qkv;
+    qs_step_linear o;
+    qs_step_linear gate_up[2]; /* [gate | up] fused (n_gate_up = 1) or two */
+    int64_t n_gate_up;
+    qs_step_linear down;
+    const float *attn_norm, *mlp_norm;                   /* [hidden] */
+    const float *attn_out_norm, *mlp_out_norm;           /* [hidden] or NULL (Gemma-2/3 post-norms) */
+    const float *q_norm, *k_norm;                        /* [head_dim] or NULL (Qwen3, Gemma-3) */
+    int64_t window;                                      /* sliding window, 0: none */
+    int64_t rope;                                        /* index of its RoPE table */
+    float *k_cache, *v_cache;                            /* [kv_heads, max_len, head_dim] */
+} qs_step_block;
+
+typedef struct {
+    int64_t n_blocks, hidden, heads, kv_heads, head_dim, inter, max_len, act, level;
+    float eps, scale, attn_softcap; /* softcap 0: none */
+    const qs_step_block *blocks;
+    int64_t n_ropes;
+    /* per RoPE table r: rot(v) = v · cos[pos] + v[perm] · ssin[pos], each [max_len, head_dim]; the
+       long tables (LongRoPE, may be NULL) replace them when pos + 1 > rope_switch[r] */
+    const float *const *cos, *const *ssin, *const *long_cos, *const *long_ssin;
+    const int64_t *rope_switch;
+    const int64_t *const *perm; /* [head_dim] */
+    /* the int8 LM head (optional): logits = head_scale ⊙ (head · q8(U rms(x))) with U = M ⊗ H_P / sqrt(P),
+       head the int8 rows of the U-rotated weights (W Uᵀ), q8 the int8 quantization of one vector */
+    const float *final_norm;  /* [hidden] */
+    const int8_t *head;       /* [vocab, hidden]; NULL: no head */
+    const float *head_scale;  /* [vocab] */
+    int64_t vocab, head_k;
+    const float *head_m;      /* [head_k, head_k] (NULL when head_k = 1) */
+} qs_step_model;
+
+/* One linear of a phase: its input, output, optional residual (added last) and int8 operands. */
+typedef struct {
+    const qs_step_linear *L;
+    const float *in;
+    float *out;
+    const float *resid;
+    float *h;       /* [n] the transformed input */
+    int8_t *xq;     /* [n] */
+    int16_t *xbs;   /* [n / 8] */
+    float xscale;
+    int32_t xsum;
+    int int8;       /* the int8 path (else float32 activations) */
+    mm_args a;
+    mm_rows_fn fn;
+    int64_t tasks; /* row tasks of ROWS_PER_TASK rows */
+} step_part;
+
+static float dot_f32(const float *a, const float *b, int64_t n) {
+    float acc[8] = {0};
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        for (int l = 0; l < 8; l++) acc[l] += a[j + l] * b[j + l];
+    for (; j < n; j++) acc[0] += a[j] * b[j];
+    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
+/* out [n] = x · rsqrt(mean(x²) + eps) · w  (out may be x) */
+static void step_rms(const float *x, const float *w, int64_t n, float eps, float *out) {
+    double ss = 0.0;
+    for (int64_t j = 0; j < n; j++) ss += (double)x[j] * x[j];
+    float r = 1.0f / sqrtf((float)(ss / (double)n) + eps);
+    for (int64_t j = 0; j < n; j++) out[j] = (x[j] * r) * w[j];
+}
+
+/* A part's input pass (one thread): the transform U (su ⊙ x), int8 quantization, the row kernel. */
+static void step_prepare(step_part *p, float *tmp) {
+    const qs_step_linear *L = p->L;
+    p->tasks = (L->m + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+    if (!L->codes) return;
+    int64_t n = L->n;
+    memcpy(p->h, p->in, sizeof(float) * (size_t)n);
+    if (L->use_hadamard)
+        hadamard_vec(p->h, L->k_in, n / L->k_in, L->m_in, L->su, NULL, 1.0f / sqrtf((float)(n / L->k_in)), tmp,
+                     (int)L->level);
+    else
+        for (int64_t j = 0; j < n; j++) p->h[j] *= L->su[j];
+    mm_args *a = &p->a;
+    memset(a, 0, sizeof(*a));
+    a->codes = L->codes;
+    a->m = L->m;
+    a->n = n;
+    a->nblk = n / DIM;
+    a->cb = L->t->cb;
+    a->row_bytes = a->nblk * a->cb;
+    a->kind = L->t->kind;
+    a->t = L->t;
+    a->x = p->h;
+    a->B = 1;
+    a->out = p->out;
+    if (L->use_hadamard && L->t->int8_ok) { /* as qs_linear: int8 activations only after the transform */
+        quantize_row(p->h, n, p->xq, &p->xscale, &p->xsum);
+        block_sums(p->xq, a->nblk, p->xbs);
+        a->xq = p->xq;
+        a->xscale = &p->xscale;
+        a->xsum = &p->xsum;
+        a->xbs = p->xbs;
+        p->fn = int8_kernel((int)L->level, L->t);
+        p->int8 = 1;
+    } else {
+        p->fn = float_kernel((int)L->level);
+        p->int8 = 0;
+    }
+}
+
+/* Rows [r0, r1) of a part. */
+static void step_rows(const step_part *p, int64_t r0, int64_t r1) {
+    const qs_step_linear *L = p->L;
+    if (L->codes) {
+        p->fn(&p->a, r0, r1, 0, 1);
+        return;
+    }
+    for (int64_t i = r0; i < r1; i++) p->out[i] = dot_f32(L->weight + i * L->n, p->in, L->n);
+}
+
+/* A part's output pass (one thread): sv ⊙ (wscale · Vᵀ y), bias, residual. */
+static void step_finish(const step_part *p, float *tmp) {
+    const qs_step_linear *L = p->L;
+    float *y = p->out;
+    int64_t m = L->m;
+    if (L->codes) {
+        if (!p->int8 && !row_finite(p->h, L->n))
+            for (int64_t i = 0; i < m; i++) y[i] = NAN; /* the float path: NaN/Inf in, NaN out */
+        if (L->use_hadamard)
+            hadamard_vec(y, L->k_out, m / L->k_out, L->m_out_t, NULL, L->sv, L->wscale / sqrtf((float)(m / L->k_out)),
+                         tmp, (int)L->level);
+        else
+            for (int64_t i = 0; i < m; i++) y[i] *= L->wscale * L->sv[i];
+    } else if (!row_finite(p->in, L->n)) {
+        for (int64_t i = 0; i < m; i++) y[i] = NAN;
+    }
+    if (L->bias)
+        for (int64_t i = 0; i < m; i++) y[i] += L->bias[i];
+    if (p->resid)
+        for (int64_t i = 0; i < m; i++) y[i] += p->resid[i];
+}
+
+/* The linears of one phase, run by every thread of the region (orphaned worksharing): inputs, then
+   all their rows as one list split over the threads, then outputs; a barrier after each. */
+static void step_group(step_part *parts, int np, float *tmp) {
+#pragma omp for schedule(static)
+    for (int i = 0; i < np; i++) step_prepare(&parts[i], tmp);
+    int64_t total = 0;
+    for (int i = 0; i < np; i++) total += parts[i].tasks;
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < total; task++) {
+        int i = 0;
+        int64_t k = task;
+        while (k >= parts[i].tasks) k -= parts[i++].tasks;
+        int64_t r0 = k * ROWS_PER_TASK, m = parts[i].L->m;
+        step_rows(&parts[i], r0, r0 + ROWS_PER_TASK < m ? r0 + ROWS_PER_TASK : m);
+    }
+#pragma omp for schedule(static)
+    for (int i = 0; i < np; i++) step_finish(&parts[i], tmp);
+}
+
+static float step_act(float g, int64_t act) {
+    if (act == QS_ACT_SILU) return g / (1.0f + expf(-g));
+    if (act == QS_ACT_GELU) return 0.5f * g * (1.0f + erff(g * 0.70710678118654752f));
+    const float k = 0.7978845608028654f; /* sqrt(2 / pi) */
+    return 0.5f * g * (1.0f + tanhf(k * (g + 0.044715f * g * g * g)));
+}
+
+/* Attention of head hd's query q [D] at position pos over its KV head's cached keys and values
+   (positions lo..pos): out [D]. scores: [max_len] scratch. */
+static void step_head(const qs_step_model *M, const qs_step_block *B, const float *q, int64_t kvh, int64_t pos,
+                      float *scores, float *out) {
+    int64_t D = M->head_dim, lo = B->window > 0 && pos - B->window + 1 > 0 ? pos - B->window + 1 : 0;
+    const float *K = B->k_cache + kvh * M->max_len * D, *V = B->v_cache + kvh * M->max_len * D;
+    float mx = -INFINITY;
+    for (int64_t j = lo; j <= pos; j++) {
+        float s = dot_f32(q, K + j * D, D) * M->scale;
+        if (M->attn_softcap > 0.0f) s = tanhf(s / M->attn_softcap) * M->attn_softcap;
+        scores[j] = s;
+        mx = s > mx ? s : mx;
+    }
+    double den = 0.0;
+    for (int64_t j = lo; j <= pos; j++) {
+        scores[j] = expf(scores[j] - mx);
+        den += scores[j];
+    }
+    float inv = (float)(1.0 / den);
+    for (int64_t d = 0; d < D; d++) out[d] = 0.0f;
+    for (int64_t j = lo; j <= pos; j++) {
+        float p = scores[j] * inv;
+        const float *v = V + j * D;
+        for (int64_t d = 0; d < D; d++) out[d] += p * v[d];
+    }
+}
+
+/* RoPE of one head vector v [D] in place (tmp [D] scratch). */
+static void step_rope(float *v, const float *cos, const float *ssin, const int64_t *perm, int64_t D, float *tmp) {
+    memcpy(tmp, v, sizeof(float) * (size_t)D);
+    for (int64_t d = 0; d < D; d++) v[d] = tmp[d] * cos[d] + tmp[perm[d]] * ssin[d];
+}
+
+static int step_linear_ok(const qs_step_linear *L, int64_t n, int64_t m) {
+    if (L->n != n || L->m != m || n <= 0 || m <= 0) return 0;
+    if (!level_ok((int)L->level)) return 0;
+    if (!L->codes) return L->weight != NULL;
+    if (!L->t || !L->su || !L->sv || n % DIM) return 0;
+    return !L->use_hadamard || (L->k_in >= 1 && L->k_out >= 1 && n % L->k_in == 0 && m % L->k_out == 0 &&
+                                hadamard_args_ok(L->k_in, n / L->k_in, L->m_in) &&
+                                hadamard_args_ok(L->k_out, m / L->k_out, L->m_out_t));
+}
+
+/* Every shape of the description is consistent (checked once by the caller after building it). */
+QS_API int qs_step_check(const qs_step_model *M) {
+    if (!M || M->n_blocks < 1 || !M->blocks || M->hidden < 1 || M->heads < 1 || M->kv_heads < 1 ||
+        M->heads % M->kv_heads || M->head_dim < 1 || M->inter < 1 || M->max_len < 1 || M->n_ropes < 1 ||
+        M->act < QS_ACT_SILU || M->act > QS_ACT_GELU_TANH || !level_ok((int)M->level) || !M->cos || !M->ssin ||
+        !M->perm || !M->rope_switch)
+        return QS_EBADARG;
+    int64_t H = M->heads, Hk = M->kv_heads, D = M->head_dim, I = M->inter, hid = M->hidden;
+    for (int64_t r = 0; r < M->n_ropes; r++) {
+        if (!M->cos[r] || !M->ssin[r] || !M->perm[r]) return QS_EBADARG;
+        if (M->rope_switch[r] > 0 && (!M->long_cos || !M->long_ssin || !M->long_cos[r] || !M->long_ssin[r]))
+            return QS_EBADARG;
+        for (int64_t d = 0; d < D; d++)
+            if (M->perm[r][d] < 0 || M->perm[r][d] >= D) return QS_EBADARG;
+    }
+    if (M->head && (!M->final_norm || !M->head_scale || M->vocab < 1 || M->head_k < 1 || hid % M->head_k ||
+                    !hadamard_args_ok(M->head_k, hid / M->head_k, M->head_m)))
+        return QS_EBADARG;
+    for (int64_t l = 0; l < M->n_blocks; l++) {
+        const qs_step_block *B = &M->blocks[l];
+        if (!B->attn_norm || !B->mlp_norm || !B->k_cache || !B->v_cache || B->rope < 0 || B->rope >= M->n_ropes ||
+            B->window < 0 || (!B->q_norm != !B->k_norm))
+            return QS_EBADARG;
+        if (B->n_qkv == 1) {
+            if (!step_linear_ok(&B->qkv[0], hid, (H + 2 * Hk) * D)) return QS_EBADARG;
+        } else if (B->n_qkv == 3) {
+            if (!step_linear_ok(&B->qkv[0], hid, H * D) || !step_linear_ok(&B->qkv[1], hid, Hk * D) ||
+                !step_linear_ok(&B->qkv[2], hid, Hk * D))
+                return QS_EBADARG;
+        } else {
+            return QS_EBADARG;
+        }
+        if (!step_linear_ok(&B->o, H * D, hid) || !step_linear_ok(&B->down, I, hid)) return QS_EBADARG;
+        if (B->n_gate_up == 1) {
+            if (!step_linear_ok(&B->gate_up[0], hid, 2 * I)) return QS_EBADARG;
+        } else if (B->n_gate_up == 2) {
+            if (!step_linear_ok(&B->gate_up[0], hid, I) || !step_linear_ok(&B->gate_up[1], hid, I)) return QS_EBADARG;
+        } else {
+            return QS_EBADARG;
+        }
+    }
+    return QS_OK;
+}
+
+/* One token through every block: x [hidden] in and out, keys/values written at position pos; with
+   logits (not NULL; the model must have a head) also the next-token logits [vocab]. */
+QS_API int qs_step(const qs_step_model *M, float *x, int64_t pos, float *logits, int nthreads) {
+    if (!M || !x || pos < 0 || pos >= M->max_len || nthreads < 1 || (logits && !M->head)) return QS_EBADARG;
+    int64_t H = M->heads, Hk = M->kv_heads, D = M->head_dim, I = M->inter, hid = M->hidden;
+    int64_t qkv_n = (H + 2 * Hk) * D, widest = hid;
+    if (2 * I > widest) widest = 2 * I;
+    if (qkv_n > widest) widest = qkv_n;
+    int64_t per_thread = widest + M->max_len; /* transform scratch, attention scores */
+    int nt = nthreads;
+    /* float buffers: h, x2, ob (hidden each), qkv, attn, gu, act, the parts' inputs; then per thread */
+    size_t nf = (size_t)(3 * hid + qkv_n + H * D + 2 * I + I + STEP_MAX_PARTS * widest + per_thread * nt);
+    float *buf = (float *)malloc(sizeof(float) * nf);
+    int8_t *xq = (int8_t *)malloc((size_t)(STEP_MAX_PARTS * widest) + 1);
+    int16_t *xbs = (int16_t *)malloc(sizeof(int16_t) * (size_t)(STEP_MAX_PARTS * widest / DIM + 1));
+    step_part *parts = (step_part *)calloc(STEP_MAX_PARTS, sizeof(step_part));
+    if (!buf || !xq || !xbs || !parts) {
+        free(buf), free(xq), free(xbs), free(parts);
+        return QS_ENOMEM;
+    }
+    float *h = buf, *x2 = h + hid, *ob = x2 + hid, *qkv = ob + hid, *attn = qkv + qkv_n, *gu = attn + H * D;
+    float *av = gu + 2 * I, *hin = av + I, *scratch = hin + STEP_MAX_PARTS * widest;
+    for (int i = 0; i < STEP_MAX_PARTS; i++) {
+        parts[i].h = hin + i * widest;
+        parts[i].xq = xq + i * widest;
+        parts[i].xbs = xbs + i * widest / DIM;
+    }
+    int np = 0; /* parts of the current phase (set in a single, read by all after its barrier) */
+    float hscale = 0.0f; /* the head's activation scale */
+    int32_t hsum = 0;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+#ifdef _OPENMP
+        float *tmp = scratch + (size_t)omp_get_thread_num() * (size_t)per_thread;
+#else
+        float *tmp = scratch;
+#endif
+        float *scores = tmp + widest;
+        for (int64_t l = 0; l < M->n_blocks; l++) {
+            const qs_step_block *B = &M->blocks[l];
+#pragma omp single
+            {
+                step_rms(x, B->attn_norm, hid, M->eps, h);
+                int64_t off = 0;
+                np = (int)B->n_qkv;
+                for (int i = 0; i < np; i++) {
+                    parts[i].L = &B->qkv[i];
+                    parts[i].in = h;
+                    parts[i].out = qkv + off;
+                    parts[i].resid = NULL;
+                    off += B->qkv[i].m;
+                }
+            }
+            step_group(parts, np, tmp);
+#pragma omp single
+            {
+                int64_t r = B->rope;
+                int use_long = M->rope_switch[r] > 0 && pos + 1 > M->rope_switch[r];
+                const float *cos = (use_long ? M->long_cos[r] : M->cos[r]) + pos * D;
+                const float *ssin = (use_long ? M->long_ssin[r] : M->ssin[r]) + pos * D;
+                for (int64_t hd = 0; hd < H + Hk; hd++) {
+                    float *v = qkv + hd * D;
+                    if (B->q_norm) step_rms(v, hd < H ? B->q_norm : B->k_norm, D, M->eps, v);
+                    step_rope(v, cos, ssin, M->perm[r], D, tmp);
+                }
+                for (int64_t g = 0; g < Hk; g++) {
+                    memcpy(B->k_cache + (g * M->max_len + pos) * D, qkv + (H + g) * D, sizeof(float) * (size_t)D);
+                    memcpy(B->v_cache + (g * M->max_len + pos) * D, qkv + (H + Hk + g) * D, sizeof(float) * (size_t)D);
+                }
+                np = 1;
+                parts[0].L = &B->o;
+                parts[0].in = attn;
+                parts[0].out = B->attn_out_norm ? ob : x2;
+                parts[0].resid = B->attn_out_norm ? NULL : x;
+            }
+#pragma omp for schedule(static)
+            for (int64_t hd = 0; hd < H; hd++) step_head(M, B, qkv + hd * D, hd / (H / Hk), pos, scores, attn + hd * D);
+            step_group(parts, np, tmp);
+#pragma omp single
+            {
+                if (B->attn_out_norm) {
+                    step_rms(ob, B->attn_out_norm, hid, M->eps, ob);
+                    for (int64_t j = 0; j < hid; j++) x2[j] = x[j] + ob[j];
+                }
+                step_rms(x2, B->mlp_norm, hid, M->eps, h);
+                int64_t off = 0;
+                np = (int)B->n_gate_up;
+                for (int i = 0; i < np; i++) {
+                    parts[i].L = &B->gate_up[i];
+                    parts[i].in = h;
+                    parts[i].out = gu + off;
+                    parts[i].resid = NULL;
+                    off += B->gate_up[i].m;
+                }
+            }
+            step_group(parts, np, tmp);
+#pragma omp for schedule(static)
+            for (int64_t j = 0; j < I; j++) av[j] = step_act(gu[j], M->act) * gu[I + j];
+#pragma omp single
+            {
+                np = 1;
+                parts[0].L = &B->down;
+                parts[0].in = av;
+                parts[0].out = B->mlp_out_norm ? ob : x;
+                parts[0].resid = B->mlp_out_norm ? NULL : x2;
+            }
+            step_group(parts, np, tmp);
+            if (B->mlp_out_norm) {
+#pragma omp single
+                {
+                    step_rms(ob, B->mlp_out_norm, hid, M->eps, ob);
+                    for (int64_t j = 0; j < hid; j++) x[j] = x2[j] + ob[j];
+                }
+            }
+        }
+        if (logits) {
+#pragma omp single
+            {
+                int64_t P = hid / M->head_k;
+                step_rms(x, M->final_norm, hid, M->eps, h);
+                hadamard_vec(h, M->head_k, P, M->head_m, NULL, NULL, 1.0f / sqrtf((float)P), tmp, (int)M->level);
+                quantize_row(h, hid, xq, &hscale, &hsum);
+            }
+            dot_rows_fn fn = dot_rows_kernel((int)M->level);
+            int64_t ntasks = (M->vocab + DOT_ROWS_PER_TASK - 1) / DOT_ROWS_PER_TASK;
+#pragma omp for schedule(static)
+            for (int64_t task = 0; task < ntasks; task++) {
+                int64_t r0 = task * DOT_ROWS_PER_TASK;
+                int64_t r1 = r0 + DOT_ROWS_PER_TASK < M->vocab ? r0 + DOT_ROWS_PER_TASK : M->vocab;
+                int32_t dots[DOT_ROWS_PER_TASK];
+                fn(M->head + r0 * hid, hid, xq, 0, r1 - r0, dots);
+                for (int64_t v = r0; v < r1; v++) logits[v] = M->head_scale[v] * hscale * (float)dots[v - r0];
+            }
+        }
+    }
+    free(buf);
+    free(xq);
+    free(xbs);
+    free(parts);
+    return QS_OK;
 }
 
 /* ------------------------------------------------------------------ importable module stub */

@@ -91,8 +91,12 @@ def lib() -> ctypes.CDLL | None:
     cdll.qs_linear.argtypes = [_P, _I64, _I64, _I64, _P, _P, _P, _P, _F, _P, _INT, _I64, _P, _I64, _P, _P, _INT,
                                _INT]
     cdll.qs_supported_levels.argtypes = []
+    cdll.qs_step_check.argtypes = [_P]
+    cdll.qs_step.argtypes = [_P, _P, _I64, _P, _INT]
+    cdll.qs_dot_rows_int8.argtypes = [_P, _I64, _I64, _P, _P, _INT, _INT]
     for fn in (cdll.qs_decode, cdll.qs_matmul, cdll.qs_matmul_int8_ref, cdll.qs_hadamard, cdll.qs_linear,
-               cdll.qs_supported_levels, cdll.qs_openmp):
+               cdll.qs_supported_levels, cdll.qs_openmp, cdll.qs_step_check, cdll.qs_step,
+               cdll.qs_dot_rows_int8):
         fn.restype = _INT
     return cdll
 
@@ -484,3 +488,229 @@ class BoundLinear:
         _check(self._fn(x.data_ptr(), B, self.n, self.m, *self._head, bias, *self._tail, out.data_ptr(),
                         self._threads, self._level), "linear")
         return out
+
+
+# ------------------------------------------------------------------------------ whole-token step
+#: Activation names (transformers' ``hidden_act``) -> the C step's codes (QS_ACT_*).
+STEP_ACTIVATIONS = {"silu": 0, "swish": 0, "gelu": 1, "gelu_pytorch_tanh": 2}
+
+
+class _StepLinear(ctypes.Structure):
+    _fields_ = [("n", _I64), ("m", _I64), ("codes", _P), ("t", _P), ("su", _P), ("sv", _P), ("wscale", _F),
+                ("use_hadamard", _I64), ("k_in", _I64), ("k_out", _I64), ("m_in", _P), ("m_out_t", _P),
+                ("weight", _P), ("bias", _P), ("level", _I64)]
+
+
+class _StepBlock(ctypes.Structure):
+    _fields_ = [("qkv", _StepLinear * 3), ("n_qkv", _I64), ("o", _StepLinear), ("gate_up", _StepLinear * 2),
+                ("n_gate_up", _I64), ("down", _StepLinear), ("attn_norm", _P), ("mlp_norm", _P),
+                ("attn_out_norm", _P), ("mlp_out_norm", _P), ("q_norm", _P), ("k_norm", _P), ("window", _I64),
+                ("rope", _I64), ("k_cache", _P), ("v_cache", _P)]
+
+
+class _StepModel(ctypes.Structure):
+    _fields_ = [("n_blocks", _I64), ("hidden", _I64), ("heads", _I64), ("kv_heads", _I64), ("head_dim", _I64),
+                ("inter", _I64), ("max_len", _I64), ("act", _I64), ("level", _I64), ("eps", _F), ("scale", _F),
+                ("attn_softcap", _F), ("blocks", _P), ("n_ropes", _I64), ("cos", _P), ("ssin", _P),
+                ("long_cos", _P), ("long_ssin", _P), ("rope_switch", _P), ("perm", _P), ("final_norm", _P),
+                ("head", _P), ("head_scale", _P), ("vocab", _I64), ("head_k", _I64), ("head_m", _P)]
+
+
+class StepLinear:
+    """One linear of a :class:`DecodeStep`: a :class:`BoundLinear` (quantized, fused native call) or a
+    dense float32 ``weight`` ``[m, n]`` with an optional ``bias`` ``[m]``. Holds its tensors."""
+
+    def __init__(self, spec: _StepLinear, keep: tuple) -> None:
+        self.spec, self._keep = spec, keep
+
+    @classmethod
+    def quantized(cls, bound: BoundLinear) -> StepLinear:
+        codes_ptr, table, su_ptr, sv_ptr, scale = bound._head
+        use_h, k_in, m_in_ptr, k_out, m_out_ptr = bound._tail
+        spec = _StepLinear(bound.n, bound.m, codes_ptr, table, su_ptr, sv_ptr, scale, int(use_h), k_in, k_out,
+                           m_in_ptr, m_out_ptr, None, bound._bias, bound._level)
+        return cls(spec, (bound,))
+
+    @classmethod
+    def dense(cls, weight: torch.Tensor, bias: torch.Tensor | None, level: str) -> StepLinear:
+        """``weight`` float32 ``[m, n]`` (made contiguous), ``bias`` float32 ``[m]`` or None."""
+        weight = weight.detach().float().contiguous()
+        bias = None if bias is None else bias.detach().float().contiguous()
+        m, n = weight.shape
+        if bias is not None and bias.shape != (m,):
+            raise ValueError(f"dense step linear: bias {tuple(bias.shape)} does not match weight {(m, n)}")
+        spec = _StepLinear(n, m, None, None, None, None, 1.0, 0, 1, 1, None, None, weight.data_ptr(), _ptr(bias),
+                           LEVELS.index(level))
+        return cls(spec, (weight, bias))
+
+
+@dataclass(frozen=True)
+class StepBlock:
+    """One decoder block of a :class:`DecodeStep` (float32 contiguous tensors; see ``qs_step_block``)."""
+
+    qkv: tuple[StepLinear, ...]  # one fused [q | k | v] linear or three
+    o: StepLinear
+    gate_up: tuple[StepLinear, ...]  # one fused [gate | up] linear or two
+    down: StepLinear
+    attn_norm: torch.Tensor  # [hidden]
+    mlp_norm: torch.Tensor  # [hidden]
+    attn_out_norm: torch.Tensor | None  # [hidden]
+    mlp_out_norm: torch.Tensor | None  # [hidden]
+    q_norm: torch.Tensor | None  # [head_dim]
+    k_norm: torch.Tensor | None  # [head_dim]
+    window: int | None
+    rope: int
+    k_cache: torch.Tensor  # [kv_heads, max_len, head_dim]
+    v_cache: torch.Tensor  # [kv_heads, max_len, head_dim]
+
+
+@dataclass(frozen=True)
+class StepRope:
+    """RoPE tables ``rot(v) = v · cos[p] + v[perm] · ssin[p]`` (``[max_len, head_dim]`` each, ``perm``
+    ``[head_dim]``); LongRoPE: ``long`` tables used by tokens at positions ``≥ switch``."""
+
+    cos: torch.Tensor
+    ssin: torch.Tensor
+    perm: torch.Tensor
+    long: tuple[torch.Tensor, torch.Tensor] | None = None
+    switch: int = 0
+
+
+@dataclass(frozen=True)
+class StepHead:
+    """The int8 LM head of a :class:`DecodeStep`: ``logits = scales ⊙ (weight · q8(U · rms(x, final_norm)))``.
+
+    ``weight`` int8 ``[vocab, hidden]`` holds the rows of ``W Uᵀ`` (the head's float weight rotated by
+    the Hadamard transform ``U = factor ⊗ H_P / sqrt(P)`` of the hidden size, so one int8 scale fits
+    the rotated activation vector), ``scales`` float32 ``[vocab]`` their per-row scales, ``factor``
+    the ``[K, K]`` float32 factor of ``U`` (``[1, 1]`` for a power of two), ``final_norm`` ``[hidden]``."""
+
+    final_norm: torch.Tensor
+    weight: torch.Tensor
+    scales: torch.Tensor
+    factor: torch.Tensor
+
+
+def _f32(t: torch.Tensor | None, shape: tuple[int, ...], what: str) -> torch.Tensor | None:
+    if t is None:
+        return None
+    if t.dtype != torch.float32 or tuple(t.shape) != shape or not t.is_contiguous() or t.device.type != "cpu":
+        raise ValueError(f"decode step: {what} must be float32 contiguous CPU {shape}, got {t.dtype} "
+                         f"{tuple(t.shape)}")
+    return t
+
+
+class DecodeStep:
+    """A whole model's single-token decoding step as one native call (``qs_step``).
+
+    The blocks of a Llama-style decoder (:class:`StepBlock`: RMS norms, q/k/v, RoPE, a KV cache
+    written at the token's position, grouped-query attention with an optional sliding window and
+    soft cap, ``o``, a gated MLP, Gemma-2/3's post-norms and q/k norms) run in one OpenMP region: the
+    threads meet at a barrier between phases, the q/k/v (gate/up) rows of a block are one list split
+    over them. Everything is checked here once (``qs_step_check``); a call passes two pointers.
+
+    With a :class:`StepHead` the call also computes the next-token logits (the final norm and the
+    int8 head in the same region).
+
+    ``__call__(x, pos, logits=None)``: ``x`` float32 contiguous ``[hidden]`` (or ``[1, hidden]``), the
+    token's embedding, is overwritten with the last block's output; keys and values are written at
+    ``pos``; ``logits`` (float32 contiguous ``[vocab]``, needs a head) receives the logits.
+    """
+
+    def __init__(self, blocks: list[StepBlock], ropes: list[StepRope], *, hidden: int, heads: int, kv_heads: int,
+                 head_dim: int, inter: int, max_len: int, act: str, eps: float, scale: float,
+                 attn_softcap: float | None, head: StepHead | None = None, threads: int | None = None,
+                 level: str | None = None) -> None:
+        from quipsharp.kernels import select
+
+        if act not in STEP_ACTIVATIONS:
+            raise ValueError(f"decode step: activation {act!r} is not one of {sorted(STEP_ACTIVATIONS)}")
+        kernel = select(level)
+        if not kernel.native:
+            raise KernelError(f"DecodeStep needs a native kernel, the selection gave {kernel.name!r}")
+        cdll = _require()
+        cache_shape = (kv_heads, max_len, head_dim)
+        keep: list = [blocks, ropes]
+        specs = (_StepBlock * len(blocks))()
+        for spec, b in zip(specs, blocks, strict=True):
+            if len(b.qkv) not in (1, 3) or len(b.gate_up) not in (1, 2):
+                raise ValueError(f"decode step: {len(b.qkv)} q/k/v and {len(b.gate_up)} gate/up linears")
+            for i, lin in enumerate(b.qkv):
+                spec.qkv[i] = lin.spec
+            for i, lin in enumerate(b.gate_up):
+                spec.gate_up[i] = lin.spec
+            spec.n_qkv, spec.n_gate_up, spec.o, spec.down = len(b.qkv), len(b.gate_up), b.o.spec, b.down.spec
+            for name, size in (("attn_norm", hidden), ("mlp_norm", hidden), ("attn_out_norm", hidden),
+                               ("mlp_out_norm", hidden), ("q_norm", head_dim), ("k_norm", head_dim)):
+                setattr(spec, name, _ptr(_f32(getattr(b, name), (size,), name)))
+            spec.k_cache = _f32(b.k_cache, cache_shape, "k_cache").data_ptr()
+            spec.v_cache = _f32(b.v_cache, cache_shape, "v_cache").data_ptr()
+            spec.window, spec.rope = b.window or 0, b.rope
+        table = (max_len, head_dim)
+        n = len(ropes)
+        ptrs = {name: (_P * n)() for name in ("cos", "ssin", "long_cos", "long_ssin", "perm")}
+        switch = (_I64 * n)()
+        for r, rope in enumerate(ropes):
+            perm = rope.perm.to(torch.int64).contiguous()
+            keep.append(perm)
+            if perm.shape != (head_dim,):
+                raise ValueError(f"decode step: RoPE permutation {tuple(perm.shape)}, expected ({head_dim},)")
+            ptrs["cos"][r] = _f32(rope.cos, table, "RoPE cos").data_ptr()
+            ptrs["ssin"][r] = _f32(rope.ssin, table, "RoPE sin").data_ptr()
+            ptrs["perm"][r] = perm.data_ptr()
+            if rope.long is not None:
+                ptrs["long_cos"][r] = _f32(rope.long[0], table, "RoPE long cos").data_ptr()
+                ptrs["long_ssin"][r] = _f32(rope.long[1], table, "RoPE long sin").data_ptr()
+                switch[r] = rope.switch
+        self._model = _StepModel(len(blocks), hidden, heads, kv_heads, head_dim, inter, max_len,
+                                 STEP_ACTIVATIONS[act], LEVELS.index(kernel.name), eps, scale, attn_softcap or 0.0,
+                                 ctypes.addressof(specs), n, *(ctypes.addressof(ptrs[k]) for k in
+                                                              ("cos", "ssin", "long_cos", "long_ssin")),
+                                 ctypes.addressof(switch), ctypes.addressof(ptrs["perm"]))
+        self.vocab = 0
+        if head is not None:
+            vocab = head.weight.shape[0]
+            K = head.factor.shape[0]
+            if head.weight.dtype != torch.int8 or head.weight.shape != (vocab, hidden) \
+                    or not head.weight.is_contiguous():
+                raise ValueError(f"decode step: head weight must be int8 contiguous [vocab, {hidden}], got "
+                                 f"{head.weight.dtype} {tuple(head.weight.shape)}")
+            self._model.final_norm = _f32(head.final_norm, (hidden,), "final_norm").data_ptr()
+            self._model.head = head.weight.data_ptr()
+            self._model.head_scale = _f32(head.scales, (vocab,), "head scales").data_ptr()
+            self._model.vocab, self._model.head_k = vocab, K
+            self._model.head_m = _f32(head.factor, (K, K), "head factor").data_ptr() if K > 1 else None
+            self.vocab = vocab
+            keep.append(head)
+        self._keep = (keep, specs, ptrs, switch)
+        _check(cdll.qs_step_check(ctypes.byref(self._model)), "decode step description")
+        self._fn, self._ref = cdll.qs_step, ctypes.byref(self._model)
+        self.hidden, self.max_len, self.threads = hidden, max_len, _threads(threads)
+        self.level = kernel.name
+
+    def __call__(self, x: torch.Tensor, pos: int, logits: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.numel() != self.hidden or not x.is_contiguous() or x.device.type != "cpu":
+            raise ValueError(f"decode step: x must be float32 contiguous CPU with {self.hidden} elements, got "
+                             f"{x.dtype} {tuple(x.shape)}")
+        if not 0 <= pos < self.max_len:
+            raise ValueError(f"decode step: position {pos} outside the cache of {self.max_len}")
+        if logits is not None and (not self.vocab or logits.dtype != torch.float32 or logits.numel() != self.vocab
+                                   or not logits.is_contiguous() or logits.device.type != "cpu"):
+            raise ValueError(f"decode step: logits need a head and a float32 contiguous CPU [{self.vocab}] "
+                             f"tensor, got {logits.dtype} {tuple(logits.shape)}")
+        _check(self._fn(self._ref, x.data_ptr(), pos, _ptr(logits), self.threads), "decode step")
+        return x
+
+
+def dot_rows_int8(weight: torch.Tensor, xq: torch.Tensor, level: str, threads: int | None = None) -> torch.Tensor:
+    """``weight`` int8 ``[V, n]`` · ``xq`` int8 ``[n]`` -> int32 ``[V]``, exact (the int8 head's kernel
+    at ``level``; every level equals the scalar one bit for bit)."""
+    cdll = _require()
+    if weight.dtype != torch.int8 or weight.dim() != 2 or not weight.is_contiguous():
+        raise ValueError(f"dot_rows_int8: weight must be int8 contiguous [V, n], got {weight.dtype} "
+                         f"{tuple(weight.shape)}")
+    _need(xq, "xq", torch.int8, (weight.shape[1],))
+    out = torch.empty(weight.shape[0], dtype=torch.int32)
+    _check(cdll.qs_dot_rows_int8(weight.data_ptr(), weight.shape[0], weight.shape[1], xq.data_ptr(), out.data_ptr(),
+                                 _threads(threads), LEVELS.index(level)), "dot_rows_int8")
+    return out
