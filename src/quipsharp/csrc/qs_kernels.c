@@ -1445,6 +1445,28 @@ __attribute__((target("avx512f"))) static void mix_rows_avx512(const float *v, i
         }
     }
 }
+
+/* The same with AVX2 (8-lane slices), for P a multiple of 8. */
+__attribute__((target("avx2,fma"))) static void mix_rows_avx2(const float *v, int64_t K, int64_t P, const float *M,
+                                                              float *out) {
+    const int64_t lanes = MIX_LANES / 2;
+    for (int64_t r = 0; r < K; r++) {
+        const float *mr = M + r * K;
+        for (int64_t j0 = 0; j0 < P; j0 += lanes) {
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            const float *z = v + j0;
+            int64_t c = 0;
+            for (; c + 4 <= K; c += 4) {
+                a0 = _mm256_fmadd_ps(_mm256_set1_ps(mr[c]), _mm256_loadu_ps(z + c * P), a0);
+                a1 = _mm256_fmadd_ps(_mm256_set1_ps(mr[c + 1]), _mm256_loadu_ps(z + (c + 1) * P), a1);
+                a2 = _mm256_fmadd_ps(_mm256_set1_ps(mr[c + 2]), _mm256_loadu_ps(z + (c + 2) * P), a2);
+                a3 = _mm256_fmadd_ps(_mm256_set1_ps(mr[c + 3]), _mm256_loadu_ps(z + (c + 3) * P), a3);
+            }
+            for (; c < K; c++) a0 = _mm256_fmadd_ps(_mm256_set1_ps(mr[c]), _mm256_loadu_ps(z + c * P), a0);
+            _mm256_storeu_ps(out + r * P + j0, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+        }
+    }
+}
 #endif
 
 static void mix_rows(const float *v, int64_t K, int64_t P, const float *M, float *out, int level) {
@@ -1452,6 +1474,10 @@ static void mix_rows(const float *v, int64_t K, int64_t P, const float *M, float
 #if QS_X86
     if (P % MIX_LANES == 0 && is_avx512(level)) {
         mix_rows_avx512(v, K, P, M, out);
+        return;
+    }
+    if (P % (MIX_LANES / 2) == 0 && level == QS_LEVEL_AVX2) {
+        mix_rows_avx2(v, K, P, M, out);
         return;
     }
 #endif
