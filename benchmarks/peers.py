@@ -494,6 +494,8 @@ def main() -> None:
                         default=HERE.parent.parent / "shared/data/c4-sample/c4_validation_2k.jsonl")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="times the whole list of rows runs, interleaved; the ratios use the medians over rounds")
     parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
     parser.add_argument("--max-load", type=float, default=0.6)
     parser.add_argument("--max-busy", type=float, default=0.1,
@@ -558,25 +560,29 @@ def main() -> None:
                     continue
                 fn = partial(time_peer, peer, python, path, ids, args.threads, args.runs, args.new_tokens)
                 jobs.append((peer, {"format": qtype, "isa": isa, "gguf": path.name, **gguf_bits(path)}, fn))
-        for engine, meta, fn in jobs:
-            busy = wait_for_idle(args.max_busy, args.load_timeout)
-            load = loadavg()
-            _log(f"{p['model']} {engine} {meta['format']} {meta['isa']} (load {load:.2f}, CPUs {busy:.0%} busy)")
-            try:
-                result = fn()
-            except subprocess.CalledProcessError as e:
-                result = {"error": (e.stderr or e.stdout or str(e))[-2000:]}
-            loop = result.pop("engine", None)  # quipsharp bench's decoding loop ("lean")
-            row = {"model": p["model"], "engine": engine, **meta, "load_before": load, "cpu_busy_before": busy,
-                   "load_after": loadavg(), **({"loop": loop} if loop else {}), **result}
-            _log(f"  decode {row.get('decode_tok_s', float('nan')):.1f} tok/s, "
-                 f"prefill {row.get('prefill_tok_s', float('nan')):.1f} tok/s")
-            rows.append(row)
+        for rnd in range(args.rounds):  # rounds interleave the engines: slow drifts of the host hit all
+            for engine, meta, fn in jobs:
+                busy = wait_for_idle(args.max_busy, args.load_timeout)
+                load = loadavg()
+                _log(f"{p['model']} round {rnd + 1}/{args.rounds}: {engine} {meta['format']} {meta['isa']} "
+                     f"(load {load:.2f}, CPUs {busy:.0%} busy)")
+                try:
+                    result = fn()
+                except subprocess.CalledProcessError as e:
+                    result = {"error": (e.stderr or e.stdout or str(e))[-2000:]}
+                loop = result.pop("engine", None)  # quipsharp bench's decoding loop ("lean")
+                row = {"model": p["model"], "engine": engine, **meta, "round": rnd, "load_before": load,
+                       "cpu_busy_before": busy, "load_after": loadavg(), **({"loop": loop} if loop else {}),
+                       **result}
+                _log(f"  decode {row.get('decode_tok_s', float('nan')):.1f} tok/s, "
+                     f"prefill {row.get('prefill_tok_s', float('nan')):.1f} tok/s")
+                rows.append(row)
+    summary = median_rows(rows)
     report = {"date": today(), "machine": machine_info(), "commit": _git_head(), "cpu_flags": _cpu_flags(),
               "protocol": {"prompt_tokens": PROMPT_TOKENS, "new_tokens": args.new_tokens, "runs": args.runs,
-                           "threads": args.threads, "greedy": True, "max_load": args.max_load,
-                           "max_busy": args.max_busy, "load_at_start": start_load},
-              "argv": sys.argv, "rows": rows, "ratios": ratios(rows)}
+                           "rounds": args.rounds, "threads": args.threads, "greedy": True,
+                           "max_load": args.max_load, "max_busy": args.max_busy, "load_at_start": start_load},
+              "argv": sys.argv, "rows": rows, "summary": summary, "ratios": ratios(summary)}
     text = json.dumps(report, indent=1)
     if args.out:
         args.out.write_text(text + "\n")
@@ -584,6 +590,24 @@ def main() -> None:
         print(text)
     for r in report["ratios"]:
         _log(json.dumps(r))
+
+
+def median_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (model, engine, format, ISA): the median over rounds of each round's median
+    decode and prefill speed (``*_rounds`` keep every round's value)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        if "decode_tok_s" in r:
+            groups.setdefault((r["model"], r["engine"], r["format"], r["isa"]), []).append(r)
+    out = []
+    for group in groups.values():
+        first = {k: v for k, v in group[0].items() if not k.endswith("_runs") and k not in (
+            "round", "load_before", "load_after", "cpu_busy_before", "decode_tok_s", "prefill_tok_s")}
+        for key in ("decode_tok_s", "prefill_tok_s"):
+            first[key] = statistics.median(r[key] for r in group)
+            first[key.replace("_tok_s", "_rounds")] = [r[key] for r in group]
+        out.append(first)
+    return out
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -1832,7 +1832,7 @@ typedef struct {
     int64_t tasks; /* row tasks of ROWS_PER_TASK rows */
 } step_part;
 
-static float dot_f32(const float *a, const float *b, int64_t n) {
+static inline float dot_f32(const float *a, const float *b, int64_t n) {
     float acc[8] = {0};
     int64_t j = 0;
     for (; j + 8 <= n; j += 8)
@@ -1948,30 +1948,53 @@ static float step_act(float g, int64_t act) {
 }
 
 /* Attention of head hd's query q [D] at position pos over its KV head's cached keys and values
-   (positions lo..pos): out [D]. scores: [max_len] scratch. */
+   (positions lo..pos): out [D]. scores: [max_len] scratch. Compiled once per ISA (the same C; the
+   compiler vectorises the 8-lane sums and the value loop for the target). */
+#define QS_DEFINE_STEP_HEAD(NAME, ATTR)                                                                        \
+    ATTR static void NAME(const qs_step_model *M, const qs_step_block *B, const float *q, int64_t kvh, int64_t pos, \
+                          float *scores, float *out) {                                                         \
+        int64_t D = M->head_dim, lo = B->window > 0 && pos - B->window + 1 > 0 ? pos - B->window + 1 : 0;        \
+        const float *K = B->k_cache + kvh * M->max_len * D, *V = B->v_cache + kvh * M->max_len * D;            \
+        float mx = -INFINITY;                                                                                  \
+        for (int64_t j = lo; j <= pos; j++) {                                                                  \
+            float s = dot_f32(q, K + j * D, D) * M->scale;                                                     \
+            if (M->attn_softcap > 0.0f) s = tanhf(s / M->attn_softcap) * M->attn_softcap;                      \
+            scores[j] = s;                                                                                     \
+            mx = s > mx ? s : mx;                                                                              \
+        }                                                                                                      \
+        double den = 0.0;                                                                                      \
+        for (int64_t j = lo; j <= pos; j++) {                                                                  \
+            scores[j] = expf(scores[j] - mx);                                                                  \
+            den += scores[j];                                                                                  \
+        }                                                                                                      \
+        float inv = (float)(1.0 / den);                                                                        \
+        for (int64_t d = 0; d < D; d++) out[d] = 0.0f;                                                         \
+        for (int64_t j = lo; j <= pos; j++) {                                                                  \
+            float p = scores[j] * inv;                                                                         \
+            const float *v = V + j * D;                                                                        \
+            for (int64_t d = 0; d < D; d++) out[d] += p * v[d];                                                \
+        }                                                                                                      \
+    }
+
+QS_DEFINE_STEP_HEAD(step_head_base, )
+#if QS_X86
+QS_DEFINE_STEP_HEAD(step_head_avx2, __attribute__((target("avx2,fma"))))
+QS_DEFINE_STEP_HEAD(step_head_avx512, __attribute__((target("avx512f,avx512vl,avx2,fma"))))
+#endif
+
 static void step_head(const qs_step_model *M, const qs_step_block *B, const float *q, int64_t kvh, int64_t pos,
                       float *scores, float *out) {
-    int64_t D = M->head_dim, lo = B->window > 0 && pos - B->window + 1 > 0 ? pos - B->window + 1 : 0;
-    const float *K = B->k_cache + kvh * M->max_len * D, *V = B->v_cache + kvh * M->max_len * D;
-    float mx = -INFINITY;
-    for (int64_t j = lo; j <= pos; j++) {
-        float s = dot_f32(q, K + j * D, D) * M->scale;
-        if (M->attn_softcap > 0.0f) s = tanhf(s / M->attn_softcap) * M->attn_softcap;
-        scores[j] = s;
-        mx = s > mx ? s : mx;
+#if QS_X86
+    if (is_avx512((int)M->level)) {
+        step_head_avx512(M, B, q, kvh, pos, scores, out);
+        return;
     }
-    double den = 0.0;
-    for (int64_t j = lo; j <= pos; j++) {
-        scores[j] = expf(scores[j] - mx);
-        den += scores[j];
+    if (M->level == QS_LEVEL_AVX2) {
+        step_head_avx2(M, B, q, kvh, pos, scores, out);
+        return;
     }
-    float inv = (float)(1.0 / den);
-    for (int64_t d = 0; d < D; d++) out[d] = 0.0f;
-    for (int64_t j = lo; j <= pos; j++) {
-        float p = scores[j] * inv;
-        const float *v = V + j * D;
-        for (int64_t d = 0; d < D; d++) out[d] += p * v[d];
-    }
+#endif
+    step_head_base(M, B, q, kvh, pos, scores, out);
 }
 
 /* RoPE of one head vector v [D] in place (tmp [D] scratch). */
