@@ -138,11 +138,16 @@ def run_row(name: str, args: argparse.Namespace) -> dict[str, Any]:
     else:
         row["bits_per_weight"] = 16.0
     if spec.get("head") == "int8":
-        from quipsharp.fastdecode import int8_rows
+        # the lean loop's int8 head: int8 rows of the Hadamard-rotated weight (W Uᵀ), rotated back here
+        # so the model's own forward uses them (float activations; the native step's int8 activations
+        # are measured by benchmarks/decode_step.py)
+        from quipsharp.fastdecode import rotated_int8_head
+        from quipsharp.hadamard import hadamard_transform
 
         head = model.get_output_embeddings()
-        q, scales = int8_rows(head.weight.detach())
-        head.weight = torch.nn.Parameter(q.float() * scales.float()[:, None], requires_grad=False)
+        rows = rotated_int8_head(head.weight.detach(), torch.ones(head.weight.shape[1]))
+        dense = hadamard_transform(rows.weight.float() * rows.scales[:, None], transpose=True)
+        head.weight = torch.nn.Parameter(dense, requires_grad=False)
     row["peak_rss_mb_quantize"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / KB
     windows = evaluation_windows(data / WIKITEXT_TEST, tok, args.eval_ctx)
     t0 = time.perf_counter()

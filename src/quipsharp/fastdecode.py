@@ -6,19 +6,22 @@ module hooks) and the Python around 210 layer calls cost more. :class:`LeanDecod
 model's own weights and modules but runs decoding as a flat sequence of tensor operations:
 
 * a static KV cache ``[layers, kv_heads, max_len, head_dim]`` and rotary tables built once;
-* every quantized linear bound once to its native call (:class:`quipsharp.kernels.BoundLinear`),
-  q/k/v and gate/up writing into slices of one buffer, the residual additions of ``o_proj`` and
+* each new token through every block in one native call (:class:`quipsharp.kernels.native.DecodeStep`:
+  norms, quantized or dense float32 linears, RoPE, the cache, attention and the MLP in C, the threads
+  kept in one parallel region) when every linear allows it; otherwise a Python step with every
+  quantized linear bound once to its native call (:class:`quipsharp.kernels.BoundLinear`), q/k/v
+  and gate/up writing into slices of one buffer, the residual additions of ``o_proj`` and
   ``down_proj`` fused into their calls (when no norm sits between them, i.e. not in Gemma-2/3);
 * optionally a bfloat16 or int8 copy of the LM head (half or a quarter of the bytes of its float32
-  GEMV, the largest single matrix of a small model).
+  GEMV, the largest single matrix of a small model); the int8 one runs inside the native step.
 
 The families differ only in data (:mod:`quipsharp.models.families`): attribute paths, the norm's
 weight, the activation, embedding scaling, extra norms, q/k norms, soft-capping, sliding windows
 and RoPE per layer type. One block function (:meth:`LeanDecoder._blocks`) runs T tokens: the
-prompt as one batch (causal attention), then each new token as a batch of one through the bound
-native calls. Logits equal the transformers model's up to float rounding (tested against it for
-every family). What the loop does not reproduce is refused with a one-line reason
-(:func:`unsupported_reason`).
+prompt as one batch (causal attention), and each new token as a batch of one through the bound
+native calls when the native step is unavailable. Logits equal the transformers model's up to float
+rounding (tested against it for every family). What the loop does not reproduce is refused with a
+one-line reason (:func:`unsupported_reason`).
 """
 
 from __future__ import annotations
@@ -364,8 +367,10 @@ class LeanDecoder:
         max_len: prompt plus generated tokens, at most.
         head_dtype: dtype of the LM head's matmul, the largest single matrix of a small model: None
             keeps the model's; ``torch.bfloat16`` halves its bytes (logits rounded to bf16);
-            ``torch.int8`` quarters them (per-row absmax int8 weights times bf16 activations through
-            torch's ``_weight_int8pack_mm``; logit errors near 1% of the largest logit).
+            ``torch.int8`` quarters them (:func:`rotated_int8_head`: per-row absmax int8 rows of the
+            head rotated by the Hadamard transform; the native step multiplies them with the int8
+            rotated hidden state in the same call, the prompt's logits come from torch's
+            ``_weight_int8pack_mm`` with bf16 activations).
         threads: native kernel threads (default torch's).
         native_step: run each new token's blocks as one native call (:class:`~quipsharp.kernels.native.DecodeStep`:
             no Python per layer, the threads kept in one parallel region) — True: required, False: the
@@ -440,7 +445,7 @@ class LeanDecoder:
             self.head, self.head_scales = step_head.weight, step_head.scales.to(torch.bfloat16)
         self.native_step: DecodeStep | None = None
         if native_step is not False:
-            reason = self._native_step_reason(layers, threads, step_head)
+            reason = self._build_native_step(layers, threads, step_head)
             if reason is not None and native_step:
                 raise UnsupportedModelError(f"no native decoding step: {reason}")
             if reason is not None:
@@ -451,7 +456,7 @@ class LeanDecoder:
                     "cache %d", fam.name, len(self.blocks), sum(isinstance(c, kernels.BoundLinear) for c in calls),
                     len(calls), "native" if self.native_step is not None else "Python", self.head.dtype, max_len)
 
-    def _native_step_reason(self, layers: list[nn.Module], threads: int | None, head: StepHead | None) -> str | None:
+    def _build_native_step(self, layers: list[nn.Module], threads: int | None, head: StepHead | None) -> str | None:
         """Build :attr:`native_step` for ``layers`` (with the int8 ``head`` when given); or the reason
         it cannot run this model (one line)."""
         if not kernels.available():
