@@ -37,7 +37,15 @@ from torch import nn
 from quipsharp import kernels
 from quipsharp.errors import QuipSharpError
 from quipsharp.hadamard import factor_dim, hadamard_transform, orthonormal_factor
-from quipsharp.kernels.native import STEP_ACTIVATIONS, DecodeStep, StepBlock, StepHead, StepLinear, StepRope
+from quipsharp.kernels.native import (
+    STEP_ACTIVATIONS,
+    BlockParams,
+    DecodeStep,
+    StepBlock,
+    StepHead,
+    StepLinear,
+    StepRope,
+)
 from quipsharp.models.families import (
     ACTIVATIONS,
     SUPPORTED_MODEL_TYPES,
@@ -321,17 +329,9 @@ class _Calls:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Block:
-    """One decoder block: float32 norm weights (``1 + w`` for Gemma already added) and its linears."""
+class _Block(BlockParams):
+    """One decoder block: its norms, window and RoPE table (:class:`BlockParams`) and its linears."""
 
-    attn_norm: torch.Tensor  # [hidden]
-    mlp_norm: torch.Tensor  # [hidden]
-    attn_out_norm: torch.Tensor | None  # [hidden]
-    mlp_out_norm: torch.Tensor | None  # [hidden]
-    q_norm: torch.Tensor | None  # [head_dim]
-    k_norm: torch.Tensor | None  # [head_dim]
-    window: int | None  # sliding window (keys in (p - window, p]) or None
-    rope: int  # index into LeanDecoder.ropes
     step: _Calls  # one token: bound native calls, residuals fused
     batch: _Calls  # T tokens: the modules' forwards
 
@@ -484,8 +484,7 @@ class LeanDecoder:
                 return f"block {i}: {bad}"
             nq, ng = len(fam.qkv), len(fam.gate_up)
             blocks.append(StepBlock(tuple(parts[:nq]), parts[nq], tuple(parts[nq + 1:nq + 1 + ng]), parts[-1],
-                                    blk.attn_norm, blk.mlp_norm, blk.attn_out_norm, blk.mlp_out_norm, blk.q_norm,
-                                    blk.k_norm, blk.window, blk.rope, self.k_cache[i], self.v_cache[i]))
+                                    blk, self.k_cache[i], self.v_cache[i]))
         ropes = [StepRope(r.cos, r.ssin, r.perm, r.long, r.switch) for r in self.ropes]
         self.native_step = DecodeStep(blocks, ropes, hidden=self.hidden, heads=self.heads, kv_heads=self.kv_heads,
                                       head_dim=self.head_dim, inter=self.intermediate, max_len=self.max_len,

@@ -1423,50 +1423,33 @@ static void mix_rows_scalar(const float *v, int64_t K, int64_t P, const float *M
 }
 
 #if QS_X86
-/* The same with AVX-512, for P a multiple of 16: each 16-column slice of a row is accumulated
-   over c in four independent registers (c mod 4), so the loop is not bound by FMA latency. */
-__attribute__((target("avx512f"))) static void mix_rows_avx512(const float *v, int64_t K, int64_t P, const float *M,
-                                                               float *out) {
-    const int64_t lanes = MIX_LANES;
-    for (int64_t r = 0; r < K; r++) {
-        const float *mr = M + r * K;
-        for (int64_t j0 = 0; j0 < P; j0 += lanes) {
-            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            const float *z = v + j0;
-            int64_t c = 0;
-            for (; c + 4 <= K; c += 4) {
-                a0 = _mm512_fmadd_ps(_mm512_set1_ps(mr[c]), _mm512_loadu_ps(z + c * P), a0);
-                a1 = _mm512_fmadd_ps(_mm512_set1_ps(mr[c + 1]), _mm512_loadu_ps(z + (c + 1) * P), a1);
-                a2 = _mm512_fmadd_ps(_mm512_set1_ps(mr[c + 2]), _mm512_loadu_ps(z + (c + 2) * P), a2);
-                a3 = _mm512_fmadd_ps(_mm512_set1_ps(mr[c + 3]), _mm512_loadu_ps(z + (c + 3) * P), a3);
-            }
-            for (; c < K; c++) a0 = _mm512_fmadd_ps(_mm512_set1_ps(mr[c]), _mm512_loadu_ps(z + c * P), a0);
-            _mm512_storeu_ps(out + r * P + j0, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-        }
+/* The same with SIMD, for P a multiple of the LANES of VEC: each LANES-column slice of a row is
+   accumulated over c in four independent registers (c mod 4), so the loop is not bound by FMA
+   latency. Instantiated for AVX-512 (16 lanes) and AVX2 (8 lanes). */
+#define QS_DEFINE_MIX_ROWS(NAME, TARGET, LANES, VEC, SETZERO, SET1, LOADU, FMADD, ADD, STOREU)                   \
+    __attribute__((target(TARGET))) static void NAME(const float *v, int64_t K, int64_t P, const float *M,     \
+                                                     float *out) {                                            \
+        for (int64_t r = 0; r < K; r++) {                                                                      \
+            const float *mr = M + r * K;                                                                       \
+            for (int64_t j0 = 0; j0 < P; j0 += (LANES)) {                                                      \
+                VEC a0 = SETZERO(), a1 = a0, a2 = a0, a3 = a0;                                                 \
+                const float *z = v + j0;                                                                       \
+                int64_t c = 0;                                                                                 \
+                for (; c + 4 <= K; c += 4) {                                                                   \
+                    a0 = FMADD(SET1(mr[c]), LOADU(z + c * P), a0);                                             \
+                    a1 = FMADD(SET1(mr[c + 1]), LOADU(z + (c + 1) * P), a1);                                   \
+                    a2 = FMADD(SET1(mr[c + 2]), LOADU(z + (c + 2) * P), a2);                                   \
+                    a3 = FMADD(SET1(mr[c + 3]), LOADU(z + (c + 3) * P), a3);                                   \
+                }                                                                                              \
+                for (; c < K; c++) a0 = FMADD(SET1(mr[c]), LOADU(z + c * P), a0);                              \
+                STOREU(out + r * P + j0, ADD(ADD(a0, a1), ADD(a2, a3)));                                       \
+            }                                                                                                  \
+        }                                                                                                      \
     }
-}
-
-/* The same with AVX2 (8-lane slices), for P a multiple of 8. */
-__attribute__((target("avx2,fma"))) static void mix_rows_avx2(const float *v, int64_t K, int64_t P, const float *M,
-                                                              float *out) {
-    const int64_t lanes = MIX_LANES / 2;
-    for (int64_t r = 0; r < K; r++) {
-        const float *mr = M + r * K;
-        for (int64_t j0 = 0; j0 < P; j0 += lanes) {
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            const float *z = v + j0;
-            int64_t c = 0;
-            for (; c + 4 <= K; c += 4) {
-                a0 = _mm256_fmadd_ps(_mm256_set1_ps(mr[c]), _mm256_loadu_ps(z + c * P), a0);
-                a1 = _mm256_fmadd_ps(_mm256_set1_ps(mr[c + 1]), _mm256_loadu_ps(z + (c + 1) * P), a1);
-                a2 = _mm256_fmadd_ps(_mm256_set1_ps(mr[c + 2]), _mm256_loadu_ps(z + (c + 2) * P), a2);
-                a3 = _mm256_fmadd_ps(_mm256_set1_ps(mr[c + 3]), _mm256_loadu_ps(z + (c + 3) * P), a3);
-            }
-            for (; c < K; c++) a0 = _mm256_fmadd_ps(_mm256_set1_ps(mr[c]), _mm256_loadu_ps(z + c * P), a0);
-            _mm256_storeu_ps(out + r * P + j0, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-        }
-    }
-}
+QS_DEFINE_MIX_ROWS(mix_rows_avx512, "avx512f", MIX_LANES, __m512, _mm512_setzero_ps, _mm512_set1_ps, _mm512_loadu_ps,
+                   _mm512_fmadd_ps, _mm512_add_ps, _mm512_storeu_ps)
+QS_DEFINE_MIX_ROWS(mix_rows_avx2, "avx2,fma", MIX_LANES / 2, __m256, _mm256_setzero_ps, _mm256_set1_ps, _mm256_loadu_ps,
+                   _mm256_fmadd_ps, _mm256_add_ps, _mm256_storeu_ps)
 #endif
 
 static void mix_rows(const float *v, int64_t K, int64_t P, const float *M, float *out, int level) {
@@ -1921,6 +1904,20 @@ static void step_finish(const step_part *p, float *tmp) {
         for (int64_t i = 0; i < m; i++) y[i] += p->resid[i];
 }
 
+/* The n linears L of one phase as parts: all read in, their outputs side by side from out, each
+   plus resid (NULL: none; only with n = 1). Returns n. */
+static int step_parts(step_part *parts, const qs_step_linear *L, int64_t n, const float *in, float *out,
+                      const float *resid) {
+    for (int64_t i = 0; i < n; i++) {
+        parts[i].L = &L[i];
+        parts[i].in = in;
+        parts[i].out = out;
+        parts[i].resid = resid;
+        out += L[i].m;
+    }
+    return (int)n;
+}
+
 /* The linears of one phase, run by every thread of the region (orphaned worksharing): inputs, then
    all their rows as one list split over the threads, then outputs; a barrier after each. */
 static void step_group(step_part *parts, int np, float *tmp) {
@@ -2100,15 +2097,7 @@ QS_API int qs_step(const qs_step_model *M, float *x, int64_t pos, float *logits,
 #pragma omp single
             {
                 step_rms(x, B->attn_norm, hid, M->eps, h);
-                int64_t off = 0;
-                np = (int)B->n_qkv;
-                for (int i = 0; i < np; i++) {
-                    parts[i].L = &B->qkv[i];
-                    parts[i].in = h;
-                    parts[i].out = qkv + off;
-                    parts[i].resid = NULL;
-                    off += B->qkv[i].m;
-                }
+                np = step_parts(parts, B->qkv, B->n_qkv, h, qkv, NULL);
             }
             step_group(parts, np, tmp);
 #pragma omp single
@@ -2126,11 +2115,7 @@ QS_API int qs_step(const qs_step_model *M, float *x, int64_t pos, float *logits,
                     memcpy(B->k_cache + (g * M->max_len + pos) * D, qkv + (H + g) * D, sizeof(float) * (size_t)D);
                     memcpy(B->v_cache + (g * M->max_len + pos) * D, qkv + (H + Hk + g) * D, sizeof(float) * (size_t)D);
                 }
-                np = 1;
-                parts[0].L = &B->o;
-                parts[0].in = attn;
-                parts[0].out = B->attn_out_norm ? ob : x2;
-                parts[0].resid = B->attn_out_norm ? NULL : x;
+                np = step_parts(parts, &B->o, 1, attn, B->attn_out_norm ? ob : x2, B->attn_out_norm ? NULL : x);
             }
 #pragma omp for schedule(static)
             for (int64_t hd = 0; hd < H; hd++) step_head(M, B, qkv + hd * D, hd / (H / Hk), pos, scores, attn + hd * D);
@@ -2142,26 +2127,14 @@ QS_API int qs_step(const qs_step_model *M, float *x, int64_t pos, float *logits,
                     for (int64_t j = 0; j < hid; j++) x2[j] = x[j] + ob[j];
                 }
                 step_rms(x2, B->mlp_norm, hid, M->eps, h);
-                int64_t off = 0;
-                np = (int)B->n_gate_up;
-                for (int i = 0; i < np; i++) {
-                    parts[i].L = &B->gate_up[i];
-                    parts[i].in = h;
-                    parts[i].out = gu + off;
-                    parts[i].resid = NULL;
-                    off += B->gate_up[i].m;
-                }
+                np = step_parts(parts, B->gate_up, B->n_gate_up, h, gu, NULL);
             }
             step_group(parts, np, tmp);
 #pragma omp for schedule(static)
             for (int64_t j = 0; j < I; j++) av[j] = step_act(gu[j], M->act) * gu[I + j];
 #pragma omp single
             {
-                np = 1;
-                parts[0].L = &B->down;
-                parts[0].in = av;
-                parts[0].out = B->mlp_out_norm ? ob : x;
-                parts[0].resid = B->mlp_out_norm ? NULL : x2;
+                np = step_parts(parts, &B->down, 1, av, B->mlp_out_norm ? ob : x, B->mlp_out_norm ? NULL : x2);
             }
             step_group(parts, np, tmp);
             if (B->mlp_out_norm) {

@@ -545,13 +545,10 @@ class StepLinear:
 
 
 @dataclass(frozen=True)
-class StepBlock:
-    """One decoder block of a :class:`DecodeStep` (float32 contiguous tensors; see ``qs_step_block``)."""
+class BlockParams:
+    """A decoder block's float32 norm weights (Gemma's ``1 + w`` already added), its sliding window
+    (keys in ``(p - window, p]``, None: all) and the index of its RoPE table."""
 
-    qkv: tuple[StepLinear, ...]  # one fused [q | k | v] linear or three
-    o: StepLinear
-    gate_up: tuple[StepLinear, ...]  # one fused [gate | up] linear or two
-    down: StepLinear
     attn_norm: torch.Tensor  # [hidden]
     mlp_norm: torch.Tensor  # [hidden]
     attn_out_norm: torch.Tensor | None  # [hidden]
@@ -560,6 +557,17 @@ class StepBlock:
     k_norm: torch.Tensor | None  # [head_dim]
     window: int | None
     rope: int
+
+
+@dataclass(frozen=True)
+class StepBlock:
+    """One decoder block of a :class:`DecodeStep` (float32 contiguous tensors; see ``qs_step_block``)."""
+
+    qkv: tuple[StepLinear, ...]  # one fused [q | k | v] linear or three
+    o: StepLinear
+    gate_up: tuple[StepLinear, ...]  # one fused [gate | up] linear or two
+    down: StepLinear
+    params: BlockParams
     k_cache: torch.Tensor  # [kv_heads, max_len, head_dim]
     v_cache: torch.Tensor  # [kv_heads, max_len, head_dim]
 
@@ -642,10 +650,10 @@ class DecodeStep:
             spec.n_qkv, spec.n_gate_up, spec.o, spec.down = len(b.qkv), len(b.gate_up), b.o.spec, b.down.spec
             for name, size in (("attn_norm", hidden), ("mlp_norm", hidden), ("attn_out_norm", hidden),
                                ("mlp_out_norm", hidden), ("q_norm", head_dim), ("k_norm", head_dim)):
-                setattr(spec, name, _ptr(_f32(getattr(b, name), (size,), name)))
+                setattr(spec, name, _ptr(_f32(getattr(b.params, name), (size,), name)))
             spec.k_cache = _f32(b.k_cache, cache_shape, "k_cache").data_ptr()
             spec.v_cache = _f32(b.v_cache, cache_shape, "v_cache").data_ptr()
-            spec.window, spec.rope = b.window or 0, b.rope
+            spec.window, spec.rope = b.params.window or 0, b.params.rope
         table = (max_len, head_dim)
         n = len(ropes)
         ptrs = {name: (_P * n)() for name in ("cos", "ssin", "long_cos", "long_ssin", "perm")}
