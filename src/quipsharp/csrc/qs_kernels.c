@@ -2172,6 +2172,255 @@ QS_API int qs_step(const qs_step_model *M, float *x, int64_t pos, float *logits,
     return QS_OK;
 }
 
+/* ------------------------------------------------------------------ trellis quantization (Viterbi) */
+/*
+ * Bitshift-trellis quantization (QTIP, Tseng et al. 2024, §3): a sequence of N steps of V weights is
+ * coded by a path of L-bit states, each the previous one shifted left by kv = k·V bits with kv new
+ * bits at the bottom: s_t = ((s_{t-1} << kv) | b_t) mod 2^L. The predecessors of s are
+ * (s >> kv) | (j << (L - kv)), j < 2^kv. Viterbi finds the path minimising Σ_t ‖code[s_t] − x_t‖²
+ * (code [2^L, V] float32, one V-vector per state).
+ *
+ * Costs are float32 per state; backpointers one byte per (step, state prefix) (kv <= 8). With
+ * tail-biting constraint o >= 0 (QTIP's second pass), start states must have s >> kv == o and end
+ * states s mod 2^(L - kv) == o, so the path closes into a cycle: exactly k bits per weight stored.
+ */
+#define VITERBI_MAX_KV 8
+#define VITERBI_CHUNK 256 /* prefixes per chunk of a step */
+
+/*
+ * One Viterbi step, for every state s = p·J + b (p < P = 2^(L-kv), b < J = 2^kv), in chunks of
+ * VITERBI_CHUNK prefixes p (the chunk's costs, code values and new costs stay in L1):
+ *   best[p] = min_j cost[j·P + p]   (arg[p] = the smallest such j, the backpointer)
+ *   next[s] = best[p] + Σ_v (code[s·V + v] − x[v])²
+ * Elementwise float operations only (no sums across lanes), so every ISA level gives the same bits.
+ * argj: int32 [P] scratch. The x86 levels broadcast best[p] over its J states with a permute.
+ */
+#define QS_VITERBI_MIN(ATTR, NAME)                                                                             \
+    ATTR static void NAME(const float *cost, int64_t n, int64_t P, int64_t J, float *best, int32_t *argj,      \
+                          uint8_t *bp) {                                                                       \
+        for (int64_t p = 0; p < n; p++) best[p] = cost[p];                                                     \
+        for (int64_t j = 1; j < J; j++) {                                                                      \
+            const float *c = cost + j * P;                                                                     \
+            for (int64_t p = 0; p < n; p++) best[p] = c[p] < best[p] ? c[p] : best[p];                         \
+        }                                                                                                      \
+        for (int64_t p = 0; p < n; p++) argj[p] = (int32_t)(J - 1);                                            \
+        for (int64_t j = J - 2; j >= 0; j--) {                                                                 \
+            const float *c = cost + j * P;                                                                     \
+            for (int64_t p = 0; p < n; p++) argj[p] = c[p] == best[p] ? (int32_t)j : argj[p];                  \
+        }                                                                                                      \
+        for (int64_t p = 0; p < n; p++) bp[p] = (uint8_t)argj[p];                                              \
+    }
+QS_VITERBI_MIN(, viterbi_min_base)
+
+static void viterbi_add_base(const float *best, const float *code, const float *x, int64_t S, int kv, int V,
+                             float *next) {
+    for (int64_t s = 0; s < S; s++) {
+        float d = 0.0f;
+        for (int v = 0; v < V; v++) {
+            float e = code[s * V + v] - x[v];
+            d += e * e;
+        }
+        next[s] = best[s >> kv] + d;
+    }
+}
+
+#if QS_X86
+QS_VITERBI_MIN(__attribute__((target("avx2,fma"))), viterbi_min_avx2)
+QS_VITERBI_MIN(__attribute__((target("avx512f,avx512vl,avx512bw"))), viterbi_min_avx512)
+
+/* V = 1 with 16 lanes: lane i of a group of 16 states takes best[(s0 + i) >> kv] (a permute of 16 >> kv
+   consecutive best values; kv >= 4: one broadcast per group). */
+__attribute__((target("avx512f"))) static void viterbi_add_avx512(const float *best, const float *code, const float *x,
+                                                                int64_t S, int kv, int V, float *next) {
+    if (V != 1 || S < 16) {
+        viterbi_add_base(best, code, x, S, kv, V, next);
+        return;
+    }
+    int32_t lanes[16];
+    for (int i = 0; i < 16; i++) lanes[i] = kv >= 4 ? 0 : i >> kv;
+    const __m512i idx = _mm512_loadu_si512((const void *)lanes);
+    const __m512 xv = _mm512_set1_ps(x[0]);
+    for (int64_t s = 0; s < S; s += 16) {
+        __m512 b = kv >= 4 ? _mm512_set1_ps(best[s >> kv])
+                           : _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps((__mmask16)((1u << (16 >> kv)) - 1),
+                                                                              best + (s >> kv)));
+        __m512 e = _mm512_sub_ps(_mm512_loadu_ps(code + s), xv);
+        _mm512_storeu_ps(next + s, _mm512_add_ps(b, _mm512_mul_ps(e, e)));
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void viterbi_add_avx2(const float *best, const float *code, const float *x,
+                                                               int64_t S, int kv, int V, float *next) {
+    if (V != 1 || S < 8) {
+        viterbi_add_base(best, code, x, S, kv, V, next);
+        return;
+    }
+    int32_t lanes[8];
+    for (int i = 0; i < 8; i++) lanes[i] = kv >= 3 ? 0 : i >> kv;
+    const __m256i idx = _mm256_loadu_si256((const __m256i *)lanes);
+    const __m256i head = _mm256_setr_epi32(-1, kv <= 2 ? -1 : 0, kv <= 1 ? -1 : 0, kv <= 1 ? -1 : 0, 0, 0, 0, 0);
+    const __m256 xv = _mm256_set1_ps(x[0]);
+    for (int64_t s = 0; s < S; s += 8) {
+        __m256 b = kv >= 3 ? _mm256_set1_ps(best[s >> kv])
+                           : _mm256_permutevar8x32_ps(_mm256_maskload_ps(best + (s >> kv), head), idx);
+        __m256 e = _mm256_sub_ps(_mm256_loadu_ps(code + s), xv);
+        _mm256_storeu_ps(next + s, _mm256_add_ps(b, _mm256_mul_ps(e, e)));
+    }
+}
+#endif
+
+/* A whole step fused in registers (V = 1, J <= 16): 16 prefixes at a time, their minimum and
+   backpointer, then their 16·J states' new costs (a permute spreads each minimum over its J states).
+   The same float operations as the generic pair above, so the same bits. */
+__attribute__((target("avx512f,avx512vl,avx512bw"))) static void viterbi_step_avx512(const float *cost, int64_t P,
+                                                                                    int kv, const float *code,
+                                                                                    float x, float *next, uint8_t *bp) {
+    const int64_t J = (int64_t)1 << kv;
+    const __m512 xv = _mm512_set1_ps(x);
+    int32_t lanes[16];
+    for (int r = 0; r < 16; r++) lanes[r] = 0;
+    __m512i spread[16];
+    for (int64_t q = 0; q < J; q++) { /* vector q of a group's 16·J states takes prefixes (16q + i) / J */
+        for (int i = 0; i < 16; i++) lanes[i] = (int32_t)((16 * q + i) >> kv);
+        spread[q] = _mm512_loadu_si512((const void *)lanes);
+    }
+    for (int64_t p = 0; p < P; p += 16) {
+        __m512 b = _mm512_loadu_ps(cost + p);
+        for (int64_t j = 1; j < J; j++) b = _mm512_min_ps(_mm512_loadu_ps(cost + j * P + p), b);
+        __m512i a = _mm512_set1_epi32((int)(J - 1));
+        for (int64_t j = J - 2; j >= 0; j--)
+            a = _mm512_mask_mov_epi32(a, _mm512_cmp_ps_mask(_mm512_loadu_ps(cost + j * P + p), b, _CMP_EQ_OQ),
+                                      _mm512_set1_epi32((int)j));
+        _mm_storeu_si128((__m128i *)(bp + p), _mm512_cvtepi32_epi8(a));
+        const float *cs = code + p * J;
+        float *ns = next + p * J;
+        for (int64_t q = 0; q < J; q++) {
+            __m512 e = _mm512_sub_ps(_mm512_loadu_ps(cs + 16 * q), xv);
+            _mm512_storeu_ps(ns + 16 * q, _mm512_add_ps(_mm512_permutexvar_ps(spread[q], b), _mm512_mul_ps(e, e)));
+        }
+    }
+}
+
+typedef struct {
+    void (*min)(const float *, int64_t, int64_t, int64_t, float *, int32_t *, uint8_t *);
+    void (*add)(const float *, const float *, const float *, int64_t, int, int, float *);
+    int fused; /* viterbi_step_avx512 may run */
+} viterbi_fns;
+
+/* The best level this CPU has (the results do not depend on it). */
+static viterbi_fns viterbi_kernels(void) {
+    viterbi_fns f = {viterbi_min_base, viterbi_add_base, 0};
+#if QS_X86
+    int levels = qs_supported_levels();
+    if (levels & (1 << QS_LEVEL_AVX512)) {
+        f.min = viterbi_min_avx512;
+        f.add = viterbi_add_avx512;
+        f.fused = 1;
+    } else if (levels & (1 << QS_LEVEL_AVX2)) {
+        f.min = viterbi_min_avx2;
+        f.add = viterbi_add_avx2;
+    }
+#endif
+    return f;
+}
+
+/* One Viterbi pass over one sequence x [N, V]; states out [N]; returns the path's cost. o >= 0: the
+   tail-biting constraint (start states s >> kv == o, end states s mod P == o). */
+static float viterbi_one(const viterbi_fns *f, const float *x, int64_t N, const float *code, int L, int kv, int V,
+                         int64_t o, float *cost, float *next, float *best, int32_t *argj, uint8_t *bp,
+                         int32_t *states) {
+    const int64_t S = (int64_t)1 << L, P = (int64_t)1 << (L - kv), J = (int64_t)1 << kv;
+    for (int64_t s = 0; s < S; s++) {
+        float d = 0.0f;
+        for (int v = 0; v < V; v++) {
+            float e = code[s * V + v] - x[v];
+            d += e * e;
+        }
+        cost[s] = (o < 0 || (s >> kv) == o) ? d : INFINITY;
+    }
+    for (int64_t t = 1; t < N; t++) {
+#if QS_X86
+        if (f->fused && V == 1 && kv <= 4 && P % 16 == 0) {
+            viterbi_step_avx512(cost, P, kv, code, x[t], next, bp + (t - 1) * P);
+            float *tmp = cost;
+            cost = next;
+            next = tmp;
+            continue;
+        }
+#endif
+        for (int64_t p0 = 0; p0 < P; p0 += VITERBI_CHUNK) {
+            int64_t n = P - p0 < VITERBI_CHUNK ? P - p0 : VITERBI_CHUNK;
+            f->min(cost + p0, n, P, J, best + p0, argj + p0, bp + (t - 1) * P + p0);
+            f->add(best + p0, code + p0 * J * V, x + t * V, n * J, kv, V, next + p0 * J);
+        }
+        float *tmp = cost;
+        cost = next;
+        next = tmp;
+    }
+    int64_t end = -1;
+    float total = INFINITY;
+    for (int64_t s = 0; s < S; s++)
+        if ((o < 0 || (s & (P - 1)) == o) && (end < 0 || cost[s] < total)) {
+            end = s;
+            total = cost[s];
+        }
+    int64_t s = end;
+    states[N - 1] = (int32_t)s;
+    for (int64_t t = N - 1; t >= 1; t--) {
+        int64_t p = s >> kv;
+        s = p | ((int64_t)bp[(t - 1) * P + p] << (L - kv));
+        states[t - 1] = (int32_t)s;
+    }
+    return total;
+}
+
+/*
+ * x [B, N·V] float32 -> states int32 [B, N], costs float32 [B] (NULL allowed).
+ * tail_biting = 0: one unconstrained pass. 1: QTIP's approximate tail-biting (two passes): an
+ * unconstrained pass over the sequence rotated by N/2 steps fixes o, the top L - kv bits of the
+ * state at the original step 0; a second pass is constrained by o (a legal cycle).
+ * code [2^L, V]; 2 <= L <= 24, 1 <= kv <= min(8, L - 1), N >= 1 (tail-biting: N·kv >= L).
+ */
+QS_API int qs_viterbi(const float *x, int64_t B, int64_t N, const float *code, int L, int kv, int V, int tail_biting,
+                      int32_t *states, float *costs, int nthreads) {
+    if (!x || !code || !states || B < 0 || N < 1 || L < 2 || L > 24 || kv < 1 || kv > VITERBI_MAX_KV || kv >= L ||
+        V < 1 || nthreads < 1 || (tail_biting && N * kv < L))
+        return QS_EBADARG;
+    const int64_t S = (int64_t)1 << L, P = (int64_t)1 << (L - kv);
+    int nt = nthreads < B ? nthreads : (B > 0 ? (int)B : 1);
+    /* per thread: cost, next (S), best (P + 16: the x86 loads read up to 16 past a group's start), argj (P),
+       the rotated sequence, its states, backpointers (N - 1 steps of P bytes) */
+    size_t per = sizeof(float) * (size_t)(2 * S + P + 16 + N * V) + sizeof(int32_t) * (size_t)(P + N) +
+                 (size_t)(N * P) + 64;
+    viterbi_fns fns = viterbi_kernels();
+    char *work = (char *)malloc(per * (size_t)nt + 64);
+    if (!work) return QS_ENOMEM;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
+    for (int64_t b = 0; b < B; b++) {
+#ifdef _OPENMP
+        char *w = work + per * (size_t)omp_get_thread_num();
+#else
+        char *w = work;
+#endif
+        float *cost = (float *)w, *next = cost + S, *best = next + S, *rot = best + P + 16;
+        int32_t *argj = (int32_t *)(rot + N * V), *tmp_states = argj + P;
+        uint8_t *bp = (uint8_t *)(tmp_states + N);
+        const float *xb = x + b * N * V;
+        int64_t o = -1;
+        if (tail_biting) {
+            int64_t half = N / 2; /* rotated step r holds original step (r + half) mod N */
+            memcpy(rot, xb + half * V, sizeof(float) * (size_t)((N - half) * V));
+            memcpy(rot + (N - half) * V, xb, sizeof(float) * (size_t)(half * V));
+            viterbi_one(&fns, rot, N, code, L, kv, V, -1, cost, next, best, argj, bp, tmp_states);
+            o = tmp_states[(N - half) % N] >> kv; /* the state at original step 0 */
+        }
+        float c = viterbi_one(&fns, xb, N, code, L, kv, V, o, cost, next, best, argj, bp, states + b * N);
+        if (costs) costs[b] = c;
+    }
+    free(work);
+    return QS_OK;
+}
+
 /* ------------------------------------------------------------------ importable module stub */
 #ifndef QS_STANDALONE
 static struct PyModuleDef qs_module = {PyModuleDef_HEAD_INIT, "_qskernels",

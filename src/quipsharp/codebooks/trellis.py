@@ -1,0 +1,213 @@
+"""Bitshift-trellis codes (QTIP: Tseng, Sun, Hou, De Sa, NeurIPS 2024, §3–4): computed codes,
+tail-biting bitstreams and Viterbi search.
+
+A sequence of ``T`` weights is quantized as ``N = T / V`` steps of ``V`` weights. Step ``t`` is an
+``L``-bit state ``s_t``; the next state shifts ``kv = k·V`` new bits in at the bottom:
+``s_t = ((s_{t-1} << kv) | b_t) mod 2^L``, so a path is an MSB-first bitstream in which state ``t`` is
+the ``L``-bit window starting at bit ``t·kv``. Each state decodes to a ``V``-vector ``code[s]`` that
+is *computed* from ``s`` with a few integer operations (no table), so the decoder needs no memory
+lookups. *Tail-biting*: the stream is read cyclically (state ``t`` is the window at bit ``t·kv`` of
+a cyclic stream of ``N·kv`` bits), so a sequence costs exactly ``k·T`` bits.
+
+Search: Viterbi over the ``2^L`` states (cost ``‖code[s_t] − x_t‖²`` summed over the path), then
+QTIP's approximate tail-biting: an unconstrained pass over the sequence rotated by ``N/2`` steps
+fixes the top ``L − kv`` bits ``o`` of the state at step 0; a second pass keeps only paths whose
+first state starts with ``o`` and whose last state ends with it (a legal cycle).
+
+Codes (``V = 1``; values divided by their standard deviation over all ``2^L`` states, so the code
+has unit variance): ``1mad`` — the byte sum of ``34038481·s + 76625530`` (mod 2^32) minus 510, over
+147.8; ``3inst`` — ``x = 89226354·s + 64248484``, ``r = (x & 0x8FFF8FFF) ^ 0x3B603B60``, the sum of
+the two float16 halves of ``r``.
+
+The maths here imports no transformers and does no I/O; the search runs in the native library when
+it is built (``qs_viterbi``), else in vectorised torch (:func:`viterbi_reference`, also the test oracle).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+#: State bits of the trellis (QTIP's L).
+STATE_BITS = 16
+#: Weights per trellis sequence (QTIP's T = 16 × 16: one 16×16 tile).
+SEQUENCE = 256
+#: Computed codes with one weight per state (V = 1).
+CODES = ("1mad", "3inst")
+_MASK32 = (1 << 32) - 1
+_1MAD = (34038481, 76625530, 510.0, 147.800537109375)
+_3INST = (89226354, 64248484, 0x8FFF8FFF, 0x3B603B60)
+
+
+def raw_code(name: str, states: torch.Tensor) -> torch.Tensor:
+    """The computed code's raw value of each state (``states`` int64, any shape, values < 2^32) as
+    float32 (before normalisation)."""
+    s = states.to(torch.int64)
+    if name == "1mad":
+        a, c, mean, std = _1MAD
+        x = (s * a + c) & _MASK32
+        total = (x & 0xFF) + ((x >> 8) & 0xFF) + ((x >> 16) & 0xFF) + ((x >> 24) & 0xFF)
+        return ((total.to(torch.float64) - mean) / std).to(torch.float32)
+    if name == "3inst":
+        a, c, mask, flip = _3INST
+        r = (((s * a + c) & _MASK32) & mask) ^ flip
+        hi = (r >> 16).to(torch.int32).to(torch.int16)  # the bit patterns of two float16 values
+        lo = (r & 0xFFFF).to(torch.int32).to(torch.int16)
+        return hi.view(torch.float16).to(torch.float32) + lo.view(torch.float16).to(torch.float32)
+    raise ValueError(f"unknown trellis code {name!r}; expected one of {CODES}")
+
+
+@functools.lru_cache(maxsize=8)
+def _table(name: str, L: int) -> torch.Tensor:
+    values = raw_code(name, torch.arange(1 << L, dtype=torch.int64)).to(torch.float64)
+    return (values / values.std(correction=0)).to(torch.float32)[:, None].contiguous()
+
+
+def code_table(name: str, L: int = STATE_BITS) -> torch.Tensor:
+    """``[2^L, 1]`` float32: the unit-variance code value of every state (read-only, cached)."""
+    if not 2 <= L <= 24:
+        raise ValueError(f"state bits must be in [2, 24], got {L}")
+    return _table(name, L)
+
+
+def states_from_stream(bits: torch.Tensor, L: int, kv: int) -> torch.Tensor:
+    """The tail-biting path of cyclic bitstreams ``bits`` ``[B, N·kv]`` (0/1, MSB first) as states
+    ``[B, N]`` int64: state ``t`` is the ``L``-bit window starting at bit ``t·kv`` (wrapping)."""
+    nbits = bits.shape[1]
+    if nbits % kv or nbits < L:
+        raise ValueError(f"a stream of {nbits} bits is not N·{kv} bits with N·{kv} >= {L}")
+    starts = torch.arange(0, nbits, kv)
+    idx = (starts[:, None] + torch.arange(L)[None]) % nbits  # [N, L]
+    weights = 1 << torch.arange(L - 1, -1, -1, dtype=torch.int64)
+    return (bits.to(torch.int64)[:, idx] * weights).sum(dim=-1)
+
+
+def stream_from_states(states: torch.Tensor, L: int, kv: int) -> torch.Tensor:
+    """The cyclic bitstream ``[B, N·kv]`` (0/1 uint8, MSB first) of tail-biting paths ``states``
+    ``[B, N]``: the ``kv`` bits each state shifts in, first state's at the start.
+
+    Raises:
+        ValueError: a path that is not a legal tail-biting path (a state that is not its
+            predecessor shifted by ``kv`` bits, cyclically).
+    """
+    states = states.to(torch.int64)
+    if not is_tail_biting(states, L, kv):
+        raise ValueError("not a tail-biting trellis path: some state is not its predecessor shifted by "
+                         f"{kv} bits (cyclically)")
+    # state t is the window at bit t·kv, so bits t·kv .. t·kv + kv - 1 are its top kv bits
+    B, N = states.shape
+    top = states >> (L - kv)  # [B, N]: the first kv bits of each window
+    shifts = torch.arange(kv - 1, -1, -1, dtype=torch.int64)
+    return ((top[:, :, None] >> shifts) & 1).reshape(B, N * kv).to(torch.uint8)
+
+
+def is_tail_biting(states: torch.Tensor, L: int, kv: int) -> bool:
+    """Whether every state ``[B, N]`` is its predecessor shifted by ``kv`` bits, cyclically."""
+    states = states.to(torch.int64)
+    mask = (1 << L) - 1
+    prev = torch.roll(states, 1, dims=1)
+    ok = (((prev << kv) & mask) >> kv) == (states >> kv)
+    in_range = (states >= 0) & (states <= mask)
+    return bool(ok.all() and in_range.all())
+
+
+def pack_stream(bits: torch.Tensor) -> torch.Tensor:
+    """Bitstreams ``[B, nbits]`` (0/1, nbits a multiple of 16) -> uint16 words ``[B, nbits/16]``
+    stored as int16 (MSB first), the on-disk form of a trellis."""
+    B, nbits = bits.shape
+    if nbits % 16:
+        raise ValueError(f"a stream of {nbits} bits does not fill 16-bit words")
+    w = (bits.to(torch.int64).reshape(B, nbits // 16, 16) << torch.arange(15, -1, -1)).sum(dim=-1)
+    return w.to(torch.int32).to(torch.int16)  # two's-complement view of the uint16 words
+
+
+def unpack_stream(words: torch.Tensor) -> torch.Tensor:
+    """int16 words ``[B, W]`` (from :func:`pack_stream`) -> bits ``[B, 16·W]`` uint8."""
+    w = words.to(torch.int64) & 0xFFFF
+    return ((w[:, :, None] >> torch.arange(15, -1, -1)) & 1).reshape(words.shape[0], -1).to(torch.uint8)
+
+
+def viterbi_reference(x: torch.Tensor, code: torch.Tensor, L: int, kv: int, constraint: torch.Tensor | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Viterbi pass in vectorised torch (float64): ``x`` ``[B, N·V]``, ``code`` ``[2^L, V]`` ->
+    ``(states int64 [B, N], costs float64 [B])``, the minimum-cost path. ``constraint`` ``[B]`` int64
+    (``-1``: none): paths whose first state's top ``L - kv`` bits and last state's low ``L - kv``
+    bits equal it (tail-biting). Ties go to the smallest predecessor prefix ``j``, as the native pass."""
+    S, V = code.shape
+    B = x.shape[0]
+    N = x.shape[1] // V
+    P, J = 1 << (L - kv), 1 << kv
+    xs = x.to(torch.float64).reshape(B, N, V)
+    c = code.to(torch.float64)
+    states_all = torch.arange(S)
+
+    def dist(t: int) -> torch.Tensor:  # [B, S]
+        return ((c[None] - xs[:, t, None, :]) ** 2).sum(dim=-1)
+
+    inf = torch.tensor(float("inf"), dtype=torch.float64)
+    cost = dist(0)
+    if constraint is not None:
+        allowed = (constraint[:, None] < 0) | ((states_all[None] >> kv) == constraint[:, None])
+        cost = torch.where(allowed, cost, inf)
+    back = []
+    for t in range(1, N):
+        grouped = cost.reshape(B, J, P)  # [B, j, p]: predecessor (j << (L-kv)) | p
+        best, arg = grouped.min(dim=1)  # first minimum on ties
+        back.append(arg)
+        cost = best.repeat_interleave(J, dim=1) + dist(t)  # state s = p·J + b
+    end_ok = torch.ones(B, S, dtype=torch.bool) if constraint is None else (
+        (constraint[:, None] < 0) | ((states_all[None] & (P - 1)) == constraint[:, None]))
+    total, last = torch.where(end_ok, cost, inf).min(dim=1)
+    states = torch.empty(B, N, dtype=torch.int64)
+    states[:, N - 1] = last
+    s = last
+    for t in range(N - 1, 0, -1):
+        p = s >> kv
+        j = back[t - 1].gather(1, p[:, None])[:, 0]
+        s = p | (j << (L - kv))
+        states[:, t - 1] = s
+    return states, total
+
+
+def viterbi(x: torch.Tensor, code: torch.Tensor, k: int, *, L: int = STATE_BITS, tail_biting: bool = True,
+            threads: int | None = None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize sequences ``x`` ``[B, N·V]`` (float) to trellis paths of ``k`` bits per weight.
+
+    Returns ``(states int64 [B, N], costs float32 [B])``: the path (decoded values
+    ``code[states]``) and its squared error. ``tail_biting``: QTIP's two-pass approximate
+    tail-biting (a legal cyclic path, exactly ``k`` bits per weight); else the unconstrained optimum
+    (which also spends the first state's ``L - k·V`` extra bits). ``backend``: ``"native"`` (the C
+    library), ``"torch"`` (:func:`viterbi_reference`: slow, for tests and small ``L``) or ``"auto"``
+    (native when built). Both give the same paths (float32 vs float64 costs aside).
+    """
+    S, V = code.shape
+    kv = k * V
+    if S != 1 << L or not 1 <= kv < L:
+        raise ValueError(f"code of {S} states for L = {L}, or k·V = {kv} outside [1, {L})")
+    if backend not in ("auto", "native", "torch"):
+        raise ValueError(f"backend must be 'auto', 'native' or 'torch', got {backend!r}")
+    x = x.to(torch.float32).contiguous()
+    from quipsharp import kernels
+
+    native = backend == "native" or (backend == "auto" and kernels.available() and kv <= 8)
+    if native:
+        from quipsharp.kernels.native import viterbi as native_viterbi
+
+        states, costs = native_viterbi(x, code.to(torch.float32).contiguous(), L, kv, tail_biting, threads)
+        return states.to(torch.int64), costs
+    N = x.shape[1] // V
+    constraint = None
+    if tail_biting:
+        half = N // 2
+        rotated = torch.roll(x.reshape(x.shape[0], N, V), -half, dims=1).reshape(x.shape)
+        first, _ = viterbi_reference(rotated, code, L, kv)
+        constraint = first[:, (N - half) % N] >> kv
+    states, costs = viterbi_reference(x, code, L, kv, constraint)
+    return states, costs.to(torch.float32)
+
+
+def decode(states: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Values of paths ``states`` ``[..., N]`` -> ``[..., N·V]`` float32."""
+    V = code.shape[1]
+    return code[states.to(torch.int64)].reshape(*states.shape[:-1], states.shape[-1] * V)
