@@ -117,6 +117,20 @@ def test_two_pass_tail_biting_is_legal_and_close_to_the_optimum() -> None:
     assert got.sum() <= 1.001 * optimum.sum()  # measured: equal to it on these sequences
 
 
+@pytest.mark.parametrize("level", list(kernels.LEVELS))
+@pytest.mark.parametrize(("L", "kv"), [(8, 2), (16, 1), (16, 2), (16, 3), (16, 4)])
+def test_every_level_finds_the_same_paths(level: str, L: int, kv: int) -> None:
+    if level not in kernels.supported_levels():
+        pytest.skip(f"CPU lacks {level}")
+    from quipsharp.kernels.native import viterbi as native_viterbi
+
+    code = tr.code_table("1mad", L)
+    x = torch.randn(3, 48, generator=torch.Generator().manual_seed(L * kv))
+    want, want_cost = native_viterbi(x, code, L, kv, True, level="scalar")
+    got, got_cost = native_viterbi(x, code, L, kv, True, level=level)
+    assert torch.equal(got, want) and torch.equal(got_cost, want_cost)
+
+
 @native
 @pytest.mark.parametrize(("L", "kv"), [(6, 1), (8, 2), (12, 3), (16, 2), (16, 3), (16, 4), (16, 5)])
 @pytest.mark.parametrize("tail_biting", [False, True])

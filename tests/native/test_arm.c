@@ -10,7 +10,8 @@
  *     odd shapes (tails of every loop, several GEMM column tiles) and batch sizes 1..16 (<= 8: row
  *     kernels, above: GEMM tiles), including rows with NaN / Inf activations;
  *   - the Hadamard transform against the scalar level;
- *   - the int8 LM head's rows · vector kernel against exact integer sums.
+ *   - the int8 LM head's rows · vector kernel against exact integer sums;
+ *   - the trellis Viterbi (the same paths on every level).
  * A level the CPU lacks must be refused (QS_EBADLEVEL) rather than run: `qemu-aarch64 -cpu cortex-a53`
  * has no dot product, `-cpu max` has it.
  *
@@ -194,6 +195,26 @@ static void test_dot_rows(int levels) {
     }
 }
 
+/* The trellis Viterbi: every level finds the same paths as the scalar one (portable C on ARM). */
+static void test_viterbi(int levels) {
+    enum { L = 10, KV = 2, N = 40, B = 3 };
+    static float code[1 << L], x[B * N];
+    int32_t ref[B * N], got[B * N];
+    float cref[B], cgot[B];
+    for (int i = 0; i < (1 << L); i++) code[i] = rnd_normal();
+    for (int i = 0; i < B * N; i++) x[i] = rnd_normal();
+    CHECK(qs_viterbi(x, B, N, code, L, KV, 1, 1, ref, cref, 1, QS_LEVEL_SCALAR) == QS_OK, "viterbi scalar");
+    for (int level = QS_LEVEL_NEON; level <= QS_LEVEL_NEON_DOT; level++) {
+        int rc = qs_viterbi(x, B, N, code, L, KV, 1, 1, got, cgot, 2, level);
+        if (!((levels >> level) & 1)) {
+            CHECK(rc == QS_EBADLEVEL, "viterbi %s not refused", LEVEL_NAMES[level]);
+            continue;
+        }
+        CHECK(rc == QS_OK && memcmp(ref, got, sizeof(ref)) == 0 && memcmp(cref, cgot, sizeof(cref)) == 0,
+              "viterbi %s differs from scalar", LEVEL_NAMES[level]);
+    }
+}
+
 int main(void) {
     int levels = qs_supported_levels();
     printf("test_arm: CPU levels:");
@@ -209,6 +230,7 @@ int main(void) {
     for (int kind = 0; kind < QS_NUM_KINDS; kind++) test_kind(kind, levels);
     test_hadamard(levels);
     test_dot_rows(levels);
+    test_viterbi(levels);
     if (failures) {
         printf("test_arm: %d check(s) FAILED\n", failures);
         return 1;

@@ -2269,6 +2269,7 @@ __attribute__((target("avx2,fma"))) static void viterbi_add_avx2(const float *be
 }
 #endif
 
+#if QS_X86
 /* A whole step fused in registers (V = 1, J <= 16): 16 prefixes at a time, their minimum and
    backpointer, then their 16·J states' new costs (a permute spreads each minimum over its J states).
    The same float operations as the generic pair above, so the same bits. */
@@ -2300,6 +2301,7 @@ __attribute__((target("avx512f,avx512vl,avx512bw"))) static void viterbi_step_av
         }
     }
 }
+#endif
 
 typedef struct {
     void (*min)(const float *, int64_t, int64_t, int64_t, float *, int32_t *, uint8_t *);
@@ -2307,19 +2309,20 @@ typedef struct {
     int fused; /* viterbi_step_avx512 may run */
 } viterbi_fns;
 
-/* The best level this CPU has (the results do not depend on it). */
-static viterbi_fns viterbi_kernels(void) {
+/* The functions of a level (the results do not depend on it): AVX-512 levels, AVX2, else portable C. */
+static viterbi_fns viterbi_kernels(int level) {
     viterbi_fns f = {viterbi_min_base, viterbi_add_base, 0};
 #if QS_X86
-    int levels = qs_supported_levels();
-    if (levels & (1 << QS_LEVEL_AVX512)) {
+    if (is_avx512(level)) {
         f.min = viterbi_min_avx512;
         f.add = viterbi_add_avx512;
         f.fused = 1;
-    } else if (levels & (1 << QS_LEVEL_AVX2)) {
+    } else if (level == QS_LEVEL_AVX2) {
         f.min = viterbi_min_avx2;
         f.add = viterbi_add_avx2;
     }
+#else
+    (void)level;
 #endif
     return f;
 }
@@ -2379,10 +2382,12 @@ static float viterbi_one(const viterbi_fns *f, const float *x, int64_t N, const 
  * tail_biting = 0: one unconstrained pass. 1: QTIP's approximate tail-biting (two passes): an
  * unconstrained pass over the sequence rotated by N/2 steps fixes o, the top L - kv bits of the
  * state at the original step 0; a second pass is constrained by o (a legal cycle).
- * code [2^L, V]; 2 <= L <= 24, 1 <= kv <= min(8, L - 1), N >= 1 (tail-biting: N·kv >= L).
+ * code [2^L, V]; 2 <= L <= 24, 1 <= kv <= min(8, L - 1), N >= 1 (tail-biting: N·kv >= L). level: a
+ * QS_LEVEL_* this CPU has; every level returns the same paths.
  */
 QS_API int qs_viterbi(const float *x, int64_t B, int64_t N, const float *code, int L, int kv, int V, int tail_biting,
-                      int32_t *states, float *costs, int nthreads) {
+                      int32_t *states, float *costs, int nthreads, int level) {
+    if (!level_ok(level)) return QS_EBADLEVEL;
     if (!x || !code || !states || B < 0 || N < 1 || L < 2 || L > 24 || kv < 1 || kv > VITERBI_MAX_KV || kv >= L ||
         V < 1 || nthreads < 1 || (tail_biting && N * kv < L))
         return QS_EBADARG;
@@ -2392,7 +2397,7 @@ QS_API int qs_viterbi(const float *x, int64_t B, int64_t N, const float *code, i
        the rotated sequence, its states, backpointers (N - 1 steps of P bytes) */
     size_t per = sizeof(float) * (size_t)(2 * S + P + 16 + N * V) + sizeof(int32_t) * (size_t)(P + N) +
                  (size_t)(N * P) + 64;
-    viterbi_fns fns = viterbi_kernels();
+    viterbi_fns fns = viterbi_kernels(level);
     char *work = (char *)malloc(per * (size_t)nt + 64);
     if (!work) return QS_ENOMEM;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)

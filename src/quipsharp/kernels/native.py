@@ -94,7 +94,7 @@ def lib() -> ctypes.CDLL | None:
     cdll.qs_step_check.argtypes = [_P]
     cdll.qs_step.argtypes = [_P, _P, _I64, _P, _INT]
     cdll.qs_dot_rows_int8.argtypes = [_P, _I64, _I64, _P, _P, _INT, _INT]
-    cdll.qs_viterbi.argtypes = [_P, _I64, _I64, _P, _INT, _INT, _INT, _INT, _P, _P, _INT]
+    cdll.qs_viterbi.argtypes = [_P, _I64, _I64, _P, _INT, _INT, _INT, _INT, _P, _P, _INT, _INT]
     for fn in (cdll.qs_decode, cdll.qs_matmul, cdll.qs_matmul_int8_ref, cdll.qs_hadamard, cdll.qs_linear,
                cdll.qs_supported_levels, cdll.qs_openmp, cdll.qs_step_check, cdll.qs_step,
                cdll.qs_dot_rows_int8, cdll.qs_viterbi):
@@ -726,10 +726,15 @@ def dot_rows_int8(weight: torch.Tensor, xq: torch.Tensor, level: str, threads: i
 
 
 def viterbi(x: torch.Tensor, code: torch.Tensor, L: int, kv: int, tail_biting: bool,
-            threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            threads: int | None = None, level: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Native bitshift-trellis Viterbi (``qs_viterbi``): ``x`` float32 ``[B, N·V]``, ``code`` float32
-    ``[2^L, V]`` -> ``(states int32 [B, N], costs float32 [B])``. See
-    :func:`quipsharp.codebooks.trellis.viterbi`."""
+    ``[2^L, V]`` -> ``(states int32 [B, N], costs float32 [B])``, at ``level`` (None: the selector's
+    default; every level gives the same paths). See :func:`quipsharp.codebooks.trellis.viterbi`."""
+    from quipsharp.kernels import select
+
+    kernel = select(level)
+    if not kernel.native:
+        raise KernelError(f"viterbi needs a native level, the selection gave {kernel.name!r}")
     cdll = _require()
     S, V = code.shape
     if S != 1 << L or x.dim() != 2 or x.shape[1] % V:
@@ -741,5 +746,5 @@ def viterbi(x: torch.Tensor, code: torch.Tensor, L: int, kv: int, tail_biting: b
     states = torch.empty(B, N, dtype=torch.int32)
     costs = torch.empty(B, dtype=torch.float32)
     _check(cdll.qs_viterbi(x.data_ptr(), B, N, code.data_ptr(), L, kv, V, int(tail_biting), states.data_ptr(),
-                           costs.data_ptr(), _threads(threads)), "viterbi")
+                           costs.data_ptr(), _threads(threads), LEVELS.index(kernel.name)), "viterbi")
     return states, costs
