@@ -1,0 +1,86 @@
+"""Bitshift-trellis codes on a unit Gaussian (issue 14): MSE per code and bit width, open and
+tail-biting, next to the rate–distortion bound 2^-2k; and the native Viterbi's speed.
+
+Usage::
+
+    python benchmarks/trellis.py [--sequences 512] [--threads 2 1] [--levels avx2 avx512vnni] [--json]
+
+MSE: ``--sequences`` seeded N(0, 1) sequences of 256 weights (L = 16, V = 1, the unit-variance
+code, inputs at unit scale), quantized by Viterbi; *open* paths also spend the first state's
+L − k extra bits, *tail-biting* ones exactly k bits per weight (QTIP's two passes). Speed: milliseconds
+per 256-weight tail-biting sequence (two passes), median of 3 runs over 64 sequences, per kernel
+level and thread count; every level returns the same paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from _common import machine_info, today
+from quipsharp.codebooks import trellis as tr
+from quipsharp.kernels.native import viterbi as native_viterbi
+
+BITS = (2, 3, 4)
+TIMED_SEQUENCES = 64
+TIMED_RUNS = 3
+
+
+def mse_rows(sequences: int, threads: int) -> list[dict]:
+    x = torch.randn(sequences, tr.SEQUENCE, generator=torch.Generator().manual_seed(0))
+    rows = []
+    for name in tr.CODES:
+        code = tr.code_table(name)
+        for k in BITS:
+            row = {"code": name, "bits": k, "bound": 2.0 ** (-2 * k)}
+            for tail in (False, True):
+                states, _ = tr.viterbi(x, code, k, tail_biting=tail, threads=threads)
+                row["tail_biting_mse" if tail else "open_mse"] = ((tr.decode(states, code) - x) ** 2).mean().item()
+            rows.append(row)
+    return rows
+
+
+def speed_rows(levels: list[str], threads: list[int]) -> list[dict]:
+    x = torch.randn(TIMED_SEQUENCES, tr.SEQUENCE, generator=torch.Generator().manual_seed(1))
+    code = tr.code_table("1mad")
+    rows = []
+    for level in levels:
+        for t in threads:
+            for k in BITS:
+                times = []
+                for _ in range(TIMED_RUNS):
+                    start = time.perf_counter()
+                    native_viterbi(x, code, tr.STATE_BITS, k, True, threads=t, level=level)
+                    times.append((time.perf_counter() - start) / TIMED_SEQUENCES * 1e3)
+                rows.append({"level": level, "threads": t, "bits": k, "ms_per_sequence": statistics.median(times)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sequences", type=int, default=512)
+    parser.add_argument("--threads", type=int, nargs="+", default=[2, 1])
+    parser.add_argument("--levels", nargs="+", default=None, help="kernel levels to time (default: the selected)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    from quipsharp import kernels
+
+    levels = args.levels or [kernels.select(None).name]
+    report = {"date": today(), "machine": machine_info(), "args": vars(args),
+              "mse": mse_rows(args.sequences, max(args.threads)), "speed": speed_rows(levels, args.threads)}
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return
+    for r in report["mse"]:
+        print(f"{r['code']:6s} k={r['bits']} open {r['open_mse']:.5f} tail-biting {r['tail_biting_mse']:.5f} "
+              f"bound {r['bound']:.5f}")
+    for r in report["speed"]:
+        print(f"{r['level']:11s} {r['threads']} thr k={r['bits']} {r['ms_per_sequence']:.2f} ms/sequence")
+
+
+if __name__ == "__main__":
+    main()
