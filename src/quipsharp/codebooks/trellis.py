@@ -85,7 +85,8 @@ def states_from_stream(bits: torch.Tensor, L: int, kv: int) -> torch.Tensor:
 
 def stream_from_states(states: torch.Tensor, L: int, kv: int) -> torch.Tensor:
     """The cyclic bitstream ``[B, N·kv]`` (0/1 uint8, MSB first) of tail-biting paths ``states``
-    ``[B, N]``: the ``kv`` bits each state shifts in, first state's at the start.
+    ``[B, N]``: block ``t`` of ``kv`` bits is the top of state ``t`` (the window at bit ``t·kv``), the
+    inverse of :func:`states_from_stream`.
 
     Raises:
         ValueError: a path that is not a legal tail-biting path (a state that is not its
@@ -95,7 +96,6 @@ def stream_from_states(states: torch.Tensor, L: int, kv: int) -> torch.Tensor:
     if not is_tail_biting(states, L, kv):
         raise ValueError("not a tail-biting trellis path: some state is not its predecessor shifted by "
                          f"{kv} bits (cyclically)")
-    # state t is the window at bit t·kv, so bits t·kv .. t·kv + kv - 1 are its top kv bits
     B, N = states.shape
     top = states >> (L - kv)  # [B, N]: the first kv bits of each window
     shifts = torch.arange(kv - 1, -1, -1, dtype=torch.int64)
