@@ -883,9 +883,9 @@ __attribute__((target(QS_AVX2))) static void gemm_avx2(const uint8_t *u, int64_t
     const __m256i ones = _mm256_set1_epi16(1);
     for (int r = 0; r < GEMM_ROWS; r += 4) {
         const uint8_t *u0 = u + r * ldu, *u1 = u0 + ldu, *u2 = u1 + ldu, *u3 = u2 + ldu;
-        int64_t b = 0;
-        for (; b + 2 <= B; b += 2) {
-            const int8_t *xa = x + b * ldx, *xb = xa + ldx;
+        /* pairs of activation rows; an odd last row runs against itself and its second half is dropped */
+        for (int64_t b = 0; b < B; b += 2) {
+            const int8_t *xa = x + b * ldx, *xb = b + 1 < B ? xa + ldx : xa;
             __m256i c[8];
             for (int q = 0; q < 8; q++) c[q] = _mm256_setzero_si256();
 #define QS_MAC(UR, CA, CB)                                                                                  \
@@ -918,24 +918,8 @@ __attribute__((target(QS_AVX2))) static void gemm_avx2(const uint8_t *u, int64_t
             }
             for (int q = 0; q < 4; q++) {
                 acc[b * GEMM_ROWS + r + q] += hsum_epi32_avx2(c[q]);
-                acc[(b + 1) * GEMM_ROWS + r + q] += hsum_epi32_avx2(c[4 + q]);
+                if (b + 1 < B) acc[(b + 1) * GEMM_ROWS + r + q] += hsum_epi32_avx2(c[4 + q]);
             }
-        }
-        for (; b < B; b++) { /* odd last activation row: the 4 x 2 block against itself, second half dropped */
-            const int8_t *xa = x + b * ldx, *xb = xa;
-            __m256i c[8];
-            for (int q = 0; q < 8; q++) c[q] = _mm256_setzero_si256();
-            for (int64_t j = 0; j < kc; j += 64) {
-                __m256i x0 = _mm256_loadu_si256((const __m256i *)(xa + j));
-                __m256i x1 = _mm256_loadu_si256((const __m256i *)(xa + j + 32));
-                __m256i y0 = _mm256_loadu_si256((const __m256i *)(xb + j));
-                __m256i y1 = _mm256_loadu_si256((const __m256i *)(xb + j + 32));
-                QS_MAC(u0, c[0], c[4])
-                QS_MAC(u1, c[1], c[5])
-                QS_MAC(u2, c[2], c[6])
-                QS_MAC(u3, c[3], c[7])
-            }
-            for (int q = 0; q < 4; q++) acc[b * GEMM_ROWS + r + q] += hsum_epi32_avx2(c[q]);
         }
 #undef QS_MAC
     }
