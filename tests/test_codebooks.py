@@ -380,8 +380,9 @@ def test_bits_per_weight() -> None:
 
 # --------------------------------------------------------------------------------------- registry
 def test_registry_ids_names_and_errors() -> None:
-    ids = {"E8P12": 0, "E8P12RVQ3B": 1, "E8P12RVQ4B": 2, "scalar2": 16, "scalar3": 17, "scalar4": 18}
-    assert available_codebooks() == list(ids)
+    ids = {"E8P12": 0, "E8P12RVQ3B": 1, "E8P12RVQ4B": 2, "scalar2": 16, "scalar3": 17, "scalar4": 18,
+           "QTIP1MAD2": 32, "QTIP1MAD3": 33, "QTIP1MAD4": 34, "QTIP3INST2": 35, "QTIP3INST3": 36, "QTIP3INST4": 37}
+    assert available_codebooks() == list(ids)  # ids are on disk: never renumbered
     for name, cid in ids.items():
         assert codebook_id(name) == cid and codebook_name(cid) == name
         assert get_codebook(name) is get_codebook(cid)
@@ -391,6 +392,10 @@ def test_registry_ids_names_and_errors() -> None:
     assert codebook_for_bits(3).name == "E8P12RVQ3B" and codebook_for_bits(4).name == "E8P12RVQ4B"
     for bits in (2, 3, 4):
         assert codebook_for_bits(bits, use_e8_lattice=False).name == f"scalar{bits}"
+        assert codebook_for_bits(bits, family="qtip1mad").name == f"QTIP1MAD{bits}"
+        assert codebook_for_bits(bits, family="qtip3inst").name == f"QTIP3INST{bits}"
+    with pytest.raises(ValueError, match="unknown codebook family"):
+        codebook_for_bits(2, family="qtip")
     with pytest.raises(ValueError, match="E8P12RVQ3B"):
         get_codebook("E8P13")
     with pytest.raises(ValueError, match="valid ids"):

@@ -10,8 +10,13 @@ from quipsharp.config import DEFAULT_DAMPING, QuIPSharpConfig
 def test_defaults_and_round_trip():
     cfg = QuIPSharpConfig(bits=3, hadamard_seed=7, damping=0.05, cd_passes=2, scale_rho=0.9)
     data = cfg.to_dict()
-    assert data["version"] == QuIPSharpConfig.VERSION
+    # an e8p config is written as version 1 (no codebook field), readable by older quipsharp
+    assert data["version"] == 1 and "codebook" not in data
     assert QuIPSharpConfig.from_dict(data) == cfg
+    trellis = cfg.replace(codebook="qtip1mad", cd_passes=0)
+    tdata = trellis.to_dict()
+    assert tdata["version"] == QuIPSharpConfig.VERSION == 2 and tdata["codebook"] == "qtip1mad"
+    assert QuIPSharpConfig.from_dict(tdata) == trellis and trellis.codebook_name == "QTIP1MAD3"
     assert QuIPSharpConfig().sigma == DEFAULT_DAMPING
     assert cfg.sigma == 0.05
     assert QuIPSharpConfig(percdamp=0.1).sigma == 0.1
@@ -61,3 +66,15 @@ def test_codebook_selection():
     assert QuIPSharpConfig(bits=3).codebook_name == "E8P12RVQ3B"
     assert QuIPSharpConfig(bits=4).codebook_name == "E8P12RVQ4B"
     assert QuIPSharpConfig(bits=2, use_e8_lattice=False).codebook_name == "scalar2"
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"codebook": "qtip"}, "codebook must be one of"),
+    ({"codebook": "qtip1mad", "use_e8_lattice": False}, "scalar ablation"),
+    ({"codebook": "qtip3inst", "cd_passes": 1}, "coordinate descent needs a vector codebook"),
+    ({"codebook": "qtip3inst", "group_size": 8}, "group_size does not apply"),
+    ({"codebook": "qtip1mad", "blocksize": 24}, "multiple of 16"),
+])
+def test_trellis_settings_that_do_not_apply_are_refused(changes, match):
+    with pytest.raises(ValueError, match=match):
+        QuIPSharpConfig(**changes)

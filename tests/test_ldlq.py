@@ -24,6 +24,8 @@ class HalfIntegerGrid:
         q = torch.floor(x) + 0.5
         return q, (q.sum(-1) * 2).to(torch.int64)
 
+    quantize_block = quantize  # BlockLDLQ's per-block call (a vector codebook: the same search)
+
 
 def naive_block_ldlq(W, L, quantize):
     """BlockLDLQ straight from the definition, no buffering: Ŵ_k = Q(W_k + Σ_{j>k} (W_j − Ŵ_j) L_jk)."""

@@ -20,7 +20,7 @@ from typing import Any
 from quipsharp.bench import DEFAULT_NEW_TOKENS as DEFAULT_BENCH_NEW_TOKENS
 from quipsharp.bench import DEFAULT_PROMPT_TOKENS as DEFAULT_BENCH_PROMPT_TOKENS
 from quipsharp.bench import DEFAULT_RUNS as DEFAULT_BENCH_RUNS
-from quipsharp.config import DEFAULT_CTX, DEFAULT_NSAMPLES, FINETUNE_MODES
+from quipsharp.config import CODEBOOK_FAMILIES, DEFAULT_CTX, DEFAULT_NSAMPLES, FINETUNE_MODES
 from quipsharp.workflows import WORK_SUFFIX
 
 EXIT_USAGE = 2
@@ -95,7 +95,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise CliError("give calibration text with --calib FILE, or --data-free to quantize without data")
     layer = QuIPSharpConfig(
         bits=args.bits, use_hadamard=not args.no_hadamard, hadamard_seed=args.seed, damping=args.damping,
-        scale_rho=args.scale_rho, cd_passes=args.cd_passes,
+        scale_rho=args.scale_rho, cd_passes=args.cd_passes, codebook=args.codebook,
     )
     config = ModelQuantConfig(
         layer=layer, bits_map=tuple(_bits_map(args.bits_map)), skip=tuple(args.skip),
@@ -268,6 +268,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     path = Path(args.dir)
     raw, record, problems = check_dir(path, verify=args.verify)
     modules = record.modules
+    codebooks: dict[str, int] = {}
+    for name in modules:
+        codebook = record.layer_config(name).codebook_name
+        codebooks[codebook] = codebooks.get(codebook, 0) + 1
     weights = sum(m.in_features * m.out_features for m in modules.values())
     bits = sum(m.bits * m.in_features * m.out_features for m in modules.values()) / weights
     disk = disk_bytes(path)
@@ -278,6 +282,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "model_type": raw.get("model_type"),
         "quantized_layers": len(modules),
         "bits_per_weight": bits,
+        "codebooks": codebooks,
         "disk_bytes": disk,
         "config": record.raw.get("config"),
         "layers": layers,
@@ -289,6 +294,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     else:
         print(f"{path}: quipsharp format {info['format_version']}, {info['model_type']}, "
               f"{len(modules)} quantized layers, {bits:.2f} bits/weight, {disk / 1e6:.1f} MB on disk")
+        print("  codebooks: " + ", ".join(f"{name} ({count} layers)" for name, count in codebooks.items()))
         for layer in layers:
             print(f"  {layer['name']:50s} {layer['bits']}b {layer['shape'][0]:6d}x{layer['shape'][1]:<6d} "
                   f"proxy {layer['proxy_loss']:.4g}  {layer['seconds']:.2f}s")
@@ -347,7 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output directory: new, empty, or an earlier quipsharp model with --overwrite")
     q.add_argument("--overwrite", action="store_true",
                    help="replace the quipsharp model already at --out (swapped in only once complete)")
-    q.add_argument("--bits", type=int, choices=(2, 3, 4), default=2)
+    q.add_argument("--bits", type=int, choices=(2, 3, 4), default=2, help="bits per weight (default: %(default)s)")
+    q.add_argument("--codebook", choices=CODEBOOK_FAMILIES, default="e8p",
+                   help="codebook family: e8p (QuIP#'s E8 lattice codes) or a QTIP bitshift trellis with the "
+                        "1MAD or 3INST computed code (lower error, slower to quantize; default: %(default)s)")
     q.add_argument("--calib", help="calibration text: .txt, .jsonl (field 'text') or a HF dataset name")
     q.add_argument("--data-free", action="store_true", help="quantize without calibration data (H = I)")
     q.add_argument("--nsamples", type=POSITIVE, default=DEFAULT_NSAMPLES,

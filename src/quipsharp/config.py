@@ -17,6 +17,10 @@ SUPPORTED_BITS = (2, 3, 4)
 # Every codebook in quipsharp quantizes vectors of this many consecutive weights (E8 is 8-dimensional);
 # it is the block size g of BlockLDLQ (QuIP# §4.1).
 CODEBOOK_DIM = 8
+#: Codebook families a config can select (``QuIPSharpConfig.codebook``), in the order the CLI lists them.
+CODEBOOK_FAMILIES = ("e8p", "qtip1mad", "qtip3inst")
+# The trellis codebooks quantize 16 x 16 tiles: BlockLDLQ blocks of 16 columns (QTIP §4).
+TRELLIS_BLOCK = 16
 DEFAULT_DAMPING = 1e-2
 DEFAULT_LAZY_BLOCKSIZE = 128
 DEFAULT_HADAMARD_SEED = 0
@@ -48,9 +52,14 @@ class QuIPSharpConfig:
         scale_rho: ρ in ``Wscale = RMS(W̃) / ρ`` (DESIGN.md §1). None uses the codebook's MSE-optimal
             scale for a unit Gaussian.
         cd_passes: extra passes of block coordinate descent after BlockLDLQ (0 = the paper's algorithm).
+        codebook: the codebook family: ``"e8p"`` (QuIP#'s E8P12 and its residual 3/4-bit versions),
+            ``"qtip1mad"`` or ``"qtip3inst"`` (QTIP's bitshift trellis with a computed code: 16 × 16
+            tiles, BlockLDLQ blocks of 16 columns, exactly ``bits`` bits per weight).
+
+    Version 2 added ``codebook``; version-1 dicts load as ``"e8p"``.
     """
 
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
 
     bits: int = 2
     use_e8_lattice: bool = True
@@ -62,6 +71,7 @@ class QuIPSharpConfig:
     blocksize: int = DEFAULT_LAZY_BLOCKSIZE
     scale_rho: float | None = None
     cd_passes: int = 0
+    codebook: str = "e8p"
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -81,6 +91,21 @@ class QuIPSharpConfig:
                 f"damping ({self.damping}) and percdamp ({self.percdamp}) are two names for the same "
                 "relative damping; give only one"
             )
+        if self.codebook not in CODEBOOK_FAMILIES:
+            raise ValueError(f"codebook must be one of {list(CODEBOOK_FAMILIES)}, got {self.codebook!r}")
+        if self.trellis:
+            if not self.use_e8_lattice:
+                raise ValueError(f"use_e8_lattice=False is the scalar ablation of the e8p family; codebook "
+                                 f"{self.codebook!r} is a trellis")
+            if self.group_size is not None:
+                raise ValueError(f"group_size does not apply to codebook {self.codebook!r} (one trellis per "
+                                 f"{TRELLIS_BLOCK}x{TRELLIS_BLOCK} tile); leave it None")
+            if self.cd_passes:
+                raise ValueError(f"cd_passes={self.cd_passes}: coordinate descent needs a vector codebook, not "
+                                 f"the trellis {self.codebook!r}; use 0")
+            if not isinstance(self.blocksize, int) or self.blocksize <= 0 or self.blocksize % TRELLIS_BLOCK:
+                raise ValueError(f"blocksize must be a positive multiple of {TRELLIS_BLOCK} with codebook "
+                                 f"{self.codebook!r}, got {self.blocksize!r}")
         if self.group_size is not None and self.group_size != CODEBOOK_DIM:
             raise ValueError(
                 f"group_size={self.group_size} is not supported: QuIP# codebooks quantize vectors of "
@@ -105,20 +130,30 @@ class QuIPSharpConfig:
         return DEFAULT_DAMPING
 
     @property
+    def trellis(self) -> bool:
+        """Whether the codebook is a QTIP trellis (16 × 16 tiles) rather than an 8-dimensional vector codebook."""
+        return self.codebook != "e8p"
+
+    @property
     def codebook_name(self) -> str:
         """Registry name of the codebook these settings select."""
         from quipsharp.codebooks import codebook_for_bits
 
-        return codebook_for_bits(self.bits, self.use_e8_lattice).name
+        return codebook_for_bits(self.bits, self.use_e8_lattice, self.codebook).name
 
     def replace(self, **changes: Any) -> QuIPSharpConfig:
         """A copy with some fields changed (the config itself is frozen)."""
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dictionary including ``"version"``."""
+        """A JSON-ready dictionary including ``"version"``: the lowest version that holds these settings
+        (an ``e8p`` config writes version 1 without ``codebook``, so older quipsharp still reads it)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        out["version"] = self.VERSION
+        if self.codebook == "e8p":
+            del out["codebook"]
+            out["version"] = 1
+        else:
+            out["version"] = self.VERSION
         return out
 
     @classmethod

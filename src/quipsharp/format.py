@@ -1,7 +1,7 @@
 """The quantized model directory, as data, and the checks every loader runs.
 
 One definition serves :func:`quipsharp.load_quantized`, the transformers quantizer
-(:mod:`quipsharp.hf_quantizer`) and ``quipsharp inspect``. A directory (format version 1) holds:
+(:mod:`quipsharp.hf_quantizer`) and ``quipsharp inspect``. A directory (format version 1, or 2 when it holds trellis codebooks) holds:
 
 =========================== =============================================================================
 file                        contents
@@ -17,7 +17,8 @@ file                        contents
 tokenizer, generation config as transformers writes them
 =========================== =============================================================================
 
-Per quantized module ``NAME`` (:meth:`ModuleSpec.schema`): ``NAME.codes`` uint8 ``[m, n/8·code_bytes]``,
+Per quantized module ``NAME`` (:meth:`ModuleSpec.schema`): ``NAME.codes`` (vector codebooks: uint8
+``[m, n/8·code_bytes]``; trellis codebooks, format version 2: int16 ``[m/16, (n/16)·16·bits]``),
 ``NAME.su`` float32 ``[n]``, ``NAME.sv`` float32 ``[m]``, ``NAME.wscale`` float32 ``[]``,
 ``NAME.codebook_id`` int64 ``[]`` and, with a bias, ``NAME.bias`` float32 ``[m]``.
 
@@ -46,13 +47,15 @@ import torch
 from torch import nn
 
 from quipsharp.codebooks import codebook_id, get_codebook
-from quipsharp.config import CODEBOOK_DIM, SUPPORTED_BITS, ModelQuantConfig, QuIPSharpConfig
+from quipsharp.config import SUPPORTED_BITS, ModelQuantConfig, QuIPSharpConfig
 from quipsharp.errors import QuipSharpError
 
 logger = logging.getLogger(__name__)
 
 QUANT_METHOD = "quipsharp"
-FORMAT_VERSION = 1
+#: The newest directory format this quipsharp reads. Version 2 added the trellis codebooks (int16
+#: ``codes`` of 16 x 16 tiles); a directory without them is written as version 1, as before.
+FORMAT_VERSION = 2
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 REPORT_FILE = "quipsharp_report.json"
@@ -106,9 +109,6 @@ class ModuleSpec:
         for key, value in (("in_features", n), ("out_features", m)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ModelLoadError(f"quantization_config: module {name!r} has {key} {value!r}")
-        if n % CODEBOOK_DIM:
-            raise ModelLoadError(f"quantization_config: module {name!r} has in_features {n}, not a multiple of "
-                                 f"{CODEBOOK_DIM}")
         if not isinstance(bias, bool):
             raise ModelLoadError(f"quantization_config: module {name!r} has bias {bias!r}, not true/false")
         codebook = data.get("codebook")
@@ -117,6 +117,9 @@ class ModuleSpec:
                 codebook_id(codebook)
             except ValueError as err:
                 raise ModelLoadError(f"quantization_config: module {name!r}: {err}") from None
+        problem = get_codebook(codebook or "E8P12").shape_problem(m, n)
+        if problem:
+            raise ModelLoadError(f"quantization_config: module {name!r} is {m}x{n}: {problem}")
         return cls(bits, codebook, n, m, bias)
 
     def to_dict(self) -> dict[str, Any]:
@@ -125,9 +128,8 @@ class ModuleSpec:
 
     def schema(self, layer_config: QuIPSharpConfig) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         """``{buffer name: (dtype, shape)}`` of this module's tensors under ``layer_config``."""
-        code_bytes = get_codebook(layer_config.codebook_name).code_bytes
         out = {
-            "codes": (torch.uint8, (self.out_features, self.in_features // CODEBOOK_DIM * code_bytes)),
+            "codes": get_codebook(layer_config.codebook_name).packed_spec(self.out_features, self.in_features),
             "su": (QUANTIZED_STATE_DTYPE, (self.in_features,)),
             "sv": (QUANTIZED_STATE_DTYPE, (self.out_features,)),
             "wscale": (QUANTIZED_STATE_DTYPE, ()),
@@ -165,11 +167,18 @@ class QuantizationRecord:
             raise ModelLoadError(f"{where}the quipsharp quantization_config lists no quantized modules")
         specs = {name: ModuleSpec.from_dict(name, spec) for name, spec in modules.items()}
         record = cls(qc["format_version"], config, specs, qc.get("source_model"), copy.deepcopy(qc))
+        needed = format_version_for(spec.codebook for spec in specs.values())
+        if needed > record.format_version:
+            raise ModelLoadError(f"{where}the quantization_config says format version {record.format_version} but "
+                                 f"lists trellis codebooks, which need version {needed}: the config was edited")
         for name, spec in specs.items():
             layer = record.layer_config(name)
             if spec.codebook is not None and spec.codebook != layer.codebook_name:
                 raise ModelLoadError(f"{where}module {name!r} is recorded with codebook {spec.codebook} but the "
                                      f"config selects {layer.codebook_name}")
+            problem = get_codebook(layer.codebook_name).shape_problem(spec.out_features, spec.in_features)
+            if problem:
+                raise ModelLoadError(f"{where}module {name!r} is {spec.out_features}x{spec.in_features}: {problem}")
         return record
 
     def layer_config(self, name: str) -> QuIPSharpConfig:
@@ -182,6 +191,11 @@ class QuantizationRecord:
         """``{tensor name: (dtype, shape)}`` of every quantized module's tensors."""
         return {f"{name}.{key}": value for name, spec in self.modules.items()
                 for key, value in spec.schema(self.layer_config(name)).items()}
+
+
+def format_version_for(codebooks: Any) -> int:
+    """The directory format version that holds modules of these codebook names: 2 with a trellis, else 1."""
+    return 2 if any(get_codebook(name).tile_rows > 1 for name in codebooks if name is not None) else 1
 
 
 def check_format_version(version: Any, where: str = "") -> None:

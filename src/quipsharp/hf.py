@@ -45,6 +45,7 @@ from quipsharp.format import (  # also re-exports the format's names from where 
     check_loaded_model,
     check_weights_checksum,
     check_weights_header,
+    format_version_for,
     is_quantized_dir,
     is_quipsharp_weights,
     load_metadata,
@@ -154,7 +155,7 @@ def save_quantized(
     hf_config = model.config.to_dict()
     hf_config["quantization_config"] = {
         "quant_method": QUANT_METHOD,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version_for(spec["codebook"] for spec in modules.values()),
         "config": qconfig.to_dict(),
         "modules": modules,
     }

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from quipsharp.codebooks.base import Codebook
+from quipsharp.codebooks.base import Codebook, VectorCodebook
 from quipsharp.errors import HessianNotPositiveDefiniteError
 
 # A Cholesky factor whose diagonal spans more than this ratio means cond(H) > ratio², beyond what
@@ -64,10 +64,13 @@ def block_ldlq(
     Args:
         W: ``[m, n]`` weights in codebook units (float32).
         L: ``[n, n]`` unit block-lower-triangular factor from :func:`block_ldl`.
-        codebook: the vector quantizer; its ``dim`` is the block size ``g``.
+        codebook: the quantizer of one ``[m, g]`` column block (``quantize_block``); its ``dim`` is
+            the block size ``g`` (8 for the vector codebooks; 16 for the trellis codes, which round
+            each ``16 × 16`` tile of the block as one sequence, with no feedback inside a tile: QTIP §4).
         blocksize: columns per lazy-feedback chunk (multiple of ``g``).
     Returns:
-        ``Ŵ`` ``[m, n]`` (dtype of ``W``) and ``codes`` ``[m, n // g]`` int64.
+        ``Ŵ`` ``[m, n]`` (dtype of ``W``) and the blocks' codes stacked on dim 1: ``[m, n // g]``
+        int64 for a vector codebook, ``[m/16, n/16, 16·bits]`` int16 words for a trellis.
     """
     m, n = W.shape
     g = codebook.dim
@@ -76,20 +79,20 @@ def block_ldlq(
     L = L.to(W.dtype)
     work = W.clone()  # W plus the feedback of the chunks already rounded
     What = torch.empty_like(W)
-    codes = torch.empty(m, n // g, dtype=torch.int64, device=W.device)
+    codes: list[torch.Tensor | None] = [None] * (n // g)
     for chunk_end in range(n, 0, -blocksize):
         chunk_start = max(0, chunk_end - blocksize)
         err = torch.zeros(m, chunk_end - chunk_start, dtype=W.dtype, device=W.device)  # E of this chunk
         for k1 in range(chunk_end, chunk_start, -g):
             k0 = k1 - g
             target = work[:, k0:k1] + err[:, k1 - chunk_start :] @ L[k1:chunk_end, k0:k1]
-            q, c = codebook.quantize(target)
+            q, c = codebook.quantize_block(target)
             What[:, k0:k1] = q
-            codes[:, k0 // g] = c
+            codes[k0 // g] = c
             err[:, k0 - chunk_start : k1 - chunk_start] = W[:, k0:k1] - q
         if chunk_start > 0:
             work[:, :chunk_start] += err @ L[chunk_start:chunk_end, :chunk_start]
-    return What, codes
+    return What, torch.stack(codes, dim=1)  # type: ignore[arg-type]
 
 
 def coordinate_descent(
@@ -97,7 +100,7 @@ def coordinate_descent(
     What: torch.Tensor,
     codes: torch.Tensor,
     H: torch.Tensor,
-    codebook: Codebook,
+    codebook: VectorCodebook,
     passes: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block coordinate descent on the proxy loss after BlockLDLQ (DESIGN.md §4, optional passes).

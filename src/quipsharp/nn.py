@@ -9,7 +9,8 @@ and filled from a state dict); every piece of state is a registered buffer with 
 applying the Hadamard transforms to the activations, never materialising them.
 
 Buffers (the file format of one layer):
-    codes      uint8   [out_features, in_features // 8 * code_bytes]  packed codes (little-endian)
+    codes      uint8   [out_features, in_features // 8 * code_bytes]  packed codes (little-endian), or
+               int16   [out_features/16, in_features/16 * 16·bits] tile bitstreams (trellis codebooks)
     su         float32 [in_features]   input sign vector S_U
     sv         float32 [out_features]  output sign vector S_V
     wscale     float32 []              Wscale
@@ -28,7 +29,7 @@ from torch.nn import functional as F
 
 from quipsharp import kernels
 from quipsharp.codebooks import codebook_id, get_codebook
-from quipsharp.config import CODEBOOK_DIM, QuIPSharpConfig
+from quipsharp.config import QuIPSharpConfig
 from quipsharp.hadamard import factor_dim, hadamard_transform, orthonormal_factor
 from quipsharp.quantize import QuantizedWeight, dequantize, quantize_weight
 
@@ -37,8 +38,8 @@ class QuantizedLinear(nn.Module):
     """A linear layer whose weight is stored as QuIP# codes.
 
     Args:
-        in_features: n, a multiple of 8.
-        out_features: m.
+        in_features: n, a multiple of 8 (of 16 for a trellis codebook).
+        out_features: m (a multiple of 16 for a trellis codebook).
         config: quantization settings (selects the codebook and whether the RHT is used).
         bias: whether the layer has a bias.
         device: where to allocate the (empty) buffers, e.g. ``"meta"``.
@@ -53,17 +54,15 @@ class QuantizedLinear(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        if in_features <= 0 or in_features % CODEBOOK_DIM or out_features <= 0:
-            raise ValueError(
-                f"QuantizedLinear({in_features}, {out_features}): in_features must be a positive "
-                f"multiple of {CODEBOOK_DIM} and out_features positive"
-            )
-        self.in_features = in_features
-        self.out_features = out_features
         self.config = config or QuIPSharpConfig()
         self.codebook = get_codebook(self.config.codebook_name)
-        packed_cols = in_features // CODEBOOK_DIM * self.codebook.code_bytes
-        self.register_buffer("codes", torch.zeros(out_features, packed_cols, dtype=torch.uint8, device=device))
+        problem = self.codebook.shape_problem(out_features, in_features)
+        if problem:
+            raise ValueError(f"QuantizedLinear({in_features}, {out_features}): {problem}")
+        self.in_features = in_features
+        self.out_features = out_features
+        codes_dtype, codes_shape = self.codebook.packed_spec(out_features, in_features)
+        self.register_buffer("codes", torch.zeros(codes_shape, dtype=codes_dtype, device=device))
         self.register_buffer("su", torch.ones(in_features, device=device))
         self.register_buffer("sv", torch.ones(out_features, device=device))
         # NaN until quantized or loaded, so an unfilled layer can never pass for a real one.
@@ -152,7 +151,7 @@ class QuantizedLinear(nn.Module):
                 f"quantized weight ({qw.codebook}, {qw.shape}) does not fit layer "
                 f"({self.codebook.name}, {(self.out_features, self.in_features)})"
             )
-        self.codes.copy_(self.codebook.pack(qw.codes))
+        self.codes.copy_(self.codebook.pack_matrix(qw.codes))
         self.su.copy_(qw.su)
         self.sv.copy_(qw.sv)
         self.wscale.fill_(qw.scale)
@@ -160,7 +159,7 @@ class QuantizedLinear(nn.Module):
     def quantized_weight(self) -> QuantizedWeight:
         """The layer's state as a :class:`QuantizedWeight` (proxy loss and damping unknown: NaN)."""
         return QuantizedWeight(
-            codes=self.codebook.unpack(self.codes),
+            codes=self.codebook.unpack_matrix(self.codes, self.out_features, self.in_features),
             su=self.su,
             sv=self.sv,
             scale=float(self.wscale),
@@ -261,7 +260,7 @@ class QuantizedLinear(nn.Module):
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The pure-torch path (any device, differentiable in ``x``, ``su``, ``sv``, ``wscale``, ``bias``)."""
         m, n = self.out_features, self.in_features
-        W = self.codebook.decode(self.codebook.unpack(self.codes)).reshape(m, n).to(self.su.device)
+        W = self.codebook.decode_matrix(self.codebook.unpack_matrix(self.codes, m, n), m, n).to(self.su.device)
         h = x.to(torch.float32) * self.su
         if self.config.use_hadamard:
             h = hadamard_transform(h)

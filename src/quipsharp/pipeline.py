@@ -32,7 +32,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from quipsharp import faults
-from quipsharp.config import CODEBOOK_DIM, ModelQuantConfig, QuIPSharpConfig
+from quipsharp.codebooks import get_codebook
+from quipsharp.config import ModelQuantConfig, QuIPSharpConfig
 from quipsharp.finetune import finetune_block
 from quipsharp.hessian import HessianAccumulator
 from quipsharp.io import atomic_save_safetensors, atomic_write_text
@@ -229,9 +230,10 @@ def _quantizable(block_name: str, block: nn.Module, config: ModelQuantConfig) ->
         full = f"{block_name}.{name}"
         if config.is_skipped(full):
             continue
-        if linear_shape(module)[1] % CODEBOOK_DIM:
-            logger.warning("%s: in_features %d is not a multiple of %d; kept in full precision",
-                           full, linear_shape(module)[1], CODEBOOK_DIM)
+        out_features, in_features = linear_shape(module)
+        problem = get_codebook(config.layer_config(full).codebook_name).shape_problem(out_features, in_features)
+        if problem:
+            logger.warning("%s (%dx%d): %s; kept in full precision", full, out_features, in_features, problem)
             continue
         names.append(name)
     return names

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from quipsharp.codebooks import Codebook, get_codebook
-from quipsharp.config import CODEBOOK_DIM, DAMPING_GROWTH, MAX_DAMPING_RETRIES, QuIPSharpConfig
+from quipsharp.config import DAMPING_GROWTH, MAX_DAMPING_RETRIES, QuIPSharpConfig
 from quipsharp.errors import HessianNotPositiveDefiniteError
 from quipsharp.hadamard import hadamard_transform, random_signs
 from quipsharp.hessian import normalize
@@ -28,7 +28,8 @@ class QuantizedWeight:
     """A quantized ``[m, n]`` weight: ``W ≈ S_V Vᵀ (scale · decode(codes)) U S_U``.
 
     Attributes:
-        codes: ``[m, n // 8]`` int64 codebook codes of the transformed, scaled weight.
+        codes: the codes of the transformed, scaled weight as BlockLDLQ returns them: ``[m, n // 8]``
+            int64 for a vector codebook, ``[m/16, n/16, 16·bits]`` int16 bitstream words for a trellis.
         su: ``[n]`` float32 input sign vector S_U (all ones when the RHT is off).
         sv: ``[m]`` float32 output sign vector S_V.
         scale: ``Wscale`` (float).
@@ -71,15 +72,13 @@ def rht_hessian(H: torch.Tensor, su: torch.Tensor) -> torch.Tensor:
     return hadamard_transform((half * su.to(H.dtype)[:, None]).T).T
 
 
-def _check_weight(W: torch.Tensor) -> torch.Tensor:
+def _check_weight(W: torch.Tensor, codebook: Codebook) -> torch.Tensor:
     if not isinstance(W, torch.Tensor) or W.ndim != 2:
         raise ValueError(f"expected a 2-D weight matrix [out_features, in_features], got {getattr(W, 'shape', W)}")
     m, n = W.shape
-    if m == 0 or n == 0 or n % CODEBOOK_DIM:
-        raise ValueError(
-            f"weight of shape {m}x{n}: in_features must be a positive multiple of {CODEBOOK_DIM} "
-            "(QuIP# quantizes 8 consecutive inputs per codeword)"
-        )
+    problem = codebook.shape_problem(m, n)
+    if problem:
+        raise ValueError(f"weight of shape {m}x{n}: {problem}")
     if not torch.isfinite(W).all():
         raise ValueError(f"weight of shape {m}x{n} contains NaN or Inf; refusing to quantize it")
     return W.detach().to(torch.float32)
@@ -113,7 +112,8 @@ def quantize_weight(
     """Quantize ``W`` ``[m, n]`` with proxy Hessian ``H`` ``[n, n]`` (``None`` = identity, data-free).
 
     Args:
-        W: weight, any float dtype; ``n`` must be a multiple of 8 and every entry finite.
+        W: weight, any float dtype, every entry finite; ``n`` a multiple of 8 (vector codebooks) or
+            both ``m`` and ``n`` multiples of 16 (trellis codebooks: 16 × 16 tiles).
         H: ``E[x xᵀ]`` of the layer's inputs (any positive scale); None means data-free rounding.
         config: settings (default :class:`QuIPSharpConfig`).
         seed: seed of the sign vectors; default ``config.hadamard_seed``.
@@ -122,9 +122,9 @@ def quantize_weight(
         HessianNotPositiveDefiniteError: H stays unfactorable after the damping retries.
     """
     config = config or QuIPSharpConfig()
-    W = _check_weight(W)
-    m, n = W.shape
     codebook: Codebook = get_codebook(config.codebook_name)
+    W = _check_weight(W, codebook)
+    m, n = W.shape
     if H is None:
         Hn = torch.eye(n, dtype=torch.float64)
     else:
@@ -170,8 +170,7 @@ def quantize_weight(
 def decode_transformed(qw: QuantizedWeight) -> torch.Tensor:
     """``scale · decode(codes)``: the quantized weight in the transformed domain, ``[m, n]`` float32."""
     m, n = qw.shape
-    codebook = get_codebook(qw.codebook)
-    return codebook.decode(qw.codes).reshape(m, n) * qw.scale
+    return get_codebook(qw.codebook).decode_matrix(qw.codes, m, n) * qw.scale
 
 
 def dequantize(qw: QuantizedWeight) -> torch.Tensor:

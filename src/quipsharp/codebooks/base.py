@@ -21,17 +21,52 @@ BITS_PER_BYTE = 8
 
 @runtime_checkable
 class Codebook(Protocol):
-    """A vector quantizer over ``dim``-dimensional vectors with fixed-size integer codes."""
+    """What BlockLDLQ, the layer and the file format need of any codebook: quantize a column block of
+    ``dim`` columns, store and decode a whole matrix. Vector codebooks (:class:`VectorCodebook`) code
+    each row of a block on its own (``tile_rows = 1``); the trellis codes (QTIP) code ``16 × 16`` tiles."""
 
     name: str
+    #: Columns per BlockLDLQ block (8 for the E8 codebooks, 16 for the trellis).
     dim: int
-    code_bytes: int
+    #: Output rows coded together (1, or 16 for the trellis).
+    tile_rows: int
     opt_scale: float
 
     @property
     def bits_per_weight(self) -> float:
-        """Storage bits per scalar weight: ``code_bytes * 8 / dim``."""
+        """Storage bits per scalar weight."""
         ...
+
+    def shape_problem(self, m: int, n: int) -> str | None:
+        """Why an ``[m, n]`` weight cannot use this codebook, or None."""
+        ...
+
+    def packed_spec(self, m: int, n: int) -> tuple[torch.dtype, tuple[int, ...]]:
+        """``(dtype, shape)`` of an ``[m, n]`` matrix's stored codes."""
+        ...
+
+    def quantize_block(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` ``[m, dim]`` -> ``(xhat [m, dim], codes of the block)``."""
+        ...
+
+    def pack_matrix(self, codes: torch.Tensor) -> torch.Tensor:
+        """A matrix's codes (the blocks' codes stacked on dim 1) -> the stored form."""
+        ...
+
+    def unpack_matrix(self, packed: torch.Tensor, m: int, n: int) -> torch.Tensor:
+        """Inverse of :meth:`pack_matrix`."""
+        ...
+
+    def decode_matrix(self, codes: torch.Tensor, m: int, n: int) -> torch.Tensor:
+        """A matrix's codes -> the unscaled weight ``[m, n]`` float32."""
+        ...
+
+
+@runtime_checkable
+class VectorCodebook(Codebook, Protocol):
+    """A vector quantizer over ``dim``-dimensional vectors with fixed-size integer codes."""
+
+    code_bytes: int
 
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest codeword search.

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from quipsharp.codebooks.base import Codebook
+from quipsharp.codebooks.base import VectorCodebook
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def scaled_mse(
     return float(err.square().mean())
 
 
-def codebook_mse(codebook: Codebook, samples: torch.Tensor, scale: float | None = None) -> float:
+def codebook_mse(codebook: VectorCodebook, samples: torch.Tensor, scale: float | None = None) -> float:
     """Per-coordinate Gaussian MSE of ``codebook`` at ``scale`` (default: its ``opt_scale``)."""
     rho = codebook.opt_scale if scale is None else scale
     return scaled_mse(lambda v: codebook.quantize(v)[0], samples, rho)

@@ -145,6 +145,36 @@ class PackedCodebook:
         """``packed`` ``[..., k * code_bytes]`` uint8 -> codes ``[..., k]`` int64."""
         return unpack_codes(packed, self.code_bytes)
 
+    # -------------------------------------------------------------- a whole matrix (BlockLDLQ, storage)
+    #: Output rows that are quantized together (1: every row on its own).
+    tile_rows = 1
+
+    def shape_problem(self, m: int, n: int) -> str | None:
+        """Why an ``[m, n]`` weight cannot use this codebook, or None."""
+        if m <= 0 or n <= 0 or n % self.dim:
+            return f"in_features must be a positive multiple of {self.dim} ({self.name} quantizes {self.dim} weights per code)"
+        return None
+
+    def packed_spec(self, m: int, n: int) -> tuple[torch.dtype, tuple[int, ...]]:
+        """``(dtype, shape)`` of an ``[m, n]`` matrix's stored codes: uint8 ``[m, n/dim·code_bytes]``."""
+        return torch.uint8, (m, n // self.dim * self.code_bytes)
+
+    def quantize_block(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One BlockLDLQ block: ``x`` ``[m, dim]`` -> ``(xhat [m, dim], codes [m])``."""
+        return self.quantize(x)
+
+    def pack_matrix(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes ``[m, n/dim]`` (as BlockLDLQ returns them) -> the stored form (:meth:`packed_spec`)."""
+        return self.pack(codes)
+
+    def unpack_matrix(self, packed: torch.Tensor, m: int, n: int) -> torch.Tensor:
+        """Inverse of :meth:`pack_matrix`."""
+        return self.unpack(packed)
+
+    def decode_matrix(self, codes: torch.Tensor, m: int, n: int) -> torch.Tensor:
+        """Codes ``[m, n/dim]`` -> the unscaled weight ``[m, n]`` float32."""
+        return self.decode(codes).reshape(m, n)
+
     def _check_input(self, x: torch.Tensor) -> None:
         """Validate a search input.
 

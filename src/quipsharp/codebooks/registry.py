@@ -9,7 +9,16 @@ E8P12RVQ4B   2  E8P12 + E8P12 residual, 4 bits/weight
 scalar2     16  Lloyd–Max scalar, 2 bits/weight (ablation)
 scalar3     17  Lloyd–Max scalar, 3 bits/weight (ablation)
 scalar4     18  Lloyd–Max scalar, 4 bits/weight (ablation)
+QTIP1MAD2   32  bitshift trellis, 1MAD code, 2 bits/weight (QTIP)
+QTIP1MAD3   33  bitshift trellis, 1MAD code, 3 bits/weight
+QTIP1MAD4   34  bitshift trellis, 1MAD code, 4 bits/weight
+QTIP3INST2  35  bitshift trellis, 3INST code, 2 bits/weight
+QTIP3INST3  36  bitshift trellis, 3INST code, 3 bits/weight
+QTIP3INST4  37  bitshift trellis, 3INST code, 4 bits/weight
 ========== === ===========================================
+
+Families (``QuIPSharpConfig.codebook``): ``e8p`` (E8P12 and its residual versions; with
+``use_e8_lattice=False`` the scalar ablation), ``qtip1mad`` and ``qtip3inst`` (the trellis codes).
 
 Ids are part of the on-disk format: never renumber, only append.
 """
@@ -23,8 +32,12 @@ from quipsharp.codebooks.base import Codebook
 from quipsharp.codebooks.e8p import E8P12
 from quipsharp.codebooks.rvq import E8P12RVQ3B, E8P12RVQ4B
 from quipsharp.codebooks.scalar import ScalarCodebook
+from quipsharp.codebooks.trellis import TrellisCodebook
+from quipsharp.config import CODEBOOK_FAMILIES
 
 SCALAR_BITS = (2, 3, 4)
+#: Codebook families a config can select (defined with the config, which imports no torch).
+FAMILIES = CODEBOOK_FAMILIES
 
 _FACTORIES: dict[str, tuple[int, Callable[[], Codebook]]] = {
     "E8P12": (0, E8P12),
@@ -33,6 +46,8 @@ _FACTORIES: dict[str, tuple[int, Callable[[], Codebook]]] = {
     "scalar2": (16, functools.partial(ScalarCodebook, 2)),
     "scalar3": (17, functools.partial(ScalarCodebook, 3)),
     "scalar4": (18, functools.partial(ScalarCodebook, 4)),
+    **{f"QTIP{code.upper()}{bits}": (32 + 3 * i + bits - 2, functools.partial(TrellisCodebook, code, bits))
+       for i, code in enumerate(("1mad", "3inst")) for bits in (2, 3, 4)},
 }
 _ID_TO_NAME = {cid: name for name, (cid, _) in _FACTORIES.items()}
 _LATTICE_BY_BITS = {2: "E8P12", 3: "E8P12RVQ3B", 4: "E8P12RVQ4B"}
@@ -75,13 +90,20 @@ def get_codebook(name_or_id: str | int) -> Codebook:
     return _instance(codebook_name(name_or_id))
 
 
-def codebook_for_bits(bits: int, use_e8_lattice: bool = True) -> Codebook:
-    """The codebook of a bit width: 2 → E8P12, 3 → E8P12RVQ3B, 4 → E8P12RVQ4B, or ``scalar{bits}``
-    when ``use_e8_lattice`` is False (the no-lattice ablation at the same rate).
+def codebook_for_bits(bits: int, use_e8_lattice: bool = True, family: str = "e8p") -> Codebook:
+    """The codebook of a bit width and family. ``e8p``: 2 → E8P12, 3 → E8P12RVQ3B, 4 → E8P12RVQ4B, or
+    ``scalar{bits}`` when ``use_e8_lattice`` is False (the no-lattice ablation at the same rate);
+    ``qtip1mad`` / ``qtip3inst``: ``QTIP1MAD{bits}`` / ``QTIP3INST{bits}``.
 
     Raises:
-        ValueError: unsupported ``bits``.
+        ValueError: unsupported ``bits`` or family.
     """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown codebook family {family!r}; valid: {list(FAMILIES)}")
+    if family != "e8p":
+        if isinstance(bits, bool) or bits not in SCALAR_BITS:
+            raise ValueError(f"unsupported bits {bits!r} for {family}; valid: {list(SCALAR_BITS)}")
+        return get_codebook(f"QTIP{family.removeprefix('qtip').upper()}{bits}")
     table = _LATTICE_BY_BITS if use_e8_lattice else _SCALAR_BY_BITS
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in table:
         raise ValueError(

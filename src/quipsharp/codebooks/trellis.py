@@ -21,6 +21,13 @@ the two float16 halves of ``r``.
 
 The maths here imports no transformers and does no I/O; the search runs in the native library when
 it is built (``qs_viterbi``), else in vectorised torch (:func:`viterbi_reference`, also the test oracle).
+
+:class:`TrellisCodebook` is the codebook BlockLDLQ and the file format use (QTIP §4): a weight matrix
+is cut into ``16 × 16`` tiles, each one tail-biting trellis of ``SEQUENCE = 256`` weights read
+**column-major** inside the tile (position ``p = 16·c + r`` holds row ``r``, column ``c``), so the 16
+consecutive states of a column decode 16 output rows at once (what a CPU kernel accumulates
+without horizontal sums). Stored per matrix: int16 ``[m/16, (n/16)·16k]``, row ``i`` the ``n/16``
+tiles of output rows ``16i .. 16i+15`` left to right, each ``16k`` words of its packed bitstream.
 """
 
 from __future__ import annotations
@@ -29,12 +36,21 @@ import functools
 
 import torch
 
+from quipsharp.codebooks.packing import check_vectors
+
 #: State bits of the trellis (QTIP's L).
 STATE_BITS = 16
 #: Weights per trellis sequence (QTIP's T = 16 × 16: one 16×16 tile).
 SEQUENCE = 256
 #: Computed codes with one weight per state (V = 1).
 CODES = ("1mad", "3inst")
+#: Rows and columns of a tile (QTIP's Tx = Ty): one trellis per 16 × 16 tile, 16 columns per BlockLDLQ block.
+TILE = 16
+#: Bits per stored word of a bitstream.
+WORD_BITS = 16
+#: Input RMS of the normalised weights in units of the code's RMS: QTIP's ``scale_override`` 0.9 (the
+#: unit-Gaussian MSE optimum is nearer 1.0, but real weights are heavier-tailed; see BENCHMARKS.md).
+TRELLIS_OPT_SCALE = 0.9
 _MASK32 = (1 << 32) - 1
 _1MAD = (34038481, 76625530, 510.0, 147.800537109375)
 _3INST = (89226354, 64248484, 0x8FFF8FFF, 0x3B603B60)
@@ -211,3 +227,98 @@ def decode(states: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """Values of paths ``states`` ``[..., N]`` -> ``[..., N·V]`` float32."""
     V = code.shape[1]
     return code[states.to(torch.int64)].reshape(*states.shape[:-1], states.shape[-1] * V)
+
+
+def states_from_words(words: torch.Tensor, k: int, L: int = STATE_BITS) -> torch.Tensor:
+    """The tail-biting paths of packed streams ``words`` ``[B, 16k]`` (int16, from :func:`pack_stream`)
+    as states ``[B, 256]`` int64: state ``p`` is the ``L``-bit window at bit ``p·k`` (wrapping); the
+    same as ``states_from_stream(unpack_stream(words), L, k)`` without the bit-per-byte detour."""
+    if L != WORD_BITS:
+        return states_from_stream(unpack_stream(words), L, k)
+    w = words.to(torch.int64) & 0xFFFF
+    pair = (w << WORD_BITS) | torch.roll(w, -1, dims=1)  # words i and i+1 (cyclically) as 32 bits
+    start = torch.arange(w.shape[1] * WORD_BITS // k, device=w.device) * k
+    shift = WORD_BITS - (start % WORD_BITS)
+    return (pair[:, start // WORD_BITS] >> shift) & 0xFFFF
+
+
+class TrellisCodebook:
+    """A bitshift-trellis codebook of ``bits`` bits per weight with a computed code (QTIP §3–4).
+
+    Works on whole ``16 × 16`` tiles (see the module docstring): BlockLDLQ hands it column blocks of
+    ``dim = 16`` columns and any multiple of 16 rows. Codes of a matrix are the packed bitstreams,
+    int16 ``[m/16, n/16, 16·bits]``; the stored form is the same words as ``[m/16, (n/16)·16·bits]``.
+    """
+
+    dim = TILE
+    tile_rows = TILE
+    opt_scale = TRELLIS_OPT_SCALE
+
+    def __init__(self, code: str, bits: int) -> None:
+        if code not in CODES:
+            raise ValueError(f"unknown trellis code {code!r}; expected one of {CODES}")
+        if isinstance(bits, bool) or bits not in (2, 3, 4):
+            raise ValueError(f"trellis bits must be 2, 3 or 4, got {bits!r}")
+        self.code = code
+        self.bits = bits
+        self.name = f"QTIP{code.upper()}{bits}"
+        self.words_per_tile = SEQUENCE * bits // WORD_BITS
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Exactly ``bits``: a tail-biting tile stores ``256·bits`` bits."""
+        return float(self.bits)
+
+    @property
+    def table(self) -> torch.Tensor:
+        """``[2^16, 1]`` float32: the unit-variance code value of every state."""
+        return code_table(self.code)
+
+    def shape_problem(self, m: int, n: int) -> str | None:
+        """Why an ``[m, n]`` weight cannot use this codebook (not whole 16 × 16 tiles), or None."""
+        if m <= 0 or n <= 0 or m % TILE or n % TILE:
+            return (f"out_features and in_features must be positive multiples of {TILE} ({self.name} "
+                    f"quantizes {TILE}x{TILE} tiles)")
+        return None
+
+    def packed_spec(self, m: int, n: int) -> tuple[torch.dtype, tuple[int, ...]]:
+        """``(dtype, shape)`` of an ``[m, n]`` matrix's stored codes: int16 ``[m/16, (n/16)·16·bits]``."""
+        return torch.int16, (m // TILE, n // TILE * self.words_per_tile)
+
+    def quantize_block(self, x: torch.Tensor, threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quantize a column block: ``x`` ``[m, 16]`` (m a multiple of 16, codebook units) ->
+        ``(xhat [m, 16] dtype of x, words int16 [m/16, 16·bits])``, one tail-biting trellis per tile."""
+        check_vectors(x, TILE, self.name)
+        m = x.shape[0]
+        if x.dim() != 2 or m % TILE:
+            raise ValueError(f"{self.name}: a block must be [m, {TILE}] with m a multiple of {TILE}, got "
+                             f"{tuple(x.shape)}")
+        tiles = x.detach().to(torch.float32).reshape(m // TILE, TILE, TILE).transpose(1, 2).reshape(-1, SEQUENCE)
+        states, _ = viterbi(tiles.contiguous(), self.table, self.bits, threads=threads)
+        words = pack_stream(stream_from_states(states, STATE_BITS, self.bits))
+        values = self.table[states, 0].reshape(-1, TILE, TILE).transpose(1, 2).reshape(m, TILE)
+        return values.to(x.dtype), words
+
+    def pack_matrix(self, codes: torch.Tensor) -> torch.Tensor:
+        """Words ``[m/16, n/16, 16·bits]`` -> the stored form ``[m/16, (n/16)·16·bits]`` int16."""
+        if codes.dim() != 3 or codes.shape[2] != self.words_per_tile:
+            raise ValueError(f"{self.name}: codes must be [m/16, n/16, {self.words_per_tile}], got "
+                             f"{tuple(codes.shape)}")
+        return codes.to(torch.int16).reshape(codes.shape[0], -1).contiguous()
+
+    def unpack_matrix(self, packed: torch.Tensor, m: int, n: int) -> torch.Tensor:
+        """Inverse of :meth:`pack_matrix` (checks the stored shape: a stream of the wrong length is refused)."""
+        dtype, shape = self.packed_spec(m, n)
+        if packed.dtype != dtype or tuple(packed.shape) != shape:
+            raise ValueError(f"{self.name}: stored codes of a {m}x{n} weight must be {str(dtype)[6:]} "
+                             f"{list(shape)}, got {str(packed.dtype)[6:]} {list(packed.shape)}")
+        return packed.reshape(m // TILE, n // TILE, self.words_per_tile)
+
+    def decode_matrix(self, codes: torch.Tensor, m: int, n: int) -> torch.Tensor:
+        """Words ``[m/16, n/16, 16·bits]`` -> the unscaled weight ``[m, n]`` float32."""
+        states = states_from_words(codes.reshape(-1, self.words_per_tile).cpu(), self.bits)
+        values = self.table[states, 0].reshape(m // TILE, n // TILE, TILE, TILE)  # [i, j, c, r]
+        return values.permute(0, 3, 1, 2).reshape(m, n).to(codes.device)
+
+    def __repr__(self) -> str:
+        return f"TrellisCodebook(name={self.name!r}, code={self.code!r}, bits={self.bits}, L={STATE_BITS})"

@@ -28,7 +28,7 @@ def compression_report(model: nn.Module, saved_dir: str | os.PathLike | None = N
     """
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     weights = sum(m.in_features * m.out_features for m in layers)
-    code_bytes = sum(m.codes.numel() for m in layers)
+    code_bytes = sum(m.codes.numel() * m.codes.element_size() for m in layers)
     layer_bytes = sum(_tensor_bytes(m) for m in layers)
     # the float16 model: every quantized weight and every other tensor at 2 bytes per value
     other_values = sum(t.numel() for t in _unique_tensors(model) if not _belongs_to(t, layers))

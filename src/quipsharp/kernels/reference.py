@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 from quipsharp.codebooks import get_codebook
-from quipsharp.config import CODEBOOK_DIM
 from quipsharp.hadamard import fwht
 
 #: Name of this kernel in :func:`quipsharp.kernels.select` and ``QUIPSHARP_KERNEL``.
@@ -19,10 +18,12 @@ UNFILLED_MESSAGE = "QuantizedLinear used before its weight was quantized or load
 
 def _decode(codes: torch.Tensor, m: int, n: int, codebook_name: str) -> torch.Tensor:
     cb = get_codebook(codebook_name)
-    expected = (m, n // CODEBOOK_DIM * cb.code_bytes)
-    if n % CODEBOOK_DIM or tuple(codes.shape) != expected:
-        raise ValueError(f"codes must have shape {expected} for a ({m}, {n}) weight, got {tuple(codes.shape)}")
-    return cb.decode(cb.unpack(codes)).reshape(m, n).to(torch.float32)
+    problem = cb.shape_problem(m, n)
+    dtype, expected = cb.packed_spec(m, n)
+    if problem or tuple(codes.shape) != expected or codes.dtype != dtype:
+        raise ValueError(f"codes must be {dtype} {expected} for a ({m}, {n}) weight, got {codes.dtype} "
+                         f"{tuple(codes.shape)}" + (f" ({problem})" if problem else ""))
+    return cb.decode_matrix(cb.unpack_matrix(codes, m, n), m, n).to(torch.float32)
 
 
 def _transform(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
@@ -50,7 +51,7 @@ class ReferenceKernel:
         self, codes: torch.Tensor, m: int, n: int, codebook_name: str, threads: int | None = None,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``codes`` ``[m, n/8·code_bytes]`` uint8 -> ``W`` ``[m, n]`` float32 (the codebook's decode)."""
+        """Stored ``codes`` (the codebook's ``packed_spec``) -> ``W`` ``[m, n]`` float32 (the codebook's decode)."""
         W = _decode(codes, m, n, codebook_name)
         return W if out is None else out.copy_(W)
 
