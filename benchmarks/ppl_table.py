@@ -46,6 +46,11 @@ ROWS: dict[str, dict[str, Any]] = {
     # fine-tuning (issue 5): in-block during quantization, end to end after, or both
     **{f"qs{bits}-{mode}": {"kind": "quipsharp", "bits": bits, "finetune": mode}
        for bits in (2, 3, 4) for mode in ("block", "e2e", "both")},
+    # QTIP's bitshift trellis with a computed code (issue 14), without and with fine-tuning
+    **{f"{code}{bits}": {"kind": "quipsharp", "bits": bits, "codebook": code}
+       for code in ("qtip1mad", "qtip3inst") for bits in (2, 3, 4)},
+    **{f"qtip1mad{bits}-{mode}": {"kind": "quipsharp", "bits": bits, "codebook": "qtip1mad", "finetune": mode}
+       for bits in (2, 3, 4) for mode in ("block", "e2e", "both")},
 }
 KB = 1024
 FT_PREFIX = "ft_"
@@ -109,7 +114,8 @@ def run_row(name: str, args: argparse.Namespace) -> dict[str, Any]:
                                   batch_size=args.ft_batch_size, gradient_checkpointing=args.ft_checkpointing)
         config = ModelQuantConfig(
             layer=QuIPSharpConfig(
-                bits=spec["bits"], cd_passes=args.cd_passes, scale_rho=args.scale_rho, damping=args.damping
+                bits=spec["bits"], cd_passes=args.cd_passes, scale_rho=args.scale_rho, damping=args.damping,
+                codebook=spec.get("codebook", "e8p"),
             ),
             bits_map=tuple(tuple(p) for p in spec.get("bits_map", [])),
             nsamples=args.nsamples, ctx=args.ctx, hessian_inputs=args.hessian_inputs, finetune=finetune,

@@ -2170,6 +2170,17 @@ QS_API int qs_step(const qs_step_model *M, float *x, int64_t pos, float *logits,
  */
 #define VITERBI_MAX_KV 8
 #define VITERBI_CHUNK 256 /* prefixes per chunk of a step */
+/* The fused AVX-512 step reads J = 2^kv cost rows 2^(L-kv) floats apart: at kv = 4 the 16 rows (16 KiB
+   apart at L = 16) collide in the L1 sets and the chunked pair is faster (one thread, 256-step
+   sequences, Zen 4: kv = 4 fused 14.5 ms, chunked 9.7; kv = 3 fused 7.2, chunked 10.5). */
+#ifndef VITERBI_FUSED_MAX_KV
+#define VITERBI_FUSED_MAX_KV 3
+#endif
+/* Tail-biting's first pass only has to find the state at step 0: it runs over the cyclic window of
+   VITERBI_TB_CONTEXT steps before and after step 0 (the whole rotated sequence when N <= 2·context),
+   which the later steps of a 256-step sequence do not change in practice (BENCHMARKS.md: the same
+   Gaussian MSE) and saves a quarter of the work at N = 256. */
+#define VITERBI_TB_CONTEXT 64
 
 /*
  * One Viterbi step, for every state s = p·J + b (p < P = 2^(L-kv), b < J = 2^kv), in chunks of
@@ -2327,7 +2338,7 @@ static float viterbi_one(const viterbi_fns *f, const float *x, int64_t N, const 
     }
     for (int64_t t = 1; t < N; t++) {
 #if QS_X86
-        if (f->fused && V == 1 && kv <= 4 && P % 16 == 0) {
+        if (f->fused && V == 1 && kv <= VITERBI_FUSED_MAX_KV && P % 16 == 0) {
             viterbi_step_avx512(cost, P, kv, code, x[t], next, bp + (t - 1) * P);
             float *tmp = cost;
             cost = next;
@@ -2364,7 +2375,8 @@ static float viterbi_one(const viterbi_fns *f, const float *x, int64_t N, const 
 /*
  * x [B, N·V] float32 -> states int32 [B, N], costs float32 [B] (NULL allowed).
  * tail_biting = 0: one unconstrained pass. 1: QTIP's approximate tail-biting (two passes): an
- * unconstrained pass over the sequence rotated by N/2 steps fixes o, the top L - kv bits of the
+ * unconstrained pass over the sequence rotated by N/2 steps (for N > 2·VITERBI_TB_CONTEXT: over the
+ * cyclic window of that many steps on each side of step 0) fixes o, the top L - kv bits of the
  * state at the original step 0; a second pass is constrained by o (a legal cycle).
  * code [2^L, V]; 2 <= L <= 24, 1 <= kv <= min(8, L - 1), N >= 1 (tail-biting: N·kv >= L). level: a
  * QS_LEVEL_* this CPU has; every level returns the same paths.
@@ -2397,11 +2409,13 @@ QS_API int qs_viterbi(const float *x, int64_t B, int64_t N, const float *code, i
         const float *xb = x + b * N * V;
         int64_t o = -1;
         if (tail_biting) {
-            int64_t half = N / 2; /* rotated step r holds original step (r + half) mod N */
-            memcpy(rot, xb + half * V, sizeof(float) * (size_t)((N - half) * V));
-            memcpy(rot + (N - half) * V, xb, sizeof(float) * (size_t)(half * V));
-            viterbi_one(&fns, rot, N, code, L, kv, V, -1, cost, next, best, argj, bp, tmp_states);
-            o = tmp_states[(N - half) % N] >> kv; /* the state at original step 0 */
+            /* window step r holds original step (r + start) mod N; original step 0 is window step before */
+            int64_t steps = N <= 2 * VITERBI_TB_CONTEXT ? N : 2 * VITERBI_TB_CONTEXT;
+            int64_t before = steps == N ? N - N / 2 : VITERBI_TB_CONTEXT, start = N - before;
+            for (int64_t r = 0; r < steps; r++)
+                memcpy(rot + r * V, xb + ((r + start) % N) * V, sizeof(float) * (size_t)V);
+            viterbi_one(&fns, rot, steps, code, L, kv, V, -1, cost, next, best, argj, bp, tmp_states);
+            o = tmp_states[before % steps] >> kv;
         }
         float c = viterbi_one(&fns, xb, N, code, L, kv, V, o, cost, next, best, argj, bp, states + b * N);
         if (costs) costs[b] = c;
