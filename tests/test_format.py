@@ -144,7 +144,8 @@ def test_an_edited_config_is_refused_naming_the_field(saved, tmp_path, field, va
     (lambda cfg: cfg["quantization_config"].update(quant_method="awq"), "not a quipsharp model"),
     (lambda cfg: cfg["quantization_config"].pop("modules"), "lists no quantized modules"),
     (lambda cfg: cfg["quantization_config"]["modules"][LAYER].update(bits=5), "has bits 5"),
-    (lambda cfg: cfg["quantization_config"]["modules"][LAYER].update(in_features=100), "100: in_features must be a positive multiple of 8"),
+    (lambda cfg: cfg["quantization_config"]["modules"][LAYER].update(in_features=100),
+     "100: in_features must be a positive multiple of 8"),
 ])
 def test_a_missing_or_broken_quantization_config_is_refused(saved, tmp_path, change, pattern):
     path = copy(saved, tmp_path)

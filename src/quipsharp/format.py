@@ -1,7 +1,8 @@
 """The quantized model directory, as data, and the checks every loader runs.
 
 One definition serves :func:`quipsharp.load_quantized`, the transformers quantizer
-(:mod:`quipsharp.hf_quantizer`) and ``quipsharp inspect``. A directory (format version 1, or 2 when it holds trellis codebooks) holds:
+(:mod:`quipsharp.hf_quantizer`) and ``quipsharp inspect``. A directory (format version 1, or 2 when it
+holds trellis codebooks) holds:
 
 =========================== =============================================================================
 file                        contents

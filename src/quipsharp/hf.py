@@ -35,7 +35,7 @@ from quipsharp.config import ModelQuantConfig
 from quipsharp.format import (  # also re-exports the format's names from where they always were
     CONFIG_FILE,
     FORMAT_METADATA_KEY,
-    FORMAT_VERSION,
+    FORMAT_VERSION,  # noqa: F401  (re-exported: quipsharp.hf.FORMAT_VERSION)
     QUANT_METHOD,
     REPORT_FILE,
     TIED_METADATA_KEY,

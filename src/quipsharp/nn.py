@@ -92,7 +92,8 @@ class QuantizedLinear(nn.Module):
     def use_kernel(self, level: str | None) -> None:
         """Serve CPU inference with :func:`quipsharp.kernels.select` ``(level)`` (None: the default;
         ``"reference"``: the torch path). Codebooks without a native kernel always use the reference."""
-        kernel = kernels.select(level) if self.codebook.name in kernels.KINDS else kernels.select(kernels.REFERENCE)
+        native = self.codebook.name in kernels.NATIVE_CODEBOOKS
+        kernel = kernels.select(level) if native else kernels.select(kernels.REFERENCE)
         if kernel.native and self.config.use_hadamard:
             # Hadamard factors for the native kernel (constants of the shape, not state: built here,
             # never inside forward, and not saved)
@@ -253,6 +254,8 @@ class QuantizedLinear(nn.Module):
         """This layer's native call with its state checked once (for decoding loops), or None when
         the native kernel does not serve it (not built, not selected, not on CPU, in training)."""
         if not self._native or self._core is not None or self.codes.device.type != "cpu":
+            return None
+        if self.codebook.name not in kernels.KINDS:  # a trellis layer: its kernel runs through forward()
             return None
         return kernels.BoundLinear(self.codes, self.su, self.sv, self.wscale, self.bias, self._m_in, self._m_out_t,
                                    self.codebook.name, self.config.use_hadamard, threads, level=self._kernel.name)

@@ -11,7 +11,8 @@
  *     kernels, above: GEMM tiles), including rows with NaN / Inf activations;
  *   - the Hadamard transform against the scalar level;
  *   - the int8 LM head's rows · vector kernel against exact integer sums;
- *   - the trellis Viterbi (the same paths on every level).
+ *   - the trellis Viterbi (the same paths on every level);
+ *   - the trellis decode-matvec, float32 and int8 (the same bits as the scalar level).
  * A level the CPU lacks must be refused (QS_EBADLEVEL) rather than run: `qemu-aarch64 -cpu cortex-a53`
  * has no dot product, `-cpu max` has it.
  *
@@ -215,6 +216,32 @@ static void test_viterbi(int levels) {
     }
 }
 
+/* The trellis decode-matvec: float32 (NEON kernel) and int8 (portable path) at every NEON level equal
+   to the scalar level bit for bit, for k = 2, 3, 4 and batch sizes 1..3. */
+static void test_trellis(int levels) {
+    enum { M = 48, N = 64, B = 3 };
+    static int16_t codes[M / 16 * N / 16 * 16 * 4];
+    static float x[B * N], ref[B * M], got[B * M];
+    for (size_t i = 0; i < sizeof(codes) / sizeof(codes[0]); i++) codes[i] = (int16_t)(rnd() & 0xFFFF);
+    for (int i = 0; i < B * N; i++) x[i] = rnd_normal();
+    for (int k = 2; k <= 4; k++)
+        for (int b = 1; b <= B; b++)
+            for (int int8 = 0; int8 <= 1; int8++) {
+                int (*fn)(const int16_t *, int64_t, int64_t, int, const float *, int64_t, float *, int, int) =
+                    int8 ? qs_trellis_matmul_int8 : qs_trellis_matmul;
+                CHECK(fn(codes, M, N, k, x, b, ref, 1, QS_LEVEL_SCALAR) == QS_OK, "trellis scalar k=%d", k);
+                for (int level = QS_LEVEL_NEON; level <= QS_LEVEL_NEON_DOT; level++) {
+                    int rc = fn(codes, M, N, k, x, b, got, 2, level);
+                    if (!((levels >> level) & 1)) {
+                        CHECK(rc == QS_EBADLEVEL, "trellis %s not refused", LEVEL_NAMES[level]);
+                        continue;
+                    }
+                    CHECK(rc == QS_OK && memcmp(ref, got, sizeof(float) * (size_t)(b * M)) == 0,
+                          "trellis %s (k=%d, B=%d, int8=%d) differs from scalar", LEVEL_NAMES[level], k, b, int8);
+                }
+            }
+}
+
 int main(void) {
     int levels = qs_supported_levels();
     printf("test_arm: CPU levels:");
@@ -231,6 +258,7 @@ int main(void) {
     test_hadamard(levels);
     test_dot_rows(levels);
     test_viterbi(levels);
+    test_trellis(levels);
     if (failures) {
         printf("test_arm: %d check(s) FAILED\n", failures);
         return 1;

@@ -19,11 +19,11 @@ from quipsharp.codebooks.scalar import ScalarCodebook
 from quipsharp.codebooks.trellis import TrellisCodebook
 
 __all__ = [
-    "FAMILIES",
     "E8P12",
     "E8P12RVQ3B",
     "E8P12RVQ4B",
     "E81B",
+    "FAMILIES",
     "Codebook",
     "E8Lattice",
     "ResidualCodebook",

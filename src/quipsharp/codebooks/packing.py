@@ -152,7 +152,8 @@ class PackedCodebook:
     def shape_problem(self, m: int, n: int) -> str | None:
         """Why an ``[m, n]`` weight cannot use this codebook, or None."""
         if m <= 0 or n <= 0 or n % self.dim:
-            return f"in_features must be a positive multiple of {self.dim} ({self.name} quantizes {self.dim} weights per code)"
+            return (f"in_features must be a positive multiple of {self.dim} ({self.name} quantizes {self.dim} "
+                    "weights per code)")
         return None
 
     def packed_spec(self, m: int, n: int) -> tuple[torch.dtype, tuple[int, ...]]:

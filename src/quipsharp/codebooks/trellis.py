@@ -85,6 +85,22 @@ def _table(name: str, L: int) -> torch.Tensor:
     return (values / values.std(correction=0)).to(torch.float32)[:, None].contiguous()
 
 
+@functools.lru_cache(maxsize=2)
+def integer_code(name: str) -> tuple[torch.Tensor, float]:
+    """``(raw, scale)`` of a code whose raw values are integers (``1mad``: the byte sum minus 510, in
+    ``[-510, 510]``): ``raw`` ``[2^16]`` int32 and the float with ``code_table(name) ≈ raw · scale``
+    (to float32 rounding). The native kernels decode ``raw`` and apply ``scale`` once per output."""
+    if name != "1mad":
+        raise ValueError(f"code {name!r} has no integer form (only 1mad)")
+    a, c, mean, _ = _1MAD
+    s = torch.arange(1 << STATE_BITS, dtype=torch.int64)
+    x = (s * a + c) & _MASK32
+    raw = (x & 0xFF) + ((x >> 8) & 0xFF) + ((x >> 16) & 0xFF) + ((x >> 24) & 0xFF) - int(mean)
+    table = code_table(name)[:, 0].to(torch.float64)
+    r = raw.to(torch.float64)
+    return raw.to(torch.int32), float((table * r).sum() / (r * r).sum())
+
+
 def code_table(name: str, L: int = STATE_BITS) -> torch.Tensor:
     """``[2^L, 1]`` float32: the unit-variance code value of every state (read-only, cached)."""
     if not 2 <= L <= 24:

@@ -2424,6 +2424,518 @@ QS_API int qs_viterbi(const float *x, int64_t B, int64_t N, const float *code, i
     return QS_OK;
 }
 
+/*
+ * Trellis decode-matvec (QTIP's bitshift trellis with the 1MAD code, L = 16, V = 1; the layout of
+ * quipsharp.codebooks.trellis.TrellisCodebook). codes int16 [m/16, (n/16)·16k]: row i holds the n/16
+ * tiles of output rows 16i..16i+15, each 16k words (MSB first) of a cyclic 256k-bit stream; weight
+ * p = 16c + r of a tile (row r, column c: column-major) is the code of the 16-bit window at bit p·k.
+ * The code is the raw 1MAD value: the byte sum of 34038481·s + 76625530 (mod 2^32) minus 510, an
+ * integer in [-510, 510]; the caller multiplies by its normalisation (1 / (147.8·std)).
+ *
+ * The 16 states of a column are 16 rows: lane r reads the 32-bit pair (word t << 16 | word t+1) at
+ * t = c·k + ((r·k) >> 4) and shifts it right by 16 - ((r·k) & 15). A tile's pairs are built once
+ * (the last word pairs with the first: tail-biting), so a column costs a load, a permute, a shift,
+ * a mask, a multiply-add and the byte sum, then one FMA per batch row into 16 row accumulators.
+ * Every level does the same float operations in the same order (fmaf in the portable code), so
+ * every level returns the same bits.
+ */
+#define TRELLIS_TILE 16
+#define TRELLIS_MAX_K 4
+#define TRELLIS_1MAD_A 34038481u
+#define TRELLIS_1MAD_C 76625530u
+#define TRELLIS_1MAD_MEAN 510
+
+static inline void trellis_pairs(const int16_t *w, int words, uint32_t *pairs) {
+    for (int t = 0; t + 1 < words; t++) pairs[t] = ((uint32_t)(uint16_t)w[t] << 16) | (uint16_t)w[t + 1];
+    pairs[words - 1] = ((uint32_t)(uint16_t)w[words - 1] << 16) | (uint16_t)w[0];
+}
+
+/* The pairs of every tile of a slab row, written before any is read (a vector load of pairs just
+   stored by scalar stores would stall on store forwarding), plus zeroed room for the last 16-lane load. */
+static void trellis_slab_pairs(const int16_t *row, int64_t tiles, int k, uint32_t *pairs) {
+    const int64_t words = TRELLIS_TILE * k, total = tiles * words;
+    const uint16_t *w = (const uint16_t *)row;
+    for (int64_t t = 0; t + 1 < total; t++) pairs[t] = ((uint32_t)w[t] << 16) | w[t + 1]; /* vectorised */
+    for (int64_t j = 0; j < tiles; j++) { /* each tile's last word pairs with its first (tail-biting) */
+        int64_t last = j * words + words - 1;
+        pairs[last] = ((uint32_t)w[last] << 16) | w[j * words];
+    }
+    memset(pairs + total, 0, sizeof(uint32_t) * TRELLIS_TILE);
+}
+
+static inline int trellis_1mad(uint32_t state) {
+    uint32_t x = state * TRELLIS_1MAD_A + TRELLIS_1MAD_C;
+    return (int)((x & 0xFF) + ((x >> 8) & 0xFF) + ((x >> 16) & 0xFF) + (x >> 24)) - TRELLIS_1MAD_MEAN;
+}
+
+/* The raw code of one tile, column-major: w[16c + r]. */
+static void trellis_tile_scalar(const int16_t *words, int k, float *w) {
+    uint32_t pairs[TRELLIS_TILE * TRELLIS_MAX_K];
+    trellis_pairs(words, TRELLIS_TILE * k, pairs);
+    for (int p = 0; p < TRELLIS_TILE * TRELLIS_TILE; p++) {
+        int bit = p * k;
+        uint32_t state = (pairs[bit >> 4] >> (16 - (bit & 15))) & 0xFFFF;
+        w[p] = (float)trellis_1mad(state);
+    }
+}
+
+/* acc [B][16] += tile (w [16c + r]) x x[b, c] for the tile's 16 columns, FMA in column order. */
+static void trellis_accumulate_scalar(const float *w, const float *x, int64_t B, int64_t n, float *acc) {
+    for (int64_t b = 0; b < B; b++)
+        for (int c = 0; c < TRELLIS_TILE; c++) {
+            float xv = x[b * n + c];
+            for (int r = 0; r < TRELLIS_TILE; r++)
+                acc[b * TRELLIS_TILE + r] = fmaf(w[c * TRELLIS_TILE + r], xv, acc[b * TRELLIS_TILE + r]);
+        }
+}
+
+#if QS_X86
+/* 16 rows of column c as int32 raw codes; AVX-512 (VNNI: the byte sum is one vpdpbusd). */
+#define QS_TRELLIS_COLUMN_AVX512(ATTR, NAME, BYTESUM)                                                          \
+    ATTR static inline __m512 NAME(const uint32_t *pairs, int c, int k, __m512i idx, __m512i shift) {          \
+        __m512i v = _mm512_permutexvar_epi32(idx, _mm512_loadu_si512((const void *)(pairs + c * k)));          \
+        __m512i state = _mm512_and_si512(_mm512_srlv_epi32(v, shift), _mm512_set1_epi32(0xFFFF));              \
+        __m512i h = _mm512_add_epi32(_mm512_mullo_epi32(state, _mm512_set1_epi32((int)TRELLIS_1MAD_A)),        \
+                                     _mm512_set1_epi32((int)TRELLIS_1MAD_C));                                  \
+        return _mm512_cvtepi32_ps(BYTESUM);                                                                    \
+    }
+QS_TRELLIS_COLUMN_AVX512(__attribute__((target("avx512f,avx512bw"))), trellis_column_avx512,
+                         _mm512_sub_epi32(_mm512_madd_epi16(_mm512_maddubs_epi16(h, _mm512_set1_epi8(1)),
+                                                            _mm512_set1_epi16(1)),
+                                          _mm512_set1_epi32(TRELLIS_1MAD_MEAN)))
+QS_TRELLIS_COLUMN_AVX512(__attribute__((target("avx512f,avx512bw,avx512vnni"))), trellis_column_vnni,
+                         _mm512_dpbusd_epi32(_mm512_set1_epi32(-TRELLIS_1MAD_MEAN), h, _mm512_set1_epi8(1)))
+
+#define QS_TRELLIS_SLAB_AVX512(ATTR, NAME, COLUMN)                                                             \
+    ATTR static void NAME(const uint32_t *row_pairs, int64_t tiles, int k, const float *x, int64_t B, int64_t n, \
+                          float *acc, float *w) {                                                              \
+        int32_t lane_idx[16], lane_shift[16];                                                                  \
+        for (int r = 0; r < 16; r++) {                                                                         \
+            lane_idx[r] = (r * k) >> 4;                                                                        \
+            lane_shift[r] = 16 - ((r * k) & 15);                                                               \
+        }                                                                                                      \
+        const __m512i idx = _mm512_loadu_si512((const void *)lane_idx);                                        \
+        const __m512i shift = _mm512_loadu_si512((const void *)lane_shift);                                    \
+        __m512 a0 = _mm512_loadu_ps(acc);                                                                      \
+        for (int64_t j = 0; j < tiles; j++) {                                                                  \
+            const uint32_t *pairs = row_pairs + j * TRELLIS_TILE * k;                                          \
+            const float *xj = x + j * TRELLIS_TILE;                                                            \
+            if (B == 1) { /* a decoding step: straight from the code into the accumulator */                   \
+                for (int c = 0; c < TRELLIS_TILE; c++)                                                         \
+                    a0 = _mm512_fmadd_ps(COLUMN(pairs, c, k, idx, shift), _mm512_set1_ps(xj[c]), a0);          \
+                continue;                                                                                      \
+            }                                                                                                  \
+            for (int c = 0; c < TRELLIS_TILE; c++) _mm512_storeu_ps(w + 16 * c, COLUMN(pairs, c, k, idx, shift)); \
+            for (int64_t b = 0; b < B; b++) {                                                                  \
+                __m512 a = _mm512_loadu_ps(acc + 16 * b);                                                      \
+                for (int c = 0; c < TRELLIS_TILE; c++)                                                         \
+                    a = _mm512_fmadd_ps(_mm512_loadu_ps(w + 16 * c), _mm512_set1_ps(xj[b * n + c]), a);        \
+                _mm512_storeu_ps(acc + 16 * b, a);                                                             \
+            }                                                                                                  \
+        }                                                                                                      \
+        if (B == 1) _mm512_storeu_ps(acc, a0);                                                                 \
+    }
+QS_TRELLIS_SLAB_AVX512(__attribute__((target("avx512f,avx512bw,fma"))), trellis_slab_avx512, trellis_column_avx512)
+QS_TRELLIS_SLAB_AVX512(__attribute__((target("avx512f,avx512bw,avx512vnni,fma"))), trellis_slab_vnni,
+                       trellis_column_vnni)
+
+/* AVX2: two halves of 8 rows; half h loads 8 pairs from c·k + ((8h·k) >> 4) and permutes them. */
+__attribute__((target("avx2,fma"))) static inline __m256 trellis_half_avx2(const uint32_t *pairs, int64_t at,
+                                                                          __m256i idx, __m256i shift) {
+    __m256i v = _mm256_permutevar8x32_epi32(_mm256_loadu_si256((const __m256i *)(pairs + at)), idx);
+    __m256i state = _mm256_and_si256(_mm256_srlv_epi32(v, shift), _mm256_set1_epi32(0xFFFF));
+    __m256i h = _mm256_add_epi32(_mm256_mullo_epi32(state, _mm256_set1_epi32((int)TRELLIS_1MAD_A)),
+                                 _mm256_set1_epi32((int)TRELLIS_1MAD_C));
+    __m256i sum = _mm256_madd_epi16(_mm256_maddubs_epi16(h, _mm256_set1_epi8(1)), _mm256_set1_epi16(1));
+    return _mm256_cvtepi32_ps(_mm256_sub_epi32(sum, _mm256_set1_epi32(TRELLIS_1MAD_MEAN)));
+}
+
+__attribute__((target("avx2,fma"))) static void trellis_slab_avx2(const uint32_t *row_pairs, int64_t tiles, int k,
+                                                                 const float *x, int64_t B, int64_t n, float *acc,
+                                                                 float *w) {
+    int32_t lane_idx[16], lane_shift[16];
+    for (int r = 0; r < 16; r++) {
+        lane_idx[r] = ((r * k) >> 4) - (((r & 8) * k) >> 4);
+        lane_shift[r] = 16 - ((r * k) & 15);
+    }
+    const __m256i idx0 = _mm256_loadu_si256((const __m256i *)lane_idx);
+    const __m256i idx1 = _mm256_loadu_si256((const __m256i *)(lane_idx + 8));
+    const __m256i sh0 = _mm256_loadu_si256((const __m256i *)lane_shift);
+    const __m256i sh1 = _mm256_loadu_si256((const __m256i *)(lane_shift + 8));
+    const int64_t off1 = (8 * k) >> 4;
+    __m256 a0 = _mm256_loadu_ps(acc), a1 = _mm256_loadu_ps(acc + 8);
+    for (int64_t j = 0; j < tiles; j++) {
+        const uint32_t *pairs = row_pairs + j * TRELLIS_TILE * k;
+        const float *xj = x + j * TRELLIS_TILE;
+        if (B == 1) {
+            for (int c = 0; c < TRELLIS_TILE; c++) {
+                __m256 xv = _mm256_set1_ps(xj[c]);
+                a0 = _mm256_fmadd_ps(trellis_half_avx2(pairs, c * k, idx0, sh0), xv, a0);
+                a1 = _mm256_fmadd_ps(trellis_half_avx2(pairs, c * k + off1, idx1, sh1), xv, a1);
+            }
+            continue;
+        }
+        for (int c = 0; c < TRELLIS_TILE; c++) {
+            _mm256_storeu_ps(w + 16 * c, trellis_half_avx2(pairs, c * k, idx0, sh0));
+            _mm256_storeu_ps(w + 16 * c + 8, trellis_half_avx2(pairs, c * k + off1, idx1, sh1));
+        }
+        for (int64_t b = 0; b < B; b++) {
+            __m256 c0 = _mm256_loadu_ps(acc + 16 * b), c1 = _mm256_loadu_ps(acc + 16 * b + 8);
+            for (int c = 0; c < TRELLIS_TILE; c++) {
+                __m256 xv = _mm256_set1_ps(xj[b * n + c]);
+                c0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 16 * c), xv, c0);
+                c1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 16 * c + 8), xv, c1);
+            }
+            _mm256_storeu_ps(acc + 16 * b, c0);
+            _mm256_storeu_ps(acc + 16 * b + 8, c1);
+        }
+    }
+    if (B == 1) {
+        _mm256_storeu_ps(acc, a0);
+        _mm256_storeu_ps(acc + 8, a1);
+    }
+}
+#endif
+
+#if QS_ARM
+/* NEON: four quarters of 4 rows (a table lookup builds each lane's pair); the byte sum by pairwise adds. */
+static inline float32x4_t trellis_quarter_neon(const uint32_t *pairs, int c, int k, int q) {
+    uint32_t lane[4];
+    int32_t neg_shift[4];
+    for (int i = 0; i < 4; i++) {
+        int bit = (TRELLIS_TILE * c + 4 * q + i) * k;
+        lane[i] = pairs[bit >> 4];
+        neg_shift[i] = -(16 - (bit & 15));
+    }
+    uint32x4_t state = vandq_u32(vshlq_u32(vld1q_u32(lane), vld1q_s32(neg_shift)), vdupq_n_u32(0xFFFF));
+    uint32x4_t h = vmlaq_u32(vdupq_n_u32(TRELLIS_1MAD_C), state, vdupq_n_u32(TRELLIS_1MAD_A));
+    uint32x4_t sum = vpaddlq_u16(vpaddlq_u8(vreinterpretq_u8_u32(h)));
+    return vcvtq_f32_s32(vsubq_s32(vreinterpretq_s32_u32(sum), vdupq_n_s32(TRELLIS_1MAD_MEAN)));
+}
+
+static void trellis_slab_neon(const uint32_t *row_pairs, int64_t tiles, int k, const float *x, int64_t B, int64_t n,
+                              float *acc, float *w) {
+    for (int64_t j = 0; j < tiles; j++) {
+        const uint32_t *pairs = row_pairs + j * TRELLIS_TILE * k;
+        for (int c = 0; c < TRELLIS_TILE; c++)
+            for (int q = 0; q < 4; q++) vst1q_f32(w + 16 * c + 4 * q, trellis_quarter_neon(pairs, c, k, q));
+        const float *xj = x + j * TRELLIS_TILE;
+        for (int64_t b = 0; b < B; b++)
+            for (int q = 0; q < 4; q++) {
+                float32x4_t a = vld1q_f32(acc + 16 * b + 4 * q);
+                for (int c = 0; c < TRELLIS_TILE; c++)
+                    a = vfmaq_n_f32(a, vld1q_f32(w + 16 * c + 4 * q), xj[b * n + c]);
+                vst1q_f32(acc + 16 * b + 4 * q, a);
+            }
+    }
+}
+#endif
+
+static void trellis_slab_scalar(const uint32_t *row_pairs, int64_t tiles, int k, const float *x, int64_t B,
+                                int64_t n, float *acc, float *w) {
+    for (int64_t j = 0; j < tiles; j++) {
+        const uint32_t *pairs = row_pairs + j * TRELLIS_TILE * k;
+        for (int p = 0; p < TRELLIS_TILE * TRELLIS_TILE; p++) {
+            int bit = p * k;
+            w[p] = (float)trellis_1mad((pairs[bit >> 4] >> (16 - (bit & 15))) & 0xFFFF);
+        }
+        trellis_accumulate_scalar(w, x + j * TRELLIS_TILE, B, n, acc);
+    }
+}
+
+typedef void (*trellis_slab_fn)(const uint32_t *, int64_t, int, const float *, int64_t, int64_t, float *, float *);
+
+static trellis_slab_fn trellis_slab(int level) {
+#if QS_X86
+    if (level == QS_LEVEL_VNNI) return trellis_slab_vnni;
+    if (level == QS_LEVEL_AVX512) return trellis_slab_avx512;
+    if (level == QS_LEVEL_AVX2) return trellis_slab_avx2;
+#endif
+#if QS_ARM
+    if (level == QS_LEVEL_NEON || level == QS_LEVEL_NEON_DOT) return trellis_slab_neon;
+#endif
+    return trellis_slab_scalar;
+}
+
+/*
+ * The int8 form (a decoding step behind the Hadamard transform): each row of x is quantized to int8
+ * (scale max|x| / 127) and the products are exact integers. With h the 1MAD hash of a state and
+ * xq the activation, raw·xq = bytesum(h)·xq − 510·xq: the byte sum and the product are one
+ * instruction (vpdpbusd with xq in all four bytes of a lane) or two (vpmaddubsw by ones, vpmaddwd by
+ * xq in both halves), and 510·Σ xq comes off once per row. |bytesum·xq| <= 1020·127, so int32 sums
+ * are exact for n <= TRELLIS_INT8_MAX_N. Integer sums do not depend on their order: every level
+ * returns the same bits as the portable code.
+ */
+#define TRELLIS_INT8_MAX_N 16384
+
+static inline uint32_t trellis_hash(uint32_t state) { return state * TRELLIS_1MAD_A + TRELLIS_1MAD_C; }
+
+static inline int32_t trellis_bytesum(uint32_t h) {
+    return (int32_t)((h & 0xFF) + ((h >> 8) & 0xFF) + ((h >> 16) & 0xFF) + (h >> 24));
+}
+
+static void trellis_slab_int8_scalar(const uint32_t *row_pairs, int64_t tiles, int k, const int8_t *xq,
+                                     const int32_t *xw, int64_t B, int64_t n, int32_t *acc) {
+    (void)xw;
+    for (int64_t j = 0; j < tiles; j++) {
+        const uint32_t *pairs = row_pairs + j * TRELLIS_TILE * k;
+        for (int c = 0; c < TRELLIS_TILE; c++)
+            for (int r = 0; r < TRELLIS_TILE; r++) {
+                int bit = (TRELLIS_TILE * c + r) * k;
+                int32_t sum = trellis_bytesum(trellis_hash((pairs[bit >> 4] >> (16 - (bit & 15))) & 0xFFFF));
+                for (int64_t b = 0; b < B; b++)
+                    acc[b * TRELLIS_TILE + r] += sum * (int32_t)xq[b * n + j * TRELLIS_TILE + c];
+            }
+    }
+}
+
+#if QS_X86
+#define QS_TRELLIS_HASH_AVX512(ATTR, NAME)                                                                     \
+    ATTR static inline __m512i NAME(const uint32_t *pairs, int c, int k, __m512i idx, __m512i shift) {         \
+        __m512i v = _mm512_permutexvar_epi32(idx, _mm512_loadu_si512((const void *)(pairs + c * k)));          \
+        __m512i state = _mm512_and_si512(_mm512_srlv_epi32(v, shift), _mm512_set1_epi32(0xFFFF));              \
+        return _mm512_add_epi32(_mm512_mullo_epi32(state, _mm512_set1_epi32((int)TRELLIS_1MAD_A)),             \
+                                _mm512_set1_epi32((int)TRELLIS_1MAD_C));                                       \
+    }
+QS_TRELLIS_HASH_AVX512(__attribute__((target("avx512f,avx512bw"))), trellis_hash_avx512)
+
+/* xw [B, n]: the activation of column c as this level's multiplier lane (VNNI: xq in 4 bytes;
+   AVX-512BW: xq in both int16 halves). DOT(acc, h, xw) accumulates bytesum(h)·xq. */
+#define QS_TRELLIS_INT8_AVX512(ATTR, NAME, DOT)                                                                \
+    ATTR static void NAME(const uint32_t *row_pairs, int64_t tiles, int k, const int8_t *xq, const int32_t *xw, \
+                          int64_t B, int64_t n, int32_t *acc) {                                                \
+        (void)xq;                                                                                              \
+        int32_t lane_idx[16], lane_shift[16];                                                                  \
+        for (int r = 0; r < 16; r++) {                                                                         \
+            lane_idx[r] = (r * k) >> 4;                                                                        \
+            lane_shift[r] = 16 - ((r * k) & 15);                                                               \
+        }                                                                                                      \
+        const __m512i idx = _mm512_loadu_si512((const void *)lane_idx);                                        \
+        const __m512i shift = _mm512_loadu_si512((const void *)lane_shift);                                    \
+        if (B == 1) { /* a decoding step: two accumulators (even and odd columns) */                            \
+            __m512i a0 = _mm512_loadu_si512((const void *)acc), a1 = _mm512_setzero_si512();                   \
+            for (int64_t j = 0; j < tiles; j++) {                                                              \
+                const uint32_t *pairs = row_pairs + j * TRELLIS_TILE * k;                                      \
+                const int32_t *xj = xw + j * TRELLIS_TILE;                                                     \
+                for (int c = 0; c < TRELLIS_TILE; c += 2) {                                                    \
+                    a0 = DOT(a0, trellis_hash_avx512(pairs, c, k, idx, shift), _mm512_set1_epi32(xj[c]));      \
+                    a1 = DOT(a1, trellis_hash_avx512(pairs, c + 1, k, idx, shift), _mm512_set1_epi32(xj[c + 1])); \
+                }                                                                                              \
+            }                                                                                                  \
+            _mm512_storeu_si512((void *)acc, _mm512_add_epi32(a0, a1));                                        \
+            return;                                                                                            \
+        }                                                                                                      \
+        for (int64_t j = 0; j < tiles; j++) {                                                                  \
+            const uint32_t *pairs = row_pairs + j * TRELLIS_TILE * k;                                          \
+            __m512i h[TRELLIS_TILE];                                                                           \
+            for (int c = 0; c < TRELLIS_TILE; c++) h[c] = trellis_hash_avx512(pairs, c, k, idx, shift);        \
+            for (int64_t b = 0; b < B; b++) {                                                                  \
+                const int32_t *xj = xw + b * n + j * TRELLIS_TILE;                                             \
+                __m512i a = _mm512_loadu_si512((const void *)(acc + 16 * b));                                  \
+                for (int c = 0; c < TRELLIS_TILE; c++) a = DOT(a, h[c], _mm512_set1_epi32(xj[c]));             \
+                _mm512_storeu_si512((void *)(acc + 16 * b), a);                                                \
+            }                                                                                                  \
+        }                                                                                                      \
+    }
+#define QS_DOT_VNNI(a, h, x) _mm512_dpbusd_epi32((a), (h), (x))
+#define QS_DOT_AVX512BW(a, h, x) \
+    _mm512_add_epi32((a), _mm512_madd_epi16(_mm512_maddubs_epi16((h), _mm512_set1_epi8(1)), (x)))
+QS_TRELLIS_INT8_AVX512(__attribute__((target("avx512f,avx512bw,avx512vnni"))), trellis_int8_vnni, QS_DOT_VNNI)
+QS_TRELLIS_INT8_AVX512(__attribute__((target("avx512f,avx512bw"))), trellis_int8_avx512, QS_DOT_AVX512BW)
+
+__attribute__((target("avx2"))) static inline __m256i trellis_hash_avx2(const uint32_t *pairs, int64_t at,
+                                                                       __m256i idx, __m256i shift) {
+    __m256i v = _mm256_permutevar8x32_epi32(_mm256_loadu_si256((const __m256i *)(pairs + at)), idx);
+    __m256i state = _mm256_and_si256(_mm256_srlv_epi32(v, shift), _mm256_set1_epi32(0xFFFF));
+    return _mm256_add_epi32(_mm256_mullo_epi32(state, _mm256_set1_epi32((int)TRELLIS_1MAD_A)),
+                            _mm256_set1_epi32((int)TRELLIS_1MAD_C));
+}
+
+__attribute__((target("avx2"))) static inline __m256i trellis_dot_avx2(__m256i a, __m256i h, __m256i x) {
+    return _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_maddubs_epi16(h, _mm256_set1_epi8(1)), x));
+}
+
+__attribute__((target("avx2"))) static void trellis_int8_avx2(const uint32_t *row_pairs, int64_t tiles, int k,
+                                                             const int8_t *xq, const int32_t *xw, int64_t B,
+                                                             int64_t n, int32_t *acc) {
+    (void)xq;
+    int32_t lane_idx[16], lane_shift[16];
+    for (int r = 0; r < 16; r++) {
+        lane_idx[r] = ((r * k) >> 4) - (((r & 8) * k) >> 4);
+        lane_shift[r] = 16 - ((r * k) & 15);
+    }
+    const __m256i idx0 = _mm256_loadu_si256((const __m256i *)lane_idx);
+    const __m256i idx1 = _mm256_loadu_si256((const __m256i *)(lane_idx + 8));
+    const __m256i sh0 = _mm256_loadu_si256((const __m256i *)lane_shift);
+    const __m256i sh1 = _mm256_loadu_si256((const __m256i *)(lane_shift + 8));
+    const int64_t off1 = (8 * k) >> 4;
+    for (int64_t j = 0; j < tiles; j++) {
+        const uint32_t *pairs = row_pairs + j * TRELLIS_TILE * k;
+        __m256i h0[TRELLIS_TILE], h1[TRELLIS_TILE];
+        if (B > 1)
+            for (int c = 0; c < TRELLIS_TILE; c++) {
+                h0[c] = trellis_hash_avx2(pairs, c * k, idx0, sh0);
+                h1[c] = trellis_hash_avx2(pairs, c * k + off1, idx1, sh1);
+            }
+        for (int64_t b = 0; b < B; b++) {
+            const int32_t *xj = xw + b * n + j * TRELLIS_TILE;
+            __m256i a0 = _mm256_loadu_si256((const __m256i *)(acc + 16 * b));
+            __m256i a1 = _mm256_loadu_si256((const __m256i *)(acc + 16 * b + 8));
+            for (int c = 0; c < TRELLIS_TILE; c++) {
+                __m256i xv = _mm256_set1_epi32(xj[c]);
+                a0 = trellis_dot_avx2(a0, B > 1 ? h0[c] : trellis_hash_avx2(pairs, c * k, idx0, sh0), xv);
+                a1 = trellis_dot_avx2(a1, B > 1 ? h1[c] : trellis_hash_avx2(pairs, c * k + off1, idx1, sh1), xv);
+            }
+            _mm256_storeu_si256((__m256i *)(acc + 16 * b), a0);
+            _mm256_storeu_si256((__m256i *)(acc + 16 * b + 8), a1);
+        }
+    }
+}
+#endif
+
+typedef void (*trellis_int8_fn)(const uint32_t *, int64_t, int, const int8_t *, const int32_t *, int64_t, int64_t,
+                                int32_t *);
+
+/* The int8 slab of a level and how it wants the activations in xw (0: as 4 bytes, 1: as 2 int16). */
+static trellis_int8_fn trellis_int8(int level, int *xw_form) {
+    *xw_form = 0;
+#if QS_X86
+    if (level == QS_LEVEL_VNNI) return trellis_int8_vnni;
+    *xw_form = 1;
+    if (level == QS_LEVEL_AVX512) return trellis_int8_avx512;
+    if (level == QS_LEVEL_AVX2) return trellis_int8_avx2;
+#else
+    (void)level;
+#endif
+    return trellis_slab_int8_scalar;
+}
+
+/*
+ * y [B, m] = x [B, n] · Cᵀ as above with x quantized to int8 per row; a row with a NaN or ±Inf gives a
+ * row of NaN. n <= TRELLIS_INT8_MAX_N.
+ */
+QS_API int qs_trellis_matmul_int8(const int16_t *codes, int64_t m, int64_t n, int k, const float *x, int64_t B,
+                                  float *y, int nthreads, int level) {
+    if (!level_ok(level)) return QS_EBADLEVEL;
+    if (!codes || !x || !y || m <= 0 || n <= 0 || m % TRELLIS_TILE || n % TRELLIS_TILE || n > TRELLIS_INT8_MAX_N ||
+        k < 2 || k > TRELLIS_MAX_K || B < 1 || nthreads < 1)
+        return QS_EBADARG;
+    const int64_t slabs = m / TRELLIS_TILE, tiles = n / TRELLIS_TILE, row_words = tiles * TRELLIS_TILE * k;
+    int form;
+    trellis_int8_fn slab = trellis_int8(level, &form);
+    /* activations: int8 xq [B, n], the level's lanes xw [B, n], per row its scale and 510·Σ xq */
+    char *buf = (char *)malloc((size_t)(B * n) * (sizeof(int8_t) + sizeof(int32_t)) + (size_t)B * 16);
+    if (!buf) return QS_ENOMEM;
+    int32_t *xw = (int32_t *)buf;
+    float *xscale = (float *)(xw + B * n);
+    int32_t *offset = (int32_t *)(xscale + B);
+    int8_t *xq = (int8_t *)(offset + B);
+    for (int64_t b = 0; b < B; b++) {
+        const float *xb = x + b * n;
+        float amax = 0.0f;
+        int finite = 1;
+        for (int64_t c = 0; c < n; c++) {
+            float a = fabsf(xb[c]);
+            if (!(a <= FLT_MAX)) finite = 0;
+            else if (a > amax) amax = a;
+        }
+        float s = amax / 127.0f;
+        xscale[b] = finite ? s : NAN;
+        int32_t total = 0;
+        for (int64_t c = 0; c < n; c++) {
+            int q = (finite && s > 0.0f) ? (int)lrintf(xb[c] / s) : 0;
+            q = q > 127 ? 127 : (q < -127 ? -127 : q);
+            xq[b * n + c] = (int8_t)q;
+            total += q;
+            uint32_t u = (uint32_t)(q & (form ? 0xFFFF : 0xFF));
+            xw[b * n + c] = (int32_t)(form ? u * 0x00010001u : u * 0x01010101u);
+        }
+        offset[b] = TRELLIS_1MAD_MEAN * total;
+    }
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && slabs > 1)
+    {
+        int32_t *acc = (int32_t *)malloc(sizeof(int32_t) * (size_t)(B * TRELLIS_TILE) +
+                                         sizeof(uint32_t) * (size_t)(row_words + TRELLIS_TILE));
+        if (!acc) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < slabs; i++) {
+            if (!acc) continue;
+            uint32_t *pairs = (uint32_t *)(acc + B * TRELLIS_TILE);
+            memset(acc, 0, sizeof(int32_t) * (size_t)(B * TRELLIS_TILE));
+            trellis_slab_pairs(codes + i * row_words, tiles, k, pairs);
+            slab(pairs, tiles, k, xq, xw, B, n, acc);
+            for (int64_t b = 0; b < B; b++)
+                for (int r = 0; r < TRELLIS_TILE; r++)
+                    y[b * m + i * TRELLIS_TILE + r] = (float)(acc[b * TRELLIS_TILE + r] - offset[b]) * xscale[b];
+        }
+        free(acc);
+    }
+    free(buf);
+    return failed ? QS_ENOMEM : QS_OK;
+}
+
+/*
+ * y [B, m] = x [B, n] · Cᵀ with C [m, n] the raw 1MAD codes of a trellis matrix (bits k per weight);
+ * m, n multiples of 16. Threads split the 16-row slabs.
+ */
+QS_API int qs_trellis_matmul(const int16_t *codes, int64_t m, int64_t n, int k, const float *x, int64_t B, float *y,
+                             int nthreads, int level) {
+    if (!level_ok(level)) return QS_EBADLEVEL;
+    if (!codes || !x || !y || m <= 0 || n <= 0 || m % TRELLIS_TILE || n % TRELLIS_TILE || k < 2 ||
+        k > TRELLIS_MAX_K || B < 1 || nthreads < 1)
+        return QS_EBADARG;
+    const int64_t slabs = m / TRELLIS_TILE, tiles = n / TRELLIS_TILE, row_words = tiles * TRELLIS_TILE * k;
+    trellis_slab_fn slab = trellis_slab(level);
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && slabs > 1)
+    {
+        /* per thread: accumulators [B][16], one decoded tile, the pairs of a slab row */
+        float *acc = (float *)malloc(sizeof(float) * (size_t)(B * TRELLIS_TILE + TRELLIS_TILE * TRELLIS_TILE) +
+                                     sizeof(uint32_t) * (size_t)(row_words + TRELLIS_TILE));
+        if (!acc) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < slabs; i++) {
+            if (!acc) continue;
+            float *w = acc + B * TRELLIS_TILE;
+            uint32_t *pairs = (uint32_t *)(w + TRELLIS_TILE * TRELLIS_TILE);
+            memset(acc, 0, sizeof(float) * (size_t)(B * TRELLIS_TILE));
+            trellis_slab_pairs(codes + i * row_words, tiles, k, pairs);
+            slab(pairs, tiles, k, x, B, n, acc, w);
+            for (int64_t b = 0; b < B; b++)
+                memcpy(y + b * m + i * TRELLIS_TILE, acc + b * TRELLIS_TILE, sizeof(float) * TRELLIS_TILE);
+        }
+        free(acc);
+    }
+    return failed ? QS_ENOMEM : QS_OK;
+}
+
+/* out [m, n] float32 = the raw 1MAD codes of a trellis matrix (the portable decode; the reference of
+   the matmul above and the weights of a prefill GEMM). */
+QS_API int qs_trellis_decode(const int16_t *codes, int64_t m, int64_t n, int k, float *out, int nthreads) {
+    if (!codes || !out || m <= 0 || n <= 0 || m % TRELLIS_TILE || n % TRELLIS_TILE || k < 2 || k > TRELLIS_MAX_K ||
+        nthreads < 1)
+        return QS_EBADARG;
+    const int64_t slabs = m / TRELLIS_TILE, tiles = n / TRELLIS_TILE, row_words = tiles * TRELLIS_TILE * k;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && slabs > 1)
+    for (int64_t i = 0; i < slabs; i++) {
+        float w[TRELLIS_TILE * TRELLIS_TILE];
+        for (int64_t j = 0; j < tiles; j++) {
+            trellis_tile_scalar(codes + i * row_words + j * TRELLIS_TILE * k, k, w);
+            for (int c = 0; c < TRELLIS_TILE; c++)
+                for (int r = 0; r < TRELLIS_TILE; r++)
+                    out[(i * TRELLIS_TILE + r) * n + j * TRELLIS_TILE + c] = w[c * TRELLIS_TILE + r];
+        }
+    }
+    return QS_OK;
+}
+
 /* ------------------------------------------------------------------ importable module stub */
 #ifndef QS_STANDALONE
 static struct PyModuleDef qs_module = {PyModuleDef_HEAD_INIT, "_qskernels",

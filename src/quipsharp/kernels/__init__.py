@@ -40,6 +40,7 @@ from quipsharp.kernels.native import (
     INT8_LEVELS,
     KINDS,
     LEVELS,
+    TRELLIS_KINDS,
     UNFILLED_MESSAGE,
     BoundLinear,
     KernelError,
@@ -52,6 +53,9 @@ from quipsharp.kernels.native import (
 )
 from quipsharp.kernels.reference import REFERENCE, ReferenceKernel
 
+#: Codebooks a native kernel serves: the E8P family and the integer-code (1MAD) trellis.
+NATIVE_CODEBOOKS = frozenset(KINDS) | frozenset(TRELLIS_KINDS)
+
 __all__ = [
     "ENV_CPU_CAP",
     "ENV_KERNEL",
@@ -59,7 +63,9 @@ __all__ = [
     "INT8_LEVELS",
     "KINDS",
     "LEVELS",
+    "NATIVE_CODEBOOKS",
     "REFERENCE",
+    "TRELLIS_KINDS",
     "UNFILLED_MESSAGE",
     "BoundLinear",
     "Kernel",

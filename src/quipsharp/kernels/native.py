@@ -20,6 +20,7 @@ import torch
 
 from quipsharp.codebooks import get_codebook
 from quipsharp.config import CODEBOOK_DIM
+from quipsharp.config import TRELLIS_BLOCK as TRELLIS_TILE
 
 logger = logging.getLogger("quipsharp.kernels")
 
@@ -41,6 +42,13 @@ FUSED_MAX_BATCH = 8
 DECODE_CHUNK_ELEMENTS = 4 * 2**20
 #: Codebook name -> kernel kind (the C enum).
 KINDS = {"E8P12": 0, "E8P12RVQ3B": 1, "E8P12RVQ4B": 2}
+#: Trellis codebooks with a native decode-matvec (``qs_trellis_matmul``: the integer 1MAD code) -> bits.
+TRELLIS_KINDS = {"QTIP1MAD2": 2, "QTIP1MAD3": 3, "QTIP1MAD4": 4}
+#: Levels whose trellis decode-matvec quantizes a decoding step's activations to int8 (exact integer
+#: sums, the same bits at every level); NEON keeps float32 (its int8 trellis path is not written).
+TRELLIS_INT8_LEVELS = frozenset({"scalar", "avx2", "avx512", "avx512vnni"})
+#: Widest input of the int8 trellis kernel (its int32 sums are exact up to here).
+TRELLIS_INT8_MAX_N = 16384
 
 UNFILLED_MESSAGE = "QuantizedLinear used before its weight was quantized or loaded"
 NOT_BUILT_MESSAGE = ("quipsharp native kernels are not built (no C compiler at install time, or the build "
@@ -95,9 +103,13 @@ def lib() -> ctypes.CDLL | None:
     cdll.qs_step.argtypes = [_P, _P, _I64, _P, _INT]
     cdll.qs_dot_rows_int8.argtypes = [_P, _I64, _I64, _P, _P, _INT, _INT]
     cdll.qs_viterbi.argtypes = [_P, _I64, _I64, _P, _INT, _INT, _INT, _INT, _P, _P, _INT, _INT]
+    cdll.qs_trellis_matmul.argtypes = [_P, _I64, _I64, _INT, _P, _I64, _P, _INT, _INT]
+    cdll.qs_trellis_matmul_int8.argtypes = [_P, _I64, _I64, _INT, _P, _I64, _P, _INT, _INT]
+    cdll.qs_trellis_decode.argtypes = [_P, _I64, _I64, _INT, _P, _INT]
     for fn in (cdll.qs_decode, cdll.qs_matmul, cdll.qs_matmul_int8_ref, cdll.qs_hadamard, cdll.qs_linear,
                cdll.qs_supported_levels, cdll.qs_openmp, cdll.qs_step_check, cdll.qs_step,
-               cdll.qs_dot_rows_int8, cdll.qs_viterbi):
+               cdll.qs_dot_rows_int8, cdll.qs_viterbi, cdll.qs_trellis_matmul, cdll.qs_trellis_matmul_int8,
+               cdll.qs_trellis_decode):
         fn.restype = _INT
     return cdll
 
@@ -222,11 +234,12 @@ def check_linear_args(x, codes, su, sv, bias, m_in, m_out_t, codebook_name, use_
     n, m = su.shape[0], sv.shape[0]
     k_in, k_out = m_in.shape[0], m_out_t.shape[0]
     cpu = "cpu"
+    codes_dtype, codes_shape = _codes_spec(codebook_name, m, n)
     fast_ok = (
         x.shape[-1] == n and x.device.type == cpu and codes.device.type == cpu and su.device.type == cpu
         and sv.device.type == cpu
-        and codes.shape == (m, n // CODEBOOK_DIM * tables(codebook_name).code_bytes)
-        and codes.dtype == torch.uint8 and su.dtype == torch.float32 and sv.dtype == torch.float32
+        and codes.shape == codes_shape
+        and codes.dtype == codes_dtype and su.dtype == torch.float32 and sv.dtype == torch.float32
         and su.dim() == 1 and sv.dim() == 1 and codes.is_contiguous() and su.is_contiguous() and sv.is_contiguous()
         and (bias is None or (bias.shape == (m,) and bias.dtype == torch.float32 and bias.is_contiguous()
                               and bias.device.type == cpu))
@@ -236,7 +249,7 @@ def check_linear_args(x, codes, su, sv, bias, m_in, m_out_t, codebook_name, use_
         return
     if x.shape[-1] != n:
         raise ValueError(f"e8p_linear: x has last dim {x.shape[-1]}, expected {n}")
-    _need(codes, "codes", torch.uint8, (m, n // CODEBOOK_DIM * tables(codebook_name).code_bytes))
+    _need(codes, "codes", codes_dtype, codes_shape)
     _need(su, "su", torch.float32, (n,))
     _need(sv, "sv", torch.float32, (m,))
     if bias is not None:
@@ -247,6 +260,23 @@ def check_linear_args(x, codes, su, sv, bias, m_in, m_out_t, codebook_name, use_
             if not _factor_ok(M, dim):
                 raise ValueError(f"e8p_linear: factor {name} of order {k} does not split {dim} into K x 2^k")
     raise ValueError(f"e8p_linear: x must be a CPU tensor, got {x.device}")
+
+
+def _codes_spec(codebook_name: str, m: int, n: int) -> tuple[torch.dtype, tuple[int, ...]]:
+    """``(dtype, shape)`` of the stored codes a native kernel reads (ValueError: no native kernel)."""
+    if codebook_name in TRELLIS_KINDS:
+        if m % TRELLIS_TILE or n % TRELLIS_TILE:
+            raise ValueError(f"bad weight shape ({m}, {n}) for {codebook_name}: not whole {TRELLIS_TILE}x"
+                             f"{TRELLIS_TILE} tiles")
+        return torch.int16, (m // TRELLIS_TILE, n // TRELLIS_TILE * TRELLIS_TILE * TRELLIS_KINDS[codebook_name])
+    return torch.uint8, (m, n // CODEBOOK_DIM * tables(codebook_name).code_bytes)
+
+
+def trellis_scale() -> float:
+    """The factor from the native kernels' raw 1MAD codes to the codebook's unit-variance values."""
+    from quipsharp.codebooks.trellis import integer_code
+
+    return integer_code("1mad")[1]
 
 
 def _factor_ok(M: torch.Tensor, dim: int) -> bool:
@@ -290,7 +320,12 @@ class NativeKernel:
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``codes`` ``[m, n/8·code_bytes]`` uint8 -> ``W`` ``[m, n]`` float32, bitwise equal to the
-        reference decode. ``out``: an optional contiguous float32 ``[m, n]`` tensor to write into."""
+        reference decode. ``out``: an optional contiguous float32 ``[m, n]`` tensor to write into.
+        A trellis codebook (:data:`TRELLIS_KINDS`): int16 codes, the raw integer code times its scale
+        (equal to the reference decode to float32 rounding)."""
+        if codebook_name in TRELLIS_KINDS:
+            W = self.trellis_decode(codes, m, n, TRELLIS_KINDS[codebook_name], threads, out)
+            return W.mul_(trellis_scale())
         cdll, tb = _require(), tables(codebook_name)
         _check_mn(m, n)
         _need(codes, "codes", torch.uint8, (m, n // CODEBOOK_DIM * tb.code_bytes))
@@ -312,8 +347,13 @@ class NativeKernel:
 
         With :attr:`int8_activations` and ``allow_int8`` each row of ``x`` is first quantized to
         int8 (scale ``max|x| / 127``); ``allow_int8=False`` keeps float32 activations. A row with a
-        NaN or ±Inf gives a row of NaN.
+        NaN or ±Inf gives a row of NaN. A trellis codebook quantizes to int8 at
+        :data:`TRELLIS_INT8_LEVELS` (same rule).
         """
+        if codebook_name in TRELLIS_KINDS:
+            int8 = allow_int8 and self.name in TRELLIS_INT8_LEVELS and x.shape[-1] <= TRELLIS_INT8_MAX_N
+            return self.trellis_matmul(x, codes, m, TRELLIS_KINDS[codebook_name], threads,
+                                       int8=int8).mul_(trellis_scale())
         return _matmul(x, codes, m, codebook_name, threads, "matmul",
                        lambda *a: _require().qs_matmul(*a, self.level, int(allow_int8)))
 
@@ -354,6 +394,8 @@ class NativeKernel:
         B = h.shape[0]
         if B == 0:
             return x.new_empty(*x.shape[:-1], m)
+        if codebook_name in TRELLIS_KINDS:
+            return self._trellis_linear(x, h, codes, su, sv, scale, bias, m_in, m_out_t, codebook_name, use_hadamard)
         if B <= FUSED_MAX_BATCH or (use_hadamard and self.int8_activations):
             # one native call for the whole layer: the fused kernel for a decoding step, int8 GEMM
             # tiles (no float32 weight) for a prefill batch behind the Hadamard transform
@@ -382,6 +424,70 @@ class NativeKernel:
             self.hadamard(y, m_out_t, alpha=scale, post=sv)
         else:
             y.mul_(sv * scale)
+        if bias is not None:
+            y.add_(bias)
+        return y.reshape(*x.shape[:-1], m).to(x.dtype)
+
+
+    def trellis_matmul(self, x: torch.Tensor, codes: torch.Tensor, m: int, k: int,
+                       threads: int | None = None, *, int8: bool = False) -> torch.Tensor:
+        """``x`` ``[B, n]`` float32 @ ``Cᵀ`` -> ``[B, m]`` float32, ``C`` the raw 1MAD codes of a trellis
+        matrix (int16 ``codes`` ``[m/16, (n/16)·16k]``), decoded in registers (``qs_trellis_matmul``);
+        every level gives the same bits. ``int8``: each row of ``x`` quantized to int8 (scale
+        ``max|x| / 127``) and exact integer sums (``qs_trellis_matmul_int8``; ``n`` at most
+        :data:`TRELLIS_INT8_MAX_N`); a row with a NaN or ±Inf gives a row of NaN."""
+        if x.dim() != 2:
+            raise ValueError(f"trellis matmul: x must be [B, n], got {tuple(x.shape)}")
+        B, n = x.shape
+        dtype, shape = _codes_spec(f"QTIP1MAD{k}", m, n)
+        _need(codes, "codes", dtype, shape)
+        _need(x, "x", torch.float32, (B, n))
+        if int8 and n > TRELLIS_INT8_MAX_N:
+            raise ValueError(f"trellis matmul: int8 activations need n <= {TRELLIS_INT8_MAX_N}, got {n}")
+        y = torch.empty(B, m, dtype=torch.float32)
+        if B:
+            call = _require().qs_trellis_matmul_int8 if int8 else _require().qs_trellis_matmul
+            _check(call(codes.data_ptr(), m, n, k, x.data_ptr(), B, y.data_ptr(), _threads(threads), self.level),
+                   "trellis matmul")
+        return y
+
+    @staticmethod
+    def trellis_decode(codes: torch.Tensor, m: int, n: int, k: int, threads: int | None = None,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+        """The raw 1MAD codes ``C`` ``[m, n]`` float32 of a trellis matrix (``qs_trellis_decode``, portable C)."""
+        dtype, shape = _codes_spec(f"QTIP1MAD{k}", m, n)
+        _need(codes, "codes", dtype, shape)
+        if out is None:
+            out = torch.empty(m, n, dtype=torch.float32)
+        else:
+            _need(out, "out", torch.float32, (m, n))
+        _check(_require().qs_trellis_decode(codes.data_ptr(), m, n, k, out.data_ptr(), _threads(threads)),
+               "trellis decode")
+        return out
+
+    def _trellis_linear(self, x, h, codes, su, sv, scale, bias, m_in, m_out_t, codebook_name, use_hadamard):
+        """:meth:`linear` of a trellis layer: RHT of the input, raw-code matmul (decode-matvec for a
+        decoding step, decode + torch GEMM for a prefill batch), inverse RHT scaled by
+        ``wscale`` times the code's scale, bias."""
+        n, m = su.shape[0], sv.shape[0]
+        B = h.shape[0]
+        k = TRELLIS_KINDS[codebook_name]
+        h = h.clone() if h.data_ptr() == x.data_ptr() else h  # the transforms work in place
+        if use_hadamard:
+            self.hadamard(h, m_in, pre=su)
+        else:
+            h.mul_(su)
+        if B <= FUSED_MAX_BATCH:
+            int8 = use_hadamard and self.name in TRELLIS_INT8_LEVELS and n <= TRELLIS_INT8_MAX_N
+            y = self.trellis_matmul(h, codes, m, k, int8=int8)
+        else:
+            W = self.trellis_decode(codes, m, n, k, out=_scratch(m * n)[: m * n].view(m, n))
+            y = h @ W.T
+        alpha = scale * trellis_scale()
+        if use_hadamard:
+            self.hadamard(y, m_out_t, alpha=alpha, post=sv)
+        else:
+            y.mul_(sv * alpha)
         if bias is not None:
             y.add_(bias)
         return y.reshape(*x.shape[:-1], m).to(x.dtype)

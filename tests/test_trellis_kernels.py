@@ -1,0 +1,118 @@
+"""Native trellis decode-matvec (qs_trellis_matmul[_int8], qs_trellis_decode) against exact references,
+on every ISA level this CPU has (the others skipped with the reason; NEON runs in make test-arm)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quipsharp import kernels
+from quipsharp.codebooks import get_codebook
+from quipsharp.codebooks.trellis import integer_code, states_from_words
+from quipsharp.config import QuIPSharpConfig
+from quipsharp.nn import QuantizedLinear
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="native kernels not built")
+X86_LEVELS = ("scalar", "avx2", "avx512", "avx512vnni")
+
+
+def _level(level: str):
+    if level not in kernels.supported_levels():
+        pytest.skip(f"CPU lacks {level}")
+    return kernels.select(level)
+
+
+def _codes(m: int, n: int, k: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(-(1 << 15), 1 << 15, (m // 16, n // 16 * 16 * k), generator=gen, dtype=torch.int32
+                         ).to(torch.int16)
+
+
+def _raw_matrix(codes: torch.Tensor, m: int, n: int, k: int) -> torch.Tensor:
+    """The raw 1MAD integers [m, n] (int64) from the Python decode of the same layout."""
+    raw, _ = integer_code("1mad")
+    states = states_from_words(codes.reshape(-1, 16 * k), k)  # [tiles, 256], column-major in the tile
+    return raw.to(torch.int64)[states].reshape(m // 16, n // 16, 16, 16).permute(0, 3, 1, 2).reshape(m, n)
+
+
+@pytest.mark.parametrize("k", (2, 3, 4))
+def test_decode_equals_the_python_decode_of_the_layout(k: int) -> None:
+    m, n = 48, 80
+    codes = _codes(m, n, k, k)
+    raw = kernels.NativeKernel.trellis_decode(codes, m, n, k)
+    assert torch.equal(raw, _raw_matrix(codes, m, n, k).to(torch.float32))
+    cb = get_codebook(f"QTIP1MAD{k}")
+    scaled = kernels.select("scalar").decode(codes, m, n, cb.name)
+    torch.testing.assert_close(scaled, cb.decode_matrix(cb.unpack_matrix(codes, m, n), m, n), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("level", X86_LEVELS)
+@pytest.mark.parametrize("k", (2, 3, 4))
+@pytest.mark.parametrize("B", (1, 3, 9))
+def test_float_matmul_is_the_same_bits_on_every_level_and_close_to_exact(level: str, k: int, B: int) -> None:
+    kernel = _level(level)
+    m, n = 64, 96
+    codes = _codes(m, n, k, 10 * k + B)
+    x = torch.randn(B, n, generator=torch.Generator().manual_seed(B))
+    got = kernel.trellis_matmul(x, codes, m, k)
+    assert torch.equal(got, kernels.select("scalar").trellis_matmul(x, codes, m, k))
+    exact = x.double() @ _raw_matrix(codes, m, n, k).double().T
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("level", X86_LEVELS)
+@pytest.mark.parametrize("k", (2, 3, 4))
+@pytest.mark.parametrize("B", (1, 2, 9))
+def test_int8_matmul_equals_exact_integer_sums(level: str, k: int, B: int) -> None:
+    kernel = _level(level)
+    m, n = 32, 160
+    codes = _codes(m, n, k, 7 * k + B)
+    x = torch.randn(B, n, generator=torch.Generator().manual_seed(100 + B)) * 3
+    x[0, 5] = 200.0  # one outlier: it sets the row's scale, its int8 value is 127
+    scale = x.abs().amax(dim=1) / 127  # float32, as the kernel
+    xq = torch.round(x / scale[:, None]).clamp(-127, 127).to(torch.int64)
+    sums = xq @ _raw_matrix(codes, m, n, k).T  # exact integers
+    want = sums.to(torch.float32) * scale[:, None]
+    got = kernel.trellis_matmul(x, codes, m, k, int8=True)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("level", X86_LEVELS)
+def test_int8_rows_with_nan_or_inf_give_nan_and_zero_rows_give_zero(level: str) -> None:
+    kernel = _level(level)
+    codes = _codes(32, 64, 2, 0)
+    x = torch.randn(4, 64)
+    x[1, 3] = float("nan")
+    x[2, 0] = float("inf")
+    x[3] = 0.0
+    y = kernel.trellis_matmul(x, codes, 32, 2, int8=True)
+    assert torch.isfinite(y[0]).all() and torch.isnan(y[1]).all() and torch.isnan(y[2]).all()
+    assert torch.equal(y[3], torch.zeros(32))
+
+
+def test_bad_arguments_are_refused_before_c() -> None:
+    kernel = kernels.select("scalar")
+    codes = _codes(32, 64, 2, 0)
+    with pytest.raises(ValueError, match="codes"):
+        kernel.trellis_matmul(torch.randn(1, 64), codes[:, :-1], 32, 2)
+    with pytest.raises(ValueError, match="not whole 16x16 tiles"):
+        kernel.trellis_matmul(torch.randn(1, 64), codes, 40, 2)
+    with pytest.raises(ValueError, match="int8 activations need n <= 16384"):
+        kernel.trellis_matmul(torch.randn(1, 16400), _codes(16, 16400 // 16 * 16, 2, 1), 16, 2, int8=True)
+
+
+@pytest.mark.parametrize("level", X86_LEVELS)
+@pytest.mark.parametrize("batch", (1, 4, 12))
+def test_layer_on_the_native_kernel_matches_the_reference(level: str, batch: int) -> None:
+    _level(level)
+    layer = QuantizedLinear.from_linear(torch.nn.Linear(128, 64, bias=True), None,
+                                        QuIPSharpConfig(bits=3, codebook="qtip1mad"))
+    x = torch.randn(batch, 128, generator=torch.Generator().manual_seed(batch))
+    ref = layer.reference_forward(x)
+    layer.use_kernel(level)
+    assert layer._native
+    got = layer(x)
+    # a decoding step (batch <= 8) uses int8 activations: about 1% of the output's scale
+    tol = 0.02 * float(ref.abs().max()) if batch <= kernels.FUSED_MAX_BATCH else 1e-4
+    torch.testing.assert_close(got, ref, rtol=0, atol=tol)
+    assert layer.bind() is None  # the fused decoding step does not take trellis layers (yet)
