@@ -69,15 +69,30 @@ def test_split_holdout():
         split_holdout(1, 0.5)
 
 
-def _block_setup(quantize: tuple[str, ...] = ("mlp.down_proj",)):
-    """Block 0 of a tiny Llama, its calibration stream and float targets, ``quantize`` data-free at 2 bits."""
+def _block_setup(quantize: tuple[str, ...] = ("mlp.down_proj",), layer: QuIPSharpConfig = TWO_BIT):
+    """Block 0 of a tiny Llama, its calibration stream and float targets, ``quantize`` data-free with ``layer``."""
     model = tiny_model("llama")
     _, blocks = find_blocks(model)
     stream, calls = capture_block_inputs(model, blocks, list(calibration_tokens(32, 32).split(8)))
     block = blocks[0]
     targets = run_block(block, stream, calls[0])
-    quantize_linears(block, "b", list(quantize), None, ModelQuantConfig(layer=TWO_BIT))
+    quantize_linears(block, "b", list(quantize), None, ModelQuantConfig(layer=layer))
     return block, stream, calls[0], targets
+
+
+def test_block_finetuning_trains_the_trellis_table():
+    """A HYB layer's code table learns (at the sign vectors' rate): halving it is repaired, the bits stay."""
+    block, stream, calls, targets = _block_setup(layer=QuIPSharpConfig(bits=2, codebook="qtiphyb"))
+    layer = block.mlp.down_proj
+    original, codes = layer.lut.clone(), layer.codes.clone()
+    with torch.no_grad():
+        layer.lut.mul_(0.5)
+    cfg = FinetuneConfig(mode="block", block_epochs=4, lr=1e-6, sign_lr=1e-2, batch_size=4)
+    report = finetune_block(block, stream, targets, calls, cfg)
+    assert report.best_epoch > 0 and report.gain > 0.5, report.losses
+    ratio = float((layer.lut * original).sum() / original.square().sum())
+    assert 0.55 < ratio < 1.0, ratio  # from 0.5 back towards the table (the sign vectors share the repair)
+    assert torch.equal(layer.codes, codes) and not layer.lut.requires_grad and layer._states is None
 
 
 def test_block_finetuning_recovers_a_damaged_scale():

@@ -131,6 +131,22 @@ def test_every_level_finds_the_same_paths(level: str, L: int, kv: int) -> None:
     assert torch.equal(got, want) and torch.equal(got_cost, want_cost)
 
 
+@pytest.mark.parametrize("level", list(kernels.LEVELS))
+@pytest.mark.parametrize("k", (2, 3, 4))
+def test_every_level_finds_the_same_paths_with_two_weights_per_state(level: str, k: int) -> None:
+    """V = 2 (the HYB code): the vectorised distance of a pair equals the portable one, bit for bit."""
+    if level not in kernels.supported_levels():
+        pytest.skip(f"CPU lacks {level}")
+    from quipsharp.kernels.native import viterbi as native_viterbi
+
+    code = tr.hyb_table(tr.hyb_initial_lut())
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(k))
+    want, want_cost = native_viterbi(x, code, 16, 2 * k, True, level="scalar")
+    got, got_cost = native_viterbi(x, code, 16, 2 * k, True, level=level)
+    assert torch.equal(got, want) and torch.equal(got_cost, want_cost)
+    assert tr.is_tail_biting(got.to(torch.int64), 16, 2 * k)
+
+
 @native
 @pytest.mark.parametrize(("L", "kv"), [(6, 1), (8, 2), (12, 3), (16, 2), (16, 3), (16, 4), (16, 5)])
 @pytest.mark.parametrize("tail_biting", [False, True])

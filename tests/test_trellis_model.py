@@ -206,3 +206,66 @@ def test_inspect_names_the_codebook(trellis_dir, capsys) -> None:
     assert "quipsharp format 2" in text and "codebooks: QTIP1MAD2 (14 layers)" in text
     assert main(["inspect", str(trellis_dir[0]), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["codebooks"] == {"QTIP1MAD2": 14}
+
+
+# --------------------------------------------------------------------------- the HYB code (per-matrix table)
+def test_hyb_code_reaches_every_table_entry_equally_and_negates_half() -> None:
+    from quipsharp.codebooks.trellis import HYB_LUT_STD, hyb_index, hyb_initial_lut, hyb_table
+
+    entry, negate = hyb_index(torch.arange(1 << 16))
+    assert torch.equal(torch.bincount(entry, minlength=512), torch.full((512,), 128))
+    assert int(negate.sum()) == 1 << 15
+    lut = hyb_initial_lut()
+    assert lut.shape == (512, 2) and float(lut.square().mean().sqrt()) == pytest.approx(HYB_LUT_STD, rel=1e-5)
+    table = hyb_table(lut)
+    assert torch.equal(table[:, 1], lut[entry, 1])
+    assert torch.equal(table[:, 0], torch.where(negate, -lut[entry, 0], lut[entry, 0]))
+
+
+def test_hyb_layer_stores_its_table_trains_it_and_keeps_the_bits() -> None:
+    config = QuIPSharpConfig(bits=2, codebook="qtiphyb")
+    q = QuantizedLinear.from_linear(torch.nn.Linear(64, 32), None, config)
+    assert q.lut is not None and q.lut.shape == (512, 2) and torch.isfinite(q.lut).all()
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        before = q(x)
+    torch.testing.assert_close(before, x @ q.dequantize().T + q.bias, rtol=1e-5, atol=1e-5)
+    codes = q.codes.clone()
+    q.enable_training()
+    assert q.trainable_state()[-1] is q.lut and q.lut.requires_grad
+    y = q(x)
+    torch.testing.assert_close(y.detach(), before, rtol=1e-5, atol=1e-5)
+    y.square().sum().backward()
+    assert q.lut.grad is not None and q.lut.grad.abs().sum() > 0
+    with torch.no_grad():
+        q.lut.mul_(1.1)  # a changed table changes the layer's output, never its bits
+    q.disable_training()
+    with torch.no_grad():
+        torch.testing.assert_close(q(x) - q.bias, (before - q.bias) * 1.1, rtol=1e-4, atol=1e-5)
+    assert torch.equal(q.codes, codes) and not q.lut.requires_grad
+
+
+def test_hyb_model_round_trip_and_a_damaged_table_is_refused(tmp_path) -> None:
+    tokens = calibration_tokens(8, 32)
+    config = ModelQuantConfig(layer=QuIPSharpConfig(bits=3, codebook="qtiphyb"), nsamples=8, ctx=32, batch_size=4)
+    model, reports = quantize_model(tiny_model("llama"), config, tokens, progress=False)
+    assert all(r.codebook == "QTIPHYB3" for r in reports)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.lut.mul_(0.9)  # as fine-tuning leaves it: a table of its own
+        logits = model(input_ids=tokens[:2]).logits
+    out = save_quantized(model, tmp_path / "q", config=config, reports=reports)
+    loaded = load_quantized(out)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=tokens[:2]).logits, logits)
+
+    def nan_table(state):
+        state["model.layers.1.self_attn.q_proj.lut"][3, 1] = float("nan")
+
+    with pytest.raises(ModelLoadError, match=r"q_proj\.lut holds non-finite values"):
+        load_quantized(_copy_with(out, tmp_path / "nan", mutate_state=nan_table))
+
+    def no_table(state):
+        del state["model.layers.1.self_attn.q_proj.lut"]
+
+    with pytest.raises(ModelLoadError, match=r"missing tensors.*q_proj\.lut"):
+        load_quantized(_copy_with(out, tmp_path / "missing", mutate_state=no_table))

@@ -18,7 +18,7 @@ SUPPORTED_BITS = (2, 3, 4)
 # it is the block size g of BlockLDLQ (QuIP# §4.1).
 CODEBOOK_DIM = 8
 #: Codebook families a config can select (``QuIPSharpConfig.codebook``), in the order the CLI lists them.
-CODEBOOK_FAMILIES = ("e8p", "qtip1mad", "qtip3inst")
+CODEBOOK_FAMILIES = ("e8p", "qtip1mad", "qtip3inst", "qtiphyb")
 # The trellis codebooks quantize 16 x 16 tiles: BlockLDLQ blocks of 16 columns (QTIP §4).
 TRELLIS_BLOCK = 16
 DEFAULT_DAMPING = 1e-2
@@ -54,7 +54,8 @@ class QuIPSharpConfig:
         cd_passes: extra passes of block coordinate descent after BlockLDLQ (0 = the paper's algorithm).
         codebook: the codebook family: ``"e8p"`` (QuIP#'s E8P12 and its residual 3/4-bit versions),
             ``"qtip1mad"`` or ``"qtip3inst"`` (QTIP's bitshift trellis with a computed code: 16 × 16
-            tiles, BlockLDLQ blocks of 16 columns, exactly ``bits`` bits per weight).
+            tiles, BlockLDLQ blocks of 16 columns, exactly ``bits`` bits per weight), or ``"qtiphyb"``
+            (the trellis with QTIP's HYB code: a 512 × 2 table stored and fine-tuned per matrix).
 
     Version 2 added ``codebook``; version-1 dicts load as ``"e8p"``.
     """

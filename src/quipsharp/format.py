@@ -21,7 +21,8 @@ tokenizer, generation config as transformers writes them
 Per quantized module ``NAME`` (:meth:`ModuleSpec.schema`): ``NAME.codes`` (vector codebooks: uint8
 ``[m, n/8·code_bytes]``; trellis codebooks, format version 2: int16 ``[m/16, (n/16)·16·bits]``),
 ``NAME.su`` float32 ``[n]``, ``NAME.sv`` float32 ``[m]``, ``NAME.wscale`` float32 ``[]``,
-``NAME.codebook_id`` int64 ``[]`` and, with a bias, ``NAME.bias`` float32 ``[m]``.
+``NAME.codebook_id`` int64 ``[]``, with a bias ``NAME.bias`` float32 ``[m]`` and, for the trellis HYB
+code, ``NAME.lut`` float32 ``[512, 2]``.
 
 Tie policy: a tensor that shares storage with one saved earlier is dropped and named in ``tied``;
 a loader re-ties it, and refuses a tie the model's own config does not declare.
@@ -138,6 +139,9 @@ class ModuleSpec:
         }
         if self.bias:
             out["bias"] = (QUANTIZED_STATE_DTYPE, (self.out_features,))
+        lut_shape = get_codebook(layer_config.codebook_name).lut_shape
+        if lut_shape:
+            out["lut"] = (QUANTIZED_STATE_DTYPE, lut_shape)
         return out
 
 
@@ -407,6 +411,8 @@ def check_loaded_model(model: nn.Module, where: str = "") -> None:
             scale = float(module.wscale)
             if not (scale > 0 and scale < float("inf")):
                 raise ModelLoadError(f"{where}{name}.wscale is {scale}: the weights are damaged")
+            if module.lut is not None and not bool(torch.isfinite(module.lut).all()):
+                raise ModelLoadError(f"{where}{name}.lut holds non-finite values: the weights are damaged")
     quantized_state = {id(t) for m in model.modules() if isinstance(m, QuantizedLinear) for t in m.buffers()}
     float_dtypes: dict[torch.dtype, str] = {}
     seen: set[int] = set()

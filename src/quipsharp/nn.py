@@ -16,6 +16,7 @@ Buffers (the file format of one layer):
     wscale     float32 []              Wscale
     codebook_id int64  []              registry id of the codebook
     bias       float32 [out_features]  (only when bias=True)
+    lut        float32 [512, 2]        the per-matrix code table (only for the trellis HYB code)
 """
 
 from __future__ import annotations
@@ -74,6 +75,10 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, device=device))
         else:
             self.bias = None
+        if self.codebook.lut_shape:  # the per-matrix table of the trellis HYB code (NaN until filled)
+            self.register_buffer("lut", torch.full(self.codebook.lut_shape, math.nan, device=device))
+        else:
+            self.lut = None
         # codes of another codebook must never be decoded with this one: checked on every load
         self.register_load_state_dict_post_hook(lambda module, _keys: module._check_loaded_codebook())
         # The CPU kernel serving inference (kernels.select; the reference for codebooks without a
@@ -81,8 +86,10 @@ class QuantizedLinear(nn.Module):
         self._kernel: kernels.Kernel = kernels.select(kernels.REFERENCE)
         self._m_in = self._m_out_t = _NO_FACTOR
         self.use_kernel(None)
-        # Fine-tuning cache: the frozen part of the weight, built by enable_training(), never by forward.
+        # Fine-tuning caches, built by enable_training(), never by forward: the frozen part of the weight,
+        # or (a layer with a trainable table) its frozen trellis states.
         self._core: torch.Tensor | None = None
+        self._states: torch.Tensor | None = None
 
     @property
     def _native(self) -> bool:
@@ -156,6 +163,10 @@ class QuantizedLinear(nn.Module):
         self.su.copy_(qw.su)
         self.sv.copy_(qw.sv)
         self.wscale.fill_(qw.scale)
+        if self.lut is not None:
+            if qw.lut is None or tuple(qw.lut.shape) != tuple(self.lut.shape):
+                raise ValueError(f"{self.codebook.name} needs its table {list(self.lut.shape)} with the weight")
+            self.lut.copy_(qw.lut)
 
     def quantized_weight(self) -> QuantizedWeight:
         """The layer's state as a :class:`QuantizedWeight` (proxy loss and damping unknown: NaN)."""
@@ -168,6 +179,7 @@ class QuantizedLinear(nn.Module):
             use_hadamard=self.config.use_hadamard,
             proxy_loss=math.nan,
             damping=math.nan,
+            lut=self.lut,
         )
 
     def dequantize(self) -> torch.Tensor:
@@ -187,10 +199,15 @@ class QuantizedLinear(nn.Module):
         inference paths up to float rounding. Undo with :meth:`disable_training`.
         """
         qw = self.quantized_weight()
-        ones_in = torch.ones_like(self.su)
-        ones_out = torch.ones_like(self.sv)
-        core = QuantizedWeight(qw.codes, ones_in, ones_out, 1.0, qw.codebook, qw.use_hadamard, math.nan, math.nan)
-        self._core = dequantize(core).to(self.su.device)
+        if self.lut is not None:  # the weight depends on the trainable table: keep the frozen states instead
+            self._states = self.codebook.matrix_states(qw.codes)
+            self.lut.requires_grad_(True)
+        else:
+            ones_in = torch.ones_like(self.su)
+            ones_out = torch.ones_like(self.sv)
+            core = QuantizedWeight(qw.codes, ones_in, ones_out, 1.0, qw.codebook, qw.use_hadamard, math.nan,
+                                   math.nan)
+            self._core = dequantize(core).to(self.su.device)
         for name in TRAINABLE_BUFFERS:
             buf = getattr(self, name)
             if buf is not None:
@@ -199,14 +216,16 @@ class QuantizedLinear(nn.Module):
     def disable_training(self) -> None:
         """Drop the training cache and freeze the state again (inference uses the native kernel)."""
         self._core = None
-        for name in TRAINABLE_BUFFERS:
+        self._states = None
+        for name in (*TRAINABLE_BUFFERS, "lut"):
             buf = getattr(self, name)
             if buf is not None:
                 buf.requires_grad_(False)
 
     def trainable_state(self) -> list[torch.Tensor]:
-        """The tensors :meth:`enable_training` makes trainable: ``su``, ``sv`` (and ``bias``)."""
-        return [getattr(self, n) for n in TRAINABLE_BUFFERS if getattr(self, n) is not None]
+        """The tensors :meth:`enable_training` makes trainable (all at the sign vectors' rate): ``su``,
+        ``sv`` (and ``bias``, and the trellis HYB code's table ``lut``)."""
+        return [getattr(self, n) for n in (*TRAINABLE_BUFFERS, "lut") if getattr(self, n) is not None]
 
     # ------------------------------------------------------------------ inference
     def _check_loaded_codebook(self) -> None:
@@ -234,6 +253,8 @@ class QuantizedLinear(nn.Module):
         """
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with last dim {self.in_features}, got {tuple(x.shape)}")
+        if self._states is not None:  # fine-tuning a layer with a trainable table: the reference path
+            return self.reference_forward(x)
         if self._core is not None:  # fine-tuning (enable_training): scales applied to activations,
             # so the backward pass keeps activation-sized tensors, not extra [m, n] copies
             y = F.linear(x.to(torch.float32) * self.su, self._core) * (self.wscale * self.sv)
@@ -253,7 +274,7 @@ class QuantizedLinear(nn.Module):
     def bind(self, threads: int | None = None) -> kernels.BoundLinear | None:
         """This layer's native call with its state checked once (for decoding loops), or None when
         the native kernel does not serve it (not built, not selected, not on CPU, in training)."""
-        if not self._native or self._core is not None or self.codes.device.type != "cpu":
+        if not self._native or self._core is not None or self._states is not None or self.codes.device.type != "cpu":
             return None
         if self.codebook.name not in kernels.KINDS:  # a trellis layer: its kernel runs through forward()
             return None
@@ -261,9 +282,14 @@ class QuantizedLinear(nn.Module):
                                    self.codebook.name, self.config.use_hadamard, threads, level=self._kernel.name)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The pure-torch path (any device, differentiable in ``x``, ``su``, ``sv``, ``wscale``, ``bias``)."""
+        """The pure-torch path (any device, differentiable in ``x``, ``su``, ``sv``, ``wscale``, ``bias``
+        and a HYB table ``lut``)."""
         m, n = self.out_features, self.in_features
-        W = self.codebook.decode_matrix(self.codebook.unpack_matrix(self.codes, m, n), m, n).to(self.su.device)
+        if self._states is not None:
+            W = self.codebook.matrix_from_states(self._states, m, n, self.lut)
+        else:
+            W = self.codebook.decode_matrix(self.codebook.unpack_matrix(self.codes, m, n), m, n, self.lut)
+        W = W.to(self.su.device)
         h = x.to(torch.float32) * self.su
         if self.config.use_hadamard:
             h = hadamard_transform(h)

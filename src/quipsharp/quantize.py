@@ -37,6 +37,7 @@ class QuantizedWeight:
         use_hadamard: whether U, V are Hadamard transforms (else identity).
         proxy_loss: relative proxy loss ``tr(E H Eᵀ) / tr(W H Wᵀ)`` with the normalised, undamped H.
         damping: the relative damping σ that was finally used.
+        lut: the per-matrix table of a codebook with ``lut_shape`` (the trellis HYB code), else None.
     """
 
     codes: torch.Tensor
@@ -47,6 +48,7 @@ class QuantizedWeight:
     use_hadamard: bool
     proxy_loss: float
     damping: float
+    lut: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -164,13 +166,14 @@ def quantize_weight(
         use_hadamard=config.use_hadamard,
         proxy_loss=rel,
         damping=sigma,
+        lut=codebook.initial_lut() if codebook.lut_shape else None,
     )
 
 
 def decode_transformed(qw: QuantizedWeight) -> torch.Tensor:
     """``scale · decode(codes)``: the quantized weight in the transformed domain, ``[m, n]`` float32."""
     m, n = qw.shape
-    return get_codebook(qw.codebook).decode_matrix(qw.codes, m, n) * qw.scale
+    return get_codebook(qw.codebook).decode_matrix(qw.codes, m, n, qw.lut) * qw.scale
 
 
 def dequantize(qw: QuantizedWeight) -> torch.Tensor:

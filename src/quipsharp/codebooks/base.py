@@ -31,6 +31,8 @@ class Codebook(Protocol):
     #: Output rows coded together (1, or 16 for the trellis).
     tile_rows: int
     opt_scale: float
+    #: Shape of the table stored with each matrix (the trellis HYB code), else None.
+    lut_shape: tuple[int, int] | None
 
     @property
     def bits_per_weight(self) -> float:
@@ -57,8 +59,8 @@ class Codebook(Protocol):
         """Inverse of :meth:`pack_matrix`."""
         ...
 
-    def decode_matrix(self, codes: torch.Tensor, m: int, n: int) -> torch.Tensor:
-        """A matrix's codes -> the unscaled weight ``[m, n]`` float32."""
+    def decode_matrix(self, codes: torch.Tensor, m: int, n: int, lut: torch.Tensor | None = None) -> torch.Tensor:
+        """A matrix's codes (and its table, when ``lut_shape``) -> the unscaled weight ``[m, n]`` float32."""
         ...
 
 

@@ -148,6 +148,8 @@ class PackedCodebook:
     # -------------------------------------------------------------- a whole matrix (BlockLDLQ, storage)
     #: Output rows that are quantized together (1: every row on its own).
     tile_rows = 1
+    #: Shape of a per-matrix table stored with each layer (only the trellis HYB code has one).
+    lut_shape: tuple[int, int] | None = None
 
     def shape_problem(self, m: int, n: int) -> str | None:
         """Why an ``[m, n]`` weight cannot use this codebook, or None."""
@@ -172,8 +174,8 @@ class PackedCodebook:
         """Inverse of :meth:`pack_matrix`."""
         return self.unpack(packed)
 
-    def decode_matrix(self, codes: torch.Tensor, m: int, n: int) -> torch.Tensor:
-        """Codes ``[m, n/dim]`` -> the unscaled weight ``[m, n]`` float32."""
+    def decode_matrix(self, codes: torch.Tensor, m: int, n: int, lut: torch.Tensor | None = None) -> torch.Tensor:
+        """Codes ``[m, n/dim]`` -> the unscaled weight ``[m, n]`` float32 (``lut``: unused here)."""
         return self.decode(codes).reshape(m, n)
 
     def _check_input(self, x: torch.Tensor) -> None:

@@ -15,10 +15,14 @@ QTIP1MAD4   34  bitshift trellis, 1MAD code, 4 bits/weight
 QTIP3INST2  35  bitshift trellis, 3INST code, 2 bits/weight
 QTIP3INST3  36  bitshift trellis, 3INST code, 3 bits/weight
 QTIP3INST4  37  bitshift trellis, 3INST code, 4 bits/weight
+QTIPHYB2    38  bitshift trellis, HYB code (per-matrix 512 x 2 table), 2 bits/weight
+QTIPHYB3    39  bitshift trellis, HYB code, 3 bits/weight
+QTIPHYB4    40  bitshift trellis, HYB code, 4 bits/weight
 ========== === ===========================================
 
 Families (``QuIPSharpConfig.codebook``): ``e8p`` (E8P12 and its residual versions; with
-``use_e8_lattice=False`` the scalar ablation), ``qtip1mad`` and ``qtip3inst`` (the trellis codes).
+``use_e8_lattice=False`` the scalar ablation), ``qtip1mad``, ``qtip3inst`` and ``qtiphyb`` (the trellis
+codes).
 
 Ids are part of the on-disk format: never renumber, only append.
 """
@@ -47,7 +51,7 @@ _FACTORIES: dict[str, tuple[int, Callable[[], Codebook]]] = {
     "scalar3": (17, functools.partial(ScalarCodebook, 3)),
     "scalar4": (18, functools.partial(ScalarCodebook, 4)),
     **{f"QTIP{code.upper()}{bits}": (32 + 3 * i + bits - 2, functools.partial(TrellisCodebook, code, bits))
-       for i, code in enumerate(("1mad", "3inst")) for bits in (2, 3, 4)},
+       for i, code in enumerate(("1mad", "3inst", "hyb")) for bits in (2, 3, 4)},
 }
 _ID_TO_NAME = {cid: name for name, (cid, _) in _FACTORIES.items()}
 _LATTICE_BY_BITS = {2: "E8P12", 3: "E8P12RVQ3B", 4: "E8P12RVQ4B"}
@@ -93,7 +97,7 @@ def get_codebook(name_or_id: str | int) -> Codebook:
 def codebook_for_bits(bits: int, use_e8_lattice: bool = True, family: str = "e8p") -> Codebook:
     """The codebook of a bit width and family. ``e8p``: 2 → E8P12, 3 → E8P12RVQ3B, 4 → E8P12RVQ4B, or
     ``scalar{bits}`` when ``use_e8_lattice`` is False (the no-lattice ablation at the same rate);
-    ``qtip1mad`` / ``qtip3inst``: ``QTIP1MAD{bits}`` / ``QTIP3INST{bits}``.
+    ``qtip1mad`` / ``qtip3inst`` / ``qtiphyb``: ``QTIP1MAD{bits}`` / ``QTIP3INST{bits}`` / ``QTIPHYB{bits}``.
 
     Raises:
         ValueError: unsupported ``bits`` or family.

@@ -19,7 +19,9 @@ than ``2·TAIL_BITING_CONTEXT`` steps the first pass sees only that many steps o
 Codes (``V = 1``; values divided by their standard deviation over all ``2^L`` states, so the code
 has unit variance): ``1mad`` — the byte sum of ``34038481·s + 76625530`` (mod 2^32) minus 510, over
 147.8; ``3inst`` — ``x = 89226354·s + 64248484``, ``r = (x & 0x8FFF8FFF) ^ 0x3B603B60``, the sum of
-the two float16 halves of ``r``.
+the two float16 halves of ``r``. ``hyb`` (``V = 2``): ``p = s·(s+1) mod 2^16`` picks entry
+``p >> 6 & 511`` of a ``[512, 2]`` table stored with each matrix (k-means of a 2-D Gaussian at first,
+trainable in fine-tuning), bit 15 of ``p`` negating its first component.
 
 The maths here imports no transformers and does no I/O; the search runs in the native library when
 it is built (``qs_viterbi``), else in vectorised torch (:func:`viterbi_reference`, also the test oracle).
@@ -46,6 +48,19 @@ STATE_BITS = 16
 SEQUENCE = 256
 #: Computed codes with one weight per state (V = 1).
 CODES = ("1mad", "3inst")
+#: The hybrid code (V = 2): a hash of the state picks one of 2^HYB_LUT_BITS entries of a per-matrix
+#: table of 2-vectors and the sign of its first component (QTIP's HYB, Q = 9).
+HYB = "hyb"
+HYB_LUT_BITS = 9
+HYB_V = 2
+#: Overall standard deviation of the initial table (QTIP: sqrt(15/16)).
+HYB_LUT_STD = (15 / 16) ** 0.5
+#: k-means of the initial table: Lloyd iterations on 2^20 samples of a 2-D standard Gaussian, started
+#: from 512 standard Gaussian points (seed 0), as QTIP initialises it.
+HYB_KMEANS_SAMPLES = 1 << 17  # QTIP uses 2^20; 2^17 gives the same Gaussian MSE here in an eighth of the time
+HYB_KMEANS_ITERATIONS = 20
+HYB_KMEANS_SEED = 0
+_KMEANS_CHUNK = 1 << 16
 #: Steps on each side of step 0 that tail-biting's first pass looks at (the whole rotated sequence
 #: when it is at most twice as long): as the native ``VITERBI_TB_CONTEXT``.
 TAIL_BITING_CONTEXT = 64
@@ -106,6 +121,41 @@ def code_table(name: str, L: int = STATE_BITS) -> torch.Tensor:
     if not 2 <= L <= 24:
         raise ValueError(f"state bits must be in [2, 24], got {L}")
     return _table(name, L)
+
+
+def hyb_index(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(entry, negate)`` of HYB states (int64, any shape): ``p = s·(s+1) mod 2^16``; the table entry
+    is bits ``15 − Q .. 14`` of ``p``, and bit 15 negates the entry's first component."""
+    p = (states.to(torch.int64) * (states.to(torch.int64) + 1)) & 0xFFFF
+    return (p >> (15 - HYB_LUT_BITS)) & ((1 << HYB_LUT_BITS) - 1), (p >> 15).bool()
+
+
+@functools.lru_cache(maxsize=1)
+def hyb_initial_lut() -> torch.Tensor:
+    """``[512, 2]`` float32: k-means centroids of a 2-D standard Gaussian (Lloyd's algorithm, seeded),
+    rescaled to overall standard deviation ``HYB_LUT_STD`` (read-only, cached: every matrix starts here)."""
+    gen = torch.Generator().manual_seed(HYB_KMEANS_SEED)
+    samples = torch.randn(HYB_KMEANS_SAMPLES, HYB_V, generator=gen)
+    centroids = torch.randn(1 << HYB_LUT_BITS, HYB_V, generator=gen)
+    for _ in range(HYB_KMEANS_ITERATIONS):
+        sums = torch.zeros_like(centroids, dtype=torch.float64)
+        counts = torch.zeros(centroids.shape[0], dtype=torch.float64)
+        sq = centroids.square().sum(dim=1)[None]
+        for chunk in samples.split(_KMEANS_CHUNK):
+            nearest = torch.addmm(sq, chunk, centroids.T, alpha=-2).argmin(dim=1)  # ‖c‖² − 2 x·c
+            sums.index_add_(0, nearest, chunk.to(torch.float64))
+            counts.index_add_(0, nearest, torch.ones(chunk.shape[0], dtype=torch.float64))
+        filled = counts > 0  # an empty cluster keeps its centroid
+        centroids[filled] = (sums[filled] / counts[filled, None]).to(torch.float32)
+    return (centroids * (HYB_LUT_STD / centroids.square().mean().sqrt())).contiguous()
+
+
+def hyb_table(lut: torch.Tensor) -> torch.Tensor:
+    """``[2^16, 2]``: the HYB code of every state from a table ``lut`` ``[512, 2]`` (differentiable in it)."""
+    entry, negate = hyb_index(torch.arange(1 << STATE_BITS, device=lut.device))
+    values = lut[entry]
+    sign = torch.where(negate, -1.0, 1.0).to(values.dtype)
+    return torch.stack([values[:, 0] * sign, values[:, 1]], dim=1)
 
 
 def states_from_stream(bits: torch.Tensor, L: int, kv: int) -> torch.Tensor:
@@ -251,21 +301,22 @@ def decode(states: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     return code[states.to(torch.int64)].reshape(*states.shape[:-1], states.shape[-1] * V)
 
 
-def states_from_words(words: torch.Tensor, k: int, L: int = STATE_BITS) -> torch.Tensor:
-    """The tail-biting paths of packed streams ``words`` ``[B, 16k]`` (int16, from :func:`pack_stream`)
-    as states ``[B, 256]`` int64: state ``p`` is the ``L``-bit window at bit ``p·k`` (wrapping); the
-    same as ``states_from_stream(unpack_stream(words), L, k)`` without the bit-per-byte detour."""
+def states_from_words(words: torch.Tensor, kv: int, L: int = STATE_BITS) -> torch.Tensor:
+    """The tail-biting paths of packed streams ``words`` ``[B, W]`` (int16, from :func:`pack_stream`)
+    as states ``[B, 16·W / kv]`` int64: state ``t`` is the ``L``-bit window at bit ``t·kv`` (wrapping);
+    the same as ``states_from_stream(unpack_stream(words), L, kv)`` without the bit-per-byte detour."""
     if L != WORD_BITS:
-        return states_from_stream(unpack_stream(words), L, k)
+        return states_from_stream(unpack_stream(words), L, kv)
     w = words.to(torch.int64) & 0xFFFF
     pair = (w << WORD_BITS) | torch.roll(w, -1, dims=1)  # words i and i+1 (cyclically) as 32 bits
-    start = torch.arange(w.shape[1] * WORD_BITS // k, device=w.device) * k
+    start = torch.arange(w.shape[1] * WORD_BITS // kv, device=w.device) * kv
     shift = WORD_BITS - (start % WORD_BITS)
     return (pair[:, start // WORD_BITS] >> shift) & 0xFFFF
 
 
 class TrellisCodebook:
-    """A bitshift-trellis codebook of ``bits`` bits per weight with a computed code (QTIP §3–4).
+    """A bitshift-trellis codebook of ``bits`` bits per weight (QTIP §3–4): a computed code (``1mad``,
+    ``3inst``, one weight per state) or ``hyb`` (two weights per state from a per-matrix table).
 
     Works on whole ``16 × 16`` tiles (see the module docstring): BlockLDLQ hands it column blocks of
     ``dim = 16`` columns and any multiple of 16 rows. Codes of a matrix are the packed bitstreams,
@@ -277,24 +328,38 @@ class TrellisCodebook:
     opt_scale = TRELLIS_OPT_SCALE
 
     def __init__(self, code: str, bits: int) -> None:
-        if code not in CODES:
-            raise ValueError(f"unknown trellis code {code!r}; expected one of {CODES}")
+        if code not in (*CODES, HYB):
+            raise ValueError(f"unknown trellis code {code!r}; expected one of {(*CODES, HYB)}")
         if isinstance(bits, bool) or bits not in (2, 3, 4):
             raise ValueError(f"trellis bits must be 2, 3 or 4, got {bits!r}")
         self.code = code
         self.bits = bits
         self.name = f"QTIP{code.upper()}{bits}"
         self.words_per_tile = SEQUENCE * bits // WORD_BITS
+        self.V = HYB_V if code == HYB else 1
+        self.kv = bits * self.V
+        #: ``(entries, V)`` of the per-matrix table of a HYB code (stored with each layer), else None.
+        self.lut_shape: tuple[int, int] | None = (1 << HYB_LUT_BITS, HYB_V) if code == HYB else None
 
     @property
     def bits_per_weight(self) -> float:
         """Exactly ``bits``: a tail-biting tile stores ``256·bits`` bits."""
         return float(self.bits)
 
+    def initial_lut(self) -> torch.Tensor | None:
+        """The table every HYB matrix starts from (:func:`hyb_initial_lut`; a copy), else None."""
+        return hyb_initial_lut().clone() if self.lut_shape else None
+
+    def code_values(self, lut: torch.Tensor | None = None) -> torch.Tensor:
+        """``[2^16, V]`` float32: the code of every state (HYB: from ``lut``, default the initial table)."""
+        if not self.lut_shape:
+            return code_table(self.code)
+        return hyb_table(hyb_initial_lut() if lut is None else lut)
+
     @property
     def table(self) -> torch.Tensor:
-        """``[2^16, 1]`` float32: the unit-variance code value of every state."""
-        return code_table(self.code)
+        """``[2^16, V]`` float32: the code of every state that quantization uses."""
+        return self.code_values()
 
     def shape_problem(self, m: int, n: int) -> str | None:
         """Why an ``[m, n]`` weight cannot use this codebook (not whole 16 × 16 tiles), or None."""
@@ -316,9 +381,10 @@ class TrellisCodebook:
             raise ValueError(f"{self.name}: a block must be [m, {TILE}] with m a multiple of {TILE}, got "
                              f"{tuple(x.shape)}")
         tiles = x.detach().to(torch.float32).reshape(m // TILE, TILE, TILE).transpose(1, 2).reshape(-1, SEQUENCE)
-        states, _ = viterbi(tiles.contiguous(), self.table, self.bits, threads=threads)
-        words = pack_stream(stream_from_states(states, STATE_BITS, self.bits))
-        values = self.table[states, 0].reshape(-1, TILE, TILE).transpose(1, 2).reshape(m, TILE)
+        table = self.table
+        states, _ = viterbi(tiles.contiguous(), table, self.bits, threads=threads)
+        words = pack_stream(stream_from_states(states, STATE_BITS, self.kv))
+        values = table[states].reshape(-1, TILE, TILE).transpose(1, 2).reshape(m, TILE)
         return values.to(x.dtype), words
 
     def pack_matrix(self, codes: torch.Tensor) -> torch.Tensor:
@@ -336,11 +402,20 @@ class TrellisCodebook:
                              f"{list(shape)}, got {str(packed.dtype)[6:]} {list(packed.shape)}")
         return packed.reshape(m // TILE, n // TILE, self.words_per_tile)
 
-    def decode_matrix(self, codes: torch.Tensor, m: int, n: int) -> torch.Tensor:
-        """Words ``[m/16, n/16, 16·bits]`` -> the unscaled weight ``[m, n]`` float32."""
-        states = states_from_words(codes.reshape(-1, self.words_per_tile).cpu(), self.bits)
-        values = self.table[states, 0].reshape(m // TILE, n // TILE, TILE, TILE)  # [i, j, c, r]
-        return values.permute(0, 3, 1, 2).reshape(m, n).to(codes.device)
+    def matrix_states(self, codes: torch.Tensor) -> torch.Tensor:
+        """Words ``[m/16, n/16, 16·bits]`` -> the tiles' states ``[(m/16)(n/16), 256 / V]`` int64."""
+        return states_from_words(codes.reshape(-1, self.words_per_tile), self.kv)
+
+    def matrix_from_states(self, states: torch.Tensor, m: int, n: int, lut: torch.Tensor | None = None
+                           ) -> torch.Tensor:
+        """The unscaled weight ``[m, n]`` of the tiles' states (differentiable in a HYB ``lut``)."""
+        values = self.code_values(lut).to(states.device)[states]  # [tiles, 256 / V, V]: column-major runs
+        return values.reshape(m // TILE, n // TILE, TILE, TILE).permute(0, 3, 1, 2).reshape(m, n)
+
+    def decode_matrix(self, codes: torch.Tensor, m: int, n: int, lut: torch.Tensor | None = None) -> torch.Tensor:
+        """Words ``[m/16, n/16, 16·bits]`` -> the unscaled weight ``[m, n]`` float32 (HYB: with ``lut``,
+        default the initial table)."""
+        return self.matrix_from_states(self.matrix_states(codes), m, n, lut)
 
     def __repr__(self) -> str:
         return f"TrellisCodebook(name={self.name!r}, code={self.code!r}, bits={self.bits}, L={STATE_BITS})"

@@ -2223,10 +2223,45 @@ static void viterbi_add_base(const float *best, const float *code, const float *
 QS_VITERBI_MIN(__attribute__((target("avx2,fma"))), viterbi_min_avx2)
 QS_VITERBI_MIN(__attribute__((target("avx512f,avx512vl,avx512bw"))), viterbi_min_avx512)
 
+/* V = 2, kv >= 4 (QTIP's HYB): 16 states share one best value; their code pairs are split into the
+   two components by permutes. The same float operations as viterbi_add_base: e0·e0 + e1·e1, then + best. */
+__attribute__((target("avx512f"))) static void viterbi_add2_avx512(const float *best, const float *code,
+                                                                 const float *x, int64_t S, int kv, float *next) {
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    const __m512 x0 = _mm512_set1_ps(x[0]), x1 = _mm512_set1_ps(x[1]);
+    for (int64_t s = 0; s < S; s += 16) {
+        __m512 lo = _mm512_loadu_ps(code + 2 * s), hi = _mm512_loadu_ps(code + 2 * s + 16);
+        __m512 e0 = _mm512_sub_ps(_mm512_permutex2var_ps(lo, even, hi), x0);
+        __m512 e1 = _mm512_sub_ps(_mm512_permutex2var_ps(lo, odd, hi), x1);
+        __m512 d = _mm512_add_ps(_mm512_mul_ps(e0, e0), _mm512_mul_ps(e1, e1));
+        _mm512_storeu_ps(next + s, _mm512_add_ps(_mm512_set1_ps(best[s >> kv]), d));
+    }
+}
+
+__attribute__((target("avx2"))) static void viterbi_add2_avx2(const float *best, const float *code, const float *x,
+                                                             int64_t S, int kv, float *next) {
+    const __m256i order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+    const __m256 x0 = _mm256_set1_ps(x[0]), x1 = _mm256_set1_ps(x[1]);
+    for (int64_t s = 0; s < S; s += 8) {
+        __m256 lo = _mm256_loadu_ps(code + 2 * s), hi = _mm256_loadu_ps(code + 2 * s + 8);
+        /* shuffle gives [a0 a2 b0 b2 | a4 a6 b4 b6]: the permute restores state order */
+        __m256 c0 = _mm256_permutevar8x32_ps(_mm256_shuffle_ps(lo, hi, 0x88), order);
+        __m256 c1 = _mm256_permutevar8x32_ps(_mm256_shuffle_ps(lo, hi, 0xDD), order);
+        __m256 e0 = _mm256_sub_ps(c0, x0), e1 = _mm256_sub_ps(c1, x1);
+        __m256 d = _mm256_add_ps(_mm256_mul_ps(e0, e0), _mm256_mul_ps(e1, e1));
+        _mm256_storeu_ps(next + s, _mm256_add_ps(_mm256_set1_ps(best[s >> kv]), d));
+    }
+}
+
 /* V = 1 with 16 lanes: lane i of a group of 16 states takes best[(s0 + i) >> kv] (a permute of 16 >> kv
    consecutive best values; kv >= 4: one broadcast per group). */
 __attribute__((target("avx512f"))) static void viterbi_add_avx512(const float *best, const float *code, const float *x,
                                                                 int64_t S, int kv, int V, float *next) {
+    if (V == 2 && kv >= 4 && S % 16 == 0) {
+        viterbi_add2_avx512(best, code, x, S, kv, next);
+        return;
+    }
     if (V != 1 || S < 16) {
         viterbi_add_base(best, code, x, S, kv, V, next);
         return;
@@ -2246,6 +2281,10 @@ __attribute__((target("avx512f"))) static void viterbi_add_avx512(const float *b
 
 __attribute__((target("avx2,fma"))) static void viterbi_add_avx2(const float *best, const float *code, const float *x,
                                                                int64_t S, int kv, int V, float *next) {
+    if (V == 2 && kv >= 3 && S % 8 == 0) {
+        viterbi_add2_avx2(best, code, x, S, kv, next);
+        return;
+    }
     if (V != 1 || S < 8) {
         viterbi_add_base(best, code, x, S, kv, V, next);
         return;
