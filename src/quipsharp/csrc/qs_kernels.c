@@ -2713,9 +2713,10 @@ static inline int32_t trellis_bytesum(uint32_t h) {
     return (int32_t)((h & 0xFF) + ((h >> 8) & 0xFF) + ((h >> 16) & 0xFF) + (h >> 24));
 }
 
-static void trellis_slab_int8_scalar(const uint32_t *row_pairs, int64_t tiles, int k, const int8_t *xq,
-                                     const int32_t *xw, int64_t B, int64_t n, int32_t *acc) {
+static void trellis_slab_int8_scalar(const int16_t *codes_row, const uint32_t *row_pairs, int64_t tiles, int k,
+                                     const int8_t *xq, const int32_t *xw, int64_t B, int64_t n, int32_t *acc) {
     (void)xw;
+    (void)codes_row;
     for (int64_t j = 0; j < tiles; j++) {
         const uint32_t *pairs = row_pairs + j * TRELLIS_TILE * k;
         for (int c = 0; c < TRELLIS_TILE; c++)
@@ -2738,11 +2739,33 @@ static void trellis_slab_int8_scalar(const uint32_t *row_pairs, int64_t tiles, i
     }
 QS_TRELLIS_HASH_AVX512(__attribute__((target("avx512f,avx512bw"))), trellis_hash_avx512)
 
+/* The pairs straight from the tile's words in registers (no pairs buffer): lane r of column c is
+   (word t << 16) | word t+1 with t = c·k + ((r·k) >> 4), gathered by one vpermt2w over the tile's
+   16k words (two registers; indices wrap cyclically: tail-biting). idx: [16 columns][32 words]. */
+static void trellis_word_index(int k, uint16_t idx[TRELLIS_TILE][32]) {
+    const int words = TRELLIS_TILE * k;
+    for (int c = 0; c < TRELLIS_TILE; c++)
+        for (int r = 0; r < 16; r++) {
+            int t = c * k + ((r * k) >> 4);
+            idx[c][2 * r] = (uint16_t)((t + 1) % words); /* low half of the lane */
+            idx[c][2 * r + 1] = (uint16_t)t;            /* high half */
+        }
+}
+
+__attribute__((target("avx512f,avx512bw"))) static inline __m512i trellis_hash_words_avx512(__m512i lo, __m512i hi,
+                                                                                          const uint16_t *idx,
+                                                                                          __m512i shift) {
+    __m512i v = _mm512_permutex2var_epi16(lo, _mm512_loadu_si512((const void *)idx), hi);
+    __m512i state = _mm512_and_si512(_mm512_srlv_epi32(v, shift), _mm512_set1_epi32(0xFFFF));
+    return _mm512_add_epi32(_mm512_mullo_epi32(state, _mm512_set1_epi32((int)TRELLIS_1MAD_A)),
+                            _mm512_set1_epi32((int)TRELLIS_1MAD_C));
+}
+
 /* xw [B, n]: the activation of column c as this level's multiplier lane (VNNI: xq in 4 bytes;
    AVX-512BW: xq in both int16 halves). DOT(acc, h, xw) accumulates bytesum(h)·xq. */
 #define QS_TRELLIS_INT8_AVX512(ATTR, NAME, DOT)                                                                \
-    ATTR static void NAME(const uint32_t *row_pairs, int64_t tiles, int k, const int8_t *xq, const int32_t *xw, \
-                          int64_t B, int64_t n, int32_t *acc) {                                                \
+    ATTR static void NAME(const int16_t *codes_row, const uint32_t *row_pairs, int64_t tiles, int k,             \
+                          const int8_t *xq, const int32_t *xw, int64_t B, int64_t n, int32_t *acc) {           \
         (void)xq;                                                                                              \
         int32_t lane_idx[16], lane_shift[16];                                                                  \
         for (int r = 0; r < 16; r++) {                                                                         \
@@ -2751,17 +2774,30 @@ QS_TRELLIS_HASH_AVX512(__attribute__((target("avx512f,avx512bw"))), trellis_hash
         }                                                                                                      \
         const __m512i idx = _mm512_loadu_si512((const void *)lane_idx);                                        \
         const __m512i shift = _mm512_loadu_si512((const void *)lane_shift);                                    \
-        if (B == 1) { /* a decoding step: two accumulators (even and odd columns) */                            \
+        if (B == 1) { /* a decoding step: four accumulators (columns mod 4) hide the dot's latency */          \
             __m512i a0 = _mm512_loadu_si512((const void *)acc), a1 = _mm512_setzero_si512();                   \
+            __m512i a2 = _mm512_setzero_si512(), a3 = _mm512_setzero_si512();                                  \
+            uint16_t widx[TRELLIS_TILE][32];                                                                   \
+            trellis_word_index(k, widx);                                                                       \
+            const int words = TRELLIS_TILE * k;                                                                \
+            const __mmask32 hi_mask = words > 32 ? (__mmask32)(((uint64_t)1 << (words - 32)) - 1) : 0;         \
             for (int64_t j = 0; j < tiles; j++) {                                                              \
-                const uint32_t *pairs = row_pairs + j * TRELLIS_TILE * k;                                      \
+                const int16_t *w = codes_row + j * words;                                                      \
+                __m512i lo = words >= 32 ? _mm512_loadu_si512((const void *)w)                                 \
+                                         : _mm512_maskz_loadu_epi16((__mmask32)0xFFFF, w);                     \
+                __m512i hi = words > 32 ? _mm512_maskz_loadu_epi16(hi_mask, w + 32) : lo;                      \
                 const int32_t *xj = xw + j * TRELLIS_TILE;                                                     \
-                for (int c = 0; c < TRELLIS_TILE; c += 2) {                                                    \
-                    a0 = DOT(a0, trellis_hash_avx512(pairs, c, k, idx, shift), _mm512_set1_epi32(xj[c]));      \
-                    a1 = DOT(a1, trellis_hash_avx512(pairs, c + 1, k, idx, shift), _mm512_set1_epi32(xj[c + 1])); \
+                for (int c = 0; c < TRELLIS_TILE; c += 4) {                                                    \
+                    a0 = DOT(a0, trellis_hash_words_avx512(lo, hi, widx[c], shift), _mm512_set1_epi32(xj[c])); \
+                    a1 = DOT(a1, trellis_hash_words_avx512(lo, hi, widx[c + 1], shift),                        \
+                             _mm512_set1_epi32(xj[c + 1]));                                                    \
+                    a2 = DOT(a2, trellis_hash_words_avx512(lo, hi, widx[c + 2], shift),                        \
+                             _mm512_set1_epi32(xj[c + 2]));                                                    \
+                    a3 = DOT(a3, trellis_hash_words_avx512(lo, hi, widx[c + 3], shift),                        \
+                             _mm512_set1_epi32(xj[c + 3]));                                                    \
                 }                                                                                              \
             }                                                                                                  \
-            _mm512_storeu_si512((void *)acc, _mm512_add_epi32(a0, a1));                                        \
+            _mm512_storeu_si512((void *)acc, _mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3))); \
             return;                                                                                            \
         }                                                                                                      \
         for (int64_t j = 0; j < tiles; j++) {                                                                  \
@@ -2794,10 +2830,11 @@ __attribute__((target("avx2"))) static inline __m256i trellis_dot_avx2(__m256i a
     return _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_maddubs_epi16(h, _mm256_set1_epi8(1)), x));
 }
 
-__attribute__((target("avx2"))) static void trellis_int8_avx2(const uint32_t *row_pairs, int64_t tiles, int k,
-                                                             const int8_t *xq, const int32_t *xw, int64_t B,
-                                                             int64_t n, int32_t *acc) {
+__attribute__((target("avx2"))) static void trellis_int8_avx2(const int16_t *codes_row, const uint32_t *row_pairs,
+                                                             int64_t tiles, int k, const int8_t *xq,
+                                                             const int32_t *xw, int64_t B, int64_t n, int32_t *acc) {
     (void)xq;
+    (void)codes_row;
     int32_t lane_idx[16], lane_shift[16];
     for (int r = 0; r < 16; r++) {
         lane_idx[r] = ((r * k) >> 4) - (((r & 8) * k) >> 4);
@@ -2832,8 +2869,8 @@ __attribute__((target("avx2"))) static void trellis_int8_avx2(const uint32_t *ro
 }
 #endif
 
-typedef void (*trellis_int8_fn)(const uint32_t *, int64_t, int, const int8_t *, const int32_t *, int64_t, int64_t,
-                                int32_t *);
+typedef void (*trellis_int8_fn)(const int16_t *, const uint32_t *, int64_t, int, const int8_t *, const int32_t *,
+                                int64_t, int64_t, int32_t *);
 
 /* The int8 slab of a level and how it wants the activations in xw (0: as 4 bytes, 1: as 2 int16). */
 static trellis_int8_fn trellis_int8(int level, int *xw_form) {
@@ -2862,6 +2899,7 @@ QS_API int qs_trellis_matmul_int8(const int16_t *codes, int64_t m, int64_t n, in
     const int64_t slabs = m / TRELLIS_TILE, tiles = n / TRELLIS_TILE, row_words = tiles * TRELLIS_TILE * k;
     int form;
     trellis_int8_fn slab = trellis_int8(level, &form);
+    const int avx512_words = is_avx512(level); /* a decoding step reads the words, not the pairs */
     /* activations: int8 xq [B, n], the level's lanes xw [B, n], per row its scale and 510·Σ xq */
     char *buf = (char *)malloc((size_t)(B * n) * (sizeof(int8_t) + sizeof(int32_t)) + (size_t)B * 16);
     if (!buf) return QS_ENOMEM;
@@ -2905,8 +2943,8 @@ QS_API int qs_trellis_matmul_int8(const int16_t *codes, int64_t m, int64_t n, in
             if (!acc) continue;
             uint32_t *pairs = (uint32_t *)(acc + B * TRELLIS_TILE);
             memset(acc, 0, sizeof(int32_t) * (size_t)(B * TRELLIS_TILE));
-            trellis_slab_pairs(codes + i * row_words, tiles, k, pairs);
-            slab(pairs, tiles, k, xq, xw, B, n, acc);
+            if (B > 1 || !avx512_words) trellis_slab_pairs(codes + i * row_words, tiles, k, pairs);
+            slab(codes + i * row_words, pairs, tiles, k, xq, xw, B, n, acc);
             for (int64_t b = 0; b < B; b++)
                 for (int r = 0; r < TRELLIS_TILE; r++)
                     y[b * m + i * TRELLIS_TILE + r] = (float)(acc[b * TRELLIS_TILE + r] - offset[b]) * xscale[b];
