@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import machine_info, today
+from quipsharp.config import CODEBOOK_FAMILIES
 
 SHAPES = [(4096, 4096), (11008, 4096), (14336, 4096)]
 BITS = (2, 3, 4)
@@ -43,18 +44,23 @@ GIGA = 1e9
 
 
 
-def random_layer(m: int, n: int, bits: int, gen: Any) -> Any:
-    """A ``bits``-bit QuantizedLinear ``[m, n]`` with random codes and signs (speed rows need no real weights);
-    ``gen`` a ``torch.Generator``."""
+def random_layer(m: int, n: int, bits: int, gen: Any, codebook: str = "e8p") -> Any:
+    """A ``bits``-bit QuantizedLinear ``[m, n]`` of a codebook family with random codes and signs (speed rows
+    need no real weights); ``gen`` a ``torch.Generator``."""
     import torch
 
     from quipsharp.codebooks import get_codebook
     from quipsharp.config import QuIPSharpConfig
     from quipsharp.nn import QuantizedLinear
 
-    q = QuantizedLinear(n, m, QuIPSharpConfig(bits=bits))
+    q = QuantizedLinear(n, m, QuIPSharpConfig(bits=bits, codebook=codebook))
     cb = get_codebook(q.config.codebook_name)
-    q.codes.copy_(cb.pack(torch.randint(0, cb.num_codes, (m, n // 8), generator=gen)))
+    if cb.tile_rows > 1:  # a trellis: any words are a legal tail-biting stream
+        q.codes.copy_(torch.randint(-(1 << 15), 1 << 15, q.codes.shape, generator=gen, dtype=torch.int32))
+    else:
+        q.codes.copy_(cb.pack(torch.randint(0, cb.num_codes, (m, n // 8), generator=gen)))
+    if q.lut is not None:
+        q.lut.copy_(cb.initial_lut())
     q.su.copy_(torch.randint(0, 2, (n,), generator=gen) * 2.0 - 1)
     q.sv.copy_(torch.randint(0, 2, (m,), generator=gen) * 2.0 - 1)
     q.wscale.fill_(0.01)
@@ -83,8 +89,10 @@ def _shapes(spec: list[str] | None) -> list[tuple[int, int]]:
 
 
 def matvec_rows(threads: list[int], repeats: int, levels: list[str] | None = None,
-                shapes: list[tuple[int, int]] | None = None) -> list[dict[str, Any]]:
-    """One row per shape, bits, thread count and kernel level (``levels``: None = the default kernel)."""
+                shapes: list[tuple[int, int]] | None = None, codebooks: tuple[str, ...] = ("e8p",)
+                ) -> list[dict[str, Any]]:
+    """One row per shape, codebook family, bits, thread count and kernel level (``levels``: None = the
+    default kernel)."""
     import torch
     import torch.nn.functional as F
 
@@ -98,14 +106,15 @@ def matvec_rows(threads: list[int], repeats: int, levels: list[str] | None = Non
         x = torch.randn(1, n, generator=gen)
         xb = x.to(torch.bfloat16)
         layers = {}
-        for bits in BITS:
-            layers[bits] = random_layer(m, n, bits, gen)
+        for codebook in codebooks:
+            for bits in BITS:
+                layers[codebook, bits] = random_layer(m, n, bits, gen, codebook)
         for t in threads:
             torch.set_num_threads(t)
             with torch.inference_mode():
                 fp32 = _median_seconds(partial(F.linear, x, W), repeats)
                 bf16 = _median_seconds(partial(F.linear, xb, Wb), repeats)
-                for bits, q in layers.items():
+                for (_, bits), q in layers.items():
                     for level in levels or [None]:
                         kernel = kernels.select(level)
                         q.use_kernel(kernel.name)
@@ -113,7 +122,7 @@ def matvec_rows(threads: list[int], repeats: int, levels: list[str] | None = Non
                         kern = _median_seconds(partial(kernel.matmul, x, q.codes, m, q.codebook.name, threads=t),
                                                repeats)
                         rows.append({
-                            "shape": [m, n], "bits": bits, "threads": t,
+                            "shape": [m, n], "bits": bits, "threads": t, "codebook": q.codebook.name,
                             "ours_gw_s": m * n / layer / GIGA,
                             "ours_kernel_only_gw_s": m * n / kern / GIGA,
                             "torch_fp32_gw_s": m * n / fp32 / GIGA,
@@ -230,6 +239,8 @@ def main() -> None:
                         help="kernel levels for the matvec/prefill rows (default: the selected default), e.g. avx2 "
                              "avx512vnni")
     parser.add_argument("--shapes", nargs="+", default=None, help="matvec shapes as MxN (default: all)")
+    parser.add_argument("--codebooks", nargs="+", default=["e8p"], choices=CODEBOOK_FAMILIES,
+                        help="codebook families of the matvec rows (default: e8p)")
     parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=5)
@@ -251,7 +262,8 @@ def main() -> None:
         return
     result: dict[str, Any] = {"date": today(), "machine": machine_info(), "args": vars(args)}
     if "matvec" in args.parts:
-        result["matvec"] = matvec_rows(args.threads, args.repeats, args.levels, _shapes(args.shapes))
+        result["matvec"] = matvec_rows(args.threads, args.repeats, args.levels, _shapes(args.shapes),
+                                       tuple(args.codebooks))
     if "prefill" in args.parts:
         result["prefill"] = prefill_rows(args.threads, args.repeats, args.levels, _shapes(args.shapes), args.batch)
     if "generation" in args.parts:
