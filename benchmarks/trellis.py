@@ -5,8 +5,9 @@ Usage::
 
     python benchmarks/trellis.py [--sequences 512] [--threads 2 1] [--levels avx2 avx512vnni] [--json]
 
-MSE: ``--sequences`` seeded N(0, 1) sequences of 256 weights (L = 16, V = 1, the unit-variance
-code, inputs at unit scale), quantized by Viterbi; *open* paths also spend the first state's
+MSE: ``--sequences`` seeded N(0, 1) sequences of 256 weights (L = 16; 1MAD and 3INST: V = 1, the
+unit-variance code; HYB: V = 2, its initial k-means table of RMS 0.968; inputs at unit scale),
+quantized by Viterbi; *open* paths also spend the first state's
 L − k extra bits, *tail-biting* ones exactly k bits per weight (QTIP's two passes). Speed: milliseconds
 per 256-weight tail-biting sequence (two passes), median of 3 runs over 64 sequences, per kernel
 level and thread count; every level returns the same paths.
@@ -33,8 +34,8 @@ TIMED_RUNS = 3
 def mse_rows(sequences: int, threads: int) -> list[dict]:
     x = torch.randn(sequences, tr.SEQUENCE, generator=torch.Generator().manual_seed(0))
     rows = []
-    for name in tr.CODES:
-        code = tr.code_table(name)
+    for name in (*tr.CODES, tr.HYB):
+        code = _code(name)
         for k in BITS:
             row = {"code": name, "bits": k, "bound": 2.0 ** (-2 * k)}
             for tail in (False, True):
@@ -44,19 +45,26 @@ def mse_rows(sequences: int, threads: int) -> list[dict]:
     return rows
 
 
+def _code(name: str) -> torch.Tensor:
+    """``[2^16, V]``: a computed code's unit-variance table, or HYB's from its initial (k-means) table."""
+    return tr.hyb_table(tr.hyb_initial_lut()) if name == tr.HYB else tr.code_table(name)
+
+
 def speed_rows(levels: list[str], threads: list[int]) -> list[dict]:
     x = torch.randn(TIMED_SEQUENCES, tr.SEQUENCE, generator=torch.Generator().manual_seed(1))
-    code = tr.code_table("1mad")
     rows = []
-    for level in levels:
-        for t in threads:
-            for k in BITS:
-                times = []
-                for _ in range(TIMED_RUNS):
-                    start = time.perf_counter()
-                    native_viterbi(x, code, tr.STATE_BITS, k, True, threads=t, level=level)
-                    times.append((time.perf_counter() - start) / TIMED_SEQUENCES * 1e3)
-                rows.append({"level": level, "threads": t, "bits": k, "ms_per_sequence": statistics.median(times)})
+    for name in ("1mad", tr.HYB):
+        code = _code(name)
+        for level in levels:
+            for t in threads:
+                for k in BITS:
+                    times = []
+                    for _ in range(TIMED_RUNS):
+                        start = time.perf_counter()
+                        native_viterbi(x, code, tr.STATE_BITS, k * code.shape[1], True, threads=t, level=level)
+                        times.append((time.perf_counter() - start) / TIMED_SEQUENCES * 1e3)
+                    rows.append({"code": name, "level": level, "threads": t, "bits": k,
+                                 "ms_per_sequence": statistics.median(times)})
     return rows
 
 
@@ -79,7 +87,8 @@ def main() -> None:
         print(f"{r['code']:6s} k={r['bits']} open {r['open_mse']:.5f} tail-biting {r['tail_biting_mse']:.5f} "
               f"bound {r['bound']:.5f}")
     for r in report["speed"]:
-        print(f"{r['level']:11s} {r['threads']} thr k={r['bits']} {r['ms_per_sequence']:.2f} ms/sequence")
+        print(f"{r['code']:5s} {r['level']:11s} {r['threads']} thr k={r['bits']} "
+              f"{r['ms_per_sequence']:.2f} ms/sequence")
 
 
 if __name__ == "__main__":
