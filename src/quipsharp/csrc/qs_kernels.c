@@ -2484,6 +2484,17 @@ QS_API int qs_viterbi(const float *x, int64_t B, int64_t N, const float *code, i
 #define TRELLIS_1MAD_C 76625530u
 #define TRELLIS_1MAD_MEAN 510
 
+#if QS_X86
+/* Lane r of a column reads pair t = c·k + idx[r] and shifts it right by shift[r]. halves = 1: AVX2's two
+   8-lane halves, each relative to its own first pair (the second half starts (8k >> 4) pairs later). */
+static void trellis_lane_tables(int k, int halves, int32_t idx[16], int32_t shift[16]) {
+    for (int r = 0; r < 16; r++) {
+        idx[r] = ((r * k) >> 4) - (halves ? (((r & 8) * k) >> 4) : 0);
+        shift[r] = 16 - ((r * k) & 15);
+    }
+}
+#endif
+
 static inline void trellis_pairs(const int16_t *w, int words, uint32_t *pairs) {
     for (int t = 0; t + 1 < words; t++) pairs[t] = ((uint32_t)(uint16_t)w[t] << 16) | (uint16_t)w[t + 1];
     pairs[words - 1] = ((uint32_t)(uint16_t)w[words - 1] << 16) | (uint16_t)w[0];
@@ -2549,10 +2560,7 @@ QS_TRELLIS_COLUMN_AVX512(__attribute__((target("avx512f,avx512bw,avx512vnni"))),
     ATTR static void NAME(const uint32_t *row_pairs, int64_t tiles, int k, const float *x, int64_t B, int64_t n, \
                           float *acc, float *w) {                                                              \
         int32_t lane_idx[16], lane_shift[16];                                                                  \
-        for (int r = 0; r < 16; r++) {                                                                         \
-            lane_idx[r] = (r * k) >> 4;                                                                        \
-            lane_shift[r] = 16 - ((r * k) & 15);                                                               \
-        }                                                                                                      \
+        trellis_lane_tables(k, 0, lane_idx, lane_shift);                                                       \
         const __m512i idx = _mm512_loadu_si512((const void *)lane_idx);                                        \
         const __m512i shift = _mm512_loadu_si512((const void *)lane_shift);                                    \
         __m512 a0 = _mm512_loadu_ps(acc);                                                                      \
@@ -2593,10 +2601,7 @@ __attribute__((target("avx2,fma"))) static void trellis_slab_avx2(const uint32_t
                                                                  const float *x, int64_t B, int64_t n, float *acc,
                                                                  float *w) {
     int32_t lane_idx[16], lane_shift[16];
-    for (int r = 0; r < 16; r++) {
-        lane_idx[r] = ((r * k) >> 4) - (((r & 8) * k) >> 4);
-        lane_shift[r] = 16 - ((r * k) & 15);
-    }
+    trellis_lane_tables(k, 1, lane_idx, lane_shift);
     const __m256i idx0 = _mm256_loadu_si256((const __m256i *)lane_idx);
     const __m256i idx1 = _mm256_loadu_si256((const __m256i *)(lane_idx + 8));
     const __m256i sh0 = _mm256_loadu_si256((const __m256i *)lane_shift);
@@ -2768,10 +2773,7 @@ __attribute__((target("avx512f,avx512bw"))) static inline __m512i trellis_hash_w
                           const int8_t *xq, const int32_t *xw, int64_t B, int64_t n, int32_t *acc) {           \
         (void)xq;                                                                                              \
         int32_t lane_idx[16], lane_shift[16];                                                                  \
-        for (int r = 0; r < 16; r++) {                                                                         \
-            lane_idx[r] = (r * k) >> 4;                                                                        \
-            lane_shift[r] = 16 - ((r * k) & 15);                                                               \
-        }                                                                                                      \
+        trellis_lane_tables(k, 0, lane_idx, lane_shift);                                                       \
         const __m512i idx = _mm512_loadu_si512((const void *)lane_idx);                                        \
         const __m512i shift = _mm512_loadu_si512((const void *)lane_shift);                                    \
         if (B == 1) { /* a decoding step: four accumulators (columns mod 4) hide the dot's latency */          \
@@ -2836,10 +2838,7 @@ __attribute__((target("avx2"))) static void trellis_int8_avx2(const int16_t *cod
     (void)xq;
     (void)codes_row;
     int32_t lane_idx[16], lane_shift[16];
-    for (int r = 0; r < 16; r++) {
-        lane_idx[r] = ((r * k) >> 4) - (((r & 8) * k) >> 4);
-        lane_shift[r] = 16 - ((r * k) & 15);
-    }
+    trellis_lane_tables(k, 1, lane_idx, lane_shift);
     const __m256i idx0 = _mm256_loadu_si256((const __m256i *)lane_idx);
     const __m256i idx1 = _mm256_loadu_si256((const __m256i *)(lane_idx + 8));
     const __m256i sh0 = _mm256_loadu_si256((const __m256i *)lane_shift);

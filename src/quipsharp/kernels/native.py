@@ -420,13 +420,18 @@ class NativeKernel:
             r1 = min(m, r0 + rows)
             W = self.decode(codes[r0:r1], r1 - r0, n, codebook_name, out=buffer[: (r1 - r0) * n].view(r1 - r0, n))
             torch.mm(h, W.T, out=y[:, r0:r1]) if r1 - r0 == m else y[:, r0:r1].copy_(h @ W.T)
+        return self._output(x, y, m_out_t, scale, sv, bias, use_hadamard)
+
+    def _output(self, x, y, m_out_t, alpha, sv, bias, use_hadamard) -> torch.Tensor:
+        """A linear's output from ``y`` ``[B, m]`` (in place): inverse RHT scaled by ``alpha``, ``S_V``,
+        bias; shaped and typed as the input ``x``."""
         if use_hadamard:
-            self.hadamard(y, m_out_t, alpha=scale, post=sv)
+            self.hadamard(y, m_out_t, alpha=alpha, post=sv)
         else:
-            y.mul_(sv * scale)
+            y.mul_(sv * alpha)
         if bias is not None:
             y.add_(bias)
-        return y.reshape(*x.shape[:-1], m).to(x.dtype)
+        return y.reshape(*x.shape[:-1], y.shape[1]).to(x.dtype)
 
 
     def trellis_matmul(self, x: torch.Tensor, codes: torch.Tensor, m: int, k: int,
@@ -483,14 +488,7 @@ class NativeKernel:
         else:
             W = self.trellis_decode(codes, m, n, k, out=_scratch(m * n)[: m * n].view(m, n))
             y = h @ W.T
-        alpha = scale * trellis_scale()
-        if use_hadamard:
-            self.hadamard(y, m_out_t, alpha=alpha, post=sv)
-        else:
-            y.mul_(sv * alpha)
-        if bias is not None:
-            y.add_(bias)
-        return y.reshape(*x.shape[:-1], m).to(x.dtype)
+        return self._output(x, y, m_out_t, scale * trellis_scale(), sv, bias, use_hadamard)
 
 
 def int8_reference_matmul(
