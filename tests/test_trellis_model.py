@@ -269,3 +269,31 @@ def test_hyb_model_round_trip_and_a_damaged_table_is_refused(tmp_path) -> None:
 
     with pytest.raises(ModelLoadError, match=r"missing tensors.*q_proj\.lut"):
         load_quantized(_copy_with(out, tmp_path / "missing", mutate_state=no_table))
+
+
+def test_a_layer_that_is_not_whole_tiles_stays_in_float_with_a_warning_naming_it(caplog) -> None:
+    from quipsharp.pipeline import _quantizable
+
+    block = torch.nn.Module()
+    block.fits = torch.nn.Linear(64, 32)
+    block.narrow = torch.nn.Linear(64, 40)  # 40 outputs: not whole 16 x 16 tiles (fine for E8P: 64 inputs)
+    trellis = ModelQuantConfig(layer=QuIPSharpConfig(codebook="qtip1mad"))
+    with caplog.at_level("WARNING"):
+        assert _quantizable("model.layers.0", block, trellis) == ["fits"]
+    assert "model.layers.0.narrow (40x64): out_features and in_features must be positive multiples of 16" in caplog.text
+    assert _quantizable("model.layers.0", block, ModelQuantConfig()) == ["fits", "narrow"]
+
+
+def test_cli_quantizes_with_a_trellis_codebook(model_dir, tmp_path, capsys) -> None:
+    from quipsharp.cli import main
+
+    out = tmp_path / "q"
+    assert main(["quantize", str(model_dir), "--out", str(out), "--data-free", "--bits", "3", "--ctx", "64",
+                 "--codebook", "qtip1mad", "--quiet"]) == 0
+    assert "to 3.00 bits/weight" in capsys.readouterr().out
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format_version"] == 2 and set(info["codebooks"]) == {"QTIP1MAD3"}
+    assert main(["quantize", str(model_dir), "--out", str(tmp_path / "r"), "--data-free", "--codebook", "qtip"]) == 2
+    assert "argument --codebook: invalid choice: 'qtip'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
