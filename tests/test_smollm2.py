@@ -103,3 +103,24 @@ def test_end_to_end_finetuning_improves_2bit(assets, two_bit, tmp_path):
     out = save_quantized(model, tmp_path / "ft", tok)
     ppl_ft = perplexity(load_quantized(out), windows)["ppl"]
     assert ppl_ft < 0.95 * ppl2, (ppl_ft, ppl2)
+
+
+def test_trellis_beats_e8p_on_a_real_block(assets):
+    """QTIP's trellis inside BlockLDLQ on SmolLM2's block 0 with its real Hessians (issue 14): every layer's
+    proxy loss well below E8P12's at 2 bits, and the quantized layers run the same on the native kernel."""
+    from quipsharp.pipeline import capture_block_inputs, collect_hessians, shared_input_groups
+    from quipsharp.quantize import quantize_weight
+
+    gguf, _, calib, _ = assets
+    model, _ = load_model(gguf)
+    _, blocks = find_blocks(model)
+    stream, calls = capture_block_inputs(model, blocks, list(calib[:16].split(8)))
+    block = blocks[0]
+    names = list(block_linears(block))
+    groups = shared_input_groups(block, names, stream[0], calls[0][0])
+    accs, _ = collect_hessians(block, groups, stream, calls[0], keep_outputs=False)
+    for name in names:
+        W, H = block.get_submodule(name).weight, accs[name].mean()
+        e8p = quantize_weight(W, H, QuIPSharpConfig(bits=2)).proxy_loss
+        qtip = quantize_weight(W, H, QuIPSharpConfig(bits=2, codebook="qtip1mad")).proxy_loss
+        assert qtip < 0.9 * e8p, (name, qtip, e8p)
