@@ -2820,9 +2820,11 @@ __attribute__((target("avx512f,avx512bw"))) static inline __m512i trellis_hash_w
 QS_TRELLIS_INT8_AVX512(__attribute__((target("avx512f,avx512bw,avx512vnni"))), trellis_int8_vnni, QS_DOT_VNNI)
 QS_TRELLIS_INT8_AVX512(__attribute__((target("avx512f,avx512bw"))), trellis_int8_avx512, QS_DOT_AVX512BW)
 
+/* one_pair: all 8 lanes read pair `at` (k = 2): a broadcast load instead of a load and a permute. */
 __attribute__((target("avx2"))) static inline __m256i trellis_hash_avx2(const uint32_t *pairs, int64_t at,
-                                                                       __m256i idx, __m256i shift) {
-    __m256i v = _mm256_permutevar8x32_epi32(_mm256_loadu_si256((const __m256i *)(pairs + at)), idx);
+                                                                       __m256i idx, __m256i shift, int one_pair) {
+    __m256i v = one_pair ? _mm256_set1_epi32((int)pairs[at])
+                         : _mm256_permutevar8x32_epi32(_mm256_loadu_si256((const __m256i *)(pairs + at)), idx);
     __m256i state = _mm256_and_si256(_mm256_srlv_epi32(v, shift), _mm256_set1_epi32(0xFFFF));
     return _mm256_add_epi32(_mm256_mullo_epi32(state, _mm256_set1_epi32((int)TRELLIS_1MAD_A)),
                             _mm256_set1_epi32((int)TRELLIS_1MAD_C));
@@ -2849,8 +2851,8 @@ __attribute__((target("avx2"))) static void trellis_int8_avx2(const int16_t *cod
         __m256i h0[TRELLIS_TILE], h1[TRELLIS_TILE];
         if (B > 1)
             for (int c = 0; c < TRELLIS_TILE; c++) {
-                h0[c] = trellis_hash_avx2(pairs, c * k, idx0, sh0);
-                h1[c] = trellis_hash_avx2(pairs, c * k + off1, idx1, sh1);
+                h0[c] = trellis_hash_avx2(pairs, c * k, idx0, sh0, k == 2);
+                h1[c] = trellis_hash_avx2(pairs, c * k + off1, idx1, sh1, k == 2);
             }
         for (int64_t b = 0; b < B; b++) {
             const int32_t *xj = xw + b * n + j * TRELLIS_TILE;
@@ -2858,8 +2860,9 @@ __attribute__((target("avx2"))) static void trellis_int8_avx2(const int16_t *cod
             __m256i a1 = _mm256_loadu_si256((const __m256i *)(acc + 16 * b + 8));
             for (int c = 0; c < TRELLIS_TILE; c++) {
                 __m256i xv = _mm256_set1_epi32(xj[c]);
-                a0 = trellis_dot_avx2(a0, B > 1 ? h0[c] : trellis_hash_avx2(pairs, c * k, idx0, sh0), xv);
-                a1 = trellis_dot_avx2(a1, B > 1 ? h1[c] : trellis_hash_avx2(pairs, c * k + off1, idx1, sh1), xv);
+                a0 = trellis_dot_avx2(a0, B > 1 ? h0[c] : trellis_hash_avx2(pairs, c * k, idx0, sh0, k == 2), xv);
+                a1 = trellis_dot_avx2(a1, B > 1 ? h1[c] : trellis_hash_avx2(pairs, c * k + off1, idx1, sh1, k == 2),
+                                      xv);
             }
             _mm256_storeu_si256((__m256i *)(acc + 16 * b), a0);
             _mm256_storeu_si256((__m256i *)(acc + 16 * b + 8), a1);
