@@ -297,3 +297,18 @@ def test_cli_quantizes_with_a_trellis_codebook(model_dir, tmp_path, capsys) -> N
     assert main(["quantize", str(model_dir), "--out", str(tmp_path / "r"), "--data-free", "--codebook", "qtip"]) == 2
     assert "argument --codebook: invalid choice: 'qtip'" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_lean_decoder_generates_what_transformers_generates(trellis_dir) -> None:
+    """The lean loop runs trellis layers through their own kernels (the fused native step takes only
+    E8P layers and says so): greedy tokens equal transformers' generate."""
+    from quipsharp.fastdecode import LeanDecoder
+
+    out, tokens, _, _ = trellis_dir
+    model = load_quantized(out)
+    decoder = LeanDecoder(model, 64)
+    assert decoder.native_step is None
+    lean = list(decoder.generate(tokens[0, :8], max_new_tokens=8))
+    with torch.no_grad():
+        ref = model.generate(tokens[:1, :8], max_new_tokens=8, do_sample=False)[0, 8:].tolist()
+    assert lean == ref
