@@ -381,7 +381,8 @@ def test_bits_per_weight() -> None:
 # --------------------------------------------------------------------------------------- registry
 def test_registry_ids_names_and_errors() -> None:
     ids = {"E8P12": 0, "E8P12RVQ3B": 1, "E8P12RVQ4B": 2, "scalar2": 16, "scalar3": 17, "scalar4": 18,
-           "QTIP1MAD2": 32, "QTIP1MAD3": 33, "QTIP1MAD4": 34, "QTIP3INST2": 35, "QTIP3INST3": 36, "QTIP3INST4": 37}
+           "QTIP1MAD2": 32, "QTIP1MAD3": 33, "QTIP1MAD4": 34, "QTIP3INST2": 35, "QTIP3INST3": 36, "QTIP3INST4": 37,
+           "QTIPHYB2": 38, "QTIPHYB3": 39, "QTIPHYB4": 40}
     assert available_codebooks() == list(ids)  # ids are on disk: never renumbered
     for name, cid in ids.items():
         assert codebook_id(name) == cid and codebook_name(cid) == name
@@ -394,6 +395,7 @@ def test_registry_ids_names_and_errors() -> None:
         assert codebook_for_bits(bits, use_e8_lattice=False).name == f"scalar{bits}"
         assert codebook_for_bits(bits, family="qtip1mad").name == f"QTIP1MAD{bits}"
         assert codebook_for_bits(bits, family="qtip3inst").name == f"QTIP3INST{bits}"
+        assert codebook_for_bits(bits, family="qtiphyb").name == f"QTIPHYB{bits}"
     with pytest.raises(ValueError, match="unknown codebook family"):
         codebook_for_bits(2, family="qtip")
     with pytest.raises(ValueError, match="E8P12RVQ3B"):
