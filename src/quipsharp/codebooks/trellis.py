@@ -150,12 +150,18 @@ def hyb_initial_lut() -> torch.Tensor:
     return (centroids * (HYB_LUT_STD / centroids.square().mean().sqrt())).contiguous()
 
 
+@functools.lru_cache(maxsize=1)
+def _hyb_states() -> tuple[torch.Tensor, torch.Tensor]:
+    """``(entry, sign)`` of every state (read-only, cached): the table-independent part of :func:`hyb_table`."""
+    entry, negate = hyb_index(torch.arange(1 << STATE_BITS))
+    return entry, torch.where(negate, -1.0, 1.0)
+
+
 def hyb_table(lut: torch.Tensor) -> torch.Tensor:
     """``[2^16, 2]``: the HYB code of every state from a table ``lut`` ``[512, 2]`` (differentiable in it)."""
-    entry, negate = hyb_index(torch.arange(1 << STATE_BITS, device=lut.device))
-    values = lut[entry]
-    sign = torch.where(negate, -1.0, 1.0).to(values.dtype)
-    return torch.stack([values[:, 0] * sign, values[:, 1]], dim=1)
+    entry, sign = _hyb_states()
+    values = lut[entry.to(lut.device)]
+    return torch.stack([values[:, 0] * sign.to(device=lut.device, dtype=values.dtype), values[:, 1]], dim=1)
 
 
 def states_from_stream(bits: torch.Tensor, L: int, kv: int) -> torch.Tensor:

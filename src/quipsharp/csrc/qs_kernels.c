@@ -2223,8 +2223,8 @@ static void viterbi_add_base(const float *best, const float *code, const float *
 QS_VITERBI_MIN(__attribute__((target("avx2,fma"))), viterbi_min_avx2)
 QS_VITERBI_MIN(__attribute__((target("avx512f,avx512vl,avx512bw"))), viterbi_min_avx512)
 
-/* V = 2, kv >= 4 (QTIP's HYB): 16 states share one best value; their code pairs are split into the
-   two components by permutes. The same float operations as viterbi_add_base: e0·e0 + e1·e1, then + best. */
+/* V = 2, kv >= VITERBI_ADD2_MIN_KV (QTIP's HYB): 16 states share one best value (so a chunk of prefixes is
+   a whole number of 16-state groups); their code pairs are split into the two components by permutes. The same float operations as viterbi_add_base: e0·e0 + e1·e1, then + best. */
 __attribute__((target("avx512f"))) static void viterbi_add2_avx512(const float *best, const float *code,
                                                                  const float *x, int64_t S, int kv, float *next) {
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
@@ -2258,10 +2258,6 @@ __attribute__((target("avx2"))) static void viterbi_add2_avx2(const float *best,
    consecutive best values; kv >= 4: one broadcast per group). */
 __attribute__((target("avx512f"))) static void viterbi_add_avx512(const float *best, const float *code, const float *x,
                                                                 int64_t S, int kv, int V, float *next) {
-    if (V == 2 && kv >= 4 && S % 16 == 0) {
-        viterbi_add2_avx512(best, code, x, S, kv, next);
-        return;
-    }
     if (V != 1 || S < 16) {
         viterbi_add_base(best, code, x, S, kv, V, next);
         return;
@@ -2281,10 +2277,6 @@ __attribute__((target("avx512f"))) static void viterbi_add_avx512(const float *b
 
 __attribute__((target("avx2,fma"))) static void viterbi_add_avx2(const float *best, const float *code, const float *x,
                                                                int64_t S, int kv, int V, float *next) {
-    if (V == 2 && kv >= 3 && S % 8 == 0) {
-        viterbi_add2_avx2(best, code, x, S, kv, next);
-        return;
-    }
     if (V != 1 || S < 8) {
         viterbi_add_base(best, code, x, S, kv, V, next);
         return;
@@ -2337,23 +2329,29 @@ __attribute__((target("avx512f,avx512vl,avx512bw"))) static void viterbi_step_av
 }
 #endif
 
+#define VITERBI_ADD2_MIN_KV 4
+
 typedef struct {
     void (*min)(const float *, int64_t, int64_t, int64_t, float *, int32_t *, uint8_t *);
     void (*add)(const float *, const float *, const float *, int64_t, int, int, float *);
+    /* V = 2 with kv >= VITERBI_ADD2_MIN_KV, or NULL (add serves it) */
+    void (*add2)(const float *, const float *, const float *, int64_t, int, float *);
     int fused; /* viterbi_step_avx512 may run */
 } viterbi_fns;
 
 /* The functions of a level (the results do not depend on it): AVX-512 levels, AVX2, else portable C. */
 static viterbi_fns viterbi_kernels(int level) {
-    viterbi_fns f = {viterbi_min_base, viterbi_add_base, 0};
+    viterbi_fns f = {viterbi_min_base, viterbi_add_base, NULL, 0};
 #if QS_X86
     if (is_avx512(level)) {
         f.min = viterbi_min_avx512;
         f.add = viterbi_add_avx512;
+        f.add2 = viterbi_add2_avx512;
         f.fused = 1;
     } else if (level == QS_LEVEL_AVX2) {
         f.min = viterbi_min_avx2;
         f.add = viterbi_add_avx2;
+        f.add2 = viterbi_add2_avx2;
     }
 #else
     (void)level;
@@ -2388,7 +2386,10 @@ static float viterbi_one(const viterbi_fns *f, const float *x, int64_t N, const 
         for (int64_t p0 = 0; p0 < P; p0 += VITERBI_CHUNK) {
             int64_t n = P - p0 < VITERBI_CHUNK ? P - p0 : VITERBI_CHUNK;
             f->min(cost + p0, n, P, J, best + p0, argj + p0, bp + (t - 1) * P + p0);
-            f->add(best + p0, code + p0 * J * V, x + t * V, n * J, kv, V, next + p0 * J);
+            if (V == 2 && kv >= VITERBI_ADD2_MIN_KV && f->add2)
+                f->add2(best + p0, code + p0 * J * V, x + t * V, n * J, kv, next + p0 * J);
+            else
+                f->add(best + p0, code + p0 * J * V, x + t * V, n * J, kv, V, next + p0 * J);
         }
         float *tmp = cost;
         cost = next;
@@ -2513,10 +2514,13 @@ static void trellis_slab_pairs(const int16_t *row, int64_t tiles, int k, uint32_
     memset(pairs + total, 0, sizeof(uint32_t) * TRELLIS_TILE);
 }
 
-static inline int trellis_1mad(uint32_t state) {
-    uint32_t x = state * TRELLIS_1MAD_A + TRELLIS_1MAD_C;
-    return (int)((x & 0xFF) + ((x >> 8) & 0xFF) + ((x >> 16) & 0xFF) + (x >> 24)) - TRELLIS_1MAD_MEAN;
+static inline uint32_t trellis_hash(uint32_t state) { return state * TRELLIS_1MAD_A + TRELLIS_1MAD_C; }
+
+static inline int32_t trellis_bytesum(uint32_t h) {
+    return (int32_t)((h & 0xFF) + ((h >> 8) & 0xFF) + ((h >> 16) & 0xFF) + (h >> 24));
 }
+
+static inline int trellis_1mad(uint32_t state) { return trellis_bytesum(trellis_hash(state)) - TRELLIS_1MAD_MEAN; }
 
 /* The raw code of one tile, column-major: w[16c + r]. */
 static void trellis_tile_scalar(const int16_t *words, int k, float *w) {
@@ -2711,12 +2715,6 @@ static trellis_slab_fn trellis_slab(int level) {
  * returns the same bits as the portable code.
  */
 #define TRELLIS_INT8_MAX_N 16384
-
-static inline uint32_t trellis_hash(uint32_t state) { return state * TRELLIS_1MAD_A + TRELLIS_1MAD_C; }
-
-static inline int32_t trellis_bytesum(uint32_t h) {
-    return (int32_t)((h & 0xFF) + ((h >> 8) & 0xFF) + ((h >> 16) & 0xFF) + (h >> 24));
-}
 
 static void trellis_slab_int8_scalar(const int16_t *codes_row, const uint32_t *row_pairs, int64_t tiles, int k,
                                      const int8_t *xq, const int32_t *xw, int64_t B, int64_t n, int32_t *acc) {

@@ -351,9 +351,8 @@ class NativeKernel:
         :data:`TRELLIS_INT8_LEVELS` (same rule).
         """
         if codebook_name in TRELLIS_KINDS:
-            int8 = allow_int8 and self.name in TRELLIS_INT8_LEVELS and x.shape[-1] <= TRELLIS_INT8_MAX_N
             return self.trellis_matmul(x, codes, m, TRELLIS_KINDS[codebook_name], threads,
-                                       int8=int8).mul_(trellis_scale())
+                                       int8=allow_int8 and self._trellis_int8(x.shape[-1])).mul_(trellis_scale())
         return _matmul(x, codes, m, codebook_name, threads, "matmul",
                        lambda *a: _require().qs_matmul(*a, self.level, int(allow_int8)))
 
@@ -456,6 +455,10 @@ class NativeKernel:
                    "trellis matmul")
         return y
 
+    def _trellis_int8(self, n: int) -> bool:
+        """Whether this level's trellis kernel takes int8 activations for inputs of width ``n``."""
+        return self.name in TRELLIS_INT8_LEVELS and n <= TRELLIS_INT8_MAX_N
+
     @staticmethod
     def trellis_decode(codes: torch.Tensor, m: int, n: int, k: int, threads: int | None = None,
                        out: torch.Tensor | None = None) -> torch.Tensor:
@@ -483,8 +486,7 @@ class NativeKernel:
         else:
             h.mul_(su)
         if B <= FUSED_MAX_BATCH:
-            int8 = use_hadamard and self.name in TRELLIS_INT8_LEVELS and n <= TRELLIS_INT8_MAX_N
-            y = self.trellis_matmul(h, codes, m, k, int8=int8)
+            y = self.trellis_matmul(h, codes, m, k, int8=use_hadamard and self._trellis_int8(n))
         else:
             W = self.trellis_decode(codes, m, n, k, out=_scratch(m * n)[: m * n].view(m, n))
             y = h @ W.T
