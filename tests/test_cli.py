@@ -96,7 +96,12 @@ def test_bfloat16_unquantized_tensors_halve_their_size(model_dir, calib_file, tm
 
     f32, bf16 = tmp_path / "f32", tmp_path / "bf16"
     assert main(quantize_args(model_dir, calib_file, f32)) == 0
-    assert main([*quantize_args(model_dir, calib_file, bf16), "--dtype", "bfloat16"]) == 0
+    capsys.readouterr()
+    assert main([*quantize_args(model_dir, calib_file, bf16), "--dtype", "bfloat16", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)  # --json: one object and nothing else on stdout
+    assert result["out"] == str(bf16.resolve()) and result["quantized_layers"] == 14
+    assert result["codes_bits_per_weight"] == 2.0
+    assert result["disk_bytes"] == (bf16 / "model.safetensors").stat().st_size
     a, b = load_file(str(f32 / "model.safetensors")), load_file(str(bf16 / "model.safetensors"))
     assert a["model.embed_tokens.weight"].dtype == torch.float32
     assert b["model.embed_tokens.weight"].dtype == torch.bfloat16
@@ -106,6 +111,32 @@ def test_bfloat16_unquantized_tensors_halve_their_size(model_dir, calib_file, tm
     text.write_text(TEXT)
     assert main(["eval", "ppl", str(bf16), "--data", str(text), "--ctx", "64", "--max-windows", "2", "--json"]) == 0
     assert 1 < json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ppl"] < 1e4
+
+
+def _options(parser, command=()):
+    """``(command, action)`` for every option and positional of every subcommand."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _options(sub, (*command, name))
+        elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            yield command, action
+
+
+def test_every_option_has_help_and_shows_its_default():
+    import argparse
+
+    from quipsharp.cli import build_parser
+
+    options = list(_options(build_parser()))
+    assert len(options) > 60
+    for command, action in options:
+        name = " ".join(command) + " " + (action.option_strings or [action.dest])[-1]
+        assert action.help, f"{name} has no help text"
+        if action.default not in (None, False, [], argparse.SUPPRESS):
+            assert "default" in action.help, f"{name} does not show its default ({action.default!r})"
 
 
 def test_resume_after_killed_run_gives_identical_files(model_dir, calib_file, tmp_path):

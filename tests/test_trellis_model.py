@@ -112,7 +112,7 @@ def test_training_forward_matches_inference_and_codes_stay_frozen() -> None:
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from quipsharp.format import ModelLoadError  # noqa: E402
+from quipsharp.format import FORMAT_VERSION, ModelLoadError  # noqa: E402
 from quipsharp.hf import load_quantized, save_quantized  # noqa: E402
 from quipsharp.pipeline import quantize_model  # noqa: E402
 from tests.tiny_models import calibration_tokens, tiny_model  # noqa: E402
@@ -133,7 +133,7 @@ def test_tiny_model_quantizes_saves_and_loads_identically(trellis_dir) -> None:
     out, tokens, logits, reports = trellis_dir
     assert reports and all(r.codebook == "QTIP1MAD2" for r in reports)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["format_version"] == 2 and qc["config"]["layer"]["codebook"] == "qtip1mad"
+    assert qc["format_version"] == FORMAT_VERSION and qc["config"]["layer"]["codebook"] == "qtip1mad"
     loaded = load_quantized(out)
     layers = [m for m in loaded.modules() if isinstance(m, QuantizedLinear)]
     assert len(layers) == len(reports) and all(m.codebook.name == "QTIP1MAD2" for m in layers)
@@ -146,11 +146,12 @@ def test_tiny_model_quantizes_saves_and_loads_identically(trellis_dir) -> None:
         assert torch.equal(hf_model(input_ids=tokens[:2]).logits, logits)
 
 
-def test_e8p_directories_keep_format_version_1(tmp_path) -> None:
+def test_e8p_directories_keep_layer_config_version_1(tmp_path) -> None:
+    """The directory is format 3 (guarded config.json), but an E8P run's layer config stays version 1."""
     model, _ = quantize_model(tiny_model("llama"), ModelQuantConfig(), None, progress=False)
     out = save_quantized(model, tmp_path / "q")
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["format_version"] == 1 and qc["config"]["layer"]["version"] == 1
+    assert qc["format_version"] == FORMAT_VERSION and qc["config"]["layer"]["version"] == 1
     assert "codebook" not in qc["config"]["layer"]
 
 
@@ -203,7 +204,7 @@ def test_inspect_names_the_codebook(trellis_dir, capsys) -> None:
 
     assert main(["inspect", str(trellis_dir[0])]) == 0
     text = capsys.readouterr().out
-    assert "quipsharp format 2" in text and "codebooks: QTIP1MAD2 (14 layers)" in text
+    assert f"quipsharp format {FORMAT_VERSION}, llama," in text and "codebooks: QTIP1MAD2 (14 layers)" in text
     assert main(["inspect", str(trellis_dir[0]), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["codebooks"] == {"QTIP1MAD2": 14}
 
@@ -293,7 +294,7 @@ def test_cli_quantizes_with_a_trellis_codebook(model_dir, tmp_path, capsys) -> N
     assert "to 3.00 bits/weight" in capsys.readouterr().out
     assert main(["inspect", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["format_version"] == 2 and set(info["codebooks"]) == {"QTIP1MAD3"}
+    assert info["format_version"] == FORMAT_VERSION and set(info["codebooks"]) == {"QTIP1MAD3"}
     assert main(["quantize", str(model_dir), "--out", str(tmp_path / "r"), "--data-free", "--codebook", "qtip"]) == 2
     assert "argument --codebook: invalid choice: 'qtip'" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()

@@ -1,4 +1,4 @@
-"""The ``quipsharp`` command line: quantize, eval ppl, generate, bench, inspect.
+"""The ``quipsharp`` command line: quantize, finetune, eval ppl, eval tasks, generate, bench, inspect.
 
 Every expected failure (missing file, unknown architecture, bad option) is printed as one line
 ``quipsharp: error: …`` with exit code 2.
@@ -104,8 +104,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     )
     result = quantize_to_dir(args.model, args.out, config, args.calib, dtype=DTYPES[args.dtype],
                              work_dir=args.work_dir, resume=args.resume, overwrite=args.overwrite,
-                             progress=not args.quiet)
+                             progress=not (args.quiet or args.json))
     report = compression_report(result.model, result.out)
+    if args.json:
+        print(json.dumps({"out": str(result.out), "seconds": result.seconds, **report}, default=str))
+        return 0
     print(f"quantized {report['quantized_layers']} layers to {report['codes_bits_per_weight']:.2f} bits/weight "
           f"in {result.seconds:.0f}s; {report['disk_bytes'] / 1e6:.1f} MB on disk "
           f"({report['disk_vs_float16']:.1%} of float16); saved to {result.out}")
@@ -147,6 +150,21 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     else:
         print(f"perplexity {result['ppl']:.3f} (ctx {result['ctx']}, {result['windows']} windows, "
               f"{result['tokens']} predicted tokens)")
+    return 0
+
+
+def cmd_eval_tasks(args: argparse.Namespace) -> int:
+    from quipsharp.eval.tasks import evaluate_tasks
+
+    results = evaluate_tasks(args.model, args.tasks, limit=args.limit, num_fewshot=args.num_fewshot,
+                             include_path=args.include_path, batch_size=args.batch_size, seed=args.seed)
+    if args.json:
+        print(json.dumps(results))
+        return 0
+    for task, metrics in results.items():
+        shown = {k: v for k, v in metrics.items() if not k.endswith("_stderr")}
+        print(f"{task}: " + ", ".join(f"{k} {v:.4f} ± {metrics.get(k + '_stderr', math.nan):.4f}"
+                                       for k, v in shown.items()))
     return 0
 
 
@@ -204,10 +222,11 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", choices=ENGINES, default="auto",
                    help="decoding loop: quipsharp's lean loop (Llama, Mistral, Qwen2/3, Phi-3, Gemma 1/2/3; "
                         "static cache), transformers' generate, or auto (lean when the model is supported; -v "
-                        "logs why not)")
+                        "logs why not) (default: %(default)s)")
     p.add_argument("--head-dtype", choices=HEAD_DTYPES, default="auto",
                    help="lean loop: LM head matmul in the model's dtype, bfloat16, or int8 per-row weights "
-                        "(faster; logits approximate); auto: int8 for quantized models, else the model's")
+                        "(faster; logits approximate); auto: int8 for quantized models, else the model's "
+                        "(default: %(default)s)")
 
 
 #: generation_config settings that change greedy/temperature decoding; the lean loop has none of them.
@@ -370,7 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--skip", action="append", default=[], metavar="REGEX", help="leave matching modules in float")
     q.add_argument("--bits-map", action="append", default=[], metavar="REGEX=BITS",
                    help="per-module bit width, first match wins (repeatable)")
-    q.add_argument("--hessian-inputs", choices=("sequential", "original"), default="sequential")
+    q.add_argument("--hessian-inputs", choices=("sequential", "original"), default="sequential",
+                   help="each block's Hessians from the outputs of the already quantized blocks (sequential) or "
+                        "of the float blocks (original) (default: %(default)s)")
     q.add_argument("--cd-passes", type=NON_NEGATIVE, default=0,
                    help="block coordinate-descent passes after BlockLDLQ (default: %(default)s)")
     q.add_argument("--scale-rho", type=FINITE_POSITIVE, default=None,
@@ -380,13 +401,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-hadamard", action="store_true", help="skip the randomized Hadamard transform")
     q.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="dtype of the model while quantizing and of the tensors left unquantized "
-                        "(embeddings, norms, LM head): bfloat16 halves their size on disk")
+                        "(embeddings, norms, LM head): bfloat16 halves their size on disk (default: %(default)s)")
     q.add_argument("--finetune", choices=FINETUNE_MODES, default="none",
-                   help="fine-tune inside each block while quantizing (block), the whole model after (e2e), or both")
+                   help="fine-tune inside each block while quantizing (block), the whole model after (e2e), or both "
+                        "(default: %(default)s)")
     _add_finetune_options(q)
     q.add_argument("--resume", action="store_true", help="continue an interrupted run")
     q.add_argument("--work-dir", help=f"per-block progress (default: OUT{WORK_SUFFIX})")
-    q.add_argument("--quiet", action="store_true")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.add_argument("--json", action="store_true", help="print the result as one JSON object (implies --quiet)")
     q.set_defaults(func=cmd_quantize)
 
     f = sub.add_parser("finetune", parents=[common],
@@ -400,26 +423,38 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--nsamples", type=POSITIVE, default=None, help="calibration windows (default: as quantized)")
     f.add_argument("--ctx", type=WINDOW, default=None, help="window length (default: as quantized)")
     f.add_argument("--seed", type=NON_NEGATIVE, default=None, help="calibration seed (default: as quantized)")
-    f.add_argument("--quiet", action="store_true")
+    f.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_finetune_options(f, defaults_from="the saved model's settings")
     f.set_defaults(func=cmd_finetune)
 
     e = sub.add_parser("eval", parents=[common], help="evaluate a model")
     esub = e.add_subparsers(dest="metric", required=True)
     p = esub.add_parser("ppl", parents=[common], help="perplexity on a text file")
-    p.add_argument("model")
-    p.add_argument("--data", required=True)
+    p.add_argument("model", help="quantized or float model: directory, .gguf file, or hub id")
+    p.add_argument("--data", required=True, help="text file (e.g. WikiText-2's wiki.test.raw)")
     p.add_argument("--ctx", type=WINDOW, default=DEFAULT_EVAL_CTX, help="tokens per window (default: %(default)s)")
     p.add_argument("--max-windows", type=POSITIVE, default=None, help="evaluate the first N windows only")
     p.add_argument("--batch-size", type=POSITIVE, default=1, help="windows per forward pass (default: %(default)s)")
     p.add_argument("--step", type=POSITIVE, default=None,
                    help="feed each window STEP tokens at a time through the KV cache (as generation does)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=cmd_eval_ppl)
 
+    t = esub.add_parser("tasks", parents=[common], help="lm-eval task accuracy (needs quipsharp[eval])")
+    t.add_argument("model", help="quantized or float model: directory, .gguf file, or hub id")
+    t.add_argument("--tasks", nargs="+", required=True, help="lm-eval task names (e.g. arc_easy hellaswag)")
+    t.add_argument("--limit", type=POSITIVE, default=None, help="evaluate the first N documents of each task only")
+    t.add_argument("--num-fewshot", type=NON_NEGATIVE, default=None,
+                   help="examples in each prompt (default: the task's)")
+    t.add_argument("--include-path", help="directory of extra task YAML files (local tasks run offline)")
+    t.add_argument("--batch-size", type=POSITIVE, default=1, help="requests per forward pass (default: %(default)s)")
+    t.add_argument("--seed", type=NON_NEGATIVE, default=0, help="lm-eval's seeds (default: %(default)s)")
+    t.add_argument("--json", action="store_true", help="print {task: {metric: value}} as JSON")
+    t.set_defaults(func=cmd_eval_tasks)
+
     g = sub.add_parser("generate", parents=[common], help="generate text (streams tokens)")
-    g.add_argument("model")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("model", help="quantized or float model: directory, .gguf file, or hub id")
+    g.add_argument("--prompt", required=True, help="the text to continue (or, with --chat, the user's message)")
     g.add_argument("--max-new-tokens", type=POSITIVE, default=DEFAULT_NEW_TOKENS,
                    help="at most this many tokens, capped by the model's positions (default: %(default)s)")
     g.add_argument("--temperature", type=FINITE_NON_NEGATIVE, default=0.0,
@@ -431,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", parents=[common], help="decoding speed: prefill and generation tokens/s at batch 1")
-    b.add_argument("model")
+    b.add_argument("model", help="quantized or float model: directory, .gguf file, or hub id")
     b.add_argument("--threads", type=POSITIVE, default=None, help="torch and kernel threads (default: torch's)")
     b.add_argument("--new-tokens", type=POSITIVE, default=DEFAULT_BENCH_NEW_TOKENS,
                    help="generated tokens per run (default: %(default)s)")
@@ -440,18 +475,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--runs", type=POSITIVE, default=DEFAULT_BENCH_RUNS,
                    help="runs; medians are reported (default: %(default)s)")
     b.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
-                   help="dtype of the unquantized tensors (embeddings, norms, LM head)")
+                   help="dtype of the unquantized tensors (embeddings, norms, LM head) (default: %(default)s)")
     b.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
-                   help="KV cache of transformers' generate (cache_implementation)")
+                   help="KV cache of transformers' generate (cache_implementation) (default: %(default)s)")
     _add_engine_options(b)
-    b.add_argument("--json", action="store_true")
+    b.add_argument("--json", action="store_true", help="print the result as one JSON object")
     b.set_defaults(func=cmd_bench)
 
     i = sub.add_parser("inspect", parents=[common], help="describe a quantized directory")
-    i.add_argument("dir")
+    i.add_argument("dir", help="quantized model directory")
     i.add_argument("--verify", action="store_true",
                    help="also check every file against its saved checksum and every stored value for NaN/inf")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("--json", action="store_true", help="print the description as JSON")
     i.set_defaults(func=cmd_inspect)
     return parser
 

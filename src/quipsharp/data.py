@@ -84,7 +84,8 @@ def _hub_documents(name: str, field: str, limit: int | None) -> list[str]:
         import datasets
     except ImportError as err:
         raise DataError(
-            f"{name!r} is not a file; to use it as a Hugging Face dataset install `datasets` (and be online)"
+            f"{name!r} is not a file; to use it as a Hugging Face dataset, `pip install quipsharp[datasets]` "
+            "(and be online)"
         ) from err
     parts = name.split(":")
     ds_name = parts[0]

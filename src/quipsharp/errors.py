@@ -25,3 +25,7 @@ class HessianNotPositiveDefiniteError(NumericalError):
     def __init__(self, message: str, damping: float | None = None) -> None:
         super().__init__(message)
         self.damping = damping
+
+
+class ExportError(QuipSharpError, RuntimeError):
+    """A model cannot be exported the way it was asked (e.g. quipsharp layers traced into ONNX)."""

@@ -1,15 +1,19 @@
 """The quantized model directory, as data, and the checks every loader runs.
 
 One definition serves :func:`quipsharp.load_quantized`, the transformers quantizer
-(:mod:`quipsharp.hf_quantizer`) and ``quipsharp inspect``. A directory (format version 1, or 2 when it
-holds trellis codebooks) holds:
+(:mod:`quipsharp.hf_quantizer`) and ``quipsharp inspect``. A directory (format version 3; versions 1 and 2,
+written before the config guard, still load) holds:
 
 =========================== =============================================================================
 file                        contents
 =========================== =============================================================================
 ``config.json``             the model's config plus ``quantization_config``: ``quant_method: "quipsharp"``,
                             ``format_version``, ``config`` (:class:`~quipsharp.config.ModelQuantConfig`),
-                            ``modules`` (one :class:`ModuleSpec` per quantized linear), ``source_model``
+                            ``modules`` (one :class:`ModuleSpec` per quantized linear), ``source_model``;
+                            guarded (version 3): ``model_type: "quipsharp"``, the architecture's own type
+                            in ``quipsharp_base_model_type``, ``auto_map.AutoConfig`` naming the module
+                            below (:func:`guard_config`)
+``quipsharp_autoload.py``   imported by transformers with ``trust_remote_code=True``: imports quipsharp
 ``model.safetensors``       every tensor; metadata ``format: "quipsharp"``, ``tied`` (JSON ``{dropped:
                             kept}``: tensors stored once and re-tied on load) and ``quantization_config``
                             (a copy of config.json's, compared at load: a changed config is refused)
@@ -55,9 +59,32 @@ from quipsharp.errors import QuipSharpError
 logger = logging.getLogger(__name__)
 
 QUANT_METHOD = "quipsharp"
-#: The newest directory format this quipsharp reads. Version 2 added the trellis codebooks (int16
-#: ``codes`` of 16 x 16 tiles); a directory without them is written as version 1, as before.
-FORMAT_VERSION = 2
+#: The directory format this quipsharp writes, and the newest it reads. Version 2 added the trellis
+#: codebooks (int16 ``codes`` of 16 x 16 tiles); version 3 guards config.json (see
+#: :func:`guard_config`) so that transformers without quipsharp refuses the directory instead of
+#: loading random weights. Versions 1 and 2 still load.
+FORMAT_VERSION = 3
+#: ``model_type`` of a guarded config.json: transformers knows no such type, so it loads the directory
+#: only through quipsharp (imported, or the ``auto_map`` module below with ``trust_remote_code=True``).
+GUARD_MODEL_TYPE = "quipsharp"
+#: config.json key holding the architecture's own ``model_type`` in a guarded config.
+BASE_MODEL_TYPE_KEY = "quipsharp_base_model_type"
+#: The module saved in every directory that transformers' ``trust_remote_code=True`` imports: it
+#: imports quipsharp and names the config class that reads a guarded config.json.
+AUTOLOAD_MODULE = "quipsharp_autoload"
+AUTOLOAD_FILE = f"{AUTOLOAD_MODULE}.py"
+AUTOLOAD_CONFIG_CLASS = "QuipSharpAutoConfig"
+AUTOLOAD_REF = f"{AUTOLOAD_MODULE}.{AUTOLOAD_CONFIG_CLASS}"
+AUTOLOAD_SOURCE = f'''"""Loads this quipsharp model with transformers' AutoConfig / AutoModelForCausalLM.
+
+The model's config.json says model_type "{GUARD_MODEL_TYPE}", which transformers alone does not know:
+without quipsharp the directory is refused instead of loading with random weights. Load it after
+``import quipsharp``, or with ``trust_remote_code=True``, which imports this file. Needs the quipsharp
+package (``pip install quipsharp``).
+"""
+
+from quipsharp.hf_quantizer import QuipSharpModelConfig as {AUTOLOAD_CONFIG_CLASS}  # noqa: F401
+'''
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 REPORT_FILE = "quipsharp_report.json"
@@ -199,7 +226,9 @@ class QuantizationRecord:
 
 
 def format_version_for(codebooks: Any) -> int:
-    """The directory format version that holds modules of these codebook names: 2 with a trellis, else 1."""
+    """The oldest directory format version that can hold modules of these codebook names: 2 with a
+    trellis, else 1 (a record claiming less is refused; new directories are written as
+    :data:`FORMAT_VERSION`)."""
     return 2 if any(get_codebook(name).tile_rows > 1 for name in codebooks if name is not None) else 1
 
 
@@ -214,7 +243,8 @@ def check_format_version(version: Any, where: str = "") -> None:
 
 def read_config(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(config.json as a dict, its quantization_config)`` of a directory claiming to be quipsharp's;
-    refuses a missing or foreign quantization_config."""
+    refuses a missing or foreign quantization_config. The dict is the architecture's config as
+    transformers knows it (a guarded config is returned unguarded: :func:`unguard_config`)."""
     path = Path(path)
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file():
@@ -225,6 +255,7 @@ def read_config(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]
         raise ModelLoadError(f"{cfg_file} is not valid JSON: {err}") from err
     if not isinstance(raw, dict):
         raise ModelLoadError(f"{cfg_file} is not a JSON object")
+    raw = unguard_config(raw, cfg_file)
     qc = raw.get("quantization_config")
     if not qc:
         hint = " but model.safetensors holds quipsharp weights (config.json damaged?)" if is_quipsharp_weights(
@@ -249,6 +280,54 @@ def is_quantized_dir(path: str | os.PathLike) -> bool:
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         return False
     return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
+
+
+# --------------------------------------------------------------------------- the config guard
+def guard_config(config: dict[str, Any]) -> dict[str, Any]:
+    """config.json as quipsharp writes it (format version 3): ``model_type`` becomes
+    :data:`GUARD_MODEL_TYPE`, the architecture's own type moves to :data:`BASE_MODEL_TYPE_KEY`, and
+    ``auto_map["AutoConfig"]`` names the module :data:`AUTOLOAD_FILE` saved beside it.
+
+    transformers without quipsharp then refuses the directory ("contains custom code ... pass
+    ``trust_remote_code=True``") instead of skipping an unknown ``quant_method`` and filling the
+    quantized layers with random weights; with quipsharp imported, or with ``trust_remote_code=True``,
+    it reads the config through :class:`quipsharp.hf_quantizer.QuipSharpModelConfig`, which gives back
+    the architecture's own config class. Idempotent."""
+    if config.get("model_type") == GUARD_MODEL_TYPE:
+        return copy.deepcopy(config)
+    base_type = config.get("model_type")
+    if not isinstance(base_type, str) or not base_type:
+        raise ModelLoadError("the model config has no model_type: cannot write a quipsharp directory for it")
+    guarded = copy.deepcopy(config)
+    guarded["model_type"] = GUARD_MODEL_TYPE
+    guarded[BASE_MODEL_TYPE_KEY] = base_type
+    guarded["auto_map"] = {**(config.get("auto_map") or {}), "AutoConfig": AUTOLOAD_REF}
+    return guarded
+
+
+def unguard_config(config: dict[str, Any], where: Any = "config.json") -> dict[str, Any]:
+    """The architecture's own config of a guarded config.json (a copy; others are returned as they are)."""
+    if config.get("model_type") != GUARD_MODEL_TYPE:
+        return config
+    base_type = config.get(BASE_MODEL_TYPE_KEY)
+    if not isinstance(base_type, str) or not base_type or base_type == GUARD_MODEL_TYPE:
+        raise ModelLoadError(f"{where} says model_type {GUARD_MODEL_TYPE!r} but names no architecture in "
+                             f"{BASE_MODEL_TYPE_KEY!r}: the config is damaged")
+    out = {k: copy.deepcopy(v) for k, v in config.items() if k != BASE_MODEL_TYPE_KEY}
+    out["model_type"] = base_type
+    auto_map = {k: v for k, v in (config.get("auto_map") or {}).items() if v != AUTOLOAD_REF}
+    if auto_map:
+        out["auto_map"] = auto_map
+    else:
+        out.pop("auto_map", None)
+    return out
+
+
+def write_autoload(directory: Path) -> None:
+    """Write :data:`AUTOLOAD_FILE` (what ``trust_remote_code=True`` imports) into ``directory``."""
+    from quipsharp.io import atomic_write_text
+
+    atomic_write_text(Path(directory) / AUTOLOAD_FILE, AUTOLOAD_SOURCE)
 
 
 # --------------------------------------------------------------------------- safetensors headers

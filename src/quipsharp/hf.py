@@ -8,7 +8,14 @@ A quantized model directory holds:
 * ``model.safetensors``: every tensor of the model; quantized layers store the buffers of
   :class:`~quipsharp.nn.QuantizedLinear` (codes packed to exactly 2/3/4 bits per weight); tensors tied
   to another (e.g. the LM head tied to the embeddings) are stored once and re-tied on load;
-* ``quipsharp_report.json`` (per-layer proxy loss and time) and the tokenizer files.
+* ``quipsharp_report.json`` (per-layer proxy loss and time) and the tokenizer files;
+* ``quipsharp_autoload.py``: config.json is guarded (:func:`quipsharp.format.guard_config`), so that
+  transformers loads the directory only through quipsharp (imported, or this module with
+  ``trust_remote_code=True``) and never as random weights.
+
+Every way to save writes such a directory: :func:`save_quantized`, and ``save_pretrained`` on a model
+from :func:`quipsharp.quantize_model`, :func:`load_quantized` or ``from_pretrained``
+(:func:`protect_save_pretrained`).
 
 The directory is written under a hidden staging name and swapped into place whole, so an interrupted
 save never leaves a directory that loads as valid, and nothing but an earlier quipsharp model is
@@ -33,9 +40,10 @@ from torch import nn
 from quipsharp import faults
 from quipsharp.config import ModelQuantConfig
 from quipsharp.format import (  # also re-exports the format's names from where they always were
+    CHECKSUMS_FILE,
     CONFIG_FILE,
     FORMAT_METADATA_KEY,
-    FORMAT_VERSION,  # noqa: F401  (re-exported: quipsharp.hf.FORMAT_VERSION)
+    FORMAT_VERSION,
     QUANT_METHOD,
     REPORT_FILE,
     TIED_METADATA_KEY,
@@ -45,19 +53,21 @@ from quipsharp.format import (  # also re-exports the format's names from where 
     check_loaded_model,
     check_weights_checksum,
     check_weights_header,
-    format_version_for,
+    guard_config,
     is_quantized_dir,
     is_quipsharp_weights,
     load_metadata,
     read_header,
     read_record,
+    unguard_config,
     warn_model_config_changes,
+    write_autoload,
     write_checksums,
 )
 from quipsharp.io import atomic_save_safetensors, atomic_write_text
 from quipsharp.models.walker import linear_shape, set_submodule
 from quipsharp.nn import QuantizedLinear
-from quipsharp.outputs import check_output, locked, publish_dir, recover_leftovers, staging_dir
+from quipsharp.outputs import OutputError, check_output, locked, publish_dir, recover_leftovers, staging_dir
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +130,37 @@ def _dedupe_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
     return kept, tied
 
 
+def quantization_config_of(model: nn.Module, config: ModelQuantConfig | None = None,
+                           source: str | None = None) -> dict[str, Any]:
+    """The ``quantization_config`` entry of config.json for a quantized ``model`` (validated): one
+    entry per :class:`~quipsharp.nn.QuantizedLinear`, ``config`` (default: the first layer's), written
+    as format version :data:`~quipsharp.format.FORMAT_VERSION`."""
+    modules = {
+        name: {
+            "bits": m.config.bits,
+            "codebook": m.codebook.name,
+            "in_features": m.in_features,
+            "out_features": m.out_features,
+            "bias": m.bias is not None,
+        }
+        for name, m in model.named_modules()
+        if isinstance(m, QuantizedLinear)
+    }
+    if not modules:
+        raise ValueError("the model has no QuantizedLinear layer: quantize it before saving")
+    first = next(m for m in model.modules() if isinstance(m, QuantizedLinear))
+    qc: dict[str, Any] = {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "config": (config or ModelQuantConfig(layer=first.config)).to_dict(),
+        "modules": modules,
+    }
+    if source is not None:
+        qc["source_model"] = source
+    QuantizationRecord.from_dict(qc)  # write only what loads
+    return qc
+
+
 def save_quantized(
     model: nn.Module,
     out_dir: str | os.PathLike,
@@ -135,36 +176,16 @@ def save_quantized(
     is then replaced atomically: the new directory is written under a hidden name beside it and
     swapped in whole (:mod:`quipsharp.outputs`). Anything else is refused with
     :class:`~quipsharp.outputs.OutputError`. ``source`` (the float model it came from: a path or hub
-    id) is recorded so that ``quipsharp finetune`` can find its teacher later."""
-    modules = {
-        name: {
-            "bits": m.config.bits,
-            "codebook": m.codebook.name,
-            "in_features": m.in_features,
-            "out_features": m.out_features,
-            "bias": m.bias is not None,
-        }
-        for name, m in model.named_modules()
-        if isinstance(m, QuantizedLinear)
-    }
-    if not modules:
-        raise ValueError("the model has no QuantizedLinear layer: quantize it before saving")
+    id) is recorded so that ``quipsharp finetune`` can find its teacher later. config.json is guarded
+    (:func:`~quipsharp.format.guard_config`): transformers loads the directory only through quipsharp."""
+    qc = quantization_config_of(model, config, source)
     out = check_output(out_dir, overwrite=overwrite)
-    first = next(m for m in model.modules() if isinstance(m, QuantizedLinear))
-    qconfig = config or ModelQuantConfig(layer=first.config)
-    hf_config = model.config.to_dict()
-    hf_config["quantization_config"] = {
-        "quant_method": QUANT_METHOD,
-        "format_version": format_version_for(spec["codebook"] for spec in modules.values()),
-        "config": qconfig.to_dict(),
-        "modules": modules,
-    }
-    if source is not None:
-        hf_config["quantization_config"]["source_model"] = source
-    record = QuantizationRecord.from_dict(hf_config["quantization_config"])  # write only what loads
+    hf_config = {k: v for k, v in unguard_config(model.config.to_dict()).items() if k != "quantization_config"}
+    record = QuantizationRecord.from_dict(qc)
     state, tied = _dedupe_tied(model.state_dict())
     metadata = {FORMAT_METADATA_KEY: QUANT_METHOD, TIED_METADATA_KEY: json.dumps(tied),
-                **load_metadata(record, {k: v for k, v in hf_config.items() if k != "quantization_config"})}
+                **load_metadata(record, hf_config)}
+    hf_config = guard_config({**hf_config, "quantization_config": qc})
     with locked(out):
         recover_leftovers(out)
         out = check_output(out, overwrite=overwrite)  # again, under the lock
@@ -179,6 +200,7 @@ def save_quantized(
             if reports is not None:
                 atomic_write_text(tmp / REPORT_FILE, json.dumps([asdict(r) for r in reports], indent=1))
             atomic_write_text(tmp / CONFIG_FILE, json.dumps(hf_config, indent=2, sort_keys=True, default=str))
+            write_autoload(tmp)
             write_checksums(tmp)
             faults.point("save:staged")
             publish_dir(tmp, out)
@@ -186,6 +208,62 @@ def save_quantized(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return out
+
+
+# --------------------------------------------------------------------------- save_pretrained
+class QuipSharpSavePretrained:
+    """``model.save_pretrained`` of a quantized model: transformers' own save, then config.json is
+    rewritten as quipsharp's (the ``quantization_config`` of the model's layers, guarded:
+    :func:`~quipsharp.format.guard_config`) and the autoload module written beside it, so the
+    directory loads through every quipsharp path and never as random weights.
+
+    Set on the model instance by :func:`protect_save_pretrained` (an object holding the model rather
+    than a closure, so that ``copy.deepcopy`` of the model saves the copy)."""
+
+    def __init__(self, model: nn.Module, config: ModelQuantConfig | None = None, source: str | None = None) -> None:
+        self.model = model
+        self.config = config
+        self.source = source
+
+    def __call__(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("push_to_hub"):
+            raise OutputError("save_pretrained(push_to_hub=True) would upload config.json before quipsharp "
+                              "rewrites it: save to a directory, then upload that directory")
+        result = type(self.model).save_pretrained(self.model, save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            finish_pretrained_dir(self.model, save_directory, self.config, self.source)
+        return result
+
+
+def protect_save_pretrained(model: nn.Module, config: ModelQuantConfig | None = None,
+                            source: str | None = None) -> nn.Module:
+    """Make ``model.save_pretrained`` write a quipsharp directory (:class:`QuipSharpSavePretrained`);
+    ``config`` is the run's :class:`~quipsharp.config.ModelQuantConfig` and ``source`` the float model
+    it came from, when known. Returns ``model``."""
+    if hasattr(type(model), "save_pretrained"):
+        model.__dict__["save_pretrained"] = QuipSharpSavePretrained(model, config, source)
+    return model
+
+
+def finish_pretrained_dir(model: nn.Module, directory: str | os.PathLike,
+                          config: ModelQuantConfig | None = None, source: str | None = None) -> None:
+    """Turn a directory that transformers' ``save_pretrained`` wrote for quantized ``model`` into a
+    quipsharp directory: guarded config.json with the layers' ``quantization_config``, the autoload
+    module, and fresh checksums if an earlier quipsharp save left some."""
+    directory = Path(directory)
+    cfg_file = directory / CONFIG_FILE
+    raw = unguard_config(json.loads(cfg_file.read_text(encoding="utf-8")), cfg_file)
+    saved = raw.get("quantization_config")
+    if isinstance(saved, dict) and saved.get("quant_method") == QUANT_METHOD:
+        source = source or saved.get("source_model")
+        if config is None:
+            config = QuantizationRecord.from_dict(saved, f"{cfg_file}: ").config
+    qc = quantization_config_of(model, config, source)
+    atomic_write_text(cfg_file, json.dumps(guard_config({**raw, "quantization_config": qc}), indent=2,
+                                           sort_keys=True, default=str))
+    write_autoload(directory)
+    if (directory / CHECKSUMS_FILE).exists():
+        write_checksums(directory)
 
 
 # --------------------------------------------------------------------------- loading quantized models
@@ -221,6 +299,9 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from quipsharp.hf_quantizer import register_model_config
+
+    register_model_config()  # AutoConfig reads a guarded config.json
     path = Path(path)
     raw, record = read_record(path)
     weights = path / WEIGHTS_FILE
@@ -261,4 +342,4 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
     check_loaded_model(model, f"{path}: ")
     model.to(device)
     model.eval()
-    return model
+    return protect_save_pretrained(model, record.config, record.source_model)

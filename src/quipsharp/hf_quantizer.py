@@ -22,8 +22,18 @@ safetensors). So ``import quipsharp`` calls :func:`register_when_transformers_lo
   module has executed, then removes itself.
 
 Either way ``from_pretrained`` sees the quipsharp quantizer whether transformers was imported before
-or after quipsharp. :func:`register_with_transformers` registers explicitly (idempotent); the classes are
-built on first registration and are reachable as ``quipsharp.hf_quantizer.QuipSharpQuantizationConfig``
+or after quipsharp. The same hook on ``transformers.models.auto.configuration_auto`` registers
+:class:`QuipSharpModelConfig` for ``model_type: "quipsharp"``, the guarded config.json that quipsharp
+writes (:func:`quipsharp.format.guard_config`): AutoConfig reads it as the architecture's own config.
+
+Without quipsharp imported, transformers does not know that model type and refuses the directory,
+telling the user to pass ``trust_remote_code=True``; that imports the directory's
+``quipsharp_autoload.py``, which imports quipsharp (or names the package to install), and loading
+proceeds as above. A loaded model's ``save_pretrained`` writes a guarded directory again
+(:func:`quipsharp.hf.protect_save_pretrained`).
+
+:func:`register_with_transformers` registers explicitly (idempotent); the classes are built on first
+registration and are reachable as ``quipsharp.hf_quantizer.QuipSharpQuantizationConfig``
 and ``quipsharp.hf_quantizer.QuipSharpHfQuantizer`` (looking either up registers).
 """
 
@@ -36,7 +46,7 @@ import importlib.machinery
 import json
 import logging
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -47,6 +57,7 @@ from torch import nn
 from quipsharp.config import ModelQuantConfig, QuIPSharpConfig
 from quipsharp.format import (
     FORMAT_VERSION,
+    GUARD_MODEL_TYPE,
     QUANT_METHOD,
     QUANTIZED_STATE_DTYPE,
     TIED_METADATA_KEY,
@@ -58,9 +69,10 @@ from quipsharp.format import (
     check_weights_checksum,
     check_weights_header,
     read_header,
+    unguard_config,
     warn_model_config_changes,
 )
-from quipsharp.hf import quantized_slot
+from quipsharp.hf import protect_save_pretrained, quantized_slot
 from quipsharp.models.walker import linear_shape, set_submodule
 from quipsharp.nn import QuantizedLinear
 
@@ -71,51 +83,73 @@ logger = logging.getLogger(__name__)
 
 # The transformers module that holds the quantization registry and `register_quantizer`.
 REGISTRY_MODULE = "transformers.quantizers.auto"
+# The transformers module that holds AutoConfig's model-type registry.
+CONFIG_REGISTRY_MODULE = "transformers.models.auto.configuration_auto"
 SAFETENSORS_SUFFIX = ".safetensors"
 # Attribute of the meta stand-in weight a QuantizedLinear carries while transformers loads the model.
 STAND_IN_WEIGHT = "weight"
 CONFIG_CLASS_NAME = "QuipSharpQuantizationConfig"
 QUANTIZER_CLASS_NAME = "QuipSharpHfQuantizer"
+MODEL_CONFIG_CLASS_NAME = "QuipSharpModelConfig"
 
 _registered: tuple[type, type] | None = None
+_model_config: type | None = None
 
 
 # --------------------------------------------------------------------------- registration
 def register_with_transformers() -> tuple[type, type]:
-    """Register the quipsharp quantization config and quantizer with transformers (idempotent).
+    """Register the quipsharp quantization config and quantizer with transformers (idempotent), and
+    the guarded config.json's model type (:func:`register_model_config`).
 
     Imports transformers. ``import quipsharp`` arranges this automatically (see the module docstring);
     call it yourself only to register eagerly. Returns ``(config class, quantizer class)``.
     """
     global _registered
+    register_model_config()
     if _registered is None:
         _registered = _define_and_register()
     return _registered
 
 
+def register_model_config() -> type:
+    """Register :class:`QuipSharpModelConfig` for ``model_type: "quipsharp"`` with ``AutoConfig``
+    (idempotent): AutoConfig then reads a guarded config.json (:func:`quipsharp.format.guard_config`)
+    as the architecture's own config class."""
+    global _model_config
+    if _model_config is None:
+        _model_config = _define_model_config()
+    return _model_config
+
+
 def register_when_transformers_loads() -> None:
-    """Register now if transformers' quantizer registry is imported, else right after it is imported."""
-    if REGISTRY_MODULE in sys.modules:
-        register_with_transformers()
-    elif not any(isinstance(finder, _RegistryImportHook) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _RegistryImportHook())
+    """Register now what transformers has imported the registry of, the rest right after it imports it."""
+    for module, register in ((CONFIG_REGISTRY_MODULE, register_model_config),
+                             (REGISTRY_MODULE, register_with_transformers)):
+        if module in sys.modules:
+            register()
+        elif not any(isinstance(finder, _RegistryImportHook) and finder.module == module for finder in sys.meta_path):
+            sys.meta_path.insert(0, _RegistryImportHook(module, register))
 
 
-def _register_after_import() -> None:
+def _register_after_import(register: Callable[[], Any]) -> None:
     """Run by the import hook; a failure must not break ``import transformers``, so it is logged."""
     try:
-        register_with_transformers()
-    except Exception as err:  # reported; from_pretrained then warns of an unknown method
-        logger.warning("quipsharp could not register its quantizer with transformers: %s", err)
+        register()
+    except Exception as err:  # reported; from_pretrained then refuses the guarded directory
+        logger.warning("quipsharp could not register with transformers: %s", err)
 
 
 class _RegistryImportHook(importlib.abc.MetaPathFinder):
-    """Finds ``transformers.quantizers.auto`` through the other finders and registers after it executes."""
+    """Finds ``module`` through the other finders and runs ``register`` after it executes."""
+
+    def __init__(self, module: str, register: Callable[[], Any]) -> None:
+        self.module = module
+        self.register = register
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname != REGISTRY_MODULE:
+        if fullname != self.module:
             return None
         with contextlib.suppress(ValueError):
             sys.meta_path.remove(self)  # one shot; also keeps the lookup below from reaching this finder
@@ -123,12 +157,12 @@ class _RegistryImportHook(importlib.abc.MetaPathFinder):
             find = getattr(finder, "find_spec", None)
             spec = find(fullname, path, target) if find is not None else None
             if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                _run_after_exec(spec.loader, fullname)
+                _run_after_exec(spec.loader, fullname, self.register)
                 return spec
         return None  # not found: the import machinery raises its usual error
 
 
-def _run_after_exec(loader: importlib.abc.Loader, fullname: str) -> None:
+def _run_after_exec(loader: importlib.abc.Loader, fullname: str, register: Callable[[], Any]) -> None:
     """Wrap ``loader.exec_module`` (on the instance, once) to register after ``fullname`` executes."""
     exec_module = loader.exec_module
 
@@ -140,13 +174,16 @@ def _run_after_exec(loader: importlib.abc.Loader, fullname: str) -> None:
                 with contextlib.suppress(AttributeError):
                     del loader.exec_module  # restore the class's method
         if module.__name__ == fullname:
-            _register_after_import()
+            _register_after_import(register)
 
     loader.exec_module = exec_then_register  # type: ignore[method-assign]
 
 
 def __getattr__(name: str) -> type:
-    """``QuipSharpQuantizationConfig`` and ``QuipSharpHfQuantizer`` exist once registered (PEP 562)."""
+    """``QuipSharpQuantizationConfig``, ``QuipSharpHfQuantizer`` and ``QuipSharpModelConfig`` exist once
+    registered (PEP 562)."""
+    if name == MODEL_CONFIG_CLASS_NAME:
+        return register_model_config()
     if name in (CONFIG_CLASS_NAME, QUANTIZER_CLASS_NAME):
         config_cls, quantizer_cls = register_with_transformers()
         return config_cls if name == CONFIG_CLASS_NAME else quantizer_cls
@@ -187,6 +224,51 @@ def _publish(*classes: type) -> None:
     for cls in classes:
         cls.__qualname__ = cls.__name__
         globals()[cls.__name__] = cls
+
+
+# --------------------------------------------------------------------------- the guarded config.json
+def _define_model_config() -> type:
+    """Define :class:`QuipSharpModelConfig` and register it with AutoConfig (reusing an earlier one)."""
+    from transformers import PreTrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING, AutoConfig
+
+    if GUARD_MODEL_TYPE in CONFIG_MAPPING and CONFIG_MAPPING[GUARD_MODEL_TYPE].__module__ == __name__:
+        existing = CONFIG_MAPPING[GUARD_MODEL_TYPE]
+        _publish(existing)
+        return existing
+
+    class QuipSharpModelConfig(PreTrainedConfig):  # type: ignore[misc, valid-type]
+        """Reads a guarded quipsharp config.json (``model_type: "quipsharp"``) as the architecture's
+        own config class (e.g. ``LlamaConfig``): it is never instantiated itself.
+
+        ``AutoConfig`` reaches it by the registered model type (after ``import quipsharp``) or through
+        the directory's ``auto_map`` with ``trust_remote_code=True``; either way the model classes,
+        quantizer and tools see the architecture's config with its ``quantization_config``.
+        """
+
+        model_type = GUARD_MODEL_TYPE
+
+        @classmethod
+        def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
+            base = unguard_config(config_dict)
+            try:
+                base_class = CONFIG_MAPPING[base["model_type"]]
+            except KeyError:
+                raise ModelLoadError(
+                    f"this quipsharp model is a {base['model_type']!r} model, which this transformers does not know"
+                ) from None
+            return base_class.from_dict(base, **kwargs)
+
+        @classmethod
+        def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> Any:
+            # the trust_remote_code path lands here; the registered model type now reads the file
+            kwargs.pop("trust_remote_code", None)
+            return AutoConfig.from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    AutoConfig.register(GUARD_MODEL_TYPE, QuipSharpModelConfig, exist_ok=True)
+    _publish(QuipSharpModelConfig)
+    logger.debug("registered model type %r with AutoConfig", GUARD_MODEL_TYPE)
+    return QuipSharpModelConfig
 
 
 # --------------------------------------------------------------------------- the quantization config
@@ -411,6 +493,7 @@ def _make_quantizer_class(base: type, config_cls: type) -> type:
 
         def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
             finish_loaded_layers(model)
+            protect_save_pretrained(model)
             return model
 
         def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
@@ -419,7 +502,8 @@ def _make_quantizer_class(base: type, config_cls: type) -> type:
 
         @property
         def is_trainable(self) -> bool:
-            """Training through transformers is not supported (quipsharp's own fine-tuning is)."""
-            return False
+            """Adapters (peft LoRA, :mod:`quipsharp.lora`) train with transformers' ``Trainer``; the
+            quantized layers stay frozen (transformers refuses a quantized model without adapters)."""
+            return True
 
     return QuipSharpHfQuantizer

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,6 +32,7 @@ from torch.nn import functional as F
 from quipsharp import kernels
 from quipsharp.codebooks import codebook_id, get_codebook
 from quipsharp.config import QuIPSharpConfig
+from quipsharp.errors import ExportError
 from quipsharp.hadamard import factor_dim, hadamard_transform, orthonormal_factor
 from quipsharp.quantize import QuantizedWeight, dequantize, quantize_weight
 
@@ -236,13 +238,15 @@ class QuantizedLinear(nn.Module):
             )
 
     def _use_native(self, x: torch.Tensor) -> bool:
-        """The native CPU kernel serves inference on CPU tensors; training uses the reference path."""
+        """The native CPU kernel serves CPU tensors while the layer's own state is frozen (inference,
+        and adapters trained around the layer: :class:`_FrozenLayerLinear` gives ``x`` its gradient);
+        training the layer's state uses the reference path."""
         if not self._native or x.device.type != "cpu" or self.codes.device.type != "cpu":
             return False
         state = (self.su, self.sv, self.wscale, self.bias)
-        if torch.is_grad_enabled() and (x.requires_grad or any(b is not None and b.requires_grad for b in state)):
+        if torch.is_grad_enabled() and any(b is not None and b.requires_grad for b in state):
             return False
-        return True
+        return not (torch.is_grad_enabled() and x.requires_grad and torch.compiler.is_compiling())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``[..., in_features]`` -> ``[..., out_features]`` in ``x``'s dtype.
@@ -253,6 +257,8 @@ class QuantizedLinear(nn.Module):
         """
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with last dim {self.in_features}, got {tuple(x.shape)}")
+        if torch.onnx.is_in_onnx_export():  # a traced graph would hold the kernel's output as a constant
+            raise ExportError(ONNX_EXPORT_MESSAGE)
         if self._states is not None:  # fine-tuning a layer with a trainable table: the reference path
             return self.reference_forward(x)
         if self._core is not None:  # fine-tuning (enable_training): scales applied to activations,
@@ -260,16 +266,47 @@ class QuantizedLinear(nn.Module):
             y = F.linear(x.to(torch.float32) * self.su, self._core) * (self.wscale * self.sv)
             return (y if self.bias is None else y + self.bias).to(x.dtype)
         if self._use_native(x):
-            args = (x, self.codes, self.su, self.sv, self.wscale, self.bias, self._m_in, self._m_out_t,
-                    self.codebook.name, self.config.use_hadamard)
-            if torch.compiler.is_compiling():
-                return torch.ops.quipsharp.e8p_linear(*args, self._kernel.name)
-            return self._kernel.linear(*args)  # same code without the dispatcher's per-call cost
+            if torch.is_grad_enabled() and x.requires_grad:  # e.g. LoRA adapters in earlier layers
+                return _FrozenLayerLinear.apply(x, self)
+            return self._native_forward(x)
         if not torch.compiler.is_compiling():  # data-dependent checks: eager mode only
             self._check_loaded_codebook()
             if torch.isnan(self.wscale):
                 raise RuntimeError(kernels.UNFILLED_MESSAGE)
         return self.reference_forward(x)
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The packed codes (peft looks for a quantized layer's storage, e.g. its device, under this name)."""
+        return self.codes
+
+    def _native_forward(self, x: torch.Tensor) -> torch.Tensor:
+        args = (x, self.codes, self.su, self.sv, self.wscale, self.bias, self._m_in, self._m_out_t,
+                self.codebook.name, self.config.use_hadamard)
+        if torch.compiler.is_compiling():
+            return torch.ops.quipsharp.e8p_linear(*args, self._kernel.name)
+        return self._kernel.linear(*args)  # same code without the dispatcher's per-call cost
+
+    def core_weight(self) -> torch.Tensor:
+        """The decoded codes ``Ŵ`` ``[out_features, in_features]`` float32, before scale, signs and
+        Hadamard transforms (the native decode where the layer has one)."""
+        m, n = self.out_features, self.in_features
+        if self._native and self.codebook.name in kernels.NATIVE_CODEBOOKS and self.codes.device.type == "cpu":
+            return self._kernel.decode(self.codes, m, n, self.codebook.name)
+        return self.codebook.decode_matrix(self.codebook.unpack_matrix(self.codes, m, n), m, n, self.lut)
+
+    def input_grad(self, grad_y: torch.Tensor) -> torch.Tensor:
+        """The gradient to the input of this (frozen) layer: the transpose of :meth:`reference_forward`'s
+        map, ``g ↦ S_U Uᵀ (s·Ŵᵀ) V S_V g`` for ``g`` ``[..., out_features]`` -> ``[..., in_features]``
+        float32 (QuIP# §3's ``W = V Ŵ Uᵀ`` read backwards; each Hadamard transform's adjoint is its
+        transpose)."""
+        g = grad_y.to(torch.float32) * self.sv
+        if self.config.use_hadamard:
+            g = hadamard_transform(g)  # the adjoint of the forward's transpose=True
+        g = (g @ self.core_weight()) * self.wscale
+        if self.config.use_hadamard:
+            g = hadamard_transform(g, transpose=True)
+        return g * self.su
 
     def bind(self, threads: int | None = None) -> kernels.BoundLinear | None:
         """This layer's native call with its state checked once (for decoding loops), or None when
@@ -308,6 +345,28 @@ class QuantizedLinear(nn.Module):
         )
 
 
+class _FrozenLayerLinear(torch.autograd.Function):
+    """A frozen :class:`QuantizedLinear` on the native kernel with a gradient to its input (adapters
+    such as LoRA trained around quantized layers): forward is the kernel's output, backward
+    :meth:`QuantizedLinear.input_grad` (a decode of the codes and one matrix product)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
+        ctx.layer = layer
+        ctx.dtype = x.dtype
+        return layer._native_forward(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return ctx.layer.input_grad(grad_y).to(ctx.dtype), None
+
+
+#: Why torch.onnx.export refuses a model with quantized layers, and what to do instead.
+ONNX_EXPORT_MESSAGE = (
+    "quipsharp's quantized layers have no ONNX form (their decode runs in quipsharp's kernels; traced, "
+    "the graph would hold one input's outputs as constants). Export quipsharp.export.dense_copy(model) "
+    "instead: the same function with float weights (the file is float-sized), or use torch.export, which "
+    "keeps the quipsharp custom op")
 _NO_FACTOR = torch.ones(1, 1)
 # The continuous state fine-tuning trains (the codes stay frozen).
 TRAINABLE_BUFFERS = ("su", "sv", "bias")  # wscale stays: a real-valued S_V already scales every row

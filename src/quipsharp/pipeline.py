@@ -36,6 +36,7 @@ from quipsharp.codebooks import get_codebook
 from quipsharp.config import ModelQuantConfig, QuIPSharpConfig
 from quipsharp.finetune import finetune_block
 from quipsharp.hessian import HessianAccumulator
+from quipsharp.hf import protect_save_pretrained
 from quipsharp.io import atomic_save_safetensors, atomic_write_text
 from quipsharp.models.walker import (
     BlockCall,
@@ -476,7 +477,7 @@ def _quantize_blocks(model: nn.Module, config: ModelQuantConfig, calibration: to
             faults.point("block:saved")
         if delay:
             time.sleep(delay)
-    return model, reports
+    return protect_save_pretrained(model, config), reports
 
 
 def _quantize_block_finetuned(

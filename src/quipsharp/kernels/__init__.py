@@ -255,4 +255,9 @@ e8p_linear = torch.library.custom_op("quipsharp::e8p_linear", linear, mutates_ar
 
 @e8p_linear.register_fake
 def _(x, codes, su, sv, wscale, bias, m_in, m_out_t, codebook_name, use_hadamard, level=None):
+    if torch.onnx.is_in_onnx_export():  # every capture strategy of the ONNX exporter traces through here
+        from quipsharp.errors import ExportError
+        from quipsharp.nn import ONNX_EXPORT_MESSAGE
+
+        raise ExportError(ONNX_EXPORT_MESSAGE)
     return x.new_empty(*x.shape[:-1], sv.shape[0])
