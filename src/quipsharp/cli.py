@@ -1,4 +1,4 @@
-"""The ``quipsharp`` command line: quantize, finetune, eval ppl, eval tasks, generate, bench, inspect.
+"""The ``quipsharp`` command line: quantize, finetune, eval ppl, eval tasks, generate, bench, report, inspect.
 
 Every expected failure (missing file, unknown architecture, bad option) is printed as one line
 ``quipsharp: error: …`` with exit code 2.
@@ -135,9 +135,10 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     from quipsharp.hf import load_model
     from quipsharp.limits import check_window
 
-    model, tokenizer = load_model(args.model)
     if not Path(args.data).is_file():
         raise CliError(f"evaluation file not found: {args.data}")
+    _check_record(args)
+    model, tokenizer = load_model(args.model)
     check_window(model.config, args.ctx)
     windows = evaluation_windows(args.data, tokenizer, args.ctx)
     result = perplexity(model, windows, max_windows=args.max_windows, batch_size=args.batch_size,
@@ -145,6 +146,11 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     if not math.isfinite(result["ppl"]):
         raise CliError(f"perplexity is {result['ppl']}: the model's logits are not finite (a damaged model? "
                        "check it with `quipsharp inspect --verify`)")
+    if args.record:
+        from quipsharp.card import record_eval
+
+        record_eval(args.model, {"kind": "ppl", "data": Path(args.data).name, "step": args.step,
+                                 **{k: result[k] for k in ("ppl", "ctx", "windows", "tokens")}})
     if args.json:
         print(json.dumps({k: result[k] for k in ("ppl", "ctx", "windows", "tokens")}))
     else:
@@ -153,11 +159,26 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_record(args: argparse.Namespace) -> None:
+    """``--record`` writes into the model directory: only a quipsharp directory takes it."""
+    from quipsharp.format import is_quantized_dir
+
+    if args.record and not is_quantized_dir(args.model):
+        raise CliError(f"--record keeps the result in a quipsharp directory; {args.model} is not one")
+
+
 def cmd_eval_tasks(args: argparse.Namespace) -> int:
     from quipsharp.eval.tasks import evaluate_tasks
 
+    _check_record(args)
     results = evaluate_tasks(args.model, args.tasks, limit=args.limit, num_fewshot=args.num_fewshot,
                              include_path=args.include_path, batch_size=args.batch_size, seed=args.seed)
+    if args.record:
+        from quipsharp.card import record_eval
+
+        for task, metrics in results.items():
+            record_eval(args.model, {"kind": "tasks", "task": task, "metrics": metrics, "limit": args.limit,
+                                     "num_fewshot": args.num_fewshot})
     if args.json:
         print(json.dumps(results))
         return 0
@@ -277,6 +298,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"decode {result['decode_tok_s']:.1f} tok/s, prefill {result['prefill_tok_s']:.1f} tok/s "
               f"({result['threads']} threads, batch 1, median of {result['runs']} runs, kernel "
               f"{result['kernel']}, {result['engine']} loop), peak RSS {result['peak_rss_mb']:.0f} MB")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from quipsharp.report import build_report
+
+    page = build_report(args.dir, args.out, tuple(args.compare), args.float_ppl)
+    print(f"report written to {page}")
     return 0
 
 
@@ -438,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=POSITIVE, default=None,
                    help="feed each window STEP tokens at a time through the KV cache (as generation does)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--record", action="store_true",
+                   help="keep the result in the quipsharp directory (quipsharp_eval.json, its model card, report)")
     p.set_defaults(func=cmd_eval_ppl)
 
     t = esub.add_parser("tasks", parents=[common], help="lm-eval task accuracy (needs quipsharp[eval])")
@@ -450,6 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=POSITIVE, default=1, help="requests per forward pass (default: %(default)s)")
     t.add_argument("--seed", type=NON_NEGATIVE, default=0, help="lm-eval's seeds (default: %(default)s)")
     t.add_argument("--json", action="store_true", help="print {task: {metric: value}} as JSON")
+    t.add_argument("--record", action="store_true",
+                   help="keep the results in the quipsharp directory (quipsharp_eval.json, its model card, report)")
     t.set_defaults(func=cmd_eval_tasks)
 
     g = sub.add_parser("generate", parents=[common], help="generate text (streams tokens)")
@@ -481,6 +514,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_options(b)
     b.add_argument("--json", action="store_true", help="print the result as one JSON object")
     b.set_defaults(func=cmd_bench)
+
+    r = sub.add_parser("report", parents=[common], help="an HTML page and PNG figures of a quantized directory")
+    r.add_argument("dir", help="quantized model directory")
+    r.add_argument("--out", help="report folder (default: DIR/report; an earlier report there is replaced)")
+    r.add_argument("--compare", nargs="+", default=[], metavar="DIR",
+                   help="other quipsharp directories whose recorded perplexities join the perplexity figure")
+    r.add_argument("--float-ppl", type=FINITE_POSITIVE, default=None,
+                   help="the float model's perplexity on the same text, drawn as a line")
+    r.set_defaults(func=cmd_report)
 
     i = sub.add_parser("inspect", parents=[common], help="describe a quantized directory")
     i.add_argument("dir", help="quantized model directory")

@@ -199,6 +199,8 @@ class QuantizationRecord:
             raise ModelLoadError(f"{where}the quipsharp quantization_config lists no quantized modules")
         specs = {name: ModuleSpec.from_dict(name, spec) for name, spec in modules.items()}
         record = cls(qc["format_version"], config, specs, qc.get("source_model"), copy.deepcopy(qc))
+        if qc.get("calibration") is not None and not isinstance(qc["calibration"], str):
+            raise ModelLoadError(f"{where}the quantization_config's calibration is not a string")
         needed = format_version_for(spec.codebook for spec in specs.values())
         if needed > record.format_version:
             raise ModelLoadError(f"{where}the quantization_config says format version {record.format_version} but "
@@ -561,6 +563,26 @@ def write_checksums(directory: Path) -> None:
     files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
              for p in sorted(directory.iterdir()) if p.is_file() and p.name != CHECKSUMS_FILE}
     atomic_write_text(directory / CHECKSUMS_FILE, json.dumps({"files": files}, indent=1, sort_keys=True))
+
+
+def update_checksums(directory: Path, names: list[str]) -> None:
+    """Re-record the checksums of the files ``names`` that quipsharp itself rewrote (an evaluation
+    record, its model card) in a directory with a manifest; every other entry is kept as it was, so
+    damage elsewhere is not blessed. A directory without a manifest is left without one."""
+    from quipsharp.io import atomic_write_text
+
+    manifest = directory / CHECKSUMS_FILE
+    if not manifest.is_file():
+        return
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+        files = data["files"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise ModelLoadError(f"{manifest} is damaged") from None
+    for name in names:
+        path = directory / name
+        files[name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    atomic_write_text(manifest, json.dumps({**data, "files": files}, indent=1, sort_keys=True))
 
 
 def check_weights_checksum(directory: Path, name: str = WEIGHTS_FILE) -> None:

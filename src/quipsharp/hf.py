@@ -38,6 +38,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from quipsharp import faults
+from quipsharp.card import CARD_FILE, model_card
 from quipsharp.config import ModelQuantConfig
 from quipsharp.format import (  # also re-exports the format's names from where they always were
     CHECKSUMS_FILE,
@@ -131,7 +132,7 @@ def _dedupe_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
 
 
 def quantization_config_of(model: nn.Module, config: ModelQuantConfig | None = None,
-                           source: str | None = None) -> dict[str, Any]:
+                           source: str | None = None, calibration: str | None = None) -> dict[str, Any]:
     """The ``quantization_config`` entry of config.json for a quantized ``model`` (validated): one
     entry per :class:`~quipsharp.nn.QuantizedLinear`, ``config`` (default: the first layer's), written
     as format version :data:`~quipsharp.format.FORMAT_VERSION`."""
@@ -157,6 +158,8 @@ def quantization_config_of(model: nn.Module, config: ModelQuantConfig | None = N
     }
     if source is not None:
         qc["source_model"] = source
+    if calibration is not None:
+        qc["calibration"] = calibration
     QuantizationRecord.from_dict(qc)  # write only what loads
     return qc
 
@@ -169,6 +172,7 @@ def save_quantized(
     reports: list[Any] | None = None,
     overwrite: bool = False,
     source: str | None = None,
+    calibration: str | None = None,
 ) -> Path:
     """Save a model quantized by :func:`quipsharp.quantize_model` and return the (absolute) path.
 
@@ -176,9 +180,11 @@ def save_quantized(
     is then replaced atomically: the new directory is written under a hidden name beside it and
     swapped in whole (:mod:`quipsharp.outputs`). Anything else is refused with
     :class:`~quipsharp.outputs.OutputError`. ``source`` (the float model it came from: a path or hub
-    id) is recorded so that ``quipsharp finetune`` can find its teacher later. config.json is guarded
-    (:func:`~quipsharp.format.guard_config`): transformers loads the directory only through quipsharp."""
-    qc = quantization_config_of(model, config, source)
+    id) is recorded so that ``quipsharp finetune`` can find its teacher later, ``calibration`` (the
+    calibration text's name) for the model card. config.json is guarded
+    (:func:`~quipsharp.format.guard_config`): transformers loads the directory only through quipsharp.
+    The directory gets a model card (``README.md``, :mod:`quipsharp.card`)."""
+    qc = quantization_config_of(model, config, source, calibration)
     out = check_output(out_dir, overwrite=overwrite)
     hf_config = {k: v for k, v in unguard_config(model.config.to_dict()).items() if k != "quantization_config"}
     record = QuantizationRecord.from_dict(qc)
@@ -201,6 +207,7 @@ def save_quantized(
                 atomic_write_text(tmp / REPORT_FILE, json.dumps([asdict(r) for r in reports], indent=1))
             atomic_write_text(tmp / CONFIG_FILE, json.dumps(hf_config, indent=2, sort_keys=True, default=str))
             write_autoload(tmp)
+            atomic_write_text(tmp / CARD_FILE, model_card(tmp, name=out.name))
             write_checksums(tmp)
             faults.point("save:staged")
             publish_dir(tmp, out)
@@ -220,10 +227,12 @@ class QuipSharpSavePretrained:
     Set on the model instance by :func:`protect_save_pretrained` (an object holding the model rather
     than a closure, so that ``copy.deepcopy`` of the model saves the copy)."""
 
-    def __init__(self, model: nn.Module, config: ModelQuantConfig | None = None, source: str | None = None) -> None:
+    def __init__(self, model: nn.Module, config: ModelQuantConfig | None = None, source: str | None = None,
+                 calibration: str | None = None) -> None:
         self.model = model
         self.config = config
         self.source = source
+        self.calibration = calibration
 
     def __call__(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
         if kwargs.get("push_to_hub"):
@@ -231,37 +240,41 @@ class QuipSharpSavePretrained:
                               "rewrites it: save to a directory, then upload that directory")
         result = type(self.model).save_pretrained(self.model, save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
-            finish_pretrained_dir(self.model, save_directory, self.config, self.source)
+            finish_pretrained_dir(self.model, save_directory, self.config, self.source, self.calibration)
         return result
 
 
 def protect_save_pretrained(model: nn.Module, config: ModelQuantConfig | None = None,
-                            source: str | None = None) -> nn.Module:
+                            source: str | None = None, calibration: str | None = None) -> nn.Module:
     """Make ``model.save_pretrained`` write a quipsharp directory (:class:`QuipSharpSavePretrained`);
     ``config`` is the run's :class:`~quipsharp.config.ModelQuantConfig` and ``source`` the float model
-    it came from, when known. Returns ``model``."""
+    it came from and ``calibration`` its calibration text, when known. Returns ``model``."""
     if hasattr(type(model), "save_pretrained"):
-        model.__dict__["save_pretrained"] = QuipSharpSavePretrained(model, config, source)
+        model.__dict__["save_pretrained"] = QuipSharpSavePretrained(model, config, source, calibration)
     return model
 
 
-def finish_pretrained_dir(model: nn.Module, directory: str | os.PathLike,
-                          config: ModelQuantConfig | None = None, source: str | None = None) -> None:
+def finish_pretrained_dir(model: nn.Module, directory: str | os.PathLike, config: ModelQuantConfig | None = None,
+                          source: str | None = None, calibration: str | None = None) -> None:
     """Turn a directory that transformers' ``save_pretrained`` wrote for quantized ``model`` into a
     quipsharp directory: guarded config.json with the layers' ``quantization_config``, the autoload
-    module, and fresh checksums if an earlier quipsharp save left some."""
+    module, a model card unless the directory has one, and fresh checksums if an earlier quipsharp
+    save left some."""
     directory = Path(directory)
     cfg_file = directory / CONFIG_FILE
     raw = unguard_config(json.loads(cfg_file.read_text(encoding="utf-8")), cfg_file)
     saved = raw.get("quantization_config")
     if isinstance(saved, dict) and saved.get("quant_method") == QUANT_METHOD:
         source = source or saved.get("source_model")
+        calibration = calibration or saved.get("calibration")
         if config is None:
             config = QuantizationRecord.from_dict(saved, f"{cfg_file}: ").config
-    qc = quantization_config_of(model, config, source)
+    qc = quantization_config_of(model, config, source, calibration)
     atomic_write_text(cfg_file, json.dumps(guard_config({**raw, "quantization_config": qc}), indent=2,
                                            sort_keys=True, default=str))
     write_autoload(directory)
+    if not (directory / CARD_FILE).exists():  # a card already there (the user's, or ours) stays
+        atomic_write_text(directory / CARD_FILE, model_card(directory))
     if (directory / CHECKSUMS_FILE).exists():
         write_checksums(directory)
 
@@ -342,4 +355,4 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
     check_loaded_model(model, f"{path}: ")
     model.to(device)
     model.eval()
-    return protect_save_pretrained(model, record.config, record.source_model)
+    return protect_save_pretrained(model, record.config, record.source_model, record.raw.get("calibration"))

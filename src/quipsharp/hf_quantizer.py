@@ -283,6 +283,7 @@ def _make_config_class(base: type) -> type:
             config: :meth:`quipsharp.config.ModelQuantConfig.to_dict` of the quantization run.
             modules: ``{module name: {"bits", "codebook", "in_features", "out_features", "bias"}}``.
             source_model: the float model the directory was quantized from (optional).
+            calibration: the calibration text's name (optional, for the model card).
             quant_method: always ``"quipsharp"``.
         """
 
@@ -293,6 +294,7 @@ def _make_config_class(base: type) -> type:
             modules: dict[str, dict[str, Any]] | None = None,
             source_model: str | None = None,
             quant_method: str = QUANT_METHOD,
+            calibration: str | None = None,
             **unknown: Any,
         ) -> None:
             check_format_version(format_version)
@@ -305,6 +307,7 @@ def _make_config_class(base: type) -> type:
             self.config = copy.deepcopy(config) if config is not None else ModelQuantConfig().to_dict()
             self.modules = copy.deepcopy(modules) if modules is not None else {}
             self.source_model = source_model
+            self.calibration = calibration
             self.unknown_fields = copy.deepcopy(unknown)
             if modules is not None:  # the whole record (format version, modules), as every quipsharp loader checks it
                 QuantizationRecord.from_dict(self.to_dict())
@@ -336,6 +339,8 @@ def _make_config_class(base: type) -> type:
             }
             if self.source_model is not None:
                 out["source_model"] = self.source_model
+            if self.calibration is not None:
+                out["calibration"] = self.calibration
             return out
 
         def __iter__(self) -> Iterator[tuple[str, Any]]:

@@ -158,11 +158,13 @@ def quantize_to_dir(
             calibration = calibration_windows(docs, tokenizer, config.nsamples, config.ctx, config.seed)
         model, reports = quantize_model(model, config, calibration, work_dir=work, resume=resume, progress=progress)
         source = source_name(model_source)
+        calibration_name = source_name(calib) if calib is not None else "none (data-free)"
         replace = overwrite
         if config.finetune.e2e:  # save first: a failed or interrupted end-to-end stage must not lose the quantization
             untuned = dataclasses.replace(config, finetune=config.finetune.replace(
                 mode="block" if config.finetune.block else "none"))
-            save_quantized(model, out, tokenizer, untuned, reports, overwrite=replace, source=source)
+            save_quantized(model, out, tokenizer, untuned, reports, overwrite=replace, source=source,
+                           calibration=calibration_name)
             faults.point("e2e:saved-untuned")
             WorkDir(work, resume=True).cleanup()
             replace = True  # from here on `out` holds this job's own output
@@ -172,7 +174,8 @@ def quantize_to_dir(
                 add_note(err, f"end-to-end fine-tuning did not finish; {out} holds the model without it "
                               f"(retry with `quipsharp finetune {out} --calib FILE --out DIR`)")
                 raise
-        save_quantized(model, out, tokenizer, config, reports, overwrite=replace, source=source)
+        save_quantized(model, out, tokenizer, config, reports, overwrite=replace, source=source,
+                           calibration=calibration_name)
         faults.point("quantize:saved")
         WorkDir(work, resume=True).cleanup()
     return JobResult(out, model, reports, time.perf_counter() - start)
@@ -231,5 +234,7 @@ def finetune_dir(
         report_path = src / REPORT_FILE
         reports = ([LayerReport.from_dict(r) for r in json.loads(report_path.read_text())]
                    if report_path.is_file() else None)
-        save_quantized(model, out, tokenizer, config, reports, overwrite=overwrite, source=source_name(teacher))
+        calibration_name = f"{qc.get('calibration') or 'unrecorded'} (quantized); {source_name(calib)} (end to end)"
+        save_quantized(model, out, tokenizer, config, reports, overwrite=overwrite, source=source_name(teacher),
+                       calibration=calibration_name)
     return JobResult(out, model, reports, time.perf_counter() - start)
