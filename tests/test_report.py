@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from quipsharp.card import CARD_FILE, EVAL_FILE, card_is_ours, read_eval, record_eval, tensor_bytes_by_kind
+from quipsharp.card import CARD_FILE, card_is_ours, read_eval, record_eval, tensor_bytes_by_kind
 from quipsharp.cli import main
 from quipsharp.format import read_record, verify_checksums
 from tests.tiny_models import TEXT
