@@ -24,6 +24,7 @@ from quipsharp.config import CODEBOOK_FAMILIES, DEFAULT_CTX, DEFAULT_NSAMPLES, F
 from quipsharp.workflows import WORK_SUFFIX
 
 EXIT_USAGE = 2
+DEFAULT_BITS = 2
 EXIT_UNEXPECTED = 1
 DEFAULT_EVAL_CTX = 2048
 DEFAULT_NEW_TOKENS = 64
@@ -93,8 +94,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     if args.calib is None and not args.data_free:
         raise CliError("give calibration text with --calib FILE, or --data-free to quantize without data")
+    if args.target_bpw is not None and args.bits is not None:
+        raise CliError("--bits and --target-bpw both set the width: give one")
     layer = QuIPSharpConfig(
-        bits=args.bits, use_hadamard=not args.no_hadamard, hadamard_seed=args.seed, damping=args.damping,
+        bits=args.bits if args.bits is not None else DEFAULT_BITS, use_hadamard=not args.no_hadamard,
+        hadamard_seed=args.seed, damping=args.damping,
         scale_rho=args.scale_rho, cd_passes=args.cd_passes, codebook=args.codebook,
     )
     config = ModelQuantConfig(
@@ -104,7 +108,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     )
     result = quantize_to_dir(args.model, args.out, config, args.calib, dtype=DTYPES[args.dtype],
                              work_dir=args.work_dir, resume=args.resume, overwrite=args.overwrite,
-                             progress=not (args.quiet or args.json))
+                             progress=not (args.quiet or args.json), target_bpw=args.target_bpw)
     report = compression_report(result.model, result.out)
     if args.json:
         print(json.dumps({"out": str(result.out), "seconds": result.seconds, **report}, default=str))
@@ -401,7 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output directory: new, empty, or an earlier quipsharp model with --overwrite")
     q.add_argument("--overwrite", action="store_true",
                    help="replace the quipsharp model already at --out (swapped in only once complete)")
-    q.add_argument("--bits", type=int, choices=(2, 3, 4), default=2, help="bits per weight (default: %(default)s)")
+    q.add_argument("--bits", type=int, choices=(2, 3, 4), default=None, help="bits per weight (default: 2)")
+    q.add_argument("--target-bpw", type=_number(float, 2.0, 4.0), default=None, metavar="BPW",
+                   help="choose each layer's width (2/3/4 bits) for this mean bits per quantized weight from "
+                        "measured per-layer sensitivity (needs --calib; costs one extra quantization per width)")
     q.add_argument("--codebook", choices=CODEBOOK_FAMILIES, default="e8p",
                    help="codebook family: e8p (QuIP#'s E8 lattice codes) or a QTIP bitshift trellis with the "
                         "1MAD or 3INST computed code (lower error, slower to quantize; default: %(default)s)")

@@ -32,8 +32,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from quipsharp import faults
+from quipsharp.allocation import LayerSensitivity
 from quipsharp.codebooks import get_codebook
-from quipsharp.config import ModelQuantConfig, QuIPSharpConfig
+from quipsharp.config import SUPPORTED_BITS, ModelQuantConfig, QuIPSharpConfig
 from quipsharp.finetune import finetune_block
 from quipsharp.hessian import HessianAccumulator
 from quipsharp.hf import protect_save_pretrained
@@ -50,6 +51,7 @@ from quipsharp.models.walker import (
 )
 from quipsharp.nn import QuantizedLinear
 from quipsharp.outputs import BLOCK_FILE, PROGRESS_FILE, WorkDir, locked
+from quipsharp.quantize import quantize_weight
 
 logger = logging.getLogger(__name__)
 
@@ -280,6 +282,45 @@ def quantize_linears(
         if on_layer is not None:
             on_layer(reports[-1])
     return reports
+
+
+@torch.no_grad()
+def measure_sensitivity(
+    model: nn.Module,
+    config: ModelQuantConfig,
+    calibration: torch.Tensor,
+    bits: tuple[int, ...] = SUPPORTED_BITS,
+    progress: bool = True,
+) -> list[LayerSensitivity]:
+    """Every quantizable linear's proxy loss at each width in ``bits`` (for :mod:`quipsharp.allocation`).
+
+    One pass through the float model: each block's Hessians come from the float block inputs (as
+    ``hessian_inputs="original"``), each linear is quantized at every width with its own config
+    otherwise (codebook family, damping, seeds) and put back; the model is not changed.
+    Cost: one quantization per width plus a float forward pass.
+    """
+    blocks_name, blocks = find_blocks(model)
+    batches = list(calibration.split(config.batch_size))
+    stream, calls = capture_block_inputs(model, blocks, batches)
+    out = []
+    for i in _progress(range(len(blocks)), progress, "sensitivity"):
+        block, block_name = blocks[i], f"{blocks_name}.{i}"
+        names = _quantizable(block_name, block, config)
+        groups = [[n for n in g if n in names] for g in shared_input_groups(block, names, stream[0], calls[i][0])]
+        hessians, stream = collect_hessians(block, [g for g in groups if g], stream, calls[i], keep_outputs=True)
+        means: dict[int, torch.Tensor] = {}
+        for name in names:
+            full = f"{block_name}.{name}"
+            acc = hessians[name]
+            H = means.setdefault(id(acc), acc.mean())
+            W = linear_weight(block.get_submodule(name)).float()
+            losses = {}
+            for b in bits:
+                cfg = config.layer_config(full).replace(bits=b)
+                losses[b] = quantize_weight(W, H, cfg, seed=layer_seed(cfg.hadamard_seed, full)).proxy_loss
+            out.append(LayerSensitivity(full, W.numel(), losses))
+            logger.info("%s: proxy loss %s", full, ", ".join(f"{b} bits {v:.4g}" for b, v in losses.items()))
+    return out
 
 
 def _empty_quantized_like(module: nn.Module, cfg: QuIPSharpConfig) -> QuantizedLinear:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from quipsharp import faults
-from quipsharp.config import FinetuneConfig, ModelQuantConfig
+from quipsharp.config import SUPPORTED_BITS, FinetuneConfig, ModelQuantConfig
 from quipsharp.errors import QuipSharpError
 from quipsharp.outputs import WorkDir, check_output, locked, overlaps
 
@@ -112,6 +113,7 @@ def quantize_to_dir(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    target_bpw: float | None = None,
 ) -> JobResult:
     """Load a float model, quantize it (with the fine-tuning ``config.finetune`` asks for) and save it.
 
@@ -124,6 +126,9 @@ def quantize_to_dir(
         work_dir: per-block progress (default ``OUT.quipsharp-work``).
         resume: continue the interrupted run whose progress ``work_dir`` holds.
         overwrite: replace an existing quipsharp model at ``out``.
+        target_bpw: choose each layer's width (2, 3 or 4 bits) for this mean code bits per quantized
+            weight from the layers' measured proxy losses (:mod:`quipsharp.allocation`); needs
+            calibration text, and replaces ``config.layer.bits`` / ``bits_map`` (which must be unset).
     """
     import torch
 
@@ -134,6 +139,14 @@ def quantize_to_dir(
 
     if dtype not in DTYPES:
         raise WorkflowError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if target_bpw is not None:
+        if calib is None:
+            raise WorkflowError("--target-bpw measures each layer's sensitivity on calibration text: give --calib")
+        if config.bits_map:
+            raise WorkflowError("--target-bpw chooses every layer's width: it cannot be combined with --bits-map")
+        if not min(SUPPORTED_BITS) <= target_bpw <= max(SUPPORTED_BITS):
+            raise WorkflowError(f"--target-bpw must lie in [{min(SUPPORTED_BITS)}, {max(SUPPORTED_BITS)}], "
+                                f"got {target_bpw:g}")
     if config.finetune.mode != "none":
         if calib is None:
             raise WorkflowError(f"fine-tuning mode {config.finetune.mode!r} needs calibration text")
@@ -156,6 +169,8 @@ def quantize_to_dir(
         calibration = None
         if docs is not None:
             calibration = calibration_windows(docs, tokenizer, config.nsamples, config.ctx, config.seed)
+        if target_bpw is not None:
+            config = allocate_config(model, config, calibration, target_bpw, progress)
         model, reports = quantize_model(model, config, calibration, work_dir=work, resume=resume, progress=progress)
         source = source_name(model_source)
         calibration_name = source_name(calib) if calib is not None else "none (data-free)"
@@ -179,6 +194,27 @@ def quantize_to_dir(
         faults.point("quantize:saved")
         WorkDir(work, resume=True).cleanup()
     return JobResult(out, model, reports, time.perf_counter() - start)
+
+
+def allocate_config(model: Any, config: ModelQuantConfig, calibration: torch.Tensor, target_bpw: float,
+                    progress: bool = True) -> ModelQuantConfig:
+    """``config`` with a ``bits_map`` giving every quantizable layer the width that
+    :func:`quipsharp.allocation.allocate_bits` chooses for ``target_bpw`` from the layers' proxy
+    losses at 2, 3 and 4 bits (:func:`quipsharp.pipeline.measure_sensitivity`)."""
+    import re
+
+    from quipsharp.allocation import allocate_bits, bits_per_weight, total_loss
+    from quipsharp.pipeline import measure_sensitivity
+
+    layers = measure_sensitivity(model, config, calibration, progress=progress)
+    bits = allocate_bits(layers, target_bpw)
+    counts = {b: sum(1 for v in bits.values() if v == b) for b in SUPPORTED_BITS}
+    logger.info("--target-bpw %g: %s layers at 2/3/4 bits, %.4f bits per weight, summed proxy loss %.4g "
+                "(uniform %d bits: %.4g)", target_bpw, "/".join(str(counts[b]) for b in SUPPORTED_BITS),
+                bits_per_weight(layers, bits), total_loss(layers, bits), math.floor(target_bpw),
+                total_loss(layers, {la.name: math.floor(target_bpw) for la in layers}))
+    bits_map = tuple((f"^{re.escape(name)}$", b) for name, b in bits.items())
+    return dataclasses.replace(config, bits_map=bits_map)
 
 
 def finetune_dir(
