@@ -163,3 +163,17 @@ def test_resume_after_killed_run_gives_identical_files(model_dir, calib_file, tm
     a, b = load_file(str(ref / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("argv", [["inspect", "q-v1"], ["inspect", "q-v1", "--json"], ["--help"]])
+def test_a_closed_pipe_is_not_an_error(argv):
+    """``quipsharp inspect DIR | head``: the reader leaving early gives no traceback and exit code 0."""
+    from tests.golden import QUANT_DIR
+
+    argv = [str(QUANT_DIR) if a == "q-v1" else a for a in argv]
+    proc = subprocess.Popen([sys.executable, "-m", "quipsharp.cli", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first write
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0
+    assert "Traceback" not in err and "BrokenPipe" not in err
