@@ -122,3 +122,29 @@ def test_sensitivity_is_measured_at_every_width_and_leaves_the_model_alone():
     assert len(layers) == 14 and all(set(la.losses) == set(WIDTHS) for la in layers)
     assert all(la.losses[2] > la.losses[3] > la.losses[4] > 0 for la in layers)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_sensitivity_file_is_reused_for_other_sizes_and_refused_for_other_runs(model_dir, calib_file, tmp_path,
+                                                                               capsys):
+    pytest.importorskip("transformers")
+    from quipsharp.cli import main
+    from quipsharp.format import read_record
+
+    cache = tmp_path / "sens.json"
+    base = [str(model_dir), "--calib", str(calib_file), "--nsamples", "4", "--ctx", "32", "--quiet",
+            "--sensitivity", str(cache)]
+    assert main(["quantize", "--out", str(tmp_path / "a"), "--target-bpw", "2.5", *base]) == 0
+    saved = json.loads(cache.read_text())
+    assert len(saved["layers"]) == 14 and set(saved["fingerprint"]) == {"settings", "structure", "weights",
+                                                                        "calibration"}
+    cache.write_text(json.dumps({**saved, "layers": [  # a doctored loss: the reuse shows in the allocation
+        {**la, "losses": {"2": 1.0, "3": 0.0, "4": 0.0}} if la["name"].endswith("layers.0.mlp.up_proj") else la
+        for la in saved["layers"]]}))
+    assert main(["quantize", "--out", str(tmp_path / "b"), "--target-bpw", "2.5", *base]) == 0
+    bits = {n: s.bits for n, s in read_record(tmp_path / "b")[1].modules.items()}
+    assert bits["model.layers.0.mlp.up_proj"] == 3  # read from the file, not measured again
+    other = [a if a != "4" else "8" for a in base]  # other calibration windows
+    assert main(["quantize", "--out", str(tmp_path / "c"), "--target-bpw", "2.5", *other]) == 2
+    assert "was measured with other settings and calibration" in capsys.readouterr().err
+    assert main(["quantize", "--out", str(tmp_path / "d"), "--bits", "2", *base]) == 2
+    assert "--sensitivity keeps the measurement --target-bpw makes" in capsys.readouterr().err

@@ -96,6 +96,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise CliError("give calibration text with --calib FILE, or --data-free to quantize without data")
     if args.target_bpw is not None and args.bits is not None:
         raise CliError("--bits and --target-bpw both set the width: give one")
+    if args.sensitivity is not None and args.target_bpw is None:
+        raise CliError("--sensitivity keeps the measurement --target-bpw makes: give --target-bpw too")
     layer = QuIPSharpConfig(
         bits=args.bits if args.bits is not None else DEFAULT_BITS, use_hadamard=not args.no_hadamard,
         hadamard_seed=args.seed, damping=args.damping,
@@ -108,7 +110,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     )
     result = quantize_to_dir(args.model, args.out, config, args.calib, dtype=DTYPES[args.dtype],
                              work_dir=args.work_dir, resume=args.resume, overwrite=args.overwrite,
-                             progress=not (args.quiet or args.json), target_bpw=args.target_bpw)
+                             progress=not (args.quiet or args.json), target_bpw=args.target_bpw,
+                             sensitivity_file=args.sensitivity)
     report = compression_report(result.model, result.out)
     if args.json:
         print(json.dumps({"out": str(result.out), "seconds": result.seconds, **report}, default=str))
@@ -409,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--target-bpw", type=_number(float, 2.0, 4.0), default=None, metavar="BPW",
                    help="choose each layer's width (2/3/4 bits) for this mean bits per quantized weight from "
                         "measured per-layer sensitivity (needs --calib; costs one extra quantization per width)")
+    q.add_argument("--sensitivity", metavar="FILE",
+                   help="with --target-bpw: keep the measured sensitivity in FILE and reuse it when it matches "
+                        "(same model, calibration and settings): several sizes for one measurement")
     q.add_argument("--codebook", choices=CODEBOOK_FAMILIES, default="e8p",
                    help="codebook family: e8p (QuIP#'s E8 lattice codes) or a QTIP bitshift trellis with the "
                         "1MAD or 3INST computed code (lower error, slower to quantize; default: %(default)s)")

@@ -346,7 +346,7 @@ def _digest_tensor(h: Any, t: torch.Tensor) -> None:
         h.update(memoryview(flat.contiguous().view(torch.uint8).numpy()))
 
 
-def _fingerprint(model: nn.Module, config: ModelQuantConfig, calibration: torch.Tensor | None) -> dict[str, str]:
+def run_fingerprint(model: nn.Module, config: ModelQuantConfig, calibration: torch.Tensor | None) -> dict[str, str]:
     """SHA-256 digests of everything a resumed run must share with the run it continues: the
     settings, the tensor layout, the source weights (content, streamed) and the calibration tokens."""
     settings = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
@@ -449,7 +449,7 @@ def _quantize_blocks(model: nn.Module, config: ModelQuantConfig, calibration: to
     directory checked and locked."""
     blocks_name, blocks, per_block = found
     work = work_dir.path if work_dir is not None else None
-    fingerprint = _fingerprint(model, config, calibration) if work is not None else {}
+    fingerprint = run_fingerprint(model, config, calibration) if work is not None else {}
     done: list[dict[str, Any]] = []
     if work_dir is not None and work_dir.resume:
         progress_path = work / PROGRESS_FILE

@@ -114,6 +114,7 @@ def quantize_to_dir(
     overwrite: bool = False,
     progress: bool = True,
     target_bpw: float | None = None,
+    sensitivity_file: str | os.PathLike | None = None,
 ) -> JobResult:
     """Load a float model, quantize it (with the fine-tuning ``config.finetune`` asks for) and save it.
 
@@ -129,6 +130,7 @@ def quantize_to_dir(
         target_bpw: choose each layer's width (2, 3 or 4 bits) for this mean code bits per quantized
             weight from the layers' measured proxy losses (:mod:`quipsharp.allocation`); needs
             calibration text, and replaces ``config.layer.bits`` / ``bits_map`` (which must be unset).
+        sensitivity_file: keep (and reuse) that measurement in this JSON file (:func:`layer_sensitivity`).
     """
     import torch
 
@@ -170,7 +172,7 @@ def quantize_to_dir(
         if docs is not None:
             calibration = calibration_windows(docs, tokenizer, config.nsamples, config.ctx, config.seed)
         if target_bpw is not None:
-            config = allocate_config(model, config, calibration, target_bpw, progress)
+            config = allocate_config(model, config, calibration, target_bpw, progress, sensitivity_file)
         model, reports = quantize_model(model, config, calibration, work_dir=work, resume=resume, progress=progress)
         source = source_name(model_source)
         calibration_name = source_name(calib) if calib is not None else "none (data-free)"
@@ -197,16 +199,19 @@ def quantize_to_dir(
 
 
 def allocate_config(model: Any, config: ModelQuantConfig, calibration: torch.Tensor, target_bpw: float,
-                    progress: bool = True) -> ModelQuantConfig:
+                    progress: bool = True, sensitivity_file: str | os.PathLike | None = None) -> ModelQuantConfig:
     """``config`` with a ``bits_map`` giving every quantizable layer the width that
     :func:`quipsharp.allocation.allocate_bits` chooses for ``target_bpw`` from the layers' proxy
-    losses at 2, 3 and 4 bits (:func:`quipsharp.pipeline.measure_sensitivity`)."""
+    losses at 2, 3 and 4 bits (:func:`quipsharp.pipeline.measure_sensitivity`).
+
+    ``sensitivity_file``: where the measurement is kept (JSON) and reused by later runs with the same
+    weights, calibration tokens and settings, so that several sizes cost one measurement; a file
+    measured for anything else is refused."""
     import re
 
     from quipsharp.allocation import allocate_bits, bits_per_weight, total_loss
-    from quipsharp.pipeline import measure_sensitivity
 
-    layers = measure_sensitivity(model, config, calibration, progress=progress)
+    layers = layer_sensitivity(model, config, calibration, progress, sensitivity_file)
     bits = allocate_bits(layers, target_bpw)
     counts = {b: sum(1 for v in bits.values() if v == b) for b in SUPPORTED_BITS}
     logger.info("--target-bpw %g: %s layers at 2/3/4 bits, %.4f bits per weight, summed proxy loss %.4g "
@@ -215,6 +220,44 @@ def allocate_config(model: Any, config: ModelQuantConfig, calibration: torch.Ten
                 total_loss(layers, {la.name: math.floor(target_bpw) for la in layers}))
     bits_map = tuple((f"^{re.escape(name)}$", b) for name, b in bits.items())
     return dataclasses.replace(config, bits_map=bits_map)
+
+
+SENSITIVITY_FORMAT = "quipsharp-sensitivity"
+
+
+def layer_sensitivity(model: Any, config: ModelQuantConfig, calibration: torch.Tensor, progress: bool = True,
+                      cache: str | os.PathLike | None = None) -> list[Any]:
+    """:func:`quipsharp.pipeline.measure_sensitivity`, read from or written to ``cache`` when given."""
+    import json
+
+    from quipsharp.allocation import LayerSensitivity
+    from quipsharp.io import atomic_write_text
+    from quipsharp.pipeline import measure_sensitivity, run_fingerprint
+
+    # what the measurement depends on: weights, calibration, and the settings other than the widths
+    neutral = dataclasses.replace(config, layer=config.layer.replace(bits=min(SUPPORTED_BITS)), bits_map=(),
+                                  finetune=FinetuneConfig())
+    fingerprint = run_fingerprint(model, neutral, calibration)
+    path = Path(cache) if cache is not None else None
+    if path is not None and path.exists():
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            if saved["format"] != SENSITIVITY_FORMAT:
+                raise ValueError(saved["format"])
+            layers = [LayerSensitivity(r["name"], int(r["weights"]), {int(b): float(v) for b, v in r["losses"].items()})
+                      for r in saved["layers"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise WorkflowError(f"{path} is not a quipsharp sensitivity file") from None
+        differs = [k for k, v in fingerprint.items() if saved.get("fingerprint", {}).get(k) != v]
+        if differs:
+            raise WorkflowError(f"{path} was measured with other {' and '.join(differs)}: give another file")
+        logger.info("layer sensitivity read from %s", path)
+        return layers
+    layers = measure_sensitivity(model, config, calibration, progress=progress)
+    if path is not None:
+        atomic_write_text(path, json.dumps({"format": SENSITIVITY_FORMAT, "fingerprint": fingerprint, "layers": [
+            {"name": la.name, "weights": la.weights, "losses": la.losses} for la in layers]}, indent=1))
+    return layers
 
 
 def finetune_dir(
