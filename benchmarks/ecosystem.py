@@ -3,7 +3,8 @@
 Rows (each cached in ``--results`` as one JSON line; a row is redone only with ``--redo ROW``):
 
 * ``float`` and ``qs2``/``qs3``/``qs4`` (uniform E8P12 widths) and ``bpw2.5``/``bpw3.0``/``bpw3.5``
-  (``quipsharp quantize --target-bpw``): quick-check perplexity (first ``--max-windows`` WikiText-2
+  (``quipsharp quantize --target-bpw``, one sensitivity measurement shared through ``--sensitivity``;
+  the first such row's quantization time includes it): quick-check perplexity (first ``--max-windows`` WikiText-2
   windows of 2048 tokens, ``quipsharp eval ppl``) and, with ``--tasks``, zero-shot accuracy on two
   tasks built from local text (no hub access here):
 
@@ -155,7 +156,8 @@ def main() -> None:
         model = str(gguf)
         if spec:
             out = args.work / name
-            width = ["--target-bpw", str(spec["target_bpw"])] if "target_bpw" in spec else ["--bits", str(spec["bits"])]
+            width = (["--target-bpw", str(spec["target_bpw"]), "--sensitivity", str(args.work / "sensitivity.json")]
+                     if "target_bpw" in spec else ["--bits", str(spec["bits"])])
             extra = ["--overwrite"] if out.exists() else []
             result, seconds = quipsharp("quantize", str(gguf), "--out", str(out), "--calib", str(c4), *width,
                                         "--nsamples", str(CALIB_NSAMPLES), "--ctx", str(CALIB_CTX), "--json", *extra,
