@@ -240,3 +240,23 @@ def test_unguarded_directories_still_load(quantized, tokens, tmp_path):
     expected = logits(load_quantized(quantized[2]), tokens)
     assert torch.equal(logits(load_quantized(path), tokens), expected)
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(path), tokens), expected)
+
+
+def test_a_sharded_save_pretrained_loads_through_every_loader(quantized, tokens, tmp_path, capsys):
+    from quipsharp.card import tensor_bytes_by_kind
+    from quipsharp.cli import main
+
+    _, _, path = quantized
+    expected = logits(load_quantized(path), tokens)
+    out = tmp_path / "sharded"
+    load_quantized(path).save_pretrained(out, max_shard_size="40KB")
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and not (out / "model.safetensors").exists()
+    assert torch.equal(logits(load_quantized(out), tokens), expected)
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(out), tokens), expected)
+    assert sum(tensor_bytes_by_kind(out).values()) > 0
+    assert main(["inspect", str(out), "--verify"]) == 0
+    assert "verified" in capsys.readouterr().out
+    shards[-1].unlink()  # a missing shard is named, not a traceback
+    with pytest.raises(ModelLoadError, match=f"lists {shards[-1].name}, which is missing"):
+        load_quantized(out)

@@ -19,11 +19,11 @@ from typing import Any
 from quipsharp.format import (
     CHECKSUMS_FILE,
     REPORT_FILE,
-    WEIGHTS_FILE,
     ModelLoadError,
     file_sha256,
-    read_header,
+    read_headers,
     read_record,
+    weight_files,
 )
 
 logger = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ def tensor_bytes_by_kind(path: str | os.PathLike) -> dict[str, int]:
     (their signs, scales, biases, tables), ``embeddings and head``, ``other float`` (norms, ...)."""
     path = Path(path)
     _, record = read_record(path)
-    tensors, _ = read_header(path / WEIGHTS_FILE)
+    tensors, _ = read_headers(weight_files(path))
     out = {"codes": 0, "layer state": 0, "embeddings and head": 0, "other float": 0}
     quantized = tuple(f"{name}." for name in record.modules)
     for name, info in tensors.items():

@@ -86,6 +86,8 @@ package (``pip install quipsharp``).
 from quipsharp.hf_quantizer import QuipSharpModelConfig as {AUTOLOAD_CONFIG_CLASS}  # noqa: F401
 '''
 WEIGHTS_FILE = "model.safetensors"
+#: The index transformers writes with a checkpoint split into shards (``save_pretrained(max_shard_size=...)``).
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
 REPORT_FILE = "quipsharp_report.json"
 CHECKSUMS_FILE = "quipsharp_checksums.json"
@@ -385,6 +387,50 @@ def read_header(file: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     return tensors, {str(k): str(v) for k, v in metadata.items()}
 
 
+def weight_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a directory: ``model.safetensors``, or the shards its index lists
+    (in the index's order of first appearance); refuses a directory with neither, or an index naming
+    a file that is missing or outside the directory."""
+    path = Path(path)
+    single = path / WEIGHTS_FILE
+    if single.is_file():
+        return [single]
+    index = path / WEIGHTS_INDEX_FILE
+    if not index.is_file():
+        raise ModelLoadError(f"{path} has no {WEIGHTS_FILE} (nor a {WEIGHTS_INDEX_FILE} of shards)")
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = list(dict.fromkeys(weight_map.values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        raise ModelLoadError(f"{index} is damaged (no weight_map of tensor names to files)") from None
+    files = []
+    for name in names:
+        if not isinstance(name, str) or Path(name).name != name:
+            raise ModelLoadError(f"{index} names {name!r}, not a file in {path}")
+        if not (path / name).is_file():
+            raise ModelLoadError(f"{index} lists {name}, which is missing from {path}")
+        files.append(path / name)
+    return files
+
+
+def read_headers(files: list[Path]) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """The union of several safetensors headers, and the metadata of the first that has quipsharp's
+    (a tensor stored in two files is refused)."""
+    tensors: dict[str, TensorInfo] = {}
+    metadata: dict[str, str] = {}
+    for file in files:
+        names, meta = read_header(file)
+        twice = sorted(set(names) & set(tensors))
+        if twice:
+            raise ModelLoadError(f"{file} stores {twice[0]} again: the shards overlap")
+        tensors.update(names)
+        if not metadata and meta.get(FORMAT_METADATA_KEY) == QUANT_METHOD:
+            metadata = meta
+    if not metadata and files:
+        metadata = read_header(files[0])[1]
+    return tensors, metadata
+
+
 def is_quipsharp_weights(file: str | os.PathLike) -> bool:
     """Whether a safetensors file was written by :func:`quipsharp.save_quantized`."""
     try:
@@ -527,22 +573,24 @@ def check_dir(path: str | os.PathLike, verify: bool = False) -> tuple[dict[str, 
     path = Path(path)
     raw, record = read_record(path)
     problems = []
-    weights = path / WEIGHTS_FILE
+    files: list[Path] = []
     try:
-        tensors, metadata = read_header(weights)
-        check_weights_header(tensors, metadata, record, weights)
+        files = weight_files(path)
+        tensors, metadata = read_headers(files)
+        check_weights_header(tensors, metadata, record, files[0])
     except (ModelLoadError, FileNotFoundError) as err:
         problems.append(str(err))
     if verify:
         problems += verify_checksums(path) or []  # None: no checksums recorded (saved by transformers)
         if not problems:
-            with safe_open(str(weights), framework="pt") as handle:
-                for name in handle.keys():
-                    t = handle.get_tensor(name)
-                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                        problems.append(f"{name} holds non-finite values")
-                    elif name.endswith(".wscale") and not float(t) > 0:
-                        problems.append(f"{name} is {float(t)}, not a positive scale")
+            for file in files:
+                with safe_open(str(file), framework="pt") as handle:
+                    for name in handle.keys():
+                        t = handle.get_tensor(name)
+                        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                            problems.append(f"{name} holds non-finite values")
+                        elif name.endswith(".wscale") and not float(t) > 0:
+                            problems.append(f"{name} is {float(t)}, not a positive scale")
     return raw, record, problems
 
 

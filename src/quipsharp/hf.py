@@ -58,10 +58,11 @@ from quipsharp.format import (  # also re-exports the format's names from where 
     is_quantized_dir,
     is_quipsharp_weights,
     load_metadata,
-    read_header,
+    read_headers,
     read_record,
     unguard_config,
     warn_model_config_changes,
+    weight_files,
     write_autoload,
     write_checksums,
 )
@@ -317,12 +318,12 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
     register_model_config()  # AutoConfig reads a guarded config.json
     path = Path(path)
     raw, record = read_record(path)
-    weights = path / WEIGHTS_FILE
-    if not weights.is_file():
-        raise ModelLoadError(f"{path} has no {WEIGHTS_FILE}")
-    tensors, metadata = read_header(weights)
+    files = weight_files(path)  # model.safetensors, or the shards of a sharded save_pretrained
+    weights = files[0]
+    tensors, metadata = read_headers(files)
     check_weights_header(tensors, metadata, record, weights)
-    check_weights_checksum(path)
+    for file in files:
+        check_weights_checksum(path, file.name)
     warn_model_config_changes(metadata, raw, f"{path}: ")
     try:  # transformers' own config errors are of many types; each is a damaged config.json here
         hf_config = AutoConfig.from_pretrained(str(path))
@@ -338,10 +339,12 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
         out_features, in_features = linear_shape(module)
         set_submodule(model, name, QuantizedLinear(in_features, out_features, record.layer_config(name),
                                                    bias=spec.bias, device="meta"))
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as err:
-        raise ModelLoadError(f"{weights} is not a readable safetensors file: {err}") from err
+    state = {}
+    for file in files:
+        try:
+            state.update(load_file(str(file)))
+        except (SafetensorError, OSError) as err:
+            raise ModelLoadError(f"{file} is not a readable safetensors file: {err}") from err
     try:
         result = model.load_state_dict(state, strict=False, assign=True)
     except (RuntimeError, ValueError) as err:
