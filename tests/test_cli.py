@@ -63,7 +63,8 @@ def test_quantize_inspect_eval_generate(model_dir, calib_file, tmp_path, capsys)
     ("argv", "message"),
     [
         (["quantize", "/nonexistent/model", "--out", "x", "--data-free"], "model not found"),
-        (["eval", "ppl", "/nonexistent/dir", "--data", "x.txt"], "model not found"),
+        (["eval", "ppl", "/nonexistent/dir", "--data", __file__], "model not found"),
+        (["eval", "ppl", "/nonexistent/dir", "--data", "/nonexistent/x.txt"], "evaluation file not found"),
         (["inspect", "/nonexistent/dir"], "no config.json"),
     ],
 )
