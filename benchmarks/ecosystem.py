@@ -131,6 +131,8 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--redo", nargs="*", default=[], help="rows to measure again")
     parser.add_argument("--tasks", action="store_true", help="also the zero-shot tasks")
+    parser.add_argument("--task-rows", nargs="+", default=["float", "qs2", "qs3", "qs4"], choices=list(ROWS),
+                        help="rows that get the zero-shot tasks (default: %(default)s)")
     parser.add_argument("--max-windows", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -169,7 +171,7 @@ def main() -> None:
         ppl, seconds = quipsharp("eval", "ppl", model, "--data", str(wiki), "--ctx", str(EVAL_CTX),
                                  "--max-windows", str(args.max_windows), "--json", *record, threads=args.threads)
         row.update(ppl=ppl["ppl"], windows=ppl["windows"], tokens=ppl["tokens"], eval_seconds=seconds)
-        if tasks is not None:
+        if tasks is not None and name in args.task_rows:
             acc, seconds = quipsharp("eval", "tasks", model, "--tasks", *TASKS, "--include-path", str(tasks),
                                      "--json", *record, threads=args.threads)
             row.update(tasks=acc, tasks_seconds=seconds)

@@ -120,7 +120,7 @@ def check_onnx(qdir: Path, work: Path, ids: Any) -> dict[str, Any]:
         def forward(self, input_ids: Any) -> Any:
             return self.inner(input_ids=input_ids, use_cache=False).logits
 
-    torch.onnx.export(Logits(dense), (ids,), str(out), dynamo=True, external_data=True)
+    torch.onnx.export(Logits(dense).eval(), (ids,), str(out), dynamo=True, external_data=True)
     export_seconds = time.perf_counter() - start
     import onnxruntime
 
