@@ -137,12 +137,12 @@ def _bits_figure(plt: Any, layers: list[dict[str, Any]], file: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 2.8))
     ax.bar(range(len(layers)), [layer["bits"] for layer in layers],
            color=[colour[layer.get("codebook", "?")] for layer in layers], width=1.0)
-    for codebook in codebooks:
-        ax.bar([], [], color=colour[codebook], label=codebook)
+    from matplotlib.patches import Patch
+
     ax.set_xlabel("quantized layer (model order)")
     ax.set_ylabel("bits per weight")
     ax.set_ylim(0, max(layer["bits"] for layer in layers) + 1)
-    ax.legend(loc="upper right", fontsize="small")
+    ax.legend(handles=[Patch(color=colour[c], label=c) for c in codebooks], loc="upper right", fontsize="small")
     fig.tight_layout()
     fig.savefig(file, dpi=FIGURE_DPI)
     plt.close(fig)
