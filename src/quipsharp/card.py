@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from quipsharp.eval.report import disk_bytes
 from quipsharp.format import (
     CHECKSUMS_FILE,
     REPORT_FILE,
@@ -41,11 +42,6 @@ def model_summary(path: str | os.PathLike) -> dict[str, Any]:
     weights), ``codebooks`` (``{name: layers}``), ``disk_bytes`` (safetensors)."""
     path = Path(path)
     raw, record = read_record(path)
-    weights = sum(m.in_features * m.out_features for m in record.modules.values())
-    codebooks: dict[str, int] = {}
-    for name in record.modules:
-        codebook = record.layer_config(name).codebook_name
-        codebooks[codebook] = codebooks.get(codebook, 0) + 1
     return {
         "model_type": raw.get("model_type"),
         "source_model": record.source_model,
@@ -53,9 +49,9 @@ def model_summary(path: str | os.PathLike) -> dict[str, Any]:
         "config": record.raw.get("config", {}),
         "format_version": record.format_version,
         "layers": len(record.modules),
-        "bits_per_weight": sum(m.bits * m.in_features * m.out_features for m in record.modules.values()) / weights,
-        "codebooks": codebooks,
-        "disk_bytes": sum(p.stat().st_size for p in path.iterdir() if p.suffix == ".safetensors"),
+        "bits_per_weight": record.bits_per_weight(),
+        "codebooks": record.codebook_counts(),
+        "disk_bytes": disk_bytes(path),
     }
 
 
@@ -116,7 +112,7 @@ def model_card(path: str | os.PathLike, summary: dict[str, Any] | None = None,
     if results:
         lines += ["| evaluation | result | settings | date |", "|---|---|---|---|"]
         for r in results:
-            lines.append(f"| {_eval_label(r)} | {_eval_value(r)} | {_eval_settings(r)} | {r.get('date', '')} |")
+            lines.append("| " + " | ".join(eval_row(r)) + " |")
     else:
         lines.append(f"Not measured yet: `quipsharp eval ppl {name} --data FILE --record` adds the perplexity here.")
     lines += [
@@ -139,26 +135,16 @@ def _looks_local(source: str) -> bool:
     return source.startswith(("/", ".", "~")) or source.endswith(".gguf") or Path(source).exists()
 
 
-def _eval_label(r: dict[str, Any]) -> str:
+def eval_row(r: dict[str, Any]) -> tuple[str, str, str, str]:
+    """``(evaluation, result, settings, date)`` of a recorded evaluation, as the card and the report show it."""
     if r.get("kind") == "ppl":
-        return f"perplexity, {r.get('data', '?')}"
-    return f"{r.get('task', '?')} (lm-eval)"
-
-
-def _eval_value(r: dict[str, Any]) -> str:
-    if r.get("kind") == "ppl":
-        return f"{r.get('ppl', float('nan')):.3f}"
-    metrics = r.get("metrics", {})
-    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not k.endswith("_stderr"))
-
-
-def _eval_settings(r: dict[str, Any]) -> str:
-    if r.get("kind") == "ppl":
-        return f"ctx {r.get('ctx')}, {r.get('windows')} windows, {r.get('tokens')} tokens"
-    parts = [f"limit {r['limit']}" if r.get("limit") else "all documents"]
+        return (f"perplexity, {r.get('data', '?')}", f"{r.get('ppl', float('nan')):.3f}",
+                f"ctx {r.get('ctx')}, {r.get('windows')} windows, {r.get('tokens')} tokens", r.get("date", ""))
+    value = ", ".join(f"{k} {v:.4f}" for k, v in r.get("metrics", {}).items() if not k.endswith("_stderr"))
+    settings = [f"limit {r['limit']}" if r.get("limit") else "all documents"]
     if r.get("num_fewshot") is not None:
-        parts.append(f"{r['num_fewshot']}-shot")
-    return ", ".join(parts)
+        settings.append(f"{r['num_fewshot']}-shot")
+    return f"{r.get('task', '?')} (lm-eval)", value, ", ".join(settings), r.get("date", "")
 
 
 def card_is_ours(path: Path) -> bool:
@@ -203,7 +189,7 @@ def tensor_bytes_by_kind(path: str | os.PathLike) -> dict[str, int]:
     (their signs, scales, biases, tables), ``embeddings and head``, ``other float`` (norms, ...)."""
     path = Path(path)
     _, record = read_record(path)
-    tensors, _ = read_headers(weight_files(path))
+    tensors, _, _ = read_headers(weight_files(path))
     out = {"codes": 0, "layer state": 0, "embeddings and head": 0, "other float": 0}
     quantized = tuple(f"{name}." for name in record.modules)
     for name, info in tensors.items():
@@ -229,4 +215,6 @@ def layer_reports(path: str | os.PathLike) -> list[dict[str, Any]]:
         layers = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ModelLoadError(f"{file} is not valid JSON") from None
-    return layers if isinstance(layers, list) else []
+    if not isinstance(layers, list):
+        raise ModelLoadError(f"{file} is not a list of layer reports")
+    return layers

@@ -317,21 +317,17 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from quipsharp.card import layer_reports
     from quipsharp.eval.report import disk_bytes
-    from quipsharp.format import CHECKSUMS_FILE, REPORT_FILE, check_dir
+    from quipsharp.format import CHECKSUMS_FILE, check_dir
 
     path = Path(args.dir)
     raw, record, problems = check_dir(path, verify=args.verify)
     modules = record.modules
-    codebooks: dict[str, int] = {}
-    for name in modules:
-        codebook = record.layer_config(name).codebook_name
-        codebooks[codebook] = codebooks.get(codebook, 0) + 1
-    weights = sum(m.in_features * m.out_features for m in modules.values())
-    bits = sum(m.bits * m.in_features * m.out_features for m in modules.values()) / weights
+    codebooks = record.codebook_counts()
+    bits = record.bits_per_weight()
     disk = disk_bytes(path)
-    report_path = path / REPORT_FILE
-    layers = json.loads(report_path.read_text()) if report_path.is_file() else []
+    layers = layer_reports(path)
     info: dict[str, Any] = {
         "format_version": record.format_version,
         "model_type": raw.get("model_type"),

@@ -31,7 +31,14 @@ def dense_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     The copy is an ordinary float model: no ``quantization_config``, and ``save_pretrained`` writes a
     float checkpoint (float-sized; quipsharp directories stay the compact form).
     """
-    dense = copy.deepcopy(model)
+    return densify(copy.deepcopy(model), dtype)
+
+
+@torch.no_grad()
+def densify(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """:func:`dense_copy` in place: ``model`` itself loses its quantized layers (for a caller that
+    already holds a copy of its own). Returns ``model``."""
+    dense = model
     layers = [(name, m) for name, m in dense.named_modules() if isinstance(m, QuantizedLinear)]
     if not layers:
         raise ValueError("the model has no quantized layer: it needs no dense copy")

@@ -223,6 +223,19 @@ class QuantizationRecord:
         bits = self.modules[name].bits
         return config if config.bits == bits else config.replace(bits=bits)
 
+    def codebook_counts(self) -> dict[str, int]:
+        """``{codebook name: quantized modules using it}``, in module order."""
+        counts: dict[str, int] = {}
+        for name in self.modules:
+            codebook = self.layer_config(name).codebook_name
+            counts[codebook] = counts.get(codebook, 0) + 1
+        return counts
+
+    def bits_per_weight(self) -> float:
+        """Code bits per quantized weight, averaged over the weights of every quantized module."""
+        weights = sum(m.in_features * m.out_features for m in self.modules.values())
+        return sum(m.bits * m.in_features * m.out_features for m in self.modules.values()) / weights
+
     def schema(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         """``{tensor name: (dtype, shape)}`` of every quantized module's tensors."""
         return {f"{name}.{key}": value for name, spec in self.modules.items()
@@ -413,22 +426,36 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
     return files
 
 
-def read_headers(files: list[Path]) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """The union of several safetensors headers, and the metadata of the first that has quipsharp's
-    (a tensor stored in two files is refused)."""
+def read_headers(files: list[Path]) -> tuple[dict[str, TensorInfo], dict[str, str], dict[str, str]]:
+    """``({tensor name: TensorInfo}, metadata, {dropped tied name: kept name})`` of a checkpoint's
+    safetensors files (headers only): the union of their tensors (a tensor stored in two files is
+    refused), the metadata of the first file carrying quipsharp's (empty when none does, as in a
+    directory written by transformers), and the ties every file records."""
     tensors: dict[str, TensorInfo] = {}
     metadata: dict[str, str] = {}
+    tied: dict[str, str] = {}
     for file in files:
         names, meta = read_header(file)
         twice = sorted(set(names) & set(tensors))
         if twice:
             raise ModelLoadError(f"{file} stores {twice[0]} again: the shards overlap")
         tensors.update(names)
-        if not metadata and meta.get(FORMAT_METADATA_KEY) == QUANT_METHOD:
+        if not metadata and (meta.get(FORMAT_METADATA_KEY) == QUANT_METHOD or TIED_METADATA_KEY in meta):
             metadata = meta
-    if not metadata and files:
-        metadata = read_header(files[0])[1]
-    return tensors, metadata
+        if meta.get(TIED_METADATA_KEY):
+            try:
+                tied.update(_json_object(meta[TIED_METADATA_KEY]))
+            except ValueError as err:
+                raise ModelLoadError(f"{file}: the {TIED_METADATA_KEY!r} metadata is not a JSON object") from err
+    return tensors, metadata, tied
+
+
+def _json_object(text: str) -> dict[str, str]:
+    """Parse a JSON object of strings (raises ``ValueError`` otherwise)."""
+    value = json.loads(text)
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise ValueError("not a JSON object of strings")
+    return value
 
 
 def is_quipsharp_weights(file: str | os.PathLike) -> bool:
@@ -576,7 +603,7 @@ def check_dir(path: str | os.PathLike, verify: bool = False) -> tuple[dict[str, 
     files: list[Path] = []
     try:
         files = weight_files(path)
-        tensors, metadata = read_headers(files)
+        tensors, metadata, _ = read_headers(files)
         check_weights_header(tensors, metadata, record, files[0])
     except (ModelLoadError, FileNotFoundError) as err:
         problems.append(str(err))

@@ -132,11 +132,11 @@ def _dedupe_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
     return kept, tied
 
 
-def quantization_config_of(model: nn.Module, config: ModelQuantConfig | None = None,
-                           source: str | None = None, calibration: str | None = None) -> dict[str, Any]:
-    """The ``quantization_config`` entry of config.json for a quantized ``model`` (validated): one
-    entry per :class:`~quipsharp.nn.QuantizedLinear`, ``config`` (default: the first layer's), written
-    as format version :data:`~quipsharp.format.FORMAT_VERSION`."""
+def quantization_record_of(model: nn.Module, config: ModelQuantConfig | None = None,
+                           source: str | None = None, calibration: str | None = None) -> QuantizationRecord:
+    """The validated ``quantization_config`` of config.json for a quantized ``model`` (its ``raw`` is
+    what is written): one entry per :class:`~quipsharp.nn.QuantizedLinear`, ``config`` (default: the
+    first layer's), format version :data:`~quipsharp.format.FORMAT_VERSION`."""
     modules = {
         name: {
             "bits": m.config.bits,
@@ -161,8 +161,7 @@ def quantization_config_of(model: nn.Module, config: ModelQuantConfig | None = N
         qc["source_model"] = source
     if calibration is not None:
         qc["calibration"] = calibration
-    QuantizationRecord.from_dict(qc)  # write only what loads
-    return qc
+    return QuantizationRecord.from_dict(qc)  # write only what loads
 
 
 def save_quantized(
@@ -185,14 +184,13 @@ def save_quantized(
     calibration text's name) for the model card. config.json is guarded
     (:func:`~quipsharp.format.guard_config`): transformers loads the directory only through quipsharp.
     The directory gets a model card (``README.md``, :mod:`quipsharp.card`)."""
-    qc = quantization_config_of(model, config, source, calibration)
+    record = quantization_record_of(model, config, source, calibration)
     out = check_output(out_dir, overwrite=overwrite)
     hf_config = {k: v for k, v in unguard_config(model.config.to_dict()).items() if k != "quantization_config"}
-    record = QuantizationRecord.from_dict(qc)
     state, tied = _dedupe_tied(model.state_dict())
     metadata = {FORMAT_METADATA_KEY: QUANT_METHOD, TIED_METADATA_KEY: json.dumps(tied),
                 **load_metadata(record, hf_config)}
-    hf_config = guard_config({**hf_config, "quantization_config": qc})
+    hf_config = guard_config({**hf_config, "quantization_config": record.raw})
     with locked(out):
         recover_leftovers(out)
         out = check_output(out, overwrite=overwrite)  # again, under the lock
@@ -270,7 +268,7 @@ def finish_pretrained_dir(model: nn.Module, directory: str | os.PathLike, config
         calibration = calibration or saved.get("calibration")
         if config is None:
             config = QuantizationRecord.from_dict(saved, f"{cfg_file}: ").config
-    qc = quantization_config_of(model, config, source, calibration)
+    qc = quantization_record_of(model, config, source, calibration).raw
     atomic_write_text(cfg_file, json.dumps(guard_config({**raw, "quantization_config": qc}), indent=2,
                                            sort_keys=True, default=str))
     write_autoload(directory)
@@ -320,7 +318,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
     raw, record = read_record(path)
     files = weight_files(path)  # model.safetensors, or the shards of a sharded save_pretrained
     weights = files[0]
-    tensors, metadata = read_headers(files)
+    tensors, metadata, _ = read_headers(files)
     check_weights_header(tensors, metadata, record, weights)
     for file in files:
         check_weights_checksum(path, file.name)

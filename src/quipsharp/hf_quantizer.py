@@ -43,7 +43,6 @@ import contextlib
 import copy
 import importlib.abc
 import importlib.machinery
-import json
 import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -60,15 +59,13 @@ from quipsharp.format import (
     GUARD_MODEL_TYPE,
     QUANT_METHOD,
     QUANTIZED_STATE_DTYPE,
-    TIED_METADATA_KEY,
     ModelLoadError,
     QuantizationRecord,
-    TensorInfo,
     check_format_version,
     check_loaded_model,
     check_weights_checksum,
     check_weights_header,
-    read_header,
+    read_headers,
     unguard_config,
     warn_model_config_changes,
 )
@@ -376,36 +373,6 @@ def model_key(model: nn.Module, name: str) -> str:
     return name
 
 
-def read_checkpoint_index(files: Sequence[str | Path]) -> tuple[dict[str, TensorInfo], dict[str, str], dict[str, str]]:
-    """``({tensor name: TensorInfo}, {dropped tied name: kept name}, metadata)`` of safetensors
-    checkpoint files (headers only; metadata of the first file that has quipsharp's)."""
-    tensors: dict[str, TensorInfo] = {}
-    tied: dict[str, str] = {}
-    metadata: dict[str, str] = {}
-    for file in files:
-        if not str(file).endswith(SAFETENSORS_SUFFIX):
-            continue
-        names, meta = read_header(file)
-        tensors.update(names)
-        if not metadata and meta.get(TIED_METADATA_KEY) is not None:
-            metadata = meta
-        raw = meta.get(TIED_METADATA_KEY)
-        if raw:
-            try:
-                tied.update(json_object(raw))
-            except ValueError as err:
-                raise ModelLoadError(f"{file}: the {TIED_METADATA_KEY!r} metadata is not a JSON object") from err
-    return tensors, tied, metadata
-
-
-def json_object(text: str) -> dict[str, str]:
-    """Parse a JSON object of strings (raises ``ValueError`` otherwise)."""
-    value = json.loads(text)
-    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-        raise ValueError("not a JSON object of strings")
-    return value
-
-
 def replace_quantized_layers(model: nn.Module, quantization_config: Any) -> dict[str, QuantizedLinear]:
     """Swap every module listed in ``quantization_config.modules`` for an empty (meta) QuantizedLinear.
 
@@ -440,7 +407,7 @@ def check_checkpoint_covers(model: nn.Module, quantization_config: Any, files: S
     """
     if not files or not all(str(f).endswith(SAFETENSORS_SUFFIX) for f in files):
         return
-    tensors, tied, metadata = read_checkpoint_index(files)
+    tensors, metadata, tied = read_headers([Path(f) for f in files])
     declared = set(getattr(model, "all_tied_weights_keys", {}) or {})
     state = model.state_dict()
     for dropped, kept in tied.items():

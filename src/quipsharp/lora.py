@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from quipsharp.errors import QuipSharpError
-from quipsharp.export import dense_copy
+from quipsharp.export import densify
 from quipsharp.models.walker import set_submodule
 from quipsharp.nn import QuantizedLinear
 
@@ -147,8 +147,7 @@ def merge_dense(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
     if not wrapped:
         raise LoraError("the model has no LoRA adapter on a quantized layer: use quipsharp.export.dense_copy")
     deltas = {name: sum(m.delta_weight(a) for a in m.active_adapters if a in m.lora_A) for name, m in wrapped}
-    unwrapped = _unwrapped_copy(base, lora_cls)
-    dense = dense_copy(unwrapped, dtype)
+    dense = densify(_unwrapped_copy(base, lora_cls), dtype)  # one copy of the model, made dense in place
     for name, delta in deltas.items():
         linear = dense.get_submodule(name)
         linear.weight.add_(delta.to(linear.weight.dtype))

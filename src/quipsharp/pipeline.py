@@ -168,7 +168,8 @@ def _dequantized(block: nn.Module, dtype: torch.dtype) -> Iterator[None]:
 def shared_input_groups(
     block: nn.Module, names: list[str], hidden: torch.Tensor, call: BlockCall
 ) -> list[list[str]]:
-    """Group the block's linears by the input tensor they read, in order of first use.
+    """Group the block's linears by the input tensor they read, in order of first use (members of
+    ``names`` only; a linear the block never calls is in no group).
 
     q/k/v read the same normalised hidden states and gate/up the same MLP input, so each group
     shares one Hessian (QuIP# §4, DESIGN.md §4). Observed by running the block once.
@@ -242,6 +243,20 @@ def _quantizable(block_name: str, block: nn.Module, config: ModelQuantConfig) ->
     return names
 
 
+def _shared_means(hessians: dict[str, HessianAccumulator]) -> Callable[[str], torch.Tensor]:
+    """``name -> E[x xᵀ]`` of a layer; layers sharing an accumulator (q/k/v, gate/up) share one mean,
+    computed once, on first use."""
+    means: dict[int, torch.Tensor] = {}
+
+    def mean(name: str) -> torch.Tensor:
+        acc = hessians[name]
+        if id(acc) not in means:
+            means[id(acc)] = acc.mean()
+        return means[id(acc)]
+
+    return mean
+
+
 @torch.no_grad()
 def quantize_linears(
     block: nn.Module,
@@ -256,17 +271,12 @@ def quantize_linears(
     ``on_layer`` is called with each layer's report as soon as it is quantized (progress display).
     """
     reports = []
-    means: dict[int, torch.Tensor] = {}
+    mean = _shared_means(hessians) if hessians is not None else None
     for name in names:
         module = block.get_submodule(name)
         full = f"{block_name}.{name}"
         cfg = config.layer_config(full)
-        H = None
-        if hessians is not None:
-            acc = hessians[name]
-            if id(acc) not in means:
-                means[id(acc)] = acc.mean()
-            H = means[id(acc)]
+        H = mean(name) if mean is not None else None
         out_features, in_features = linear_shape(module)
         start = time.perf_counter()
         q = _empty_quantized_like(module, cfg)
@@ -306,13 +316,12 @@ def measure_sensitivity(
     for i in _progress(range(len(blocks)), progress, "sensitivity"):
         block, block_name = blocks[i], f"{blocks_name}.{i}"
         names = _quantizable(block_name, block, config)
-        groups = [[n for n in g if n in names] for g in shared_input_groups(block, names, stream[0], calls[i][0])]
-        hessians, stream = collect_hessians(block, [g for g in groups if g], stream, calls[i], keep_outputs=True)
-        means: dict[int, torch.Tensor] = {}
-        for name in names:
+        groups = shared_input_groups(block, names, stream[0], calls[i][0])
+        hessians, stream = collect_hessians(block, groups, stream, calls[i], keep_outputs=True)
+        mean = _shared_means(hessians)
+        for name in (n for group in groups for n in group):  # a linear its block never calls is left out
             full = f"{block_name}.{name}"
-            acc = hessians[name]
-            H = means.setdefault(id(acc), acc.mean())
+            H = mean(name)
             W = linear_weight(block.get_submodule(name)).float()
             losses = {}
             for b in bits:
@@ -503,8 +512,6 @@ def _quantize_blocks(model: nn.Module, config: ModelQuantConfig, calibration: to
             names = [r.name.removeprefix(f"{block_name}.") for r in block_reports]
         else:
             groups = shared_input_groups(block, names, stream[0], calls[i][0])
-            groups = [[n for n in g if n in names] for g in groups]
-            groups = [g for g in groups if g]
             original = config.hessian_inputs == "original"
             hessians, outputs = collect_hessians(block, groups, stream, calls[i], keep_outputs=original)
             called = [n for g in groups for n in g]
@@ -541,7 +548,6 @@ def _quantize_block_finetuned(
     they will run in. Returns the layer reports and the stream entering the next block.
     """
     groups = shared_input_groups(block, names, stream[0], calls[0])
-    groups = [g for g in ([n for n in g if n in names] for g in groups) if g]
     reports: list[LayerReport] = []
     for group in groups:
         hessians, _ = collect_hessians(block, [group], stream, calls, keep_outputs=False)

@@ -27,7 +27,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from quipsharp.card import layer_reports, model_summary, read_eval, tensor_bytes_by_kind
+from quipsharp.card import eval_row, layer_reports, model_summary, read_eval, tensor_bytes_by_kind
 from quipsharp.errors import QuipSharpError
 
 logger = logging.getLogger(__name__)
@@ -224,14 +224,7 @@ def _page(path: Path, s: dict[str, Any], layers: list[dict[str, Any]], results: 
     if results:
         parts.append("<table><tr><th>evaluation</th><th>result</th><th>settings</th><th>date</th></tr>")
         for r in results:
-            if r.get("kind") == "ppl":
-                cells = (f"perplexity, {r.get('data')}", f"{r.get('ppl', math.nan):.3f}",
-                         f"ctx {r.get('ctx')}, {r.get('windows')} windows")
-            else:
-                metrics = ", ".join(f"{k} {v:.4f}" for k, v in r.get("metrics", {}).items()
-                                    if not k.endswith("_stderr"))
-                cells = (f"{r.get('task')} (lm-eval)", metrics, f"limit {r.get('limit') or 'none'}")
-            parts.append("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in (*cells, r.get("date", ""))) + "</tr>")
+            parts.append("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in eval_row(r)) + "</tr>")
         parts.append("</table>")
         if float_ppl is not None:
             parts.append(f"<p>Float model: perplexity {float_ppl:.3f} on the same text.</p>")

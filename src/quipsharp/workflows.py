@@ -234,12 +234,14 @@ def layer_sensitivity(model: Any, config: ModelQuantConfig, calibration: torch.T
     from quipsharp.io import atomic_write_text
     from quipsharp.pipeline import measure_sensitivity, run_fingerprint
 
+    if cache is None:
+        return measure_sensitivity(model, config, calibration, progress=progress)
     # what the measurement depends on: weights, calibration, and the settings other than the widths
     neutral = dataclasses.replace(config, layer=config.layer.replace(bits=min(SUPPORTED_BITS)), bits_map=(),
                                   finetune=FinetuneConfig())
     fingerprint = run_fingerprint(model, neutral, calibration)
-    path = Path(cache) if cache is not None else None
-    if path is not None and path.exists():
+    path = Path(cache)
+    if path.exists():
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
             if saved["format"] != SENSITIVITY_FORMAT:
@@ -254,9 +256,8 @@ def layer_sensitivity(model: Any, config: ModelQuantConfig, calibration: torch.T
         logger.info("layer sensitivity read from %s", path)
         return layers
     layers = measure_sensitivity(model, config, calibration, progress=progress)
-    if path is not None:
-        atomic_write_text(path, json.dumps({"format": SENSITIVITY_FORMAT, "fingerprint": fingerprint, "layers": [
-            {"name": la.name, "weights": la.weights, "losses": la.losses} for la in layers]}, indent=1))
+    atomic_write_text(path, json.dumps({"format": SENSITIVITY_FORMAT, "fingerprint": fingerprint, "layers": [
+        {"name": la.name, "weights": la.weights, "losses": la.losses} for la in layers]}, indent=1))
     return layers
 
 
