@@ -118,7 +118,8 @@ def test_two_pass_tail_biting_is_legal_and_close_to_the_optimum() -> None:
 
 
 @pytest.mark.parametrize("level", list(kernels.LEVELS))
-@pytest.mark.parametrize(("L", "kv"), [(8, 2), (16, 1), (16, 2), (16, 3), (16, 4)])
+# (6, 3): 8 prefixes (no 16-lane groups); (12, 7) and (16, 8): more predecessors than lanes
+@pytest.mark.parametrize(("L", "kv"), [(6, 3), (8, 2), (12, 7), (16, 1), (16, 2), (16, 3), (16, 4), (16, 8)])
 def test_every_level_finds_the_same_paths(level: str, L: int, kv: int) -> None:
     if level not in kernels.supported_levels():
         pytest.skip(f"CPU lacks {level}")

@@ -2161,247 +2161,271 @@ QS_API int qs_step(const qs_step_model *M, float *x, int64_t pos, float *logits,
  * Bitshift-trellis quantization (QTIP, Tseng et al. 2024, §3): a sequence of N steps of V weights is
  * coded by a path of L-bit states, each the previous one shifted left by kv = k·V bits with kv new
  * bits at the bottom: s_t = ((s_{t-1} << kv) | b_t) mod 2^L. The predecessors of s are
- * (s >> kv) | (j << (L - kv)), j < 2^kv. Viterbi finds the path minimising Σ_t ‖code[s_t] − x_t‖²
+ * j·P + (s >> kv), j < J = 2^kv, P = 2^(L - kv). Viterbi finds the path minimising Σ_t ‖code[s_t] − x_t‖²
  * (code [2^L, V] float32, one V-vector per state).
  *
- * Costs are float32 per state; backpointers one byte per (step, state prefix) (kv <= 8). With
- * tail-biting constraint o >= 0 (QTIP's second pass), start states must have s >> kv == o and end
- * states s mod 2^(L - kv) == o, so the path closes into a cycle: exactly k bits per weight stored.
+ * Only the prefix minima are kept: with cost_t(s) = best_{t-1}[s >> kv] + ‖code[s] − x_t‖², a step is
+ *   best_t[p] = min_j cost_t(j·P + p),   bp_t[p] = the smallest such j (one byte, kv <= 8),
+ * so a step reads the previous P minima and the 2^L codes and writes P minima and P backpointers: a
+ * quarter of the traffic of keeping all 2^L costs at kv = 2 (one step at L = 16, kv = 2: 64 KiB of
+ * minima in and out, 256 KiB of codes). Step 0 starts from best_{-1} = 0 (INF outside the tail-biting
+ * constraint); the path ends in the state j·P + p of the smallest cost (ties: the smallest state).
+ * With tail-biting constraint o >= 0 (QTIP's second pass), start states must have s >> kv == o and end
+ * states s mod P == o, so the path closes into a cycle: exactly k bits per weight stored.
+ * Every level does the same float operations per state (e·e, summed over V, plus the minimum; then a
+ * strict-less running minimum over j), so every level returns the same paths and costs.
  */
 #define VITERBI_MAX_KV 8
-#define VITERBI_CHUNK 256 /* prefixes per chunk of a step */
-/* The fused AVX-512 step reads J = 2^kv cost rows 2^(L-kv) floats apart: at kv = 4 the 16 rows (16 KiB
-   apart at L = 16) collide in the L1 sets and the chunked pair is faster (one thread, 256-step
-   sequences, Zen 4: kv = 4 fused 14.5 ms, chunked 9.7; kv = 3 fused 7.2, chunked 10.5). */
-#ifndef VITERBI_FUSED_MAX_KV
-#define VITERBI_FUSED_MAX_KV 3
-#endif
 /* Tail-biting's first pass only has to find the state at step 0: it runs over the cyclic window of
    VITERBI_TB_CONTEXT steps before and after step 0 (the whole rotated sequence when N <= 2·context),
    which the later steps of a 256-step sequence do not change in practice (BENCHMARKS.md: the same
    Gaussian MSE) and saves a quarter of the work at N = 256. */
 #define VITERBI_TB_CONTEXT 64
+/* The x86 steps read the minima 16 floats at a time from any offset below P: the arrays carry a tail. */
+#define VITERBI_PAD 16
 
-/*
- * One Viterbi step, for every state s = p·J + b (p < P = 2^(L-kv), b < J = 2^kv), in chunks of
- * VITERBI_CHUNK prefixes p (the chunk's costs, code values and new costs stay in L1):
- *   best[p] = min_j cost[j·P + p]   (arg[p] = the smallest such j, the backpointer)
- *   next[s] = best[p] + Σ_v (code[s·V + v] − x[v])²
- * Elementwise float operations only (no sums across lanes), so every ISA level gives the same bits.
- * argj: int32 [P] scratch. The x86 levels broadcast best[p] over its J states with a permute.
- */
-#define QS_VITERBI_MIN(ATTR, NAME)                                                                             \
-    ATTR static void NAME(const float *cost, int64_t n, int64_t P, int64_t J, float *best, int32_t *argj,      \
-                          uint8_t *bp) {                                                                       \
-        for (int64_t p = 0; p < n; p++) best[p] = cost[p];                                                     \
-        for (int64_t j = 1; j < J; j++) {                                                                      \
-            const float *c = cost + j * P;                                                                     \
-            for (int64_t p = 0; p < n; p++) best[p] = c[p] < best[p] ? c[p] : best[p];                         \
-        }                                                                                                      \
-        for (int64_t p = 0; p < n; p++) argj[p] = (int32_t)(J - 1);                                            \
-        for (int64_t j = J - 2; j >= 0; j--) {                                                                 \
-            const float *c = cost + j * P;                                                                     \
-            for (int64_t p = 0; p < n; p++) argj[p] = c[p] == best[p] ? (int32_t)j : argj[p];                  \
-        }                                                                                                      \
-        for (int64_t p = 0; p < n; p++) bp[p] = (uint8_t)argj[p];                                              \
-    }
-QS_VITERBI_MIN(, viterbi_min_base)
-
-static void viterbi_add_base(const float *best, const float *code, const float *x, int64_t S, int kv, int V,
-                             float *next) {
-    for (int64_t s = 0; s < S; s++) {
-        float d = 0.0f;
-        for (int v = 0; v < V; v++) {
-            float e = code[s * V + v] - x[v];
-            d += e * e;
-        }
-        next[s] = best[s >> kv] + d;
-    }
-}
-
-#if QS_X86
-QS_VITERBI_MIN(__attribute__((target("avx2,fma"))), viterbi_min_avx2)
-QS_VITERBI_MIN(__attribute__((target("avx512f,avx512vl,avx512bw"))), viterbi_min_avx512)
-
-/* V = 2, kv >= VITERBI_ADD2_MIN_KV (QTIP's HYB): 16 states share one best value (so a chunk of prefixes is
-   a whole number of 16-state groups); their code pairs are split into the two components by permutes. The same float operations as viterbi_add_base: e0·e0 + e1·e1, then + best. */
-__attribute__((target("avx512f"))) static void viterbi_add2_avx512(const float *best, const float *code,
-                                                                 const float *x, int64_t S, int kv, float *next) {
-    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-    const __m512 x0 = _mm512_set1_ps(x[0]), x1 = _mm512_set1_ps(x[1]);
-    for (int64_t s = 0; s < S; s += 16) {
-        __m512 lo = _mm512_loadu_ps(code + 2 * s), hi = _mm512_loadu_ps(code + 2 * s + 16);
-        __m512 e0 = _mm512_sub_ps(_mm512_permutex2var_ps(lo, even, hi), x0);
-        __m512 e1 = _mm512_sub_ps(_mm512_permutex2var_ps(lo, odd, hi), x1);
-        __m512 d = _mm512_add_ps(_mm512_mul_ps(e0, e0), _mm512_mul_ps(e1, e1));
-        _mm512_storeu_ps(next + s, _mm512_add_ps(_mm512_set1_ps(best[s >> kv]), d));
-    }
-}
-
-__attribute__((target("avx2"))) static void viterbi_add2_avx2(const float *best, const float *code, const float *x,
-                                                             int64_t S, int kv, float *next) {
-    const __m256i order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
-    const __m256 x0 = _mm256_set1_ps(x[0]), x1 = _mm256_set1_ps(x[1]);
-    for (int64_t s = 0; s < S; s += 8) {
-        __m256 lo = _mm256_loadu_ps(code + 2 * s), hi = _mm256_loadu_ps(code + 2 * s + 8);
-        /* shuffle gives [a0 a2 b0 b2 | a4 a6 b4 b6]: the permute restores state order */
-        __m256 c0 = _mm256_permutevar8x32_ps(_mm256_shuffle_ps(lo, hi, 0x88), order);
-        __m256 c1 = _mm256_permutevar8x32_ps(_mm256_shuffle_ps(lo, hi, 0xDD), order);
-        __m256 e0 = _mm256_sub_ps(c0, x0), e1 = _mm256_sub_ps(c1, x1);
-        __m256 d = _mm256_add_ps(_mm256_mul_ps(e0, e0), _mm256_mul_ps(e1, e1));
-        _mm256_storeu_ps(next + s, _mm256_add_ps(_mm256_set1_ps(best[s >> kv]), d));
-    }
-}
-
-/* V = 1 with 16 lanes: lane i of a group of 16 states takes best[(s0 + i) >> kv] (a permute of 16 >> kv
-   consecutive best values; kv >= 4: one broadcast per group). */
-__attribute__((target("avx512f"))) static void viterbi_add_avx512(const float *best, const float *code, const float *x,
-                                                                int64_t S, int kv, int V, float *next) {
-    if (V != 1 || S < 16) {
-        viterbi_add_base(best, code, x, S, kv, V, next);
-        return;
-    }
-    int32_t lanes[16];
-    for (int i = 0; i < 16; i++) lanes[i] = kv >= 4 ? 0 : i >> kv;
-    const __m512i idx = _mm512_loadu_si512((const void *)lanes);
-    const __m512 xv = _mm512_set1_ps(x[0]);
-    for (int64_t s = 0; s < S; s += 16) {
-        __m512 b = kv >= 4 ? _mm512_set1_ps(best[s >> kv])
-                           : _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps((__mmask16)((1u << (16 >> kv)) - 1),
-                                                                              best + (s >> kv)));
-        __m512 e = _mm512_sub_ps(_mm512_loadu_ps(code + s), xv);
-        _mm512_storeu_ps(next + s, _mm512_add_ps(b, _mm512_mul_ps(e, e)));
-    }
-}
-
-__attribute__((target("avx2,fma"))) static void viterbi_add_avx2(const float *best, const float *code, const float *x,
-                                                               int64_t S, int kv, int V, float *next) {
-    if (V != 1 || S < 8) {
-        viterbi_add_base(best, code, x, S, kv, V, next);
-        return;
-    }
-    int32_t lanes[8];
-    for (int i = 0; i < 8; i++) lanes[i] = kv >= 3 ? 0 : i >> kv;
-    const __m256i idx = _mm256_loadu_si256((const __m256i *)lanes);
-    const __m256i head = _mm256_setr_epi32(-1, kv <= 2 ? -1 : 0, kv <= 1 ? -1 : 0, kv <= 1 ? -1 : 0, 0, 0, 0, 0);
-    const __m256 xv = _mm256_set1_ps(x[0]);
-    for (int64_t s = 0; s < S; s += 8) {
-        __m256 b = kv >= 3 ? _mm256_set1_ps(best[s >> kv])
-                           : _mm256_permutevar8x32_ps(_mm256_maskload_ps(best + (s >> kv), head), idx);
-        __m256 e = _mm256_sub_ps(_mm256_loadu_ps(code + s), xv);
-        _mm256_storeu_ps(next + s, _mm256_add_ps(b, _mm256_mul_ps(e, e)));
-    }
-}
-#endif
-
-#if QS_X86
-/* A whole step fused in registers (V = 1, J <= 16): 16 prefixes at a time, their minimum and
-   backpointer, then their 16·J states' new costs (a permute spreads each minimum over its J states).
-   The same float operations as the generic pair above, so the same bits. */
-__attribute__((target("avx512f,avx512vl,avx512bw"))) static void viterbi_step_avx512(const float *cost, int64_t P,
-                                                                                    int kv, const float *code,
-                                                                                    float x, float *next, uint8_t *bp) {
+/* One step, portable: the codes in their natural layout code[s·V + v]; VITERBI_BASE_CHUNK prefixes at a time,
+   j outermost, so the compiler can vectorise the inner loops (NEON, or no SIMD level). */
+#define VITERBI_BASE_CHUNK 64
+static void viterbi_step_base(const float *prev, const float *code, const float *x, int64_t P, int kv, int V,
+                              float *best, uint8_t *bp) {
     const int64_t J = (int64_t)1 << kv;
-    const __m512 xv = _mm512_set1_ps(x);
-    int32_t lanes[16];
-    for (int r = 0; r < 16; r++) lanes[r] = 0;
-    __m512i spread[16];
-    for (int64_t q = 0; q < J; q++) { /* vector q of a group's 16·J states takes prefixes (16q + i) / J */
-        for (int i = 0; i < 16; i++) lanes[i] = (int32_t)((16 * q + i) >> kv);
-        spread[q] = _mm512_loadu_si512((const void *)lanes);
-    }
-    for (int64_t p = 0; p < P; p += 16) {
-        __m512 b = _mm512_loadu_ps(cost + p);
-        for (int64_t j = 1; j < J; j++) b = _mm512_min_ps(_mm512_loadu_ps(cost + j * P + p), b);
-        __m512i a = _mm512_set1_epi32((int)(J - 1));
-        for (int64_t j = J - 2; j >= 0; j--)
-            a = _mm512_mask_mov_epi32(a, _mm512_cmp_ps_mask(_mm512_loadu_ps(cost + j * P + p), b, _CMP_EQ_OQ),
-                                      _mm512_set1_epi32((int)j));
-        _mm_storeu_si128((__m128i *)(bp + p), _mm512_cvtepi32_epi8(a));
-        const float *cs = code + p * J;
-        float *ns = next + p * J;
-        for (int64_t q = 0; q < J; q++) {
-            __m512 e = _mm512_sub_ps(_mm512_loadu_ps(cs + 16 * q), xv);
-            _mm512_storeu_ps(ns + 16 * q, _mm512_add_ps(_mm512_permutexvar_ps(spread[q], b), _mm512_mul_ps(e, e)));
+    float b[VITERBI_BASE_CHUNK], c[VITERBI_BASE_CHUNK];
+    uint8_t a[VITERBI_BASE_CHUNK];
+    for (int64_t p0 = 0; p0 < P; p0 += VITERBI_BASE_CHUNK) {
+        const int64_t n = P - p0 < VITERBI_BASE_CHUNK ? P - p0 : VITERBI_BASE_CHUNK;
+        for (int64_t j = 0; j < J; j++) {
+            const int64_t s0 = j * P + p0;
+            const float *cj = code + s0 * V;
+            if (V == 1) {
+                for (int64_t i = 0; i < n; i++) {
+                    float e = cj[i] - x[0];
+                    c[i] = prev[(s0 + i) >> kv] + e * e;
+                }
+            } else {
+                for (int64_t i = 0; i < n; i++) {
+                    float d = 0.0f;
+                    for (int v = 0; v < V; v++) {
+                        float e = cj[i * V + v] - x[v];
+                        d += e * e;
+                    }
+                    c[i] = prev[(s0 + i) >> kv] + d;
+                }
+            }
+            if (j == 0) {
+                for (int64_t i = 0; i < n; i++) {
+                    b[i] = c[i];
+                    a[i] = 0;
+                }
+                continue;
+            }
+            for (int64_t i = 0; i < n; i++) {
+                a[i] = c[i] < b[i] ? (uint8_t)j : a[i];
+                b[i] = c[i] < b[i] ? c[i] : b[i];
+            }
         }
+        memcpy(best + p0, b, sizeof(float) * (size_t)n);
+        memcpy(bp + p0, a, (size_t)n);
     }
+}
+
+/* The vector steps read the codes in a blocked layout of W-lane groups, lanes ordered so that the minima a
+   vector needs are one broadcast block. With G = max(W >> kv, 1) distinct minima per vector, lane i of
+   group g holds prefix g + J·(i mod G) + i / G, whose predecessor minimum is
+   best[((j·P + g) >> kv) + i mod G]: the G floats at (j·P + g) >> kv, repeated W / G times. A group's J·V
+   vectors (for each j and v, the W lanes' code[(j·P + prefix)·V + v]) are one sequential stream.
+   P % W == 0. viterbi_lane_prefix: lane i's prefix offset within its group. */
+static int viterbi_lane_prefix(int i, int kv, int W) {
+    int J = 1 << kv, G = W >> kv;
+    return G <= 1 ? i : J * (i % G) + i / G;
+}
+
+static void viterbi_block_codes(const float *code, int64_t P, int kv, int V, int W, float *out) {
+    const int64_t J = (int64_t)1 << kv;
+    for (int64_t g = 0; g < P; g += W)
+        for (int64_t j = 0; j < J; j++)
+            for (int v = 0; v < V; v++)
+                for (int i = 0; i < W; i++) *out++ = code[(j * P + g + viterbi_lane_prefix(i, kv, W)) * V + v];
+}
+
+#if QS_X86
+/* 16 lanes (V = 1 or 2): the G = 16 >> kv minima of a vector come from one broadcast load (16, 8, 4, 2 or
+   1 floats); the group's minima and backpointers go back to prefix order with one permute each. */
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) static inline __attribute__((always_inline)) void
+viterbi_step16(const float *prev, const float *cb, const float *x, int64_t P, const int kv, const int V, float *best,
+               uint8_t *bp) {
+    const int64_t J = (int64_t)1 << kv;
+    int32_t lanes[16];
+    for (int i = 0; i < 16; i++) lanes[viterbi_lane_prefix(i, kv, 16)] = i;
+    const __m512i order = _mm512_loadu_si512((const void *)lanes); /* prefix n is lane order[n] */
+    const __m512 x0 = _mm512_set1_ps(x[0]), x1 = _mm512_set1_ps(V == 2 ? x[1] : 0.0f);
+    const float *c = cb;
+    for (int64_t g = 0; g < P; g += 16) {
+        __m512 b = _mm512_setzero_ps();
+        __m512i a = _mm512_setzero_si512();
+        for (int64_t j = 0; j < J; j++, c += 16 * V) {
+            const float *m = prev + ((j * P + g) >> kv);
+            __m512 pv;
+            switch (kv) {
+            case 1: pv = _mm512_broadcast_f32x8(_mm256_loadu_ps(m)); break;
+            case 2: pv = _mm512_broadcast_f32x4(_mm_loadu_ps(m)); break;
+            case 3: pv = _mm512_castpd_ps(_mm512_set1_pd(*(const double *)m)); break;
+            default: pv = _mm512_set1_ps(*m);
+            }
+            __m512 e = _mm512_sub_ps(_mm512_loadu_ps(c), x0);
+            __m512 d = _mm512_mul_ps(e, e);
+            if (V == 2) {
+                __m512 e1 = _mm512_sub_ps(_mm512_loadu_ps(c + 16), x1);
+                d = _mm512_add_ps(d, _mm512_mul_ps(e1, e1));
+            }
+            __m512 cost = _mm512_add_ps(pv, d);
+            if (j == 0) {
+                b = cost;
+                continue;
+            }
+            /* min(cost, b) is (cost < b ? cost : b): the mask only feeds the backpointers */
+            __mmask16 lt = _mm512_cmp_ps_mask(cost, b, _CMP_LT_OQ);
+            b = _mm512_min_ps(cost, b);
+            a = _mm512_mask_mov_epi32(a, lt, _mm512_set1_epi32((int)j));
+        }
+        if (kv < 4) {
+            b = _mm512_permutexvar_ps(order, b);
+            a = _mm512_permutexvar_epi32(order, a);
+        }
+        _mm512_storeu_ps(best + g, b);
+        _mm_storeu_si128((__m128i *)(bp + g), _mm512_cvtepi32_epi8(a));
+    }
+}
+
+/* The worker specialised for each kv and V (constant loop bounds and broadcast widths). */
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) static void viterbi_step_avx512(
+    const float *prev, const float *cb, const float *x, int64_t P, int kv, int V, float *best, uint8_t *bp) {
+#define QS_VSTEP16(KV)                                                                                         \
+    case KV:                                                                                                   \
+        if (V == 1)                                                                                            \
+            viterbi_step16(prev, cb, x, P, KV, 1, best, bp);                                                   \
+        else                                                                                                   \
+            viterbi_step16(prev, cb, x, P, KV, 2, best, bp);                                                   \
+        return;
+    switch (kv) {
+        QS_VSTEP16(1) QS_VSTEP16(2) QS_VSTEP16(3) QS_VSTEP16(4) QS_VSTEP16(5) QS_VSTEP16(6) QS_VSTEP16(7)
+        default: viterbi_step16(prev, cb, x, P, 8, V == 1 ? 1 : 2, best, bp);
+    }
+#undef QS_VSTEP16
+}
+
+/* 8 lanes; the same operations (G = 8 >> kv minima per vector: 4, 2 or 1). */
+__attribute__((target("avx2"))) static inline __attribute__((always_inline)) void
+viterbi_step8(const float *prev, const float *cb, const float *x, int64_t P, const int kv, const int V, float *best,
+              uint8_t *bp) {
+    const int64_t J = (int64_t)1 << kv;
+    int32_t lanes[8];
+    for (int i = 0; i < 8; i++) lanes[viterbi_lane_prefix(i, kv, 8)] = i;
+    const __m256i order = _mm256_loadu_si256((const __m256i *)lanes);
+    /* the low byte of each 32-bit lane, gathered into the low 8 bytes */
+    const __m256i bytes = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12,
+                                           -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m256i halves = _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1);
+    const __m256 x0 = _mm256_set1_ps(x[0]), x1 = _mm256_set1_ps(V == 2 ? x[1] : 0.0f);
+    const float *c = cb;
+    for (int64_t g = 0; g < P; g += 8) {
+        __m256 b = _mm256_setzero_ps();
+        __m256i a = _mm256_setzero_si256();
+        for (int64_t j = 0; j < J; j++, c += 8 * V) {
+            const float *m = prev + ((j * P + g) >> kv);
+            __m256 pv = kv == 1   ? _mm256_broadcast_ps((const __m128 *)m)
+                        : kv == 2 ? _mm256_castpd_ps(_mm256_broadcast_sd((const double *)m))
+                                  : _mm256_broadcast_ss(m);
+            __m256 e = _mm256_sub_ps(_mm256_loadu_ps(c), x0);
+            __m256 d = _mm256_mul_ps(e, e);
+            if (V == 2) {
+                __m256 e1 = _mm256_sub_ps(_mm256_loadu_ps(c + 8), x1);
+                d = _mm256_add_ps(d, _mm256_mul_ps(e1, e1));
+            }
+            __m256 cost = _mm256_add_ps(pv, d);
+            if (j == 0) {
+                b = cost;
+                continue;
+            }
+            __m256 lt = _mm256_cmp_ps(cost, b, _CMP_LT_OQ);
+            b = _mm256_min_ps(cost, b);
+            a = _mm256_blendv_epi8(a, _mm256_set1_epi32((int)j), _mm256_castps_si256(lt));
+        }
+        if (kv < 3) {
+            b = _mm256_permutevar8x32_ps(b, order);
+            a = _mm256_permutevar8x32_epi32(a, order);
+        }
+        _mm256_storeu_ps(best + g, b);
+        __m256i packed = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(a, bytes), halves);
+        _mm_storel_epi64((__m128i *)(bp + g), _mm256_castsi256_si128(packed));
+    }
+}
+
+__attribute__((target("avx2"))) static void viterbi_step_avx2(const float *prev, const float *cb, const float *x,
+                                                             int64_t P, int kv, int V, float *best, uint8_t *bp) {
+#define QS_VSTEP8(KV)                                                                                          \
+    case KV:                                                                                                   \
+        if (V == 1)                                                                                            \
+            viterbi_step8(prev, cb, x, P, KV, 1, best, bp);                                                    \
+        else                                                                                                   \
+            viterbi_step8(prev, cb, x, P, KV, 2, best, bp);                                                    \
+        return;
+    switch (kv) {
+        QS_VSTEP8(1) QS_VSTEP8(2) QS_VSTEP8(3) QS_VSTEP8(4) QS_VSTEP8(5) QS_VSTEP8(6) QS_VSTEP8(7)
+        default: viterbi_step8(prev, cb, x, P, 8, V == 1 ? 1 : 2, best, bp);
+    }
+#undef QS_VSTEP8
 }
 #endif
 
-#define VITERBI_ADD2_MIN_KV 4
+typedef void (*viterbi_step_fn)(const float *, const float *, const float *, int64_t, int, int, float *, uint8_t *);
 
-typedef struct {
-    void (*min)(const float *, int64_t, int64_t, int64_t, float *, int32_t *, uint8_t *);
-    void (*add)(const float *, const float *, const float *, int64_t, int, int, float *);
-    /* V = 2 with kv >= VITERBI_ADD2_MIN_KV, or NULL (add serves it) */
-    void (*add2)(const float *, const float *, const float *, int64_t, int, float *);
-    int fused; /* viterbi_step_avx512 may run */
-} viterbi_fns;
-
-/* The functions of a level (the results do not depend on it): AVX-512 levels, AVX2, else portable C. */
-static viterbi_fns viterbi_kernels(int level) {
-    viterbi_fns f = {viterbi_min_base, viterbi_add_base, NULL, 0};
+/* The step of a level and its code layout (W lanes per group; 0: natural). Every level gives the same
+   paths. The vector steps need P % W == 0 and V <= 2. */
+static viterbi_step_fn viterbi_kernel(int level, int64_t P, int V, int *W) {
+    *W = 0;
 #if QS_X86
-    if (is_avx512(level)) {
-        f.min = viterbi_min_avx512;
-        f.add = viterbi_add_avx512;
-        f.add2 = viterbi_add2_avx512;
-        f.fused = 1;
-    } else if (level == QS_LEVEL_AVX2) {
-        f.min = viterbi_min_avx2;
-        f.add = viterbi_add_avx2;
-        f.add2 = viterbi_add2_avx2;
+    if (V <= 2 && is_avx512(level) && P % 16 == 0) {
+        *W = 16;
+        return viterbi_step_avx512;
+    }
+    if (V <= 2 && (level == QS_LEVEL_AVX2 || level == QS_LEVEL_AVX512) && P % 8 == 0) {
+        *W = 8;
+        return viterbi_step_avx2;
     }
 #else
     (void)level;
+    (void)P;
+    (void)V;
 #endif
-    return f;
+    return viterbi_step_base;
 }
 
 /* One Viterbi pass over one sequence x [N, V]; states out [N]; returns the path's cost. o >= 0: the
-   tail-biting constraint (start states s >> kv == o, end states s mod P == o). */
-static float viterbi_one(const viterbi_fns *f, const float *x, int64_t N, const float *code, int L, int kv, int V,
-                         int64_t o, float *cost, float *next, float *best, int32_t *argj, uint8_t *bp,
-                         int32_t *states) {
-    const int64_t S = (int64_t)1 << L, P = (int64_t)1 << (L - kv), J = (int64_t)1 << kv;
-    for (int64_t s = 0; s < S; s++) {
-        float d = 0.0f;
-        for (int v = 0; v < V; v++) {
-            float e = code[s * V + v] - x[v];
-            d += e * e;
-        }
-        cost[s] = (o < 0 || (s >> kv) == o) ? d : INFINITY;
+   tail-biting constraint (start states s >> kv == o, end states s mod P == o). prev, best: P + VITERBI_PAD
+   floats; bp: N·P bytes. code: in the layout of the step (see viterbi_kernel). */
+static float viterbi_one(viterbi_step_fn step, const float *x, int64_t N, const float *code, int L, int kv, int V,
+                         int64_t o, float *prev, float *best, uint8_t *bp, int32_t *states) {
+    const int64_t P = (int64_t)1 << (L - kv);
+    for (int64_t q = 0; q < P + VITERBI_PAD; q++) prev[q] = (o < 0 || q == o) ? 0.0f : INFINITY;
+    for (int64_t t = 0; t < N; t++) {
+        step(prev, code, x + t * V, P, kv, V, best, bp + t * P);
+        float *tmp = prev;
+        prev = best;
+        best = tmp;
     }
-    for (int64_t t = 1; t < N; t++) {
-#if QS_X86
-        if (f->fused && V == 1 && kv <= VITERBI_FUSED_MAX_KV && P % 16 == 0) {
-            viterbi_step_avx512(cost, P, kv, code, x[t], next, bp + (t - 1) * P);
-            float *tmp = cost;
-            cost = next;
-            next = tmp;
-            continue;
-        }
-#endif
-        for (int64_t p0 = 0; p0 < P; p0 += VITERBI_CHUNK) {
-            int64_t n = P - p0 < VITERBI_CHUNK ? P - p0 : VITERBI_CHUNK;
-            f->min(cost + p0, n, P, J, best + p0, argj + p0, bp + (t - 1) * P + p0);
-            if (V == 2 && kv >= VITERBI_ADD2_MIN_KV && f->add2)
-                f->add2(best + p0, code + p0 * J * V, x + t * V, n * J, kv, next + p0 * J);
-            else
-                f->add(best + p0, code + p0 * J * V, x + t * V, n * J, kv, V, next + p0 * J);
-        }
-        float *tmp = cost;
-        cost = next;
-        next = tmp;
-    }
+    /* prev holds best_{N-1}: the end state j·P + p of the smallest cost, the smallest such state on ties */
+    const uint8_t *last = bp + (N - 1) * P;
     int64_t end = -1;
     float total = INFINITY;
-    for (int64_t s = 0; s < S; s++)
-        if ((o < 0 || (s & (P - 1)) == o) && (end < 0 || cost[s] < total)) {
+    for (int64_t p = 0; p < P; p++) {
+        if (o >= 0 && p != o) continue;
+        int64_t s = ((int64_t)last[p] << (L - kv)) | p;
+        if (end < 0 || prev[p] < total || (prev[p] == total && s < end)) {
             end = s;
-            total = cost[s];
+            total = prev[p];
         }
+    }
     int64_t s = end;
     states[N - 1] = (int32_t)s;
     for (int64_t t = N - 1; t >= 1; t--) {
@@ -2428,14 +2452,24 @@ QS_API int qs_viterbi(const float *x, int64_t B, int64_t N, const float *code, i
         V < 1 || nthreads < 1 || (tail_biting && N * kv < L))
         return QS_EBADARG;
     const int64_t S = (int64_t)1 << L, P = (int64_t)1 << (L - kv);
+    int W;
+    viterbi_step_fn step = viterbi_kernel(level, P, V, &W);
+    float *blocked = NULL;
+    if (W) {
+        blocked = (float *)malloc(sizeof(float) * (size_t)(S * V));
+        if (!blocked) return QS_ENOMEM;
+        viterbi_block_codes(code, P, kv, V, W, blocked);
+    }
+    const float *table = W ? blocked : code;
     int nt = nthreads < B ? nthreads : (B > 0 ? (int)B : 1);
-    /* per thread: cost, next (S), best (P + 16: the x86 loads read up to 16 past a group's start), argj (P),
-       the rotated sequence, its states, backpointers (N - 1 steps of P bytes) */
-    size_t per = sizeof(float) * (size_t)(2 * S + P + 16 + N * V) + sizeof(int32_t) * (size_t)(P + N) +
+    /* per thread: the two minima arrays, the rotated sequence, its states, backpointers (N steps of P bytes) */
+    size_t per = sizeof(float) * (size_t)(2 * (P + VITERBI_PAD) + N * V) + sizeof(int32_t) * (size_t)N +
                  (size_t)(N * P) + 64;
-    viterbi_fns fns = viterbi_kernels(level);
     char *work = (char *)malloc(per * (size_t)nt + 64);
-    if (!work) return QS_ENOMEM;
+    if (!work) {
+        free(blocked);
+        return QS_ENOMEM;
+    }
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
     for (int64_t b = 0; b < B; b++) {
 #ifdef _OPENMP
@@ -2443,8 +2477,8 @@ QS_API int qs_viterbi(const float *x, int64_t B, int64_t N, const float *code, i
 #else
         char *w = work;
 #endif
-        float *cost = (float *)w, *next = cost + S, *best = next + S, *rot = best + P + 16;
-        int32_t *argj = (int32_t *)(rot + N * V), *tmp_states = argj + P;
+        float *prev = (float *)w, *best = prev + P + VITERBI_PAD, *rot = best + P + VITERBI_PAD;
+        int32_t *tmp_states = (int32_t *)(rot + N * V);
         uint8_t *bp = (uint8_t *)(tmp_states + N);
         const float *xb = x + b * N * V;
         int64_t o = -1;
@@ -2454,13 +2488,14 @@ QS_API int qs_viterbi(const float *x, int64_t B, int64_t N, const float *code, i
             int64_t before = steps == N ? N - N / 2 : VITERBI_TB_CONTEXT, start = N - before;
             for (int64_t r = 0; r < steps; r++)
                 memcpy(rot + r * V, xb + ((r + start) % N) * V, sizeof(float) * (size_t)V);
-            viterbi_one(&fns, rot, steps, code, L, kv, V, -1, cost, next, best, argj, bp, tmp_states);
+            viterbi_one(step, rot, steps, table, L, kv, V, -1, prev, best, bp, tmp_states);
             o = tmp_states[before % steps] >> kv;
         }
-        float c = viterbi_one(&fns, xb, N, code, L, kv, V, o, cost, next, best, argj, bp, states + b * N);
+        float c = viterbi_one(step, xb, N, table, L, kv, V, o, prev, best, bp, states + b * N);
         if (costs) costs[b] = c;
     }
     free(work);
+    free(blocked);
     return QS_OK;
 }
 
