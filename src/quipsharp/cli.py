@@ -92,8 +92,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from quipsharp.eval import compression_report
     from quipsharp.workflows import quantize_to_dir
 
-    if args.calib is None and not args.data_free:
-        raise CliError("give calibration text with --calib FILE, or --data-free to quantize without data")
+    if args.calib is None and not args.data_free and not args.hessians:
+        raise CliError("give calibration text with --calib FILE, Hessians computed beforehand with --hessians DIR, "
+                       "or --data-free to quantize without data")
+    if args.hessians and args.data_free:
+        raise CliError("--hessians and --data-free exclude each other: give one")
     if args.target_bpw is not None and args.bits is not None:
         raise CliError("--bits and --target-bpw both set the width: give one")
     if args.sensitivity is not None and args.target_bpw is None:
@@ -111,7 +114,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     result = quantize_to_dir(args.model, args.out, config, args.calib, dtype=DTYPES[args.dtype],
                              work_dir=args.work_dir, resume=args.resume, overwrite=args.overwrite,
                              progress=not (args.quiet or args.json), target_bpw=args.target_bpw,
-                             sensitivity_file=args.sensitivity)
+                             sensitivity_file=args.sensitivity, hessians=args.hessians)
     report = compression_report(result.model, result.out)
     if args.json:
         print(json.dumps({"out": str(result.out), "seconds": result.seconds, **report}, default=str))
@@ -119,6 +122,25 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     print(f"quantized {report['quantized_layers']} layers to {report['codes_bits_per_weight']:.2f} bits/weight "
           f"in {result.seconds:.0f}s; {report['disk_bytes'] / 1e6:.1f} MB on disk "
           f"({report['disk_vs_float16']:.1%} of float16); saved to {result.out}")
+    return 0
+
+
+def cmd_hessians(args: argparse.Namespace) -> int:
+    from quipsharp.workflows import hessians_to_dir
+
+    result = hessians_to_dir(args.model, args.calib, args.out, nsamples=args.nsamples, ctx=args.ctx, seed=args.seed,
+                             batch_size=args.batch_size, dtype=DTYPES[args.dtype], overwrite=args.overwrite,
+                             progress=not args.quiet)
+    print(f"Hessians of {args.nsamples} windows x {args.ctx} tokens computed in {result.seconds:.0f}s; "
+          f"saved to {result.out}")
+    return 0
+
+
+def cmd_merge_hessians(args: argparse.Namespace) -> int:
+    from quipsharp.workflows import merge_hessians
+
+    out = merge_hessians(args.dirs, args.out, overwrite=args.overwrite)
+    print(f"merged {len(args.dirs)} Hessian directories into {out}")
     return 0
 
 
@@ -416,6 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "1MAD or 3INST computed code (lower error, slower to quantize; default: %(default)s)")
     q.add_argument("--calib", help="calibration text: .txt, .jsonl (field 'text') or a HF dataset name")
     q.add_argument("--data-free", action="store_true", help="quantize without calibration data (H = I)")
+    q.add_argument("--hessians", nargs="+", metavar="HDIR",
+                   help="quantize with Hessians computed beforehand by `quipsharp hessians` instead of --calib "
+                        "(several are added): each block's from the float model's inputs (--hessian-inputs "
+                        "original); checked against the model")
     q.add_argument("--nsamples", type=POSITIVE, default=DEFAULT_NSAMPLES,
                    help="calibration windows (default: %(default)s)")
     q.add_argument("--ctx", type=WINDOW, default=DEFAULT_CTX,
@@ -449,6 +475,33 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.add_argument("--json", action="store_true", help="print the result as one JSON object (implies --quiet)")
     q.set_defaults(func=cmd_quantize)
+
+    h = sub.add_parser("hessians", parents=[common],
+                       help="compute every block's input Hessians on calibration text, for quantize --hessians")
+    h.add_argument("model", help="HF model directory, .gguf file, or hub id")
+    h.add_argument("--calib", required=True, help="calibration text: .txt, .jsonl (field 'text') or a HF dataset")
+    h.add_argument("--out", required=True,
+                   help="output directory: new, empty, or an earlier Hessian directory with --overwrite")
+    h.add_argument("--overwrite", action="store_true", help="replace the Hessian directory already at --out")
+    h.add_argument("--nsamples", type=POSITIVE, default=DEFAULT_NSAMPLES,
+                   help="calibration windows (default: %(default)s)")
+    h.add_argument("--ctx", type=WINDOW, default=DEFAULT_CTX, help="tokens per calibration window (default: %(default)s)")
+    h.add_argument("--batch-size", type=POSITIVE, default=8,
+                   help="calibration windows per forward pass (default: %(default)s)")
+    h.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the calibration draw (default: %(default)s)")
+    h.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="dtype of the model's forward passes; quantize --hessians must use the same "
+                        "(default: %(default)s)")
+    h.add_argument("--quiet", action="store_true", help="no progress bars")
+    h.set_defaults(func=cmd_hessians)
+
+    mh = sub.add_parser("merge-hessians", parents=[common],
+                        help="add Hessian directories computed on different calibration shards (exact sums)")
+    mh.add_argument("dirs", nargs="+", metavar="HDIR", help="Hessian directories of the same model and settings")
+    mh.add_argument("--out", required=True,
+                    help="output directory: new, empty, or an earlier Hessian directory with --overwrite")
+    mh.add_argument("--overwrite", action="store_true", help="replace the Hessian directory already at --out")
+    mh.set_defaults(func=cmd_merge_hessians)
 
     f = sub.add_parser("finetune", parents=[common],
                        help="fine-tune a quantized model end to end against its float model")

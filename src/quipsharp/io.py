@@ -17,11 +17,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from quipsharp import faults
-from quipsharp.hessian import HessianAccumulator
+from quipsharp.hessian import HessianAccumulator, split_exact
 from quipsharp.outputs import normal_file_mode
 
 HESSIAN_FORMAT = "quipsharp-hessian"
-HESSIAN_FORMAT_VERSION = 1
+HESSIAN_FORMAT_VERSION = 2  # 2: exact binned sums (hessian.BIN_GRIDS); 1: plain float64 sums
 
 
 @contextlib.contextmanager
@@ -80,5 +80,15 @@ def load_hessian(path: str | os.PathLike) -> HessianAccumulator:
     version = int(meta.get("version", "0"))
     if version > HESSIAN_FORMAT_VERSION:
         raise ValueError(f"{path} has Hessian format version {version}, newer than supported {HESSIAN_FORMAT_VERSION}")
-    return HessianAccumulator.from_state_dict(tensors)
+    if version < 2:  # plain sums: binned as they are (exact from here on)
+        try:
+            xtx, xsum, count = tensors["xtx"], tensors["xsum"], int(tensors["count"].reshape(-1)[0])
+        except KeyError as err:
+            raise ValueError(f"Hessian file {path} is missing tensor {err}") from err
+        tensors = {"xtx_bins": split_exact(xtx), "xsum_bins": split_exact(xsum),
+                   "count": torch.tensor([count, 1], dtype=torch.int64)}
+    try:
+        return HessianAccumulator.from_state_dict(tensors)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
 

@@ -294,6 +294,41 @@ def quantize_linears(
     return reports
 
 
+#: ``block index -> {linear name within the block: its accumulator}`` (layers sharing an input share one
+#: accumulator): Hessians computed beforehand (:mod:`quipsharp.hessian_dir`), the "original inputs" mode.
+HessianProvider = Callable[[int], dict[str, HessianAccumulator]]
+
+
+@torch.no_grad()
+def collect_model_hessians(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    batch_size: int,
+    on_block: Callable[[int, list[list[str]], dict[str, HessianAccumulator]], None],
+    *,
+    progress: bool = True,
+) -> str:
+    """Every decoder block's input Hessians over the float model (the "original inputs" of QuIP# §4:
+    each block sees the float outputs of the block before), for every linear of every block.
+
+    ``on_block(i, groups, hessians)`` receives block ``i``'s groups of linears that read one input
+    (names within the block) and one accumulator per name (shared within a group) as soon as the
+    block is done, so that the caller can store them and let them go: memory holds one block's
+    Hessians and the calibration stream. Returns the blocks' module path (e.g. ``model.layers``).
+    """
+    blocks_name, blocks = find_blocks(model)
+    model.eval()
+    stream, calls = capture_block_inputs(model, blocks, list(calibration.split(batch_size)))
+    for i in _progress(range(len(blocks)), progress, "Hessians"):
+        block = blocks[i]
+        names = list(block_linears(block))
+        groups = shared_input_groups(block, names, stream[0], calls[i][0])
+        hessians, stream = collect_hessians(block, groups, stream, calls[i], keep_outputs=True)
+        on_block(i, groups, hessians)
+        del hessians
+    return blocks_name
+
+
 @torch.no_grad()
 def measure_sensitivity(
     model: nn.Module,
@@ -359,17 +394,23 @@ def run_fingerprint(model: nn.Module, config: ModelQuantConfig, calibration: tor
     """SHA-256 digests of everything a resumed run must share with the run it continues: the
     settings, the tensor layout, the source weights (content, streamed) and the calibration tokens."""
     settings = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
-    structure, weights, calib = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
+    structure, weights = hashlib.sha256(), hashlib.sha256()
     for name, t in model.state_dict().items():
         structure.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         _digest_tensor(weights, t)
+    return {"settings": settings.hexdigest(), "structure": structure.hexdigest(), "weights": weights.hexdigest(),
+            "calibration": calibration_digest(calibration)}
+
+
+def calibration_digest(calibration: torch.Tensor | None) -> str:
+    """SHA-256 of calibration token windows (shape, dtype and ids), or of "data-free"."""
+    calib = hashlib.sha256()
     if calibration is None:
         calib.update(b"data-free")
     else:
         calib.update(f"{tuple(calibration.shape)}:{calibration.dtype};".encode())
         _digest_tensor(calib, calibration)
-    return {"settings": settings.hexdigest(), "structure": structure.hexdigest(), "weights": weights.hexdigest(),
-            "calibration": calib.hexdigest()}
+    return calib.hexdigest()
 
 
 def _check_resumable(saved: dict[str, Any], fingerprint: dict[str, str], work: Path) -> None:
@@ -415,6 +456,7 @@ def quantize_model(
     work_dir: str | os.PathLike | None = None,
     resume: bool = False,
     progress: bool = True,
+    hessians: HessianProvider | None = None,
 ) -> tuple[nn.Module, list[LayerReport]]:
     """Quantize the linears of every decoder block of ``model`` in place.
 
@@ -425,6 +467,9 @@ def quantize_model(
         work_dir: where per-block progress is saved (needed for ``resume``).
         resume: continue from the last completed block saved in ``work_dir``.
         progress: show tqdm progress bars.
+        hessians: Hessians computed beforehand, block by block (:data:`HessianProvider`; then
+            ``calibration`` must be None): the float model's inputs to every block ("original
+            inputs"), whatever ``config.hessian_inputs`` says.
 
     ``config.finetune`` with mode ``block`` or ``both`` tunes each block while it is quantized
     (needs calibration); the end-to-end stage needs the float model as teacher and is run afterwards
@@ -435,6 +480,8 @@ def quantize_model(
         :class:`LayerReport` per quantized layer.
     """
     config = config or ModelQuantConfig()
+    if hessians is not None and calibration is not None:
+        raise ValueError("give either calibration tokens or Hessians computed beforehand, not both")
     if config.finetune.block and calibration is None:
         raise ValueError(f"fine-tuning mode {config.finetune.mode!r} needs calibration data")
     blocks_name, blocks = find_blocks(model)
@@ -445,20 +492,23 @@ def quantize_model(
     if work_dir is None:
         if resume:
             raise ValueError("resume needs a work directory")
-        return _quantize_blocks(model, config, calibration, (blocks_name, blocks, per_block), None, progress)
+        return _quantize_blocks(model, config, calibration, (blocks_name, blocks, per_block), None, progress,
+                                hessians)
     with locked(work_dir) as work_path:
         return _quantize_blocks(model, config, calibration, (blocks_name, blocks, per_block),
-                                WorkDir(work_path, resume), progress)
+                                WorkDir(work_path, resume), progress, hessians)
 
 
 def _quantize_blocks(model: nn.Module, config: ModelQuantConfig, calibration: torch.Tensor | None,
                      found: tuple[str, Any, list[list[str]]], work_dir: WorkDir | None,
-                     progress: bool) -> tuple[nn.Module, list[LayerReport]]:
+                     progress: bool, precomputed: HessianProvider | None) -> tuple[nn.Module, list[LayerReport]]:
     """The body of :func:`quantize_model` (``found``: the blocks and their linears), with the work
     directory checked and locked."""
     blocks_name, blocks, per_block = found
     work = work_dir.path if work_dir is not None else None
     fingerprint = run_fingerprint(model, config, calibration) if work is not None else {}
+    if work is not None and precomputed is not None:  # the Hessians stand for the calibration
+        fingerprint["calibration"] = getattr(precomputed, "fingerprint", "precomputed Hessians")
     done: list[dict[str, Any]] = []
     if work_dir is not None and work_dir.resume:
         progress_path = work / PROGRESS_FILE
@@ -501,7 +551,14 @@ def _quantize_blocks(model: nn.Module, config: ModelQuantConfig, calibration: to
             if calibration is not None and config.hessian_inputs == "sequential":
                 stream = run_block(block, stream, calls[i])
             continue
-        if calibration is None:
+        if precomputed is not None:
+            given = precomputed(i)
+            missing = [n for n in names if n not in given]
+            if missing:
+                raise ValueError(f"the Hessians given hold none for {block_name}.{missing[0]}")
+            names = [n for n in given if n in names]  # in the order of use, as with calibration
+            block_reports = quantize_linears(block, block_name, names, given, config, on_layer)
+        elif calibration is None:
             block_reports = quantize_linears(block, block_name, names, None, config, on_layer)
         elif config.finetune.block:
             targets = run_block(block, stream if float_stream is None else float_stream, calls[i])

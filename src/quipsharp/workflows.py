@@ -115,6 +115,7 @@ def quantize_to_dir(
     progress: bool = True,
     target_bpw: float | None = None,
     sensitivity_file: str | os.PathLike | None = None,
+    hessians: list[str | os.PathLike] | None = None,
 ) -> JobResult:
     """Load a float model, quantize it (with the fine-tuning ``config.finetune`` asks for) and save it.
 
@@ -131,6 +132,8 @@ def quantize_to_dir(
             weight from the layers' measured proxy losses (:mod:`quipsharp.allocation`); needs
             calibration text, and replaces ``config.layer.bits`` / ``bits_map`` (which must be unset).
         sensitivity_file: keep (and reuse) that measurement in this JSON file (:func:`layer_sensitivity`).
+        hessians: Hessian directories (:func:`hessians_to_dir`; several are added) to quantize with
+            instead of calibration text: the "original inputs" mode; checked against the model.
     """
     import torch
 
@@ -149,11 +152,24 @@ def quantize_to_dir(
         if not min(SUPPORTED_BITS) <= target_bpw <= max(SUPPORTED_BITS):
             raise WorkflowError(f"--target-bpw must lie in [{min(SUPPORTED_BITS)}, {max(SUPPORTED_BITS)}], "
                                 f"got {target_bpw:g}")
+    source_hessians = None
+    if hessians:
+        from quipsharp.hessian_dir import open_hessians
+
+        if calib is not None:
+            raise WorkflowError("--hessians replaces the calibration text: give --hessians or --calib, not both")
+        for option, given in (("--finetune", config.finetune.mode != "none"), ("--target-bpw", target_bpw)):
+            if given:
+                raise WorkflowError(f"{option} needs calibration text; it cannot be combined with --hessians")
+        source_hessians = open_hessians(list(hessians))  # a bad directory fails before the model loads
+        if source_hessians.identity["dtype"] != dtype:
+            raise WorkflowError(f"the Hessians were computed in {source_hessians.identity['dtype']}, this run uses "
+                                f"--dtype {dtype}: give --dtype {source_hessians.identity['dtype']}")
     if config.finetune.mode != "none":
         if calib is None:
             raise WorkflowError(f"fine-tuning mode {config.finetune.mode!r} needs calibration text")
         check_holdout(config.nsamples, config.finetune)
-    inputs = (model_source,) + ((calib,) if calib is not None else ())
+    inputs = (model_source,) + ((calib,) if calib is not None else ()) + tuple(hessians or ())
     out = check_output(out, overwrite=overwrite, inputs=inputs)
     work = Path(work_dir).expanduser().resolve() if work_dir is not None else default_work_dir(out)
     if overlaps(work, out):
@@ -173,9 +189,15 @@ def quantize_to_dir(
             calibration = calibration_windows(docs, tokenizer, config.nsamples, config.ctx, config.seed)
         if target_bpw is not None:
             config = allocate_config(model, config, calibration, target_bpw, progress, sensitivity_file)
-        model, reports = quantize_model(model, config, calibration, work_dir=work, resume=resume, progress=progress)
+        if source_hessians is not None:
+            source_hessians.check_model(model_identity(model, tokenizer, dtype, source_hessians.identity["ctx"]))
+            logger.info("quantizing with %s", source_hessians.describe())
+        model, reports = quantize_model(model, config, calibration, work_dir=work, resume=resume, progress=progress,
+                                        hessians=source_hessians)
         source = source_name(model_source)
         calibration_name = source_name(calib) if calib is not None else "none (data-free)"
+        if source_hessians is not None:
+            calibration_name = source_hessians.describe()
         replace = overwrite
         if config.finetune.e2e:  # save first: a failed or interrupted end-to-end stage must not lose the quantization
             untuned = dataclasses.replace(config, finetune=config.finetune.replace(
@@ -196,6 +218,74 @@ def quantize_to_dir(
         faults.point("quantize:saved")
         WorkDir(work, resume=True).cleanup()
     return JobResult(out, model, reports, time.perf_counter() - start)
+
+
+def model_identity(model: Any, tokenizer: Any, dtype: str, ctx: int) -> dict[str, Any]:
+    """What Hessians computed on ``model`` depend on besides the calibration tokens (the identity a
+    Hessian directory records and :meth:`quipsharp.hessian_dir.HessianDir.check_model` compares)."""
+    from quipsharp.hessian_dir import tokenizer_digest
+    from quipsharp.models.walker import find_blocks
+    from quipsharp.pipeline import run_fingerprint
+
+    digests = run_fingerprint(model, ModelQuantConfig(), None)
+    return {"blocks_name": find_blocks(model)[0], "structure": digests["structure"], "weights": digests["weights"],
+            "tokenizer": tokenizer_digest(tokenizer), "dtype": dtype, "ctx": ctx}
+
+
+def hessians_to_dir(
+    model_source: str | os.PathLike,
+    calib: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    nsamples: int,
+    ctx: int,
+    seed: int = 0,
+    batch_size: int = 8,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> JobResult:
+    """Compute every decoder block's input Hessians of a float model on calibration text (the float
+    model's own inputs to each block: "original inputs") and write them to the directory ``out``
+    (:mod:`quipsharp.hessian_dir`), block by block; ``quantize --hessians`` uses them, and
+    directories computed on other shards of text add up exactly (:func:`merge_hessians`)."""
+    import torch
+
+    from quipsharp.data import calibration_windows, read_documents
+    from quipsharp.hessian_dir import is_hessian_dir, write_hessians
+    from quipsharp.hf import load_model
+    from quipsharp.limits import check_window
+    from quipsharp.pipeline import calibration_digest, collect_model_hessians
+
+    if dtype not in DTYPES:
+        raise WorkflowError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if batch_size < 1:
+        raise WorkflowError(f"--batch-size must be at least 1, got {batch_size}")
+    out = check_output(out, overwrite=overwrite, inputs=(model_source, calib), replaceable=is_hessian_dir,
+                       kind="quipsharp Hessian directory")
+    start = time.perf_counter()
+    with locked(out):
+        docs = read_documents(calib)  # bad text fails before the model loads
+        torch.manual_seed(seed)
+        model, tokenizer = load_model(model_source, dtype=dtype)
+        check_window(model.config, ctx)
+        calibration = calibration_windows(docs, tokenizer, nsamples, ctx, seed)
+        shard = {"calibration": calibration_digest(calibration), "windows": nsamples, "source": source_name(calib),
+                 "seed": seed, "model": source_name(model_source)}
+        identity = model_identity(model, tokenizer, dtype, ctx)
+
+        def produce(add_block: Any) -> None:
+            collect_model_hessians(model, calibration, batch_size, add_block, progress=progress)
+
+        write_hessians(out, identity, [shard], produce)
+    return JobResult(out, model, None, time.perf_counter() - start)
+
+
+def merge_hessians(dirs: list[str | os.PathLike], out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Add Hessian directories computed on different calibration shards into ``out`` (exact sums)."""
+    from quipsharp.hessian_dir import merge_hessian_dirs
+
+    return merge_hessian_dirs(dirs, out, overwrite=overwrite)
 
 
 def allocate_config(model: Any, config: ModelQuantConfig, calibration: torch.Tensor, target_bpw: float,
