@@ -144,7 +144,7 @@ def test_damaged_and_version_1_files(tmp_path, gen):
     state = {k: v.clone() for k, v in acc.state_dict().items()}
     state["xtx_bins"][0, 0, 0] += 1.0  # not a multiple of the top grid
     save_file(state, str(tmp_path / "bad.safetensors"), metadata={"format": "quipsharp-hessian", "version": "2"})
-    with pytest.raises(ValueError, match="bad.safetensors.*off its grid"):
+    with pytest.raises(ValueError, match=r"bad\.safetensors.*off its grid"):
         load_hessian(tmp_path / "bad.safetensors")
     old = {"xtx": acc.xtx, "xsum": acc.xsum, "count": torch.tensor([acc.count])}
     save_file(old, str(tmp_path / "v1.safetensors"), metadata={"format": "quipsharp-hessian", "version": "1"})

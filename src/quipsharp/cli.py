@@ -67,6 +67,23 @@ FINITE_NON_NEGATIVE = _number(float, 0.0)
 FINITE_POSITIVE = _number(float, 0.0, low_open=True)
 
 
+SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "T": 10**12, "TB": 10**12, "TIB": 2**40}
+
+
+def _size(text: str) -> int:
+    """A memory size: a number with an optional unit (B, KB, MB, GB, TB; KiB, MiB, GiB, TiB)."""
+    number = text.strip().rstrip("bBkKmMgGtTiI")
+    unit = text.strip()[len(number):].upper()
+    try:
+        value = float(number) * SIZE_UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"expected a size such as 3GB or 1500MB, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"a size must be positive, got {text!r}")
+    return int(value)
+
+
 def _bits_map(items: list[str]) -> list[tuple[str, int]]:
     out = []
     for item in items:
@@ -114,7 +131,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     result = quantize_to_dir(args.model, args.out, config, args.calib, dtype=DTYPES[args.dtype],
                              work_dir=args.work_dir, resume=args.resume, overwrite=args.overwrite,
                              progress=not (args.quiet or args.json), target_bpw=args.target_bpw,
-                             sensitivity_file=args.sensitivity, hessians=args.hessians)
+                             sensitivity_file=args.sensitivity, hessians=args.hessians, max_memory=args.max_memory)
     report = compression_report(result.model, result.out)
     if args.json:
         print(json.dumps({"out": str(result.out), "seconds": result.seconds, **report}, default=str))
@@ -470,6 +487,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tune inside each block while quantizing (block), the whole model after (e2e), or both "
                         "(default: %(default)s)")
     _add_finetune_options(q)
+    q.add_argument("--max-memory", type=_size, default=None, metavar="SIZE",
+                   help="stream the weights: read each decoder block from the checkpoint (a local safetensors "
+                        "directory or .gguf file) only while it is quantized, planning for SIZE (e.g. 3GB) of "
+                        "memory; refused up front when that is too small. Same files as without it "
+                        "(default: load the whole model)")
     q.add_argument("--resume", action="store_true", help="continue an interrupted run")
     q.add_argument("--work-dir", help=f"per-block progress (default: OUT{WORK_SUFFIX})")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -485,7 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--overwrite", action="store_true", help="replace the Hessian directory already at --out")
     h.add_argument("--nsamples", type=POSITIVE, default=DEFAULT_NSAMPLES,
                    help="calibration windows (default: %(default)s)")
-    h.add_argument("--ctx", type=WINDOW, default=DEFAULT_CTX, help="tokens per calibration window (default: %(default)s)")
+    h.add_argument("--ctx", type=WINDOW, default=DEFAULT_CTX,
+                   help="tokens per calibration window (default: %(default)s)")
     h.add_argument("--batch-size", type=POSITIVE, default=8,
                    help="calibration windows per forward pass (default: %(default)s)")
     h.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the calibration draw (default: %(default)s)")

@@ -26,6 +26,7 @@ ACCUMULATE_CHUNK_ROWS = 4096
 BIN_GRIDS = (2.0**20, 2.0**-12, 2.0**-44)
 MAX_TERM = 2.0**50
 MAX_TERMS = 2**22
+SPLIT_ROWS = 256  # rows of a term split at once
 
 
 def _round_to_grid(x: torch.Tensor, grid: float) -> torch.Tensor:
@@ -36,13 +37,22 @@ def _round_to_grid(x: torch.Tensor, grid: float) -> torch.Tensor:
 
 def split_exact(term: torch.Tensor) -> torch.Tensor:
     """Float64 ``[len(BIN_GRIDS), *term.shape]``: the parts of ``term`` on the bin grids (see above)."""
-    rest = term.to(torch.float64)
-    parts = []
-    for grid in BIN_GRIDS:
-        part = _round_to_grid(rest, grid)
-        parts.append(part)
-        rest = rest - part
-    return torch.stack(parts)
+    bins = torch.zeros((len(BIN_GRIDS), *term.shape), dtype=torch.float64, device=term.device)
+    add_exact(bins, term)
+    return bins
+
+
+def add_exact(bins: torch.Tensor, term: torch.Tensor) -> None:
+    """``bins += split_exact(term)`` in place, ``SPLIT_ROWS`` rows at a time (``bins``
+    ``[len(BIN_GRIDS), *term.shape]`` float64): the temporaries stay small next to an ``[n, n]`` sum."""
+    flat = bins.reshape(len(BIN_GRIDS), term.shape[0] if term.ndim else 1, -1)
+    rows = term.reshape(flat.shape[1], -1)
+    for start in range(0, rows.shape[0], SPLIT_ROWS):
+        rest = rows[start : start + SPLIT_ROWS].to(torch.float64)
+        for k, grid in enumerate(BIN_GRIDS):
+            part = _round_to_grid(rest, grid)
+            flat[k, start : start + SPLIT_ROWS] += part
+            rest -= part
 
 
 def collapse(bins: torch.Tensor) -> torch.Tensor:
@@ -89,8 +99,8 @@ class HessianAccumulator:
         if big >= MAX_TERM:
             raise NumericalError(f"an input product of magnitude {big:.3g} is beyond the exact sums' range "
                                  f"({MAX_TERM:.3g}): the activations are too large")
-        self.xtx_bins += split_exact(xtx)
-        self.xsum_bins += split_exact(xsum)
+        add_exact(self.xtx_bins, xtx)
+        add_exact(self.xsum_bins, xsum)
         self.terms += terms
 
     def add_batch(self, x: torch.Tensor) -> None:

@@ -147,7 +147,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
                               f"{HESSIANS_VERSION}")
     try:
         for k in IDENTITY_KEYS:
-            manifest[k]  # noqa: B018 (presence)
+            manifest[k]
         for shard in manifest["shards"]:
             shard["calibration"], int(shard["windows"]), shard["source"]
         for block in manifest["blocks"]:

@@ -58,6 +58,7 @@ from quipsharp.format import (  # also re-exports the format's names from where 
     is_quantized_dir,
     is_quipsharp_weights,
     load_metadata,
+    read_header,
     read_headers,
     read_record,
     unguard_config,
@@ -66,7 +67,7 @@ from quipsharp.format import (  # also re-exports the format's names from where 
     write_autoload,
     write_checksums,
 )
-from quipsharp.io import atomic_save_safetensors, atomic_write_text
+from quipsharp.io import atomic_save_safetensors, atomic_write_text, save_safetensors_streamed
 from quipsharp.models.walker import linear_shape, set_submodule
 from quipsharp.nn import QuantizedLinear
 from quipsharp.outputs import OutputError, check_output, locked, publish_dir, recover_leftovers, staging_dir
@@ -123,6 +124,9 @@ def _dedupe_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
     seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
     kept, tied = {}, {}
     for name, t in state.items():
+        if t.is_meta:  # no storage to share (a streamed block, written from its own file)
+            kept[name] = t
+            continue
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if t.numel() and key in seen:
             tied[name] = seen[key]
@@ -173,6 +177,7 @@ def save_quantized(
     overwrite: bool = False,
     source: str | None = None,
     calibration: str | None = None,
+    streamed_blocks: tuple[Path, str] | None = None,
 ) -> Path:
     """Save a model quantized by :func:`quipsharp.quantize_model` and return the (absolute) path.
 
@@ -183,20 +188,33 @@ def save_quantized(
     id) is recorded so that ``quipsharp finetune`` can find its teacher later, ``calibration`` (the
     calibration text's name) for the model card. config.json is guarded
     (:func:`~quipsharp.format.guard_config`): transformers loads the directory only through quipsharp.
-    The directory gets a model card (``README.md``, :mod:`quipsharp.card`)."""
+    The directory gets a model card (``README.md``, :mod:`quipsharp.card`).
+
+    ``streamed_blocks``: ``(work directory, blocks' module path)`` of a streamed quantization
+    (``quantize_model(streamed=...)``), whose decoder blocks are no longer in ``model`` (they are on the
+    meta device): the weights file is
+    written from the blocks saved there, one block in memory at a time, with the same tensors as a
+    save of the whole model."""
     record = quantization_record_of(model, config, source, calibration)
     out = check_output(out_dir, overwrite=overwrite)
     hf_config = {k: v for k, v in unguard_config(model.config.to_dict()).items() if k != "quantization_config"}
     state, tied = _dedupe_tied(model.state_dict())
     metadata = {FORMAT_METADATA_KEY: QUANT_METHOD, TIED_METADATA_KEY: json.dumps(tied),
                 **load_metadata(record, hf_config)}
+
+    def write_weights(path: Path) -> None:
+        if streamed_blocks is None:
+            atomic_save_safetensors(state, path, metadata)
+        else:
+            _save_weights_from_blocks(model, state, *streamed_blocks, path, metadata)
+
     hf_config = guard_config({**hf_config, "quantization_config": record.raw})
     with locked(out):
         recover_leftovers(out)
         out = check_output(out, overwrite=overwrite)  # again, under the lock
         tmp = staging_dir(out)
         try:
-            atomic_save_safetensors(state, tmp / WEIGHTS_FILE, metadata)
+            write_weights(tmp / WEIGHTS_FILE)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
             generation_config = getattr(model, "generation_config", None)
@@ -214,6 +232,41 @@ def save_quantized(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return out
+
+
+def _save_weights_from_blocks(model: nn.Module, state: dict[str, torch.Tensor], work: Path, blocks_name: str,
+                              path: Path, metadata: dict[str, str]) -> None:
+    """The weights file of a streamed quantization: ``state``'s tensors outside the decoder blocks
+    (in memory), then each block's from its file in the work directory (``block_NNNNN.safetensors``,
+    read one at a time), in one safetensors file."""
+    from quipsharp.outputs import BLOCK_FILE
+
+    blocks = model.get_submodule(blocks_name)
+    inside = f"{blocks_name}."
+    outer = {k: v for k, v in sorted(state.items()) if not k.startswith(inside)}
+    if any(t.is_meta for t in outer.values()):
+        raise ValueError(f"tensors outside the blocks were never loaded: {[k for k, t in outer.items() if t.is_meta]}")
+    entries: list[tuple[str, torch.dtype, tuple[int, ...]]] = [(k, v.dtype, tuple(v.shape)) for k, v in outer.items()]
+    files = [work / BLOCK_FILE.format(i) for i in range(len(blocks))]
+    for i, file in enumerate(files):
+        tensors, _ = read_header(file)
+        for key in sorted(tensors):
+            info = tensors[key]
+            want = state.get(f"{inside}{i}.{key}")
+            if want is None or tuple(want.shape) != info.shape or want.dtype != info.dtype:
+                raise ValueError(f"{file} does not hold block {i} of this model ({key})")
+            entries.append((f"{inside}{i}.{key}", info.dtype, info.shape))
+    expected = {k for k in state if k.startswith(inside)}
+    if expected != {e[0] for e in entries if e[0].startswith(inside)}:
+        raise ValueError(f"the blocks saved in {work} do not cover the model's blocks")
+
+    def parts() -> Any:
+        yield outer
+        for i, file in enumerate(files):
+            block = load_file(str(file))
+            yield {f"{inside}{i}.{k}": block[k] for k in sorted(block)}
+
+    save_safetensors_streamed(path, entries, parts(), metadata)
 
 
 # --------------------------------------------------------------------------- save_pretrained

@@ -7,10 +7,13 @@ interrupted write never leaves a file that loads as valid.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -47,6 +50,43 @@ def atomic_save_safetensors(
     """Write ``tensors`` to ``path`` via a temporary file and an atomic rename."""
     with _atomic_target(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+#: A tensor of a streamed safetensors file: name, dtype, shape (its bytes come later, in this order).
+TensorEntry = tuple[str, torch.dtype, tuple[int, ...]]
+
+
+def save_safetensors_streamed(path: str | os.PathLike, entries: list[TensorEntry],
+                              parts: Iterator[dict[str, torch.Tensor]], metadata: dict[str, str]) -> None:
+    """Write a safetensors file whose tensors are never all in memory: the header from ``entries``, then
+    the data of each dict ``parts`` yields (together, exactly ``entries``, in their order). Atomic, like
+    :func:`atomic_save_safetensors`; a part that does not match the header is refused."""
+    from quipsharp.format import SAFETENSORS_DTYPES
+
+    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for name, dtype, shape in entries:
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": names[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data start 8-byte aligned
+    with _atomic_target(path) as tmp, open(tmp, "wb") as out:
+        out.write(struct.pack("<Q", len(raw)))
+        out.write(raw)
+        pending = iter(entries)
+        for part in parts:
+            for name, tensor in part.items():
+                want = next(pending, None)
+                if want is None or want[0] != name or tensor.dtype != want[1] or tuple(tensor.shape) != want[2]:
+                    raise ValueError(f"streamed tensor {name} {tensor.dtype} {tuple(tensor.shape)} does not match the "
+                                     f"header's next entry {want}")
+                flat = tensor.detach().contiguous().cpu().reshape(-1)
+                if flat.numel():
+                    out.write(memoryview(flat.view(torch.uint8).numpy()))
+        if next(pending, None) is not None:
+            raise ValueError("the streamed parts ended before every tensor of the header was written")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -52,6 +52,7 @@ WORK_KIND = "quipsharp-work"
 PROGRESS_FILE = "progress.json"
 BLOCK_FILE = "block_{:05d}.safetensors"
 BLOCK_FILE_RE = re.compile(r"block_\d{5}\.safetensors")
+SPILL_DIR = "stream-spill"  # the calibration stream on disk (quantize --max-memory)
 ATOMIC_TMP_RE = re.compile(r"\..+\.tmp")  # io.atomic_* temporaries of an interrupted write
 RENAME_EXCHANGE = 2
 AT_FDCWD = -100
@@ -327,7 +328,7 @@ class WorkDir:
 
     @staticmethod
     def _ours(name: str) -> bool:
-        return (name in (PROGRESS_FILE, WORK_MARKER) or BLOCK_FILE_RE.fullmatch(name) is not None
+        return (name in (PROGRESS_FILE, WORK_MARKER, SPILL_DIR) or BLOCK_FILE_RE.fullmatch(name) is not None
                 or ATOMIC_TMP_RE.fullmatch(name) is not None)
 
     def create(self) -> Path:
@@ -358,6 +359,8 @@ class WorkDir:
         for item in self.path.iterdir():
             if self._ours(item.name) and item.is_file():
                 item.unlink()
+            elif item.name == SPILL_DIR and item.is_dir() and not item.is_symlink():
+                shutil.rmtree(item)
         if owned:
             with contextlib.suppress(OSError):
                 self.path.rmdir()

@@ -19,6 +19,8 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -39,6 +41,7 @@ from quipsharp.finetune import finetune_block
 from quipsharp.hessian import HessianAccumulator
 from quipsharp.hf import protect_save_pretrained
 from quipsharp.io import atomic_save_safetensors, atomic_write_text
+from quipsharp.models.source import StreamedWeights
 from quipsharp.models.walker import (
     BlockCall,
     UnsupportedModelError,
@@ -50,7 +53,7 @@ from quipsharp.models.walker import (
     set_submodule,
 )
 from quipsharp.nn import QuantizedLinear
-from quipsharp.outputs import BLOCK_FILE, PROGRESS_FILE, WorkDir, locked
+from quipsharp.outputs import BLOCK_FILE, PROGRESS_FILE, SPILL_DIR, WorkDir, locked
 from quipsharp.quantize import quantize_weight
 
 logger = logging.getLogger(__name__)
@@ -132,16 +135,139 @@ def capture_block_inputs(
     return stream, calls
 
 
+class SpilledStream:
+    """Hidden states of the calibration batches kept on disk, one file per batch, read back one batch
+    at a time (``quantize --max-memory``: the stream between blocks is the largest thing in memory
+    otherwise). Used like the list of per-batch tensors it stands for: ``append``, ``len``, indexing
+    and iteration; its files are removed with it."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.dir = Path(tempfile.mkdtemp(prefix="batches-", dir=directory))
+        self.n = 0
+
+    def _file(self, i: int) -> Path:
+        return self.dir / f"{i:06d}.pt"
+
+    def append(self, t: torch.Tensor) -> None:
+        torch.save(t.detach().contiguous().clone(), self._file(self.n))
+        self.n += 1
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        return torch.load(self._file(i % self.n), weights_only=True)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (self[i] for i in range(self.n))
+
+    def empty_like(self) -> SpilledStream:
+        return SpilledStream(self.dir.parent)
+
+    def __del__(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+Stream = list[torch.Tensor] | SpilledStream
+
+
+def _empty_like(stream: Stream) -> Stream:
+    return stream.empty_like() if isinstance(stream, SpilledStream) else []
+
+
+class _CallRecorder(nn.Module):
+    """Stands in for decoder block ``index`` during :func:`capture_block_calls`: records the call and
+    returns the hidden states unchanged in the block's output structure (``shape``), so the model's
+    loop runs on without the block's weights. Attributes the model reads from its blocks (e.g. Gemma's
+    ``attention_type``) come from the block."""
+
+    def __init__(self, block: nn.Module, record: Callable[..., Any]) -> None:
+        super().__init__()
+        self.block = block
+        self.record = record
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.record(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["block"], name)
+
+
 @torch.no_grad()
-def run_block(block: nn.Module, stream: list[torch.Tensor], calls: list[BlockCall]) -> list[torch.Tensor]:
+def capture_block_calls(
+    model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor], load_first: Callable[[], None],
+    stream: Stream | None = None,
+) -> tuple[Stream, list[list[BlockCall]]]:
+    """:func:`capture_block_inputs` for a model whose blocks' weights are not loaded (streaming): the
+    blocks' arguments (masks, rotary embeddings) do not depend on the hidden states, so every block is
+    replaced by a recorder that passes the hidden states through. ``load_first`` loads block 0, which
+    runs once on the first batch to learn the structure of a block's output (a tensor or a tuple).
+    ``stream``: where the hidden states entering block 0 go (default: a new list)."""
+    stream = [] if stream is None else stream
+    calls: list[list[BlockCall]] = [[] for _ in blocks]
+    structure: list[Callable[[torch.Tensor], Any]] = []
+
+    def recorder(index: int) -> Callable[..., Any]:
+        def record(*args: Any, **kwargs: Any) -> Any:
+            if args:
+                hidden, rest = args[0], tuple(args[1:])
+            else:
+                kwargs = dict(kwargs)
+                hidden, rest = kwargs.pop("hidden_states"), ()
+            kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            if index == 0:
+                stream.append(hidden.detach())
+            calls[index].append((rest, kw))
+            if index == len(blocks) - 1:
+                raise _StopForwardError
+            if not structure:
+                load_first()
+                out = originals[0](hidden, *rest, **kw)
+                if isinstance(out, torch.Tensor):
+                    structure.append(lambda h: h)
+                else:
+                    structure.append(lambda h, _out=out: type(_out)((h, *tuple(_out)[1:])))
+            return structure[0](hidden)
+
+        return record
+
+    originals = list(blocks)
+    for i, block in enumerate(originals):
+        blocks[i] = _CallRecorder(block, recorder(i))
+    try:
+        for batch in batches:
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _StopForwardError:
+                pass
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
+    if len(stream) != len(batches) or any(len(c) != len(batches) for c in calls):
+        raise UnsupportedModelError("the decoder blocks were not all called once per forward pass")
+    return stream, calls
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, stream: Stream, calls: list[BlockCall]) -> Stream:
     """The block's outputs for every batch of the stream.
 
     Quantized linears run as dense layers holding their dequantized weight (computed once here):
     the same function as :class:`QuantizedLinear` up to float rounding, at the cost of a float
     matmul instead of a decode and two Hadamard transforms per batch.
     """
-    with _dequantized(block, stream[0].dtype if stream else torch.float32):
-        return [block_output(block(h, *args, **kwargs)) for h, (args, kwargs) in zip(stream, calls, strict=True)]
+    outputs = _empty_like(stream)
+    dtype = stream[0].dtype if len(stream) else torch.float32
+    with _dequantized(block, dtype):
+        for h, (args, kwargs) in zip(stream, calls, strict=True):
+            outputs.append(block_output(block(h, *args, **kwargs)))
+    return outputs
 
 
 @contextlib.contextmanager
@@ -243,13 +369,15 @@ def _quantizable(block_name: str, block: nn.Module, config: ModelQuantConfig) ->
     return names
 
 
-def _shared_means(hessians: dict[str, HessianAccumulator]) -> Callable[[str], torch.Tensor]:
-    """``name -> E[x xᵀ]`` of a layer; layers sharing an accumulator (q/k/v, gate/up) share one mean,
-    computed once, on first use."""
+def _shared_means(hessians: dict[str, HessianAccumulator | torch.Tensor]) -> Callable[[str], torch.Tensor]:
+    """``name -> E[x xᵀ]`` of a layer (from its accumulator, or given as the mean); layers sharing an
+    accumulator (q/k/v, gate/up) share one mean, computed once, on first use."""
     means: dict[int, torch.Tensor] = {}
 
     def mean(name: str) -> torch.Tensor:
         acc = hessians[name]
+        if isinstance(acc, torch.Tensor):
+            return acc
         if id(acc) not in means:
             means[id(acc)] = acc.mean()
         return means[id(acc)]
@@ -257,12 +385,21 @@ def _shared_means(hessians: dict[str, HessianAccumulator]) -> Callable[[str], to
     return mean
 
 
+def take_means(hessians: dict[str, HessianAccumulator]) -> dict[str, torch.Tensor]:
+    """Each layer's ``E[x xᵀ]`` (one tensor per shared accumulator), emptying ``hessians``: the exact
+    sums (three float64 copies per group) are freed before the layers are quantized."""
+    mean = _shared_means(hessians)
+    out = {name: mean(name) for name in hessians}
+    hessians.clear()
+    return out
+
+
 @torch.no_grad()
 def quantize_linears(
     block: nn.Module,
     block_name: str,
     names: list[str],
-    hessians: dict[str, HessianAccumulator] | None,
+    hessians: dict[str, HessianAccumulator | torch.Tensor] | None,
     config: ModelQuantConfig,
     on_layer: Callable[[LayerReport], None] | None = None,
 ) -> list[LayerReport]:
@@ -390,16 +527,19 @@ def _digest_tensor(h: Any, t: torch.Tensor) -> None:
         h.update(memoryview(flat.contiguous().view(torch.uint8).numpy()))
 
 
-def run_fingerprint(model: nn.Module, config: ModelQuantConfig, calibration: torch.Tensor | None) -> dict[str, str]:
+def run_fingerprint(model: nn.Module, config: ModelQuantConfig, calibration: torch.Tensor | None,
+                    weights_digest: str | None = None) -> dict[str, str]:
     """SHA-256 digests of everything a resumed run must share with the run it continues: the
-    settings, the tensor layout, the source weights (content, streamed) and the calibration tokens."""
+    settings, the tensor layout, the source weights (content, streamed; or ``weights_digest``, the
+    checkpoint files' digest, when the model's weights are not in memory) and the calibration tokens."""
     settings = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
     structure, weights = hashlib.sha256(), hashlib.sha256()
     for name, t in model.state_dict().items():
         structure.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        _digest_tensor(weights, t)
-    return {"settings": settings.hexdigest(), "structure": structure.hexdigest(), "weights": weights.hexdigest(),
-            "calibration": calibration_digest(calibration)}
+        if weights_digest is None:
+            _digest_tensor(weights, t)
+    return {"settings": settings.hexdigest(), "structure": structure.hexdigest(),
+            "weights": weights_digest or weights.hexdigest(), "calibration": calibration_digest(calibration)}
 
 
 def calibration_digest(calibration: torch.Tensor | None) -> str:
@@ -457,6 +597,8 @@ def quantize_model(
     resume: bool = False,
     progress: bool = True,
     hessians: HessianProvider | None = None,
+    streamed: StreamedWeights | None = None,
+    spill: bool = False,
 ) -> tuple[nn.Module, list[LayerReport]]:
     """Quantize the linears of every decoder block of ``model`` in place.
 
@@ -470,6 +612,13 @@ def quantize_model(
         hessians: Hessians computed beforehand, block by block (:data:`HessianProvider`; then
             ``calibration`` must be None): the float model's inputs to every block ("original
             inputs"), whatever ``config.hessian_inputs`` says.
+        streamed: the model is a skeleton whose weights stay in a checkpoint
+            (:func:`quipsharp.models.source.open_streamed`): each block is read when it is quantized and
+            dropped (back to the meta device) once saved to ``work_dir``, which is then required; the
+            quantized model is assembled from the work directory (``save_quantized(streamed_blocks=...)``).
+            The embeddings and head are read for the calibration pass and dropped after it.
+        spill: keep the calibration stream between blocks on disk (:class:`SpilledStream`, in
+            ``work_dir``) instead of in memory.
 
     ``config.finetune`` with mode ``block`` or ``both`` tunes each block while it is quantized
     (needs calibration); the end-to-end stage needs the float model as teacher and is run afterwards
@@ -484,6 +633,9 @@ def quantize_model(
         raise ValueError("give either calibration tokens or Hessians computed beforehand, not both")
     if config.finetune.block and calibration is None:
         raise ValueError(f"fine-tuning mode {config.finetune.mode!r} needs calibration data")
+    if (streamed is not None or spill) and (work_dir is None or config.finetune.block):
+        raise ValueError("streaming the weights or the calibration stream needs a work directory and no in-block "
+                         "fine-tuning")
     blocks_name, blocks = find_blocks(model)
     per_block = [_quantizable(f"{blocks_name}.{i}", b, config) for i, b in enumerate(blocks)]
     if not any(per_block):
@@ -493,20 +645,24 @@ def quantize_model(
         if resume:
             raise ValueError("resume needs a work directory")
         return _quantize_blocks(model, config, calibration, (blocks_name, blocks, per_block), None, progress,
-                                hessians)
+                                hessians, None, False)
     with locked(work_dir) as work_path:
         return _quantize_blocks(model, config, calibration, (blocks_name, blocks, per_block),
-                                WorkDir(work_path, resume), progress, hessians)
+                                WorkDir(work_path, resume), progress, hessians, streamed, spill)
 
 
 def _quantize_blocks(model: nn.Module, config: ModelQuantConfig, calibration: torch.Tensor | None,
                      found: tuple[str, Any, list[list[str]]], work_dir: WorkDir | None,
-                     progress: bool, precomputed: HessianProvider | None) -> tuple[nn.Module, list[LayerReport]]:
+                     progress: bool, precomputed: HessianProvider | None,
+                     streamed: StreamedWeights | None, spill: bool) -> tuple[nn.Module, list[LayerReport]]:
     """The body of :func:`quantize_model` (``found``: the blocks and their linears), with the work
     directory checked and locked."""
     blocks_name, blocks, per_block = found
     work = work_dir.path if work_dir is not None else None
-    fingerprint = run_fingerprint(model, config, calibration) if work is not None else {}
+    fingerprint = {}
+    if work is not None:
+        fingerprint = run_fingerprint(model, config, calibration,
+                                      weights_digest=streamed.source.digest() if streamed is not None else None)
     if work is not None and precomputed is not None:  # the Hessians stand for the calibration
         fingerprint["calibration"] = getattr(precomputed, "fingerprint", "precomputed Hessians")
     done: list[dict[str, Any]] = []
@@ -524,11 +680,23 @@ def _quantize_blocks(model: nn.Module, config: ModelQuantConfig, calibration: to
     reports = [LayerReport.from_dict(r) for b in done for r in b["reports"]]
     delay = float(os.environ.get(DEBUG_DELAY_ENV, "0"))
 
-    stream: list[torch.Tensor] = []
+    stream: Stream = []
     calls: list[list[BlockCall]] = []
+    if spill:
+        shutil.rmtree(work / SPILL_DIR, ignore_errors=True)  # an interrupted run's
+        stream = SpilledStream(work / SPILL_DIR)
     if calibration is not None:
         batches = list(calibration.split(config.batch_size))
-        stream, calls = capture_block_inputs(model, blocks, batches)
+        if streamed is None:
+            captured, calls = capture_block_inputs(model, blocks, batches)
+            for h in captured:
+                stream.append(h)
+            del captured
+        else:
+            streamed.load(model, skip=blocks)  # embeddings, final norm, head: for this pass only
+            first = blocks[0]
+            stream, calls = capture_block_calls(model, blocks, batches, lambda: streamed.load(first), stream)
+            streamed.drop_outside(blocks)  # read again for the save
     # in-block tuning targets the float model's own hidden states, so each block also learns to undo
     # the error of the quantized blocks before it (with "original" inputs the stream is that already)
     float_stream = list(stream) if config.finetune.block and config.hessian_inputs == "sequential" else None
@@ -542,6 +710,8 @@ def _quantize_blocks(model: nn.Module, config: ModelQuantConfig, calibration: to
 
     for i in bar:
         block, block_name, names = blocks[i], f"{blocks_name}.{i}", per_block[i]
+        if streamed is not None:
+            streamed.load(block)
         if i < len(done):  # resumed: rebuild the block and the stream exactly as the first run did
             if calibration is not None and config.hessian_inputs == "original":
                 stream = run_block(block, stream, calls[i])
@@ -550,6 +720,8 @@ def _quantize_blocks(model: nn.Module, config: ModelQuantConfig, calibration: to
             _load_block(work, i, block, block_name, done[i]["names"], config)
             if calibration is not None and config.hessian_inputs == "sequential":
                 stream = run_block(block, stream, calls[i])
+            if streamed is not None:
+                streamed.drop(block)
             continue
         if precomputed is not None:
             given = precomputed(i)
@@ -557,7 +729,7 @@ def _quantize_blocks(model: nn.Module, config: ModelQuantConfig, calibration: to
             if missing:
                 raise ValueError(f"the Hessians given hold none for {block_name}.{missing[0]}")
             names = [n for n in given if n in names]  # in the order of use, as with calibration
-            block_reports = quantize_linears(block, block_name, names, given, config, on_layer)
+            block_reports = quantize_linears(block, block_name, names, take_means(given), config, on_layer)
         elif calibration is None:
             block_reports = quantize_linears(block, block_name, names, None, config, on_layer)
         elif config.finetune.block:
@@ -572,7 +744,7 @@ def _quantize_blocks(model: nn.Module, config: ModelQuantConfig, calibration: to
             original = config.hessian_inputs == "original"
             hessians, outputs = collect_hessians(block, groups, stream, calls[i], keep_outputs=original)
             called = [n for g in groups for n in g]
-            block_reports = quantize_linears(block, block_name, called, hessians, config, on_layer)
+            block_reports = quantize_linears(block, block_name, called, take_means(hessians), config, on_layer)
             names = called
             stream = outputs if original else run_block(block, stream, calls[i])
         reports.extend(block_reports)
@@ -580,6 +752,8 @@ def _quantize_blocks(model: nn.Module, config: ModelQuantConfig, calibration: to
         if work is not None:
             _save_block(work, i, block, names, block_reports, done, fingerprint)
             faults.point("block:saved")
+        if streamed is not None:
+            streamed.drop(block)
         if delay:
             time.sleep(delay)
     return protect_save_pretrained(model, config), reports

@@ -116,6 +116,7 @@ def quantize_to_dir(
     target_bpw: float | None = None,
     sensitivity_file: str | os.PathLike | None = None,
     hessians: list[str | os.PathLike] | None = None,
+    max_memory: int | None = None,
 ) -> JobResult:
     """Load a float model, quantize it (with the fine-tuning ``config.finetune`` asks for) and save it.
 
@@ -134,6 +135,11 @@ def quantize_to_dir(
         sensitivity_file: keep (and reuse) that measurement in this JSON file (:func:`layer_sensitivity`).
         hessians: Hessian directories (:func:`hessians_to_dir`; several are added) to quantize with
             instead of calibration text: the "original inputs" mode; checked against the model.
+        max_memory: stream the weights (bytes of memory to plan for): the model stays in its
+            checkpoint (a local safetensors directory or ``.gguf`` file) and each decoder block is read
+            when it is quantized and dropped once saved (:mod:`quipsharp.models.source`), so memory holds
+            the embeddings, one block, its Hessians and the calibration stream; refused before any work
+            when that does not fit. The files are the same as without it.
     """
     import torch
 
@@ -152,6 +158,11 @@ def quantize_to_dir(
         if not min(SUPPORTED_BITS) <= target_bpw <= max(SUPPORTED_BITS):
             raise WorkflowError(f"--target-bpw must lie in [{min(SUPPORTED_BITS)}, {max(SUPPORTED_BITS)}], "
                                 f"got {target_bpw:g}")
+    if max_memory is not None:
+        for option, given in (("--finetune", config.finetune.mode != "none"), ("--target-bpw", target_bpw),
+                              ("--hessians", hessians)):
+            if given:
+                raise WorkflowError(f"--max-memory (streaming the weights) cannot be combined with {option} yet")
     source_hessians = None
     if hessians:
         from quipsharp.hessian_dir import open_hessians
@@ -182,7 +193,22 @@ def quantize_to_dir(
         WorkDir(work, resume)  # refuses a foreign directory or unrequested progress before any loading
         docs = read_documents(calib) if calib is not None else None  # bad text fails before the model loads
         torch.manual_seed(config.seed)
-        model, tokenizer = load_model(model_source, dtype=dtype)
+        streamed, streamed_blocks, spill = None, None, False
+        if max_memory is not None:
+            from quipsharp.models.source import StreamedWeights, open_streamed
+
+            model, tokenizer, weights = open_streamed(model_source, getattr(torch, dtype))
+            streamed = StreamedWeights(model, weights, getattr(torch, dtype))
+            missing = streamed.missing()
+            if missing:
+                raise WorkflowError(f"{model_source} lacks {len(missing)} tensors of its architecture (e.g. "
+                                    f"{missing[0]}): they would be random; refusing to quantize it")
+            spill = check_streaming_memory(model, config, max_memory, calibrated=docs is not None)
+            from quipsharp.models.walker import find_blocks
+
+            streamed_blocks = (work, find_blocks(model)[0])
+        else:
+            model, tokenizer = load_model(model_source, dtype=dtype)
         check_window(model.config, config.ctx)
         calibration = None
         if docs is not None:
@@ -193,7 +219,9 @@ def quantize_to_dir(
             source_hessians.check_model(model_identity(model, tokenizer, dtype, source_hessians.identity["ctx"]))
             logger.info("quantizing with %s", source_hessians.describe())
         model, reports = quantize_model(model, config, calibration, work_dir=work, resume=resume, progress=progress,
-                                        hessians=source_hessians)
+                                        hessians=source_hessians, streamed=streamed, spill=spill)
+        if streamed is not None:  # the embeddings and head again, for the save
+            streamed.load(model, skip=model.get_submodule(streamed_blocks[1]))
         source = source_name(model_source)
         calibration_name = source_name(calib) if calib is not None else "none (data-free)"
         if source_hessians is not None:
@@ -214,10 +242,59 @@ def quantize_to_dir(
                               f"(retry with `quipsharp finetune {out} --calib FILE --out DIR`)")
                 raise
         save_quantized(model, out, tokenizer, config, reports, overwrite=replace, source=source,
-                           calibration=calibration_name)
+                       calibration=calibration_name, streamed_blocks=streamed_blocks)
         faults.point("quantize:saved")
         WorkDir(work, resume=True).cleanup()
     return JobResult(out, model, reports, time.perf_counter() - start)
+
+
+#: Memory of the Python process before any model (torch, transformers, the interpreter): measured
+#: here as the resident size after importing them (BENCHMARKS.md, "Streaming").
+RUNTIME_BYTES = 450 * 2**20
+#: Float64 [n, n] copies of a Hessian alive at once: its exact sums' bins while accumulating (every
+#: group of the block at once), and while one layer is quantized the means of all groups plus about
+#: LDLQ_COPIES working copies of its own (regularised matrix, its factor, temporaries).
+BIN_COPIES = 3
+LDLQ_COPIES = 4
+
+
+def streaming_memory(model: Any, config: ModelQuantConfig, calibrated: bool) -> dict[str, int]:
+    """Bytes a streamed quantization of ``model`` (a skeleton) needs, by part: the tensors outside
+    the blocks, the largest block in float, its Hessians, the calibration stream (the inputs and
+    outputs of one block for every window) and the runtime."""
+    from quipsharp.models.walker import block_linears, find_blocks, linear_shape
+
+    _, blocks = find_blocks(model)
+    inside = {id(p) for p in blocks.parameters()}
+    outer = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()
+                if id(p) not in inside)
+    block = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks)
+    sizes = [[linear_shape(m)[1] ** 2 for m in block_linears(b).values()] for b in blocks]
+    # (layers reading one input share a Hessian: counting each layer's overestimates)
+    hessians = max(max(BIN_COPIES * sum(s), sum(s) + LDLQ_COPIES * max(s)) for s in sizes if s) * 8
+    hidden = int(getattr(model.config, "hidden_size", 0) or 0)
+    stream = 2 * config.nsamples * config.ctx * hidden * 4 if calibrated else 0
+    return {"outside the blocks": outer, "one block": block, "its Hessians": hessians,
+            "calibration stream": stream, "runtime": RUNTIME_BYTES}
+
+
+def check_streaming_memory(model: Any, config: ModelQuantConfig, max_memory: int, calibrated: bool) -> bool:
+    """Whether the calibration stream must go to disk to fit ``--max-memory`` (:func:`streaming_memory`);
+    refuses, before any work, a cap too small even then, naming what it needs."""
+    parts = streaming_memory(model, config, calibrated)
+    need = sum(parts.values())
+    described = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in parts.items())
+    logger.info("streaming needs about %.2f GB: %s", need / 1e9, described)
+    if need <= max_memory:
+        return False
+    batches = -(-config.nsamples // config.batch_size)
+    spilled = need - parts["calibration stream"] + 2 * parts["calibration stream"] // max(batches, 1)
+    if spilled > max_memory:
+        raise WorkflowError(f"--max-memory {max_memory / 1e9:.2f} GB is too small: streaming this model needs about "
+                            f"{spilled / 1e9:.2f} GB with the calibration stream on disk ({described})")
+    logger.info("the calibration stream goes to disk: %.2f GB with it in memory, %.2f GB without", need / 1e9,
+                spilled / 1e9)
+    return True
 
 
 def model_identity(model: Any, tokenizer: Any, dtype: str, ctx: int) -> dict[str, Any]:
