@@ -65,7 +65,7 @@ def test_streaming_from_shards_and_data_free(tmp_path, calib_file):
 def test_a_cap_too_small_is_refused_before_any_work(model_dir, calib_file, tmp_path, capsys):
     assert main(args(model_dir, calib_file, tmp_path / "q", "--max-memory", "100MB")) == 2
     err = capsys.readouterr().err
-    assert "--max-memory 0.10 GB is too small" in err and "needs about" in err and "runtime" in err
+    assert "--max-memory 0.10 GB is too small" in err and "needs about" in err and "this process now" in err
     assert not (tmp_path / "q").exists() and not (tmp_path / "q.quipsharp-work").exists()
     assert main(args(model_dir, calib_file, tmp_path / "q", "--max-memory", "lots")) == 2
     assert "expected a size such as 3GB" in capsys.readouterr().err

@@ -41,6 +41,7 @@ from quipsharp.finetune import finetune_block
 from quipsharp.hessian import HessianAccumulator
 from quipsharp.hf import protect_save_pretrained
 from quipsharp.io import atomic_save_safetensors, atomic_write_text
+from quipsharp.limits import trim_heap
 from quipsharp.models.source import StreamedWeights
 from quipsharp.models.walker import (
     BlockCall,
@@ -697,6 +698,7 @@ def _quantize_blocks(model: nn.Module, config: ModelQuantConfig, calibration: to
             first = blocks[0]
             stream, calls = capture_block_calls(model, blocks, batches, lambda: streamed.load(first), stream)
             streamed.drop_outside(blocks)  # read again for the save
+        trim_heap()
     # in-block tuning targets the float model's own hidden states, so each block also learns to undo
     # the error of the quantized blocks before it (with "original" inputs the stream is that already)
     float_stream = list(stream) if config.finetune.block and config.hessian_inputs == "sequential" else None
@@ -754,6 +756,7 @@ def _quantize_blocks(model: nn.Module, config: ModelQuantConfig, calibration: to
             faults.point("block:saved")
         if streamed is not None:
             streamed.drop(block)
+        trim_heap()  # what this block freed, back to the OS before the next one's peak
         if delay:
             time.sleep(delay)
     return protect_save_pretrained(model, config), reports

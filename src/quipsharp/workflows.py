@@ -248,8 +248,8 @@ def quantize_to_dir(
     return JobResult(out, model, reports, time.perf_counter() - start)
 
 
-#: Memory of the Python process before any model (torch, transformers, the interpreter): measured
-#: here as the resident size after importing them (BENCHMARKS.md, "Streaming").
+#: The process's own memory when it cannot be read (/proc): torch, transformers, the tokenizer, the
+#: model's skeleton (measured here: 0.45 GB for SmolLM2 from its GGUF).
 RUNTIME_BYTES = 450 * 2**20
 #: Float64 [n, n] copies of a Hessian alive at once: its exact sums' bins while accumulating (every
 #: group of the block at once), and while one layer is quantized the means of all groups plus about
@@ -262,6 +262,7 @@ def streaming_memory(model: Any, config: ModelQuantConfig, calibrated: bool) -> 
     """Bytes a streamed quantization of ``model`` (a skeleton) needs, by part: the tensors outside
     the blocks, the largest block in float, its Hessians, the calibration stream (the inputs and
     outputs of one block for every window) and the runtime."""
+    from quipsharp.limits import current_rss_bytes
     from quipsharp.models.walker import block_linears, find_blocks, linear_shape
 
     _, blocks = find_blocks(model)
@@ -272,10 +273,17 @@ def streaming_memory(model: Any, config: ModelQuantConfig, calibrated: bool) -> 
     sizes = [[linear_shape(m)[1] ** 2 for m in block_linears(b).values()] for b in blocks]
     # (layers reading one input share a Hessian: counting each layer's overestimates)
     hessians = max(max(BIN_COPIES * sum(s), sum(s) + LDLQ_COPIES * max(s)) for s in sizes if s) * 8
-    hidden = int(getattr(model.config, "hidden_size", 0) or 0)
+    cfg = model.config
+    hidden = int(getattr(cfg, "hidden_size", 0) or 0)
+    heads = int(getattr(cfg, "num_attention_heads", 0) or 0)
+    inter = int(getattr(cfg, "intermediate_size", 0) or 4 * hidden)
     stream = 2 * config.nsamples * config.ctx * hidden * 4 if calibrated else 0
+    # one batch through one block: attention scores, the MLP's three products, q/k/v/output (float32)
+    batch = min(config.batch_size, config.nsamples)
+    activations = 4 * batch * config.ctx * (heads * config.ctx + 3 * inter + 4 * hidden) if calibrated else 0
+    runtime = current_rss_bytes() or RUNTIME_BYTES
     return {"outside the blocks": outer, "one block": block, "its Hessians": hessians,
-            "calibration stream": stream, "runtime": RUNTIME_BYTES}
+            "calibration stream": stream, "one batch's activations": activations, "this process now": runtime}
 
 
 def check_streaming_memory(model: Any, config: ModelQuantConfig, max_memory: int, calibrated: bool) -> bool:

@@ -117,7 +117,9 @@ class GGUFSource(WeightSource):
                               ) from None
         self.files = [path]
         self._dequantize = dequantize
-        self._parsed = load_gguf_checkpoint(str(path), return_tensors=False)
+        parsed = load_gguf_checkpoint(str(path), return_tensors=False)
+        self._parsed = {"config": parsed["config"]}  # (not its tokenizer: ~100 MB of Python strings)
+        del parsed
         arch = self._parsed["config"].get("model_type")
         reader = GGUFReader(str(path))
         config = self._parsed["config"]
