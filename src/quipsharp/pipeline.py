@@ -180,9 +180,9 @@ def _empty_like(stream: Stream) -> Stream:
 
 
 class _CallRecorder(nn.Module):
-    """Stands in for decoder block ``index`` during :func:`capture_block_calls`: records the call and
-    returns the hidden states unchanged in the block's output structure (``shape``), so the model's
-    loop runs on without the block's weights. Attributes the model reads from its blocks (e.g. Gemma's
+    """Stands in for a decoder block during :func:`capture_block_calls`: ``record`` keeps the call and
+    returns the hidden states unchanged, in the block's output structure, so the model's loop runs on
+    without the block's weights. Attributes the model reads from its blocks (e.g. Gemma's
     ``attention_type``) come from the block."""
 
     def __init__(self, block: nn.Module, record: Callable[..., Any]) -> None:
