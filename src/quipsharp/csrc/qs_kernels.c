@@ -2184,48 +2184,76 @@ QS_API int qs_step(const qs_step_model *M, float *x, int64_t pos, float *logits,
 /* The x86 steps read the minima 16 floats at a time from any offset below P: the arrays carry a tail. */
 #define VITERBI_PAD 16
 
-/* One step, portable: the codes in their natural layout code[s·V + v]; VITERBI_BASE_CHUNK prefixes at a time,
-   j outermost, so the compiler can vectorise the inner loops (NEON, or no SIMD level). */
-#define VITERBI_BASE_CHUNK 64
-static void viterbi_step_base(const float *prev, const float *code, const float *x, int64_t P, int kv, int V,
-                              float *best, uint8_t *bp) {
+/* One step on the codes in their natural layout code[s·V + v], state by state: trellises with fewer
+   than VITERBI_BASE_LANES prefixes (tests with small L). */
+static void viterbi_step_natural(const float *prev, const float *code, const float *x, int64_t P, int kv, int V,
+                                 float *best, uint8_t *bp) {
     const int64_t J = (int64_t)1 << kv;
-    float b[VITERBI_BASE_CHUNK], c[VITERBI_BASE_CHUNK];
-    uint8_t a[VITERBI_BASE_CHUNK];
-    for (int64_t p0 = 0; p0 < P; p0 += VITERBI_BASE_CHUNK) {
-        const int64_t n = P - p0 < VITERBI_BASE_CHUNK ? P - p0 : VITERBI_BASE_CHUNK;
+    for (int64_t p = 0; p < P; p++) {
+        float b = 0.0f;
+        int a = 0;
         for (int64_t j = 0; j < J; j++) {
-            const int64_t s0 = j * P + p0;
-            const float *cj = code + s0 * V;
-            if (V == 1) {
-                for (int64_t i = 0; i < n; i++) {
-                    float e = cj[i] - x[0];
-                    c[i] = prev[(s0 + i) >> kv] + e * e;
-                }
-            } else {
-                for (int64_t i = 0; i < n; i++) {
-                    float d = 0.0f;
-                    for (int v = 0; v < V; v++) {
-                        float e = cj[i * V + v] - x[v];
-                        d += e * e;
-                    }
-                    c[i] = prev[(s0 + i) >> kv] + d;
-                }
+            int64_t s = j * P + p;
+            float d = 0.0f;
+            for (int v = 0; v < V; v++) {
+                float e = code[s * V + v] - x[v];
+                d += e * e;
             }
+            float c = prev[s >> kv] + d;
+            if (j == 0 || c < b) {
+                b = c;
+                a = (int)j;
+            }
+        }
+        best[p] = b;
+        bp[p] = (uint8_t)a;
+    }
+}
+
+/* One step, portable (NEON machines, or no SIMD level): the vector steps' algorithm on VITERBI_BASE_LANES
+   lanes in plain C loops the compiler can vectorise, on the same blocked code layout. */
+#define VITERBI_BASE_LANES 8
+static int viterbi_lane_prefix(int i, int kv, int W);
+static void viterbi_step_base(const float *prev, const float *cb, const float *x, int64_t P, int kv, int V,
+                              float *best, uint8_t *bp) {
+    enum { W = VITERBI_BASE_LANES };
+    const int64_t J = (int64_t)1 << kv;
+    const int G = (W >> kv) > 1 ? (W >> kv) : 1;
+    int prefix[W];
+    for (int i = 0; i < W; i++) prefix[i] = viterbi_lane_prefix(i, kv, W);
+    const float *c = cb;
+    for (int64_t g = 0; g < P; g += W) {
+        float b[W] = {0}, cost[W], pv[W];
+        uint8_t a[W] = {0};
+        for (int64_t j = 0; j < J; j++, c += W * V) {
+            const float *m = prev + ((j * P + g) >> kv);
+            for (int i = 0; i < W; i++) pv[i] = m[i % G];
+            for (int i = 0; i < W; i++) {
+                float e = c[i] - x[0];
+                cost[i] = e * e;
+            }
+            for (int v = 1; v < V; v++)
+                for (int i = 0; i < W; i++) {
+                    float e = c[v * W + i] - x[v];
+                    cost[i] += e * e;
+                }
+            for (int i = 0; i < W; i++) cost[i] = pv[i] + cost[i];
             if (j == 0) {
-                for (int64_t i = 0; i < n; i++) {
-                    b[i] = c[i];
+                for (int i = 0; i < W; i++) {
+                    b[i] = cost[i];
                     a[i] = 0;
                 }
                 continue;
             }
-            for (int64_t i = 0; i < n; i++) {
-                a[i] = c[i] < b[i] ? (uint8_t)j : a[i];
-                b[i] = c[i] < b[i] ? c[i] : b[i];
+            for (int i = 0; i < W; i++) {
+                a[i] = cost[i] < b[i] ? (uint8_t)j : a[i];
+                b[i] = cost[i] < b[i] ? cost[i] : b[i];
             }
         }
-        memcpy(best + p0, b, sizeof(float) * (size_t)n);
-        memcpy(bp + p0, a, (size_t)n);
+        for (int i = 0; i < W; i++) {
+            best[g + prefix[i]] = b[i];
+            bp[g + prefix[i]] = a[i];
+        }
     }
 }
 
@@ -2395,10 +2423,13 @@ static viterbi_step_fn viterbi_kernel(int level, int64_t P, int V, int *W) {
     }
 #else
     (void)level;
-    (void)P;
     (void)V;
 #endif
-    return viterbi_step_base;
+    if (P % VITERBI_BASE_LANES == 0) {
+        *W = VITERBI_BASE_LANES;
+        return viterbi_step_base;
+    }
+    return viterbi_step_natural;
 }
 
 /* One Viterbi pass over one sequence x [N, V]; states out [N]; returns the path's cost. o >= 0: the
