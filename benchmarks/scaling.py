@@ -51,8 +51,8 @@ def main() -> None:
         dense = torch.nn.Linear(n, m, bias=False)
         forward = min(timed(lambda dense=dense, x=x: dense(x)) for _ in range(3))
         row = {"shape": [m, n], "weights": m * n, "quantize_s": quant, "quantize_us_per_weight": quant / (m * n) * 1e6,
-               "hessian_s_per_1k_tokens": accumulate / TOKENS * 1000, "forward_s_per_1k_tokens": forward / TOKENS * 1000,
-               "hessian_bytes_float64": n * n * 8}
+               "hessian_s_per_1k_tokens": accumulate / TOKENS * 1000,
+               "forward_s_per_1k_tokens": forward / TOKENS * 1000, "hessian_bytes_float64": n * n * 8}
         rows.append(row)
         print(json.dumps(row) if args.json else row, flush=True)
     result = {"bits": args.bits, "codebook": args.codebook, "threads": torch.get_num_threads(), "rows": rows,

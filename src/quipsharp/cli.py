@@ -84,6 +84,16 @@ def _size(text: str) -> int:
     return int(value)
 
 
+def _add_calibration_options(parser: argparse.ArgumentParser) -> None:
+    """--nsamples, --ctx and --batch-size: how the calibration text becomes token windows."""
+    parser.add_argument("--nsamples", type=POSITIVE, default=DEFAULT_NSAMPLES,
+                        help="calibration windows (default: %(default)s)")
+    parser.add_argument("--ctx", type=WINDOW, default=DEFAULT_CTX,
+                        help="tokens per calibration window (default: %(default)s)")
+    parser.add_argument("--batch-size", type=POSITIVE, default=8,
+                        help="calibration windows per forward pass (default: %(default)s)")
+
+
 def _bits_map(items: list[str]) -> list[tuple[str, int]]:
     out = []
     for item in items:
@@ -459,12 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantize with Hessians computed beforehand by `quipsharp hessians` instead of --calib "
                         "(several are added): each block's from the float model's inputs (--hessian-inputs "
                         "original); checked against the model")
-    q.add_argument("--nsamples", type=POSITIVE, default=DEFAULT_NSAMPLES,
-                   help="calibration windows (default: %(default)s)")
-    q.add_argument("--ctx", type=WINDOW, default=DEFAULT_CTX,
-                   help="tokens per calibration window (default: %(default)s)")
-    q.add_argument("--batch-size", type=POSITIVE, default=8,
-                   help="calibration windows per forward pass (default: %(default)s)")
+    _add_calibration_options(q)
     q.add_argument("--seed", type=NON_NEGATIVE, default=0,
                    help="seed of the sign vectors and the calibration draw (default: %(default)s)")
     q.add_argument("--skip", action="append", default=[], metavar="REGEX", help="leave matching modules in float")
@@ -505,12 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--out", required=True,
                    help="output directory: new, empty, or an earlier Hessian directory with --overwrite")
     h.add_argument("--overwrite", action="store_true", help="replace the Hessian directory already at --out")
-    h.add_argument("--nsamples", type=POSITIVE, default=DEFAULT_NSAMPLES,
-                   help="calibration windows (default: %(default)s)")
-    h.add_argument("--ctx", type=WINDOW, default=DEFAULT_CTX,
-                   help="tokens per calibration window (default: %(default)s)")
-    h.add_argument("--batch-size", type=POSITIVE, default=8,
-                   help="calibration windows per forward pass (default: %(default)s)")
+    _add_calibration_options(h)
     h.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the calibration draw (default: %(default)s)")
     h.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="dtype of the model's forward passes; quantize --hessians must use the same "

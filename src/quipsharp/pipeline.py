@@ -90,6 +90,23 @@ def layer_seed(seed: int, name: str) -> int:
     return (zlib.crc32(name.encode()) ^ (seed * SEED_MIX)) % (2**63)
 
 
+def _split_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
+    """A block call's ``(hidden states, other positional arguments, keyword arguments)``."""
+    if args:
+        return args[0], tuple(args[1:]), dict(kwargs)
+    kwargs = dict(kwargs)
+    return kwargs.pop("hidden_states"), (), kwargs
+
+
+def _run_until_stopped(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    """The model's forward on each batch, until a hook raises :class:`_StopForwardError`."""
+    for batch in batches:
+        try:
+            model(input_ids=batch, use_cache=False)
+        except _StopForwardError:
+            pass
+
+
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor]
@@ -105,14 +122,10 @@ def capture_block_inputs(
 
     def make_pre_hook(index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if args:
-                hidden, rest = args[0], tuple(args[1:])
-            else:
-                kwargs = dict(kwargs)
-                hidden, rest = kwargs.pop("hidden_states"), ()
+            hidden, rest, kw = _split_call(args, kwargs)
             if index == 0:
                 stream.append(hidden.detach())
-            calls[index].append((rest, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+            calls[index].append((rest, kw))
 
         return hook
 
@@ -123,11 +136,7 @@ def capture_block_inputs(
         handles.append(block.register_forward_pre_hook(make_pre_hook(i), with_kwargs=True))
     handles.append(blocks[-1].register_forward_hook(stop))
     try:
-        for batch in batches:
-            try:
-                model(input_ids=batch, use_cache=False)
-            except _StopForwardError:
-                pass
+        _run_until_stopped(model, batches)
     finally:
         for h in handles:
             h.remove()
@@ -216,12 +225,7 @@ def capture_block_calls(
 
     def recorder(index: int) -> Callable[..., Any]:
         def record(*args: Any, **kwargs: Any) -> Any:
-            if args:
-                hidden, rest = args[0], tuple(args[1:])
-            else:
-                kwargs = dict(kwargs)
-                hidden, rest = kwargs.pop("hidden_states"), ()
-            kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            hidden, rest, kw = _split_call(args, kwargs)
             if index == 0:
                 stream.append(hidden.detach())
             calls[index].append((rest, kw))
@@ -242,11 +246,7 @@ def capture_block_calls(
     for i, block in enumerate(originals):
         blocks[i] = _CallRecorder(block, recorder(i))
     try:
-        for batch in batches:
-            try:
-                model(input_ids=batch, use_cache=False)
-            except _StopForwardError:
-                pass
+        _run_until_stopped(model, batches)
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block
