@@ -261,7 +261,8 @@ LDLQ_COPIES = 4
 def streaming_memory(model: Any, config: ModelQuantConfig, calibrated: bool) -> dict[str, int]:
     """Bytes a streamed quantization of ``model`` (a skeleton) needs, by part: the tensors outside
     the blocks, the largest block in float, its Hessians, the calibration stream (the inputs and
-    outputs of one block for every window) and the runtime."""
+    outputs of one block for every window), one batch's activations in a block, and this process's
+    resident size now (torch, transformers, the tokenizer; ``RUNTIME_BYTES`` where it cannot be read)."""
     from quipsharp.limits import current_rss_bytes
     from quipsharp.models.walker import block_linears, find_blocks, linear_shape
 
