@@ -92,6 +92,19 @@ def _run_cli(args, env=None, **kwargs):
     return subprocess.Popen([sys.executable, "-m", "quipsharp.cli", *args], env=env, **kwargs)
 
 
+def kill_after_first_block(argv, out):
+    """Run ``quipsharp ARGV`` (writing ``out``) slowed after every block and kill it as soon as its work
+    directory records a finished block (or after KILL_TIMEOUT_S); returns the progress file's path."""
+    proc = _run_cli(argv, env={**os.environ, DEBUG_DELAY_ENV: "5"})
+    progress = out.with_name(out.name + ".quipsharp-work") / PROGRESS_FILE
+    deadline = time.time() + KILL_TIMEOUT_S
+    while not progress.is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    return progress
+
+
 def test_bfloat16_unquantized_tensors_halve_their_size(model_dir, calib_file, tmp_path, capsys):
     from safetensors.torch import load_file
 
@@ -145,14 +158,7 @@ def test_resume_after_killed_run_gives_identical_files(model_dir, calib_file, tm
 
     ref, out = tmp_path / "ref", tmp_path / "out"
     assert _run_cli(quantize_args(model_dir, calib_file, ref)).wait() == 0
-    env = {**os.environ, DEBUG_DELAY_ENV: "5"}
-    proc = _run_cli(quantize_args(model_dir, calib_file, out), env=env)
-    progress = out.with_name(out.name + ".quipsharp-work") / PROGRESS_FILE
-    deadline = time.time() + KILL_TIMEOUT_S
-    while not progress.is_file() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-    proc.kill()
-    proc.wait()
+    progress = kill_after_first_block(quantize_args(model_dir, calib_file, out), out)
     assert progress.is_file(), "the run never completed a block"
     assert len(json.loads(progress.read_text())["blocks"]) == 1
     assert not out.exists()

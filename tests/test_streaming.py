@@ -4,10 +4,8 @@ while it is quantized and writes the same tensors as a run on the loaded model."
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -17,10 +15,7 @@ pytest.importorskip("transformers")
 from safetensors.torch import load_file
 
 from quipsharp.cli import main
-from quipsharp.outputs import PROGRESS_FILE
-from quipsharp.pipeline import DEBUG_DELAY_ENV
-
-KILL_TIMEOUT_S = 180
+from tests.test_cli import KILL_TIMEOUT_S, kill_after_first_block
 
 
 def args(model_dir, calib_file, out, *extra):
@@ -78,17 +73,11 @@ def test_a_cap_too_small_is_refused_before_any_work(model_dir, calib_file, tmp_p
 def test_a_killed_streamed_run_resumes_to_the_same_files(model_dir, calib_file, tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "out"
     assert main(args(model_dir, calib_file, ref)) == 0
-    env = {**os.environ, DEBUG_DELAY_ENV: "5"}
-    cmd = [sys.executable, "-m", "quipsharp.cli", *args(model_dir, calib_file, out, "--max-memory", "4GB")]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    progress = out.with_name(out.name + ".quipsharp-work") / PROGRESS_FILE
-    deadline = time.time() + KILL_TIMEOUT_S
-    while not progress.is_file() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-    proc.kill()
-    proc.wait()
+    argv = args(model_dir, calib_file, out, "--max-memory", "4GB")
+    progress = kill_after_first_block(argv, out)
     assert len(json.loads(progress.read_text())["blocks"]) == 1 and not out.exists()
-    resumed = subprocess.run([*cmd, "--resume", "-v"], capture_output=True, text=True, timeout=KILL_TIMEOUT_S)
+    resumed = subprocess.run([sys.executable, "-m", "quipsharp.cli", *argv, "--resume", "-v"], capture_output=True,
+                             text=True, timeout=KILL_TIMEOUT_S)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming after 1 completed blocks" in resumed.stderr
     assert same_tensors(ref, out)
@@ -128,3 +117,19 @@ def test_a_stream_spilled_to_disk_gives_the_same_model(tmp_path):
     a, b = want.state_dict(), got.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp_path / "b" / SPILL_DIR).exists() or not any((tmp_path / "b" / SPILL_DIR).iterdir())
+
+
+def test_cleaning_the_spill_folder_removes_only_the_stream_files(tmp_path):
+    from quipsharp.outputs import SPILL_DIR, WorkDir
+
+    work = WorkDir(tmp_path / "work").create()
+    batches = work / SPILL_DIR / "batches-abc"
+    batches.mkdir(parents=True)
+    torch.save(torch.zeros(2), batches / "000000.pt")
+    (work / SPILL_DIR / "mine").mkdir()
+    (work / SPILL_DIR / "mine" / "notes.txt").write_text("keep")
+    (batches / "notes.txt").write_text("keep too")
+    WorkDir(work, resume=True).cleanup()
+    assert not (batches / "000000.pt").exists()
+    assert (work / SPILL_DIR / "mine" / "notes.txt").read_text() == "keep"
+    assert (batches / "notes.txt").read_text() == "keep too"

@@ -302,6 +302,27 @@ def glob_escape(name: str) -> str:
 
 
 # --------------------------------------------------------------------------- work directories
+SPILL_BATCHES_RE = re.compile(r"batches-\w+")
+SPILL_FILE_RE = re.compile(r"\d{6}\.pt")
+
+
+def remove_spill(path: Path) -> None:
+    """Remove the calibration stream's files from a work directory's ``stream-spill`` folder
+    (``batches-*/NNNNNN.pt``, as ``pipeline.SpilledStream`` writes them), and the folders once empty;
+    anything else in it, e.g. a folder of the user's that happens to have this name, stays."""
+    if not path.is_dir() or path.is_symlink():
+        return
+    for sub in path.iterdir():
+        if SPILL_BATCHES_RE.fullmatch(sub.name) and sub.is_dir() and not sub.is_symlink():
+            for file in sub.iterdir():
+                if SPILL_FILE_RE.fullmatch(file.name) and file.is_file():
+                    file.unlink()
+            with contextlib.suppress(OSError):
+                sub.rmdir()
+    with contextlib.suppress(OSError):
+        path.rmdir()
+
+
 class WorkDir:
     """The per-block progress directory of one quantization run (see the module docstring).
 
@@ -359,8 +380,8 @@ class WorkDir:
         for item in self.path.iterdir():
             if self._ours(item.name) and item.is_file():
                 item.unlink()
-            elif item.name == SPILL_DIR and item.is_dir() and not item.is_symlink():
-                shutil.rmtree(item)
+            elif item.name == SPILL_DIR:
+                remove_spill(item)
         if owned:
             with contextlib.suppress(OSError):
                 self.path.rmdir()

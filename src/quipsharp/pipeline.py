@@ -54,7 +54,7 @@ from quipsharp.models.walker import (
     set_submodule,
 )
 from quipsharp.nn import QuantizedLinear
-from quipsharp.outputs import BLOCK_FILE, PROGRESS_FILE, SPILL_DIR, WorkDir, locked
+from quipsharp.outputs import BLOCK_FILE, PROGRESS_FILE, SPILL_DIR, WorkDir, locked, remove_spill
 from quipsharp.quantize import quantize_weight
 
 logger = logging.getLogger(__name__)
@@ -684,7 +684,7 @@ def _quantize_blocks(model: nn.Module, config: ModelQuantConfig, calibration: to
     stream: Stream = []
     calls: list[list[BlockCall]] = []
     if spill:
-        shutil.rmtree(work / SPILL_DIR, ignore_errors=True)  # an interrupted run's
+        remove_spill(work / SPILL_DIR)  # an interrupted run's
         stream = SpilledStream(work / SPILL_DIR)
     if calibration is not None:
         batches = list(calibration.split(config.batch_size))
