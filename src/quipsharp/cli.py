@@ -114,6 +114,18 @@ def _finetune_config(args: argparse.Namespace, mode: str, base: Any = None) -> A
     return base.replace(mode=mode, **{k: v for k, v in given.items() if v is not None})
 
 
+def _ray_options(args: argparse.Namespace) -> Any:
+    """``--ray``, ``--ray-workers``, ``--ray-threads`` as RayOptions (None without --ray)."""
+    if args.ray is None:
+        for option in ("ray_workers", "ray_threads"):
+            if getattr(args, option) is not None:
+                raise CliError(f"--{option.replace('_', '-')} sets how to run on Ray: give --ray too")
+        return None
+    from quipsharp.distributed import RayOptions
+
+    return RayOptions(args.ray, workers=args.ray_workers, threads=args.ray_threads or 1)
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from quipsharp.config import ModelQuantConfig, QuIPSharpConfig
     from quipsharp.eval import compression_report
@@ -141,7 +153,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     result = quantize_to_dir(args.model, args.out, config, args.calib, dtype=DTYPES[args.dtype],
                              work_dir=args.work_dir, resume=args.resume, overwrite=args.overwrite,
                              progress=not (args.quiet or args.json), target_bpw=args.target_bpw,
-                             sensitivity_file=args.sensitivity, hessians=args.hessians, max_memory=args.max_memory)
+                             sensitivity_file=args.sensitivity, hessians=args.hessians, max_memory=args.max_memory,
+                             ray=_ray_options(args))
     report = compression_report(result.model, result.out)
     if args.json:
         print(json.dumps({"out": str(result.out), "seconds": result.seconds, **report}, default=str))
@@ -497,6 +510,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "directory or .gguf file) only while it is quantized, planning for SIZE (e.g. 3GB) of "
                         "memory; refused up front when that is too small. Same files as without it "
                         "(default: load the whole model)")
+    q.add_argument("--ray", metavar="ADDRESS",
+                   help="quantize on a Ray cluster (pip install 'quipsharp[ray]'): the calibration stream split "
+                        "across its workers, the linears quantized in parallel; same files as one process with "
+                        "--ray-threads threads. ADDRESS: HOST:PORT of the head (or ray://HOST:PORT), auto (the "
+                        "cluster of RAY_ADDRESS or `ray start` here, else a local one) or local")
+    q.add_argument("--ray-workers", type=POSITIVE, default=None, metavar="N",
+                   help="shards of the calibration stream (default: the cluster's CPUs / --ray-threads); with "
+                        "--ray local also the local cluster's CPUs")
+    q.add_argument("--ray-threads", type=POSITIVE, default=None, metavar="N",
+                   help="torch threads of each Ray task (default: 1)")
     q.add_argument("--resume", action="store_true", help="continue an interrupted run")
     q.add_argument("--work-dir", help=f"per-block progress (default: OUT{WORK_SUFFIX})")
     q.add_argument("--quiet", action="store_true", help="no progress bars")

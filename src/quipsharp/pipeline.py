@@ -26,7 +26,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -56,6 +56,9 @@ from quipsharp.models.walker import (
 from quipsharp.nn import QuantizedLinear
 from quipsharp.outputs import BLOCK_FILE, PROGRESS_FILE, SPILL_DIR, WorkDir, locked, remove_spill
 from quipsharp.quantize import quantize_weight
+
+if TYPE_CHECKING:
+    from quipsharp.distributed import RayCluster
 
 logger = logging.getLogger(__name__)
 
@@ -396,6 +399,24 @@ def take_means(hessians: dict[str, HessianAccumulator]) -> dict[str, torch.Tenso
 
 
 @torch.no_grad()
+def quantize_linear(module: nn.Module, full_name: str, cfg: QuIPSharpConfig,
+                    H: torch.Tensor | None) -> tuple[QuantizedLinear, LayerReport]:
+    """One linear-like ``module`` (weight ``[m, n]``) quantized with ``H`` ``[n, n]`` (None: data-free)
+    into a new :class:`QuantizedLinear`, with its report; the sign vectors' seed comes from ``full_name``."""
+    out_features, in_features = linear_shape(module)
+    start = time.perf_counter()
+    q = _empty_quantized_like(module, cfg)
+    qw = q.quantize_weight(linear_weight(module).float(), H, seed=layer_seed(cfg.hadamard_seed, full_name))
+    if module.bias is not None:
+        q.bias.copy_(module.bias.detach().float())
+    seconds = time.perf_counter() - start
+    logger.info("%s: %d-bit %dx%d proxy loss %.4g (σ=%g) in %.2fs",
+                full_name, cfg.bits, out_features, in_features, qw.proxy_loss, qw.damping, seconds)
+    return q, LayerReport(full_name, cfg.bits, q.codebook.name, (out_features, in_features),
+                          qw.proxy_loss, qw.damping, seconds)
+
+
+@torch.no_grad()
 def quantize_linears(
     block: nn.Module,
     block_name: str,
@@ -411,24 +432,13 @@ def quantize_linears(
     reports = []
     mean = _shared_means(hessians) if hessians is not None else None
     for name in names:
-        module = block.get_submodule(name)
         full = f"{block_name}.{name}"
-        cfg = config.layer_config(full)
-        H = mean(name) if mean is not None else None
-        out_features, in_features = linear_shape(module)
-        start = time.perf_counter()
-        q = _empty_quantized_like(module, cfg)
-        qw = q.quantize_weight(linear_weight(module).float(), H, seed=layer_seed(cfg.hadamard_seed, full))
-        if module.bias is not None:
-            q.bias.copy_(module.bias.detach().float())
+        q, report = quantize_linear(block.get_submodule(name), full, config.layer_config(full),
+                                    mean(name) if mean is not None else None)
         set_submodule(block, name, q)
-        seconds = time.perf_counter() - start
-        reports.append(LayerReport(full, cfg.bits, q.codebook.name, (out_features, in_features),
-                                   qw.proxy_loss, qw.damping, seconds))
-        logger.info("%s: %d-bit %dx%d proxy loss %.4g (σ=%g) in %.2fs",
-                    full, cfg.bits, out_features, in_features, qw.proxy_loss, qw.damping, seconds)
+        reports.append(report)
         if on_layer is not None:
-            on_layer(reports[-1])
+            on_layer(report)
     return reports
 
 
@@ -600,6 +610,7 @@ def quantize_model(
     hessians: HessianProvider | None = None,
     streamed: StreamedWeights | None = None,
     spill: bool = False,
+    cluster: RayCluster | None = None,
 ) -> tuple[nn.Module, list[LayerReport]]:
     """Quantize the linears of every decoder block of ``model`` in place.
 
@@ -620,6 +631,10 @@ def quantize_model(
             The embeddings and head are read for the calibration pass and dropped after it.
         spill: keep the calibration stream between blocks on disk (:class:`SpilledStream`, in
             ``work_dir``) instead of in memory.
+        cluster: run the heavy steps on a Ray cluster (:class:`quipsharp.distributed.RayCluster`): the
+            calibration stream is split across its workers, which sum each block's Hessians and run
+            the block, and the linears are quantized as parallel tasks. Same result, bit for bit, as
+            this process with the cluster's threads per task.
 
     ``config.finetune`` with mode ``block`` or ``both`` tunes each block while it is quantized
     (needs calibration); the end-to-end stage needs the float model as teacher and is run afterwards
@@ -637,6 +652,8 @@ def quantize_model(
     if (streamed is not None or spill) and (work_dir is None or config.finetune.block):
         raise ValueError("streaming the weights or the calibration stream needs a work directory and no in-block "
                          "fine-tuning")
+    if cluster is not None and config.finetune.block:
+        raise ValueError("in-block fine-tuning does not run on a Ray cluster yet")
     blocks_name, blocks = find_blocks(model)
     per_block = [_quantizable(f"{blocks_name}.{i}", b, config) for i, b in enumerate(blocks)]
     if not any(per_block):
@@ -646,16 +663,17 @@ def quantize_model(
         if resume:
             raise ValueError("resume needs a work directory")
         return _quantize_blocks(model, config, calibration, (blocks_name, blocks, per_block), None, progress,
-                                hessians, None, False)
+                                hessians, None, False, cluster)
     with locked(work_dir) as work_path:
         return _quantize_blocks(model, config, calibration, (blocks_name, blocks, per_block),
-                                WorkDir(work_path, resume), progress, hessians, streamed, spill)
+                                WorkDir(work_path, resume), progress, hessians, streamed, spill, cluster)
 
 
 def _quantize_blocks(model: nn.Module, config: ModelQuantConfig, calibration: torch.Tensor | None,
                      found: tuple[str, Any, list[list[str]]], work_dir: WorkDir | None,
                      progress: bool, precomputed: HessianProvider | None,
-                     streamed: StreamedWeights | None, spill: bool) -> tuple[nn.Module, list[LayerReport]]:
+                     streamed: StreamedWeights | None, spill: bool,
+                     cluster: RayCluster | None) -> tuple[nn.Module, list[LayerReport]]:
     """The body of :func:`quantize_model` (``found``: the blocks and their linears), with the work
     directory checked and locked."""
     blocks_name, blocks, per_block = found
@@ -698,6 +716,9 @@ def _quantize_blocks(model: nn.Module, config: ModelQuantConfig, calibration: to
             first = blocks[0]
             stream, calls = capture_block_calls(model, blocks, batches, lambda: streamed.load(first), stream)
             streamed.drop_outside(blocks)  # read again for the save
+        if cluster is not None:  # from here on the stream lives on the workers
+            cluster.scatter(stream, calls)
+            stream, calls = _empty_like(stream), []
         trim_heap()
     # in-block tuning targets the float model's own hidden states, so each block also learns to undo
     # the error of the quantized blocks before it (with "original" inputs the stream is that already)
@@ -710,18 +731,27 @@ def _quantize_blocks(model: nn.Module, config: ModelQuantConfig, calibration: to
         if set_postfix is not None:
             set_postfix(f"{report.name} proxy loss {report.proxy_loss:.3g}")
 
+    def advance(block: nn.Module, i: int) -> None:  # the stream, through block i as it stands
+        nonlocal stream
+        if cluster is None:
+            stream = run_block(block, stream, calls[i])
+        else:
+            cluster.advance(block, i)
+
+    quantize = quantize_linears if cluster is None else cluster.quantize_linears
+
     for i in bar:
         block, block_name, names = blocks[i], f"{blocks_name}.{i}", per_block[i]
         if streamed is not None:
             streamed.load(block)
         if i < len(done):  # resumed: rebuild the block and the stream exactly as the first run did
             if calibration is not None and config.hessian_inputs == "original":
-                stream = run_block(block, stream, calls[i])
+                advance(block, i)
             if float_stream is not None:
                 float_stream = run_block(block, float_stream, calls[i])
             _load_block(work, i, block, block_name, done[i]["names"], config)
             if calibration is not None and config.hessian_inputs == "sequential":
-                stream = run_block(block, stream, calls[i])
+                advance(block, i)
             if streamed is not None:
                 streamed.drop(block)
             continue
@@ -731,9 +761,9 @@ def _quantize_blocks(model: nn.Module, config: ModelQuantConfig, calibration: to
             if missing:
                 raise ValueError(f"the Hessians given hold none for {block_name}.{missing[0]}")
             names = [n for n in given if n in names]  # in the order of use, as with calibration
-            block_reports = quantize_linears(block, block_name, names, take_means(given), config, on_layer)
+            block_reports = quantize(block, block_name, names, take_means(given), config, on_layer)
         elif calibration is None:
-            block_reports = quantize_linears(block, block_name, names, None, config, on_layer)
+            block_reports = quantize(block, block_name, names, None, config, on_layer)
         elif config.finetune.block:
             targets = run_block(block, stream if float_stream is None else float_stream, calls[i])
             block_reports, stream = _quantize_block_finetuned(block, block_name, names, stream, targets, calls[i],
@@ -742,13 +772,20 @@ def _quantize_blocks(model: nn.Module, config: ModelQuantConfig, calibration: to
                 float_stream = targets
             names = [r.name.removeprefix(f"{block_name}.") for r in block_reports]
         else:
-            groups = shared_input_groups(block, names, stream[0], calls[i][0])
             original = config.hessian_inputs == "original"
-            hessians, outputs = collect_hessians(block, groups, stream, calls[i], keep_outputs=original)
-            called = [n for g in groups for n in g]
-            block_reports = quantize_linears(block, block_name, called, take_means(hessians), config, on_layer)
-            names = called
-            stream = outputs if original else run_block(block, stream, calls[i])
+            if cluster is None:
+                groups = shared_input_groups(block, names, stream[0], calls[i][0])
+                hessians, outputs = collect_hessians(block, groups, stream, calls[i], keep_outputs=original)
+                if original:
+                    stream = outputs
+                del outputs
+            else:  # with original inputs, the workers keep the float block's outputs as their stream
+                groups = cluster.groups(block, names, i)
+                hessians = cluster.hessians(block, groups, i, keep_outputs=original)
+            names = [n for g in groups for n in g]
+            block_reports = quantize(block, block_name, names, take_means(hessians), config, on_layer)
+            if not original:
+                advance(block, i)
         reports.extend(block_reports)
         faults.point("block:quantized")
         if work is not None:

@@ -14,6 +14,7 @@ order, and what it may touch on disk is decided here:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -31,6 +32,8 @@ from quipsharp.outputs import WorkDir, check_output, locked, overlaps
 
 if TYPE_CHECKING:
     import torch
+
+    from quipsharp.distributed import RayOptions
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +120,7 @@ def quantize_to_dir(
     sensitivity_file: str | os.PathLike | None = None,
     hessians: list[str | os.PathLike] | None = None,
     max_memory: int | None = None,
+    ray: RayOptions | None = None,
 ) -> JobResult:
     """Load a float model, quantize it (with the fine-tuning ``config.finetune`` asks for) and save it.
 
@@ -140,10 +144,14 @@ def quantize_to_dir(
             when it is quantized and dropped once saved (:mod:`quipsharp.models.source`), so memory holds
             the embeddings, one block, its Hessians and the calibration stream; refused before any work
             when that does not fit. The files are the same as without it.
+        ray: quantize on a Ray cluster (:mod:`quipsharp.distributed`): joined before the model loads, so
+            an unreachable address fails fast. The files are the same as one process's with the
+            cluster's threads per task.
     """
     import torch
 
     from quipsharp.data import calibration_windows, read_documents
+    from quipsharp.distributed import ray_cluster
     from quipsharp.hf import load_model, save_quantized
     from quipsharp.limits import check_window
     from quipsharp.pipeline import quantize_model
@@ -158,6 +166,9 @@ def quantize_to_dir(
         if not min(SUPPORTED_BITS) <= target_bpw <= max(SUPPORTED_BITS):
             raise WorkflowError(f"--target-bpw must lie in [{min(SUPPORTED_BITS)}, {max(SUPPORTED_BITS)}], "
                                 f"got {target_bpw:g}")
+    if ray is not None and config.finetune.block:
+        raise WorkflowError(f"--finetune {config.finetune.mode} tunes inside each block, which does not run on Ray "
+                            f"yet: use --finetune e2e or no --ray")
     if max_memory is not None:
         for option, given in (("--finetune", config.finetune.mode != "none"), ("--target-bpw", target_bpw),
                               ("--hessians", hessians)):
@@ -189,9 +200,10 @@ def quantize_to_dir(
         if Path(item).exists() and overlaps(work, Path(item).resolve()):
             raise WorkflowError(f"the work directory {work} overlaps the input {item}")
     start = time.perf_counter()
-    with locked(out), locked(work):
+    with locked(out), locked(work), contextlib.ExitStack() as stack:
         WorkDir(work, resume)  # refuses a foreign directory or unrequested progress before any loading
         docs = read_documents(calib) if calib is not None else None  # bad text fails before the model loads
+        cluster = stack.enter_context(ray_cluster(ray))  # an unreachable cluster, too
         torch.manual_seed(config.seed)
         streamed, streamed_blocks, spill = None, None, False
         if max_memory is not None:
@@ -219,7 +231,7 @@ def quantize_to_dir(
             source_hessians.check_model(model_identity(model, tokenizer, dtype, source_hessians.identity["ctx"]))
             logger.info("quantizing with %s", source_hessians.describe())
         model, reports = quantize_model(model, config, calibration, work_dir=work, resume=resume, progress=progress,
-                                        hessians=source_hessians, streamed=streamed, spill=spill)
+                                        hessians=source_hessians, streamed=streamed, spill=spill, cluster=cluster)
         if streamed is not None:  # the embeddings and head again, for the save
             streamed.load(model, skip=model.get_submodule(streamed_blocks[1]))
         source = source_name(model_source)

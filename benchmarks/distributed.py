@@ -1,0 +1,59 @@
+"""Quantization on a local Ray cluster (issue 16): wall time of ``quipsharp quantize --ray local`` with N
+single-threaded workers against one single-threaded process, and whether both write the same tensors.
+
+Both runs are separate processes with ``OMP_NUM_THREADS=1`` (the driver's own torch threads) and
+``--ray-threads 1`` for the tasks, measured by ``/usr/bin/time -v`` (wall time; the peak resident set
+is the driver's only, the workers are other processes). The cluster's start (about 10 s here) is
+inside the Ray run's time.
+
+    .venv/bin/python benchmarks/distributed.py --model SmolLM2.gguf --calib c4.jsonl --workers 2 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from _common import machine_info, today
+from streaming import run, same_tensors
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="model directory or .gguf")
+    ap.add_argument("--calib", required=True)
+    ap.add_argument("--bits", default="2")
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--skip-single", action="store_true", help="only the Ray run")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--results", default=None, help="append the result as one JSON line to this file")
+    args = ap.parse_args()
+    os.environ["OMP_NUM_THREADS"] = "1"  # the children's torch threads (the driver's, and one process's)
+    work = Path(tempfile.mkdtemp(prefix="qs-ray-"))
+    base = [sys.executable, "-m", "quipsharp.cli", "quantize", args.model, "--bits", args.bits, "--calib",
+            args.calib, "--nsamples", str(args.nsamples), "--ctx", str(args.ctx), "--quiet"]
+    rows = {}
+    if not args.skip_single:
+        rows["one_process"] = run([*base, "--out", str(work / "single")], None)
+    rows["ray"] = run([*base, "--out", str(work / "ray"), "--ray", "local", "--ray-workers", str(args.workers),
+                       "--ray-threads", "1"], None)
+    result = {"model": args.model, "bits": args.bits, "nsamples": args.nsamples, "ctx": args.ctx,
+              "workers": args.workers, "threads_per_task": 1, "runs": rows, "measured": today(),
+              "machine": machine_info()}
+    if "one_process" in rows and rows["one_process"]["rc"] == 0 and rows["ray"]["rc"] == 0:
+        result["same_tensors"] = same_tensors(work / "single", work / "ray")
+        result["wall_ratio"] = rows["ray"]["seconds"] / rows["one_process"]["seconds"]
+    print(json.dumps(result, indent=1) if args.json else result)
+    if args.results:
+        with open(args.results, "a", encoding="utf-8") as out:
+            out.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,382 @@
+"""Quantization on a Ray cluster: the calibration stream split across workers, each block's Hessians
+the exact sum of the workers' parts, the block's linears quantized as parallel tasks (issue 16;
+memory, traffic and time per worker: ``docs/scaling.md``).
+
+The driver (the process running :func:`quipsharp.pipeline.quantize_model`) holds the model, or its
+skeleton when the weights are streamed, and walks the blocks as one process does. The heavy steps
+run as Ray tasks:
+
+1. After the calibration pass, the hidden states entering block 0 and every block's call arguments
+   (masks, rotary embeddings) are cut into one shard of whole batches per worker and put into the
+   cluster's object store. From then on the stream lives there; the driver keeps none of it.
+2. Per block: one task per shard sums the shard's Hessians. The sums are exact
+   (:class:`~quipsharp.hessian.HessianAccumulator`), so the driver's merge equals one process's sum
+   bit for bit. Then one task per linear quantizes it, largest first, with the same seed as in one
+   process. Then one task per shard runs the quantized block (dequantized once, by the driver) on its
+   shard; the outputs are the shard of the next block's stream.
+3. A task whose worker dies is run again by Ray (``TASK_RETRIES``). Its inputs are immutable objects
+   in the store, so the retry computes the same bits and nothing is lost. Finished blocks are saved to
+   the work directory as in one process, so ``--resume`` continues after the driver itself dies.
+
+Bit-identity with one process needs the same float operations, and LAPACK's blocked factorisations
+round differently with different thread counts. So every task runs with ``RayOptions.threads`` torch
+threads, and one process matches the cluster when it runs with that many threads too.
+
+Ray is optional (``pip install 'quipsharp[ray]'``) and imported only here, when a cluster is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from quipsharp import faults
+from quipsharp.config import ModelQuantConfig
+from quipsharp.errors import QuipSharpError
+from quipsharp.hessian import HessianAccumulator
+from quipsharp.models.walker import BlockCall, linear_shape, set_submodule
+from quipsharp.pipeline import (
+    LayerReport,
+    _dequantized,
+    _empty_quantized_like,
+    _shared_means,
+    collect_hessians,
+    quantize_linear,
+    run_block,
+    shared_input_groups,
+)
+
+logger = logging.getLogger(__name__)
+
+#: ``--ray`` values that are not addresses: ``local`` starts a private cluster on this machine; ``auto``
+#: joins the cluster of ``RAY_ADDRESS`` or one already running here, else starts a local one.
+LOCAL = "local"
+AUTO = "auto"
+#: Times Ray runs a task again after its worker process died (a crash, the OOM killer, a lost node).
+TASK_RETRIES = 3
+#: Seconds to wait for a TCP connection to a cluster address before calling it unreachable.
+CONNECT_TIMEOUT_S = 5.0
+DEFAULT_RAY_PORT = 6379
+RAY_CLIENT_SCHEME = "ray://"
+INSTALL_HINT = "pip install 'quipsharp[ray]'"
+#: Ray's own usage reporting contacts the internet: off unless the user turned it on.
+USAGE_STATS_ENV = "RAY_USAGE_STATS_ENABLED"
+
+
+class ClusterError(QuipSharpError, RuntimeError):
+    """The Ray cluster cannot be used: not installed, unreachable, or a task failed beyond its retries."""
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how to run on Ray.
+
+    Args:
+        address: ``"local"``, ``"auto"`` or a cluster address (``HOST:PORT`` of its head, or
+            ``ray://HOST:PORT`` for Ray Client).
+        workers: shards of the calibration stream (default: the cluster's CPUs divided by
+            ``threads``); for a local cluster also its CPUs.
+        threads: torch threads of every task.
+    """
+
+    address: str = AUTO
+    workers: int | None = None
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.address:
+            raise ValueError("the Ray address must not be empty")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"Ray workers must be at least 1, got {self.workers}")
+        if self.threads < 1:
+            raise ValueError(f"threads per Ray task must be at least 1, got {self.threads}")
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError as err:
+        raise ClusterError(f"--ray needs Ray, which is not installed: {INSTALL_HINT}") from err
+    return ray
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    """``(host, port)`` of a cluster address (``HOST[:PORT]`` or ``ray://HOST[:PORT]``)."""
+    rest = address.removeprefix(RAY_CLIENT_SCHEME)
+    host, sep, port = rest.rpartition(":")
+    if not sep:
+        return rest, DEFAULT_RAY_PORT
+    if not port.isdigit() or not host:
+        raise ClusterError(f"not a Ray address: {address!r} (expected HOST:PORT, ray://HOST:PORT, auto or local)")
+    return host.strip("[]"), int(port)
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail fast, with the address in the message, when nothing accepts connections there (Ray's own
+    connection attempts retry for a long time before giving up)."""
+    host, port = _host_port(address)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as err:
+        raise ClusterError(f"cannot reach the Ray cluster at {address}: {err.strerror or err}") from None
+
+
+# ------------------------------------------------------------------------------------------ tasks
+# Plain functions, run in the workers by the remote wrappers RayCluster builds.
+
+def _set_threads(threads: int) -> None:
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+def _groups_task(block: nn.Module, names: list[str], shard: list[torch.Tensor], calls: list[list[BlockCall]],
+                 index: int, threads: int) -> list[list[str]]:
+    """The block's groups of linears that read one input, seen on the shard's first batch."""
+    _set_threads(threads)
+    return shared_input_groups(block, names, shard[0], calls[index][0])
+
+
+def _hessians_task(block: nn.Module, groups: list[list[str]], shard: list[torch.Tensor],
+                   calls: list[list[BlockCall]], index: int, keep_outputs: bool,
+                   threads: int) -> tuple[list[HessianAccumulator], list[torch.Tensor] | None]:
+    """One accumulator per group over the shard, and the block's outputs when asked."""
+    _set_threads(threads)
+    faults.point("ray:hessians")
+    accs, outputs = collect_hessians(block, groups, shard, calls[index], keep_outputs)
+    return [accs[group[0]] for group in groups], outputs
+
+
+def _forward_task(block: nn.Module, shard: list[torch.Tensor], calls: list[list[BlockCall]], index: int,
+                  threads: int) -> tuple[list[torch.Tensor], int]:
+    """The shard's hidden states after the block, and their number (a small object the driver waits on)."""
+    _set_threads(threads)
+    faults.point("ray:forward")
+    outputs = run_block(block, shard, calls[index])
+    return outputs, len(outputs)
+
+
+def _quantize_task(module: nn.Module, full_name: str, cfg: Any, H: torch.Tensor | None,
+                   threads: int) -> tuple[dict[str, torch.Tensor], LayerReport]:
+    """One linear quantized: the :class:`QuantizedLinear`'s state (the module itself holds the
+    process's kernel handles) and its report."""
+    _set_threads(threads)
+    faults.point("ray:quantize")
+    q, report = quantize_linear(module, full_name, cfg, H)
+    return q.state_dict(), report
+
+
+def _shards(n: int, parts: int) -> list[range]:
+    """``n`` batches cut into ``min(parts, n)`` contiguous ranges whose sizes differ by at most one."""
+    parts = max(1, min(parts, n))
+    base, extra = divmod(n, parts)
+    out, start = [], 0
+    for p in range(parts):
+        size = base + (p < extra)
+        out.append(range(start, start + size))
+        start += size
+    return out
+
+
+def _quantize_cost(module: nn.Module) -> float:
+    """Relative cost of quantizing a linear ``[m, n]``: the ``m·n`` codes and the ``n³`` factorisation."""
+    m, n = linear_shape(module)
+    return m * n + n**3 / 64
+
+
+class RayCluster:
+    """A connection to a Ray cluster serving :func:`quipsharp.pipeline.quantize_model` (``cluster=``).
+
+    Use as a context manager: a cluster this object started is shut down on exit; a connection that
+    existed before (``ray.init`` by the caller) is left open.
+    """
+
+    def __init__(self, options: RayOptions | None = None) -> None:
+        self.options = options or RayOptions()
+        self._ray = _import_ray()
+        self._started = False
+        self._connect()
+        ray = self._ray
+        remote = ray.remote(num_cpus=self.options.threads, max_retries=TASK_RETRIES)
+        self._groups = remote(_groups_task)
+        self._hessians = ray.remote(num_cpus=self.options.threads, max_retries=TASK_RETRIES,
+                                    num_returns=2)(_hessians_task)
+        self._forward = ray.remote(num_cpus=self.options.threads, max_retries=TASK_RETRIES,
+                                   num_returns=2)(_forward_task)
+        self._quantize = remote(_quantize_task)
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        self.workers = self.options.workers or max(1, cpus // self.options.threads)
+        self._shard_refs: list[Any] = []
+        self._calls_refs: list[Any] = []
+        self._dtype = torch.float32  # of the stream
+        logger.info("Ray cluster with %d CPUs: %d shards, %d threads per task", cpus, self.workers,
+                    self.options.threads)
+
+    # ------------------------------------------------------------------ connection
+    def _connect(self) -> None:
+        ray, address = self._ray, self.options.address
+        os.environ.setdefault(USAGE_STATS_ENV, "0")
+        if ray.is_initialized():
+            if address not in (AUTO, LOCAL):
+                logger.warning("Ray is already initialised in this process: using that cluster, not %s", address)
+            return
+        quiet = {"logging_level": logging.WARNING, "include_dashboard": False}
+        if address == AUTO:
+            try:  # RAY_ADDRESS, or a cluster started on this machine by `ray start`
+                ray.init(address=AUTO, **quiet)
+                self._started = True
+                return
+            except ConnectionError:
+                if os.environ.get("RAY_ADDRESS"):
+                    raise ClusterError(f"cannot join the Ray cluster at RAY_ADDRESS="
+                                       f"{os.environ['RAY_ADDRESS']}") from None
+                logger.info("no Ray cluster running here: starting a local one")
+        if address in (AUTO, LOCAL):
+            ray.init(num_cpus=(self.options.workers or os.cpu_count() or 1) * self.options.threads, **quiet)
+            self._started = True
+            return
+        check_reachable(address)
+        try:
+            ray.init(address=address, **quiet)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise ClusterError(f"cannot join the Ray cluster at {address}: {str(err).splitlines()[0]}") from None
+        self._started = True
+
+    def close(self) -> None:
+        """Drop the stream's objects; shut the cluster down if this object started it."""
+        self._shard_refs, self._calls_refs = [], []
+        if self._started and self._ray.is_initialized():
+            self._ray.shutdown()
+            self._started = False
+
+    def __enter__(self) -> RayCluster:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _get(self, refs: Any) -> Any:
+        """``ray.get`` with a task that failed beyond its retries turned into a :class:`ClusterError`
+        (errors raised by our own code inside a task come back as themselves)."""
+        ray = self._ray
+        try:
+            return ray.get(refs)
+        except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+                ray.exceptions.ObjectLostError, ray.exceptions.RaySystemError) as err:
+            raise ClusterError(f"a Ray task failed {TASK_RETRIES + 1} times ({type(err).__name__}); the blocks "
+                               f"done so far are saved: rerun with --resume") from err
+
+    # ------------------------------------------------------------------ the stream
+    def scatter(self, stream: Iterable[torch.Tensor], calls: list[list[BlockCall]]) -> None:
+        """Put the calibration stream (per batch ``[b, ctx, hidden]``) and the blocks' call arguments
+        (``calls[block][batch]``) into the object store, one shard of whole batches per worker."""
+        batches = list(stream)
+        if batches:
+            self._dtype = batches[0].dtype
+        ray = self._ray
+        self._shard_refs, self._calls_refs = [], []
+        for part in _shards(len(batches), self.workers):
+            self._shard_refs.append(ray.put([batches[b] for b in part]))
+            self._calls_refs.append(ray.put([[block_calls[b] for b in part] for block_calls in calls]))
+        logger.info("calibration stream of %d batches in %d shards", len(batches), len(self._shard_refs))
+
+    def groups(self, block: nn.Module, names: list[str], index: int) -> list[list[str]]:
+        """:func:`~quipsharp.pipeline.shared_input_groups` of block ``index``, on the stream's first batch."""
+        return self._get(self._groups.remote(block, names, self._shard_refs[0], self._calls_refs[0], index,
+                                             self.options.threads))
+
+    def hessians(self, block: nn.Module, groups: list[list[str]], index: int,
+                 keep_outputs: bool) -> dict[str, HessianAccumulator]:
+        """Block ``index``'s Hessians over the whole stream: ``{linear name: accumulator}`` (shared by a
+        group), the shards' exact sums merged in shard order. With ``keep_outputs`` the float block's
+        outputs become the stream (the "original inputs" mode)."""
+        ray = self._ray
+        block_ref = ray.put(block)
+        pending = [self._hessians.remote(block_ref, groups, shard, calls, index, keep_outputs,
+                                         self.options.threads)
+                   for shard, calls in zip(self._shard_refs, self._calls_refs, strict=True)]
+        parts = self._get([accs for accs, _ in pending])
+        merged = parts[0]
+        for part in parts[1:]:
+            for acc, other in zip(merged, part, strict=True):
+                acc.merge(other)
+        if keep_outputs:  # made by the tasks just fetched: they exist
+            self._shard_refs = [outputs for _, outputs in pending]
+        return {name: acc for group, acc in zip(groups, merged, strict=True) for name in group}
+
+    def advance(self, block: nn.Module, index: int) -> None:
+        """The stream through block ``index`` as it stands (quantized linears run as dense layers of
+        their dequantized weights, computed once here as :func:`~quipsharp.pipeline.run_block` does)."""
+        with _dequantized(block, self._dtype):
+            block_ref = self._ray.put(block)
+        pending = [self._forward.remote(block_ref, shard, calls, index, self.options.threads)
+                   for shard, calls in zip(self._shard_refs, self._calls_refs, strict=True)]
+        self._get([count for _, count in pending])  # waits; a failure surfaces here
+        self._shard_refs = [outputs for outputs, _ in pending]
+
+    # ------------------------------------------------------------------ quantization
+    def quantize_linears(
+        self,
+        block: nn.Module,
+        block_name: str,
+        names: list[str],
+        hessians: dict[str, HessianAccumulator | torch.Tensor] | None,
+        config: ModelQuantConfig,
+        on_layer: Callable[[LayerReport], None] | None = None,
+    ) -> list[LayerReport]:
+        """:func:`quipsharp.pipeline.quantize_linears` with one task per linear, the costliest first;
+        the reports come back in the order of ``names``."""
+        ray = self._ray
+        mean = _shared_means(hessians) if hessians is not None else None
+        means: dict[int, Any] = {}  # one object per shared Hessian
+        order = sorted(names, key=lambda n: -_quantize_cost(block.get_submodule(n)))
+        pending: dict[Any, str] = {}
+        for name in order:
+            full = f"{block_name}.{name}"
+            H = mean(name) if mean is not None else None
+            H_ref = None
+            if H is not None:
+                if id(H) not in means:
+                    means[id(H)] = ray.put(H)
+                H_ref = means[id(H)]
+            pending[self._quantize.remote(block.get_submodule(name), full, config.layer_config(full), H_ref,
+                                          self.options.threads)] = name
+        reports: dict[str, LayerReport] = {}
+        waiting = list(pending)
+        while waiting:
+            ready, waiting = ray.wait(waiting, num_returns=1)
+            state, report = self._get(ready[0])
+            name = pending[ready[0]]
+            full = f"{block_name}.{name}"
+            module = block.get_submodule(name)
+            q = _empty_quantized_like(module, config.layer_config(full))
+            q.load_state_dict(state)
+            set_submodule(block, name, q)
+            reports[name] = report
+            if on_layer is not None:
+                on_layer(report)
+        return [reports[name] for name in names]
+
+
+@contextlib.contextmanager
+def ray_cluster(options: RayOptions | None) -> Any:
+    """A :class:`RayCluster` for ``options`` (closed on exit), or None when ``options`` is None."""
+    if options is None:
+        yield None
+        return
+    start = time.perf_counter()
+    cluster = RayCluster(options)
+    logger.info("joined Ray in %.1fs", time.perf_counter() - start)
+    try:
+        yield cluster
+    finally:
+        cluster.close()

