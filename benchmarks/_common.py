@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -10,27 +11,45 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+#: CPU flags that decide which kernels run (recorded with every figure).
+ISA_FLAGS = {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_vbmi2",
+             "avx_vnni", "asimd", "asimddp"}
+
 
 def machine_info() -> dict[str, Any]:
     """CPU model, core count, torch version and thread count of this run."""
     import torch
 
     cpu = platform.processor() or platform.machine()
+    flags: list[str] = []
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
                     cpu = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = sorted(set(line.split(":", 1)[1].split()) & ISA_FLAGS)
+                if cpu and flags:
                     break
     except OSError:
         pass
     return {
         "cpu": cpu,
+        "cpu_flags": flags,
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
     }
+
+
+def emit_result(result: dict[str, Any], as_json: bool, results: str | None) -> None:
+    """Print a benchmark's result (indented JSON with ``as_json``) and append it as one JSON line to
+    the file ``results`` when given."""
+    print(json.dumps(result, indent=1) if as_json else result)
+    if results:
+        with open(results, "a", encoding="utf-8") as out:
+            out.write(json.dumps(result) + "\n")
 
 
 def today() -> str:

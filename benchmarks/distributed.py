@@ -12,13 +12,12 @@ inside the Ray run's time.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 from pathlib import Path
 
-from _common import machine_info, today
+from _common import emit_result, machine_info, today
 from streaming import run, same_tensors
 
 
@@ -49,10 +48,7 @@ def main() -> None:
     if "one_process" in rows and rows["one_process"]["rc"] == 0 and rows["ray"]["rc"] == 0:
         result["same_tensors"] = same_tensors(work / "single", work / "ray")
         result["wall_ratio"] = rows["ray"]["seconds"] / rows["one_process"]["seconds"]
-    print(json.dumps(result, indent=1) if args.json else result)
-    if args.results:
-        with open(args.results, "a", encoding="utf-8") as out:
-            out.write(json.dumps(result) + "\n")
+    emit_result(result, args.json, args.results)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import re
 import subprocess
@@ -23,6 +22,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from _common import emit_result
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -114,10 +115,7 @@ def main() -> None:
               else model.stat().st_size, "measured": datetime.date.today().isoformat()}
     if not args.skip_full and rows["loaded"]["rc"] == 0 and rows["streamed"]["rc"] == 0:
         result["same_tensors"] = same_tensors(work / "loaded", work / "streamed")
-    print(json.dumps(result, indent=1) if args.json else result)
-    if args.results:
-        with open(args.results, "a", encoding="utf-8") as out:
-            out.write(json.dumps(result) + "\n")
+    emit_result(result, args.json, args.results)
 
 
 if __name__ == "__main__":
