@@ -5,7 +5,12 @@ killed in the middle of a block; a cluster that cannot be reached fails fast."""
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,3 +144,21 @@ def test_smollm2_on_a_cluster_equals_one_process(one_thread):
     a, b = ref.state_dict(), got.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r.proxy_loss for r in reports] == [r.proxy_loss for r in ref_reports] and len(reports) == 210
+
+
+def test_a_cluster_started_with_ray_start_is_joined_by_address(model_dir, calib_file, tmp_path, references,
+                                                               one_thread):
+    ray_cli = Path(sys.executable).with_name("ray")  # the venv's, beside this Python
+    with socket.socket() as s:  # a free port for the head
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    subprocess.run([str(ray_cli), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                    "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"],
+                   check=True, capture_output=True, env=env, timeout=120)
+    try:
+        out = tmp_path / "ray"
+        assert main(args(model_dir, calib_file, out, "--ray", f"127.0.0.1:{port}")) == 0
+        assert same_tensors(references["sequential"], out)
+    finally:
+        subprocess.run([str(ray_cli), "stop", "--force"], capture_output=True, env=env, timeout=120)
