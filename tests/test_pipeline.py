@@ -186,3 +186,39 @@ def test_layer_callback_sees_every_layer_as_it_is_done():
     reports = quantize_linears(blocks[0], "model.layers.0", names, None, ModelQuantConfig(), seen.append)
     assert len(seen) == len(names) == 7
     assert [r.name for r in seen] == [r.name for r in reports] == [f"model.layers.0.{n}" for n in names]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "phi3", "gpt2", "opt"])
+def test_the_pass_through_capture_equals_a_full_forward(arch, monkeypatch):
+    """capture_stream skips the blocks' forward; what it records equals a real forward's capture, and a
+    model whose first batch differs there falls back to the real capture."""
+    from quipsharp import pipeline
+
+    model = tiny_model(arch)
+    _, blocks = find_blocks(model)
+    batches = list(calibration_tokens(6, 16).split(2))
+    real_stream, real_calls = capture_block_inputs(model, blocks, batches)
+    stream, calls = pipeline.capture_stream(model, blocks, batches)
+    assert all(torch.equal(a, b) for a, b in zip(real_stream, stream, strict=True)) and len(stream) == 3
+    assert all(pipeline._same_call(a, b) for ra, ga in zip(real_calls, calls, strict=True)
+               for a, b in zip(ra, ga, strict=True))
+    full_passes = []
+    real_capture = pipeline.capture_block_inputs
+    monkeypatch.setattr(pipeline, "capture_block_inputs",
+                        lambda *a: full_passes.append(len(a[2])) or real_capture(*a))
+    monkeypatch.setattr(pipeline, "_same_call", lambda a, b: False)  # as if the arguments depended on outputs
+    stream, calls = pipeline.capture_stream(model, blocks, batches)
+    assert full_passes == [1, 3]  # the check on the first batch, then the whole set
+    assert all(torch.equal(a, b) for a, b in zip(real_stream, stream, strict=True)) and len(calls[0]) == 3
+
+
+def test_captured_arguments_compare_by_value():
+    from quipsharp.pipeline import _same_call
+
+    t = torch.arange(4.0)
+    assert _same_call(((t, None), {"m": [t, 1]}), ((t.clone(), None), {"m": [t.clone(), 1]}))
+    assert not _same_call((t,), (t + 1,))
+    assert not _same_call((t,), (t.double(),))
+    assert not _same_call({"a": t}, {"b": t})
+    assert not _same_call((t, 1), [t, 1])
+    assert not _same_call(object(), object())

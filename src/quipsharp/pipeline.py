@@ -258,6 +258,47 @@ def capture_block_calls(
     return stream, calls
 
 
+def _same_call(a: Any, b: Any) -> bool:
+    """Whether two captured call arguments are equal: tensors element for element (and dtype, shape),
+    containers member for member, anything else by ``==`` (an object that cannot tell: not equal)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                and a.shape == b.shape and torch.equal(a, b))
+    if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same_call(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) or isinstance(b, dict):
+        return (isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys()
+                and all(_same_call(a[k], b[k]) for k in a))
+    try:
+        return a is b or bool(a == b)
+    except Exception:  # an object whose == raises or is ambiguous: treat as different
+        return False
+
+
+@torch.no_grad()
+def capture_stream(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor],
+                   stream: Stream | None = None) -> tuple[Stream, list[list[BlockCall]]]:
+    """:func:`capture_block_inputs` without running the decoder blocks: the blocks' arguments are
+    recorded by pass-through recorders (:func:`capture_block_calls`), which skips a whole forward pass
+    of the model over the calibration set. Checked on the first batch against a real forward; a model
+    whose blocks' arguments depend on the blocks' outputs differs there and gets the real capture.
+    ``stream``: where the hidden states entering block 0 go (default: a new list)."""
+    stream = [] if stream is None else stream
+    if not batches:
+        return stream, [[] for _ in blocks]
+    real_stream, real_calls = capture_block_inputs(model, blocks, batches[:1])
+    stream, calls = capture_block_calls(model, blocks, batches, lambda: None, stream)
+    if torch.equal(real_stream[0], stream[0]) and all(
+            _same_call(real[0], got[0]) for real, got in zip(real_calls, calls, strict=True)):
+        return stream, calls
+    logger.info("the blocks' arguments depend on their outputs: capturing them with a full forward pass")
+    stream = _empty_like(stream)
+    captured, calls = capture_block_inputs(model, blocks, batches)
+    for h in captured:
+        stream.append(h)
+    return stream, calls
+
+
 @torch.no_grad()
 def run_block(block: nn.Module, stream: Stream, calls: list[BlockCall]) -> Stream:
     """The block's outputs for every batch of the stream.
@@ -466,7 +507,7 @@ def collect_model_hessians(
     """
     blocks_name, blocks = find_blocks(model)
     model.eval()
-    stream, calls = capture_block_inputs(model, blocks, list(calibration.split(batch_size)))
+    stream, calls = capture_stream(model, blocks, list(calibration.split(batch_size)))
     for i in _progress(range(len(blocks)), progress, "Hessians"):
         block = blocks[i]
         names = list(block_linears(block))
@@ -494,7 +535,7 @@ def measure_sensitivity(
     """
     blocks_name, blocks = find_blocks(model)
     batches = list(calibration.split(config.batch_size))
-    stream, calls = capture_block_inputs(model, blocks, batches)
+    stream, calls = capture_stream(model, blocks, batches)
     out = []
     for i in _progress(range(len(blocks)), progress, "sensitivity"):
         block, block_name = blocks[i], f"{blocks_name}.{i}"
@@ -707,10 +748,7 @@ def _quantize_blocks(model: nn.Module, config: ModelQuantConfig, calibration: to
     if calibration is not None:
         batches = list(calibration.split(config.batch_size))
         if streamed is None:
-            captured, calls = capture_block_inputs(model, blocks, batches)
-            for h in captured:
-                stream.append(h)
-            del captured
+            stream, calls = capture_stream(model, blocks, batches, stream)
         else:
             streamed.load(model, skip=blocks)  # embeddings, final norm, head: for this pass only
             first = blocks[0]
