@@ -28,6 +28,7 @@ from tests.test_streaming import args, same_tensors
 RAY = ("--ray", "local", "--ray-workers", "2")
 #: Fail-fast bound for an address where nothing listens (Ray's own retries take minutes).
 FAIL_FAST_S = 10.0
+HEAD_START_S = 120.0
 
 
 @pytest.fixture
@@ -153,12 +154,23 @@ def test_a_cluster_started_with_ray_start_is_joined_by_address(model_dir, calib_
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
-    subprocess.run([str(ray_cli), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                    "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"],
-                   check=True, capture_output=True, env=env, timeout=120)
+    # --block: the head's processes belong to this child and end with it (`ray stop` would also stop
+    # any other cluster on the machine)
+    head = subprocess.Popen([str(ray_cli), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port",
+                             str(port), "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
+        deadline = time.monotonic() + HEAD_START_S
+        while True:
+            try:
+                check_reachable(f"127.0.0.1:{port}", timeout=1.0)
+                break
+            except ClusterError:
+                assert head.poll() is None and time.monotonic() < deadline, "the Ray head did not start"
+                time.sleep(0.5)
         out = tmp_path / "ray"
         assert main(args(model_dir, calib_file, out, "--ray", f"127.0.0.1:{port}")) == 0
         assert same_tensors(references["sequential"], out)
     finally:
-        subprocess.run([str(ray_cli), "stop", "--force"], capture_output=True, env=env, timeout=120)
+        head.terminate()
+        head.wait(timeout=HEAD_START_S)
