@@ -34,6 +34,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -70,6 +71,11 @@ RAY_CLIENT_SCHEME = "ray://"
 INSTALL_HINT = "pip install 'quipsharp[ray]'"
 #: Ray's own usage reporting contacts the internet: off unless the user turned it on.
 USAGE_STATS_ENV = "RAY_USAGE_STATS_ENABLED"
+RAY_ADDRESS_ENV = "RAY_ADDRESS"
+#: Where ``ray start`` records the address of the cluster it started on this machine.
+RAY_TMPDIR_ENV = "RAY_TMPDIR"
+DEFAULT_TMP = "/tmp"
+RAY_ADDRESS_FILE = "ray_current_cluster"
 
 
 class ClusterError(QuipSharpError, RuntimeError):
@@ -118,6 +124,15 @@ def _host_port(address: str) -> tuple[str, int]:
     if not port.isdigit() or not host:
         raise ClusterError(f"not a Ray address: {address!r} (expected HOST:PORT, ray://HOST:PORT, auto or local)")
     return host.strip("[]"), int(port)
+
+
+def _address_recorded_here() -> str | None:
+    """The address ``ray start`` recorded on this machine (``$RAY_TMPDIR/ray/ray_current_cluster``), if any."""
+    try:
+        text = (Path(os.environ.get(RAY_TMPDIR_ENV, DEFAULT_TMP)) / "ray" / RAY_ADDRESS_FILE).read_text().strip()
+    except OSError:
+        return None
+    return text or None
 
 
 def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
@@ -231,18 +246,20 @@ class RayCluster:
                 logger.warning("Ray is already initialised in this process: using that cluster, not %s", address)
             return
         quiet = {"logging_level": logging.WARNING, "include_dashboard": False}
-        if address == AUTO:
-            try:  # RAY_ADDRESS, or a cluster started on this machine by `ray start`
-                ray.init(address=AUTO, **quiet)
-                self._started = True
-                return
-            except ConnectionError:
-                if os.environ.get("RAY_ADDRESS"):
-                    raise ClusterError(f"cannot join the Ray cluster at RAY_ADDRESS="
-                                       f"{os.environ['RAY_ADDRESS']}") from None
+        if address == AUTO:  # RAY_ADDRESS, or a cluster started on this machine by `ray start`
+            address = os.environ.get(RAY_ADDRESS_ENV) or LOCAL
+            recorded = _address_recorded_here()
+            if address == LOCAL and recorded is not None:
+                try:
+                    check_reachable(recorded)
+                    address = recorded
+                except ClusterError:  # a stale record: Ray itself would retry it for minutes
+                    logger.info("the Ray cluster recorded here (%s) is gone", recorded)
+            if address == LOCAL:
                 logger.info("no Ray cluster running here: starting a local one")
-        if address in (AUTO, LOCAL):
-            ray.init(num_cpus=(self.options.workers or os.cpu_count() or 1) * self.options.threads, **quiet)
+        if address == LOCAL:
+            ray.init(address=LOCAL, num_cpus=(self.options.workers or os.cpu_count() or 1) * self.options.threads,
+                     **quiet)  # "local": a new cluster even when an old one is recorded here
             self._started = True
             return
         check_reachable(address)
