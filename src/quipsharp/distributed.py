@@ -222,12 +222,13 @@ class RayCluster:
         self._started = False
         self._connect()
         ray = self._ray
-        remote = ray.remote(num_cpus=self.options.threads, max_retries=TASK_RETRIES)
+
+        def remote(task: Callable[..., Any], returns: int = 1) -> Any:  # ``threads`` CPUs per task, retried
+            return ray.remote(num_cpus=self.options.threads, max_retries=TASK_RETRIES, num_returns=returns)(task)
+
         self._groups = remote(_groups_task)
-        self._hessians = ray.remote(num_cpus=self.options.threads, max_retries=TASK_RETRIES,
-                                    num_returns=2)(_hessians_task)
-        self._forward = ray.remote(num_cpus=self.options.threads, max_retries=TASK_RETRIES,
-                                   num_returns=2)(_forward_task)
+        self._hessians = remote(_hessians_task, returns=2)
+        self._forward = remote(_forward_task, returns=2)
         self._quantize = remote(_quantize_task)
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.workers = self.options.workers or max(1, cpus // self.options.threads)
