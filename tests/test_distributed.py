@@ -4,6 +4,7 @@ killed in the middle of a block; a cluster that cannot be reached fails fast."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -31,28 +32,32 @@ FAIL_FAST_S = 10.0
 HEAD_START_S = 120.0
 
 
+@contextlib.contextmanager
+def _threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture
 def one_thread():
     """Tasks run with one torch thread: the single-process reference must, too (LAPACK's blocked
     factorisations round differently with another thread count)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with _threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
 def references(model_dir, calib_file, tmp_path_factory):
     """One-process runs, one thread, per --hessian-inputs mode (computed once, shared by the tests)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
     out = {}
-    try:
+    with _threads(1):
         for mode in ("sequential", "original"):
             out[mode] = tmp_path_factory.mktemp("ray-ref") / mode
             assert main(args(model_dir, calib_file, out[mode], "--hessian-inputs", mode)) == 0
-    finally:
-        torch.set_num_threads(before)
     return out
 
 
