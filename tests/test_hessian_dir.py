@@ -134,3 +134,75 @@ def test_outputs_are_never_replaced_unasked(model_dir, calib_file, shards, tmp_p
     assert main([*hessians_args(model_dir, calib_file, copy, seed=1), "--overwrite"]) != 0
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert json.loads((copy / MANIFEST).read_text()) == json.loads((shards[0] / MANIFEST).read_text())
+
+
+def same_hessian_dirs(a, b) -> bool:
+    """Two Hessian directories hold the same identity, shards and sums, bit for bit."""
+    x, y = open_hessians([a]), open_hessians([b])
+    if x.identity != y.identity or len(x.manifests[0]["blocks"]) != len(y.manifests[0]["blocks"]):
+        return False
+    for i in range(len(x.manifests[0]["blocks"])):
+        p, q = x.block(i), y.block(i)
+        if p.keys() != q.keys() or not all(torch.equal(p[n].xtx_bins, q[n].xtx_bins) and p[n].count == q[n].count
+                                           for n in p):
+            return False
+    return True
+
+
+def test_streamed_hessians_equal_the_loaded_models(model_dir, calib_file, shards, tmp_path, capsys):
+    """``hessians --max-memory`` reads one block at a time and writes the directory the loaded model
+    gives (identity included, so either quantizes either way); ``quantize --hessians --max-memory``
+    writes the loaded run's tensors."""
+    streamed = tmp_path / "streamed"
+    assert main([*hessians_args(model_dir, calib_file, streamed), "--max-memory", "4GB"]) == 0
+    assert same_hessian_dirs(shards[0], streamed)
+    assert not list(tmp_path.glob(".streamed*"))  # no staging or spill folder left beside it
+    loaded_q, streamed_q = tmp_path / "a", tmp_path / "b"
+    assert main(quantize_args(model_dir, loaded_q, "--hessians", str(streamed))) == 0
+    assert main(quantize_args(model_dir, streamed_q, "--hessians", str(shards[0]), "--max-memory", "4GB")) == 0
+    a, b = load_file(str(loaded_q / "model.safetensors")), load_file(str(streamed_q / "model.safetensors"))
+    assert a.keys() == b.keys() and len(a) > 10 and all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    assert main([*hessians_args(model_dir, calib_file, tmp_path / "c"), "--max-memory", "100MB"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-memory 0.10 GB is too small" in err and "needs about" in err
+    assert not (tmp_path / "c").exists() and not list(tmp_path.glob(".c*"))
+
+
+def test_streamed_hessians_of_another_model_are_refused(model_dir, calib_file, shards, tmp_path, capsys):
+    """The streamed identity digests the weights themselves: a checkpoint with one weight changed differs."""
+    from quipsharp.hf import load_model
+
+    model, tokenizer = load_model(model_dir)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] += 1
+    other = tmp_path / "other"
+    model.save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    assert main(quantize_args(other, tmp_path / "q", "--hessians", str(shards[0]), "--max-memory", "4GB")) == 2
+    err = capsys.readouterr().err
+    assert "do not fit this run" in err and "weights" in err.split("do not fit this run")[1]
+    assert not (tmp_path / "q").exists()
+
+
+def test_a_spilled_stream_gives_the_same_hessians(model_dir, calib_file, tmp_path):
+    """collect_model_hessians on a streamed skeleton with the stream on disk: the loaded model's sums."""
+    from quipsharp.data import calibration_windows, read_documents
+    from quipsharp.hf import load_model
+    from quipsharp.models.source import StreamedWeights, open_streamed
+    from quipsharp.pipeline import collect_model_hessians
+
+    model, tokenizer = load_model(model_dir)
+    windows = calibration_windows(read_documents(calib_file), tokenizer, 6, CTX, 0)
+    want: list[dict] = []
+    collect_model_hessians(model, windows, 2, lambda i, groups, h: want.append(h), progress=False)
+    skeleton, _, source = open_streamed(model_dir, torch.float32)
+    got: list[dict] = []
+    collect_model_hessians(skeleton, windows, 2, lambda i, groups, h: got.append(h), progress=False,
+                           streamed=StreamedWeights(skeleton, source, torch.float32), spill=tmp_path / "spill")
+    assert len(got) == len(want) > 1
+    for g, w in zip(got, want, strict=True):
+        assert g.keys() == w.keys()
+        assert all(torch.equal(g[n].xtx_bins, w[n].xtx_bins) and g[n].count == w[n].count for n in w)
+    assert all(p.is_meta for p in skeleton.model.layers.parameters())  # every block dropped again
+    assert not any((tmp_path / "spill").rglob("*.pt"))

@@ -170,7 +170,7 @@ def cmd_hessians(args: argparse.Namespace) -> int:
 
     result = hessians_to_dir(args.model, args.calib, args.out, nsamples=args.nsamples, ctx=args.ctx, seed=args.seed,
                              batch_size=args.batch_size, dtype=DTYPES[args.dtype], overwrite=args.overwrite,
-                             progress=not args.quiet)
+                             progress=not args.quiet, max_memory=args.max_memory)
     print(f"Hessians of {args.nsamples} windows x {args.ctx} tokens computed in {result.seconds:.0f}s; "
           f"saved to {result.out}")
     return 0
@@ -538,6 +538,11 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="dtype of the model's forward passes; quantize --hessians must use the same "
                         "(default: %(default)s)")
+    h.add_argument("--max-memory", type=_size, default=None, metavar="SIZE",
+                   help="stream the weights as quantize --max-memory does: each block read from the checkpoint "
+                        "(a local safetensors directory or .gguf file) while its Hessians are summed, the "
+                        "calibration stream on disk when it does not fit SIZE; refused up front when that is "
+                        "too small. Same directory as without it (default: load the whole model)")
     h.add_argument("--quiet", action="store_true", help="no progress bars")
     h.set_defaults(func=cmd_hessians)
 

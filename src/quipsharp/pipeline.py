@@ -299,6 +299,20 @@ def capture_stream(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.
     return stream, calls
 
 
+def _capture(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor], stream: Stream,
+             streamed: StreamedWeights | None) -> tuple[Stream, list[list[BlockCall]]]:
+    """The hidden states entering block 0 (into ``stream``) and every block's call arguments
+    (:func:`capture_stream`); for a streamed model the embeddings are read for this pass only, and
+    block 0 (left loaded) while the recorders learn a block's output structure."""
+    if streamed is None:
+        return capture_stream(model, blocks, batches, stream)
+    streamed.load(model, skip=blocks)  # embeddings, final norm, head: for this pass only
+    first = blocks[0]
+    stream, calls = capture_block_calls(model, blocks, batches, lambda: streamed.load(first), stream)
+    streamed.drop_outside(blocks)  # read again when needed (the save)
+    return stream, calls
+
+
 @torch.no_grad()
 def run_block(block: nn.Module, stream: Stream, calls: list[BlockCall]) -> Stream:
     """The block's outputs for every batch of the stream.
@@ -496,6 +510,8 @@ def collect_model_hessians(
     on_block: Callable[[int, list[list[str]], dict[str, HessianAccumulator]], None],
     *,
     progress: bool = True,
+    streamed: StreamedWeights | None = None,
+    spill: Path | None = None,
 ) -> str:
     """Every decoder block's input Hessians over the float model (the "original inputs" of QuIP# §4:
     each block sees the float outputs of the block before), for every linear of every block.
@@ -504,17 +520,29 @@ def collect_model_hessians(
     (names within the block) and one accumulator per name (shared within a group) as soon as the
     block is done, so that the caller can store them and let them go: memory holds one block's
     Hessians and the calibration stream. Returns the blocks' module path (e.g. ``model.layers``).
+
+    ``streamed``: the model is a skeleton whose weights stay in a checkpoint (as in
+    :func:`quantize_model`): each block is read while its Hessians are summed and dropped after.
+    ``spill``: keep the calibration stream in this directory (:class:`SpilledStream`) instead of memory.
+    The sums are the same either way, bit for bit.
     """
     blocks_name, blocks = find_blocks(model)
     model.eval()
-    stream, calls = capture_stream(model, blocks, list(calibration.split(batch_size)))
+    stream: Stream = SpilledStream(spill) if spill is not None else []
+    stream, calls = _capture(model, blocks, list(calibration.split(batch_size)), stream, streamed)
+    trim_heap()
     for i in _progress(range(len(blocks)), progress, "Hessians"):
         block = blocks[i]
+        if streamed is not None:
+            streamed.load(block)
         names = list(block_linears(block))
         groups = shared_input_groups(block, names, stream[0], calls[i][0])
         hessians, stream = collect_hessians(block, groups, stream, calls[i], keep_outputs=True)
         on_block(i, groups, hessians)
         del hessians
+        if streamed is not None:
+            streamed.drop(block)
+        trim_heap()
     return blocks_name
 
 
@@ -580,13 +608,16 @@ def _digest_tensor(h: Any, t: torch.Tensor) -> None:
 
 
 def run_fingerprint(model: nn.Module, config: ModelQuantConfig, calibration: torch.Tensor | None,
-                    weights_digest: str | None = None) -> dict[str, str]:
+                    weights_digest: str | None = None, streamed: StreamedWeights | None = None) -> dict[str, str]:
     """SHA-256 digests of everything a resumed run must share with the run it continues: the
     settings, the tensor layout, the source weights (content, streamed; or ``weights_digest``, the
-    checkpoint files' digest, when the model's weights are not in memory) and the calibration tokens."""
+    checkpoint files' digest, when the model's weights are not in memory) and the calibration tokens.
+    ``streamed``: the model is a skeleton; its weights are read from the checkpoint one tensor at a
+    time, which gives the digest of the loaded model."""
     settings = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
     structure, weights = hashlib.sha256(), hashlib.sha256()
-    for name, t in model.state_dict().items():
+    items = model.state_dict().items() if streamed is None else streamed.state_items()
+    for name, t in items:
         structure.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         if weights_digest is None:
             _digest_tensor(weights, t)
@@ -746,14 +777,7 @@ def _quantize_blocks(model: nn.Module, config: ModelQuantConfig, calibration: to
         remove_spill(work / SPILL_DIR)  # an interrupted run's
         stream = SpilledStream(work / SPILL_DIR)
     if calibration is not None:
-        batches = list(calibration.split(config.batch_size))
-        if streamed is None:
-            stream, calls = capture_stream(model, blocks, batches, stream)
-        else:
-            streamed.load(model, skip=blocks)  # embeddings, final norm, head: for this pass only
-            first = blocks[0]
-            stream, calls = capture_block_calls(model, blocks, batches, lambda: streamed.load(first), stream)
-            streamed.drop_outside(blocks)  # read again for the save
+        stream, calls = _capture(model, blocks, list(calibration.split(config.batch_size)), stream, streamed)
         if cluster is not None:  # from here on the stream lives on the workers
             cluster.scatter(stream, calls)
             stream, calls = _empty_like(stream), []

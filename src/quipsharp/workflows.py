@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from quipsharp import faults
 from quipsharp.config import SUPPORTED_BITS, FinetuneConfig, ModelQuantConfig
 from quipsharp.errors import QuipSharpError
-from quipsharp.outputs import WorkDir, check_output, locked, overlaps
+from quipsharp.outputs import STAGING_INFIX, WorkDir, check_output, locked, overlaps
 
 if TYPE_CHECKING:
     import torch
@@ -170,8 +170,7 @@ def quantize_to_dir(
         raise WorkflowError(f"--finetune {config.finetune.mode} tunes inside each block, which does not run on Ray "
                             f"yet: use --finetune e2e or no --ray")
     if max_memory is not None:
-        for option, given in (("--finetune", config.finetune.mode != "none"), ("--target-bpw", target_bpw),
-                              ("--hessians", hessians)):
+        for option, given in (("--finetune", config.finetune.mode != "none"), ("--target-bpw", target_bpw)):
             if given:
                 raise WorkflowError(f"--max-memory (streaming the weights) cannot be combined with {option} yet")
     source_hessians = None
@@ -207,17 +206,10 @@ def quantize_to_dir(
         torch.manual_seed(config.seed)
         streamed, streamed_blocks, spill = None, None, False
         if max_memory is not None:
-            from quipsharp.models.source import StreamedWeights, open_streamed
-
-            model, tokenizer, weights = open_streamed(model_source, getattr(torch, dtype))
-            streamed = StreamedWeights(model, weights, getattr(torch, dtype))
-            missing = streamed.missing()
-            if missing:
-                raise WorkflowError(f"{model_source} lacks {len(missing)} tensors of its architecture (e.g. "
-                                    f"{missing[0]}): they would be random; refusing to quantize it")
-            spill = check_streaming_memory(model, config, max_memory, calibrated=docs is not None)
             from quipsharp.models.walker import find_blocks
 
+            model, tokenizer, streamed = open_streamed_model(model_source, dtype, "quantize")
+            spill = check_streaming_memory(model, config, max_memory, calibrated=docs is not None)
             streamed_blocks = (work, find_blocks(model)[0])
         else:
             model, tokenizer = load_model(model_source, dtype=dtype)
@@ -228,7 +220,8 @@ def quantize_to_dir(
         if target_bpw is not None:
             config = allocate_config(model, config, calibration, target_bpw, progress, sensitivity_file)
         if source_hessians is not None:
-            source_hessians.check_model(model_identity(model, tokenizer, dtype, source_hessians.identity["ctx"]))
+            source_hessians.check_model(model_identity(model, tokenizer, dtype, source_hessians.identity["ctx"],
+                                                       streamed=streamed))
             logger.info("quantizing with %s", source_hessians.describe())
         model, reports = quantize_model(model, config, calibration, work_dir=work, resume=resume, progress=progress,
                                         hessians=source_hessians, streamed=streamed, spill=spill, cluster=cluster)
@@ -258,6 +251,22 @@ def quantize_to_dir(
         faults.point("quantize:saved")
         WorkDir(work, resume=True).cleanup()
     return JobResult(out, model, reports, time.perf_counter() - start)
+
+
+def open_streamed_model(model_source: str | os.PathLike, dtype: str, verb: str) -> tuple[Any, Any, Any]:
+    """``(skeleton, tokenizer, StreamedWeights)`` of a checkpoint to stream (``--max-memory``); refuses
+    one that lacks tensors of its architecture (they would be random). ``verb``: what is refused."""
+    import torch
+
+    from quipsharp.models.source import StreamedWeights, open_streamed
+
+    model, tokenizer, weights = open_streamed(model_source, getattr(torch, dtype))
+    streamed = StreamedWeights(model, weights, getattr(torch, dtype))
+    missing = streamed.missing()
+    if missing:
+        raise WorkflowError(f"{model_source} lacks {len(missing)} tensors of its architecture (e.g. "
+                            f"{missing[0]}): they would be random; refusing to {verb} it")
+    return model, tokenizer, streamed
 
 
 #: The process's own memory when it cannot be read (/proc): torch, transformers, the tokenizer, the
@@ -318,14 +327,16 @@ def check_streaming_memory(model: Any, config: ModelQuantConfig, max_memory: int
     return True
 
 
-def model_identity(model: Any, tokenizer: Any, dtype: str, ctx: int) -> dict[str, Any]:
+def model_identity(model: Any, tokenizer: Any, dtype: str, ctx: int, streamed: Any = None) -> dict[str, Any]:
     """What Hessians computed on ``model`` depend on besides the calibration tokens (the identity a
-    Hessian directory records and :meth:`quipsharp.hessian_dir.HessianDir.check_model` compares)."""
+    Hessian directory records and :meth:`quipsharp.hessian_dir.HessianDir.check_model` compares).
+    ``streamed``: the model is a skeleton (:class:`quipsharp.models.source.StreamedWeights`); its
+    weights are read one tensor at a time, and the identity is the loaded model's."""
     from quipsharp.hessian_dir import tokenizer_digest
     from quipsharp.models.walker import find_blocks
     from quipsharp.pipeline import run_fingerprint
 
-    digests = run_fingerprint(model, ModelQuantConfig(), None)
+    digests = run_fingerprint(model, ModelQuantConfig(), None, streamed=streamed)
     return {"blocks_name": find_blocks(model)[0], "structure": digests["structure"], "weights": digests["weights"],
             "tokenizer": tokenizer_digest(tokenizer), "dtype": dtype, "ctx": ctx}
 
@@ -342,11 +353,19 @@ def hessians_to_dir(
     dtype: str = "float32",
     overwrite: bool = False,
     progress: bool = True,
+    max_memory: int | None = None,
 ) -> JobResult:
     """Compute every decoder block's input Hessians of a float model on calibration text (the float
     model's own inputs to each block: "original inputs") and write them to the directory ``out``
     (:mod:`quipsharp.hessian_dir`), block by block; ``quantize --hessians`` uses them, and
-    directories computed on other shards of text add up exactly (:func:`merge_hessians`)."""
+    directories computed on other shards of text add up exactly (:func:`merge_hessians`).
+
+    ``max_memory``: stream the weights as ``quantize --max-memory`` does (each block read from the
+    checkpoint while its Hessians are summed; the calibration stream on disk, in a folder of its own
+    beside ``out``, when it does not fit); refused before any work when that does not fit. The
+    directory is the same as without it."""
+    import tempfile
+
     import torch
 
     from quipsharp.data import calibration_windows, read_documents
@@ -362,18 +381,29 @@ def hessians_to_dir(
     out = check_output(out, overwrite=overwrite, inputs=(model_source, calib), replaceable=is_hessian_dir,
                        kind="quipsharp Hessian directory")
     start = time.perf_counter()
-    with locked(out):
+    with locked(out), contextlib.ExitStack() as stack:
         docs = read_documents(calib)  # bad text fails before the model loads
         torch.manual_seed(seed)
-        model, tokenizer = load_model(model_source, dtype=dtype)
+        streamed, spill = None, None
+        if max_memory is not None:
+            model, tokenizer, streamed = open_streamed_model(model_source, dtype, "compute Hessians of")
+            plan = ModelQuantConfig(nsamples=nsamples, ctx=ctx, batch_size=batch_size)
+            if check_streaming_memory(model, plan, max_memory, calibrated=True):
+                # a new staging-named folder beside out: removed after, or by the next run on out when killed
+                out.parent.mkdir(parents=True, exist_ok=True)
+                spill = Path(stack.enter_context(tempfile.TemporaryDirectory(
+                    prefix=f".{out.name}{STAGING_INFIX}stream-", dir=out.parent)))
+        else:
+            model, tokenizer = load_model(model_source, dtype=dtype)
         check_window(model.config, ctx)
         calibration = calibration_windows(docs, tokenizer, nsamples, ctx, seed)
         shard = {"calibration": calibration_digest(calibration), "windows": nsamples, "source": source_name(calib),
                  "seed": seed, "model": source_name(model_source)}
-        identity = model_identity(model, tokenizer, dtype, ctx)
+        identity = model_identity(model, tokenizer, dtype, ctx, streamed=streamed)
 
         def produce(add_block: Any) -> None:
-            collect_model_hessians(model, calibration, batch_size, add_block, progress=progress)
+            collect_model_hessians(model, calibration, batch_size, add_block, progress=progress, streamed=streamed,
+                                   spill=spill)
 
         write_hessians(out, identity, [shard], produce)
     return JobResult(out, model, None, time.perf_counter() - start)

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -257,6 +258,15 @@ class StreamedWeights:
                 module._parameters[pname] = replaced[id(param)]
         self._loaded = {}
         self._shared |= {id(p) for p in replaced.values()}
+
+    def state_items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The model's ``state_dict()`` items in order, each parameter still on the meta device read
+        from the source in ``dtype`` (one at a time): the items of the loaded model's state dict."""
+        for name, tensor in self.model.state_dict().items():
+            if tensor.is_meta:
+                key = name if name in self._names else self.tied.get(name, name)
+                tensor = self.source.get(key).to(self.dtype)
+            yield name, tensor
 
     def missing(self) -> list[str]:
         """Parameters the source cannot provide (checked before any work)."""
