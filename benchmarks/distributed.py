@@ -4,7 +4,8 @@ single-threaded workers against one single-threaded process, and whether both wr
 Both runs are separate processes with ``OMP_NUM_THREADS=1`` (the driver's own torch threads) and
 ``--ray-threads 1`` for the tasks, measured by ``/usr/bin/time -v`` (wall time; the peak resident set
 is the driver's only, the workers are other processes). The cluster's start (about 10 s here) is
-inside the Ray run's time.
+inside the Ray run's time. Each run's ``-v`` log lines on its time by step (calibration pass, Hessians,
+quantizing, next stream, saving; and the Ray driver's own serial work) are kept in the result.
 
     .venv/bin/python benchmarks/distributed.py --model SmolLM2.gguf --calib c4.jsonl --workers 2 --json
 """
@@ -38,10 +39,11 @@ def main() -> None:
     base = [sys.executable, "-m", "quipsharp.cli", "quantize", args.model, "--bits", args.bits, "--calib",
             args.calib, "--nsamples", str(args.nsamples), "--ctx", str(args.ctx), "--quiet"]
     rows = {}
+    steps = ("time by step", "driver's own time")  # the runs' -v lines on where the time went
     if not args.skip_single:
-        rows["one_process"] = run([*base, "--out", str(work / "single")], None)
-    rows["ray"] = run([*base, "--out", str(work / "ray"), "--ray", "local", "--ray-workers", str(args.workers),
-                       "--ray-threads", "1"], None)
+        rows["one_process"] = run([*base, "-v", "--out", str(work / "single")], None, steps)
+    rows["ray"] = run([*base, "-v", "--out", str(work / "ray"), "--ray", "local", "--ray-workers", str(args.workers),
+                       "--ray-threads", "1"], None, steps)
     result = {"model": args.model, "bits": args.bits, "nsamples": args.nsamples, "ctx": args.ctx,
               "workers": args.workers, "threads_per_task": 1, "runs": rows, "measured": today(),
               "machine": machine_info()}

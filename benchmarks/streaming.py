@@ -51,8 +51,9 @@ def make_random(shape: str, out: Path, dtype: str, seed: int = 0) -> None:
     tokenizer.save_pretrained(out)
 
 
-def run(cmd: list[str], cap: int | None) -> dict:
-    """Run ``cmd`` under ``/usr/bin/time -v`` (inside a memory cgroup of ``cap`` bytes when given).
+def run(cmd: list[str], cap: int | None, keep: tuple[str, ...] = ()) -> dict:
+    """Run ``cmd`` under ``/usr/bin/time -v`` (inside a memory cgroup of ``cap`` bytes when given);
+    ``keep``: log messages (substrings) whose lines go into the result's ``log``.
 
     The time is measured on the monotonic clock, not ``time``'s wall clock: this sandbox's VM can be
     frozen for minutes (seen 2026-12-02), and the wall clock then jumps by the time nothing ran."""
@@ -77,7 +78,7 @@ def run(cmd: list[str], cap: int | None) -> dict:
     errors = [line for line in proc.stderr.splitlines() if line.startswith("quipsharp:")]
     return {"rc": proc.returncode, "peak_rss_mb": int(rss.group(1)) / 1024 if rss else None, "seconds": seconds,
             "cgroup_peak_mb": peak_cgroup / 2**20 if peak_cgroup else None, "cgroup_failcnt": failcnt,
-            "errors": errors[-3:]}
+            "errors": errors[-3:], "log": [line for line in proc.stderr.splitlines() if any(k in line for k in keep)]}
 
 
 def same_tensors(a: Path, b: Path) -> bool:

@@ -47,6 +47,7 @@ from quipsharp.hessian import HessianAccumulator
 from quipsharp.models.walker import BlockCall, linear_shape, set_submodule
 from quipsharp.pipeline import (
     LayerReport,
+    StepTimes,
     _dequantized,
     _empty_quantized_like,
     _shared_means,
@@ -235,6 +236,7 @@ class RayCluster:
         self._shard_refs: list[Any] = []
         self._calls_refs: list[Any] = []
         self._dtype = torch.float32  # of the stream
+        self.times = StepTimes()  # the driver's serial work between tasks
         logger.info("Ray cluster with %d CPUs: %d shards, %d threads per task", cpus, self.workers,
                     self.options.threads)
 
@@ -324,10 +326,11 @@ class RayCluster:
                                          self.options.threads)
                    for shard, calls in zip(self._shard_refs, self._calls_refs, strict=True)]
         parts = self._get([accs for accs, _ in pending])
-        merged = parts[0]
-        for part in parts[1:]:
-            for acc, other in zip(merged, part, strict=True):
-                acc.merge(other)
+        with self.times("merging Hessians"):
+            merged = parts[0]
+            for part in parts[1:]:
+                for acc, other in zip(merged, part, strict=True):
+                    acc.merge(other)
         if keep_outputs:  # made by the tasks just fetched: they exist
             self._shard_refs = [outputs for _, outputs in pending]
         return {name: acc for group, acc in zip(groups, merged, strict=True) for name in group}
@@ -335,7 +338,7 @@ class RayCluster:
     def advance(self, block: nn.Module, index: int) -> None:
         """The stream through block ``index`` as it stands (quantized linears run as dense layers of
         their dequantized weights, computed once here as :func:`~quipsharp.pipeline.run_block` does)."""
-        with _dequantized(block, self._dtype):
+        with self.times("dequantizing and sending blocks"), _dequantized(block, self._dtype):
             block_ref = self._ray.put(block)
         pending = [self._forward.remote(block_ref, shard, calls, index, self.options.threads)
                    for shard, calls in zip(self._shard_refs, self._calls_refs, strict=True)]
@@ -357,18 +360,19 @@ class RayCluster:
         ray = self._ray
         mean = _shared_means(hessians) if hessians is not None else None
         means: dict[int, Any] = {}  # one object per shared Hessian
-        order = sorted(names, key=lambda n: -_quantize_cost(block.get_submodule(n)))
-        pending: dict[Any, str] = {}
-        for name in order:
-            full = f"{block_name}.{name}"
-            H = mean(name) if mean is not None else None
-            H_ref = None
-            if H is not None:
-                if id(H) not in means:
-                    means[id(H)] = ray.put(H)
-                H_ref = means[id(H)]
-            pending[self._quantize.remote(block.get_submodule(name), full, config.layer_config(full), H_ref,
-                                          self.options.threads)] = name
+        with self.times("means and sending Hessians"):
+            order = sorted(names, key=lambda n: -_quantize_cost(block.get_submodule(n)))
+            pending: dict[Any, str] = {}
+            for name in order:
+                full = f"{block_name}.{name}"
+                H = mean(name) if mean is not None else None
+                H_ref = None
+                if H is not None:
+                    if id(H) not in means:
+                        means[id(H)] = ray.put(H)
+                    H_ref = means[id(H)]
+                pending[self._quantize.remote(block.get_submodule(name), full, config.layer_config(full), H_ref,
+                                              self.options.threads)] = name
         reports: dict[str, LayerReport] = {}
         waiting = list(pending)
         while waiting:

@@ -84,6 +84,25 @@ class LayerReport:
         return cls(**{**data, "shape": tuple(data["shape"])})
 
 
+class StepTimes:
+    """Seconds spent in each step of a run (monotonic clock), for the log line that ends the run:
+    ``with times("Hessians"): ...`` adds that step's time."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, step: str) -> Iterator[None]:
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[step] = self.seconds.get(step, 0.0) + time.monotonic() - start
+
+    def summary(self) -> str:
+        return ", ".join(f"{step} {s:.1f}s" for step, s in self.seconds.items())
+
+
 class _StopForwardError(Exception):
     """Raised by a hook after the last decoder block: the LM head is not needed for calibration."""
 
@@ -773,14 +792,16 @@ def _quantize_blocks(model: nn.Module, config: ModelQuantConfig, calibration: to
 
     stream: Stream = []
     calls: list[list[BlockCall]] = []
+    times = StepTimes()
     if spill:
         remove_spill(work / SPILL_DIR)  # an interrupted run's
         stream = SpilledStream(work / SPILL_DIR)
     if calibration is not None:
-        stream, calls = _capture(model, blocks, list(calibration.split(config.batch_size)), stream, streamed)
-        if cluster is not None:  # from here on the stream lives on the workers
-            cluster.scatter(stream, calls)
-            stream, calls = _empty_like(stream), []
+        with times("calibration pass"):
+            stream, calls = _capture(model, blocks, list(calibration.split(config.batch_size)), stream, streamed)
+            if cluster is not None:  # from here on the stream lives on the workers
+                cluster.scatter(stream, calls)
+                stream, calls = _empty_like(stream), []
         trim_heap()
     # in-block tuning targets the float model's own hidden states, so each block also learns to undo
     # the error of the quantized blocks before it (with "original" inputs the stream is that already)
@@ -795,12 +816,15 @@ def _quantize_blocks(model: nn.Module, config: ModelQuantConfig, calibration: to
 
     def advance(block: nn.Module, i: int) -> None:  # the stream, through block i as it stands
         nonlocal stream
-        if cluster is None:
-            stream = run_block(block, stream, calls[i])
-        else:
-            cluster.advance(block, i)
+        with times("next stream"):
+            if cluster is None:
+                stream = run_block(block, stream, calls[i])
+            else:
+                cluster.advance(block, i)
 
-    quantize = quantize_linears if cluster is None else cluster.quantize_linears
+    def quantize(*args: Any) -> list[LayerReport]:
+        with times("quantizing"):
+            return (quantize_linears if cluster is None else cluster.quantize_linears)(*args)
 
     for i in bar:
         block, block_name, names = blocks[i], f"{blocks_name}.{i}", per_block[i]
@@ -835,15 +859,16 @@ def _quantize_blocks(model: nn.Module, config: ModelQuantConfig, calibration: to
             names = [r.name.removeprefix(f"{block_name}.") for r in block_reports]
         else:
             original = config.hessian_inputs == "original"
-            if cluster is None:
-                groups = shared_input_groups(block, names, stream[0], calls[i][0])
-                hessians, outputs = collect_hessians(block, groups, stream, calls[i], keep_outputs=original)
-                if original:
-                    stream = outputs
-                del outputs
-            else:  # with original inputs, the workers keep the float block's outputs as their stream
-                groups = cluster.groups(block, names, i)
-                hessians = cluster.hessians(block, groups, i, keep_outputs=original)
+            with times("Hessians"):
+                if cluster is None:
+                    groups = shared_input_groups(block, names, stream[0], calls[i][0])
+                    hessians, outputs = collect_hessians(block, groups, stream, calls[i], keep_outputs=original)
+                    if original:
+                        stream = outputs
+                    del outputs
+                else:  # with original inputs, the workers keep the float block's outputs as their stream
+                    groups = cluster.groups(block, names, i)
+                    hessians = cluster.hessians(block, groups, i, keep_outputs=original)
             names = [n for g in groups for n in g]
             block_reports = quantize(block, block_name, names, take_means(hessians), config, on_layer)
             if not original:
@@ -851,13 +876,17 @@ def _quantize_blocks(model: nn.Module, config: ModelQuantConfig, calibration: to
         reports.extend(block_reports)
         faults.point("block:quantized")
         if work is not None:
-            _save_block(work, i, block, names, block_reports, done, fingerprint)
+            with times("saving blocks"):
+                _save_block(work, i, block, names, block_reports, done, fingerprint)
             faults.point("block:saved")
         if streamed is not None:
             streamed.drop(block)
         trim_heap()  # what this block freed, back to the OS before the next one's peak
         if delay:
             time.sleep(delay)
+    logger.info("time by step: %s", times.summary())
+    if cluster is not None:
+        logger.info("Ray driver's own time: %s", cluster.times.summary())
     return protect_save_pretrained(model, config), reports
 
 
