@@ -155,21 +155,16 @@ def _set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def _groups_task(block: nn.Module, names: list[str], shard: list[torch.Tensor], calls: list[list[BlockCall]],
-                 index: int, threads: int) -> list[list[str]]:
-    """The block's groups of linears that read one input, seen on the shard's first batch."""
-    _set_threads(threads)
-    return shared_input_groups(block, names, shard[0], calls[index][0])
-
-
-def _hessians_task(block: nn.Module, groups: list[list[str]], shard: list[torch.Tensor],
-                   calls: list[list[BlockCall]], index: int, keep_outputs: bool,
-                   threads: int) -> tuple[list[HessianAccumulator], list[torch.Tensor] | None]:
-    """One accumulator per group over the shard, and the block's outputs when asked."""
+def _hessians_task(block: nn.Module, names: list[str], shard: list[torch.Tensor], calls: list[list[BlockCall]],
+                   index: int, keep_outputs: bool,
+                   threads: int) -> tuple[list[list[str]], list[HessianAccumulator], list[torch.Tensor] | None]:
+    """The block's groups of linears that read one input (seen on the shard's first batch), one
+    accumulator per group over the shard, and the block's outputs when asked."""
     _set_threads(threads)
     faults.point("ray:hessians")
+    groups = shared_input_groups(block, names, shard[0], calls[index][0])
     accs, outputs = collect_hessians(block, groups, shard, calls[index], keep_outputs)
-    return [accs[group[0]] for group in groups], outputs
+    return groups, [accs[group[0]] for group in groups], outputs
 
 
 def _forward_task(block: nn.Module, shard: list[torch.Tensor], calls: list[list[BlockCall]], index: int,
@@ -227,8 +222,7 @@ class RayCluster:
         def remote(task: Callable[..., Any], returns: int = 1) -> Any:  # ``threads`` CPUs per task, retried
             return ray.remote(num_cpus=self.options.threads, max_retries=TASK_RETRIES, num_returns=returns)(task)
 
-        self._groups = remote(_groups_task)
-        self._hessians = remote(_hessians_task, returns=2)
+        self._hessians = remote(_hessians_task, returns=3)
         self._forward = remote(_forward_task, returns=2)
         self._quantize = remote(_quantize_task)
         cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -310,30 +304,31 @@ class RayCluster:
             self._calls_refs.append(ray.put([[block_calls[b] for b in part] for block_calls in calls]))
         logger.info("calibration stream of %d batches in %d shards", len(batches), len(self._shard_refs))
 
-    def groups(self, block: nn.Module, names: list[str], index: int) -> list[list[str]]:
-        """:func:`~quipsharp.pipeline.shared_input_groups` of block ``index``, on the stream's first batch."""
-        return self._get(self._groups.remote(block, names, self._shard_refs[0], self._calls_refs[0], index,
-                                             self.options.threads))
-
-    def hessians(self, block: nn.Module, groups: list[list[str]], index: int,
-                 keep_outputs: bool) -> dict[str, HessianAccumulator]:
-        """Block ``index``'s Hessians over the whole stream: ``{linear name: accumulator}`` (shared by a
-        group), the shards' exact sums merged in shard order. With ``keep_outputs`` the float block's
-        outputs become the stream (the "original inputs" mode)."""
+    def hessians(self, block: nn.Module, names: list[str], index: int,
+                 keep_outputs: bool) -> tuple[list[list[str]], dict[str, HessianAccumulator]]:
+        """Block ``index``'s groups of linears that read one input (as
+        :func:`~quipsharp.pipeline.shared_input_groups` finds them, on each shard's first batch) and
+        its Hessians over the whole stream: ``{linear name: accumulator}`` (shared by a group), the
+        shards' exact sums merged in shard order. With ``keep_outputs`` the float block's outputs
+        become the stream (the "original inputs" mode)."""
         ray = self._ray
         block_ref = ray.put(block)
-        pending = [self._hessians.remote(block_ref, groups, shard, calls, index, keep_outputs,
-                                         self.options.threads)
+        pending = [self._hessians.remote(block_ref, names, shard, calls, index, keep_outputs, self.options.threads)
                    for shard, calls in zip(self._shard_refs, self._calls_refs, strict=True)]
-        parts = self._get([accs for accs, _ in pending])
+        found = self._get([groups for groups, _, _ in pending])
+        if any(groups != found[0] for groups in found[1:]):
+            raise ClusterError(f"block {index}'s linears share their inputs differently on different shards "
+                               f"({found[0]} and {next(g for g in found if g != found[0])}): cannot merge")
+        parts = self._get([accs for _, accs, _ in pending])
         with self.times("merging Hessians"):
             merged = parts[0]
             for part in parts[1:]:
                 for acc, other in zip(merged, part, strict=True):
                     acc.merge(other)
         if keep_outputs:  # made by the tasks just fetched: they exist
-            self._shard_refs = [outputs for _, outputs in pending]
-        return {name: acc for group, acc in zip(groups, merged, strict=True) for name in group}
+            self._shard_refs = [outputs for _, _, outputs in pending]
+        groups = found[0]
+        return groups, {name: acc for group, acc in zip(groups, merged, strict=True) for name in group}
 
     def advance(self, block: nn.Module, index: int) -> None:
         """The stream through block ``index`` as it stands (quantized linears run as dense layers of

@@ -867,8 +867,7 @@ def _quantize_blocks(model: nn.Module, config: ModelQuantConfig, calibration: to
                         stream = outputs
                     del outputs
                 else:  # with original inputs, the workers keep the float block's outputs as their stream
-                    groups = cluster.groups(block, names, i)
-                    hessians = cluster.hessians(block, groups, i, keep_outputs=original)
+                    groups, hessians = cluster.hessians(block, names, i, keep_outputs=original)
             names = [n for g in groups for n in g]
             block_reports = quantize(block, block_name, names, take_means(hessians), config, on_layer)
             if not original:
