@@ -47,10 +47,10 @@ from quipsharp.hessian import HessianAccumulator
 from quipsharp.models.walker import BlockCall, linear_shape, set_submodule
 from quipsharp.pipeline import (
     LayerReport,
+    SharedMeans,
     StepTimes,
     _dequantized,
     _empty_quantized_like,
-    _shared_means,
     collect_hessians,
     quantize_linear,
     run_block,
@@ -353,7 +353,7 @@ class RayCluster:
         """:func:`quipsharp.pipeline.quantize_linears` with one task per linear, the costliest first;
         the reports come back in the order of ``names``."""
         ray = self._ray
-        mean = _shared_means(hessians) if hessians is not None else None
+        mean = SharedMeans(hessians) if hessians is not None else None
         means: dict[int, Any] = {}  # one object per shared Hessian
         with self.times("means and sending Hessians"):
             order = sorted(names, key=lambda n: -_quantize_cost(block.get_submodule(n)))

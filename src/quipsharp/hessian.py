@@ -175,9 +175,9 @@ class HessianAccumulator:
         return acc
 
 
-def normalize(H: torch.Tensor) -> torch.Tensor:
-    """``H / mean(diag(H))`` in float64 ``[n, n]``; raises on a non-finite or zero Hessian."""
-    H = H.to(torch.float64)
+def hessian_scale(H: torch.Tensor) -> torch.Tensor:
+    """``mean(diag(H))`` (a 0-d tensor of ``H``'s dtype) of a square ``H`` ``[n, n]``; raises on a
+    non-finite or zero Hessian."""
     if H.ndim != 2 or H.shape[0] != H.shape[1]:
         raise ValueError(f"a Hessian must be a square matrix, got shape {tuple(H.shape)}")
     if not torch.isfinite(H).all():
@@ -187,7 +187,13 @@ def normalize(H: torch.Tensor) -> torch.Tensor:
         raise NumericalError(
             f"the Hessian's mean diagonal is {float(scale):g}, not positive (all-zero inputs, or not a Hessian)"
         )
-    return H / scale
+    return scale
+
+
+def normalize(H: torch.Tensor) -> torch.Tensor:
+    """``H / mean(diag(H))`` in float64 ``[n, n]``; raises on a non-finite or zero Hessian."""
+    H = H.to(torch.float64)
+    return H / hessian_scale(H)
 
 
 def regularize(H: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -19,6 +19,8 @@ from quipsharp.errors import HessianNotPositiveDefiniteError
 # A Cholesky factor whose diagonal spans more than this ratio means cond(H) > ratio², beyond what
 # float32 feedback can use: treat it as a failure so the caller adds damping.
 MAX_CHOLESKY_DIAG_RATIO = 1e6
+#: Rows of the Cholesky factor turned into L at a time (block_ldl works in place on the factor).
+LDL_CHUNK_ROWS = 512
 
 
 def block_ldl(H: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,9 +53,12 @@ def block_ldl(H: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor]:
     inv_blocks = torch.linalg.solve_triangular(
         blocks, torch.eye(g, dtype=H.dtype, device=H.device).expand(nb, g, g), upper=False
     )  # [nb, g, g] C_kk⁻¹
-    # L = C · blockdiag(C_kk)⁻¹: scale each column block of C by its diagonal block's inverse.
-    L = torch.einsum("ikj,kjl->ikl", C.reshape(n, nb, g), inv_blocks).reshape(n, n)
-    return L, D
+    # L = C · blockdiag(C_kk)⁻¹: scale each column block of C by its diagonal block's inverse, in place,
+    # LDL_CHUNK_ROWS rows at a time (at large n the [n, n] copies are what limits memory).
+    for r in range(0, n, LDL_CHUNK_ROWS):
+        rows = C[r : r + LDL_CHUNK_ROWS]
+        rows.copy_(torch.einsum("ikj,kjl->ikl", rows.reshape(-1, nb, g), inv_blocks).reshape(rows.shape))
+    return C, D
 
 
 def block_ldlq(

@@ -447,26 +447,34 @@ def _quantizable(block_name: str, block: nn.Module, config: ModelQuantConfig) ->
     return names
 
 
-def _shared_means(hessians: dict[str, HessianAccumulator | torch.Tensor]) -> Callable[[str], torch.Tensor]:
+class SharedMeans:
     """``name -> E[x xᵀ]`` of a layer (from its accumulator, or given as the mean); layers sharing an
     accumulator (q/k/v, gate/up) share one mean, computed once, on first use."""
-    means: dict[int, torch.Tensor] = {}
 
-    def mean(name: str) -> torch.Tensor:
-        acc = hessians[name]
+    def __init__(self, hessians: dict[str, HessianAccumulator | torch.Tensor]) -> None:
+        self.hessians = hessians
+        self.means: dict[int, torch.Tensor] = {}  # id(accumulator) -> its mean
+
+    def __call__(self, name: str) -> torch.Tensor:
+        acc = self.hessians[name]
         if isinstance(acc, torch.Tensor):
             return acc
-        if id(acc) not in means:
-            means[id(acc)] = acc.mean()
-        return means[id(acc)]
+        if id(acc) not in self.means:
+            self.means[id(acc)] = acc.mean()
+        return self.means[id(acc)]
 
-    return mean
+    def release(self, name: str) -> None:
+        """Drop ``name``'s Hessian and its mean, for every layer sharing it (from ``hessians`` too)."""
+        acc = self.hessians[name]
+        self.means.pop(id(acc), None)
+        for other in [n for n, h in self.hessians.items() if h is acc]:
+            del self.hessians[other]
 
 
 def take_means(hessians: dict[str, HessianAccumulator]) -> dict[str, torch.Tensor]:
     """Each layer's ``E[x xᵀ]`` (one tensor per shared accumulator), emptying ``hessians``: the exact
     sums (three float64 copies per group) are freed before the layers are quantized."""
-    mean = _shared_means(hessians)
+    mean = SharedMeans(hessians)
     out = {name: mean(name) for name in hessians}
     hessians.clear()
     return out
@@ -502,13 +510,18 @@ def quantize_linears(
     """Replace the named linears of ``block`` by :class:`QuantizedLinear` (data-free if no Hessians).
 
     ``on_layer`` is called with each layer's report as soon as it is quantized (progress display).
+    ``hessians`` is handed over: each entry is removed once the last layer using it is quantized, so
+    that a block's Hessians (float64 ``[n, n]`` each) leave memory as they are used.
     """
     reports = []
-    mean = _shared_means(hessians) if hessians is not None else None
+    mean = SharedMeans(hessians) if hessians is not None else None
+    last_use = {id(hessians[name]): name for name in names if name in hessians} if hessians is not None else {}
     for name in names:
         full = f"{block_name}.{name}"
         q, report = quantize_linear(block.get_submodule(name), full, config.layer_config(full),
                                     mean(name) if mean is not None else None)
+        if mean is not None and last_use.get(id(hessians.get(name))) == name:
+            mean.release(name)
         set_submodule(block, name, q)
         reports.append(report)
         if on_layer is not None:
@@ -589,7 +602,7 @@ def measure_sensitivity(
         names = _quantizable(block_name, block, config)
         groups = shared_input_groups(block, names, stream[0], calls[i][0])
         hessians, stream = collect_hessians(block, groups, stream, calls[i], keep_outputs=True)
-        mean = _shared_means(hessians)
+        mean = SharedMeans(hessians)
         for name in (n for group in groups for n in group):  # a linear its block never calls is left out
             full = f"{block_name}.{name}"
             H = mean(name)

@@ -17,7 +17,7 @@ from quipsharp.codebooks import Codebook, get_codebook
 from quipsharp.config import DAMPING_GROWTH, MAX_DAMPING_RETRIES, QuIPSharpConfig
 from quipsharp.errors import HessianNotPositiveDefiniteError
 from quipsharp.hadamard import hadamard_transform, random_signs
-from quipsharp.hessian import normalize
+from quipsharp.hessian import hessian_scale
 from quipsharp.ldlq import block_ldl, block_ldlq, coordinate_descent, proxy_loss
 
 logger = logging.getLogger(__name__)
@@ -68,10 +68,42 @@ def inverse_rht_weight(Wt: torch.Tensor, su: torch.Tensor, sv: torch.Tensor) -> 
     return hadamard_transform(cols, transpose=True) * su
 
 
-def rht_hessian(H: torch.Tensor, su: torch.Tensor) -> torch.Tensor:
-    """``U S_U H S_U Uᵀ`` for a symmetric ``H`` ``[n, n]``."""
-    half = hadamard_transform(H * su.to(H.dtype))
-    return hadamard_transform((half * su.to(H.dtype)[:, None]).T).T
+#: Rows (or columns) of an ``[n, n]`` Hessian transformed at a time: the transform's temporaries stay
+#: small next to the matrix, whose float64 copies are what limits memory at large ``n`` (70B: 6.6 GB each).
+HESSIAN_CHUNK = 512
+
+
+def rht_hessian(H: torch.Tensor, su: torch.Tensor, divisor: torch.Tensor | float | None = None) -> torch.Tensor:
+    """``U S_U (H / divisor) S_U Uᵀ`` for a symmetric ``H`` ``[n, n]`` (no division when ``divisor`` is
+    None), as one new matrix: first the rows, then the columns, ``HESSIAN_CHUNK`` at a time. Every
+    row (column) is transformed on its own, so the result does not depend on the chunking."""
+    n = H.shape[0]
+    signs = su.to(H.dtype)
+    out = torch.empty_like(H)
+    for r in range(0, n, HESSIAN_CHUNK):
+        rows = H[r : r + HESSIAN_CHUNK]
+        if divisor is not None:
+            rows = rows / divisor
+        half = hadamard_transform(rows * signs)
+        half.mul_(signs[r : r + HESSIAN_CHUNK, None])
+        out[r : r + HESSIAN_CHUNK] = half
+    for c in range(0, n, HESSIAN_CHUNK):
+        out[:, c : c + HESSIAN_CHUNK] = hadamard_transform(out[:, c : c + HESSIAN_CHUNK].T).T
+    return out
+
+
+def symmetrize_(H: torch.Tensor) -> torch.Tensor:
+    """``H ← (H + Hᵀ) / 2`` in place, ``HESSIAN_CHUNK``-square blocks at a time (no ``[n, n]`` temporary);
+    the same values as the out-of-place expression (``a + b == b + a`` exactly). Returns ``H``."""
+    n = H.shape[0]
+    for r in range(0, n, HESSIAN_CHUNK):
+        for c in range(r, n, HESSIAN_CHUNK):
+            upper, lower = H[r : r + HESSIAN_CHUNK, c : c + HESSIAN_CHUNK], H[c : c + HESSIAN_CHUNK, r : r + HESSIAN_CHUNK]
+            mean = upper + lower.T
+            mean.div_(2)
+            upper.copy_(mean)
+            lower.copy_(mean.T)
+    return H
 
 
 def _check_weight(W: torch.Tensor, codebook: Codebook) -> torch.Tensor:
@@ -86,16 +118,21 @@ def _check_weight(W: torch.Tensor, codebook: Codebook) -> torch.Tensor:
     return W.detach().to(torch.float32)
 
 
-def _factor_with_damping(Ht: torch.Tensor, sigma: float, g: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Block-LDL of ``Ht + σI``; on failure raise σ (the one damping policy). Returns ``(L, H_damped, σ)``."""
-    eye = torch.eye(Ht.shape[0], dtype=Ht.dtype, device=Ht.device)
+def _factor_with_damping(H: torch.Tensor, sigma: float, g: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Block-LDL of ``H + σI``; on failure raise σ (the one damping policy). The damping is added to
+    ``H``'s diagonal in place (no ``[n, n]`` copy); the undamped diagonal is returned to restore it.
+    Returns ``(L, undamped diagonal [n], σ)``; ``H`` then holds ``H + σI``."""
+    diagonal = H.diagonal()
+    undamped = diagonal.clone()
     for attempt in range(MAX_DAMPING_RETRIES + 1):
-        Hd = Ht + sigma * eye
+        diagonal.copy_(undamped)
+        diagonal.add_(sigma)  # the same values as H + σI
         try:
-            L, _ = block_ldl(Hd, g)
-            return L, Hd, sigma
+            L, _ = block_ldl(H, g)
+            return L, undamped, sigma
         except HessianNotPositiveDefiniteError as err:
             if attempt == MAX_DAMPING_RETRIES:
+                diagonal.copy_(undamped)
                 raise HessianNotPositiveDefiniteError(
                     f"{err}; still failing after raising damping to {sigma:g}", damping=sigma
                 ) from err
@@ -127,24 +164,26 @@ def quantize_weight(
     codebook: Codebook = get_codebook(config.codebook_name)
     W = _check_weight(W, codebook)
     m, n = W.shape
+    # Float64 [n, n] copies are what limits memory at large n: besides the caller's H, this keeps one
+    # (the rotated, normalised Hessian, damped in place while it is factored) and the factor.
     if H is None:
-        Hn = torch.eye(n, dtype=torch.float64)
+        H, divisor = torch.eye(n, dtype=torch.float64, device=W.device), None
     else:
         if H.shape != (n, n):
             raise ValueError(f"Hessian shape {tuple(H.shape)} does not match weight in_features {n}")
-        Hn = normalize(H.detach().cpu())
-    Hn = Hn.to(W.device)
+        H = H.detach().to(device=W.device, dtype=torch.float64)
+        divisor = hessian_scale(H)
     if config.use_hadamard:
         gen = torch.Generator().manual_seed(config.hadamard_seed if seed is None else seed)
         su = random_signs(n, gen).to(W.device)
         sv = random_signs(m, gen).to(W.device)
         Wt = rht_weight(W, su, sv)
-        Ht = rht_hessian(Hn, su)
-        Ht = (Ht + Ht.T) / 2
+        Ht = symmetrize_(rht_hessian(H, su, divisor))
     else:
         su = torch.ones(n, device=W.device)
         sv = torch.ones(m, device=W.device)
-        Wt, Ht = W, Hn
+        Wt, Ht = W, (H / divisor if divisor is not None else H)
+    del H
     rho = config.scale_rho if config.scale_rho is not None else codebook.opt_scale
     rms = Wt.square().mean().sqrt()
     if not rms > 0:
@@ -152,9 +191,11 @@ def quantize_weight(
     else:
         scale = float(rms / rho)
     Wn = Wt / scale
-    L, Hd, sigma = _factor_with_damping(Ht, config.sigma, codebook.dim)
+    L, undamped, sigma = _factor_with_damping(Ht, config.sigma, codebook.dim)  # Ht is damped until restored
     What, codes = block_ldlq(Wn, L, codebook, config.blocksize)
-    What, codes = coordinate_descent(Wn, What, codes, Hd, codebook, config.cd_passes)
+    del L
+    What, codes = coordinate_descent(Wn, What, codes, Ht, codebook, config.cd_passes)
+    Ht.diagonal().copy_(undamped)
     total = proxy_loss(Wn, torch.zeros_like(Wn), Ht)
     rel = proxy_loss(Wn, What, Ht) / total if total > 0 else 0.0
     return QuantizedWeight(

@@ -273,8 +273,9 @@ def open_streamed_model(model_source: str | os.PathLike, dtype: str, verb: str) 
 #: model's skeleton (measured here: 0.45 GB for SmolLM2 from its GGUF).
 RUNTIME_BYTES = 450 * 2**20
 #: Float64 [n, n] copies of a Hessian alive at once: its exact sums' bins while accumulating (every
-#: group of the block at once), and while one layer is quantized the means of all groups plus about
-#: LDLQ_COPIES working copies of its own (regularised matrix, its factor, temporaries).
+#: group of the block at once), and while one layer is quantized the means of the groups not yet done
+#: plus LDLQ_COPIES working copies of its own (the rotated matrix, damped in place, its factor, and the
+#: transform's and factorisation's temporaries: 3.4 measured at n = 4096).
 BIN_COPIES = 3
 LDLQ_COPIES = 4
 
@@ -294,7 +295,8 @@ def streaming_memory(model: Any, config: ModelQuantConfig, calibrated: bool) -> 
     block = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks)
     sizes = [[linear_shape(m)[1] ** 2 for m in block_linears(b).values()] for b in blocks]
     # (layers reading one input share a Hessian: counting each layer's overestimates)
-    hessians = max(max(BIN_COPIES * sum(s), sum(s) + LDLQ_COPIES * max(s)) for s in sizes if s) * 8
+    summing = max((BIN_COPIES * sum(s) for s in sizes if s), default=0) * 8
+    quantizing = max((sum(s) + LDLQ_COPIES * max(s) for s in sizes if s), default=0) * 8
     cfg = model.config
     hidden = int(getattr(cfg, "hidden_size", 0) or 0)
     heads = int(getattr(cfg, "num_attention_heads", 0) or 0)
@@ -304,21 +306,33 @@ def streaming_memory(model: Any, config: ModelQuantConfig, calibrated: bool) -> 
     batch = min(config.batch_size, config.nsamples)
     activations = 4 * batch * config.ctx * (heads * config.ctx + 3 * inter + 4 * hidden) if calibrated else 0
     runtime = current_rss_bytes() or RUNTIME_BYTES
-    return {"outside the blocks": outer, "one block": block, "its Hessians": hessians,
-            "calibration stream": stream, "one batch's activations": activations, "this process now": runtime}
+    return {"outside the blocks": outer, "one block": block, "its Hessians while summed": summing,
+            "its Hessians while quantizing": quantizing, "calibration stream": stream,
+            "one batch's activations": activations, "this process now": runtime}
+
+
+def streaming_peak(parts: dict[str, int], stream: int) -> int:
+    """The peak of the three phases of a streamed run (:func:`streaming_memory`'s parts, with ``stream``
+    bytes of the calibration stream in memory): the calibration pass (embeddings and head, block 0),
+    summing a block's Hessians, and quantizing its linears (the batch's activations are gone)."""
+    block, activations = parts["one block"], parts["one batch's activations"]
+    phases = (parts["outside the blocks"] + block + stream + activations,
+              block + parts["its Hessians while summed"] + stream + activations,
+              block + parts["its Hessians while quantizing"] + stream)
+    return parts["this process now"] + max(phases)
 
 
 def check_streaming_memory(model: Any, config: ModelQuantConfig, max_memory: int, calibrated: bool) -> bool:
-    """Whether the calibration stream must go to disk to fit ``--max-memory`` (:func:`streaming_memory`);
-    refuses, before any work, a cap too small even then, naming what it needs."""
+    """Whether the calibration stream must go to disk to fit ``--max-memory`` (:func:`streaming_memory`,
+    :func:`streaming_peak`); refuses, before any work, a cap too small even then, naming what it needs."""
     parts = streaming_memory(model, config, calibrated)
-    need = sum(parts.values())
-    described = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in parts.items())
-    logger.info("streaming needs about %.2f GB: %s", need / 1e9, described)
+    need = streaming_peak(parts, parts["calibration stream"])
+    described = "the peak of its phases; " + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in parts.items()) + " GB"
+    logger.info("streaming needs about %.2f GB (%s)", need / 1e9, described)
     if need <= max_memory:
         return False
     batches = -(-config.nsamples // config.batch_size)
-    spilled = need - parts["calibration stream"] + 2 * parts["calibration stream"] // max(batches, 1)
+    spilled = streaming_peak(parts, 2 * parts["calibration stream"] // max(batches, 1))
     if spilled > max_memory:
         raise WorkflowError(f"--max-memory {max_memory / 1e9:.2f} GB is too small: streaming this model needs about "
                             f"{spilled / 1e9:.2f} GB with the calibration stream on disk ({described})")
