@@ -5,7 +5,8 @@ Both runs are separate processes with ``OMP_NUM_THREADS=1`` (the driver's own to
 ``--ray-threads 1`` for the tasks, measured by ``/usr/bin/time -v`` (wall time; the peak resident set
 is the driver's only, the workers are other processes). The cluster's start (about 10 s here) is
 inside the Ray run's time. Each run's ``-v`` log lines on its time by step (calibration pass, Hessians,
-quantizing, next stream, saving; and the Ray driver's own serial work) are kept in the result.
+quantizing, next stream, saving; and the Ray driver's own serial work) are kept in the result, with a
+probe of how much WORKERS single-threaded processes slow each other down on this machine.
 
     .venv/bin/python benchmarks/distributed.py --model SmolLM2.gguf --calib c4.jsonl --workers 2 --json
 """
@@ -21,6 +22,43 @@ from pathlib import Path
 from _common import emit_result, machine_info, today
 from streaming import run, same_tensors
 
+#: One worker's share of a SmolLM2 block's Hessian step, single-threaded: the exact sums of 4,096 tokens'
+#: inputs at the block's widths (q/k/v, o, gate/up: 576; down: 1536) and the block's float products.
+PROBE = """
+import time, torch
+torch.set_num_threads(1)
+from quipsharp.hessian import HessianAccumulator
+g = torch.Generator().manual_seed(0)
+accs = [HessianAccumulator(n) for n in (576, 576, 576, 1536)]
+xs = [torch.randn(4096, n, generator=g) for n in (576, 576, 576, 1536)]
+w = [torch.randn(1536, 576, generator=g) for _ in range(3)]
+start = time.monotonic()
+for _ in range(3):
+    for acc, x in zip(accs, xs):
+        acc.add_batch(x)
+    for m in w:
+        xs[0] @ m.T
+print(time.monotonic() - start)
+"""
+
+
+def concurrency_probe(copies: int, rounds: int = 3) -> dict:
+    """Seconds of the single-threaded PROBE alone and with ``copies`` running at once (medians of
+    ``rounds``): how much two workers on this machine slow each other down (shared caches, memory
+    bandwidth, or host threads behind the virtual CPUs), which bounds what ``copies`` workers can gain."""
+    import statistics
+    import subprocess
+
+    def once(n: int) -> list[float]:
+        procs = [subprocess.Popen([sys.executable, "-c", PROBE], stdout=subprocess.PIPE, text=True,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(n)]
+        return [float(p.communicate()[0]) for p in procs]
+
+    alone = statistics.median(once(1)[0] for _ in range(rounds))
+    together = statistics.median(statistics.mean(once(copies)) for _ in range(rounds))
+    return {"copies": copies, "alone_s": alone, "together_s": together, "slowdown": together / alone,
+            "best_wall_ratio": together / alone / copies}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -31,10 +69,16 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--skip-single", action="store_true", help="only the Ray run")
+    ap.add_argument("--probe-only", action="store_true",
+                    help="only the concurrency probe (a single-threaded Hessian workload alone and WORKERS at once)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--results", default=None, help="append the result as one JSON line to this file")
     args = ap.parse_args()
     os.environ["OMP_NUM_THREADS"] = "1"  # the children's torch threads (the driver's, and one process's)
+    probe = concurrency_probe(args.workers)
+    if args.probe_only:
+        emit_result({"probe": probe, "measured": today(), "machine": machine_info()}, args.json, args.results)
+        return
     work = Path(tempfile.mkdtemp(prefix="qs-ray-"))
     base = [sys.executable, "-m", "quipsharp.cli", "quantize", args.model, "--bits", args.bits, "--calib",
             args.calib, "--nsamples", str(args.nsamples), "--ctx", str(args.ctx), "--quiet"]
@@ -45,7 +89,7 @@ def main() -> None:
     rows["ray"] = run([*base, "-v", "--out", str(work / "ray"), "--ray", "local", "--ray-workers", str(args.workers),
                        "--ray-threads", "1"], None, steps)
     result = {"model": args.model, "bits": args.bits, "nsamples": args.nsamples, "ctx": args.ctx,
-              "workers": args.workers, "threads_per_task": 1, "runs": rows, "measured": today(),
+              "workers": args.workers, "threads_per_task": 1, "runs": rows, "probe": probe, "measured": today(),
               "machine": machine_info()}
     if "one_process" in rows and rows["one_process"]["rc"] == 0 and rows["ray"]["rc"] == 0:
         result["same_tensors"] = same_tensors(work / "single", work / "ray")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from _common import emit_result
+from _common import emit_result, machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -100,6 +100,9 @@ def main() -> None:
     ap.add_argument("--max-memory", default=None, help="--max-memory of the streamed run (default: --cap or 64GB)")
     ap.add_argument("--cap", type=float, default=None, help="hard memory limit of the streamed run (bytes)")
     ap.add_argument("--skip-full", action="store_true", help="only the streamed run")
+    ap.add_argument("--reference", default=None,
+                    help="with --skip-full: an earlier run's output (same settings) to compare the tensors with")
+    ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--results", default=None)
     args = ap.parse_args()
@@ -108,18 +111,24 @@ def main() -> None:
         make_random(args.make_random, model, args.dtype)
     work = Path(tempfile.mkdtemp(prefix="qs-stream-"))
     base = [sys.executable, "-m", "quipsharp.cli", "quantize", str(model), "--bits", args.bits, "--calib",
-            args.calib, "--nsamples", str(args.nsamples), "--ctx", str(args.ctx), "--dtype", args.dtype, "--quiet"]
+            args.calib, "--nsamples", str(args.nsamples), "--ctx", str(args.ctx), "--dtype", args.dtype, "--quiet",
+            *(["--batch-size", str(args.batch_size)] if args.batch_size else [])]
     rows = {}
     if not args.skip_full:
         rows["loaded"] = run([*base, "--out", str(work / "loaded")], None)
     budget = args.max_memory or (str(int(args.cap)) if args.cap else "64GB")
     rows["streamed"] = run([*base, "--out", str(work / "streamed"), "--max-memory", budget], args.cap)
     result = {"model": str(model), "shape": args.make_random, "bits": args.bits, "nsamples": args.nsamples,
-              "ctx": args.ctx, "dtype": args.dtype, "cap_bytes": args.cap, "max_memory": budget, "runs": rows,
+              "ctx": args.ctx, "batch_size": args.batch_size, "dtype": args.dtype, "cap_bytes": args.cap,
+              "max_memory": budget, "runs": rows,
               "model_bytes": sum(f.stat().st_size for f in model.rglob("*.safetensors")) if model.is_dir()
-              else model.stat().st_size, "measured": datetime.date.today().isoformat()}
-    if not args.skip_full and rows["loaded"]["rc"] == 0 and rows["streamed"]["rc"] == 0:
-        result["same_tensors"] = same_tensors(work / "loaded", work / "streamed")
+              else model.stat().st_size, "measured": datetime.date.today().isoformat(),
+              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                       text=True).stdout.strip(), "machine": machine_info()}
+    reference = work / "loaded" if not args.skip_full else Path(args.reference) if args.reference else None
+    if reference is not None and (args.skip_full or rows["loaded"]["rc"] == 0) and rows["streamed"]["rc"] == 0:
+        result["reference"] = str(reference)
+        result["same_tensors"] = same_tensors(reference, work / "streamed")
     emit_result(result, args.json, args.results)
 
 

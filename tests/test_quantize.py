@@ -147,3 +147,72 @@ def test_zero_weight_quantizes_to_zero_error():
     qw = quantize_weight(torch.zeros(8, 16))
     assert torch.isfinite(dequantize(qw)).all()
     assert qw.proxy_loss == 0.0
+
+
+# ------------------------------------------------------------------ memory-lean Hessian steps
+@pytest.mark.parametrize("n", [576, 1040, 2048])
+def test_chunked_hessian_steps_equal_the_plain_expressions(n):
+    """The rotation, symmetrisation and damping work in chunks and in place (at 70B scale each float64
+    [n, n] copy is 6.6 GB); they must give exactly the plain expressions' bits, whatever the chunking."""
+    from quipsharp.hadamard import hadamard_transform, random_signs
+    from quipsharp.hessian import normalize
+    from quipsharp.quantize import rht_hessian, symmetrize_
+
+    gen = torch.Generator().manual_seed(n)
+    H = decaying_hessian(n, n) * 3.7
+    su = random_signs(n, gen).double()
+    Hn = normalize(H)
+    plain = hadamard_transform((hadamard_transform(Hn * su) * su[:, None]).T).T
+    got = rht_hessian(H, su, torch.diagonal(H).mean())
+    assert torch.equal(got, plain)
+    A = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    want = (A + A.T) / 2
+    assert torch.equal(symmetrize_(A.clone()), want)
+
+
+@pytest.mark.parametrize(("n", "g"), [(1040, 8), (1040, 16), (576, 8)])
+def test_block_ldl_in_place_equals_the_formula(n, g):
+    from quipsharp.ldlq import block_ldl
+
+    H = decaying_hessian(n, n + g)
+    L, D = block_ldl(H.clone(), g)
+    C = torch.linalg.cholesky(H)
+    nb = n // g
+    blocks = C.reshape(nb, g, nb, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    inv = torch.linalg.solve_triangular(blocks, torch.eye(g, dtype=H.dtype).expand(nb, g, g), upper=False)
+    assert torch.equal(L, torch.einsum("ikj,kjl->ikl", C.reshape(n, nb, g), inv).reshape(n, n))
+    assert torch.allclose(L @ torch.block_diag(*D) @ L.T, H, atol=1e-9)
+
+
+def test_quantizing_a_layer_keeps_few_hessian_copies(tmp_path):
+    """Peak memory of quantize_weight at n = 2048, in float64 [n, n] copies beyond the caller's H: 3.4
+    measured (7.2 before the chunked, in-place steps). Run in a fresh process for a clean peak."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import torch
+        from quipsharp.config import QuIPSharpConfig
+        from quipsharp.quantize import quantize_weight
+        torch.set_num_threads(1)
+        n = 2048
+        g = torch.Generator().manual_seed(0)
+        X = torch.randn(2 * n, n, generator=g, dtype=torch.float64)
+        H = X.T @ X / (2 * n)
+        del X
+        W = torch.randn(64, n, generator=g)
+        quantize_weight(W[:, :256], H[:256, :256], QuIPSharpConfig(bits=2))  # warm up allocator and kernels
+        def status(key):
+            return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key))
+        open("/proc/self/clear_refs", "w").write("5")
+        base = status("VmRSS")
+        quantize_weight(W, H, QuIPSharpConfig(bits=2))
+        print((status("VmHWM") - base) * 1024 / (8 * n * n))
+    """)
+    if not __import__("os").path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux /proc/self/clear_refs to reset the peak resident size")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    copies = float(out.stdout.strip())
+    assert 1.0 < copies < 4.5, copies

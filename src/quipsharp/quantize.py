@@ -97,8 +97,10 @@ def symmetrize_(H: torch.Tensor) -> torch.Tensor:
     the same values as the out-of-place expression (``a + b == b + a`` exactly). Returns ``H``."""
     n = H.shape[0]
     for r in range(0, n, HESSIAN_CHUNK):
+        rows = slice(r, r + HESSIAN_CHUNK)
         for c in range(r, n, HESSIAN_CHUNK):
-            upper, lower = H[r : r + HESSIAN_CHUNK, c : c + HESSIAN_CHUNK], H[c : c + HESSIAN_CHUNK, r : r + HESSIAN_CHUNK]
+            cols = slice(c, c + HESSIAN_CHUNK)
+            upper, lower = H[rows, cols], H[cols, rows]
             mean = upper + lower.T
             mean.div_(2)
             upper.copy_(mean)
