@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -222,3 +223,18 @@ def test_captured_arguments_compare_by_value():
     assert not _same_call({"a": t}, {"b": t})
     assert not _same_call((t, 1), [t, 1])
     assert not _same_call(object(), object())
+
+
+def test_a_run_logs_its_time_by_step(caplog):
+    """The -v line benchmarks/distributed.py reads: every step of the block loop, with its seconds."""
+    import re
+
+    from tests.tiny_models import calibration_tokens, tiny_model
+
+    config = ModelQuantConfig(nsamples=4, ctx=16, batch_size=2)
+    with caplog.at_level(logging.INFO, logger="quipsharp.pipeline"):
+        quantize_model(tiny_model("llama"), config, calibration_tokens(nsamples=4, ctx=16), progress=False)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("time by step:"))
+    steps = {k.strip(): float(v) for k, v in re.findall(r"([a-zA-Z ]+) (\d+\.\d)s", line.split(":", 1)[1])}
+    assert set(steps) == {"calibration pass", "Hessians", "quantizing", "next stream"}
+    assert steps["quantizing"] > 0

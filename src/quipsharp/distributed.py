@@ -9,7 +9,8 @@ run as Ray tasks:
 1. After the calibration pass, the hidden states entering block 0 and every block's call arguments
    (masks, rotary embeddings) are cut into one shard of whole batches per worker and put into the
    cluster's object store. From then on the stream lives there; the driver keeps none of it.
-2. Per block: one task per shard sums the shard's Hessians. The sums are exact
+2. Per block: one task per shard finds the block's groups of linears that read one input and sums
+   the shard's Hessians. The sums are exact
    (:class:`~quipsharp.hessian.HessianAccumulator`), so the driver's merge equals one process's sum
    bit for bit. Then one task per linear quantizes it, costliest first, with the same seed as in one
    process. Then one task per shard runs the quantized block (dequantized once, by the driver) on its
