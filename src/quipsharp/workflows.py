@@ -278,6 +278,7 @@ RUNTIME_BYTES = 450 * 2**20
 #: transform's and factorisation's temporaries: 3.4 measured at n = 4096).
 BIN_COPIES = 3
 LDLQ_COPIES = 4
+WEIGHT_COPIES = 6
 
 
 def streaming_memory(model: Any, config: ModelQuantConfig, calibrated: bool) -> dict[str, int]:
@@ -293,10 +294,16 @@ def streaming_memory(model: Any, config: ModelQuantConfig, calibrated: bool) -> 
     outer = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()
                 if id(p) not in inside)
     block = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks)
-    sizes = [[linear_shape(m)[1] ** 2 for m in block_linears(b).values()] for b in blocks]
-    # (layers reading one input share a Hessian: counting each layer's overestimates)
-    summing = max((BIN_COPIES * sum(s) for s in sizes if s), default=0) * 8
-    quantizing = max((sum(s) + LDLQ_COPIES * max(s) for s in sizes if s), default=0) * 8
+    shapes = [[linear_shape(m) for m in block_linears(b).values()] for b in blocks]
+    # Float64 Hessians (layers reading one input share one: counting each layer's overestimates), plus
+    # the float32 temporaries: XᵀX of the widest input while summing; while quantizing, the factor in
+    # float32 and WEIGHT_COPIES float32 arrays the size of the largest weight (rotated, scaled, rounded,
+    # the feedback's working copy and the coordinate descent's).
+    summing = max((8 * BIN_COPIES * sum(n * n for _, n in s) + 4 * max(n * n for _, n in s) for s in shapes if s),
+                  default=0)
+    quantizing = max((8 * (sum(n * n for _, n in s) + LDLQ_COPIES * max(n * n for _, n in s))
+                      + 4 * max(n * n for _, n in s) + 4 * WEIGHT_COPIES * max(m * n for m, n in s)
+                      for s in shapes if s), default=0)
     cfg = model.config
     hidden = int(getattr(cfg, "hidden_size", 0) or 0)
     heads = int(getattr(cfg, "num_attention_heads", 0) or 0)
