@@ -23,6 +23,20 @@ MAX_CHOLESKY_DIAG_RATIO = 1e6
 LDL_CHUNK_ROWS = 512
 
 
+def _transpose_(A: torch.Tensor) -> torch.Tensor:
+    """A square contiguous ``A`` transposed in place, ``LDL_CHUNK_ROWS``-square blocks at a time; returns ``A``."""
+    n = A.shape[0]
+    for r in range(0, n, LDL_CHUNK_ROWS):
+        rows = slice(r, r + LDL_CHUNK_ROWS)
+        A[rows, rows] = A[rows, rows].T.clone()
+        for c in range(r + LDL_CHUNK_ROWS, n, LDL_CHUNK_ROWS):
+            cols = slice(c, c + LDL_CHUNK_ROWS)
+            upper = A[rows, cols].clone()
+            A[rows, cols] = A[cols, rows].T
+            A[cols, rows] = upper.T
+    return A
+
+
 def block_ldl(H: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Block LDL decomposition ``H = L D Lᵀ`` from the Cholesky factor.
 
@@ -30,8 +44,8 @@ def block_ldl(H: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor]:
         H: ``[n, n]`` symmetric positive-definite matrix (float64 recommended), ``n % g == 0``.
         g: block size.
     Returns:
-        ``L`` ``[n, n]`` unit block-lower-triangular (identity ``g × g`` diagonal blocks) and
-        ``D`` ``[n // g, g, g]`` the diagonal blocks.
+        ``L`` ``[n, n]`` unit block-lower-triangular (identity ``g × g`` diagonal blocks; formed in place
+        of the Cholesky factor; row-major) and ``D`` ``[n // g, g, g]`` the diagonal blocks.
     Raises:
         HessianNotPositiveDefiniteError: the factorisation fails or ``H`` is too ill-conditioned.
     """
@@ -54,11 +68,15 @@ def block_ldl(H: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor]:
         blocks, torch.eye(g, dtype=H.dtype, device=H.device).expand(nb, g, g), upper=False
     )  # [nb, g, g] C_kk⁻¹
     # L = C · blockdiag(C_kk)⁻¹: scale each column block of C by its diagonal block's inverse, in place,
-    # LDL_CHUNK_ROWS rows at a time (at large n the [n, n] copies are what limits memory).
+    # LDL_CHUNK_ROWS rows at a time (at large n the [n, n] copies are what limits memory). BLAS rounds a
+    # transposed operand differently, so the layouts are kept as they were when L was a new matrix: the
+    # products read LAPACK's column-major C, and L is returned row-major (transposed in place).
     for r in range(0, n, LDL_CHUNK_ROWS):
         rows = C[r : r + LDL_CHUNK_ROWS]
         rows.copy_(torch.einsum("ikj,kjl->ikl", rows.reshape(-1, nb, g), inv_blocks).reshape(rows.shape))
-    return C, D
+    if not C.is_contiguous() and C.mT.is_contiguous():
+        C = _transpose_(C.mT)
+    return C.contiguous(), D
 
 
 def block_ldlq(
@@ -81,7 +99,7 @@ def block_ldlq(
     g = codebook.dim
     if n % g or blocksize % g or L.shape != (n, n):
         raise ValueError(f"block_ldlq: W {tuple(W.shape)}, L {tuple(L.shape)}, g={g}, blocksize={blocksize}")
-    L = L.to(W.dtype)
+    L = L.to(W.dtype, memory_format=torch.contiguous_format)  # row-major: BLAS rounds transposed operands differently
     work = W.clone()  # W plus the feedback of the chunks already rounded
     What = torch.empty_like(W)
     codes: list[torch.Tensor | None] = [None] * (n // g)
