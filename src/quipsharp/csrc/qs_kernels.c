@@ -2884,6 +2884,92 @@ __attribute__((target("avx512f,avx512bw"))) static inline __m512i trellis_hash_w
 QS_TRELLIS_INT8_AVX512(__attribute__((target("avx512f,avx512bw,avx512vnni"))), trellis_int8_vnni, QS_DOT_VNNI)
 QS_TRELLIS_INT8_AVX512(__attribute__((target("avx512f,avx512bw"))), trellis_int8_avx512, QS_DOT_AVX512BW)
 
+/*
+ * The VNNI level's decoding step (B = 1) reads each column's 16 windows with one vpmultishiftqb (VBMI, which
+ * the VNNI level requires) from one broadcast qword, where the generic form spends a vpermt2w, a shift and a
+ * mask. That needs the qword's words in reverse order, so each tile's words are first copied reversed and
+ * wrapped (tail-biting): R[i] = w[(W + 2 - i) mod W] for i < W + 3 (W = 16k words). The little-endian qword
+ * at R + W - 1 - t then holds words t, t+1, t+2, t+3 (mod W), word t in its top 16 bits, so the window at
+ * stream bit b after word t's MSB (b < 49) is qword bits 48 - b .. 63 - b: its low byte starts at bit 48 - b,
+ * its high byte at 56 - b, and a zero mask clears the lane's upper two bytes. Lane r (row r) of column c
+ * reads the window at bit k·r after word k·c; with k = 4 rows 12..15 reach past 48 bits and read the qword
+ * one word later (bit 4r − 16). The copies of TRELLIS_RCHUNK tiles are written before any is read (a load
+ * from a just-written vector stalls on store forwarding). The integer sums are those of the generic form.
+ */
+#define TRELLIS_RCHUNK 32
+#define TRELLIS_R_STRIDE (TRELLIS_TILE * TRELLIS_MAX_K + 4)
+#define TRELLIS_R_OUT ((TRELLIS_TILE * TRELLIS_MAX_K + 3 + 31) / 32) /* 32-word stores per tile, at most */
+
+static inline int64_t trellis_load_qword(const int16_t *p) {
+    int64_t q;
+    memcpy(&q, p, sizeof q);
+    return q;
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi"))) static inline __m512i trellis_hash_vbmi(
+    const int16_t *R, int at, int two, __m512i ctrl) {
+    __m512i src = _mm512_set1_epi64(trellis_load_qword(R + at));
+    if (two) src = _mm512_mask_blend_epi64((__mmask8)0xC0, src, _mm512_set1_epi64(trellis_load_qword(R + at - 1)));
+    __m512i state = _mm512_maskz_multishift_epi64_epi8((__mmask64)0x3333333333333333ULL, ctrl, src);
+    return _mm512_add_epi32(_mm512_mullo_epi32(state, _mm512_set1_epi32((int)TRELLIS_1MAD_A)),
+                            _mm512_set1_epi32((int)TRELLIS_1MAD_C));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi"))) static void trellis_int8_vnni_step(
+    const int16_t *codes_row, int64_t tiles, int k, const int32_t *xw, int32_t *acc) {
+    const int W = TRELLIS_TILE * k, stores = (W + 3 + 31) / 32, two = 15 * k + 15 > 63;
+    const __mmask32 hi_mask = W > 32 ? (__mmask32)(((uint64_t)1 << (W - 32)) - 1) : 0;
+    uint16_t ridx[TRELLIS_R_OUT][32];
+    for (int q = 0; q < stores; q++)
+        for (int j = 0; j < 32; j++) {
+            int i = 32 * q + j;
+            ridx[q][j] = (uint16_t)(i < W + 3 ? (W + 2 - i) % W : 0);
+        }
+    uint8_t ctrl_bytes[64];
+    for (int r = 0; r < 16; r++) {
+        int b = k * r - (two && r >= 12 ? 16 : 0);
+        ctrl_bytes[4 * r] = (uint8_t)(48 - b);
+        ctrl_bytes[4 * r + 1] = (uint8_t)(56 - b);
+        ctrl_bytes[4 * r + 2] = ctrl_bytes[4 * r + 3] = 0;
+    }
+    const __m512i ctrl = _mm512_loadu_si512((const void *)ctrl_bytes);
+    __m512i a0 = _mm512_loadu_si512((const void *)acc), a1 = _mm512_setzero_si512();
+    __m512i a2 = _mm512_setzero_si512(), a3 = _mm512_setzero_si512();
+    int16_t R[TRELLIS_RCHUNK * TRELLIS_R_STRIDE + 32 * TRELLIS_R_OUT];
+    for (int64_t j0 = 0; j0 < tiles; j0 += TRELLIS_RCHUNK) {
+        const int64_t nt = tiles - j0 < TRELLIS_RCHUNK ? tiles - j0 : TRELLIS_RCHUNK;
+        for (int64_t j = 0; j < nt; j++) { /* in order: a tile's spill past W + 3 words is the next one's room */
+            const int16_t *w = codes_row + (j0 + j) * W;
+            __m512i lo = _mm512_loadu_si512((const void *)w);
+            __m512i hi = W > 32 ? _mm512_maskz_loadu_epi16(hi_mask, w + 32) : lo;
+            for (int q = 0; q < stores; q++)
+                _mm512_storeu_si512((void *)(R + j * TRELLIS_R_STRIDE + 32 * q),
+                                    _mm512_permutex2var_epi16(lo, _mm512_loadu_si512((const void *)ridx[q]), hi));
+        }
+        for (int64_t j = 0; j < nt; j++) {
+            const int16_t *Rj = R + j * TRELLIS_R_STRIDE;
+            const int32_t *xj = xw + (j0 + j) * TRELLIS_TILE;
+            for (int c = 0; c < TRELLIS_TILE; c += 4) {
+                a0 = _mm512_dpbusd_epi32(a0, trellis_hash_vbmi(Rj, W - 1 - k * c, two, ctrl), _mm512_set1_epi32(xj[c]));
+                a1 = _mm512_dpbusd_epi32(a1, trellis_hash_vbmi(Rj, W - 1 - k * (c + 1), two, ctrl),
+                                         _mm512_set1_epi32(xj[c + 1]));
+                a2 = _mm512_dpbusd_epi32(a2, trellis_hash_vbmi(Rj, W - 1 - k * (c + 2), two, ctrl),
+                                         _mm512_set1_epi32(xj[c + 2]));
+                a3 = _mm512_dpbusd_epi32(a3, trellis_hash_vbmi(Rj, W - 1 - k * (c + 3), two, ctrl),
+                                         _mm512_set1_epi32(xj[c + 3]));
+            }
+        }
+    }
+    _mm512_storeu_si512((void *)acc, _mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3)));
+}
+
+/* The VNNI level: its decoding step as above, batches as the generic form. */
+static void trellis_int8_vnni_level(const int16_t *codes_row, const uint32_t *row_pairs, int64_t tiles, int k,
+                                    const int8_t *xq, const int32_t *xw, int64_t B, int64_t n, int32_t *acc) {
+    if (B == 1) trellis_int8_vnni_step(codes_row, tiles, k, xw, acc);
+    else trellis_int8_vnni(codes_row, row_pairs, tiles, k, xq, xw, B, n, acc);
+}
+
 /* one_pair: all 8 lanes read pair `at` (k = 2): a broadcast load instead of a load and a permute. */
 __attribute__((target("avx2"))) static inline __m256i trellis_hash_avx2(const uint32_t *pairs, int64_t at,
                                                                        __m256i idx, __m256i shift, int one_pair) {
@@ -2933,6 +3019,47 @@ __attribute__((target("avx2"))) static void trellis_int8_avx2(const int16_t *cod
         }
     }
 }
+
+/* AVX2's decoding step (B = 1): its own loop, so the batch form's 32 spilled hash registers stay out of it;
+   two accumulator pairs (even and odd columns), and k = 2 (every half reads one pair) compiled apart. */
+__attribute__((target("avx2"), always_inline)) static inline void trellis_int8_avx2_step_k(
+    const uint32_t *row_pairs, int64_t tiles, int k, const int32_t *xw, int32_t *acc, int one_pair) {
+    int32_t lane_idx[16], lane_shift[16];
+    trellis_lane_tables(k, 1, lane_idx, lane_shift);
+    const __m256i idx0 = _mm256_loadu_si256((const __m256i *)lane_idx);
+    const __m256i idx1 = _mm256_loadu_si256((const __m256i *)(lane_idx + 8));
+    const __m256i sh0 = _mm256_loadu_si256((const __m256i *)lane_shift);
+    const __m256i sh1 = _mm256_loadu_si256((const __m256i *)(lane_shift + 8));
+    const int64_t off1 = (8 * k) >> 4;
+    __m256i a0 = _mm256_loadu_si256((const __m256i *)acc), a1 = _mm256_loadu_si256((const __m256i *)(acc + 8));
+    __m256i b0 = _mm256_setzero_si256(), b1 = _mm256_setzero_si256();
+    for (int64_t j = 0; j < tiles; j++) {
+        const uint32_t *pairs = row_pairs + j * TRELLIS_TILE * k;
+        const int32_t *xj = xw + j * TRELLIS_TILE;
+        for (int c = 0; c < TRELLIS_TILE; c += 2) {
+            const __m256i x0 = _mm256_set1_epi32(xj[c]), x1 = _mm256_set1_epi32(xj[c + 1]);
+            a0 = trellis_dot_avx2(a0, trellis_hash_avx2(pairs, c * k, idx0, sh0, one_pair), x0);
+            a1 = trellis_dot_avx2(a1, trellis_hash_avx2(pairs, c * k + off1, idx1, sh1, one_pair), x0);
+            b0 = trellis_dot_avx2(b0, trellis_hash_avx2(pairs, (c + 1) * k, idx0, sh0, one_pair), x1);
+            b1 = trellis_dot_avx2(b1, trellis_hash_avx2(pairs, (c + 1) * k + off1, idx1, sh1, one_pair), x1);
+        }
+    }
+    _mm256_storeu_si256((__m256i *)acc, _mm256_add_epi32(a0, b0));
+    _mm256_storeu_si256((__m256i *)(acc + 8), _mm256_add_epi32(a1, b1));
+}
+
+__attribute__((target("avx2"))) static void trellis_int8_avx2_step(const uint32_t *row_pairs, int64_t tiles, int k,
+                                                                   const int32_t *xw, int32_t *acc) {
+    if (k == 2) trellis_int8_avx2_step_k(row_pairs, tiles, 2, xw, acc, 1);
+    else trellis_int8_avx2_step_k(row_pairs, tiles, k, xw, acc, 0);
+}
+
+/* The AVX2 level: its decoding step as above, batches as the generic form. */
+static void trellis_int8_avx2_level(const int16_t *codes_row, const uint32_t *row_pairs, int64_t tiles, int k,
+                                    const int8_t *xq, const int32_t *xw, int64_t B, int64_t n, int32_t *acc) {
+    if (B == 1) trellis_int8_avx2_step(row_pairs, tiles, k, xw, acc);
+    else trellis_int8_avx2(codes_row, row_pairs, tiles, k, xq, xw, B, n, acc);
+}
 #endif
 
 typedef void (*trellis_int8_fn)(const int16_t *, const uint32_t *, int64_t, int, const int8_t *, const int32_t *,
@@ -2942,10 +3069,10 @@ typedef void (*trellis_int8_fn)(const int16_t *, const uint32_t *, int64_t, int,
 static trellis_int8_fn trellis_int8(int level, int *xw_form) {
     *xw_form = 0;
 #if QS_X86
-    if (level == QS_LEVEL_VNNI) return trellis_int8_vnni;
+    if (level == QS_LEVEL_VNNI) return trellis_int8_vnni_level;
     *xw_form = 1;
     if (level == QS_LEVEL_AVX512) return trellis_int8_avx512;
-    if (level == QS_LEVEL_AVX2) return trellis_int8_avx2;
+    if (level == QS_LEVEL_AVX2) return trellis_int8_avx2_level;
 #else
     (void)level;
 #endif
@@ -2965,7 +3092,7 @@ QS_API int qs_trellis_matmul_int8(const int16_t *codes, int64_t m, int64_t n, in
     const int64_t slabs = m / TRELLIS_TILE, tiles = n / TRELLIS_TILE, row_words = tiles * TRELLIS_TILE * k;
     int form;
     trellis_int8_fn slab = trellis_int8(level, &form);
-    const int avx512_words = is_avx512(level); /* a decoding step reads the words, not the pairs */
+    const int step_reads_words = is_avx512(level); /* a decoding step reads the words, not the pairs */
     /* activations: int8 xq [B, n], the level's lanes xw [B, n], per row its scale and 510·Σ xq */
     char *buf = (char *)malloc((size_t)(B * n) * (sizeof(int8_t) + sizeof(int32_t)) + (size_t)B * 16);
     if (!buf) return QS_ENOMEM;
@@ -3009,7 +3136,7 @@ QS_API int qs_trellis_matmul_int8(const int16_t *codes, int64_t m, int64_t n, in
             if (!acc) continue;
             uint32_t *pairs = (uint32_t *)(acc + B * TRELLIS_TILE);
             memset(acc, 0, sizeof(int32_t) * (size_t)(B * TRELLIS_TILE));
-            if (B > 1 || !avx512_words) trellis_slab_pairs(codes + i * row_words, tiles, k, pairs);
+            if (B > 1 || !step_reads_words) trellis_slab_pairs(codes + i * row_words, tiles, k, pairs);
             slab(codes + i * row_words, pairs, tiles, k, xq, xw, B, n, acc);
             for (int64_t b = 0; b < B; b++)
                 for (int r = 0; r < TRELLIS_TILE; r++)
