@@ -2568,17 +2568,23 @@ static inline void trellis_pairs(const int16_t *w, int words, uint32_t *pairs) {
 }
 
 /* The pairs of every tile of a slab row, written before any is read (a vector load of pairs just
-   stored by scalar stores would stall on store forwarding), plus zeroed room for the last 16-lane load. */
-static void trellis_slab_pairs(const int16_t *row, int64_t tiles, int k, uint32_t *pairs) {
-    const int64_t words = TRELLIS_TILE * k, total = tiles * words;
-    const uint16_t *w = (const uint16_t *)row;
-    for (int64_t t = 0; t + 1 < total; t++) pairs[t] = ((uint32_t)w[t] << 16) | w[t + 1]; /* vectorised */
-    for (int64_t j = 0; j < tiles; j++) { /* each tile's last word pairs with its first (tail-biting) */
-        int64_t last = j * words + words - 1;
-        pairs[last] = ((uint32_t)w[last] << 16) | w[j * words];
+   stored by scalar stores would stall on store forwarding), plus zeroed room for the last 16-lane load.
+   The AVX2 level's copy builds them 8 at a time (11% of its decoding step at k = 2). */
+#define QS_TRELLIS_SLAB_PAIRS(ATTR, NAME)                                                                      \
+    ATTR static void NAME(const int16_t *row, int64_t tiles, int k, uint32_t *pairs) {                         \
+        const int64_t words = TRELLIS_TILE * k, total = tiles * words;                                         \
+        const uint16_t *w = (const uint16_t *)row;                                                             \
+        for (int64_t t = 0; t + 1 < total; t++) pairs[t] = ((uint32_t)w[t] << 16) | w[t + 1]; /* vectorised */ \
+        for (int64_t j = 0; j < tiles; j++) { /* each tile's last word pairs with its first (tail-biting) */   \
+            int64_t last = j * words + words - 1;                                                              \
+            pairs[last] = ((uint32_t)w[last] << 16) | w[j * words];                                            \
+        }                                                                                                      \
+        memset(pairs + total, 0, sizeof(uint32_t) * TRELLIS_TILE);                                             \
     }
-    memset(pairs + total, 0, sizeof(uint32_t) * TRELLIS_TILE);
-}
+#if QS_X86
+QS_TRELLIS_SLAB_PAIRS(__attribute__((target("avx2"))), trellis_slab_pairs_avx2)
+#endif
+QS_TRELLIS_SLAB_PAIRS(, trellis_slab_pairs)
 
 static inline uint32_t trellis_hash(uint32_t state) { return state * TRELLIS_1MAD_A + TRELLIS_1MAD_C; }
 
@@ -3136,7 +3142,13 @@ QS_API int qs_trellis_matmul_int8(const int16_t *codes, int64_t m, int64_t n, in
             if (!acc) continue;
             uint32_t *pairs = (uint32_t *)(acc + B * TRELLIS_TILE);
             memset(acc, 0, sizeof(int32_t) * (size_t)(B * TRELLIS_TILE));
-            if (B > 1 || !step_reads_words) trellis_slab_pairs(codes + i * row_words, tiles, k, pairs);
+            if (B > 1 || !step_reads_words) {
+#if QS_X86
+                if (level == QS_LEVEL_AVX2) trellis_slab_pairs_avx2(codes + i * row_words, tiles, k, pairs);
+                else
+#endif
+                    trellis_slab_pairs(codes + i * row_words, tiles, k, pairs);
+            }
             slab(codes + i * row_words, pairs, tiles, k, xq, xw, B, n, acc);
             for (int64_t b = 0; b < B; b++)
                 for (int r = 0; r < TRELLIS_TILE; r++)
