@@ -125,3 +125,13 @@ def test_proxy_loss_is_trace_form(gen):
     H = decaying_hessian(16, seed=0)
     E = W - What
     assert proxy_loss(W, What, H) == pytest.approx(float(torch.trace(E @ H @ E.T)), rel=1e-12)
+
+
+def test_in_place_transpose_equals_the_transpose_over_partial_blocks() -> None:
+    from quipsharp.ldlq import LDL_CHUNK_ROWS, _transpose_, mirror_blocks
+
+    n = 2 * LDL_CHUNK_ROWS + 76  # three row blocks, the last one partial
+    A = torch.randn(n, n, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert torch.equal(_transpose_(A.clone()), A.T)
+    blocks = list(mirror_blocks(n, LDL_CHUNK_ROWS))
+    assert len(blocks) == 6 and blocks[-1] == (slice(2 * LDL_CHUNK_ROWS, 3 * LDL_CHUNK_ROWS),) * 2

@@ -11,6 +11,8 @@ that most of the work is matrix–matrix.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from quipsharp.codebooks.base import Codebook, VectorCodebook
@@ -23,17 +25,23 @@ MAX_CHOLESKY_DIAG_RATIO = 1e6
 LDL_CHUNK_ROWS = 512
 
 
+def mirror_blocks(n: int, chunk: int) -> Iterator[tuple[slice, slice]]:
+    """The ``chunk``-square blocks ``(rows, cols)`` on and above the diagonal of an ``[n, n]`` matrix, row by
+    row: with ``A[cols, rows]`` each is paired with its mirror image (in-place symmetric operations)."""
+    for r in range(0, n, chunk):
+        for c in range(r, n, chunk):
+            yield slice(r, r + chunk), slice(c, c + chunk)
+
+
 def _transpose_(A: torch.Tensor) -> torch.Tensor:
     """A square contiguous ``A`` transposed in place, ``LDL_CHUNK_ROWS``-square blocks at a time; returns ``A``."""
-    n = A.shape[0]
-    for r in range(0, n, LDL_CHUNK_ROWS):
-        rows = slice(r, r + LDL_CHUNK_ROWS)
-        A[rows, rows] = A[rows, rows].T.clone()
-        for c in range(r + LDL_CHUNK_ROWS, n, LDL_CHUNK_ROWS):
-            cols = slice(c, c + LDL_CHUNK_ROWS)
-            upper = A[rows, cols].clone()
-            A[rows, cols] = A[cols, rows].T
-            A[cols, rows] = upper.T
+    for rows, cols in mirror_blocks(A.shape[0], LDL_CHUNK_ROWS):
+        if rows == cols:
+            A[rows, rows] = A[rows, rows].T.clone()
+            continue
+        upper = A[rows, cols].clone()
+        A[rows, cols] = A[cols, rows].T
+        A[cols, rows] = upper.T
     return A
 
 

@@ -18,7 +18,7 @@ from quipsharp.config import DAMPING_GROWTH, MAX_DAMPING_RETRIES, QuIPSharpConfi
 from quipsharp.errors import HessianNotPositiveDefiniteError
 from quipsharp.hadamard import hadamard_transform, random_signs
 from quipsharp.hessian import hessian_scale
-from quipsharp.ldlq import block_ldl, block_ldlq, coordinate_descent, proxy_loss
+from quipsharp.ldlq import block_ldl, block_ldlq, coordinate_descent, mirror_blocks, proxy_loss
 
 logger = logging.getLogger(__name__)
 
@@ -95,16 +95,12 @@ def rht_hessian(H: torch.Tensor, su: torch.Tensor, divisor: torch.Tensor | float
 def symmetrize_(H: torch.Tensor) -> torch.Tensor:
     """``H ← (H + Hᵀ) / 2`` in place, ``HESSIAN_CHUNK``-square blocks at a time (no ``[n, n]`` temporary);
     the same values as the out-of-place expression (``a + b == b + a`` exactly). Returns ``H``."""
-    n = H.shape[0]
-    for r in range(0, n, HESSIAN_CHUNK):
-        rows = slice(r, r + HESSIAN_CHUNK)
-        for c in range(r, n, HESSIAN_CHUNK):
-            cols = slice(c, c + HESSIAN_CHUNK)
-            upper, lower = H[rows, cols], H[cols, rows]
-            mean = upper + lower.T
-            mean.div_(2)
-            upper.copy_(mean)
-            lower.copy_(mean.T)
+    for rows, cols in mirror_blocks(H.shape[0], HESSIAN_CHUNK):
+        upper, lower = H[rows, cols], H[cols, rows]
+        mean = upper + lower.T
+        mean.div_(2)
+        upper.copy_(mean)
+        lower.copy_(mean.T)
     return H
 
 
