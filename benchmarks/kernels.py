@@ -82,6 +82,25 @@ def _median_seconds(fn, repeats: int, min_time: float = 0.2) -> float:
     return statistics.median(samples)
 
 
+def _interleaved_medians(fns: list, repeats: int, min_time: float = 0.2) -> list[float]:
+    """:func:`_median_seconds` of several functions with their samples interleaved (f0, f1, ..., f0, f1, ...),
+    so that a slow spell of the machine hits all of them alike: their ratios are the ones to compare."""
+    for fn in fns:
+        fn()
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, out in zip(fns, samples, strict=True):
+            calls, start = 0, time.perf_counter()
+            while True:
+                fn()
+                calls += 1
+                elapsed = time.perf_counter() - start
+                if elapsed >= min_time:
+                    break
+            out.append(elapsed / calls)
+    return [statistics.median(v) for v in samples]
+
+
 def _shapes(spec: list[str] | None) -> list[tuple[int, int]]:
     if not spec:
         return SHAPES
@@ -92,7 +111,8 @@ def matvec_rows(threads: list[int], repeats: int, levels: list[str] | None = Non
                 shapes: list[tuple[int, int]] | None = None, codebooks: tuple[str, ...] = ("e8p",)
                 ) -> list[dict[str, Any]]:
     """One row per shape, codebook family, bits, thread count and kernel level (``levels``: None = the
-    default kernel)."""
+    default kernel). The families of one bit width, level and thread count are timed interleaved; with
+    E8P among them each row also gives ``ratio_to_e8p`` (its layer's speed over E8P's, same samples)."""
     import torch
     import torch.nn.functional as F
 
@@ -114,23 +134,28 @@ def matvec_rows(threads: list[int], repeats: int, levels: list[str] | None = Non
             with torch.inference_mode():
                 fp32 = _median_seconds(partial(F.linear, x, W), repeats)
                 bf16 = _median_seconds(partial(F.linear, xb, Wb), repeats)
-                for (_, bits), q in layers.items():
+                for bits in BITS:
                     for level in levels or [None]:
                         kernel = kernels.select(level)
-                        q.use_kernel(kernel.name)
-                        layer = _median_seconds(partial(q, x), repeats)
-                        kern = _median_seconds(partial(kernel.matmul, x, q.codes, m, q.codebook.name, threads=t),
-                                               repeats)
-                        rows.append({
-                            "shape": [m, n], "bits": bits, "threads": t, "codebook": q.codebook.name,
-                            "ours_gw_s": m * n / layer / GIGA,
-                            "ours_kernel_only_gw_s": m * n / kern / GIGA,
-                            "torch_fp32_gw_s": m * n / fp32 / GIGA,
-                            "torch_bf16_gw_s": m * n / bf16 / GIGA,
-                            "ours_us": layer * 1e6, "torch_fp32_us": fp32 * 1e6, "torch_bf16_us": bf16 * 1e6,
-                            "kernel": kernel.name,
-                        })
-                        print(json.dumps(rows[-1]), file=sys.stderr)
+                        family = [layers[codebook, bits] for codebook in codebooks]
+                        for q in family:
+                            q.use_kernel(kernel.name)
+                        layer = _interleaved_medians([partial(q, x) for q in family], repeats)
+                        kern = _interleaved_medians([partial(kernel.matmul, x, q.codes, m, q.codebook.name, threads=t)
+                                                     for q in family], repeats)
+                        e8p = layer[codebooks.index("e8p")] if "e8p" in codebooks else None
+                        for q, seconds, kernel_seconds in zip(family, layer, kern, strict=True):
+                            rows.append({
+                                "shape": [m, n], "bits": bits, "threads": t, "codebook": q.codebook.name,
+                                "ours_gw_s": m * n / seconds / GIGA,
+                                "ours_kernel_only_gw_s": m * n / kernel_seconds / GIGA,
+                                "ratio_to_e8p": e8p / seconds if e8p else None,
+                                "torch_fp32_gw_s": m * n / fp32 / GIGA,
+                                "torch_bf16_gw_s": m * n / bf16 / GIGA,
+                                "ours_us": seconds * 1e6, "torch_fp32_us": fp32 * 1e6, "torch_bf16_us": bf16 * 1e6,
+                                "kernel": kernel.name,
+                            })
+                            print(json.dumps(rows[-1]), file=sys.stderr)
     return rows
 
 
