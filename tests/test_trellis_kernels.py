@@ -117,3 +117,28 @@ def test_layer_on_the_native_kernel_matches_the_reference(level: str, batch: int
     tol = 0.02 * float(ref.abs().max()) if batch <= kernels.FUSED_MAX_BATCH else 1e-4
     torch.testing.assert_close(got, ref, rtol=0, atol=tol)
     assert layer.bind() is None  # the fused decoding step does not take trellis layers (yet)
+
+
+@pytest.mark.parametrize("level", X86_LEVELS)
+@pytest.mark.parametrize("use_hadamard", (True, False))
+@pytest.mark.parametrize("batch", (1, 3))
+def test_one_call_layer_is_the_same_bits_as_its_passes_one_by_one(level: str, use_hadamard: bool, batch: int) -> None:
+    """qs_trellis_linear (a decoding step's layer in one native call) against the transform, decode-matvec and
+    output passes called one at a time."""
+    kernel = _level(level)
+    m, n, k = 48, 96, 2
+    gen = torch.Generator().manual_seed(5)
+    codes = _codes(m, n, k, 11)
+    su, sv = torch.randint(0, 2, (n,), generator=gen) * 2.0 - 1, torch.randint(0, 2, (m,), generator=gen) * 2.0 - 1
+    bias = torch.randn(m, generator=gen)
+    m_in, m_out_t = torch.eye(3), torch.eye(3)  # 96 = 3 · 32, 48 = 3 · 16
+    scale = float(torch.tensor(0.0123))  # the layer keeps wscale in float32
+    x = torch.randn(batch, n, generator=gen)
+    x_before = x.clone()
+    got = kernel.linear(x, codes, su, sv, torch.tensor(scale), bias, m_in, m_out_t, "QTIP1MAD2", use_hadamard)
+    assert torch.equal(x, x_before)  # the input is copied, not transformed in place
+    h = x.clone()
+    kernel.hadamard(h, m_in, pre=su) if use_hadamard else h.mul_(su)
+    y = kernel.trellis_matmul(h, codes, m, k, int8=use_hadamard and kernel._trellis_int8(n))
+    want = kernel._output(x, y, m_out_t, scale * kernels.native.trellis_scale(), sv, bias, use_hadamard)
+    assert torch.equal(got, want)

@@ -1562,21 +1562,10 @@ QS_API int qs_hadamard(float *x, int64_t B, int64_t K, int64_t P, const float *M
  * Vᵀ = M_out_t ⊗ H_Pout / sqrt(Pout) (M_out_t the transposed factor). use_hadamard = 0 skips U, V.
  * One call per layer: x is copied (not modified).
  */
-QS_API int qs_linear(const float *x, int64_t B, int64_t n, int64_t m, const uint8_t *codes, const qs_codebook *t,
-                     const float *su, const float *sv, float wscale, const float *bias, int use_hadamard,
-                     int64_t k_in, const float *m_in, int64_t k_out, const float *m_out_t, float *out, int nthreads,
-                     int level) {
-    if (!level_ok(level)) return QS_EBADLEVEL;
-    if (!x || !out || !su || !sv || B < 0 || n <= 0 || m <= 0 || n % DIM) return QS_EBADARG;
-    if (use_hadamard && (k_in < 1 || k_out < 1 || n % k_in || m % k_out || !hadamard_args_ok(k_in, n / k_in, m_in) ||
-                         !hadamard_args_ok(k_out, m / k_out, m_out_t)))
-        return QS_EBADARG;
-    int64_t kmax = n > m ? n : m;
-    /* a decoding step and a typical prompt stay on one thread: these passes are cheap next to the
-       matmul, and every extra parallel region is a barrier that costs milliseconds on busy cores */
-    int nt = B * kmax >= PARALLEL_MIN_ELEMENTS ? nthreads : 1;
-    float *h = (float *)malloc(sizeof(float) * (size_t)(B * n + kmax * nt));
-    if (!h) return QS_ENOMEM;
+/* A linear's input side: h [B, n] <- U (su ⊙ x) (or su ⊙ x without the transform), rows on nt threads, each
+   with a scratch row of kmax floats after h. */
+static void linear_input(float *h, const float *x, int64_t B, int64_t n, int64_t kmax, const float *su,
+                         int use_hadamard, int64_t k_in, const float *m_in, int nt, int level) {
     memcpy(h, x, sizeof(float) * (size_t)(B * n));
     /* rows are independent: a prefill batch transforms them in parallel (tmp: one scratch row per thread) */
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
@@ -1591,24 +1580,58 @@ QS_API int qs_linear(const float *x, int64_t B, int64_t n, int64_t m, const uint
         else
             for (int64_t j = 0; j < n; j++) h[b * n + j] *= su[j];
     }
-    int rc = qs_matmul(codes, m, n, t, h, B, out, nthreads, level, use_hadamard);
-    if (rc == QS_OK) {
+}
+
+/* A linear's output side, in place on out [B, m]: sv ⊙ (wscale · Vᵀ y) + bias; scratch rows after h [B, n]. */
+static void linear_output(float *out, int64_t B, int64_t m, float *h, int64_t n, int64_t kmax, const float *sv,
+                          float wscale, const float *bias, int use_hadamard, int64_t k_out, const float *m_out_t,
+                          int nt, int level) {
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-        for (int64_t b = 0; b < B; b++) {
+    for (int64_t b = 0; b < B; b++) {
 #ifdef _OPENMP
-            float *tmp = h + B * n + (size_t)omp_get_thread_num() * (size_t)kmax;
+        float *tmp = h + B * n + (size_t)omp_get_thread_num() * (size_t)kmax;
 #else
-            float *tmp = h + B * n;
+        float *tmp = h + B * n;
 #endif
-            float *y = out + b * m;
-            if (use_hadamard)
-                hadamard_vec(y, k_out, m / k_out, m_out_t, NULL, sv, wscale / sqrtf((float)(m / k_out)), tmp, level);
-            else
-                for (int64_t i = 0; i < m; i++) y[i] *= wscale * sv[i];
-            if (bias)
-                for (int64_t i = 0; i < m; i++) y[i] += bias[i];
-        }
+        float *y = out + b * m;
+        if (use_hadamard)
+            hadamard_vec(y, k_out, m / k_out, m_out_t, NULL, sv, wscale / sqrtf((float)(m / k_out)), tmp, level);
+        else
+            for (int64_t i = 0; i < m; i++) y[i] *= wscale * sv[i];
+        if (bias)
+            for (int64_t i = 0; i < m; i++) y[i] += bias[i];
     }
+}
+
+/* The checks both whole-layer calls share. */
+static int linear_args_ok(const float *x, const float *out, const float *su, const float *sv, int64_t B, int64_t n,
+                          int64_t m, int use_hadamard, int64_t k_in, const float *m_in, int64_t k_out,
+                          const float *m_out_t) {
+    if (!x || !out || !su || !sv || B < 0 || n <= 0 || m <= 0) return 0;
+    return !use_hadamard || (k_in >= 1 && k_out >= 1 && n % k_in == 0 && m % k_out == 0 &&
+                             hadamard_args_ok(k_in, n / k_in, m_in) && hadamard_args_ok(k_out, m / k_out, m_out_t));
+}
+
+/* a decoding step and a typical prompt stay on one thread in the passes around the matmul: they are cheap
+   next to it, and every extra parallel region is a barrier that costs milliseconds on busy cores */
+static int linear_threads(int64_t B, int64_t kmax, int nthreads) {
+    return B * kmax >= PARALLEL_MIN_ELEMENTS ? nthreads : 1;
+}
+
+QS_API int qs_linear(const float *x, int64_t B, int64_t n, int64_t m, const uint8_t *codes, const qs_codebook *t,
+                     const float *su, const float *sv, float wscale, const float *bias, int use_hadamard,
+                     int64_t k_in, const float *m_in, int64_t k_out, const float *m_out_t, float *out, int nthreads,
+                     int level) {
+    if (!level_ok(level)) return QS_EBADLEVEL;
+    if (!linear_args_ok(x, out, su, sv, B, n, m, use_hadamard, k_in, m_in, k_out, m_out_t) || n % DIM)
+        return QS_EBADARG;
+    int64_t kmax = n > m ? n : m;
+    int nt = linear_threads(B, kmax, nthreads);
+    float *h = (float *)malloc(sizeof(float) * (size_t)(B * n + kmax * nt));
+    if (!h) return QS_ENOMEM;
+    linear_input(h, x, B, n, kmax, su, use_hadamard, k_in, m_in, nt, level);
+    int rc = qs_matmul(codes, m, n, t, h, B, out, nthreads, level, use_hadamard);
+    if (rc == QS_OK) linear_output(out, B, m, h, n, kmax, sv, wscale, bias, use_hadamard, k_out, m_out_t, nt, level);
     free(h);
     return rc;
 }
@@ -3196,6 +3219,34 @@ QS_API int qs_trellis_matmul(const int16_t *codes, int64_t m, int64_t n, int k, 
         free(acc);
     }
     return failed ? QS_ENOMEM : QS_OK;
+}
+
+/*
+ * A whole trellis layer in one call (its decoding step; a prefill batch decodes the weight for torch's GEMM):
+ *   out [B, m] = sv ⊙ (wscale · Vᵀ (C · U (su ⊙ x))) + bias
+ * with C the raw 1MAD codes (qs_trellis_matmul[_int8]: int8 = 1 for int8 activations behind the transform)
+ * and wscale the layer's scale times the code's; the rest as qs_linear, whose passes it shares (the same
+ * bits as those passes called one by one). x is copied (not modified).
+ */
+QS_API int qs_trellis_linear(const float *x, int64_t B, int64_t n, int64_t m, const int16_t *codes, int k,
+                             const float *su, const float *sv, float wscale, const float *bias, int use_hadamard,
+                             int64_t k_in, const float *m_in, int64_t k_out, const float *m_out_t, int int8,
+                             float *out, int nthreads, int level) {
+    if (!level_ok(level)) return QS_EBADLEVEL;
+    if (!linear_args_ok(x, out, su, sv, B, n, m, use_hadamard, k_in, m_in, k_out, m_out_t) || !codes ||
+        n % TRELLIS_TILE || m % TRELLIS_TILE || k < 2 || k > TRELLIS_MAX_K || nthreads < 1)
+        return QS_EBADARG;
+    if (B == 0) return QS_OK;
+    int64_t kmax = n > m ? n : m;
+    int nt = linear_threads(B, kmax, nthreads);
+    float *h = (float *)malloc(sizeof(float) * (size_t)(B * n + kmax * nt));
+    if (!h) return QS_ENOMEM;
+    linear_input(h, x, B, n, kmax, su, use_hadamard, k_in, m_in, nt, level);
+    int rc = int8 ? qs_trellis_matmul_int8(codes, m, n, k, h, B, out, nthreads, level)
+                  : qs_trellis_matmul(codes, m, n, k, h, B, out, nthreads, level);
+    if (rc == QS_OK) linear_output(out, B, m, h, n, kmax, sv, wscale, bias, use_hadamard, k_out, m_out_t, nt, level);
+    free(h);
+    return rc;
 }
 
 /* out [m, n] float32 = the raw 1MAD codes of a trellis matrix (the portable decode; the reference of

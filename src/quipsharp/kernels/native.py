@@ -106,10 +106,12 @@ def lib() -> ctypes.CDLL | None:
     cdll.qs_trellis_matmul.argtypes = [_P, _I64, _I64, _INT, _P, _I64, _P, _INT, _INT]
     cdll.qs_trellis_matmul_int8.argtypes = [_P, _I64, _I64, _INT, _P, _I64, _P, _INT, _INT]
     cdll.qs_trellis_decode.argtypes = [_P, _I64, _I64, _INT, _P, _INT]
+    cdll.qs_trellis_linear.argtypes = [_P, _I64, _I64, _I64, _P, _INT, _P, _P, _F, _P, _INT, _I64, _P, _I64, _P,
+                                       _INT, _P, _INT, _INT]
     for fn in (cdll.qs_decode, cdll.qs_matmul, cdll.qs_matmul_int8_ref, cdll.qs_hadamard, cdll.qs_linear,
                cdll.qs_supported_levels, cdll.qs_openmp, cdll.qs_step_check, cdll.qs_step,
                cdll.qs_dot_rows_int8, cdll.qs_viterbi, cdll.qs_trellis_matmul, cdll.qs_trellis_matmul_int8,
-               cdll.qs_trellis_decode):
+               cdll.qs_trellis_decode, cdll.qs_trellis_linear):
         fn.restype = _INT
     return cdll
 
@@ -480,17 +482,21 @@ class NativeKernel:
         n, m = su.shape[0], sv.shape[0]
         B = h.shape[0]
         k = TRELLIS_KINDS[codebook_name]
+        if B <= FUSED_MAX_BATCH:  # one native call: transforms and decode-matvec (qs_trellis_linear)
+            y = torch.empty(B, m, dtype=torch.float32)
+            _check(_require().qs_trellis_linear(
+                h.data_ptr(), B, n, m, codes.data_ptr(), k, su.data_ptr(), sv.data_ptr(), scale * trellis_scale(),
+                _ptr(bias), use_hadamard, m_in.shape[0], m_in.data_ptr(), m_out_t.shape[0], m_out_t.data_ptr(),
+                int(use_hadamard and self._trellis_int8(n)), y.data_ptr(), _threads(None), self.level),
+                "trellis linear")
+            return y.reshape(*x.shape[:-1], m).to(x.dtype)
         h = h.clone() if h.data_ptr() == x.data_ptr() else h  # the transforms work in place
         if use_hadamard:
             self.hadamard(h, m_in, pre=su)
         else:
             h.mul_(su)
-        if B <= FUSED_MAX_BATCH:
-            y = self.trellis_matmul(h, codes, m, k, int8=use_hadamard and self._trellis_int8(n))
-        else:
-            W = self.trellis_decode(codes, m, n, k, out=_scratch(m * n)[: m * n].view(m, n))
-            y = h @ W.T
-        return self._output(x, y, m_out_t, scale * trellis_scale(), sv, bias, use_hadamard)
+        W = self.trellis_decode(codes, m, n, k, out=_scratch(m * n)[: m * n].view(m, n))
+        return self._output(x, h @ W.T, m_out_t, scale * trellis_scale(), sv, bias, use_hadamard)
 
 
 def int8_reference_matmul(
