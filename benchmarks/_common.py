@@ -12,8 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 #: CPU flags that decide which kernels run (recorded with every figure).
-ISA_FLAGS = {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_vbmi2",
-             "avx_vnni", "asimd", "asimddp"}
+ISA_FLAGS = {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512vbmi",
+             "avx512_vbmi2", "avx_vnni", "asimd", "asimddp"}
 
 
 def machine_info() -> dict[str, Any]:
