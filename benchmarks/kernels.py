@@ -68,18 +68,7 @@ def random_layer(m: int, n: int, bits: int, gen: Any, codebook: str = "e8p") -> 
 
 def _median_seconds(fn, repeats: int, min_time: float = 0.2) -> float:
     """Median over ``repeats`` samples; each sample repeats ``fn`` until ``min_time`` has passed."""
-    fn()
-    samples = []
-    for _ in range(repeats):
-        calls, start = 0, time.perf_counter()
-        while True:
-            fn()
-            calls += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= min_time:
-                break
-        samples.append(elapsed / calls)
-    return statistics.median(samples)
+    return _interleaved_medians([fn], repeats, min_time)[0]
 
 
 def _interleaved_medians(fns: list, repeats: int, min_time: float = 0.2) -> list[float]:
@@ -309,9 +298,10 @@ def main() -> None:
         print(json.dumps(result, indent=1, default=str))
         return
     for r in result.get("matvec", []):
-        print(f"{r['shape'][0]:6d}x{r['shape'][1]:<5d} {r['bits']}-bit t={r['threads']} {r['kernel']:10}: ours "
+        ratio = f", {r['ratio_to_e8p']:.2f}x E8P" if r.get("ratio_to_e8p") and r["codebook"][:3] != "E8P" else ""
+        print(f"{r['shape'][0]:6d}x{r['shape'][1]:<5d} {r['codebook']:10} t={r['threads']} {r['kernel']:10}: ours "
               f"{r['ours_gw_s']:6.2f} "
-              f"G w/s (kernel {r['ours_kernel_only_gw_s']:6.2f}), torch fp32 {r['torch_fp32_gw_s']:6.2f}, "
+              f"G w/s (kernel {r['ours_kernel_only_gw_s']:6.2f}{ratio}), torch fp32 {r['torch_fp32_gw_s']:6.2f}, "
               f"bf16 {r['torch_bf16_gw_s']:6.2f}")
     for r in result.get("prefill", []):
         print(f"{r['shape'][0]:6d}x{r['shape'][1]:<5d} {r['bits']}-bit t={r['threads']} {r['kernel']:10} batch "

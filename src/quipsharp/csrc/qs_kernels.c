@@ -2685,6 +2685,21 @@ QS_TRELLIS_SLAB_AVX512(__attribute__((target("avx512f,avx512bw,fma"))), trellis_
 QS_TRELLIS_SLAB_AVX512(__attribute__((target("avx512f,avx512bw,avx512vnni,fma"))), trellis_slab_vnni,
                        trellis_column_vnni)
 
+/* AVX2's lane tables (trellis_lane_tables with halves): half h of a column reads from pair c·k + h·off1. */
+typedef struct {
+    __m256i idx0, idx1, sh0, sh1;
+    int64_t off1;
+} trellis_lanes_avx2;
+
+__attribute__((target("avx2"))) static inline trellis_lanes_avx2 trellis_lanes_avx2_for(int k) {
+    int32_t idx[16], shift[16];
+    trellis_lane_tables(k, 1, idx, shift);
+    trellis_lanes_avx2 t = {_mm256_loadu_si256((const __m256i *)idx), _mm256_loadu_si256((const __m256i *)(idx + 8)),
+                            _mm256_loadu_si256((const __m256i *)shift),
+                            _mm256_loadu_si256((const __m256i *)(shift + 8)), (8 * k) >> 4};
+    return t;
+}
+
 /* AVX2: two halves of 8 rows; half h loads 8 pairs from c·k + ((8h·k) >> 4) and permutes them. */
 __attribute__((target("avx2,fma"))) static inline __m256 trellis_half_avx2(const uint32_t *pairs, int64_t at,
                                                                           __m256i idx, __m256i shift) {
@@ -2699,13 +2714,9 @@ __attribute__((target("avx2,fma"))) static inline __m256 trellis_half_avx2(const
 __attribute__((target("avx2,fma"))) static void trellis_slab_avx2(const uint32_t *row_pairs, int64_t tiles, int k,
                                                                  const float *x, int64_t B, int64_t n, float *acc,
                                                                  float *w) {
-    int32_t lane_idx[16], lane_shift[16];
-    trellis_lane_tables(k, 1, lane_idx, lane_shift);
-    const __m256i idx0 = _mm256_loadu_si256((const __m256i *)lane_idx);
-    const __m256i idx1 = _mm256_loadu_si256((const __m256i *)(lane_idx + 8));
-    const __m256i sh0 = _mm256_loadu_si256((const __m256i *)lane_shift);
-    const __m256i sh1 = _mm256_loadu_si256((const __m256i *)(lane_shift + 8));
-    const int64_t off1 = (8 * k) >> 4;
+    const trellis_lanes_avx2 lanes = trellis_lanes_avx2_for(k);
+    const __m256i idx0 = lanes.idx0, idx1 = lanes.idx1, sh0 = lanes.sh0, sh1 = lanes.sh1;
+    const int64_t off1 = lanes.off1;
     __m256 a0 = _mm256_loadu_ps(acc), a1 = _mm256_loadu_ps(acc + 8);
     for (int64_t j = 0; j < tiles; j++) {
         const uint32_t *pairs = row_pairs + j * TRELLIS_TILE * k;
@@ -3018,13 +3029,9 @@ __attribute__((target("avx2"))) static void trellis_int8_avx2(const int16_t *cod
                                                              const int32_t *xw, int64_t B, int64_t n, int32_t *acc) {
     (void)xq;
     (void)codes_row;
-    int32_t lane_idx[16], lane_shift[16];
-    trellis_lane_tables(k, 1, lane_idx, lane_shift);
-    const __m256i idx0 = _mm256_loadu_si256((const __m256i *)lane_idx);
-    const __m256i idx1 = _mm256_loadu_si256((const __m256i *)(lane_idx + 8));
-    const __m256i sh0 = _mm256_loadu_si256((const __m256i *)lane_shift);
-    const __m256i sh1 = _mm256_loadu_si256((const __m256i *)(lane_shift + 8));
-    const int64_t off1 = (8 * k) >> 4;
+    const trellis_lanes_avx2 lanes = trellis_lanes_avx2_for(k);
+    const __m256i idx0 = lanes.idx0, idx1 = lanes.idx1, sh0 = lanes.sh0, sh1 = lanes.sh1;
+    const int64_t off1 = lanes.off1;
     for (int64_t j = 0; j < tiles; j++) {
         const uint32_t *pairs = row_pairs + j * TRELLIS_TILE * k;
         __m256i h0[TRELLIS_TILE], h1[TRELLIS_TILE];
@@ -3053,13 +3060,9 @@ __attribute__((target("avx2"))) static void trellis_int8_avx2(const int16_t *cod
    two accumulator pairs (even and odd columns), and k = 2 (every half reads one pair) compiled apart. */
 __attribute__((target("avx2"), always_inline)) static inline void trellis_int8_avx2_step_k(
     const uint32_t *row_pairs, int64_t tiles, int k, const int32_t *xw, int32_t *acc, int one_pair) {
-    int32_t lane_idx[16], lane_shift[16];
-    trellis_lane_tables(k, 1, lane_idx, lane_shift);
-    const __m256i idx0 = _mm256_loadu_si256((const __m256i *)lane_idx);
-    const __m256i idx1 = _mm256_loadu_si256((const __m256i *)(lane_idx + 8));
-    const __m256i sh0 = _mm256_loadu_si256((const __m256i *)lane_shift);
-    const __m256i sh1 = _mm256_loadu_si256((const __m256i *)(lane_shift + 8));
-    const int64_t off1 = (8 * k) >> 4;
+    const trellis_lanes_avx2 lanes = trellis_lanes_avx2_for(k);
+    const __m256i idx0 = lanes.idx0, idx1 = lanes.idx1, sh0 = lanes.sh0, sh1 = lanes.sh1;
+    const int64_t off1 = lanes.off1;
     __m256i a0 = _mm256_loadu_si256((const __m256i *)acc), a1 = _mm256_loadu_si256((const __m256i *)(acc + 8));
     __m256i b0 = _mm256_setzero_si256(), b1 = _mm256_setzero_si256();
     for (int64_t j = 0; j < tiles; j++) {
