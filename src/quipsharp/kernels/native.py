@@ -476,9 +476,10 @@ class NativeKernel:
         return out
 
     def _trellis_linear(self, x, h, codes, su, sv, scale, bias, m_in, m_out_t, codebook_name, use_hadamard):
-        """:meth:`linear` of a trellis layer: RHT of the input, raw-code matmul (decode-matvec for a
-        decoding step, decode + torch GEMM for a prefill batch), inverse RHT scaled by
-        ``wscale`` times the code's scale, bias."""
+        """:meth:`linear` of a trellis layer: RHT of the input, raw-code matmul, inverse RHT scaled by
+        ``wscale`` times the code's scale, bias. A decoding step (batch <= FUSED_MAX_BATCH) is one native
+        call with the decode-matvec inside (``qs_trellis_linear``); a prefill batch decodes the weight for
+        torch's GEMM."""
         n, m = su.shape[0], sv.shape[0]
         B = h.shape[0]
         k = TRELLIS_KINDS[codebook_name]
