@@ -40,6 +40,8 @@ BITS = (2, 3, 4)
 LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
             "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 2048}
 MODELS = ["smollm2-f32", "smollm2-bf16", "smollm2-q2", "llama1b-f32", "llama1b-bf16", "llama1b-q2"]
+#: Also selectable with --models: the 2-bit trellis (QTIP 1MAD) versions.
+TRELLIS_MODELS = ["smollm2-q2t", "llama1b-q2t"]
 GIGA = 1e9
 
 
@@ -203,8 +205,9 @@ def _build_model(name: str, cache: Path | None = None):
         model = LlamaForCausalLM(LlamaConfig(**LLAMA_1B)).eval()
     if name.endswith("-bf16"):
         model.to(torch.bfloat16)
-    elif name.endswith("-q2"):
-        model = QuIPSharpQuantizer(QuIPSharpConfig(bits=2)).quantize_model(model, progress=False)
+    elif name.endswith(("-q2", "-q2t")):  # -q2t: the 2-bit trellis (QTIP 1MAD) instead of E8P12
+        codebook = "qtip1mad" if name.endswith("-q2t") else "e8p"
+        model = QuIPSharpQuantizer(QuIPSharpConfig(bits=2, codebook=codebook)).quantize_model(model, progress=False)
         if cache is not None:
             from quipsharp.hf import save_quantized
 
@@ -214,7 +217,7 @@ def _build_model(name: str, cache: Path | None = None):
 
 def _cached_model(name: str, cache: Path | None):
     """A quantized model saved by an earlier row of this run (``--model-cache``), or None."""
-    if cache is None or not name.endswith("-q2") or not (cache / name).is_dir():
+    if cache is None or not name.endswith(("-q2", "-q2t")) or not (cache / name).is_dir():
         return None
     from quipsharp.hf import load_quantized
 
@@ -255,7 +258,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=None, help="matvec shapes as MxN (default: all)")
     parser.add_argument("--codebooks", nargs="+", default=["e8p"], choices=CODEBOOK_FAMILIES,
                         help="codebook families of the matvec rows (default: e8p)")
-    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS + TRELLIS_MODELS)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--engines", nargs="+", default=["transformers", "lean"], choices=["transformers", "lean"],
