@@ -19,8 +19,8 @@ import statistics
 import time
 
 from _common import machine_info, today
+from quipsharp.kernels.native import LEVELS  # the C library's enum order
 
-LEVELS = ("scalar", "avx2", "avx512", "avx512vnni", "neon", "neon_dotprod")  # the C library's enum order
 GIGA = 1e9
 
 

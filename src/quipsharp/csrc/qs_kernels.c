@@ -2592,7 +2592,7 @@ static inline void trellis_pairs(const int16_t *w, int words, uint32_t *pairs) {
 
 /* The pairs of every tile of a slab row, written before any is read (a vector load of pairs just
    stored by scalar stores would stall on store forwarding), plus zeroed room for the last 16-lane load.
-   The AVX2 level's copy builds them 8 at a time (11% of its decoding step at k = 2). */
+   The AVX2 level's copy builds them 8 at a time (11% of its int8 decoding step at k = 2). */
 #define QS_TRELLIS_SLAB_PAIRS(ATTR, NAME)                                                                      \
     ATTR static void NAME(const int16_t *row, int64_t tiles, int k, uint32_t *pairs) {                         \
         const int64_t words = TRELLIS_TILE * k, total = tiles * words;                                         \
@@ -2608,6 +2608,18 @@ static inline void trellis_pairs(const int16_t *w, int words, uint32_t *pairs) {
 QS_TRELLIS_SLAB_PAIRS(__attribute__((target("avx2"))), trellis_slab_pairs_avx2)
 #endif
 QS_TRELLIS_SLAB_PAIRS(, trellis_slab_pairs)
+
+typedef void (*trellis_pairs_fn)(const int16_t *, int64_t, int, uint32_t *);
+
+/* The pairs builder of a level (the same pairs from each). */
+static trellis_pairs_fn trellis_slab_pairs_for(int level) {
+#if QS_X86
+    if (level == QS_LEVEL_AVX2) return trellis_slab_pairs_avx2;
+#else
+    (void)level;
+#endif
+    return trellis_slab_pairs;
+}
 
 static inline uint32_t trellis_hash(uint32_t state) { return state * TRELLIS_1MAD_A + TRELLIS_1MAD_C; }
 
@@ -3125,6 +3137,7 @@ QS_API int qs_trellis_matmul_int8(const int16_t *codes, int64_t m, int64_t n, in
     int form;
     trellis_int8_fn slab = trellis_int8(level, &form);
     const int step_reads_words = is_avx512(level); /* a decoding step reads the words, not the pairs */
+    const trellis_pairs_fn build_pairs = trellis_slab_pairs_for(level);
     /* activations: int8 xq [B, n], the level's lanes xw [B, n], per row its scale and 510·Σ xq */
     char *buf = (char *)malloc((size_t)(B * n) * (sizeof(int8_t) + sizeof(int32_t)) + (size_t)B * 16);
     if (!buf) return QS_ENOMEM;
@@ -3168,13 +3181,7 @@ QS_API int qs_trellis_matmul_int8(const int16_t *codes, int64_t m, int64_t n, in
             if (!acc) continue;
             uint32_t *pairs = (uint32_t *)(acc + B * TRELLIS_TILE);
             memset(acc, 0, sizeof(int32_t) * (size_t)(B * TRELLIS_TILE));
-            if (B > 1 || !step_reads_words) {
-#if QS_X86
-                if (level == QS_LEVEL_AVX2) trellis_slab_pairs_avx2(codes + i * row_words, tiles, k, pairs);
-                else
-#endif
-                    trellis_slab_pairs(codes + i * row_words, tiles, k, pairs);
-            }
+            if (B > 1 || !step_reads_words) build_pairs(codes + i * row_words, tiles, k, pairs);
             slab(codes + i * row_words, pairs, tiles, k, xq, xw, B, n, acc);
             for (int64_t b = 0; b < B; b++)
                 for (int r = 0; r < TRELLIS_TILE; r++)
@@ -3198,6 +3205,7 @@ QS_API int qs_trellis_matmul(const int16_t *codes, int64_t m, int64_t n, int k, 
         return QS_EBADARG;
     const int64_t slabs = m / TRELLIS_TILE, tiles = n / TRELLIS_TILE, row_words = tiles * TRELLIS_TILE * k;
     trellis_slab_fn slab = trellis_slab(level);
+    const trellis_pairs_fn build_pairs = trellis_slab_pairs_for(level);
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1 && slabs > 1)
     {
@@ -3214,7 +3222,7 @@ QS_API int qs_trellis_matmul(const int16_t *codes, int64_t m, int64_t n, int k, 
             float *w = acc + B * TRELLIS_TILE;
             uint32_t *pairs = (uint32_t *)(w + TRELLIS_TILE * TRELLIS_TILE);
             memset(acc, 0, sizeof(float) * (size_t)(B * TRELLIS_TILE));
-            trellis_slab_pairs(codes + i * row_words, tiles, k, pairs);
+            build_pairs(codes + i * row_words, tiles, k, pairs);
             slab(pairs, tiles, k, x, B, n, acc, w);
             for (int64_t b = 0; b < B; b++)
                 memcpy(y + b * m + i * TRELLIS_TILE, acc + b * TRELLIS_TILE, sizeof(float) * TRELLIS_TILE);
