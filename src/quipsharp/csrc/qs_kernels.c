@@ -2188,94 +2188,118 @@ QS_API int qs_step(const qs_step_model *M, float *x, int64_t pos, float *logits,
  * (code [2^L, V] float32, one V-vector per state).
  *
  * Only the prefix minima are kept: with cost_t(s) = best_{t-1}[s >> kv] + ‖code[s] − x_t‖², a step is
- *   best_t[p] = min_j cost_t(j·P + p),   bp_t[p] = the smallest such j (one byte, kv <= 8),
- * so a step reads the previous P minima and the 2^L codes and writes P minima and P backpointers: a
- * quarter of the traffic of keeping all 2^L costs at kv = 2 (one step at L = 16, kv = 2: 64 KiB of
- * minima in and out, 256 KiB of codes). Step 0 starts from best_{-1} = 0 (INF outside the tail-biting
- * constraint); the path ends in the state j·P + p of the smallest cost (ties: the smallest state).
- * With tail-biting constraint o >= 0 (QTIP's second pass), start states must have s >> kv == o and end
- * states s mod P == o, so the path closes into a cycle: exactly k bits per weight stored.
- * Every level does the same float operations per state (e·e, summed over V, plus the minimum; then a
- * strict-less running minimum over j), so every level returns the same paths and costs.
+ *   best_t[p] = min_j cost_t(j·P + p),   bp_t[p] = its j (one byte, kv <= 8),
+ * so a step reads the previous P minima and the 2^L codes and writes P minima and P backpointers (one
+ * step at L = 16, kv = 2: 64 KiB of minima in and out, 256 KiB of codes).
+ *
+ * The minimum and its argument are one operation: a cost is a non-negative float32, so its bits order
+ * as an unsigned integer does; the step replaces the kv low mantissa bits of cost_t(j·P + p) with j
+ * and takes the unsigned minimum of these keys over j. The key of best_t[p] is both the minimum (to
+ * 2^kv ulps: each step may lower a cost by less than 2^-(23-kv) of itself, the same for every path)
+ * and its j, ties between equal costs going to the smallest j. A state's cost is
+ * fma(e_{V-1}, e_{V-1}, … fma(e_0, e_0, best_{t-1}) …) with e_v = code[s][v] − x_t[v]. Per 16 states
+ * the AVX-512 step spends a subtraction, an FMA, a ternary-logic merge and a minimum (it used to spend
+ * six operations: the minimum and the backpointer's compare and move apart). Unreachable states
+ * (outside a tail-biting constraint) start at +inf, whose keys (NaN bit patterns) stay above every
+ * finite key. Step 0 starts from best_{-1} = 0; the path ends in the state of the smallest key (ties:
+ * the smallest state). With tail-biting constraint o >= 0 (QTIP's second pass), start states must
+ * have s >> kv == o and end states s mod P == o, so the path closes into a cycle: exactly k bits per
+ * weight stored. Every level does these same float and integer operations, so every level returns
+ * the same paths and costs.
  */
 #define VITERBI_MAX_KV 8
 /* Tail-biting's first pass only has to find the state at step 0: it runs over the cyclic window of
    VITERBI_TB_CONTEXT steps before and after step 0 (the whole rotated sequence when N <= 2·context),
    which the later steps of a 256-step sequence do not change in practice (BENCHMARKS.md: the same
-   Gaussian MSE) and saves a quarter of the work at N = 256. */
+   Gaussian MSE) and saves a quarter of the work at N = 256. (Keeping the rotated pass's open path and
+   solving again only the steps around its seam costs more MSE for the same work: 0.0704 against
+   0.0696 at k = 2 with 32 steps on each side, 0.0697 with 64.) */
 #define VITERBI_TB_CONTEXT 64
-/* The x86 steps read the minima 16 floats at a time from any offset below P: the arrays carry a tail. */
+/* The x86 steps read the minima 16 keys at a time from any offset below P: the arrays carry a tail. */
 #define VITERBI_PAD 16
+#define VITERBI_UNREACHABLE 0x7f800000u /* +inf: the key of a state no legal path reaches */
+
+/* A state's key: its cost's bits with the kv low bits replaced by its predecessor's j. */
+static inline uint32_t viterbi_key(float cost, uint32_t j, uint32_t low) {
+    uint32_t u;
+    memcpy(&u, &cost, sizeof u);
+    return (u & ~low) | j;
+}
+
+static inline float viterbi_cost(const uint32_t *prev, int64_t q) {
+    float f;
+    memcpy(&f, prev + q, sizeof f);
+    return f;
+}
+
+/* The sequences a step advances together (VITERBI_LOCKSTEP at most): the vector steps read each code once
+   for all of them, halving the code traffic (a step's 2^L codes do not fit in L1). */
+#define VITERBI_LOCKSTEP 2
+typedef struct {
+    int n;                                  /* sequences, 1..VITERBI_LOCKSTEP */
+    const uint32_t *prev[VITERBI_LOCKSTEP]; /* best_{t-1} keys, P + VITERBI_PAD each */
+    const float *x[VITERBI_LOCKSTEP];       /* x_t, V floats each */
+    uint32_t *best[VITERBI_LOCKSTEP];       /* best_t keys out */
+    uint8_t *bp[VITERBI_LOCKSTEP];          /* bp_t out, P bytes each */
+} viterbi_batch;
 
 /* One step on the codes in their natural layout code[s·V + v], state by state: trellises with fewer
    than VITERBI_BASE_LANES prefixes (tests with small L). */
-static void viterbi_step_natural(const float *prev, const float *code, const float *x, int64_t P, int kv, int V,
-                                 float *best, uint8_t *bp) {
+static void viterbi_step_natural(const viterbi_batch *q, const float *code, int64_t P, int kv, int V) {
     const int64_t J = (int64_t)1 << kv;
-    for (int64_t p = 0; p < P; p++) {
-        float b = 0.0f;
-        int a = 0;
-        for (int64_t j = 0; j < J; j++) {
-            int64_t s = j * P + p;
-            float d = 0.0f;
-            for (int v = 0; v < V; v++) {
-                float e = code[s * V + v] - x[v];
-                d += e * e;
+    const uint32_t low = (uint32_t)J - 1;
+    for (int i = 0; i < q->n; i++)
+        for (int64_t p = 0; p < P; p++) {
+            uint32_t b = UINT32_MAX;
+            for (int64_t j = 0; j < J; j++) {
+                int64_t s = j * P + p;
+                float c = viterbi_cost(q->prev[i], s >> kv);
+                for (int v = 0; v < V; v++) {
+                    float e = code[s * V + v] - q->x[i][v];
+                    c = fmaf(e, e, c);
+                }
+                uint32_t key = viterbi_key(c, (uint32_t)j, low);
+                b = key < b ? key : b;
             }
-            float c = prev[s >> kv] + d;
-            if (j == 0 || c < b) {
-                b = c;
-                a = (int)j;
-            }
+            q->best[i][p] = b;
+            q->bp[i][p] = (uint8_t)(b & low);
         }
-        best[p] = b;
-        bp[p] = (uint8_t)a;
-    }
 }
 
 /* One step, portable (NEON machines, or no SIMD level): the vector steps' algorithm on VITERBI_BASE_LANES
    lanes in plain C loops the compiler can vectorise, on the same blocked code layout. */
 #define VITERBI_BASE_LANES 8
 static int viterbi_lane_prefix(int i, int kv, int W);
-static void viterbi_step_base(const float *prev, const float *cb, const float *x, int64_t P, int kv, int V,
-                              float *best, uint8_t *bp) {
+static void viterbi_step_base(const viterbi_batch *q, const float *cb, int64_t P, int kv, int V) {
     enum { W = VITERBI_BASE_LANES };
     const int64_t J = (int64_t)1 << kv;
+    const uint32_t low = (uint32_t)J - 1;
     const int G = (W >> kv) > 1 ? (W >> kv) : 1;
     int prefix[W];
     for (int i = 0; i < W; i++) prefix[i] = viterbi_lane_prefix(i, kv, W);
-    const float *c = cb;
-    for (int64_t g = 0; g < P; g += W) {
-        float b[W] = {0}, cost[W], pv[W];
-        uint8_t a[W] = {0};
-        for (int64_t j = 0; j < J; j++, c += W * V) {
-            const float *m = prev + ((j * P + g) >> kv);
-            for (int i = 0; i < W; i++) pv[i] = m[i % G];
-            for (int i = 0; i < W; i++) {
-                float e = c[i] - x[0];
-                cost[i] = e * e;
-            }
-            for (int v = 1; v < V; v++)
+    for (int n = 0; n < q->n; n++) {
+        const float *c = cb, *x = q->x[n];
+        for (int64_t g = 0; g < P; g += W) {
+            uint32_t b[W];
+            float cost[W];
+            for (int i = 0; i < W; i++) b[i] = UINT32_MAX;
+            for (int64_t j = 0; j < J; j++, c += W * V) {
+                const int64_t m = (j * P + g) >> kv;
+                for (int i = 0; i < W; i++) cost[i] = viterbi_cost(q->prev[n], m + i % G);
+                for (int v = 0; v < V; v++)
+                    for (int i = 0; i < W; i++) {
+                        float e = c[v * W + i] - x[v];
+                        cost[i] = fmaf(e, e, cost[i]);
+                    }
                 for (int i = 0; i < W; i++) {
-                    float e = c[v * W + i] - x[v];
-                    cost[i] += e * e;
+                    uint32_t key = viterbi_key(cost[i], (uint32_t)j, low);
+                    b[i] = key < b[i] ? key : b[i];
                 }
-            for (int i = 0; i < W; i++) cost[i] = pv[i] + cost[i];
-            if (j == 0) {
-                for (int i = 0; i < W; i++) {
-                    b[i] = cost[i];
-                    a[i] = 0;
-                }
-                continue;
             }
             for (int i = 0; i < W; i++) {
-                a[i] = cost[i] < b[i] ? (uint8_t)j : a[i];
-                b[i] = cost[i] < b[i] ? cost[i] : b[i];
+                q->best[n][g + prefix[i]] = b[i];
+                q->bp[n][g + prefix[i]] = (uint8_t)(b[i] & low);
             }
-        }
-        for (int i = 0; i < W; i++) {
-            best[g + prefix[i]] = b[i];
-            bp[g + prefix[i]] = a[i];
         }
     }
 }
@@ -2283,7 +2307,7 @@ static void viterbi_step_base(const float *prev, const float *cb, const float *x
 /* The vector steps read the codes in a blocked layout of W-lane groups, lanes ordered so that the minima a
    vector needs are one broadcast block. With G = max(W >> kv, 1) distinct minima per vector, lane i of
    group g holds prefix g + J·(i mod G) + i / G, whose predecessor minimum is
-   best[((j·P + g) >> kv) + i mod G]: the G floats at (j·P + g) >> kv, repeated W / G times. A group's J·V
+   best[((j·P + g) >> kv) + i mod G]: the G keys at (j·P + g) >> kv, repeated W / G times. A group's J·V
    vectors (for each j and v, the W lanes' code[(j·P + prefix)·V + v]) are one sequential stream.
    P % W == 0. viterbi_lane_prefix: lane i's prefix offset within its group. */
 static int viterbi_lane_prefix(int i, int kv, int W) {
@@ -2300,75 +2324,90 @@ static void viterbi_block_codes(const float *code, int64_t P, int kv, int V, int
 }
 
 #if QS_X86
-/* 16 lanes (V = 1 or 2): the G = 16 >> kv minima of a vector come from one broadcast load (16, 8, 4, 2 or
-   1 floats); the group's minima and backpointers go back to prefix order with one permute each. */
+/* (a & b) | c, as vpternlogd's truth table */
+#define QS_TERNLOG_AND_OR 0xEA
+/* 16 lanes (V = 1 or 2), NQ sequences: the G = 16 >> kv minima of a vector come from one broadcast load
+   (16, 8, 4, 2 or 1 keys); the group's keys go back to prefix order with one permute. */
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) static inline __attribute__((always_inline)) void
-viterbi_step16(const float *prev, const float *cb, const float *x, int64_t P, const int kv, const int V, float *best,
-               uint8_t *bp) {
+viterbi_step16(const viterbi_batch *q, const float *cb, int64_t P, const int kv, const int V, const int NQ) {
     const int64_t J = (int64_t)1 << kv;
     int32_t lanes[16];
     for (int i = 0; i < 16; i++) lanes[viterbi_lane_prefix(i, kv, 16)] = i;
     const __m512i order = _mm512_loadu_si512((const void *)lanes); /* prefix n is lane order[n] */
-    const __m512 x0 = _mm512_set1_ps(x[0]), x1 = _mm512_set1_ps(V == 2 ? x[1] : 0.0f);
+    const __m512i low = _mm512_set1_epi32((int)(J - 1)), high = _mm512_set1_epi32((int)~(uint32_t)(J - 1));
+    __m512 x0[VITERBI_LOCKSTEP], x1[VITERBI_LOCKSTEP];
+    for (int n = 0; n < NQ; n++) {
+        x0[n] = _mm512_set1_ps(q->x[n][0]);
+        x1[n] = _mm512_set1_ps(V == 2 ? q->x[n][1] : 0.0f);
+    }
+    /* locals, so that the stores below do not make the compiler reload the pointers and codes */
+    const float *prev[VITERBI_LOCKSTEP];
+    uint32_t *best[VITERBI_LOCKSTEP];
+    uint8_t *bp[VITERBI_LOCKSTEP];
+    for (int n = 0; n < NQ; n++) {
+        prev[n] = (const float *)q->prev[n];
+        best[n] = q->best[n];
+        bp[n] = q->bp[n];
+    }
     const float *c = cb;
     for (int64_t g = 0; g < P; g += 16) {
-        __m512 b = _mm512_setzero_ps();
-        __m512i a = _mm512_setzero_si512();
+        __m512i b[VITERBI_LOCKSTEP];
+        for (int n = 0; n < NQ; n++) b[n] = _mm512_set1_epi32(-1);
         for (int64_t j = 0; j < J; j++, c += 16 * V) {
-            const float *m = prev + ((j * P + g) >> kv);
-            __m512 pv;
-            switch (kv) {
-            case 1: pv = _mm512_broadcast_f32x8(_mm256_loadu_ps(m)); break;
-            case 2: pv = _mm512_broadcast_f32x4(_mm_loadu_ps(m)); break;
-            case 3: pv = _mm512_castpd_ps(_mm512_set1_pd(*(const double *)m)); break;
-            default: pv = _mm512_set1_ps(*m);
+            const int64_t off = (j * P + g) >> kv;
+            const __m512 c0 = _mm512_loadu_ps(c), c1 = V == 2 ? _mm512_loadu_ps(c + 16) : c0;
+            const __m512i jv = _mm512_set1_epi32((int)j);
+            for (int n = 0; n < NQ; n++) {
+                const float *m = prev[n] + off;
+                __m512 cost;
+                switch (kv) {
+                case 1: cost = _mm512_broadcast_f32x8(_mm256_loadu_ps(m)); break;
+                case 2: cost = _mm512_broadcast_f32x4(_mm_loadu_ps(m)); break;
+                case 3: cost = _mm512_castpd_ps(_mm512_set1_pd(*(const double *)m)); break;
+                default: cost = _mm512_set1_ps(*m);
+                }
+                __m512 e = _mm512_sub_ps(c0, x0[n]);
+                cost = _mm512_fmadd_ps(e, e, cost);
+                if (V == 2) {
+                    __m512 e1 = _mm512_sub_ps(c1, x1[n]);
+                    cost = _mm512_fmadd_ps(e1, e1, cost);
+                }
+                __m512i key = _mm512_ternarylogic_epi32(_mm512_castps_si512(cost), high, jv, QS_TERNLOG_AND_OR);
+                b[n] = _mm512_min_epu32(b[n], key);
             }
-            __m512 e = _mm512_sub_ps(_mm512_loadu_ps(c), x0);
-            __m512 d = _mm512_mul_ps(e, e);
-            if (V == 2) {
-                __m512 e1 = _mm512_sub_ps(_mm512_loadu_ps(c + 16), x1);
-                d = _mm512_add_ps(d, _mm512_mul_ps(e1, e1));
-            }
-            __m512 cost = _mm512_add_ps(pv, d);
-            if (j == 0) {
-                b = cost;
-                continue;
-            }
-            /* min(cost, b) is (cost < b ? cost : b): the mask only feeds the backpointers */
-            __mmask16 lt = _mm512_cmp_ps_mask(cost, b, _CMP_LT_OQ);
-            b = _mm512_min_ps(cost, b);
-            a = _mm512_mask_mov_epi32(a, lt, _mm512_set1_epi32((int)j));
         }
-        if (kv < 4) {
-            b = _mm512_permutexvar_ps(order, b);
-            a = _mm512_permutexvar_epi32(order, a);
+        for (int n = 0; n < NQ; n++) {
+            __m512i out = kv < 4 ? _mm512_permutexvar_epi32(order, b[n]) : b[n];
+            _mm512_storeu_si512((void *)(best[n] + g), out);
+            _mm_storeu_si128((__m128i *)(bp[n] + g), _mm512_cvtepi32_epi8(_mm512_and_si512(out, low)));
         }
-        _mm512_storeu_ps(best + g, b);
-        _mm_storeu_si128((__m128i *)(bp + g), _mm512_cvtepi32_epi8(a));
     }
 }
 
-/* The worker specialised for each kv and V (constant loop bounds and broadcast widths). */
-__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) static void viterbi_step_avx512(
-    const float *prev, const float *cb, const float *x, int64_t P, int kv, int V, float *best, uint8_t *bp) {
+/* The worker specialised for each kv, V and sequence count (constant loop bounds and broadcast widths). */
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) static void
+viterbi_step_avx512(const viterbi_batch *q, const float *cb, int64_t P, int kv, int V) {
 #define QS_VSTEP16(KV)                                                                                         \
     case KV:                                                                                                   \
-        if (V == 1)                                                                                            \
-            viterbi_step16(prev, cb, x, P, KV, 1, best, bp);                                                   \
+        if (V == 1 && q->n == 2)                                                                               \
+            viterbi_step16(q, cb, P, KV, 1, 2);                                                                \
+        else if (V == 1)                                                                                       \
+            viterbi_step16(q, cb, P, KV, 1, 1);                                                                \
+        else if (q->n == 2)                                                                                    \
+            viterbi_step16(q, cb, P, KV, 2, 2);                                                                \
         else                                                                                                   \
-            viterbi_step16(prev, cb, x, P, KV, 2, best, bp);                                                   \
+            viterbi_step16(q, cb, P, KV, 2, 1);                                                                \
         return;
     switch (kv) {
         QS_VSTEP16(1) QS_VSTEP16(2) QS_VSTEP16(3) QS_VSTEP16(4) QS_VSTEP16(5) QS_VSTEP16(6) QS_VSTEP16(7)
-        default: viterbi_step16(prev, cb, x, P, 8, V == 1 ? 1 : 2, best, bp);
+        QS_VSTEP16(8)
     }
 #undef QS_VSTEP16
 }
 
-/* 8 lanes; the same operations (G = 8 >> kv minima per vector: 4, 2 or 1). */
-__attribute__((target("avx2"))) static inline __attribute__((always_inline)) void
-viterbi_step8(const float *prev, const float *cb, const float *x, int64_t P, const int kv, const int V, float *best,
-              uint8_t *bp) {
+/* 8 lanes; the same operations (G = 8 >> kv minima per vector: 4, 2 or 1), the merge as an AND and an OR. */
+__attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) void
+viterbi_step8(const viterbi_batch *q, const float *cb, int64_t P, const int kv, const int V, const int NQ) {
     const int64_t J = (int64_t)1 << kv;
     int32_t lanes[8];
     for (int i = 0; i < 8; i++) lanes[viterbi_lane_prefix(i, kv, 8)] = i;
@@ -2377,59 +2416,74 @@ viterbi_step8(const float *prev, const float *cb, const float *x, int64_t P, con
     const __m256i bytes = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12,
                                            -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
     const __m256i halves = _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1);
-    const __m256 x0 = _mm256_set1_ps(x[0]), x1 = _mm256_set1_ps(V == 2 ? x[1] : 0.0f);
+    const __m256i low = _mm256_set1_epi32((int)(J - 1)), high = _mm256_set1_epi32((int)~(uint32_t)(J - 1));
+    __m256 x0[VITERBI_LOCKSTEP], x1[VITERBI_LOCKSTEP];
+    for (int n = 0; n < NQ; n++) {
+        x0[n] = _mm256_set1_ps(q->x[n][0]);
+        x1[n] = _mm256_set1_ps(V == 2 ? q->x[n][1] : 0.0f);
+    }
+    const float *prev[VITERBI_LOCKSTEP];
+    uint32_t *best[VITERBI_LOCKSTEP];
+    uint8_t *bp[VITERBI_LOCKSTEP];
+    for (int n = 0; n < NQ; n++) {
+        prev[n] = (const float *)q->prev[n];
+        best[n] = q->best[n];
+        bp[n] = q->bp[n];
+    }
     const float *c = cb;
     for (int64_t g = 0; g < P; g += 8) {
-        __m256 b = _mm256_setzero_ps();
-        __m256i a = _mm256_setzero_si256();
+        __m256i b[VITERBI_LOCKSTEP];
+        for (int n = 0; n < NQ; n++) b[n] = _mm256_set1_epi32(-1);
         for (int64_t j = 0; j < J; j++, c += 8 * V) {
-            const float *m = prev + ((j * P + g) >> kv);
-            __m256 pv = kv == 1   ? _mm256_broadcast_ps((const __m128 *)m)
-                        : kv == 2 ? _mm256_castpd_ps(_mm256_broadcast_sd((const double *)m))
-                                  : _mm256_broadcast_ss(m);
-            __m256 e = _mm256_sub_ps(_mm256_loadu_ps(c), x0);
-            __m256 d = _mm256_mul_ps(e, e);
-            if (V == 2) {
-                __m256 e1 = _mm256_sub_ps(_mm256_loadu_ps(c + 8), x1);
-                d = _mm256_add_ps(d, _mm256_mul_ps(e1, e1));
+            const int64_t off = (j * P + g) >> kv;
+            const __m256 c0 = _mm256_loadu_ps(c), c1 = V == 2 ? _mm256_loadu_ps(c + 8) : c0;
+            const __m256i jv = _mm256_set1_epi32((int)j);
+            for (int n = 0; n < NQ; n++) {
+                const float *m = prev[n] + off;
+                __m256 cost = kv == 1   ? _mm256_broadcast_ps((const __m128 *)m)
+                              : kv == 2 ? _mm256_castpd_ps(_mm256_broadcast_sd((const double *)m))
+                                        : _mm256_broadcast_ss(m);
+                __m256 e = _mm256_sub_ps(c0, x0[n]);
+                cost = _mm256_fmadd_ps(e, e, cost);
+                if (V == 2) {
+                    __m256 e1 = _mm256_sub_ps(c1, x1[n]);
+                    cost = _mm256_fmadd_ps(e1, e1, cost);
+                }
+                __m256i key = _mm256_or_si256(_mm256_and_si256(_mm256_castps_si256(cost), high), jv);
+                b[n] = _mm256_min_epu32(b[n], key);
             }
-            __m256 cost = _mm256_add_ps(pv, d);
-            if (j == 0) {
-                b = cost;
-                continue;
-            }
-            __m256 lt = _mm256_cmp_ps(cost, b, _CMP_LT_OQ);
-            b = _mm256_min_ps(cost, b);
-            a = _mm256_blendv_epi8(a, _mm256_set1_epi32((int)j), _mm256_castps_si256(lt));
         }
-        if (kv < 3) {
-            b = _mm256_permutevar8x32_ps(b, order);
-            a = _mm256_permutevar8x32_epi32(a, order);
+        for (int n = 0; n < NQ; n++) {
+            __m256i out = kv < 3 ? _mm256_permutevar8x32_epi32(b[n], order) : b[n];
+            _mm256_storeu_si256((__m256i *)(best[n] + g), out);
+            __m256i a = _mm256_and_si256(out, low);
+            __m256i packed = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(a, bytes), halves);
+            _mm_storel_epi64((__m128i *)(bp[n] + g), _mm256_castsi256_si128(packed));
         }
-        _mm256_storeu_ps(best + g, b);
-        __m256i packed = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(a, bytes), halves);
-        _mm_storel_epi64((__m128i *)(bp + g), _mm256_castsi256_si128(packed));
     }
 }
 
-__attribute__((target("avx2"))) static void viterbi_step_avx2(const float *prev, const float *cb, const float *x,
-                                                             int64_t P, int kv, int V, float *best, uint8_t *bp) {
+__attribute__((target("avx2,fma"))) static void viterbi_step_avx2(const viterbi_batch *q, const float *cb, int64_t P,
+                                                                  int kv, int V) {
 #define QS_VSTEP8(KV)                                                                                          \
     case KV:                                                                                                   \
-        if (V == 1)                                                                                            \
-            viterbi_step8(prev, cb, x, P, KV, 1, best, bp);                                                    \
+        if (V == 1 && q->n == 2)                                                                               \
+            viterbi_step8(q, cb, P, KV, 1, 2);                                                                 \
+        else if (V == 1)                                                                                       \
+            viterbi_step8(q, cb, P, KV, 1, 1);                                                                 \
+        else if (q->n == 2)                                                                                    \
+            viterbi_step8(q, cb, P, KV, 2, 2);                                                                 \
         else                                                                                                   \
-            viterbi_step8(prev, cb, x, P, KV, 2, best, bp);                                                    \
+            viterbi_step8(q, cb, P, KV, 2, 1);                                                                 \
         return;
     switch (kv) {
-        QS_VSTEP8(1) QS_VSTEP8(2) QS_VSTEP8(3) QS_VSTEP8(4) QS_VSTEP8(5) QS_VSTEP8(6) QS_VSTEP8(7)
-        default: viterbi_step8(prev, cb, x, P, 8, V == 1 ? 1 : 2, best, bp);
+        QS_VSTEP8(1) QS_VSTEP8(2) QS_VSTEP8(3) QS_VSTEP8(4) QS_VSTEP8(5) QS_VSTEP8(6) QS_VSTEP8(7) QS_VSTEP8(8)
     }
 #undef QS_VSTEP8
 }
 #endif
 
-typedef void (*viterbi_step_fn)(const float *, const float *, const float *, int64_t, int, int, float *, uint8_t *);
+typedef void (*viterbi_step_fn)(const viterbi_batch *, const float *, int64_t, int, int);
 
 /* The step of a level and its code layout (W lanes per group; 0: natural). Every level gives the same
    paths. The vector steps need P % W == 0 and V <= 2. */
@@ -2455,49 +2509,80 @@ static viterbi_step_fn viterbi_kernel(int level, int64_t P, int V, int *W) {
     return viterbi_step_natural;
 }
 
-/* One Viterbi pass over one sequence x [N, V]; states out [N]; returns the path's cost. o >= 0: the
-   tail-biting constraint (start states s >> kv == o, end states s mod P == o). prev, best: P + VITERBI_PAD
-   floats; bp: N·P bytes. code: in the layout of the step (see viterbi_kernel). */
-static float viterbi_one(viterbi_step_fn step, const float *x, int64_t N, const float *code, int L, int kv, int V,
-                         int64_t o, float *prev, float *best, uint8_t *bp, int32_t *states) {
+/* A thread's buffers for one sequence of a lockstep batch: the two key arrays (P + VITERBI_PAD each), the
+   backpointers (N steps of P bytes), the rotated window and its states. */
+typedef struct {
+    uint32_t *keys[2];
+    uint8_t *bp;
+    float *rot;
+    int32_t *rot_states;
+} viterbi_work;
+
+/* One Viterbi pass over n <= VITERBI_LOCKSTEP sequences x[i] [N, V] in lockstep; states[i] out [N].
+   first[i] >= 0: the first state's predecessor prefix (s_0 >> kv == first); last[i] >= 0: the last
+   state's prefix (s_{N-1} mod P == last), i.e. the path continues into a state whose predecessor
+   prefix is last. -1: free. code: in the layout of the step (see viterbi_kernel). */
+static void viterbi_pass(viterbi_step_fn step, int n, const float *const *x, int64_t N, const float *code, int L,
+                         int kv, int V, const int64_t *first, const int64_t *last, viterbi_work *w,
+                         int32_t *const *states) {
     const int64_t P = (int64_t)1 << (L - kv);
-    for (int64_t q = 0; q < P + VITERBI_PAD; q++) prev[q] = (o < 0 || q == o) ? 0.0f : INFINITY;
+    const uint32_t low = ((uint32_t)1 << kv) - 1;
+    viterbi_batch q = {.n = n};
+    for (int i = 0; i < n; i++)
+        for (int64_t p = 0; p < P + VITERBI_PAD; p++)
+            w[i].keys[0][p] = (first[i] < 0 || p == first[i]) ? 0u : VITERBI_UNREACHABLE;
     for (int64_t t = 0; t < N; t++) {
-        step(prev, code, x + t * V, P, kv, V, best, bp + t * P);
-        float *tmp = prev;
-        prev = best;
-        best = tmp;
+        for (int i = 0; i < n; i++) {
+            q.prev[i] = w[i].keys[t & 1];
+            q.best[i] = w[i].keys[(t + 1) & 1];
+            q.x[i] = x[i] + t * V;
+            q.bp[i] = w[i].bp + t * P;
+        }
+        step(&q, code, P, kv, V);
     }
-    /* prev holds best_{N-1}: the end state j·P + p of the smallest cost, the smallest such state on ties */
-    const uint8_t *last = bp + (N - 1) * P;
-    int64_t end = -1;
-    float total = INFINITY;
-    for (int64_t p = 0; p < P; p++) {
-        if (o >= 0 && p != o) continue;
-        int64_t s = ((int64_t)last[p] << (L - kv)) | p;
-        if (end < 0 || prev[p] < total || (prev[p] == total && s < end)) {
-            end = s;
-            total = prev[p];
+    for (int i = 0; i < n; i++) {
+        /* best_{N-1}: the end state j·P + p of the smallest key, the smallest such state on ties */
+        const uint32_t *keys = w[i].keys[N & 1];
+        int64_t end = -1;
+        uint32_t total = UINT32_MAX;
+        for (int64_t p = 0; p < P; p++) {
+            if (last[i] >= 0 && p != last[i]) continue;
+            int64_t s = ((int64_t)(keys[p] & low) << (L - kv)) | p;
+            if (end < 0 || keys[p] < total || (keys[p] == total && s < end)) {
+                end = s;
+                total = keys[p];
+            }
+        }
+        int64_t s = end;
+        states[i][N - 1] = (int32_t)s;
+        for (int64_t t = N - 1; t >= 1; t--) {
+            int64_t p = s >> kv;
+            s = p | ((int64_t)w[i].bp[(t - 1) * P + p] << (L - kv));
+            states[i][t - 1] = (int32_t)s;
         }
     }
-    int64_t s = end;
-    states[N - 1] = (int32_t)s;
-    for (int64_t t = N - 1; t >= 1; t--) {
-        int64_t p = s >> kv;
-        s = p | ((int64_t)bp[(t - 1) * P + p] << (L - kv));
-        states[t - 1] = (int32_t)s;
-    }
+}
+
+/* Σ_t ‖code[states_t] − x_t‖² of a path, in float32, step by step (the same on every level). */
+static float viterbi_path_cost(const float *x, const int32_t *states, int64_t N, const float *code, int V) {
+    float total = 0.0f;
+    for (int64_t t = 0; t < N; t++)
+        for (int v = 0; v < V; v++) {
+            float e = code[(int64_t)states[t] * V + v] - x[t * V + v];
+            total += e * e;
+        }
     return total;
 }
 
 /*
- * x [B, N·V] float32 -> states int32 [B, N], costs float32 [B] (NULL allowed).
+ * x [B, N·V] float32 -> states int32 [B, N], costs float32 [B] (NULL allowed: Σ_t ‖code[s_t] − x_t‖²).
  * tail_biting = 0: one unconstrained pass. 1: QTIP's approximate tail-biting (two passes): an
  * unconstrained pass over the sequence rotated by N/2 steps (for N > 2·VITERBI_TB_CONTEXT: over the
  * cyclic window of that many steps on each side of step 0) fixes o, the top L - kv bits of the
  * state at the original step 0; a second pass is constrained by o (a legal cycle).
  * code [2^L, V]; 2 <= L <= 24, 1 <= kv <= min(8, L - 1), N >= 1 (tail-biting: N·kv >= L). level: a
- * QS_LEVEL_* this CPU has; every level returns the same paths.
+ * QS_LEVEL_* this CPU has; every level returns the same paths. Each thread advances VITERBI_LOCKSTEP
+ * sequences together.
  */
 QS_API int qs_viterbi(const float *x, int64_t B, int64_t N, const float *code, int L, int kv, int V, int tail_biting,
                       int32_t *states, float *costs, int nthreads, int level) {
@@ -2515,38 +2600,57 @@ QS_API int qs_viterbi(const float *x, int64_t B, int64_t N, const float *code, i
         viterbi_block_codes(code, P, kv, V, W, blocked);
     }
     const float *table = W ? blocked : code;
-    int nt = nthreads < B ? nthreads : (B > 0 ? (int)B : 1);
-    /* per thread: the two minima arrays, the rotated sequence, its states, backpointers (N steps of P bytes) */
-    size_t per = sizeof(float) * (size_t)(2 * (P + VITERBI_PAD) + N * V) + sizeof(int32_t) * (size_t)N +
-                 (size_t)(N * P) + 64;
+    /* work items: lockstep batches of VITERBI_LOCKSTEP sequences (the last may be shorter) */
+    const int64_t items = (B + VITERBI_LOCKSTEP - 1) / VITERBI_LOCKSTEP;
+    int nt = nthreads < items ? nthreads : (items > 0 ? (int)items : 1);
+    /* per sequence: two key arrays, the backpointers, the rotated window and its states */
+    const size_t keys = sizeof(uint32_t) * (size_t)(P + VITERBI_PAD);
+    const size_t per_seq = 2 * keys + (size_t)(N * P) + sizeof(float) * (size_t)(N * V) + sizeof(int32_t) * (size_t)N;
+    const size_t per = VITERBI_LOCKSTEP * per_seq + 64;
     char *work = (char *)malloc(per * (size_t)nt + 64);
     if (!work) {
         free(blocked);
         return QS_ENOMEM;
     }
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
-    for (int64_t b = 0; b < B; b++) {
+    for (int64_t item = 0; item < items; item++) {
 #ifdef _OPENMP
-        char *w = work + per * (size_t)omp_get_thread_num();
+        char *base = work + per * (size_t)omp_get_thread_num();
 #else
-        char *w = work;
+        char *base = work;
 #endif
-        float *prev = (float *)w, *best = prev + P + VITERBI_PAD, *rot = best + P + VITERBI_PAD;
-        int32_t *tmp_states = (int32_t *)(rot + N * V);
-        uint8_t *bp = (uint8_t *)(tmp_states + N);
-        const float *xb = x + b * N * V;
-        int64_t o = -1;
+        const int64_t b0 = item * VITERBI_LOCKSTEP;
+        const int n = (int)(B - b0 < VITERBI_LOCKSTEP ? B - b0 : VITERBI_LOCKSTEP);
+        viterbi_work w[VITERBI_LOCKSTEP];
+        const float *xs[VITERBI_LOCKSTEP], *rot[VITERBI_LOCKSTEP];
+        int32_t *out[VITERBI_LOCKSTEP], *rot_states[VITERBI_LOCKSTEP];
+        for (int i = 0; i < n; i++) {
+            char *p = base + per_seq * (size_t)i;
+            w[i].keys[0] = (uint32_t *)p;
+            w[i].keys[1] = (uint32_t *)(p + keys);
+            w[i].rot = (float *)(p + 2 * keys);
+            w[i].rot_states = (int32_t *)(w[i].rot + N * V);
+            w[i].bp = (uint8_t *)(w[i].rot_states + N);
+            xs[i] = x + (b0 + i) * N * V;
+            out[i] = states + (b0 + i) * N;
+            rot[i] = w[i].rot;
+            rot_states[i] = w[i].rot_states;
+        }
+        int64_t o[VITERBI_LOCKSTEP];
+        for (int i = 0; i < VITERBI_LOCKSTEP; i++) o[i] = -1;
         if (tail_biting) {
             /* window step r holds original step (r + start) mod N; original step 0 is window step before */
             int64_t steps = N <= 2 * VITERBI_TB_CONTEXT ? N : 2 * VITERBI_TB_CONTEXT;
             int64_t before = steps == N ? N - N / 2 : VITERBI_TB_CONTEXT, start = N - before;
-            for (int64_t r = 0; r < steps; r++)
-                memcpy(rot + r * V, xb + ((r + start) % N) * V, sizeof(float) * (size_t)V);
-            viterbi_one(step, rot, steps, table, L, kv, V, -1, prev, best, bp, tmp_states);
-            o = tmp_states[before % steps] >> kv;
+            for (int i = 0; i < n; i++)
+                for (int64_t r = 0; r < steps; r++)
+                    memcpy(w[i].rot + r * V, xs[i] + ((r + start) % N) * V, sizeof(float) * (size_t)V);
+            viterbi_pass(step, n, rot, steps, table, L, kv, V, o, o, w, rot_states);
+            for (int i = 0; i < n; i++) o[i] = rot_states[i][before % steps] >> kv;
         }
-        float c = viterbi_one(step, xb, N, table, L, kv, V, o, prev, best, bp, states + b * N);
-        if (costs) costs[b] = c;
+        viterbi_pass(step, n, xs, N, table, L, kv, V, o, o, w, out);
+        if (costs)
+            for (int i = 0; i < n; i++) costs[b0 + i] = viterbi_path_cost(xs[i], out[i], N, code, V);
     }
     free(work);
     free(blocked);
