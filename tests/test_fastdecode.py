@@ -35,8 +35,9 @@ GEMMA2_CAPS = {"attn_logit_softcapping": 1.0, "final_logit_softcapping": 5.0}
 native = pytest.mark.skipif(not kernels.available(), reason="native kernels not built")
 
 
-def _quantize(model):
-    model, _ = quantize_model(model, ModelQuantConfig(layer=QuIPSharpConfig(bits=2)), None, progress=False)
+def _quantize(model, codebook: str = "e8p", bits: int = 2):
+    model, _ = quantize_model(model, ModelQuantConfig(layer=QuIPSharpConfig(bits=bits, codebook=codebook)), None,
+                              progress=False)
     return model
 
 
@@ -44,10 +45,11 @@ def _quantized(arch: str):
     return _quantize(tiny_model(arch))
 
 
-def _family_model(arch: str, quantized: bool = False, **changes):
+def _family_model(arch: str, quantized: bool = False, codebook: str = "e8p", bits: int = 2, **changes):
     """A tiny random ``arch`` model whose logits depend on every step the loop takes: weights of
     :data:`INIT_RANGE`, norm weights moved off their init (1, or Gemma's 0 for ``1 + w``), Gemma-2
-    caps that bite, config ``changes``; 2-bit QuIP# if ``quantized``."""
+    caps that bite, config ``changes``; quantized with ``codebook`` at ``bits`` (data-free) if
+    ``quantized``."""
     cfg = tiny_config(arch)
     cfg.initializer_range = INIT_RANGE
     for key, value in {**(GEMMA2_CAPS if arch == "gemma2" else {}), **changes}.items():
@@ -59,7 +61,7 @@ def _family_model(arch: str, quantized: bool = False, **changes):
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(NORM_NOISE * torch.randn(p.shape, generator=gen))
-    return _quantize(model) if quantized else model
+    return _quantize(model, codebook, bits) if quantized else model
 
 
 def _ids(n: int, seed: int = 0) -> torch.Tensor:

@@ -22,6 +22,8 @@ STEPS = 10
 STEP_TOL = 3e-5
 #: int8 activations in the head against torch's bf16 ones, relative to the largest logit
 HEAD_TOL = 3e-2
+#: a trellis layer's int8 activations, relative to the logits' norm (see test_native_step_runs_trellis_layers)
+INT8_FLIP_TOL = 1e-1
 ALL_LEVELS = list(kernels.LEVELS)
 
 native = pytest.mark.skipif(not kernels.available(), reason="native kernels not built")
@@ -65,6 +67,46 @@ def test_native_step_equals_the_python_step(arch: str, quantized: bool) -> None:
 def test_native_step_on_every_level(level: str, arch: str) -> None:
     model = kernels.use(_family_model(arch, quantized=True), _level(level))
     _assert_steps_match(model)
+
+
+@pytest.mark.parametrize("level", ALL_LEVELS)
+@pytest.mark.parametrize(("arch", "bits"), [("llama", 2), ("qwen2", 3), ("gemma2", 4)])
+def test_native_step_runs_trellis_layers(level: str, arch: str, bits: int, monkeypatch) -> None:
+    """Trellis (QTIP 1MAD) layers in the native step, with the activations the layer's own call
+    (qs_trellis_linear) gives them: int8 behind the transform on the x86 levels, float32 on NEON.
+
+    With float32 activations both loops agree up to float rounding. With int8 ones they agree until an
+    activation that the two loops compute a rounding apart sits on an int8 rounding boundary: one
+    flipped unit then moves the logits by about 1% (measured 1.4e-2 of their norm; wrong codes or scales
+    move them by their whole size)."""
+    model = kernels.use(_family_model(arch, quantized=True, codebook="qtip1mad", bits=bits), _level(level))
+    layers = [m for m in model.modules() if type(m).__name__ == "QuantizedLinear"]
+    assert layers and all(m.codebook.name == f"QTIP1MAD{bits}" for m in layers)
+    assert all(m.bind().trellis_int8 == (level in native_mod.TRELLIS_INT8_LEVELS) for m in layers)
+    with monkeypatch.context() as patch:
+        patch.setattr(native_mod.NativeKernel, "_trellis_int8", lambda self, n: False)
+        _assert_steps_match(model)
+    python, fast = _both(model)
+    ids = _ids(PROMPT + STEPS)
+    for g, e in zip(_lean_incremental(fast, ids), _lean_incremental(python, ids), strict=True):
+        assert float((g - e).norm()) <= INT8_FLIP_TOL * float(e.norm())
+
+
+@pytest.mark.parametrize("level", ALL_LEVELS)
+def test_a_bound_trellis_layer_equals_its_forward(level: str) -> None:
+    """The bound call of a trellis layer (the lean loop's per-layer path) gives the bits of the layer's
+    forward; with a residual, those bits plus the residual."""
+    model = kernels.use(_family_model("llama", quantized=True, codebook="qtip1mad"), _level(level))
+    layer = model.model.layers[0].mlp.down_proj
+    bound = layer.bind()
+    assert bound is not None and bound.trellis_k == 2
+    x = torch.randn(1, layer.in_features, generator=torch.Generator().manual_seed(0))
+    out = torch.empty(1, layer.out_features)
+    with torch.no_grad():
+        want = layer(x)
+    assert torch.equal(bound(x, out), want)
+    residual = torch.randn(layer.out_features, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(bound(x, torch.empty(1, layer.out_features), residual), want + residual)
 
 
 def test_longrope_switch_in_the_native_step() -> None:

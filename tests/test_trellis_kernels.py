@@ -116,7 +116,9 @@ def test_layer_on_the_native_kernel_matches_the_reference(level: str, batch: int
     # a decoding step (batch <= 8) uses int8 activations: about 1% of the output's scale
     tol = 0.02 * float(ref.abs().max()) if batch <= kernels.FUSED_MAX_BATCH else 1e-4
     torch.testing.assert_close(got, ref, rtol=0, atol=tol)
-    assert layer.bind() is None  # the fused decoding step does not take trellis layers (yet)
+    bound = layer.bind()  # a decoding loop's bound call: the forward's bits
+    if batch <= kernels.FUSED_MAX_BATCH:
+        assert torch.equal(bound(x, torch.empty(batch, 64)), got)
 
 
 @pytest.mark.parametrize("level", X86_LEVELS)

@@ -300,15 +300,19 @@ def test_cli_quantizes_with_a_trellis_codebook(model_dir, tmp_path, capsys) -> N
     assert not (tmp_path / "r").exists()
 
 
-def test_lean_decoder_generates_what_transformers_generates(trellis_dir) -> None:
-    """The lean loop runs trellis layers through their own kernels (the fused native step takes only
-    E8P layers and says so): greedy tokens equal transformers' generate."""
+@pytest.mark.parametrize("native_step", [True, False])
+def test_lean_decoder_generates_what_transformers_generates(trellis_dir, native_step: bool) -> None:
+    """The lean loop runs trellis layers in the fused native step (or, without it, through their bound
+    calls): greedy tokens equal transformers' generate."""
+    from quipsharp import kernels
     from quipsharp.fastdecode import LeanDecoder
 
+    if native_step and not kernels.available():
+        pytest.skip("native kernels not built")
     out, tokens, _, _ = trellis_dir
     model = load_quantized(out)
-    decoder = LeanDecoder(model, 64)
-    assert decoder.native_step is None
+    decoder = LeanDecoder(model, 64, native_step=native_step)
+    assert (decoder.native_step is not None) == native_step
     lean = list(decoder.generate(tokens[0, :8], max_new_tokens=8))
     with torch.no_grad():
         ref = model.generate(tokens[:1, :8], max_new_tokens=8, do_sample=False)[0, 8:].tolist()

@@ -313,8 +313,8 @@ class QuantizedLinear(nn.Module):
         the native kernel does not serve it (not built, not selected, not on CPU, in training)."""
         if not self._native or self._core is not None or self._states is not None or self.codes.device.type != "cpu":
             return None
-        if self.codebook.name not in kernels.KINDS:  # a trellis layer: its kernel runs through forward()
-            return None
+        if self.codebook.name not in kernels.KINDS and self.codebook.name not in kernels.TRELLIS_KINDS:
+            return None  # no native decode (HYB: its table): the layer runs through forward()
         return kernels.BoundLinear(self.codes, self.su, self.sv, self.wscale, self.bias, self._m_in, self._m_out_t,
                                    self.codebook.name, self.config.use_hadamard, threads, level=self._kernel.name)
 

@@ -1740,445 +1740,6 @@ QS_API int qs_dot_rows_int8(const int8_t *W, int64_t V, int64_t n, const int8_t 
     return QS_OK;
 }
 
-/* ------------------------------------------------------- one decoding step of a whole model */
-/*
- * The lean loop's single-token step (quipsharp/fastdecode.py, LeanDecoder._blocks with T = 1) as one
- * native call per token: every block's norms, linears (quantized: the fused transform-decode-matmul
- * of qs_linear; or dense float32), RoPE, KV-cache write, attention and MLP, in one OpenMP parallel
- * region. Per token the Python loop paid ~7 µs per linear call and ~10 µs per small tensor op, and a
- * 576-wide matrix stayed on one thread (a parallel region per call costs more than it saves); here
- * the threads stay in one region and meet at a barrier between phases, and the q/k/v (gate/up) rows
- * of a block are split over the threads as one list.
- *
- * The model is described once (qs_step_model, built by quipsharp/kernels/native.py) and read-only
- * here; the caller's x [hidden] holds the token's embedding on entry and the last block's output on
- * exit; the KV caches are written at position pos. Numerics: the same formulas as the Python loop
- * in float32 (sums of squares and softmax denominators in double), equal to it up to rounding.
- */
-enum { QS_ACT_SILU = 0, QS_ACT_GELU = 1, QS_ACT_GELU_TANH = 2 };
-#define STEP_MAX_PARTS 3 /* linears sharing one input: q, k, v */
-
-typedef struct {
-    int64_t n, m;                /* in and out features */
-    const uint8_t *codes;        /* quantized: [m, n/8 * CB]; NULL: a dense layer */
-    const qs_codebook *t;
-    const float *su, *sv;        /* [n], [m] */
-    float wscale;
-    int64_t use_hadamard, k_in, k_out;
-    const float *m_in, *m_out_t; /* K x K factors (NULL when K = 1) */
-    const float *weight;         /* dense: [m, n] float32 row-major */
-    const float *bias;           /* [m] or NULL */
-    int64_t level;               /* this layer's kernel level (the selector's choice) */
-} qs_step_linear;
-
-typedef struct {
-    qs_step_linear qkv[STEP_MAX_PARTS]; /* [q | k | v] as one fused linear (n_qkv = 1) or three */
-    int64_t n_qkv;
-    qs_step_linear o;
-    qs_step_linear gate_up[2]; /* [gate | up] fused (n_gate_up = 1) or two */
-    int64_t n_gate_up;
-    qs_step_linear down;
-    const float *attn_norm, *mlp_norm;                   /* [hidden] */
-    const float *attn_out_norm, *mlp_out_norm;           /* [hidden] or NULL (Gemma-2/3 post-norms) */
-    const float *q_norm, *k_norm;                        /* [head_dim] or NULL (Qwen3, Gemma-3) */
-    int64_t window;                                      /* sliding window, 0: none */
-    int64_t rope;                                        /* index of its RoPE table */
-    float *k_cache, *v_cache;                            /* [kv_heads, max_len, head_dim] */
-} qs_step_block;
-
-typedef struct {
-    int64_t n_blocks, hidden, heads, kv_heads, head_dim, inter, max_len, act, level;
-    float eps, scale, attn_softcap; /* softcap 0: none */
-    const qs_step_block *blocks;
-    int64_t n_ropes;
-    /* per RoPE table r: rot(v) = v · cos[pos] + v[perm] · ssin[pos], each [max_len, head_dim]; the
-       long tables (LongRoPE, may be NULL) replace them when pos + 1 > rope_switch[r] */
-    const float *const *cos, *const *ssin, *const *long_cos, *const *long_ssin;
-    const int64_t *rope_switch;
-    const int64_t *const *perm; /* [head_dim] */
-    /* the int8 LM head (optional): logits = head_scale ⊙ (head · q8(U rms(x))) with U = M ⊗ H_P / sqrt(P),
-       head the int8 rows of the U-rotated weights (W Uᵀ), q8 the int8 quantization of one vector */
-    const float *final_norm;  /* [hidden] */
-    const int8_t *head;       /* [vocab, hidden]; NULL: no head */
-    const float *head_scale;  /* [vocab] */
-    int64_t vocab, head_k;
-    const float *head_m;      /* [head_k, head_k] (NULL when head_k = 1) */
-} qs_step_model;
-
-/* One linear of a phase: its input, output, optional residual (added last) and int8 operands. */
-typedef struct {
-    const qs_step_linear *L;
-    const float *in;
-    float *out;
-    const float *resid;
-    float *h;       /* [n] the transformed input */
-    int8_t *xq;     /* [n] */
-    int16_t *xbs;   /* [n / 8] */
-    float xscale;
-    int32_t xsum;
-    int int8;       /* the int8 path (else float32 activations) */
-    mm_args a;
-    mm_rows_fn fn;
-    int64_t tasks; /* row tasks of ROWS_PER_TASK rows */
-} step_part;
-
-static inline float dot_f32(const float *a, const float *b, int64_t n) {
-    float acc[8] = {0};
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8)
-        for (int l = 0; l < 8; l++) acc[l] += a[j + l] * b[j + l];
-    for (; j < n; j++) acc[0] += a[j] * b[j];
-    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-}
-
-/* out [n] = x · rsqrt(mean(x²) + eps) · w  (out may be x) */
-static void step_rms(const float *x, const float *w, int64_t n, float eps, float *out) {
-    double ss = 0.0;
-    for (int64_t j = 0; j < n; j++) ss += (double)x[j] * x[j];
-    float r = 1.0f / sqrtf((float)(ss / (double)n) + eps);
-    for (int64_t j = 0; j < n; j++) out[j] = (x[j] * r) * w[j];
-}
-
-/* A part's input pass (one thread): the transform U (su ⊙ x), int8 quantization, the row kernel. */
-static void step_prepare(step_part *p, float *tmp) {
-    const qs_step_linear *L = p->L;
-    p->tasks = (L->m + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
-    if (!L->codes) return;
-    int64_t n = L->n;
-    memcpy(p->h, p->in, sizeof(float) * (size_t)n);
-    if (L->use_hadamard)
-        hadamard_vec(p->h, L->k_in, n / L->k_in, L->m_in, L->su, NULL, 1.0f / sqrtf((float)(n / L->k_in)), tmp,
-                     (int)L->level);
-    else
-        for (int64_t j = 0; j < n; j++) p->h[j] *= L->su[j];
-    mm_args *a = &p->a;
-    memset(a, 0, sizeof(*a));
-    a->codes = L->codes;
-    a->m = L->m;
-    a->n = n;
-    a->nblk = n / DIM;
-    a->cb = L->t->cb;
-    a->row_bytes = a->nblk * a->cb;
-    a->kind = L->t->kind;
-    a->t = L->t;
-    a->x = p->h;
-    a->B = 1;
-    a->out = p->out;
-    if (L->use_hadamard && L->t->int8_ok) { /* as qs_linear: int8 activations only after the transform */
-        quantize_row(p->h, n, p->xq, &p->xscale, &p->xsum);
-        block_sums(p->xq, a->nblk, p->xbs);
-        a->xq = p->xq;
-        a->xscale = &p->xscale;
-        a->xsum = &p->xsum;
-        a->xbs = p->xbs;
-        p->fn = int8_kernel((int)L->level, L->t);
-        p->int8 = 1;
-    } else {
-        p->fn = float_kernel((int)L->level);
-        p->int8 = 0;
-    }
-}
-
-/* Rows [r0, r1) of a part. */
-static void step_rows(const step_part *p, int64_t r0, int64_t r1) {
-    const qs_step_linear *L = p->L;
-    if (L->codes) {
-        p->fn(&p->a, r0, r1, 0, 1);
-        return;
-    }
-    for (int64_t i = r0; i < r1; i++) p->out[i] = dot_f32(L->weight + i * L->n, p->in, L->n);
-}
-
-/* A part's output pass (one thread): sv ⊙ (wscale · Vᵀ y), bias, residual. */
-static void step_finish(const step_part *p, float *tmp) {
-    const qs_step_linear *L = p->L;
-    float *y = p->out;
-    int64_t m = L->m;
-    if (L->codes) {
-        if (!p->int8 && !row_finite(p->h, L->n))
-            for (int64_t i = 0; i < m; i++) y[i] = NAN; /* the float path: NaN/Inf in, NaN out */
-        if (L->use_hadamard)
-            hadamard_vec(y, L->k_out, m / L->k_out, L->m_out_t, NULL, L->sv, L->wscale / sqrtf((float)(m / L->k_out)),
-                         tmp, (int)L->level);
-        else
-            for (int64_t i = 0; i < m; i++) y[i] *= L->wscale * L->sv[i];
-    } else if (!row_finite(p->in, L->n)) {
-        for (int64_t i = 0; i < m; i++) y[i] = NAN;
-    }
-    if (L->bias)
-        for (int64_t i = 0; i < m; i++) y[i] += L->bias[i];
-    if (p->resid)
-        for (int64_t i = 0; i < m; i++) y[i] += p->resid[i];
-}
-
-/* The n linears L of one phase as parts: all read in, their outputs side by side from out, each
-   plus resid (NULL: none; only with n = 1). Returns n. */
-static int step_parts(step_part *parts, const qs_step_linear *L, int64_t n, const float *in, float *out,
-                      const float *resid) {
-    for (int64_t i = 0; i < n; i++) {
-        parts[i].L = &L[i];
-        parts[i].in = in;
-        parts[i].out = out;
-        parts[i].resid = resid;
-        out += L[i].m;
-    }
-    return (int)n;
-}
-
-/* The linears of one phase, run by every thread of the region (orphaned worksharing): inputs, then
-   all their rows as one list split over the threads, then outputs; a barrier after each. */
-static void step_group(step_part *parts, int np, float *tmp) {
-#pragma omp for schedule(static)
-    for (int i = 0; i < np; i++) step_prepare(&parts[i], tmp);
-    int64_t total = 0;
-    for (int i = 0; i < np; i++) total += parts[i].tasks;
-#pragma omp for schedule(static)
-    for (int64_t task = 0; task < total; task++) {
-        int i = 0;
-        int64_t k = task;
-        while (k >= parts[i].tasks) k -= parts[i++].tasks;
-        int64_t r0 = k * ROWS_PER_TASK, m = parts[i].L->m;
-        step_rows(&parts[i], r0, r0 + ROWS_PER_TASK < m ? r0 + ROWS_PER_TASK : m);
-    }
-#pragma omp for schedule(static)
-    for (int i = 0; i < np; i++) step_finish(&parts[i], tmp);
-}
-
-static float step_act(float g, int64_t act) {
-    if (act == QS_ACT_SILU) return g / (1.0f + expf(-g));
-    if (act == QS_ACT_GELU) return 0.5f * g * (1.0f + erff(g * 0.70710678118654752f));
-    const float k = 0.7978845608028654f; /* sqrt(2 / pi) */
-    return 0.5f * g * (1.0f + tanhf(k * (g + 0.044715f * g * g * g)));
-}
-
-/* Attention of head hd's query q [D] at position pos over its KV head's cached keys and values
-   (positions lo..pos): out [D]. scores: [max_len] scratch. Compiled once per ISA (the same C; the
-   compiler vectorises the 8-lane sums and the value loop for the target). */
-#define QS_DEFINE_STEP_HEAD(NAME, ATTR)                                                                        \
-    ATTR static void NAME(const qs_step_model *M, const qs_step_block *B, const float *q, int64_t kvh, int64_t pos, \
-                          float *scores, float *out) {                                                         \
-        int64_t D = M->head_dim, lo = B->window > 0 && pos - B->window + 1 > 0 ? pos - B->window + 1 : 0;        \
-        const float *K = B->k_cache + kvh * M->max_len * D, *V = B->v_cache + kvh * M->max_len * D;            \
-        float mx = -INFINITY;                                                                                  \
-        for (int64_t j = lo; j <= pos; j++) {                                                                  \
-            float s = dot_f32(q, K + j * D, D) * M->scale;                                                     \
-            if (M->attn_softcap > 0.0f) s = tanhf(s / M->attn_softcap) * M->attn_softcap;                      \
-            scores[j] = s;                                                                                     \
-            mx = s > mx ? s : mx;                                                                              \
-        }                                                                                                      \
-        double den = 0.0;                                                                                      \
-        for (int64_t j = lo; j <= pos; j++) {                                                                  \
-            scores[j] = expf(scores[j] - mx);                                                                  \
-            den += scores[j];                                                                                  \
-        }                                                                                                      \
-        float inv = (float)(1.0 / den);                                                                        \
-        for (int64_t d = 0; d < D; d++) out[d] = 0.0f;                                                         \
-        for (int64_t j = lo; j <= pos; j++) {                                                                  \
-            float p = scores[j] * inv;                                                                         \
-            const float *v = V + j * D;                                                                        \
-            for (int64_t d = 0; d < D; d++) out[d] += p * v[d];                                                \
-        }                                                                                                      \
-    }
-
-QS_DEFINE_STEP_HEAD(step_head_base, )
-#if QS_X86
-QS_DEFINE_STEP_HEAD(step_head_avx2, __attribute__((target("avx2,fma"))))
-QS_DEFINE_STEP_HEAD(step_head_avx512, __attribute__((target("avx512f,avx512vl,avx2,fma"))))
-#endif
-
-static void step_head(const qs_step_model *M, const qs_step_block *B, const float *q, int64_t kvh, int64_t pos,
-                      float *scores, float *out) {
-#if QS_X86
-    if (is_avx512((int)M->level)) {
-        step_head_avx512(M, B, q, kvh, pos, scores, out);
-        return;
-    }
-    if (M->level == QS_LEVEL_AVX2) {
-        step_head_avx2(M, B, q, kvh, pos, scores, out);
-        return;
-    }
-#endif
-    step_head_base(M, B, q, kvh, pos, scores, out);
-}
-
-/* RoPE of one head vector v [D] in place (tmp [D] scratch). */
-static void step_rope(float *v, const float *cos, const float *ssin, const int64_t *perm, int64_t D, float *tmp) {
-    memcpy(tmp, v, sizeof(float) * (size_t)D);
-    for (int64_t d = 0; d < D; d++) v[d] = tmp[d] * cos[d] + tmp[perm[d]] * ssin[d];
-}
-
-static int step_linear_ok(const qs_step_linear *L, int64_t n, int64_t m) {
-    if (L->n != n || L->m != m || n <= 0 || m <= 0) return 0;
-    if (!level_ok((int)L->level)) return 0;
-    if (!L->codes) return L->weight != NULL;
-    if (!L->t || !L->su || !L->sv || n % DIM) return 0;
-    return !L->use_hadamard || (L->k_in >= 1 && L->k_out >= 1 && n % L->k_in == 0 && m % L->k_out == 0 &&
-                                hadamard_args_ok(L->k_in, n / L->k_in, L->m_in) &&
-                                hadamard_args_ok(L->k_out, m / L->k_out, L->m_out_t));
-}
-
-/* Every shape of the description is consistent (checked once by the caller after building it). */
-QS_API int qs_step_check(const qs_step_model *M) {
-    if (!M || M->n_blocks < 1 || !M->blocks || M->hidden < 1 || M->heads < 1 || M->kv_heads < 1 ||
-        M->heads % M->kv_heads || M->head_dim < 1 || M->inter < 1 || M->max_len < 1 || M->n_ropes < 1 ||
-        M->act < QS_ACT_SILU || M->act > QS_ACT_GELU_TANH || !level_ok((int)M->level) || !M->cos || !M->ssin ||
-        !M->perm || !M->rope_switch)
-        return QS_EBADARG;
-    int64_t H = M->heads, Hk = M->kv_heads, D = M->head_dim, I = M->inter, hid = M->hidden;
-    for (int64_t r = 0; r < M->n_ropes; r++) {
-        if (!M->cos[r] || !M->ssin[r] || !M->perm[r]) return QS_EBADARG;
-        if (M->rope_switch[r] > 0 && (!M->long_cos || !M->long_ssin || !M->long_cos[r] || !M->long_ssin[r]))
-            return QS_EBADARG;
-        for (int64_t d = 0; d < D; d++)
-            if (M->perm[r][d] < 0 || M->perm[r][d] >= D) return QS_EBADARG;
-    }
-    if (M->head && (!M->final_norm || !M->head_scale || M->vocab < 1 || M->head_k < 1 || hid % M->head_k ||
-                    !hadamard_args_ok(M->head_k, hid / M->head_k, M->head_m)))
-        return QS_EBADARG;
-    for (int64_t l = 0; l < M->n_blocks; l++) {
-        const qs_step_block *B = &M->blocks[l];
-        if (!B->attn_norm || !B->mlp_norm || !B->k_cache || !B->v_cache || B->rope < 0 || B->rope >= M->n_ropes ||
-            B->window < 0 || (!B->q_norm != !B->k_norm))
-            return QS_EBADARG;
-        if (B->n_qkv == 1) {
-            if (!step_linear_ok(&B->qkv[0], hid, (H + 2 * Hk) * D)) return QS_EBADARG;
-        } else if (B->n_qkv == 3) {
-            if (!step_linear_ok(&B->qkv[0], hid, H * D) || !step_linear_ok(&B->qkv[1], hid, Hk * D) ||
-                !step_linear_ok(&B->qkv[2], hid, Hk * D))
-                return QS_EBADARG;
-        } else {
-            return QS_EBADARG;
-        }
-        if (!step_linear_ok(&B->o, H * D, hid) || !step_linear_ok(&B->down, I, hid)) return QS_EBADARG;
-        if (B->n_gate_up == 1) {
-            if (!step_linear_ok(&B->gate_up[0], hid, 2 * I)) return QS_EBADARG;
-        } else if (B->n_gate_up == 2) {
-            if (!step_linear_ok(&B->gate_up[0], hid, I) || !step_linear_ok(&B->gate_up[1], hid, I)) return QS_EBADARG;
-        } else {
-            return QS_EBADARG;
-        }
-    }
-    return QS_OK;
-}
-
-/* One token through every block: x [hidden] in and out, keys/values written at position pos; with
-   logits (not NULL; the model must have a head) also the next-token logits [vocab]. */
-QS_API int qs_step(const qs_step_model *M, float *x, int64_t pos, float *logits, int nthreads) {
-    if (!M || !x || pos < 0 || pos >= M->max_len || nthreads < 1 || (logits && !M->head)) return QS_EBADARG;
-    int64_t H = M->heads, Hk = M->kv_heads, D = M->head_dim, I = M->inter, hid = M->hidden;
-    int64_t qkv_n = (H + 2 * Hk) * D, widest = hid;
-    if (2 * I > widest) widest = 2 * I;
-    if (qkv_n > widest) widest = qkv_n;
-    int64_t per_thread = widest + M->max_len; /* transform scratch, attention scores */
-    int nt = nthreads;
-    /* float buffers: h, x2, ob (hidden each), qkv, attn, gu, act, the parts' inputs; then per thread */
-    size_t nf = (size_t)(3 * hid + qkv_n + H * D + 2 * I + I + STEP_MAX_PARTS * widest + per_thread * nt);
-    float *buf = (float *)malloc(sizeof(float) * nf);
-    int8_t *xq = (int8_t *)malloc((size_t)(STEP_MAX_PARTS * widest) + 1);
-    int16_t *xbs = (int16_t *)malloc(sizeof(int16_t) * (size_t)(STEP_MAX_PARTS * widest / DIM + 1));
-    step_part *parts = (step_part *)calloc(STEP_MAX_PARTS, sizeof(step_part));
-    if (!buf || !xq || !xbs || !parts) {
-        free(buf), free(xq), free(xbs), free(parts);
-        return QS_ENOMEM;
-    }
-    float *h = buf, *x2 = h + hid, *ob = x2 + hid, *qkv = ob + hid, *attn = qkv + qkv_n, *gu = attn + H * D;
-    float *av = gu + 2 * I, *hin = av + I, *scratch = hin + STEP_MAX_PARTS * widest;
-    for (int i = 0; i < STEP_MAX_PARTS; i++) {
-        parts[i].h = hin + i * widest;
-        parts[i].xq = xq + i * widest;
-        parts[i].xbs = xbs + i * widest / DIM;
-    }
-    int np = 0; /* parts of the current phase (set in a single, read by all after its barrier) */
-    float hscale = 0.0f; /* the head's activation scale */
-    int32_t hsum = 0;
-#pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-#ifdef _OPENMP
-        float *tmp = scratch + (size_t)omp_get_thread_num() * (size_t)per_thread;
-#else
-        float *tmp = scratch;
-#endif
-        float *scores = tmp + widest;
-        for (int64_t l = 0; l < M->n_blocks; l++) {
-            const qs_step_block *B = &M->blocks[l];
-#pragma omp single
-            {
-                step_rms(x, B->attn_norm, hid, M->eps, h);
-                np = step_parts(parts, B->qkv, B->n_qkv, h, qkv, NULL);
-            }
-            step_group(parts, np, tmp);
-#pragma omp single
-            {
-                int64_t r = B->rope;
-                int use_long = M->rope_switch[r] > 0 && pos + 1 > M->rope_switch[r];
-                const float *cos = (use_long ? M->long_cos[r] : M->cos[r]) + pos * D;
-                const float *ssin = (use_long ? M->long_ssin[r] : M->ssin[r]) + pos * D;
-                for (int64_t hd = 0; hd < H + Hk; hd++) {
-                    float *v = qkv + hd * D;
-                    if (B->q_norm) step_rms(v, hd < H ? B->q_norm : B->k_norm, D, M->eps, v);
-                    step_rope(v, cos, ssin, M->perm[r], D, tmp);
-                }
-                for (int64_t g = 0; g < Hk; g++) {
-                    memcpy(B->k_cache + (g * M->max_len + pos) * D, qkv + (H + g) * D, sizeof(float) * (size_t)D);
-                    memcpy(B->v_cache + (g * M->max_len + pos) * D, qkv + (H + Hk + g) * D, sizeof(float) * (size_t)D);
-                }
-                np = step_parts(parts, &B->o, 1, attn, B->attn_out_norm ? ob : x2, B->attn_out_norm ? NULL : x);
-            }
-#pragma omp for schedule(static)
-            for (int64_t hd = 0; hd < H; hd++) step_head(M, B, qkv + hd * D, hd / (H / Hk), pos, scores, attn + hd * D);
-            step_group(parts, np, tmp);
-#pragma omp single
-            {
-                if (B->attn_out_norm) {
-                    step_rms(ob, B->attn_out_norm, hid, M->eps, ob);
-                    for (int64_t j = 0; j < hid; j++) x2[j] = x[j] + ob[j];
-                }
-                step_rms(x2, B->mlp_norm, hid, M->eps, h);
-                np = step_parts(parts, B->gate_up, B->n_gate_up, h, gu, NULL);
-            }
-            step_group(parts, np, tmp);
-#pragma omp for schedule(static)
-            for (int64_t j = 0; j < I; j++) av[j] = step_act(gu[j], M->act) * gu[I + j];
-#pragma omp single
-            {
-                np = step_parts(parts, &B->down, 1, av, B->mlp_out_norm ? ob : x, B->mlp_out_norm ? NULL : x2);
-            }
-            step_group(parts, np, tmp);
-            if (B->mlp_out_norm) {
-#pragma omp single
-                {
-                    step_rms(ob, B->mlp_out_norm, hid, M->eps, ob);
-                    for (int64_t j = 0; j < hid; j++) x[j] = x2[j] + ob[j];
-                }
-            }
-        }
-        if (logits) {
-#pragma omp single
-            {
-                int64_t P = hid / M->head_k;
-                step_rms(x, M->final_norm, hid, M->eps, h);
-                hadamard_vec(h, M->head_k, P, M->head_m, NULL, NULL, 1.0f / sqrtf((float)P), tmp, (int)M->level);
-                quantize_row(h, hid, xq, &hscale, &hsum);
-            }
-            dot_rows_fn fn = dot_rows_kernel((int)M->level);
-            int64_t ntasks = (M->vocab + DOT_ROWS_PER_TASK - 1) / DOT_ROWS_PER_TASK;
-#pragma omp for schedule(static)
-            for (int64_t task = 0; task < ntasks; task++) {
-                int64_t r0 = task * DOT_ROWS_PER_TASK;
-                int64_t r1 = r0 + DOT_ROWS_PER_TASK < M->vocab ? r0 + DOT_ROWS_PER_TASK : M->vocab;
-                int32_t dots[DOT_ROWS_PER_TASK];
-                fn(M->head + r0 * hid, hid, xq, 0, r1 - r0, dots);
-                for (int64_t v = r0; v < r1; v++) logits[v] = M->head_scale[v] * hscale * (float)dots[v - r0];
-            }
-        }
-    }
-    free(buf);
-    free(xq);
-    free(xbs);
-    free(parts);
-    return QS_OK;
-}
-
 /* ------------------------------------------------------------------ trellis quantization (Viterbi) */
 /*
  * Bitshift-trellis quantization (QTIP, Tseng et al. 2024, §3): a sequence of N steps of V weights is
@@ -3227,6 +2788,68 @@ static trellis_int8_fn trellis_int8(int level, int *xw_form) {
     return trellis_slab_int8_scalar;
 }
 
+/* One activation row x [n] for the int8 slabs: xq = round(x / s) in [-127, 127] with s = max|x| / 127, xw
+   its lanes in the level's form (0: the byte in 4 bytes, 1: the int16 in both halves), offset = 510·Σ xq
+   (the code's mean, taken off once per output); a NaN or ±Inf gives scale NaN (a row of NaN out). */
+static void trellis_quantize_x(const float *x, int64_t n, int form, int8_t *xq, int32_t *xw, float *xscale,
+                               int32_t *offset) {
+    float amax = 0.0f;
+    int finite = 1;
+    for (int64_t c = 0; c < n; c++) {
+        float a = fabsf(x[c]);
+        if (!(a <= FLT_MAX)) finite = 0;
+        else if (a > amax) amax = a;
+    }
+    float s = amax / 127.0f;
+    *xscale = finite ? s : NAN;
+    int32_t total = 0;
+    for (int64_t c = 0; c < n; c++) {
+        int q = (finite && s > 0.0f) ? (int)lrintf(x[c] / s) : 0;
+        q = q > 127 ? 127 : (q < -127 ? -127 : q);
+        xq[c] = (int8_t)q;
+        total += q;
+        uint32_t u = (uint32_t)(q & (form ? 0xFFFF : 0xFF));
+        xw[c] = (int32_t)(form ? u * 0x00010001u : u * 0x01010101u);
+    }
+    *offset = TRELLIS_1MAD_MEAN * total;
+}
+
+/* The int8 decode-matvec of one layer at one level: its slab kernel and pairs builder, and the activations
+   (B rows of n: trellis_quantize_x's xq, xw, scale and offset). */
+typedef struct {
+    trellis_int8_fn slab;
+    trellis_pairs_fn build_pairs;
+    int form, reads_words; /* xw's form; a decoding step (B = 1) reads the words, not the pairs */
+    int64_t tiles, B, n;
+    int k;
+    const int8_t *xq;
+    const int32_t *xw;
+    const float *xscale;
+    const int32_t *offset;
+} trellis_int8_op;
+
+static trellis_int8_op trellis_int8_op_for(int level, int64_t tiles, int k, int64_t B, int64_t n) {
+    trellis_int8_op op;
+    memset(&op, 0, sizeof op);
+    op.slab = trellis_int8(level, &op.form);
+    op.build_pairs = trellis_slab_pairs_for(level);
+    op.reads_words = is_avx512(level);
+    op.tiles = tiles, op.k = k, op.B = B, op.n = n;
+    return op;
+}
+
+/* The 16 rows of one slab (codes_row: its words): y[b·ystride + r] for every batch row b. acc: [B][16]
+   int32 scratch; pairs: room for the slab's pairs (tiles·16k + 16). */
+static void trellis_int8_rows(const trellis_int8_op *op, const int16_t *codes_row, int32_t *acc, uint32_t *pairs,
+                              float *y, int64_t ystride) {
+    memset(acc, 0, sizeof(int32_t) * (size_t)(op->B * TRELLIS_TILE));
+    if (op->B > 1 || !op->reads_words) op->build_pairs(codes_row, op->tiles, op->k, pairs);
+    op->slab(codes_row, pairs, op->tiles, op->k, op->xq, op->xw, op->B, op->n, acc);
+    for (int64_t b = 0; b < op->B; b++)
+        for (int r = 0; r < TRELLIS_TILE; r++)
+            y[b * ystride + r] = (float)(acc[b * TRELLIS_TILE + r] - op->offset[b]) * op->xscale[b];
+}
+
 /*
  * y [B, m] = x [B, n] · Cᵀ as above with x quantized to int8 per row; a row with a NaN or ±Inf gives a
  * row of NaN. n <= TRELLIS_INT8_MAX_N.
@@ -3238,10 +2861,7 @@ QS_API int qs_trellis_matmul_int8(const int16_t *codes, int64_t m, int64_t n, in
         k < 2 || k > TRELLIS_MAX_K || B < 1 || nthreads < 1)
         return QS_EBADARG;
     const int64_t slabs = m / TRELLIS_TILE, tiles = n / TRELLIS_TILE, row_words = tiles * TRELLIS_TILE * k;
-    int form;
-    trellis_int8_fn slab = trellis_int8(level, &form);
-    const int step_reads_words = is_avx512(level); /* a decoding step reads the words, not the pairs */
-    const trellis_pairs_fn build_pairs = trellis_slab_pairs_for(level);
+    trellis_int8_op op = trellis_int8_op_for(level, tiles, k, B, n);
     /* activations: int8 xq [B, n], the level's lanes xw [B, n], per row its scale and 510·Σ xq */
     char *buf = (char *)malloc((size_t)(B * n) * (sizeof(int8_t) + sizeof(int32_t)) + (size_t)B * 16);
     if (!buf) return QS_ENOMEM;
@@ -3249,28 +2869,9 @@ QS_API int qs_trellis_matmul_int8(const int16_t *codes, int64_t m, int64_t n, in
     float *xscale = (float *)(xw + B * n);
     int32_t *offset = (int32_t *)(xscale + B);
     int8_t *xq = (int8_t *)(offset + B);
-    for (int64_t b = 0; b < B; b++) {
-        const float *xb = x + b * n;
-        float amax = 0.0f;
-        int finite = 1;
-        for (int64_t c = 0; c < n; c++) {
-            float a = fabsf(xb[c]);
-            if (!(a <= FLT_MAX)) finite = 0;
-            else if (a > amax) amax = a;
-        }
-        float s = amax / 127.0f;
-        xscale[b] = finite ? s : NAN;
-        int32_t total = 0;
-        for (int64_t c = 0; c < n; c++) {
-            int q = (finite && s > 0.0f) ? (int)lrintf(xb[c] / s) : 0;
-            q = q > 127 ? 127 : (q < -127 ? -127 : q);
-            xq[b * n + c] = (int8_t)q;
-            total += q;
-            uint32_t u = (uint32_t)(q & (form ? 0xFFFF : 0xFF));
-            xw[b * n + c] = (int32_t)(form ? u * 0x00010001u : u * 0x01010101u);
-        }
-        offset[b] = TRELLIS_1MAD_MEAN * total;
-    }
+    for (int64_t b = 0; b < B; b++)
+        trellis_quantize_x(x + b * n, n, op.form, xq + b * n, xw + b * n, xscale + b, offset + b);
+    op.xq = xq, op.xw = xw, op.xscale = xscale, op.offset = offset;
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1 && slabs > 1)
     {
@@ -3283,18 +2884,26 @@ QS_API int qs_trellis_matmul_int8(const int16_t *codes, int64_t m, int64_t n, in
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < slabs; i++) {
             if (!acc) continue;
-            uint32_t *pairs = (uint32_t *)(acc + B * TRELLIS_TILE);
-            memset(acc, 0, sizeof(int32_t) * (size_t)(B * TRELLIS_TILE));
-            if (B > 1 || !step_reads_words) build_pairs(codes + i * row_words, tiles, k, pairs);
-            slab(codes + i * row_words, pairs, tiles, k, xq, xw, B, n, acc);
-            for (int64_t b = 0; b < B; b++)
-                for (int r = 0; r < TRELLIS_TILE; r++)
-                    y[b * m + i * TRELLIS_TILE + r] = (float)(acc[b * TRELLIS_TILE + r] - offset[b]) * xscale[b];
+            trellis_int8_rows(&op, codes + i * row_words, acc, (uint32_t *)(acc + B * TRELLIS_TILE),
+                              y + i * TRELLIS_TILE, m);
         }
         free(acc);
     }
     free(buf);
     return failed ? QS_ENOMEM : QS_OK;
+}
+
+/* The 16 rows of one slab in float32 (codes_row: its words): y[b·ystride + r] for every batch row b of x
+   [B, n]. acc: scratch of B·16 + 256 floats then the slab's pairs (tiles·16k + 16). */
+static void trellis_float_rows(trellis_slab_fn slab, trellis_pairs_fn build_pairs, const int16_t *codes_row,
+                               int64_t tiles, int k, const float *x, int64_t B, int64_t n, float *acc, float *y,
+                               int64_t ystride) {
+    float *w = acc + B * TRELLIS_TILE;
+    uint32_t *pairs = (uint32_t *)(w + TRELLIS_TILE * TRELLIS_TILE);
+    memset(acc, 0, sizeof(float) * (size_t)(B * TRELLIS_TILE));
+    build_pairs(codes_row, tiles, k, pairs);
+    slab(pairs, tiles, k, x, B, n, acc, w);
+    for (int64_t b = 0; b < B; b++) memcpy(y + b * ystride, acc + b * TRELLIS_TILE, sizeof(float) * TRELLIS_TILE);
 }
 
 /*
@@ -3323,13 +2932,7 @@ QS_API int qs_trellis_matmul(const int16_t *codes, int64_t m, int64_t n, int k, 
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < slabs; i++) {
             if (!acc) continue;
-            float *w = acc + B * TRELLIS_TILE;
-            uint32_t *pairs = (uint32_t *)(w + TRELLIS_TILE * TRELLIS_TILE);
-            memset(acc, 0, sizeof(float) * (size_t)(B * TRELLIS_TILE));
-            build_pairs(codes + i * row_words, tiles, k, pairs);
-            slab(pairs, tiles, k, x, B, n, acc, w);
-            for (int64_t b = 0; b < B; b++)
-                memcpy(y + b * m + i * TRELLIS_TILE, acc + b * TRELLIS_TILE, sizeof(float) * TRELLIS_TILE);
+            trellis_float_rows(slab, build_pairs, codes + i * row_words, tiles, k, x, B, n, acc, y + i * TRELLIS_TILE, m);
         }
         free(acc);
     }
@@ -3381,6 +2984,495 @@ QS_API int qs_trellis_decode(const int16_t *codes, int64_t m, int64_t n, int k, 
                     out[(i * TRELLIS_TILE + r) * n + j * TRELLIS_TILE + c] = w[c * TRELLIS_TILE + r];
         }
     }
+    return QS_OK;
+}
+
+/* ------------------------------------------------------- one decoding step of a whole model */
+/*
+ * The lean loop's single-token step (quipsharp/fastdecode.py, LeanDecoder._blocks with T = 1) as one
+ * native call per token: every block's norms, linears (quantized: the fused transform-decode-matmul
+ * of qs_linear or of qs_trellis_linear; or dense float32), RoPE, KV-cache write, attention and MLP, in one OpenMP parallel
+ * region. Per token the Python loop paid ~7 µs per linear call and ~10 µs per small tensor op, and a
+ * 576-wide matrix stayed on one thread (a parallel region per call costs more than it saves); here
+ * the threads stay in one region and meet at a barrier between phases, and the q/k/v (gate/up) rows
+ * of a block are split over the threads as one list.
+ *
+ * The model is described once (qs_step_model, built by quipsharp/kernels/native.py) and read-only
+ * here; the caller's x [hidden] holds the token's embedding on entry and the last block's output on
+ * exit; the KV caches are written at position pos. Numerics: the same formulas as the Python loop
+ * in float32 (sums of squares and softmax denominators in double), equal to it up to rounding.
+ */
+enum { QS_ACT_SILU = 0, QS_ACT_GELU = 1, QS_ACT_GELU_TANH = 2 };
+#define STEP_MAX_PARTS 3 /* linears sharing one input: q, k, v */
+
+typedef struct {
+    int64_t n, m;                /* in and out features */
+    const uint8_t *codes;        /* quantized: [m, n/8 * CB] (trellis: int16 [m/16, (n/16)·16k]); NULL: dense */
+    const qs_codebook *t;
+    const float *su, *sv;        /* [n], [m] */
+    float wscale;
+    int64_t use_hadamard, k_in, k_out;
+    const float *m_in, *m_out_t; /* K x K factors (NULL when K = 1) */
+    const float *weight;         /* dense: [m, n] float32 row-major */
+    const float *bias;           /* [m] or NULL */
+    int64_t level;               /* this layer's kernel level (the selector's choice) */
+    int64_t trellis_k;           /* 2..4: codes are a trellis matrix's int16 words (t unused); 0: not */
+    int64_t trellis_int8;        /* a trellis layer's int8 activations (as qs_trellis_linear's int8) */
+} qs_step_linear;
+
+typedef struct {
+    qs_step_linear qkv[STEP_MAX_PARTS]; /* [q | k | v] as one fused linear (n_qkv = 1) or three */
+    int64_t n_qkv;
+    qs_step_linear o;
+    qs_step_linear gate_up[2]; /* [gate | up] fused (n_gate_up = 1) or two */
+    int64_t n_gate_up;
+    qs_step_linear down;
+    const float *attn_norm, *mlp_norm;                   /* [hidden] */
+    const float *attn_out_norm, *mlp_out_norm;           /* [hidden] or NULL (Gemma-2/3 post-norms) */
+    const float *q_norm, *k_norm;                        /* [head_dim] or NULL (Qwen3, Gemma-3) */
+    int64_t window;                                      /* sliding window, 0: none */
+    int64_t rope;                                        /* index of its RoPE table */
+    float *k_cache, *v_cache;                            /* [kv_heads, max_len, head_dim] */
+} qs_step_block;
+
+typedef struct {
+    int64_t n_blocks, hidden, heads, kv_heads, head_dim, inter, max_len, act, level;
+    float eps, scale, attn_softcap; /* softcap 0: none */
+    const qs_step_block *blocks;
+    int64_t n_ropes;
+    /* per RoPE table r: rot(v) = v · cos[pos] + v[perm] · ssin[pos], each [max_len, head_dim]; the
+       long tables (LongRoPE, may be NULL) replace them when pos + 1 > rope_switch[r] */
+    const float *const *cos, *const *ssin, *const *long_cos, *const *long_ssin;
+    const int64_t *rope_switch;
+    const int64_t *const *perm; /* [head_dim] */
+    /* the int8 LM head (optional): logits = head_scale ⊙ (head · q8(U rms(x))) with U = M ⊗ H_P / sqrt(P),
+       head the int8 rows of the U-rotated weights (W Uᵀ), q8 the int8 quantization of one vector */
+    const float *final_norm;  /* [hidden] */
+    const int8_t *head;       /* [vocab, hidden]; NULL: no head */
+    const float *head_scale;  /* [vocab] */
+    int64_t vocab, head_k;
+    const float *head_m;      /* [head_k, head_k] (NULL when head_k = 1) */
+} qs_step_model;
+
+/* One linear of a phase: its input, output, optional residual (added last) and int8 operands. */
+typedef struct {
+    const qs_step_linear *L;
+    const float *in;
+    float *out;
+    const float *resid;
+    float *h;       /* [n] the transformed input */
+    int8_t *xq;     /* [n] */
+    int16_t *xbs;   /* [n / 8] */
+    float xscale;
+    int32_t xsum;
+    int int8;       /* the int8 path (else float32 activations) */
+    mm_args a;
+    mm_rows_fn fn;
+    int64_t tasks; /* row tasks of ROWS_PER_TASK rows */
+    /* a trellis layer: its int8 operation (xw [n] the activations' lanes, offset 510·Σ xq) or float slab */
+    int32_t *xw;
+    int32_t offset;
+    trellis_int8_op top;
+    trellis_slab_fn tslab;
+    trellis_pairs_fn tpairs;
+} step_part;
+
+static inline float dot_f32(const float *a, const float *b, int64_t n) {
+    float acc[8] = {0};
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        for (int l = 0; l < 8; l++) acc[l] += a[j + l] * b[j + l];
+    for (; j < n; j++) acc[0] += a[j] * b[j];
+    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
+/* out [n] = x · rsqrt(mean(x²) + eps) · w  (out may be x) */
+static void step_rms(const float *x, const float *w, int64_t n, float eps, float *out) {
+    double ss = 0.0;
+    for (int64_t j = 0; j < n; j++) ss += (double)x[j] * x[j];
+    float r = 1.0f / sqrtf((float)(ss / (double)n) + eps);
+    for (int64_t j = 0; j < n; j++) out[j] = (x[j] * r) * w[j];
+}
+
+/* A part's input pass (one thread): the transform U (su ⊙ x), int8 quantization, the row kernel. */
+static void step_prepare(step_part *p, float *tmp) {
+    const qs_step_linear *L = p->L;
+    p->tasks = (L->m + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+    if (!L->codes) return;
+    int64_t n = L->n;
+    memcpy(p->h, p->in, sizeof(float) * (size_t)n);
+    if (L->use_hadamard)
+        hadamard_vec(p->h, L->k_in, n / L->k_in, L->m_in, L->su, NULL, 1.0f / sqrtf((float)(n / L->k_in)), tmp,
+                     (int)L->level);
+    else
+        for (int64_t j = 0; j < n; j++) p->h[j] *= L->su[j];
+    if (L->trellis_k) { /* as qs_trellis_linear, B = 1 */
+        p->int8 = (int)L->trellis_int8;
+        if (p->int8) {
+            p->top = trellis_int8_op_for((int)L->level, n / TRELLIS_TILE, (int)L->trellis_k, 1, n);
+            trellis_quantize_x(p->h, n, p->top.form, p->xq, p->xw, &p->xscale, &p->offset);
+            p->top.xq = p->xq, p->top.xw = p->xw, p->top.xscale = &p->xscale, p->top.offset = &p->offset;
+        } else {
+            p->tslab = trellis_slab((int)L->level);
+        }
+        p->tpairs = trellis_slab_pairs_for((int)L->level);
+        return;
+    }
+    mm_args *a = &p->a;
+    memset(a, 0, sizeof(*a));
+    a->codes = L->codes;
+    a->m = L->m;
+    a->n = n;
+    a->nblk = n / DIM;
+    a->cb = L->t->cb;
+    a->row_bytes = a->nblk * a->cb;
+    a->kind = L->t->kind;
+    a->t = L->t;
+    a->x = p->h;
+    a->B = 1;
+    a->out = p->out;
+    if (L->use_hadamard && L->t->int8_ok) { /* as qs_linear: int8 activations only after the transform */
+        quantize_row(p->h, n, p->xq, &p->xscale, &p->xsum);
+        block_sums(p->xq, a->nblk, p->xbs);
+        a->xq = p->xq;
+        a->xscale = &p->xscale;
+        a->xsum = &p->xsum;
+        a->xbs = p->xbs;
+        p->fn = int8_kernel((int)L->level, L->t);
+        p->int8 = 1;
+    } else {
+        p->fn = float_kernel((int)L->level);
+        p->int8 = 0;
+    }
+}
+
+/* Per-thread scratch of a trellis part's rows (4-byte units): the int8 accumulators or the float slab's
+   (16 + 256 floats), then the pairs of one slab (at most 16·TRELLIS_MAX_K per input and 16 more). */
+_Static_assert(ROWS_PER_TASK % TRELLIS_TILE == 0, "a row task of a trellis layer is whole slabs");
+#define STEP_TRELLIS_SCRATCH(n) (TRELLIS_TILE + TRELLIS_TILE * TRELLIS_TILE + TRELLIS_MAX_K * (n) + TRELLIS_TILE)
+
+/* Rows [r0, r1) of a part (a trellis layer: whole slabs of 16 rows). tmp: STEP_TRELLIS_SCRATCH(n). */
+static void step_rows(const step_part *p, int64_t r0, int64_t r1, float *tmp) {
+    const qs_step_linear *L = p->L;
+    if (L->trellis_k) {
+        const int64_t tiles = L->n / TRELLIS_TILE, row_words = tiles * TRELLIS_TILE * L->trellis_k;
+        const int16_t *codes = (const int16_t *)(const void *)L->codes;
+        for (int64_t i = r0 / TRELLIS_TILE; i < r1 / TRELLIS_TILE; i++) {
+            if (p->int8)
+                trellis_int8_rows(&p->top, codes + i * row_words, (int32_t *)(void *)tmp,
+                                  (uint32_t *)(void *)(tmp + TRELLIS_TILE + TRELLIS_TILE * TRELLIS_TILE),
+                                  p->out + i * TRELLIS_TILE, L->m);
+            else
+                trellis_float_rows(p->tslab, p->tpairs, codes + i * row_words, tiles, (int)L->trellis_k, p->h, 1,
+                                   L->n, tmp, p->out + i * TRELLIS_TILE, L->m);
+        }
+        return;
+    }
+    if (L->codes) {
+        p->fn(&p->a, r0, r1, 0, 1);
+        return;
+    }
+    for (int64_t i = r0; i < r1; i++) p->out[i] = dot_f32(L->weight + i * L->n, p->in, L->n);
+}
+
+/* A part's output pass (one thread): sv ⊙ (wscale · Vᵀ y), bias, residual. */
+static void step_finish(const step_part *p, float *tmp) {
+    const qs_step_linear *L = p->L;
+    float *y = p->out;
+    int64_t m = L->m;
+    if (L->codes) {
+        if (!p->int8 && !row_finite(p->h, L->n))
+            for (int64_t i = 0; i < m; i++) y[i] = NAN; /* the float path: NaN/Inf in, NaN out */
+        if (L->use_hadamard)
+            hadamard_vec(y, L->k_out, m / L->k_out, L->m_out_t, NULL, L->sv, L->wscale / sqrtf((float)(m / L->k_out)),
+                         tmp, (int)L->level);
+        else
+            for (int64_t i = 0; i < m; i++) y[i] *= L->wscale * L->sv[i];
+    } else if (!row_finite(p->in, L->n)) {
+        for (int64_t i = 0; i < m; i++) y[i] = NAN;
+    }
+    if (L->bias)
+        for (int64_t i = 0; i < m; i++) y[i] += L->bias[i];
+    if (p->resid)
+        for (int64_t i = 0; i < m; i++) y[i] += p->resid[i];
+}
+
+/* The n linears L of one phase as parts: all read in, their outputs side by side from out, each
+   plus resid (NULL: none; only with n = 1). Returns n. */
+static int step_parts(step_part *parts, const qs_step_linear *L, int64_t n, const float *in, float *out,
+                      const float *resid) {
+    for (int64_t i = 0; i < n; i++) {
+        parts[i].L = &L[i];
+        parts[i].in = in;
+        parts[i].out = out;
+        parts[i].resid = resid;
+        out += L[i].m;
+    }
+    return (int)n;
+}
+
+/* The linears of one phase, run by every thread of the region (orphaned worksharing): inputs, then
+   all their rows as one list split over the threads, then outputs; a barrier after each. */
+static void step_group(step_part *parts, int np, float *tmp) {
+#pragma omp for schedule(static)
+    for (int i = 0; i < np; i++) step_prepare(&parts[i], tmp);
+    int64_t total = 0;
+    for (int i = 0; i < np; i++) total += parts[i].tasks;
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < total; task++) {
+        int i = 0;
+        int64_t k = task;
+        while (k >= parts[i].tasks) k -= parts[i++].tasks;
+        int64_t r0 = k * ROWS_PER_TASK, m = parts[i].L->m;
+        step_rows(&parts[i], r0, r0 + ROWS_PER_TASK < m ? r0 + ROWS_PER_TASK : m, tmp);
+    }
+#pragma omp for schedule(static)
+    for (int i = 0; i < np; i++) step_finish(&parts[i], tmp);
+}
+
+static float step_act(float g, int64_t act) {
+    if (act == QS_ACT_SILU) return g / (1.0f + expf(-g));
+    if (act == QS_ACT_GELU) return 0.5f * g * (1.0f + erff(g * 0.70710678118654752f));
+    const float k = 0.7978845608028654f; /* sqrt(2 / pi) */
+    return 0.5f * g * (1.0f + tanhf(k * (g + 0.044715f * g * g * g)));
+}
+
+/* Attention of head hd's query q [D] at position pos over its KV head's cached keys and values
+   (positions lo..pos): out [D]. scores: [max_len] scratch. Compiled once per ISA (the same C; the
+   compiler vectorises the 8-lane sums and the value loop for the target). */
+#define QS_DEFINE_STEP_HEAD(NAME, ATTR)                                                                        \
+    ATTR static void NAME(const qs_step_model *M, const qs_step_block *B, const float *q, int64_t kvh, int64_t pos, \
+                          float *scores, float *out) {                                                         \
+        int64_t D = M->head_dim, lo = B->window > 0 && pos - B->window + 1 > 0 ? pos - B->window + 1 : 0;        \
+        const float *K = B->k_cache + kvh * M->max_len * D, *V = B->v_cache + kvh * M->max_len * D;            \
+        float mx = -INFINITY;                                                                                  \
+        for (int64_t j = lo; j <= pos; j++) {                                                                  \
+            float s = dot_f32(q, K + j * D, D) * M->scale;                                                     \
+            if (M->attn_softcap > 0.0f) s = tanhf(s / M->attn_softcap) * M->attn_softcap;                      \
+            scores[j] = s;                                                                                     \
+            mx = s > mx ? s : mx;                                                                              \
+        }                                                                                                      \
+        double den = 0.0;                                                                                      \
+        for (int64_t j = lo; j <= pos; j++) {                                                                  \
+            scores[j] = expf(scores[j] - mx);                                                                  \
+            den += scores[j];                                                                                  \
+        }                                                                                                      \
+        float inv = (float)(1.0 / den);                                                                        \
+        for (int64_t d = 0; d < D; d++) out[d] = 0.0f;                                                         \
+        for (int64_t j = lo; j <= pos; j++) {                                                                  \
+            float p = scores[j] * inv;                                                                         \
+            const float *v = V + j * D;                                                                        \
+            for (int64_t d = 0; d < D; d++) out[d] += p * v[d];                                                \
+        }                                                                                                      \
+    }
+
+QS_DEFINE_STEP_HEAD(step_head_base, )
+#if QS_X86
+QS_DEFINE_STEP_HEAD(step_head_avx2, __attribute__((target("avx2,fma"))))
+QS_DEFINE_STEP_HEAD(step_head_avx512, __attribute__((target("avx512f,avx512vl,avx2,fma"))))
+#endif
+
+static void step_head(const qs_step_model *M, const qs_step_block *B, const float *q, int64_t kvh, int64_t pos,
+                      float *scores, float *out) {
+#if QS_X86
+    if (is_avx512((int)M->level)) {
+        step_head_avx512(M, B, q, kvh, pos, scores, out);
+        return;
+    }
+    if (M->level == QS_LEVEL_AVX2) {
+        step_head_avx2(M, B, q, kvh, pos, scores, out);
+        return;
+    }
+#endif
+    step_head_base(M, B, q, kvh, pos, scores, out);
+}
+
+/* RoPE of one head vector v [D] in place (tmp [D] scratch). */
+static void step_rope(float *v, const float *cos, const float *ssin, const int64_t *perm, int64_t D, float *tmp) {
+    memcpy(tmp, v, sizeof(float) * (size_t)D);
+    for (int64_t d = 0; d < D; d++) v[d] = tmp[d] * cos[d] + tmp[perm[d]] * ssin[d];
+}
+
+static int step_linear_ok(const qs_step_linear *L, int64_t n, int64_t m) {
+    if (L->n != n || L->m != m || n <= 0 || m <= 0) return 0;
+    if (!level_ok((int)L->level)) return 0;
+    if (!L->codes) return L->weight != NULL && !L->trellis_k;
+    if (L->trellis_k) {
+        if (L->trellis_k < 2 || L->trellis_k > TRELLIS_MAX_K || n % TRELLIS_TILE || m % TRELLIS_TILE ||
+            (L->trellis_int8 && n > TRELLIS_INT8_MAX_N) || !L->su || !L->sv)
+            return 0;
+    } else if (!L->t || !L->su || !L->sv || n % DIM) {
+        return 0;
+    }
+    return !L->use_hadamard || (L->k_in >= 1 && L->k_out >= 1 && n % L->k_in == 0 && m % L->k_out == 0 &&
+                                hadamard_args_ok(L->k_in, n / L->k_in, L->m_in) &&
+                                hadamard_args_ok(L->k_out, m / L->k_out, L->m_out_t));
+}
+
+/* Every shape of the description is consistent (checked once by the caller after building it). */
+QS_API int qs_step_check(const qs_step_model *M) {
+    if (!M || M->n_blocks < 1 || !M->blocks || M->hidden < 1 || M->heads < 1 || M->kv_heads < 1 ||
+        M->heads % M->kv_heads || M->head_dim < 1 || M->inter < 1 || M->max_len < 1 || M->n_ropes < 1 ||
+        M->act < QS_ACT_SILU || M->act > QS_ACT_GELU_TANH || !level_ok((int)M->level) || !M->cos || !M->ssin ||
+        !M->perm || !M->rope_switch)
+        return QS_EBADARG;
+    int64_t H = M->heads, Hk = M->kv_heads, D = M->head_dim, I = M->inter, hid = M->hidden;
+    for (int64_t r = 0; r < M->n_ropes; r++) {
+        if (!M->cos[r] || !M->ssin[r] || !M->perm[r]) return QS_EBADARG;
+        if (M->rope_switch[r] > 0 && (!M->long_cos || !M->long_ssin || !M->long_cos[r] || !M->long_ssin[r]))
+            return QS_EBADARG;
+        for (int64_t d = 0; d < D; d++)
+            if (M->perm[r][d] < 0 || M->perm[r][d] >= D) return QS_EBADARG;
+    }
+    if (M->head && (!M->final_norm || !M->head_scale || M->vocab < 1 || M->head_k < 1 || hid % M->head_k ||
+                    !hadamard_args_ok(M->head_k, hid / M->head_k, M->head_m)))
+        return QS_EBADARG;
+    for (int64_t l = 0; l < M->n_blocks; l++) {
+        const qs_step_block *B = &M->blocks[l];
+        if (!B->attn_norm || !B->mlp_norm || !B->k_cache || !B->v_cache || B->rope < 0 || B->rope >= M->n_ropes ||
+            B->window < 0 || (!B->q_norm != !B->k_norm))
+            return QS_EBADARG;
+        if (B->n_qkv == 1) {
+            if (!step_linear_ok(&B->qkv[0], hid, (H + 2 * Hk) * D)) return QS_EBADARG;
+        } else if (B->n_qkv == 3) {
+            if (!step_linear_ok(&B->qkv[0], hid, H * D) || !step_linear_ok(&B->qkv[1], hid, Hk * D) ||
+                !step_linear_ok(&B->qkv[2], hid, Hk * D))
+                return QS_EBADARG;
+        } else {
+            return QS_EBADARG;
+        }
+        if (!step_linear_ok(&B->o, H * D, hid) || !step_linear_ok(&B->down, I, hid)) return QS_EBADARG;
+        if (B->n_gate_up == 1) {
+            if (!step_linear_ok(&B->gate_up[0], hid, 2 * I)) return QS_EBADARG;
+        } else if (B->n_gate_up == 2) {
+            if (!step_linear_ok(&B->gate_up[0], hid, I) || !step_linear_ok(&B->gate_up[1], hid, I)) return QS_EBADARG;
+        } else {
+            return QS_EBADARG;
+        }
+    }
+    return QS_OK;
+}
+
+/* One token through every block: x [hidden] in and out, keys/values written at position pos; with
+   logits (not NULL; the model must have a head) also the next-token logits [vocab]. */
+QS_API int qs_step(const qs_step_model *M, float *x, int64_t pos, float *logits, int nthreads) {
+    if (!M || !x || pos < 0 || pos >= M->max_len || nthreads < 1 || (logits && !M->head)) return QS_EBADARG;
+    int64_t H = M->heads, Hk = M->kv_heads, D = M->head_dim, I = M->inter, hid = M->hidden;
+    int64_t qkv_n = (H + 2 * Hk) * D, widest = hid;
+    if (2 * I > widest) widest = 2 * I;
+    if (qkv_n > widest) widest = qkv_n;
+    /* per thread: the transform's or a trellis layer's scratch, then the attention scores */
+    int64_t scratch_len = STEP_TRELLIS_SCRATCH(widest) > widest ? STEP_TRELLIS_SCRATCH(widest) : widest;
+    int64_t per_thread = scratch_len + M->max_len;
+    int nt = nthreads;
+    /* float buffers: h, x2, ob (hidden each), qkv, attn, gu, act, the parts' inputs; then per thread */
+    size_t nf = (size_t)(3 * hid + qkv_n + H * D + 2 * I + I + STEP_MAX_PARTS * widest + per_thread * nt);
+    float *buf = (float *)malloc(sizeof(float) * nf);
+    int8_t *xq = (int8_t *)malloc((size_t)(STEP_MAX_PARTS * widest) + 1);
+    int32_t *xw = (int32_t *)malloc(sizeof(int32_t) * (size_t)(STEP_MAX_PARTS * widest));
+    int16_t *xbs = (int16_t *)malloc(sizeof(int16_t) * (size_t)(STEP_MAX_PARTS * widest / DIM + 1));
+    step_part *parts = (step_part *)calloc(STEP_MAX_PARTS, sizeof(step_part));
+    if (!buf || !xq || !xw || !xbs || !parts) {
+        free(buf), free(xq), free(xw), free(xbs), free(parts);
+        return QS_ENOMEM;
+    }
+    float *h = buf, *x2 = h + hid, *ob = x2 + hid, *qkv = ob + hid, *attn = qkv + qkv_n, *gu = attn + H * D;
+    float *av = gu + 2 * I, *hin = av + I, *scratch = hin + STEP_MAX_PARTS * widest;
+    for (int i = 0; i < STEP_MAX_PARTS; i++) {
+        parts[i].h = hin + i * widest;
+        parts[i].xq = xq + i * widest;
+        parts[i].xbs = xbs + i * widest / DIM;
+        parts[i].xw = xw + i * widest;
+    }
+    int np = 0; /* parts of the current phase (set in a single, read by all after its barrier) */
+    float hscale = 0.0f; /* the head's activation scale */
+    int32_t hsum = 0;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+#ifdef _OPENMP
+        float *tmp = scratch + (size_t)omp_get_thread_num() * (size_t)per_thread;
+#else
+        float *tmp = scratch;
+#endif
+        float *scores = tmp + scratch_len;
+        for (int64_t l = 0; l < M->n_blocks; l++) {
+            const qs_step_block *B = &M->blocks[l];
+#pragma omp single
+            {
+                step_rms(x, B->attn_norm, hid, M->eps, h);
+                np = step_parts(parts, B->qkv, B->n_qkv, h, qkv, NULL);
+            }
+            step_group(parts, np, tmp);
+#pragma omp single
+            {
+                int64_t r = B->rope;
+                int use_long = M->rope_switch[r] > 0 && pos + 1 > M->rope_switch[r];
+                const float *cos = (use_long ? M->long_cos[r] : M->cos[r]) + pos * D;
+                const float *ssin = (use_long ? M->long_ssin[r] : M->ssin[r]) + pos * D;
+                for (int64_t hd = 0; hd < H + Hk; hd++) {
+                    float *v = qkv + hd * D;
+                    if (B->q_norm) step_rms(v, hd < H ? B->q_norm : B->k_norm, D, M->eps, v);
+                    step_rope(v, cos, ssin, M->perm[r], D, tmp);
+                }
+                for (int64_t g = 0; g < Hk; g++) {
+                    memcpy(B->k_cache + (g * M->max_len + pos) * D, qkv + (H + g) * D, sizeof(float) * (size_t)D);
+                    memcpy(B->v_cache + (g * M->max_len + pos) * D, qkv + (H + Hk + g) * D, sizeof(float) * (size_t)D);
+                }
+                np = step_parts(parts, &B->o, 1, attn, B->attn_out_norm ? ob : x2, B->attn_out_norm ? NULL : x);
+            }
+#pragma omp for schedule(static)
+            for (int64_t hd = 0; hd < H; hd++) step_head(M, B, qkv + hd * D, hd / (H / Hk), pos, scores, attn + hd * D);
+            step_group(parts, np, tmp);
+#pragma omp single
+            {
+                if (B->attn_out_norm) {
+                    step_rms(ob, B->attn_out_norm, hid, M->eps, ob);
+                    for (int64_t j = 0; j < hid; j++) x2[j] = x[j] + ob[j];
+                }
+                step_rms(x2, B->mlp_norm, hid, M->eps, h);
+                np = step_parts(parts, B->gate_up, B->n_gate_up, h, gu, NULL);
+            }
+            step_group(parts, np, tmp);
+#pragma omp for schedule(static)
+            for (int64_t j = 0; j < I; j++) av[j] = step_act(gu[j], M->act) * gu[I + j];
+#pragma omp single
+            {
+                np = step_parts(parts, &B->down, 1, av, B->mlp_out_norm ? ob : x, B->mlp_out_norm ? NULL : x2);
+            }
+            step_group(parts, np, tmp);
+            if (B->mlp_out_norm) {
+#pragma omp single
+                {
+                    step_rms(ob, B->mlp_out_norm, hid, M->eps, ob);
+                    for (int64_t j = 0; j < hid; j++) x[j] = x2[j] + ob[j];
+                }
+            }
+        }
+        if (logits) {
+#pragma omp single
+            {
+                int64_t P = hid / M->head_k;
+                step_rms(x, M->final_norm, hid, M->eps, h);
+                hadamard_vec(h, M->head_k, P, M->head_m, NULL, NULL, 1.0f / sqrtf((float)P), tmp, (int)M->level);
+                quantize_row(h, hid, xq, &hscale, &hsum);
+            }
+            dot_rows_fn fn = dot_rows_kernel((int)M->level);
+            int64_t ntasks = (M->vocab + DOT_ROWS_PER_TASK - 1) / DOT_ROWS_PER_TASK;
+#pragma omp for schedule(static)
+            for (int64_t task = 0; task < ntasks; task++) {
+                int64_t r0 = task * DOT_ROWS_PER_TASK;
+                int64_t r1 = r0 + DOT_ROWS_PER_TASK < M->vocab ? r0 + DOT_ROWS_PER_TASK : M->vocab;
+                int32_t dots[DOT_ROWS_PER_TASK];
+                fn(M->head + r0 * hid, hid, xq, 0, r1 - r0, dots);
+                for (int64_t v = r0; v < r1; v++) logits[v] = M->head_scale[v] * hscale * (float)dots[v - r0];
+            }
+        }
+    }
+    free(buf);
+    free(xq);
+    free(xw);
+    free(xbs);
+    free(parts);
     return QS_OK;
 }
 

@@ -572,10 +572,19 @@ class BoundLinear:
             raise RuntimeError(UNFILLED_MESSAGE)
         self._keep = (codes, su, sv, bias, m_in, m_out_t)
         self.has_bias = bias is not None
-        self._fn = _require().qs_linear
-        self._head = (codes.data_ptr(), tables(codebook_name).handle, su.data_ptr(), sv.data_ptr(), scale)
         self._bias = _ptr(bias)
         self._tail = (bool(use_hadamard), m_in.shape[0], m_in.data_ptr(), m_out_t.shape[0], m_out_t.data_ptr())
+        #: a trellis layer's bits per weight (``qs_trellis_linear``), or 0 (``qs_linear``)
+        self.trellis_k = TRELLIS_KINDS.get(codebook_name, 0)
+        #: a trellis layer's int8 activations (as :meth:`NativeKernel._trellis_linear` chooses them)
+        self.trellis_int8 = bool(self.trellis_k and use_hadamard and kernel._trellis_int8(self.n))
+        if self.trellis_k:  # the same argument order; the code's scale folded into wscale, the int8 flag last
+            self._fn = _require().qs_trellis_linear
+            self._head = (codes.data_ptr(), self.trellis_k, su.data_ptr(), sv.data_ptr(), scale * trellis_scale())
+            self._tail = (*self._tail, int(self.trellis_int8))
+        else:
+            self._fn = _require().qs_linear
+            self._head = (codes.data_ptr(), tables(codebook_name).handle, su.data_ptr(), sv.data_ptr(), scale)
         self._threads = _threads(threads)
         self._level = LEVELS.index(kernel.name)
 
@@ -612,7 +621,7 @@ STEP_ACTIVATIONS = {"silu": 0, "swish": 0, "gelu": 1, "gelu_pytorch_tanh": 2}
 class _StepLinear(ctypes.Structure):
     _fields_ = [("n", _I64), ("m", _I64), ("codes", _P), ("t", _P), ("su", _P), ("sv", _P), ("wscale", _F),
                 ("use_hadamard", _I64), ("k_in", _I64), ("k_out", _I64), ("m_in", _P), ("m_out_t", _P),
-                ("weight", _P), ("bias", _P), ("level", _I64)]
+                ("weight", _P), ("bias", _P), ("level", _I64), ("trellis_k", _I64), ("trellis_int8", _I64)]
 
 
 class _StepBlock(ctypes.Structure):
@@ -640,9 +649,12 @@ class StepLinear:
     @classmethod
     def quantized(cls, bound: BoundLinear) -> StepLinear:
         codes_ptr, table, su_ptr, sv_ptr, scale = bound._head
-        use_h, k_in, m_in_ptr, k_out, m_out_ptr = bound._tail
+        use_h, k_in, m_in_ptr, k_out, m_out_ptr = bound._tail[:5]
+        if bound.trellis_k:
+            table = None  # the second argument of qs_trellis_linear is k
         spec = _StepLinear(bound.n, bound.m, codes_ptr, table, su_ptr, sv_ptr, scale, int(use_h), k_in, k_out,
-                           m_in_ptr, m_out_ptr, None, bound._bias, bound._level)
+                           m_in_ptr, m_out_ptr, None, bound._bias, bound._level, bound.trellis_k,
+                           int(bound.trellis_int8))
         return cls(spec, (bound,))
 
     @classmethod
