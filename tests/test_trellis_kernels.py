@@ -103,7 +103,8 @@ def test_bad_arguments_are_refused_before_c() -> None:
 
 
 @pytest.mark.parametrize("level", X86_LEVELS)
-@pytest.mark.parametrize("batch", (1, 4, 12))
+# 1, 4: int8 decoding steps; 12: the float32 slabs; 200: the decoded weight through torch's GEMM
+@pytest.mark.parametrize("batch", (1, 4, 12, kernels.native.TRELLIS_SLAB_MAX_BATCH + 72))
 def test_layer_on_the_native_kernel_matches_the_reference(level: str, batch: int) -> None:
     _level(level)
     layer = QuantizedLinear.from_linear(torch.nn.Linear(128, 64, bias=True), None,

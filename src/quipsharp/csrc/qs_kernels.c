@@ -2940,7 +2940,8 @@ QS_API int qs_trellis_matmul(const int16_t *codes, int64_t m, int64_t n, int k, 
 }
 
 /*
- * A whole trellis layer in one call (its decoding step; a prefill batch decodes the weight for torch's GEMM):
+ * A whole trellis layer in one call (a decoding step, or a batch of up to TRELLIS_SLAB_MAX_BATCH rows in
+ * quipsharp/kernels/native.py; larger batches decode the weight for torch's GEMM):
  *   out [B, m] = sv ⊙ (wscale · Vᵀ (C · U (su ⊙ x))) + bias
  * with C the raw 1MAD codes (qs_trellis_matmul[_int8]: int8 = 1 for int8 activations behind the transform)
  * and wscale the layer's scale times the code's; the rest as qs_linear, whose passes it shares (the same

@@ -49,6 +49,10 @@ TRELLIS_KINDS = {"QTIP1MAD2": 2, "QTIP1MAD3": 3, "QTIP1MAD4": 4}
 TRELLIS_INT8_LEVELS = frozenset({"scalar", "avx2", "avx512", "avx512vnni"})
 #: Widest input of the int8 trellis kernel (its int32 sums are exact up to here).
 TRELLIS_INT8_MAX_N = 16384
+#: Largest batch a trellis layer runs through its fused float32 slabs (each tile decoded once into L1 for
+#: the whole batch); larger batches decode the weight for torch's GEMM. Measured (benchmarks/trellis_prefill.py,
+#: BENCHMARKS.md): the slabs are 1.1-6.8x faster up to 128 rows, 0.8-1.1x at 256, slower beyond.
+TRELLIS_SLAB_MAX_BATCH = 128
 
 UNFILLED_MESSAGE = "QuantizedLinear used before its weight was quantized or loaded"
 NOT_BUILT_MESSAGE = ("quipsharp native kernels are not built (no C compiler at install time, or the build "
@@ -477,19 +481,20 @@ class NativeKernel:
 
     def _trellis_linear(self, x, h, codes, su, sv, scale, bias, m_in, m_out_t, codebook_name, use_hadamard):
         """:meth:`linear` of a trellis layer: RHT of the input, raw-code matmul, inverse RHT scaled by
-        ``wscale`` times the code's scale, bias. A decoding step (batch <= FUSED_MAX_BATCH) is one native
-        call with the decode-matvec inside (``qs_trellis_linear``); a prefill batch decodes the weight for
-        torch's GEMM."""
+        ``wscale`` times the code's scale, bias. Up to TRELLIS_SLAB_MAX_BATCH rows it is one native call with
+        the decode-matmul inside (``qs_trellis_linear``: int8 activations for a decoding step, batch <=
+        FUSED_MAX_BATCH, where the level has them; float32 slabs beyond); a larger batch decodes the weight
+        for torch's GEMM."""
         n, m = su.shape[0], sv.shape[0]
         B = h.shape[0]
         k = TRELLIS_KINDS[codebook_name]
-        if B <= FUSED_MAX_BATCH:  # one native call: transforms and decode-matvec (qs_trellis_linear)
+        if B <= TRELLIS_SLAB_MAX_BATCH:  # one native call: transforms and decode-matmul (qs_trellis_linear)
+            int8 = B <= FUSED_MAX_BATCH and use_hadamard and self._trellis_int8(n)
             y = torch.empty(B, m, dtype=torch.float32)
             _check(_require().qs_trellis_linear(
                 h.data_ptr(), B, n, m, codes.data_ptr(), k, su.data_ptr(), sv.data_ptr(), scale * trellis_scale(),
                 _ptr(bias), use_hadamard, m_in.shape[0], m_in.data_ptr(), m_out_t.shape[0], m_out_t.data_ptr(),
-                int(use_hadamard and self._trellis_int8(n)), y.data_ptr(), _threads(None), self.level),
-                "trellis linear")
+                int(int8), y.data_ptr(), _threads(None), self.level), "trellis linear")
             return y.reshape(*x.shape[:-1], m).to(x.dtype)
         h = h.clone() if h.data_ptr() == x.data_ptr() else h  # the transforms work in place
         if use_hadamard:
