@@ -22,6 +22,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 
 from _common import machine_info, today
 from quipsharp.codebooks import trellis as tr
@@ -44,6 +45,15 @@ def _interleave(libs: list, repeats: int, run: Callable) -> list[list[float]]:
     return samples
 
 
+def _run_matmul(codes, m: int, n: int, k: int, x, outs: list, threads: int, level: int, i: int, lib) -> int:
+    return lib.qs_trellis_matmul_int8(codes.data_ptr(), m, n, k, x.data_ptr(), 1, outs[i].data_ptr(), threads, level)
+
+
+def _run_viterbi(x, code, k: int, states: list, costs, threads: int, level: int, i: int, lib) -> int:
+    return lib.qs_viterbi(x.data_ptr(), VITERBI_SEQUENCES, tr.SEQUENCE, code.data_ptr(), tr.STATE_BITS, k, 1, 1,
+                          states[i].data_ptr(), costs.data_ptr(), threads, level)
+
+
 def matmul_rows(args: argparse.Namespace, libs: list) -> list[dict]:
     import torch
 
@@ -56,8 +66,8 @@ def matmul_rows(args: argparse.Namespace, libs: list) -> list[dict]:
         x = torch.randn(1, n, generator=gen)
         for threads in args.threads:
             outs = [torch.empty(1, m) for _ in libs]
-            samples = _interleave(libs, args.repeats, lambda i, lib: lib.qs_trellis_matmul_int8(
-                codes.data_ptr(), m, n, k, x.data_ptr(), 1, outs[i].data_ptr(), threads, LEVELS.index(args.level)))
+            samples = _interleave(libs, args.repeats, partial(_run_matmul, codes, m, n, k, x, outs, threads,
+                                                              LEVELS.index(args.level)))
             if not all(torch.equal(outs[0], out) for out in outs):
                 raise SystemExit("the builds disagree on the output bits")
             for path, times in zip(args.libs, samples, strict=True):
@@ -79,9 +89,8 @@ def viterbi_rows(args: argparse.Namespace, libs: list) -> list[dict]:
         for threads in args.threads:
             states = [torch.empty(VITERBI_SEQUENCES, tr.SEQUENCE, dtype=torch.int32) for _ in libs]
             costs = torch.empty(VITERBI_SEQUENCES)
-            samples = _interleave(libs, args.repeats, lambda i, lib: lib.qs_viterbi(
-                x.data_ptr(), VITERBI_SEQUENCES, tr.SEQUENCE, code.data_ptr(), tr.STATE_BITS, k, 1, 1,
-                states[i].data_ptr(), costs.data_ptr(), threads, LEVELS.index(args.level)))
+            samples = _interleave(libs, args.repeats, partial(_run_viterbi, x, code, k, states, costs, threads,
+                                                              LEVELS.index(args.level)))
             for path, times, got in zip(args.libs, samples, states, strict=True):
                 ms = statistics.median(times) / VITERBI_SEQUENCES * 1e3
                 mse = ((tr.decode(got.to(torch.int64), code) - x) ** 2).mean().item()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from functools import partial
 
 import torch
 
@@ -22,6 +23,12 @@ from _common import machine_info, today
 from kernels import _interleaved_medians
 from quipsharp import kernels
 from quipsharp.kernels.native import TRELLIS_SLAB_MAX_BATCH
+
+
+def _decode_gemm(kernel, x: torch.Tensor, codes: torch.Tensor, weight: torch.Tensor, bits: int,
+                 threads: int) -> torch.Tensor:
+    m, n = weight.shape
+    return x @ kernel.trellis_decode(codes, m, n, bits, threads, weight).T
 
 
 def main() -> None:
@@ -45,12 +52,8 @@ def main() -> None:
         for B in args.batches:
             x = torch.randn(B, n, generator=gen)
 
-            def gemm(x=x) -> torch.Tensor:
-                return x @ kernel.trellis_decode(codes, m, n, args.bits, args.threads, weight).T
-
-            def slabs(x=x) -> torch.Tensor:
-                return kernel.trellis_matmul(x, codes, m, args.bits, threads=args.threads, int8=False)
-
+            gemm = partial(_decode_gemm, kernel, x, codes, weight, args.bits, args.threads)
+            slabs = partial(kernel.trellis_matmul, x, codes, m, args.bits, threads=args.threads, int8=False)
             t_gemm, t_slabs = _interleaved_medians([gemm, slabs], args.repeats)
             row = {"shape": [m, n], "batch": B, "bits": args.bits, "threads": args.threads, "level": kernel.name,
                    "decode_gemm_ms": t_gemm * 1e3, "slabs_ms": t_slabs * 1e3, "ratio": t_gemm / t_slabs}
