@@ -169,12 +169,11 @@ def _hessians_task(block: nn.Module, names: list[str], shard: list[torch.Tensor]
 
 
 def _forward_task(block: nn.Module, shard: list[torch.Tensor], calls: list[list[BlockCall]], index: int,
-                  threads: int) -> tuple[list[torch.Tensor], int]:
-    """The shard's hidden states after the block, and their number (a small object the driver waits on)."""
+                  threads: int) -> list[torch.Tensor]:
+    """The shard's hidden states after the block."""
     _set_threads(threads)
     faults.point("ray:forward")
-    outputs = run_block(block, shard, calls[index])
-    return outputs, len(outputs)
+    return run_block(block, shard, calls[index])
 
 
 def _quantize_task(module: nn.Module, full_name: str, cfg: Any, H: torch.Tensor | None,
@@ -224,7 +223,7 @@ class RayCluster:
             return ray.remote(num_cpus=self.options.threads, max_retries=TASK_RETRIES, num_returns=returns)(task)
 
         self._hessians = remote(_hessians_task, returns=3)
-        self._forward = remote(_forward_task, returns=2)
+        self._forward = remote(_forward_task)
         self._quantize = remote(_quantize_task)
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.workers = self.options.workers or max(1, cpus // self.options.threads)
@@ -333,13 +332,17 @@ class RayCluster:
 
     def advance(self, block: nn.Module, index: int) -> None:
         """The stream through block ``index`` as it stands (quantized linears run as dense layers of
-        their dequantized weights, computed once here as :func:`~quipsharp.pipeline.run_block` does)."""
+        their dequantized weights, computed once here as :func:`~quipsharp.pipeline.run_block` does).
+
+        Does not wait: the shards' new streams are the pending tasks' outputs, and the next block's
+        Hessian task on a shard starts as soon as that shard's forward is done (Ray resolves the
+        dependency on the worker side), so no worker waits for the other shards or for the driver
+        between the two. A failure surfaces where the outputs are next waited on (:meth:`hessians`)."""
         with self.times("dequantizing and sending blocks"), _dequantized(block, self._dtype):
             block_ref = self._ray.put(block)
         pending = [self._forward.remote(block_ref, shard, calls, index, self.options.threads)
                    for shard, calls in zip(self._shard_refs, self._calls_refs, strict=True)]
-        self._get([count for _, count in pending])  # waits; a failure surfaces here
-        self._shard_refs = [outputs for outputs, _ in pending]
+        self._shard_refs = pending
 
     # ------------------------------------------------------------------ quantization
     def quantize_linears(

@@ -844,12 +844,13 @@ def _quantize_blocks(model: nn.Module, config: ModelQuantConfig, calibration: to
         if streamed is not None:
             streamed.load(block)
         if i < len(done):  # resumed: rebuild the block and the stream exactly as the first run did
-            if calibration is not None and config.hessian_inputs == "original":
+            needed = calibration is not None and i + 1 < len(blocks)  # by a block still to quantize
+            if needed and config.hessian_inputs == "original":
                 advance(block, i)
             if float_stream is not None:
                 float_stream = run_block(block, float_stream, calls[i])
             _load_block(work, i, block, block_name, done[i]["names"], config)
-            if calibration is not None and config.hessian_inputs == "sequential":
+            if needed and config.hessian_inputs == "sequential":
                 advance(block, i)
             if streamed is not None:
                 streamed.drop(block)
@@ -883,7 +884,7 @@ def _quantize_blocks(model: nn.Module, config: ModelQuantConfig, calibration: to
                     groups, hessians = cluster.hessians(block, names, i, keep_outputs=original)
             names = [n for g in groups for n in g]
             block_reports = quantize(block, block_name, names, take_means(hessians), config, on_layer)
-            if not original:
+            if not original and i + 1 < len(blocks):  # the stream after the last block is not used
                 advance(block, i)
         reports.extend(block_reports)
         faults.point("block:quantized")
