@@ -1901,15 +1901,7 @@ viterbi_step16(const viterbi_batch *q, const float *cb, int64_t P, const int kv,
         x0[n] = _mm512_set1_ps(q->x[n][0]);
         x1[n] = _mm512_set1_ps(V == 2 ? q->x[n][1] : 0.0f);
     }
-    /* locals, so that the stores below do not make the compiler reload the pointers and codes */
-    const float *prev[VITERBI_LOCKSTEP];
-    uint32_t *best[VITERBI_LOCKSTEP];
-    uint8_t *bp[VITERBI_LOCKSTEP];
-    for (int n = 0; n < NQ; n++) {
-        prev[n] = (const float *)q->prev[n];
-        best[n] = q->best[n];
-        bp[n] = q->bp[n];
-    }
+    const viterbi_batch s = *q; /* a local copy: the stores below cannot alias it, so nothing is reloaded */
     const float *c = cb;
     for (int64_t g = 0; g < P; g += 16) {
         __m512i b[VITERBI_LOCKSTEP];
@@ -1919,7 +1911,7 @@ viterbi_step16(const viterbi_batch *q, const float *cb, int64_t P, const int kv,
             const __m512 c0 = _mm512_loadu_ps(c), c1 = V == 2 ? _mm512_loadu_ps(c + 16) : c0;
             const __m512i jv = _mm512_set1_epi32((int)j);
             for (int n = 0; n < NQ; n++) {
-                const float *m = prev[n] + off;
+                const float *m = (const float *)s.prev[n] + off;
                 __m512 cost;
                 switch (kv) {
                 case 1: cost = _mm512_broadcast_f32x8(_mm256_loadu_ps(m)); break;
@@ -1939,8 +1931,8 @@ viterbi_step16(const viterbi_batch *q, const float *cb, int64_t P, const int kv,
         }
         for (int n = 0; n < NQ; n++) {
             __m512i out = kv < 4 ? _mm512_permutexvar_epi32(order, b[n]) : b[n];
-            _mm512_storeu_si512((void *)(best[n] + g), out);
-            _mm_storeu_si128((__m128i *)(bp[n] + g), _mm512_cvtepi32_epi8(_mm512_and_si512(out, low)));
+            _mm512_storeu_si512((void *)(s.best[n] + g), out);
+            _mm_storeu_si128((__m128i *)(s.bp[n] + g), _mm512_cvtepi32_epi8(_mm512_and_si512(out, low)));
         }
     }
 }
@@ -1983,14 +1975,7 @@ viterbi_step8(const viterbi_batch *q, const float *cb, int64_t P, const int kv, 
         x0[n] = _mm256_set1_ps(q->x[n][0]);
         x1[n] = _mm256_set1_ps(V == 2 ? q->x[n][1] : 0.0f);
     }
-    const float *prev[VITERBI_LOCKSTEP];
-    uint32_t *best[VITERBI_LOCKSTEP];
-    uint8_t *bp[VITERBI_LOCKSTEP];
-    for (int n = 0; n < NQ; n++) {
-        prev[n] = (const float *)q->prev[n];
-        best[n] = q->best[n];
-        bp[n] = q->bp[n];
-    }
+    const viterbi_batch s = *q; /* as the 16-lane step */
     const float *c = cb;
     for (int64_t g = 0; g < P; g += 8) {
         __m256i b[VITERBI_LOCKSTEP];
@@ -2000,7 +1985,7 @@ viterbi_step8(const viterbi_batch *q, const float *cb, int64_t P, const int kv, 
             const __m256 c0 = _mm256_loadu_ps(c), c1 = V == 2 ? _mm256_loadu_ps(c + 8) : c0;
             const __m256i jv = _mm256_set1_epi32((int)j);
             for (int n = 0; n < NQ; n++) {
-                const float *m = prev[n] + off;
+                const float *m = (const float *)s.prev[n] + off;
                 __m256 cost = kv == 1   ? _mm256_broadcast_ps((const __m128 *)m)
                               : kv == 2 ? _mm256_castpd_ps(_mm256_broadcast_sd((const double *)m))
                                         : _mm256_broadcast_ss(m);
@@ -2016,10 +2001,10 @@ viterbi_step8(const viterbi_batch *q, const float *cb, int64_t P, const int kv, 
         }
         for (int n = 0; n < NQ; n++) {
             __m256i out = kv < 3 ? _mm256_permutevar8x32_epi32(b[n], order) : b[n];
-            _mm256_storeu_si256((__m256i *)(best[n] + g), out);
+            _mm256_storeu_si256((__m256i *)(s.best[n] + g), out);
             __m256i a = _mm256_and_si256(out, low);
             __m256i packed = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(a, bytes), halves);
-            _mm_storel_epi64((__m128i *)(bp[n] + g), _mm256_castsi256_si128(packed));
+            _mm_storel_epi64((__m128i *)(s.bp[n] + g), _mm256_castsi256_si128(packed));
         }
     }
 }
