@@ -2055,28 +2055,25 @@ static viterbi_step_fn viterbi_kernel(int level, int64_t P, int V, int *W) {
     return viterbi_step_natural;
 }
 
-/* A thread's buffers for one sequence of a lockstep batch: the two key arrays (P + VITERBI_PAD each), the
-   backpointers (N steps of P bytes), the rotated window and its states. */
+/* A pass's buffers for one sequence of a lockstep batch: the two key arrays (P + VITERBI_PAD each) and the
+   backpointers (N steps of P bytes). */
 typedef struct {
     uint32_t *keys[2];
     uint8_t *bp;
-    float *rot;
-    int32_t *rot_states;
 } viterbi_work;
 
 /* One Viterbi pass over n <= VITERBI_LOCKSTEP sequences x[i] [N, V] in lockstep; states[i] out [N].
-   first[i] >= 0: the first state's predecessor prefix (s_0 >> kv == first); last[i] >= 0: the last
-   state's prefix (s_{N-1} mod P == last), i.e. the path continues into a state whose predecessor
-   prefix is last. -1: free. code: in the layout of the step (see viterbi_kernel). */
+   o[i] >= 0: the tail-biting constraint (start states s >> kv == o, end states s mod P == o); -1: free.
+   code: in the layout of the step (see viterbi_kernel). */
 static void viterbi_pass(viterbi_step_fn step, int n, const float *const *x, int64_t N, const float *code, int L,
-                         int kv, int V, const int64_t *first, const int64_t *last, viterbi_work *w,
+                         int kv, int V, const int64_t *o, viterbi_work *w,
                          int32_t *const *states) {
     const int64_t P = (int64_t)1 << (L - kv);
     const uint32_t low = ((uint32_t)1 << kv) - 1;
     viterbi_batch q = {.n = n};
     for (int i = 0; i < n; i++)
         for (int64_t p = 0; p < P + VITERBI_PAD; p++)
-            w[i].keys[0][p] = (first[i] < 0 || p == first[i]) ? 0u : VITERBI_UNREACHABLE;
+            w[i].keys[0][p] = (o[i] < 0 || p == o[i]) ? 0u : VITERBI_UNREACHABLE;
     for (int64_t t = 0; t < N; t++) {
         for (int i = 0; i < n; i++) {
             q.prev[i] = w[i].keys[t & 1];
@@ -2092,7 +2089,7 @@ static void viterbi_pass(viterbi_step_fn step, int n, const float *const *x, int
         int64_t end = -1;
         uint32_t total = UINT32_MAX;
         for (int64_t p = 0; p < P; p++) {
-            if (last[i] >= 0 && p != last[i]) continue;
+            if (o[i] >= 0 && p != o[i]) continue;
             int64_t s = ((int64_t)(keys[p] & low) << (L - kv)) | p;
             if (end < 0 || keys[p] < total || (keys[p] == total && s < end)) {
                 end = s;
@@ -2168,19 +2165,18 @@ QS_API int qs_viterbi(const float *x, int64_t B, int64_t N, const float *code, i
         const int64_t b0 = item * VITERBI_LOCKSTEP;
         const int n = (int)(B - b0 < VITERBI_LOCKSTEP ? B - b0 : VITERBI_LOCKSTEP);
         viterbi_work w[VITERBI_LOCKSTEP];
-        const float *xs[VITERBI_LOCKSTEP], *rot[VITERBI_LOCKSTEP];
+        const float *xs[VITERBI_LOCKSTEP];
+        float *rot[VITERBI_LOCKSTEP];
         int32_t *out[VITERBI_LOCKSTEP], *rot_states[VITERBI_LOCKSTEP];
         for (int i = 0; i < n; i++) {
             char *p = base + per_seq * (size_t)i;
             w[i].keys[0] = (uint32_t *)p;
             w[i].keys[1] = (uint32_t *)(p + keys);
-            w[i].rot = (float *)(p + 2 * keys);
-            w[i].rot_states = (int32_t *)(w[i].rot + N * V);
-            w[i].bp = (uint8_t *)(w[i].rot_states + N);
+            rot[i] = (float *)(p + 2 * keys);
+            rot_states[i] = (int32_t *)(rot[i] + N * V);
+            w[i].bp = (uint8_t *)(rot_states[i] + N);
             xs[i] = x + (b0 + i) * N * V;
             out[i] = states + (b0 + i) * N;
-            rot[i] = w[i].rot;
-            rot_states[i] = w[i].rot_states;
         }
         int64_t o[VITERBI_LOCKSTEP];
         for (int i = 0; i < VITERBI_LOCKSTEP; i++) o[i] = -1;
@@ -2190,11 +2186,11 @@ QS_API int qs_viterbi(const float *x, int64_t B, int64_t N, const float *code, i
             int64_t before = steps == N ? N - N / 2 : VITERBI_TB_CONTEXT, start = N - before;
             for (int i = 0; i < n; i++)
                 for (int64_t r = 0; r < steps; r++)
-                    memcpy(w[i].rot + r * V, xs[i] + ((r + start) % N) * V, sizeof(float) * (size_t)V);
-            viterbi_pass(step, n, rot, steps, table, L, kv, V, o, o, w, rot_states);
+                    memcpy(rot[i] + r * V, xs[i] + ((r + start) % N) * V, sizeof(float) * (size_t)V);
+            viterbi_pass(step, n, (const float *const *)rot, steps, table, L, kv, V, o, w, rot_states);
             for (int i = 0; i < n; i++) o[i] = rot_states[i][before % steps] >> kv;
         }
-        viterbi_pass(step, n, xs, N, table, L, kv, V, o, o, w, out);
+        viterbi_pass(step, n, xs, N, table, L, kv, V, o, w, out);
         if (costs)
             for (int i = 0; i < n; i++) costs[b0 + i] = viterbi_path_cost(xs[i], out[i], N, code, V);
     }
@@ -3055,7 +3051,8 @@ typedef struct {
     mm_args a;
     mm_rows_fn fn;
     int64_t tasks; /* row tasks of ROWS_PER_TASK rows */
-    /* a trellis layer: its int8 operation (xw [n] the activations' lanes, offset 510·Σ xq) or float slab */
+    /* a trellis layer: its int8 operation (xw [n] the activations' lanes, offset 510·Σ xq), or its float
+       slab and pairs builder */
     int32_t *xw;
     int32_t offset;
     trellis_int8_op top;
@@ -3100,8 +3097,8 @@ static void step_prepare(step_part *p, float *tmp) {
             p->top.xq = p->xq, p->top.xw = p->xw, p->top.xscale = &p->xscale, p->top.offset = &p->offset;
         } else {
             p->tslab = trellis_slab((int)L->level);
+            p->tpairs = trellis_slab_pairs_for((int)L->level);
         }
-        p->tpairs = trellis_slab_pairs_for((int)L->level);
         return;
     }
     mm_args *a = &p->a;

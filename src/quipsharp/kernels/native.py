@@ -465,6 +465,11 @@ class NativeKernel:
         """Whether this level's trellis kernel takes int8 activations for inputs of width ``n``."""
         return self.name in TRELLIS_INT8_LEVELS and n <= TRELLIS_INT8_MAX_N
 
+    def _trellis_step_int8(self, n: int, use_hadamard: bool) -> bool:
+        """Whether a trellis layer's decoding step (``qs_trellis_linear``, batch <= FUSED_MAX_BATCH; also
+        :class:`BoundLinear` and the fused step) quantizes its activations to int8: only behind the transform."""
+        return use_hadamard and self._trellis_int8(n)
+
     @staticmethod
     def trellis_decode(codes: torch.Tensor, m: int, n: int, k: int, threads: int | None = None,
                        out: torch.Tensor | None = None) -> torch.Tensor:
@@ -489,7 +494,7 @@ class NativeKernel:
         B = h.shape[0]
         k = TRELLIS_KINDS[codebook_name]
         if B <= TRELLIS_SLAB_MAX_BATCH:  # one native call: transforms and decode-matmul (qs_trellis_linear)
-            int8 = B <= FUSED_MAX_BATCH and use_hadamard and self._trellis_int8(n)
+            int8 = B <= FUSED_MAX_BATCH and self._trellis_step_int8(n, use_hadamard)
             y = torch.empty(B, m, dtype=torch.float32)
             _check(_require().qs_trellis_linear(
                 h.data_ptr(), B, n, m, codes.data_ptr(), k, su.data_ptr(), sv.data_ptr(), scale * trellis_scale(),
@@ -582,7 +587,7 @@ class BoundLinear:
         #: a trellis layer's bits per weight (``qs_trellis_linear``), or 0 (``qs_linear``)
         self.trellis_k = TRELLIS_KINDS.get(codebook_name, 0)
         #: a trellis layer's int8 activations (as :meth:`NativeKernel._trellis_linear` chooses them)
-        self.trellis_int8 = bool(self.trellis_k and use_hadamard and kernel._trellis_int8(self.n))
+        self.trellis_int8 = bool(self.trellis_k) and kernel._trellis_step_int8(self.n, bool(use_hadamard))
         if self.trellis_k:  # the same argument order; the code's scale folded into wscale, the int8 flag last
             self._fn = _require().qs_trellis_linear
             self._head = (codes.data_ptr(), self.trellis_k, su.data_ptr(), sv.data_ptr(), scale * trellis_scale())
