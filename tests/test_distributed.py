@@ -191,3 +191,63 @@ def test_a_cluster_started_with_ray_start_is_joined_by_address(model_dir, calib_
     finally:
         head.terminate()
         head.wait(timeout=HEAD_START_S)
+
+
+@pytest.fixture
+def keep_sigterm():
+    """The local start installs a SIGTERM handler (as ray.init does in the main thread): restored after."""
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, before)
+
+
+def test_a_local_start_that_fails_in_the_background_is_reported_at_first_use(monkeypatch, keep_sigterm):
+    """A new local cluster starts in a background thread (while the model loads); its failure comes
+    back as a ClusterError naming it when the cluster is first used, and close() does not hang."""
+    import ray
+
+    from quipsharp.distributed import RayCluster, RayOptions
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+
+    def refuse(*_args, **_kwargs):
+        time.sleep(0.2)  # still starting when the caller goes on
+        raise RuntimeError("no room for the object store\nsecond line")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    cluster = RayCluster(RayOptions("local", workers=2))
+    assert cluster._starting is not None  # the constructor did not wait
+    with pytest.raises(ClusterError, match=r"^cannot start a local Ray cluster: no room for the object store$"):
+        cluster.scatter([torch.zeros(1, 2, 4)], [[None]])
+    cluster.close()
+    assert not cluster._started
+
+
+def test_close_waits_for_a_start_under_way_and_shuts_it_down(monkeypatch, keep_sigterm):
+    import threading
+
+    import ray
+
+    from quipsharp.distributed import RayCluster, RayOptions
+
+    state = {"up": False, "shutdown": 0}
+    gate = threading.Event()
+    monkeypatch.setattr(ray, "is_initialized", lambda: state["up"])
+
+    def slow_init(*_args, **_kwargs):
+        gate.wait(5)
+        state["up"] = True
+
+    def shutdown():
+        state["shutdown"] += 1
+        state["up"] = False
+
+    monkeypatch.setattr(ray, "init", slow_init)
+    monkeypatch.setattr(ray, "remote", lambda **_kw: lambda f: type("R", (), {"remote": staticmethod(lambda *a: f)}))
+    monkeypatch.setattr(ray, "shutdown", shutdown)
+    cluster = RayCluster(RayOptions("local", workers=2))
+    threading.Timer(0.2, gate.set).start()
+    cluster.close()  # waits for the start, then shuts the cluster it started down
+    assert state == {"up": False, "shutdown": 1}

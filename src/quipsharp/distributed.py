@@ -6,6 +6,9 @@ The driver (the process running :func:`quipsharp.pipeline.quantize_model`) holds
 skeleton when the weights are streamed, and walks the blocks as one process does. The heavy steps
 run as Ray tasks:
 
+0. A cluster address is joined at once (an unreachable one fails before the model loads). A new
+   local cluster starts in a background thread while the driver loads the model, and its workers
+   import torch and quipsharp then (a first task each), not when the first block's tasks arrive.
 1. After the calibration pass, the hidden states entering block 0 and every block's call arguments
    (masks, rotary embeddings) are cut into one shard of whole batches per worker and put into the
    cluster's object store. From then on the stream lives there; the driver keeps none of it.
@@ -31,7 +34,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -53,6 +59,7 @@ from quipsharp.pipeline import (
     _dequantized,
     _empty_quantized_like,
     collect_hessians,
+    dense_weight,
     quantize_linear,
     run_block,
     shared_input_groups,
@@ -78,6 +85,13 @@ RAY_ADDRESS_ENV = "RAY_ADDRESS"
 RAY_TMPDIR_ENV = "RAY_TMPDIR"
 DEFAULT_TMP = "/tmp"
 RAY_ADDRESS_FILE = "ray_current_cluster"
+#: Set to a file name: the cluster's task timeline (``ray.timeline``, Chrome trace JSON) is written there
+#: when a cluster this process started closes (docs/scaling.md reads one).
+TIMELINE_ENV = "QUIPSHARP_RAY_TIMELINE"
+#: ``ray.init``'s settings: no dashboard, only Ray's warnings.
+RAY_QUIET = {"logging_level": logging.WARNING, "include_dashboard": False}
+#: A wait for the background start longer than this is logged (the model loaded faster than Ray started).
+READY_WAIT_NOTE_S = 0.5
 
 
 class ClusterError(QuipSharpError, RuntimeError):
@@ -148,8 +162,30 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
         raise ClusterError(f"cannot reach the Ray cluster at {address}: {err.strerror or err}") from None
 
 
+def _exit_on_signal(signum: int, _frame: Any) -> None:
+    sys.exit(signum)
+
+
+class _DropMessage(logging.Filter):
+    """Drops log records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
 # ------------------------------------------------------------------------------------------ tasks
 # Plain functions, run in the workers by the remote wrappers RayCluster builds.
+
+def _warm_task(threads: int) -> int:
+    """Nothing but this module's imports (torch, quipsharp) and the thread setting, done while the
+    driver loads the model; returns the worker's process id."""
+    _set_threads(threads)
+    return os.getpid()
+
 
 def _set_threads(threads: int) -> None:
     if torch.get_num_threads() != threads:
@@ -216,33 +252,32 @@ class RayCluster:
         self.options = options or RayOptions()
         self._ray = _import_ray()
         self._started = False
-        self._connect()
-        ray = self._ray
-
-        def remote(task: Callable[..., Any], returns: int = 1) -> Any:  # ``threads`` CPUs per task, retried
-            return ray.remote(num_cpus=self.options.threads, max_retries=TASK_RETRIES, num_returns=returns)(task)
-
-        self._hessians = remote(_hessians_task, returns=3)
-        self._forward = remote(_forward_task)
-        self._quantize = remote(_quantize_task)
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        self.workers = self.options.workers or max(1, cpus // self.options.threads)
+        self._ready_done = False
+        self._starting: threading.Thread | None = None  # the local start's thread: lives until close()
+        self._up = threading.Event()  # set by that thread once the cluster is up (or failed to start)
+        self._release = threading.Event()  # set by close(): the thread may end
+        self._start_error: BaseException | None = None
+        self._warm_refs: list[Any] = []
         self._shard_refs: list[Any] = []
         self._calls_refs: list[Any] = []
         self._dtype = torch.float32  # of the stream
+        self._dense: dict[str, tuple[Any, torch.Tensor]] = {}  # the block's Ŵ, computed as each linear arrives
+        self.workers = self.options.workers or 0  # known once the cluster is up (:meth:`_ready`)
         self.times = StepTimes()  # the driver's serial work between tasks
-        logger.info("Ray cluster with %d CPUs: %d shards, %d threads per task", cpus, self.workers,
-                    self.options.threads)
+        if self._connect():  # a new local cluster starts while the caller loads the model
+            self._starting = threading.Thread(target=self._start_local, name="quipsharp-ray-start", daemon=True)
+            self._starting.start()
 
     # ------------------------------------------------------------------ connection
-    def _connect(self) -> None:
+    def _connect(self) -> bool:
+        """Join the cluster the options name; True when a new local cluster is to be started instead
+        (:meth:`_start_local`, in the background: nothing there can be unreachable)."""
         ray, address = self._ray, self.options.address
         os.environ.setdefault(USAGE_STATS_ENV, "0")
         if ray.is_initialized():
             if address not in (AUTO, LOCAL):
                 logger.warning("Ray is already initialised in this process: using that cluster, not %s", address)
-            return
-        quiet = {"logging_level": logging.WARNING, "include_dashboard": False}
+            return False
         if address == AUTO:  # RAY_ADDRESS, or a cluster started on this machine by `ray start`
             address = os.environ.get(RAY_ADDRESS_ENV) or LOCAL
             recorded = _address_recorded_here()
@@ -255,23 +290,92 @@ class RayCluster:
             if address == LOCAL:
                 logger.info("no Ray cluster running here: starting a local one")
         if address == LOCAL:
-            ray.init(address=LOCAL, num_cpus=(self.options.workers or os.cpu_count() or 1) * self.options.threads,
-                     **quiet)  # "local": a new cluster even when an old one is recorded here
-            self._started = True
-            return
+            if threading.current_thread() is threading.main_thread() \
+                    and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+                # what ray.init does in the main thread: SIGTERM unwinds (locks released, cluster shut down)
+                signal.signal(signal.SIGTERM, _exit_on_signal)
+            return True
         check_reachable(address)
         try:
-            ray.init(address=address, **quiet)
+            ray.init(address=address, **RAY_QUIET)
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise ClusterError(f"cannot join the Ray cluster at {address}: {str(err).splitlines()[0]}") from None
         self._started = True
+        return False
+
+    def _start_local(self) -> None:
+        """Start a private local cluster (a new one even when an old one is recorded here) and warm its
+        workers: each imports torch and quipsharp, which would otherwise delay the first real tasks.
+
+        Runs in a background thread; :meth:`_ready` waits for ``_up`` and raises what it raised. The
+        thread then waits until :meth:`close`: Ray's head processes die with the thread that started
+        them (they are started with the parent-death signal, which Linux ties to the thread)."""
+        try:
+            workers = self.options.workers or os.cpu_count() or 1
+            quiet_thread = _DropMessage("SIGTERM handler is not set")  # set in the main thread instead
+            ray_logger = logging.getLogger("ray._private.worker")
+            ray_logger.addFilter(quiet_thread)
+            start = time.perf_counter()
+            try:
+                self._ray.init(address=LOCAL, num_cpus=workers * self.options.threads, **RAY_QUIET)
+            finally:
+                ray_logger.removeFilter(quiet_thread)
+            self._started = True
+            logger.info("local Ray cluster started in %.1fs (in the background)", time.perf_counter() - start)
+            warm = self._ray.remote(num_cpus=self.options.threads)(_warm_task)
+            self._warm_refs = [warm.remote(self.options.threads) for _ in range(workers)]
+        except BaseException as err:  # handed to the main thread by _ready
+            self._start_error = err
+        finally:
+            self._up.set()
+        self._release.wait()
+
+    def _ready(self) -> None:
+        """Wait for the cluster (started in the background or joined), then build the task wrappers."""
+        if self._ready_done:
+            return
+        if self._starting is not None:
+            start = time.perf_counter()
+            self._up.wait()
+            waited = time.perf_counter() - start
+            if waited > READY_WAIT_NOTE_S:
+                logger.info("waited %.1fs for the local Ray cluster to start", waited)
+            if self._start_error is not None:
+                err, self._start_error = self._start_error, None
+                raise ClusterError(f"cannot start a local Ray cluster: {str(err).splitlines()[0]}") from err
+        ray = self._ray
+
+        def remote(task: Callable[..., Any], returns: int = 1) -> Any:  # ``threads`` CPUs per task, retried
+            return ray.remote(num_cpus=self.options.threads, max_retries=TASK_RETRIES, num_returns=returns)(task)
+
+        self._hessians = remote(_hessians_task, returns=3)
+        self._forward = remote(_forward_task)
+        self._quantize = remote(_quantize_task)
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        self.workers = self.options.workers or max(1, cpus // self.options.threads)
+        self._ready_done = True
+        logger.info("Ray cluster with %d CPUs: %d shards, %d threads per task", cpus, self.workers,
+                    self.options.threads)
+        if self._warm_refs:  # done by now, or soon: a worker that cannot import quipsharp fails here, clearly
+            refs, self._warm_refs = self._warm_refs, []
+            self._get(refs)
 
     def close(self) -> None:
         """Drop the stream's objects; shut the cluster down if this object started it."""
-        self._shard_refs, self._calls_refs = [], []
+        if self._starting is not None:  # a start still under way: let it finish (shut down below)
+            self._up.wait()
+        self._shard_refs, self._calls_refs, self._warm_refs = [], [], []
+        timeline = os.environ.get(TIMELINE_ENV)
+        if timeline and self._started and self._ray.is_initialized():
+            self._ray.timeline(filename=timeline)  # every task's start and end on every worker (Chrome trace)
+            logger.info("Ray task timeline written to %s", timeline)
         if self._started and self._ray.is_initialized():
             self._ray.shutdown()
             self._started = False
+        if self._starting is not None:  # the head processes are gone: the starting thread may end
+            self._release.set()
+            self._starting.join()
+            self._starting = None
 
     def __enter__(self) -> RayCluster:
         return self
@@ -294,6 +398,7 @@ class RayCluster:
     def scatter(self, stream: Iterable[torch.Tensor], calls: list[list[BlockCall]]) -> None:
         """Put the calibration stream (per batch ``[b, ctx, hidden]``) and the blocks' call arguments
         (``calls[block][batch]``) into the object store, one shard of whole batches per worker."""
+        self._ready()
         batches = list(stream)
         if batches:
             self._dtype = batches[0].dtype
@@ -311,6 +416,7 @@ class RayCluster:
         its Hessians over the whole stream: ``{linear name: accumulator}`` (shared by a group), the
         shards' exact sums merged in shard order. With ``keep_outputs`` the float block's outputs
         become the stream (the "original inputs" mode)."""
+        self._ready()
         ray = self._ray
         block_ref = ray.put(block)
         pending = [self._hessians.remote(block_ref, names, shard, calls, index, keep_outputs, self.options.threads)
@@ -338,7 +444,9 @@ class RayCluster:
         Hessian task on a shard starts as soon as that shard's forward is done (Ray resolves the
         dependency on the worker side), so no worker waits for the other shards or for the driver
         between the two. A failure surfaces where the outputs are next waited on (:meth:`hessians`)."""
-        with self.times("dequantizing and sending blocks"), _dequantized(block, self._dtype):
+        self._ready()
+        ready, self._dense = self._dense, {}
+        with self.times("dequantizing and sending blocks"), _dequantized(block, self._dtype, ready):
             block_ref = self._ray.put(block)
         pending = [self._forward.remote(block_ref, shard, calls, index, self.options.threads)
                    for shard, calls in zip(self._shard_refs, self._calls_refs, strict=True)]
@@ -355,7 +463,10 @@ class RayCluster:
         on_layer: Callable[[LayerReport], None] | None = None,
     ) -> list[LayerReport]:
         """:func:`quipsharp.pipeline.quantize_linears` with one task per linear, the costliest first;
-        the reports come back in the order of ``names``."""
+        the reports come back in the order of ``names``. Each linear's ``Ŵ`` for :meth:`advance` is
+        computed as it arrives, while the other tasks still run."""
+        self._ready()
+        self._dense = {}
         ray = self._ray
         mean = SharedMeans(hessians) if hessians is not None else None
         means: dict[int, Any] = {}  # one object per shared Hessian
@@ -383,6 +494,9 @@ class RayCluster:
             q = _empty_quantized_like(module, config.layer_config(full))
             q.load_state_dict(state)
             set_submodule(block, name, q)
+            if waiting:  # the next stream's Ŵ, while the other tasks run (the last one in advance)
+                with self.times("dequantizing and sending blocks"):
+                    self._dense[name] = (q, dense_weight(q, self._dtype))
             reports[name] = report
             if on_layer is not None:
                 on_layer(report)
@@ -395,9 +509,7 @@ def ray_cluster(options: RayOptions | None) -> Any:
     if options is None:
         yield None
         return
-    start = time.perf_counter()
-    cluster = RayCluster(options)
-    logger.info("joined Ray in %.1fs", time.perf_counter() - start)
+    cluster = RayCluster(options)  # a remote cluster is joined here; a local one starts in the background
     try:
         yield cluster
     finally:

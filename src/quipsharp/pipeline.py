@@ -348,15 +348,25 @@ def run_block(block: nn.Module, stream: Stream, calls: list[BlockCall]) -> Strea
     return outputs
 
 
+def dense_weight(module: QuantizedLinear, dtype: torch.dtype) -> torch.Tensor:
+    """``Ŵ`` of a quantized linear in ``dtype`` ``[out_features, in_features]``: what :func:`run_block`
+    multiplies by."""
+    return module.dequantize().to(dtype)
+
+
 @contextlib.contextmanager
-def _dequantized(block: nn.Module, dtype: torch.dtype) -> Iterator[None]:
-    """Temporarily swap every :class:`QuantizedLinear` of ``block`` for an ``nn.Linear`` of ``Ŵ``."""
+def _dequantized(block: nn.Module, dtype: torch.dtype,
+                 ready: dict[str, tuple[QuantizedLinear, torch.Tensor]] | None = None) -> Iterator[None]:
+    """Temporarily swap every :class:`QuantizedLinear` of ``block`` for an ``nn.Linear`` of ``Ŵ``
+    (:func:`dense_weight`; ``ready``: those already computed, by the linear's name in ``block``, each
+    with the module it was computed from: used only while that module is still there)."""
     swapped = []
     for name, module in list(block.named_modules()):
         if isinstance(module, QuantizedLinear):
             dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
                               device=module.codes.device, dtype=dtype)
-            dense.weight.data = module.dequantize().to(dtype)
+            source, given = (ready or {}).get(name, (None, None))
+            dense.weight.data = given if source is module else dense_weight(module, dtype)
             if module.bias is not None:
                 dense.bias.data = module.bias.to(dtype)
             set_submodule(block, name, dense)

@@ -144,8 +144,9 @@ def quantize_to_dir(
             when it is quantized and dropped once saved (:mod:`quipsharp.models.source`), so memory holds
             the embeddings, one block, its Hessians and the calibration stream; refused before any work
             when that does not fit. The files are the same as without it.
-        ray: quantize on a Ray cluster (:mod:`quipsharp.distributed`): joined before the model loads, so
-            an unreachable address fails fast. The files are the same as one process's with the
+        ray: quantize on a Ray cluster (:mod:`quipsharp.distributed`): a cluster address is joined before
+            the model loads, so an unreachable one fails fast; a new local cluster starts in the
+            background while the model loads. The files are the same as one process's with the
             cluster's threads per task.
     """
     import torch
@@ -202,7 +203,7 @@ def quantize_to_dir(
     with locked(out), locked(work), contextlib.ExitStack() as stack:
         WorkDir(work, resume)  # refuses a foreign directory or unrequested progress before any loading
         docs = read_documents(calib) if calib is not None else None  # bad text fails before the model loads
-        cluster = stack.enter_context(ray_cluster(ray))  # an unreachable cluster, too
+        cluster = stack.enter_context(ray_cluster(ray))  # an unreachable address fails here
         torch.manual_seed(config.seed)
         streamed, streamed_blocks, spill = None, None, False
         if max_memory is not None:
