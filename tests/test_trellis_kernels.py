@@ -39,11 +39,28 @@ def _raw_matrix(codes: torch.Tensor, m: int, n: int, k: int) -> torch.Tensor:
 def test_decode_equals_the_python_decode_of_the_layout(k: int) -> None:
     m, n = 48, 80
     codes = _codes(m, n, k, k)
-    raw = kernels.NativeKernel.trellis_decode(codes, m, n, k)
+    raw = kernels.select("scalar").trellis_decode(codes, m, n, k)
     assert torch.equal(raw, _raw_matrix(codes, m, n, k).to(torch.float32))
     cb = get_codebook(f"QTIP1MAD{k}")
     scaled = kernels.select("scalar").decode(codes, m, n, cb.name)
     torch.testing.assert_close(scaled, cb.decode_matrix(cb.unpack_matrix(codes, m, n), m, n), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("level", X86_LEVELS)
+@pytest.mark.parametrize("k", (2, 3, 4))
+def test_decode_on_every_level_equals_the_layout_and_its_transpose(level: str, k: int) -> None:
+    """The level's tile decoder (the prefill GEMM's weights) writes the exact integers of the layout,
+    as W [m, n] and as Wᵀ [n, m]; several slabs, so the threads' split is covered too."""
+    kernel = _level(level)
+    m, n = 80, 112
+    codes = _codes(m, n, k, 40 + k)
+    raw = _raw_matrix(codes, m, n, k).to(torch.float32)
+    assert torch.equal(kernel.trellis_decode(codes, m, n, k, threads=2), raw)
+    out = torch.full((n, m), float("nan"))
+    assert kernel.trellis_decode(codes, m, n, k, threads=2, out=out, transposed=True) is out
+    assert torch.equal(out, raw.T)
+    with pytest.raises(ValueError, match="out"):
+        kernel.trellis_decode(codes, m, n, k, out=torch.empty(m, n), transposed=True)
 
 
 @pytest.mark.parametrize("level", X86_LEVELS)

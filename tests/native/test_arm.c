@@ -12,7 +12,8 @@
  *   - the Hadamard transform against the scalar level;
  *   - the int8 LM head's rows · vector kernel against exact integer sums;
  *   - the trellis Viterbi (the same paths on every level);
- *   - the trellis decode-matvec, float32 and int8 (the same bits as the scalar level).
+ *   - the trellis decode-matvec, float32 and int8 (the same bits as the scalar level);
+ *   - the trellis weight decode, as W and as its transpose (the same values as the scalar level).
  * A level the CPU lacks must be refused (QS_EBADLEVEL) rather than run: `qemu-aarch64 -cpu cortex-a53`
  * has no dot product, `-cpu max` has it.
  *
@@ -242,6 +243,32 @@ static void test_trellis(int levels) {
             }
 }
 
+/* The trellis weight decode (the prefill GEMM's weights): every NEON level writes the scalar level's
+   W [M, N], and its transpose with transposed = 1. */
+static void test_trellis_decode(int levels) {
+    enum { M = 48, N = 64 };
+    static int16_t codes[M / 16 * N / 16 * 16 * 4];
+    static float ref[M * N], got[M * N];
+    for (size_t i = 0; i < sizeof(codes) / sizeof(codes[0]); i++) codes[i] = (int16_t)(rnd() & 0xFFFF);
+    for (int k = 2; k <= 4; k++) {
+        CHECK(qs_trellis_decode(codes, M, N, k, ref, 1, QS_LEVEL_SCALAR, 0) == QS_OK, "decode scalar k=%d", k);
+        for (int level = QS_LEVEL_NEON; level <= QS_LEVEL_NEON_DOT; level++) {
+            int rc = qs_trellis_decode(codes, M, N, k, got, 2, level, 0);
+            if (!((levels >> level) & 1)) {
+                CHECK(rc == QS_EBADLEVEL, "decode %s not refused", LEVEL_NAMES[level]);
+                continue;
+            }
+            CHECK(rc == QS_OK && memcmp(ref, got, sizeof(ref)) == 0, "decode %s (k=%d) differs from scalar",
+                  LEVEL_NAMES[level], k);
+            CHECK(qs_trellis_decode(codes, M, N, k, got, 2, level, 1) == QS_OK, "decode %s transposed", LEVEL_NAMES[level]);
+            int same = 1;
+            for (int r = 0; r < M; r++)
+                for (int c = 0; c < N; c++) same &= got[c * M + r] == ref[r * N + c];
+            CHECK(same, "decode %s (k=%d) transposed is not the transpose", LEVEL_NAMES[level], k);
+        }
+    }
+}
+
 int main(void) {
     int levels = qs_supported_levels();
     printf("test_arm: CPU levels:");
@@ -259,6 +286,7 @@ int main(void) {
     test_dot_rows(levels);
     test_viterbi(levels);
     test_trellis(levels);
+    test_trellis_decode(levels);
     if (failures) {
         printf("test_arm: %d check(s) FAILED\n", failures);
         return 1;

@@ -2231,11 +2231,6 @@ static void trellis_lane_tables(int k, int halves, int32_t idx[16], int32_t shif
 }
 #endif
 
-static inline void trellis_pairs(const int16_t *w, int words, uint32_t *pairs) {
-    for (int t = 0; t + 1 < words; t++) pairs[t] = ((uint32_t)(uint16_t)w[t] << 16) | (uint16_t)w[t + 1];
-    pairs[words - 1] = ((uint32_t)(uint16_t)w[words - 1] << 16) | (uint16_t)w[0];
-}
-
 /* The pairs of every tile of a slab row, written before any is read (a vector load of pairs just
    stored by scalar stores would stall on store forwarding), plus zeroed room for the last 16-lane load.
    The AVX2 level's copy builds them 8 at a time (11% of its int8 decoding step at k = 2). */
@@ -2274,17 +2269,6 @@ static inline int32_t trellis_bytesum(uint32_t h) {
 }
 
 static inline int trellis_1mad(uint32_t state) { return trellis_bytesum(trellis_hash(state)) - TRELLIS_1MAD_MEAN; }
-
-/* The raw code of one tile, column-major: w[16c + r]. */
-static void trellis_tile_scalar(const int16_t *words, int k, float *w) {
-    uint32_t pairs[TRELLIS_TILE * TRELLIS_MAX_K];
-    trellis_pairs(words, TRELLIS_TILE * k, pairs);
-    for (int p = 0; p < TRELLIS_TILE * TRELLIS_TILE; p++) {
-        int bit = p * k;
-        uint32_t state = (pairs[bit >> 4] >> (16 - (bit & 15))) & 0xFFFF;
-        w[p] = (float)trellis_1mad(state);
-    }
-}
 
 /* acc [B][16] += tile (w [16c + r]) x x[b, c] for the tile's 16 columns, FMA in column order. */
 static void trellis_accumulate_scalar(const float *w, const float *x, int64_t B, int64_t n, float *acc) {
@@ -2949,24 +2933,49 @@ QS_API int qs_trellis_linear(const float *x, int64_t B, int64_t n, int64_t m, co
     return rc;
 }
 
-/* out [m, n] float32 = the raw 1MAD codes of a trellis matrix (the portable decode; the reference of
-   the matmul above and the weights of a prefill GEMM). */
-QS_API int qs_trellis_decode(const int16_t *codes, int64_t m, int64_t n, int k, float *out, int nthreads) {
+/* The raw 1MAD codes of a trellis matrix as float32: out [m, n] (transposed = 0), or its transpose
+   [n, m] (transposed = 1: each tile column is 16 consecutive floats of a row, one vector store; the
+   weights of a prefill GEMM). The tiles are decoded by the level's slab kernel with no batch rows
+   (the matmul's decode, so every level writes the same values: integers, exact in float32). Threads
+   split the 16-row slabs. */
+QS_API int qs_trellis_decode(const int16_t *codes, int64_t m, int64_t n, int k, float *out, int nthreads, int level,
+                             int transposed) {
+    if (!level_ok(level)) return QS_EBADLEVEL;
     if (!codes || !out || m <= 0 || n <= 0 || m % TRELLIS_TILE || n % TRELLIS_TILE || k < 2 || k > TRELLIS_MAX_K ||
         nthreads < 1)
         return QS_EBADARG;
     const int64_t slabs = m / TRELLIS_TILE, tiles = n / TRELLIS_TILE, row_words = tiles * TRELLIS_TILE * k;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && slabs > 1)
-    for (int64_t i = 0; i < slabs; i++) {
-        float w[TRELLIS_TILE * TRELLIS_TILE];
-        for (int64_t j = 0; j < tiles; j++) {
-            trellis_tile_scalar(codes + i * row_words + j * TRELLIS_TILE * k, k, w);
-            for (int c = 0; c < TRELLIS_TILE; c++)
-                for (int r = 0; r < TRELLIS_TILE; r++)
-                    out[(i * TRELLIS_TILE + r) * n + j * TRELLIS_TILE + c] = w[c * TRELLIS_TILE + r];
+    trellis_slab_fn slab = trellis_slab(level);
+    const trellis_pairs_fn build_pairs = trellis_slab_pairs_for(level);
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && slabs > 1)
+    {
+        uint32_t *pairs = (uint32_t *)malloc(sizeof(uint32_t) * (size_t)(row_words + TRELLIS_TILE));
+        if (!pairs) {
+#pragma omp atomic write
+            failed = 1;
         }
+        float w[TRELLIS_TILE * TRELLIS_TILE], unused[TRELLIS_TILE] = {0}; /* the slab's accumulators, B = 0 */
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < slabs; i++) {
+            if (!pairs) continue;
+            build_pairs(codes + i * row_words, tiles, k, pairs);
+            for (int64_t j = 0; j < tiles; j++) {
+                slab(pairs + j * TRELLIS_TILE * k, 1, k, unused, 0, n, unused, w); /* w [16c + r] */
+                if (transposed) {
+                    for (int c = 0; c < TRELLIS_TILE; c++)
+                        memcpy(out + (j * TRELLIS_TILE + c) * m + i * TRELLIS_TILE, w + TRELLIS_TILE * c,
+                               sizeof(float) * TRELLIS_TILE);
+                } else {
+                    for (int r = 0; r < TRELLIS_TILE; r++)
+                        for (int c = 0; c < TRELLIS_TILE; c++)
+                            out[(i * TRELLIS_TILE + r) * n + j * TRELLIS_TILE + c] = w[c * TRELLIS_TILE + r];
+                }
+            }
+        }
+        free(pairs);
     }
-    return QS_OK;
+    return failed ? QS_ENOMEM : QS_OK;
 }
 
 /* ------------------------------------------------------- one decoding step of a whole model */

@@ -109,7 +109,7 @@ def lib() -> ctypes.CDLL | None:
     cdll.qs_viterbi.argtypes = [_P, _I64, _I64, _P, _INT, _INT, _INT, _INT, _P, _P, _INT, _INT]
     cdll.qs_trellis_matmul.argtypes = [_P, _I64, _I64, _INT, _P, _I64, _P, _INT, _INT]
     cdll.qs_trellis_matmul_int8.argtypes = [_P, _I64, _I64, _INT, _P, _I64, _P, _INT, _INT]
-    cdll.qs_trellis_decode.argtypes = [_P, _I64, _I64, _INT, _P, _INT]
+    cdll.qs_trellis_decode.argtypes = [_P, _I64, _I64, _INT, _P, _INT, _INT, _INT]
     cdll.qs_trellis_linear.argtypes = [_P, _I64, _I64, _I64, _P, _INT, _P, _P, _F, _P, _INT, _I64, _P, _I64, _P,
                                        _INT, _P, _INT, _INT]
     for fn in (cdll.qs_decode, cdll.qs_matmul, cdll.qs_matmul_int8_ref, cdll.qs_hadamard, cdll.qs_linear,
@@ -470,18 +470,20 @@ class NativeKernel:
         :class:`BoundLinear` and the fused step) quantizes its activations to int8: only behind the transform."""
         return use_hadamard and self._trellis_int8(n)
 
-    @staticmethod
-    def trellis_decode(codes: torch.Tensor, m: int, n: int, k: int, threads: int | None = None,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
-        """The raw 1MAD codes ``C`` ``[m, n]`` float32 of a trellis matrix (``qs_trellis_decode``, portable C)."""
+    def trellis_decode(self, codes: torch.Tensor, m: int, n: int, k: int, threads: int | None = None,
+                       out: torch.Tensor | None = None, transposed: bool = False) -> torch.Tensor:
+        """The raw 1MAD codes ``C`` ``[m, n]`` float32 of a trellis matrix (``qs_trellis_decode``, this
+        level's tile decoder; integers, so the same values on every level), or ``Cᵀ`` ``[n, m]`` with
+        ``transposed`` (one vector store per tile column: the weights of a prefill GEMM)."""
         dtype, shape = _codes_spec(f"QTIP1MAD{k}", m, n)
         _need(codes, "codes", dtype, shape)
+        dims = (n, m) if transposed else (m, n)
         if out is None:
-            out = torch.empty(m, n, dtype=torch.float32)
+            out = torch.empty(dims, dtype=torch.float32)
         else:
-            _need(out, "out", torch.float32, (m, n))
-        _check(_require().qs_trellis_decode(codes.data_ptr(), m, n, k, out.data_ptr(), _threads(threads)),
-               "trellis decode")
+            _need(out, "out", torch.float32, dims)
+        _check(_require().qs_trellis_decode(codes.data_ptr(), m, n, k, out.data_ptr(), _threads(threads), self.level,
+                                            int(transposed)), "trellis decode")
         return out
 
     def _trellis_linear(self, x, h, codes, su, sv, scale, bias, m_in, m_out_t, codebook_name, use_hadamard):
@@ -506,8 +508,8 @@ class NativeKernel:
             self.hadamard(h, m_in, pre=su)
         else:
             h.mul_(su)
-        W = self.trellis_decode(codes, m, n, k, out=_scratch(m * n)[: m * n].view(m, n))
-        return self._output(x, h @ W.T, m_out_t, scale * trellis_scale(), sv, bias, use_hadamard)
+        Wt = self.trellis_decode(codes, m, n, k, out=_scratch(m * n)[: m * n].view(n, m), transposed=True)
+        return self._output(x, h @ Wt, m_out_t, scale * trellis_scale(), sv, bias, use_hadamard)
 
 
 def int8_reference_matmul(
