@@ -50,9 +50,12 @@ TRELLIS_INT8_LEVELS = frozenset({"scalar", "avx2", "avx512", "avx512vnni"})
 #: Widest input of the int8 trellis kernel (its int32 sums are exact up to here).
 TRELLIS_INT8_MAX_N = 16384
 #: Largest batch a trellis layer runs through its fused float32 slabs (each tile decoded once into L1 for
-#: the whole batch); larger batches decode the weight for torch's GEMM. Measured (benchmarks/trellis_prefill.py,
-#: BENCHMARKS.md): the slabs are 1.1-6.8x faster up to 128 rows, 0.8-1.1x at 256, slower beyond.
-TRELLIS_SLAB_MAX_BATCH = 128
+#: the whole batch); larger batches decode the weight (the level's tile decoder, into Wᵀ) for torch's GEMM.
+#: Measured (benchmarks/trellis_prefill.py, BENCHMARKS.md): with the portable decode the slabs won up to
+#: 128 rows on a Zen 4; with the level's decode, on a Xeon (AVX-512 VNNI) they win up to 32-48 rows at
+#: 4096 x 4096 and up to 16-32 at 576 x 1536, and lose 15-30% at 64. 64 splits the difference between
+#: the two machines.
+TRELLIS_SLAB_MAX_BATCH = 64
 
 UNFILLED_MESSAGE = "QuantizedLinear used before its weight was quantized or loaded"
 NOT_BUILT_MESSAGE = ("quipsharp native kernels are not built (no C compiler at install time, or the build "
