@@ -461,10 +461,12 @@ class RayCluster:
         hessians: dict[str, HessianAccumulator | torch.Tensor] | None,
         config: ModelQuantConfig,
         on_layer: Callable[[LayerReport], None] | None = None,
+        *,
+        next_stream: bool = False,
     ) -> list[LayerReport]:
         """:func:`quipsharp.pipeline.quantize_linears` with one task per linear, the costliest first;
-        the reports come back in the order of ``names``. Each linear's ``Ŵ`` for :meth:`advance` is
-        computed as it arrives, while the other tasks still run."""
+        the reports come back in the order of ``names``. With ``next_stream`` (:meth:`advance` follows),
+        each linear's ``Ŵ`` is computed as it arrives, while the other tasks still run."""
         self._ready()
         self._dense = {}
         ray = self._ray
@@ -494,7 +496,7 @@ class RayCluster:
             q = _empty_quantized_like(module, config.layer_config(full))
             q.load_state_dict(state)
             set_submodule(block, name, q)
-            if waiting:  # the next stream's Ŵ, while the other tasks run (the last one in advance)
+            if next_stream and waiting:  # the next stream's Ŵ while the other tasks run (the last: in advance)
                 with self.times("dequantizing and sending blocks"):
                     self._dense[name] = (q, dense_weight(q, self._dtype))
             reports[name] = report

@@ -845,9 +845,11 @@ def _quantize_blocks(model: nn.Module, config: ModelQuantConfig, calibration: to
             else:
                 cluster.advance(block, i)
 
-    def quantize(*args: Any) -> list[LayerReport]:
+    def quantize(*args: Any, next_stream: bool = False) -> list[LayerReport]:  # next_stream: advance follows
         with times("quantizing"):
-            return (quantize_linears if cluster is None else cluster.quantize_linears)(*args)
+            if cluster is None:
+                return quantize_linears(*args)
+            return cluster.quantize_linears(*args, next_stream=next_stream)
 
     for i in bar:
         block, block_name, names = blocks[i], f"{blocks_name}.{i}", per_block[i]
@@ -893,8 +895,10 @@ def _quantize_blocks(model: nn.Module, config: ModelQuantConfig, calibration: to
                 else:  # with original inputs, the workers keep the float block's outputs as their stream
                     groups, hessians = cluster.hessians(block, names, i, keep_outputs=original)
             names = [n for g in groups for n in g]
-            block_reports = quantize(block, block_name, names, take_means(hessians), config, on_layer)
-            if not original and i + 1 < len(blocks):  # the stream after the last block is not used
+            next_stream = not original and i + 1 < len(blocks)  # the stream after the last block is not used
+            block_reports = quantize(block, block_name, names, take_means(hessians), config, on_layer,
+                                     next_stream=next_stream)
+            if next_stream:
                 advance(block, i)
         reports.extend(block_reports)
         faults.point("block:quantized")
