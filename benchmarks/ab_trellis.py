@@ -5,7 +5,9 @@
 the same output bits (checked); prints G weights/s (m·n / time) per build. ``--kernel viterbi``: the
 tail-biting Viterbi (``qs_viterbi``, 1MAD code, L = 16) over seeded N(0, 1) sequences of 256 weights;
 prints ms per sequence, the MSE of the paths found and the share of states equal to the first build's
-(builds of different search algorithms may differ in a few ties). Medians of the samples.
+(builds of different search algorithms may differ in a few ties), for each build and each ``--metrics``
+path metric (``float32``, ``int16``: the 16-bit costs; builds older than them ignore the choice and run
+float32). Medians of the samples.
 
 Build the libraries to compare first, e.g. the current tree's and an older commit's::
 
@@ -27,6 +29,7 @@ from functools import partial
 from _common import machine_info, today
 from quipsharp.codebooks import trellis as tr
 from quipsharp.kernels.native import LEVELS  # the C library's enum order
+from quipsharp.kernels.native import VITERBI_METRICS as METRICS  # qs_viterbi's metric argument
 
 GIGA = 1e9
 VITERBI_SEQUENCES = 64
@@ -49,9 +52,9 @@ def _run_matmul(codes, m: int, n: int, k: int, x, outs: list, threads: int, leve
     return lib.qs_trellis_matmul_int8(codes.data_ptr(), m, n, k, x.data_ptr(), 1, outs[i].data_ptr(), threads, level)
 
 
-def _run_viterbi(x, code, k: int, states: list, costs, threads: int, level: int, i: int, lib) -> int:
+def _run_viterbi(x, code, k: int, states: list, costs, threads: int, level: int, metrics: list, i: int, lib) -> int:
     return lib.qs_viterbi(x.data_ptr(), VITERBI_SEQUENCES, tr.SEQUENCE, code.data_ptr(), tr.STATE_BITS, k, 1, 1,
-                          states[i].data_ptr(), costs.data_ptr(), threads, level)
+                          states[i].data_ptr(), costs.data_ptr(), threads, level, metrics[i])
 
 
 def matmul_rows(args: argparse.Namespace, libs: list) -> list[dict]:
@@ -84,21 +87,24 @@ def viterbi_rows(args: argparse.Namespace, libs: list) -> list[dict]:
 
     code = tr.code_table("1mad").to(torch.float32).contiguous()
     x = torch.randn(VITERBI_SEQUENCES, tr.SEQUENCE, generator=torch.Generator().manual_seed(1))
+    variants = [(path, lib, metric) for path, lib in zip(args.libs, libs, strict=True) for metric in args.metrics]
+    metrics = [METRICS.index(metric) for _, _, metric in variants]
     rows = []
     for k in args.bits:
         for threads in args.threads:
-            states = [torch.empty(VITERBI_SEQUENCES, tr.SEQUENCE, dtype=torch.int32) for _ in libs]
+            states = [torch.empty(VITERBI_SEQUENCES, tr.SEQUENCE, dtype=torch.int32) for _ in variants]
             costs = torch.empty(VITERBI_SEQUENCES)
-            samples = _interleave(libs, args.repeats, partial(_run_viterbi, x, code, k, states, costs, threads,
-                                                              LEVELS.index(args.level)))
-            for path, times, got in zip(args.libs, samples, states, strict=True):
+            samples = _interleave([lib for _, lib, _ in variants], args.repeats,
+                                  partial(_run_viterbi, x, code, k, states, costs, threads, LEVELS.index(args.level),
+                                          metrics))
+            for (path, _, metric), times, got in zip(variants, samples, states, strict=True):
                 ms = statistics.median(times) / VITERBI_SEQUENCES * 1e3
                 mse = ((tr.decode(got.to(torch.int64), code) - x) ** 2).mean().item()
                 same = (got == states[0]).double().mean().item()
-                rows.append({"kernel": "viterbi", "lib": path, "level": args.level, "bits": k, "threads": threads,
-                             "ms_per_sequence": ms, "mse": mse, "states_equal_to_first": same})
-                print(f"viterbi {args.level} k={k} t={threads} {path}: {ms:.3f} ms/sequence, mse {mse:.5f}, "
-                      f"{same:.4%} states as the first build's")
+                rows.append({"kernel": "viterbi", "lib": path, "metric": metric, "level": args.level, "bits": k,
+                             "threads": threads, "ms_per_sequence": ms, "mse": mse, "states_equal_to_first": same})
+                print(f"viterbi {args.level} k={k} t={threads} {path} {metric}: {ms:.3f} ms/sequence, "
+                      f"mse {mse:.5f}, {same:.4%} states as the first run's")
     return rows
 
 
@@ -110,6 +116,8 @@ def main() -> None:
     parser.add_argument("--bits", type=int, nargs="+", default=[2])
     parser.add_argument("--threads", type=int, nargs="+", default=[1])
     parser.add_argument("--shape", default="4096x4096", help="MxN (matmul)")
+    parser.add_argument("--metrics", nargs="+", default=["float32"], choices=METRICS,
+                        help="path metrics (viterbi; each build runs each)")
     parser.add_argument("--repeats", type=int, default=41)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -118,7 +126,7 @@ def main() -> None:
     for lib in libs:
         lib.qs_trellis_matmul_int8.argtypes = [p, i64, i64, i32, p, i64, p, i32, i32]
         lib.qs_trellis_matmul_int8.restype = i32
-        lib.qs_viterbi.argtypes = [p, i64, i64, p, i32, i32, i32, i32, p, p, i32, i32]
+        lib.qs_viterbi.argtypes = [p, i64, i64, p, i32, i32, i32, i32, p, p, i32, i32, i32]
         lib.qs_viterbi.restype = i32
     rows = (matmul_rows if args.kernel == "matmul" else viterbi_rows)(args, libs)
     if args.json:

@@ -117,24 +117,26 @@ def test_two_pass_tail_biting_is_legal_and_close_to_the_optimum() -> None:
     assert got.sum() <= 1.001 * optimum.sum()  # measured: equal to it on these sequences
 
 
+@pytest.mark.parametrize("metric", tr.METRICS)
 @pytest.mark.parametrize("level", list(kernels.LEVELS))
 # (6, 3): 8 prefixes (no 16-lane groups); (12, 7) and (16, 8): more predecessors than lanes
 @pytest.mark.parametrize(("L", "kv"), [(6, 3), (8, 2), (12, 7), (16, 1), (16, 2), (16, 3), (16, 4), (16, 8)])
-def test_every_level_finds_the_same_paths(level: str, L: int, kv: int) -> None:
+def test_every_level_finds_the_same_paths(level: str, L: int, kv: int, metric: str) -> None:
     if level not in kernels.supported_levels():
         pytest.skip(f"CPU lacks {level}")
     from quipsharp.kernels.native import viterbi as native_viterbi
 
     code = tr.code_table("1mad", L)
     x = torch.randn(3, 48, generator=torch.Generator().manual_seed(L * kv))
-    want, want_cost = native_viterbi(x, code, L, kv, True, level="scalar")
-    got, got_cost = native_viterbi(x, code, L, kv, True, level=level)
+    want, want_cost = native_viterbi(x, code, L, kv, True, level="scalar", metric=metric)
+    got, got_cost = native_viterbi(x, code, L, kv, True, level=level, metric=metric)
     assert torch.equal(got, want) and torch.equal(got_cost, want_cost)
 
 
+@pytest.mark.parametrize("metric", tr.METRICS)
 @pytest.mark.parametrize("level", list(kernels.LEVELS))
 @pytest.mark.parametrize("k", (2, 3, 4))
-def test_every_level_finds_the_same_paths_with_two_weights_per_state(level: str, k: int) -> None:
+def test_every_level_finds_the_same_paths_with_two_weights_per_state(level: str, k: int, metric: str) -> None:
     """V = 2 (the HYB code): the vectorised distance of a pair equals the portable one, bit for bit."""
     if level not in kernels.supported_levels():
         pytest.skip(f"CPU lacks {level}")
@@ -142,24 +144,73 @@ def test_every_level_finds_the_same_paths_with_two_weights_per_state(level: str,
 
     code = tr.hyb_table(tr.hyb_initial_lut())
     x = torch.randn(2, 64, generator=torch.Generator().manual_seed(k))
-    want, want_cost = native_viterbi(x, code, 16, 2 * k, True, level="scalar")
-    got, got_cost = native_viterbi(x, code, 16, 2 * k, True, level=level)
+    want, want_cost = native_viterbi(x, code, 16, 2 * k, True, level="scalar", metric=metric)
+    got, got_cost = native_viterbi(x, code, 16, 2 * k, True, level=level, metric=metric)
     assert torch.equal(got, want) and torch.equal(got_cost, want_cost)
     assert tr.is_tail_biting(got.to(torch.int64), 16, 2 * k)
 
 
 @native
+@pytest.mark.parametrize("metric", tr.METRICS)
 @pytest.mark.parametrize(("L", "kv"), [(6, 1), (8, 2), (12, 3), (16, 2), (16, 3), (16, 4), (16, 5)])
 @pytest.mark.parametrize("tail_biting", [False, True])
-def test_native_viterbi_equals_the_torch_one(L: int, kv: int, tail_biting: bool) -> None:
+def test_native_viterbi_equals_the_torch_one(L: int, kv: int, tail_biting: bool, metric: str) -> None:
     code = tr.code_table("3inst", L)
     x = torch.randn(3, 32, generator=torch.Generator().manual_seed(L + kv))
-    got, got_cost = tr.viterbi(x, code, kv, L=L, tail_biting=tail_biting, backend="native")
-    want, want_cost = tr.viterbi(x, code, kv, L=L, tail_biting=tail_biting, backend="torch")
+    x[1, 7] = 4.5  # outside the 16-bit metric's inputs: this sequence takes the float32 search
+    got, got_cost = tr.viterbi(x, code, kv, L=L, tail_biting=tail_biting, backend="native", metric=metric)
+    want, want_cost = tr.viterbi(x, code, kv, L=L, tail_biting=tail_biting, backend="torch", metric=metric)
     assert torch.equal(got, want)
     torch.testing.assert_close(got_cost, want_cost, rtol=1e-5, atol=1e-5)
     if tail_biting:
         assert tr.is_tail_biting(got, L, kv)
+    if metric == "int16":
+        as_float, _ = tr.viterbi(x[1:2], code, kv, L=L, tail_biting=tail_biting, backend="native", metric="float32")
+        assert torch.equal(got[1:2], as_float)
+
+
+@pytest.mark.parametrize("kv", [1, 2])
+def test_16_bit_viterbi_equals_brute_force_over_the_16_bit_metric(kv: int) -> None:
+    """Without saturation, the 16-bit pass finds the open path of the least Σ_t squared_error16."""
+    L, N = 6, 4
+    code = tr.code_table("1mad", L)
+    cq = tr.fixed_point(code)
+    paths = _all_open_paths(L, kv, N)
+    gen = torch.Generator().manual_seed(10 + kv)
+    for _ in range(3):
+        x = torch.randn(N, generator=gen)
+        xq = tr.fixed_point(x)
+        costs = tr.squared_error16(cq[paths, 0], xq[None]).sum(dim=1)
+        states, fits = tr.viterbi_reference16(xq[None], cq, L, kv)
+        assert bool(fits[0])
+        assert int(costs[(paths == states[0]).all(dim=1)][0]) == int(costs.min())
+        assert int(tr.squared_error16(cq[paths[0], 0], xq).max()) < 1 << 15  # no term saturated
+
+
+def test_16_bit_units() -> None:
+    """Inputs in units of 2^-13 up to 32767; squares in units of 2^-11, e saturated to int16."""
+    assert tr.fixed_point(torch.tensor([1.0, -0.5, 32767 / 8192])).tolist() == [8192, -4096, 32767]
+    assert tr.fixed_point(torch.tensor([0.0, 4.0])) is None
+    assert tr.fixed_point(torch.tensor([float("nan")])) is None
+    sq = tr.squared_error16(torch.tensor([8192, 0, 32767, -32767]), torch.tensor([0, 8192 * 2, -32767, 32767]))
+    assert sq.tolist() == [2048, 8192, 32766, 32768]  # 1.0, 4.0; e saturates at 32767 and -32768 units
+
+
+@native
+@pytest.mark.parametrize("tail_biting", [False, True])
+def test_a_sequence_whose_costs_would_saturate_takes_the_float32_search(tail_biting: bool) -> None:
+    """Codes all near +3 and inputs near -3.9: every step's least cost rises by 16 (e capped at 4), past
+    VITERBI16_RISE_MAX, so the 16-bit pass gives up and the float32 pass answers."""
+    L, kv = 8, 2
+    code = 3.0 + 0.2 * torch.rand(1 << L, 1, generator=torch.Generator().manual_seed(0))
+    x = -3.9 + 0.05 * torch.randn(2, 24, generator=torch.Generator().manual_seed(1))
+    x[1] = 3.1 + 0.05 * torch.randn(24, generator=torch.Generator().manual_seed(2))  # near the codes: fits
+    _, fits = tr.viterbi_reference16(tr.fixed_point(x), tr.fixed_point(code), L, kv)
+    assert fits.tolist() == [False, True]
+    got, _ = tr.viterbi(x, code, kv, L=L, tail_biting=tail_biting)
+    as_float, _ = tr.viterbi(x, code, kv, L=L, tail_biting=tail_biting, metric="float32")
+    torch_16, _ = tr.viterbi(x, code, kv, L=L, tail_biting=tail_biting, backend="torch")
+    assert torch.equal(got[0], as_float[0]) and torch.equal(got, torch_16)
 
 
 @native
@@ -180,6 +231,9 @@ def test_gaussian_mse(k: int, open_mse: float, tail_mse: float) -> None:
     mse = ((tr.decode(states, code) - x) ** 2).mean().item()
     assert mse <= tail_mse and tr.is_tail_biting(states, tr.STATE_BITS, k)
     assert costs.sum().item() / x.numel() == pytest.approx(mse, rel=1e-4)
+    # the 16-bit metric (the default) loses nothing measurable against float32 costs
+    states32, _ = tr.viterbi(x, code, k, metric="float32")
+    assert mse == pytest.approx(((tr.decode(states32, code) - x) ** 2).mean().item(), rel=2e-3)
 
 
 def test_bad_arguments() -> None:
@@ -189,5 +243,7 @@ def test_bad_arguments() -> None:
         tr.viterbi(torch.zeros(1, 256), tr.code_table("1mad"), 16)
     with pytest.raises(ValueError, match="backend"):
         tr.viterbi(torch.zeros(1, 256), tr.code_table("1mad"), 2, backend="gpu")
+    with pytest.raises(ValueError, match="metric"):
+        tr.viterbi(torch.zeros(1, 256), tr.code_table("1mad"), 2, metric="int8")
     with pytest.raises(ValueError, match="16-bit words"):
         tr.pack_stream(torch.zeros(1, 12))

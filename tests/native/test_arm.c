@@ -197,23 +197,30 @@ static void test_dot_rows(int levels) {
     }
 }
 
-/* The trellis Viterbi: every level finds the same paths as the scalar one (portable C on ARM). */
+/* The trellis Viterbi: every level finds the same paths as the scalar one (portable C on ARM), with
+   float32 and with 16-bit costs (the codes kept under 4 so that these apply). */
 static void test_viterbi(int levels) {
     enum { L = 10, KV = 2, N = 40, B = 3 };
     static float code[1 << L], x[B * N];
     int32_t ref[B * N], got[B * N];
     float cref[B], cgot[B];
-    for (int i = 0; i < (1 << L); i++) code[i] = rnd_normal();
+    for (int i = 0; i < (1 << L); i++) {
+        float c = rnd_normal();
+        code[i] = c > 3.5f ? 3.5f : (c < -3.5f ? -3.5f : c);
+    }
     for (int i = 0; i < B * N; i++) x[i] = rnd_normal();
-    CHECK(qs_viterbi(x, B, N, code, L, KV, 1, 1, ref, cref, 1, QS_LEVEL_SCALAR) == QS_OK, "viterbi scalar");
-    for (int level = QS_LEVEL_NEON; level <= QS_LEVEL_NEON_DOT; level++) {
-        int rc = qs_viterbi(x, B, N, code, L, KV, 1, 1, got, cgot, 2, level);
-        if (!((levels >> level) & 1)) {
-            CHECK(rc == QS_EBADLEVEL, "viterbi %s not refused", LEVEL_NAMES[level]);
-            continue;
+    for (int metric = QS_VITERBI_FLOAT32; metric <= QS_VITERBI_INT16; metric++) {
+        CHECK(qs_viterbi(x, B, N, code, L, KV, 1, 1, ref, cref, 1, QS_LEVEL_SCALAR, metric) == QS_OK,
+              "viterbi scalar");
+        for (int level = QS_LEVEL_NEON; level <= QS_LEVEL_NEON_DOT; level++) {
+            int rc = qs_viterbi(x, B, N, code, L, KV, 1, 1, got, cgot, 2, level, metric);
+            if (!((levels >> level) & 1)) {
+                CHECK(rc == QS_EBADLEVEL, "viterbi %s not refused", LEVEL_NAMES[level]);
+                continue;
+            }
+            CHECK(rc == QS_OK && memcmp(ref, got, sizeof(ref)) == 0 && memcmp(cref, cgot, sizeof(cref)) == 0,
+                  "viterbi %s metric %d differs from scalar", LEVEL_NAMES[level], metric);
         }
-        CHECK(rc == QS_OK && memcmp(ref, got, sizeof(ref)) == 0 && memcmp(cref, cgot, sizeof(cref)) == 0,
-              "viterbi %s differs from scalar", LEVEL_NAMES[level]);
     }
 }
 

@@ -64,6 +64,15 @@ _KMEANS_CHUNK = 1 << 16
 #: Steps on each side of step 0 that tail-biting's first pass looks at (the whole rotated sequence
 #: when it is at most twice as long): as the native ``VITERBI_TB_CONTEXT``.
 TAIL_BITING_CONTEXT = 64
+#: Path metrics of the search: ``"int16"`` (the default) — inputs and codes in units of 2^-13, squared
+#: errors in units of 2^-11, survivors renormalised to their minimum each step (twice the SIMD lanes of
+#: float32; a sequence that does not fit falls back to float32) — or ``"float32"``. As the native
+#: ``VITERBI16_*`` constants; BENCHMARKS.md compares the two.
+METRICS = ("int16", "float32")
+VITERBI16_FRAC = 13
+VITERBI16_INPUT_MAX = 32767
+VITERBI16_SAT = 65535
+VITERBI16_RISE_MAX = 16384
 #: Rows and columns of a tile (QTIP's Tx = Ty): one trellis per 16 × 16 tile, 16 columns per BlockLDLQ block.
 TILE = 16
 #: Bits per stored word of a bitstream.
@@ -263,8 +272,120 @@ def viterbi_reference(x: torch.Tensor, code: torch.Tensor, L: int, kv: int, cons
     return states, total
 
 
+def fixed_point(values: torch.Tensor) -> torch.Tensor | None:
+    """``values`` (float) in the 16-bit metric's units (``round(v·2^13)``, int64, same shape), or None if
+    some ``|v|·2^13`` exceeds ``VITERBI16_INPUT_MAX`` (or is NaN): such inputs take the float32 search."""
+    scaled = values.to(torch.float32) * float(1 << VITERBI16_FRAC)
+    if not bool((scaled.abs() <= VITERBI16_INPUT_MAX).all()):
+        return None
+    return torch.round(scaled).to(torch.int64)
+
+
+def squared_error16(code: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The 16-bit metric's squared error of integer codes and inputs (units 2^-13) in units of 2^-11:
+    ``e = clamp(code − x)`` to int16, ``(e·e + 2^14) >> 15`` (``vpmulhrsw``)."""
+    e = (code - x).clamp(-32768, 32767)
+    return (e * e + (1 << 14)) >> 15
+
+
+def viterbi_reference16(xq: torch.Tensor, cq: torch.Tensor, L: int, kv: int,
+                        constraint: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass with the 16-bit metric, as the native one does it, in torch: ``xq`` int64 ``[B, N·V]``
+    and ``cq`` int64 ``[2^L, V]`` from :func:`fixed_point` -> ``(states int64 [B, N], fits bool [B])``.
+
+    A state's cost is ``min(best_{t-1}[s >> kv] + Σ_v squared_error16, 65535)``; ``best_t`` is the
+    minimum over the ``J`` states of a prefix minus ``best_{t-1}``'s minimum. ``fits`` is False where a
+    step's minimum rose by more than ``VITERBI16_RISE_MAX`` or the path left its ``constraint`` (those
+    sequences take the float32 search; their states are meaningless). Ties: the smallest ``j``; the
+    end state: the smallest of the least cost."""
+    S, V = cq.shape
+    B = xq.shape[0]
+    N = xq.shape[1] // V
+    P, J = 1 << (L - kv), 1 << kv
+    xs = xq.reshape(B, N, V)
+    prefix_of = torch.arange(S) >> kv
+    if constraint is None:
+        best = torch.zeros(B, P, dtype=torch.int64)
+    else:
+        allowed = (constraint[:, None] < 0) | (torch.arange(P)[None] == constraint[:, None])
+        best = torch.where(allowed, 0, VITERBI16_SAT)
+    norm = torch.zeros(B, dtype=torch.int64)
+    fits = torch.ones(B, dtype=torch.bool)
+    back = []
+    for t in range(N):
+        cost = best[:, prefix_of]
+        for v in range(V):
+            cost = cost + squared_error16(cq[None, :, v], xs[:, t, v, None])
+        cost = cost.clamp(max=VITERBI16_SAT)
+        best, arg = cost.reshape(B, J, P).min(dim=1)  # first minimum on ties
+        back.append(arg)
+        best = (best - norm[:, None]).clamp(min=0)
+        norm = best.min(dim=1).values
+        fits &= norm <= VITERBI16_RISE_MAX
+    candidates = best if constraint is None else torch.where(
+        (constraint[:, None] < 0) | (torch.arange(P)[None] == constraint[:, None]), best, VITERBI16_SAT + 1)
+    end_states = back[-1] * P + torch.arange(P)[None]
+    key = candidates * S + end_states  # least cost, then the smallest state
+    last = key.min(dim=1).values % S
+    states = torch.empty(B, N, dtype=torch.int64)
+    states[:, N - 1] = last
+    s = last
+    for t in range(N - 1, 0, -1):
+        p = s >> kv
+        s = p + back[t - 1].gather(1, p[:, None])[:, 0] * P
+        states[:, t - 1] = s
+    if constraint is not None:
+        fits &= (constraint < 0) | ((states[:, 0] >> kv) == constraint)
+    return states, fits
+
+
+def _tail_biting_window(N: int) -> tuple[torch.Tensor, int]:
+    """Tail-biting's first pass: the window's original steps and the window step of original step 0."""
+    steps = min(N, 2 * TAIL_BITING_CONTEXT)
+    before = N - N // 2 if steps == N else TAIL_BITING_CONTEXT
+    return (torch.arange(steps) + N - before) % N, before % steps
+
+
+def _viterbi_torch(x: torch.Tensor, code: torch.Tensor, L: int, kv: int, tail_biting: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 search in torch (both passes): ``(states, costs float64)``."""
+    V = code.shape[1]
+    N = x.shape[1] // V
+    constraint = None
+    if tail_biting:
+        window, zero = _tail_biting_window(N)
+        first, _ = viterbi_reference(x.reshape(x.shape[0], N, V)[:, window].reshape(x.shape[0], -1), code, L, kv)
+        constraint = first[:, zero] >> kv
+    return viterbi_reference(x, code, L, kv, constraint)
+
+
+def _viterbi_torch16(x: torch.Tensor, code: torch.Tensor, L: int, kv: int, tail_biting: bool) -> torch.Tensor:
+    """The 16-bit search in torch, per sequence as the native one (the float64 search where one does not
+    fit): states int64 ``[B, N]``."""
+    V = code.shape[1]
+    B, N = x.shape[0], x.shape[1] // V
+    states = torch.empty(B, N, dtype=torch.int64)
+    cq = fixed_point(code)
+    for b in range(B):
+        xq = None if cq is None else fixed_point(x[b:b + 1])
+        fits = xq is not None
+        if fits:
+            constraint = None
+            if tail_biting:
+                window, zero = _tail_biting_window(N)
+                first, fits_first = viterbi_reference16(xq.reshape(1, N, V)[:, window].reshape(1, -1), cq, L, kv)
+                constraint = first[:, zero] >> kv
+                fits = bool(fits_first[0])
+            if fits:
+                path, fits_second = viterbi_reference16(xq, cq, L, kv, constraint)
+                fits = bool(fits_second[0])
+        states[b] = path[0] if fits else _viterbi_torch(x[b:b + 1], code, L, kv, tail_biting)[0][0]
+    return states
+
+
 def viterbi(x: torch.Tensor, code: torch.Tensor, k: int, *, L: int = STATE_BITS, tail_biting: bool = True,
-            threads: int | None = None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+            threads: int | None = None, backend: str = "auto", metric: str = "int16",
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize sequences ``x`` ``[B, N·V]`` (float) to trellis paths of ``k`` bits per weight.
 
     Returns ``(states int64 [B, N], costs float32 [B])``: the path (decoded values
@@ -272,7 +393,8 @@ def viterbi(x: torch.Tensor, code: torch.Tensor, k: int, *, L: int = STATE_BITS,
     tail-biting (a legal cyclic path, exactly ``k`` bits per weight); else the unconstrained optimum
     (which also spends the first state's ``L - k·V`` extra bits). ``backend``: ``"native"`` (the C
     library), ``"torch"`` (:func:`viterbi_reference`: slow, for tests and small ``L``) or ``"auto"``
-    (native when built). Both give the same paths (float32 vs float64 costs aside).
+    (native when built). ``metric``: one of :data:`METRICS` (``"int16"``: 16-bit path costs where a
+    sequence fits them). Both backends give the same paths (with float32: float32 vs float64 costs aside).
     """
     S, V = code.shape
     kv = k * V
@@ -280,6 +402,8 @@ def viterbi(x: torch.Tensor, code: torch.Tensor, k: int, *, L: int = STATE_BITS,
         raise ValueError(f"code of {S} states for L = {L}, or k·V = {kv} outside [1, {L})")
     if backend not in ("auto", "native", "torch"):
         raise ValueError(f"backend must be 'auto', 'native' or 'torch', got {backend!r}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     x = x.to(torch.float32).contiguous()
     from quipsharp import kernels
 
@@ -287,18 +411,19 @@ def viterbi(x: torch.Tensor, code: torch.Tensor, k: int, *, L: int = STATE_BITS,
     if native:
         from quipsharp.kernels.native import viterbi as native_viterbi
 
-        states, costs = native_viterbi(x, code.to(torch.float32).contiguous(), L, kv, tail_biting, threads)
+        states, costs = native_viterbi(x, code.to(torch.float32).contiguous(), L, kv, tail_biting, threads,
+                                       metric=metric)
         return states.to(torch.int64), costs
-    N = x.shape[1] // V
-    constraint = None
-    if tail_biting:
-        steps = min(N, 2 * TAIL_BITING_CONTEXT)
-        before = N - N // 2 if steps == N else TAIL_BITING_CONTEXT
-        window = (torch.arange(steps) + N - before) % N  # window step r holds original step (r + N - before) mod N
-        first, _ = viterbi_reference(x.reshape(x.shape[0], N, V)[:, window].reshape(x.shape[0], -1), code, L, kv)
-        constraint = first[:, before % steps] >> kv
-    states, costs = viterbi_reference(x, code, L, kv, constraint)
-    return states, costs.to(torch.float32)
+    if metric == "float32":
+        states, costs = _viterbi_torch(x, code, L, kv, tail_biting)
+        return states, costs.to(torch.float32)
+    states = _viterbi_torch16(x, code, L, kv, tail_biting)
+    return states, path_cost(x, states, code)
+
+
+def path_cost(x: torch.Tensor, states: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """``Σ_t ‖code[s_t] − x_t‖²`` per sequence, float32 ``[B]``: ``x`` ``[B, N·V]``, ``states`` ``[B, N]``."""
+    return ((decode(states, code).to(torch.float64) - x.to(torch.float64)) ** 2).sum(dim=1).to(torch.float32)
 
 
 def decode(states: torch.Tensor, code: torch.Tensor) -> torch.Tensor:

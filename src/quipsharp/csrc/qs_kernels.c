@@ -1876,12 +1876,15 @@ static int viterbi_lane_prefix(int i, int kv, int W) {
     return G <= 1 ? i : J * (i % G) + i / G;
 }
 
-static void viterbi_block_codes(const float *code, int64_t P, int kv, int V, int W, float *out) {
+static void viterbi_block_codes(const void *code, size_t size, int64_t P, int kv, int V, int W, void *out) {
     const int64_t J = (int64_t)1 << kv;
+    const char *in = (const char *)code;
+    char *o = (char *)out;
     for (int64_t g = 0; g < P; g += W)
         for (int64_t j = 0; j < J; j++)
             for (int v = 0; v < V; v++)
-                for (int i = 0; i < W; i++) *out++ = code[(j * P + g + viterbi_lane_prefix(i, kv, W)) * V + v];
+                for (int i = 0; i < W; i++, o += size)
+                    memcpy(o, in + size * (size_t)((j * P + g + viterbi_lane_prefix(i, kv, W)) * V + v), size);
 }
 
 #if QS_X86
@@ -2055,6 +2058,389 @@ static viterbi_step_fn viterbi_kernel(int level, int64_t P, int V, int *W) {
     return viterbi_step_natural;
 }
 
+/* ------------------------------------------------------------------ Viterbi with 16-bit costs */
+/*
+ * The same search with 16-bit integer costs (qs_viterbi's metric QS_VITERBI_INT16): twice the lanes of
+ * float32 per vector, and no backpointers in the forward pass.
+ * - x_t and the codes are int16 in units of 2^-VITERBI16_FRAC = 2^-13 (|value| <= 32767 units, just
+ *   under 4; the unit-RMS codes stay below 3.3).
+ * - e = sat16(code − x), its square (e·e + 2^14) >> 15 in units of 2^-11 (at most 32768: codes 4 or
+ *   more away from x all cost 16), and a state's cost min(best_{t-1}[s >> kv] + Σ_v e_v², 65535).
+ * - best_t[p] = min_j cost_t(j·P + p) − r_{t-1}, with r_{t-1} = min_p best_{t-1}[p]: every step moves
+ *   the survivors' minimum back to [0, that step's rise], so the 16 bits (32 in cost units) hold the
+ *   survivors that matter; worse ones saturate and can only tie.
+ * - Every best_t is kept, (N + 1)·P words, and the traceback recomputes a step's J costs for the one
+ *   prefix it needs, the forward pass's own integer operations, to find j (ties: the smallest).
+ * A sequence that does not fit is solved by the float32 pass in the same call: an input of 4 or more
+ * (2^15 units), a step whose minimum rises by more than VITERBI16_RISE_MAX (8, where costs would start to
+ * saturate), or a tail-biting pass whose path leaves its constraint (the unreachable starts, 65535, lose
+ * each step's renormalisation and could in principle be chosen). Every level does the same integer
+ * operations, so every level returns the same paths. BENCHMARKS.md has the paths' MSE against the
+ * float32 pass's.
+ */
+#define VITERBI16_FRAC 13
+#define VITERBI16_INPUT_MAX 32767.0f /* |x|·2^13 above this: the sequence takes the float32 pass */
+#define VITERBI16_SAT 65535u
+#define VITERBI16_RISE_MAX 16384u /* 8 in cost units */
+#define VITERBI16_BASE_LANES 16
+
+/* e² in units of 2^-11 for a code and input in units of 2^-13, e saturated to int16 */
+static inline uint32_t viterbi16_square(int32_t code, int32_t x) {
+    int32_t e = code - x;
+    e = e > INT16_MAX ? INT16_MAX : (e < INT16_MIN ? INT16_MIN : e);
+    return (uint32_t)((e * e + (1 << 14)) >> 15);
+}
+
+static inline uint32_t viterbi16_add(uint32_t a, uint32_t b) {
+    uint32_t s = a + b;
+    return s > VITERBI16_SAT ? VITERBI16_SAT : s;
+}
+
+/* cost_t(s) from best_{t-1} (prev), the codes in natural layout [2^L, V] and x_t [V] */
+static inline uint32_t viterbi16_cost(const uint16_t *prev, const int16_t *code, const int16_t *x, int64_t s, int kv,
+                                      int V) {
+    uint32_t c = prev[s >> kv];
+    for (int v = 0; v < V; v++) c = viterbi16_add(c, viterbi16_square(code[s * V + v], x[v]));
+    return c;
+}
+
+/* The state j·P + p of step t whose cost is best_t[p] (before renormalisation): the smallest such j. */
+static int64_t viterbi16_state(const uint16_t *prev, const int16_t *code, const int16_t *x, int64_t p, int L, int kv,
+                               int V) {
+    const int64_t P = (int64_t)1 << (L - kv), J = (int64_t)1 << kv;
+    int64_t best = p;
+    uint32_t low = viterbi16_cost(prev, code, x, p, kv, V);
+    for (int64_t j = 1; j < J; j++) {
+        uint32_t c = viterbi16_cost(prev, code, x, j * P + p, kv, V);
+        if (c < low) {
+            low = c;
+            best = j * P + p;
+        }
+    }
+    return best;
+}
+
+typedef struct {
+    int n;                                  /* sequences, 1..VITERBI_LOCKSTEP */
+    const uint16_t *prev[VITERBI_LOCKSTEP]; /* best_{t-1}, P + VITERBI_PAD each */
+    const int16_t *x[VITERBI_LOCKSTEP];     /* x_t, V values each */
+    uint16_t *best[VITERBI_LOCKSTEP];       /* best_t out */
+    uint16_t norm[VITERBI_LOCKSTEP];        /* r_{t-1}, subtracted from every best_t */
+    uint16_t low[VITERBI_LOCKSTEP];         /* out: min_p best_t[p] */
+} viterbi16_batch;
+
+/* One step, state by state on the natural layout (small L). */
+static void viterbi16_step_natural(viterbi16_batch *q, const int16_t *code, int64_t P, int kv, int V) {
+    const int64_t J = (int64_t)1 << kv;
+    for (int i = 0; i < q->n; i++) {
+        uint32_t low = VITERBI16_SAT;
+        for (int64_t p = 0; p < P; p++) {
+            uint32_t b = VITERBI16_SAT;
+            for (int64_t j = 0; j < J; j++) {
+                uint32_t c = viterbi16_cost(q->prev[i], code, q->x[i], j * P + p, kv, V);
+                b = c < b ? c : b;
+            }
+            b = b > q->norm[i] ? b - q->norm[i] : 0;
+            q->best[i][p] = (uint16_t)b;
+            low = b < low ? b : low;
+        }
+        q->low[i] = (uint16_t)low;
+    }
+}
+
+/* One step, portable (NEON, or no SIMD level): the vector steps' algorithm on VITERBI16_BASE_LANES lanes in
+   plain C loops the compiler can vectorise, on the blocked code layout. */
+static void viterbi16_step_base(viterbi16_batch *q, const int16_t *cb, int64_t P, int kv, int V) {
+    enum { W = VITERBI16_BASE_LANES };
+    const int64_t J = (int64_t)1 << kv;
+    const int G = (W >> kv) > 1 ? (W >> kv) : 1;
+    int prefix[W];
+    for (int i = 0; i < W; i++) prefix[i] = viterbi_lane_prefix(i, kv, W);
+    for (int n = 0; n < q->n; n++) {
+        const int16_t *c = cb;
+        uint32_t low = VITERBI16_SAT;
+        for (int64_t g = 0; g < P; g += W) {
+            uint32_t b[W];
+            for (int i = 0; i < W; i++) b[i] = VITERBI16_SAT;
+            for (int64_t j = 0; j < J; j++, c += W * V) {
+                const int64_t m = (j * P + g) >> kv;
+                uint32_t cost[W];
+                for (int i = 0; i < W; i++) cost[i] = q->prev[n][m + i % G];
+                for (int v = 0; v < V; v++)
+                    for (int i = 0; i < W; i++) cost[i] = viterbi16_add(cost[i], viterbi16_square(c[v * W + i], q->x[n][v]));
+                for (int i = 0; i < W; i++) b[i] = cost[i] < b[i] ? cost[i] : b[i];
+            }
+            for (int i = 0; i < W; i++) {
+                uint32_t out = b[i] > q->norm[n] ? b[i] - q->norm[n] : 0;
+                q->best[n][g + prefix[i]] = (uint16_t)out;
+                low = out < low ? out : low;
+            }
+        }
+        q->low[n] = (uint16_t)low;
+    }
+}
+
+#if QS_X86
+/* 32 lanes (V = 1 or 2), NQ sequences: the G = 32 >> kv minima of a vector are one broadcast load, the
+   group's results go back to prefix order with one permute (kv < 5). */
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) static inline __attribute__((always_inline)) void
+viterbi16_step32(viterbi16_batch *q, const int16_t *cb, int64_t P, const int kv, const int V, const int NQ) {
+    const int64_t J = (int64_t)1 << kv;
+    int16_t lanes[32];
+    for (int i = 0; i < 32; i++) lanes[viterbi_lane_prefix(i, kv, 32)] = (int16_t)i;
+    const __m512i order = _mm512_loadu_si512((const void *)lanes);
+    __m512i x0[VITERBI_LOCKSTEP], x1[VITERBI_LOCKSTEP], norm[VITERBI_LOCKSTEP], low[VITERBI_LOCKSTEP];
+    for (int n = 0; n < NQ; n++) {
+        x0[n] = _mm512_set1_epi16(q->x[n][0]);
+        x1[n] = _mm512_set1_epi16(V == 2 ? q->x[n][1] : 0);
+        norm[n] = _mm512_set1_epi16((short)q->norm[n]);
+        low[n] = _mm512_set1_epi16(-1);
+    }
+    const viterbi16_batch s = *q; /* a local copy: the stores below cannot alias it */
+    const int16_t *c = cb;
+    for (int64_t g = 0; g < P; g += 32) {
+        __m512i b[VITERBI_LOCKSTEP];
+        for (int n = 0; n < NQ; n++) b[n] = _mm512_set1_epi16(-1);
+        for (int64_t j = 0; j < J; j++, c += 32 * V) {
+            const int64_t off = (j * P + g) >> kv;
+            const __m512i c0 = _mm512_loadu_si512((const void *)c);
+            const __m512i c1 = V == 2 ? _mm512_loadu_si512((const void *)(c + 32)) : c0;
+            for (int n = 0; n < NQ; n++) {
+                const uint16_t *m = s.prev[n] + off;
+                __m512i cost;
+                switch (kv) {
+                case 1: cost = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)m)); break;
+                case 2: cost = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)m)); break;
+                case 3: {
+                    long long v;
+                    memcpy(&v, m, sizeof v);
+                    cost = _mm512_set1_epi64(v);
+                    break;
+                }
+                case 4: {
+                    int v;
+                    memcpy(&v, m, sizeof v);
+                    cost = _mm512_set1_epi32(v);
+                    break;
+                }
+                default: cost = _mm512_set1_epi16((short)*m);
+                }
+                __m512i e = _mm512_subs_epi16(c0, x0[n]);
+                cost = _mm512_adds_epu16(cost, _mm512_mulhrs_epi16(e, e));
+                if (V == 2) {
+                    __m512i e1 = _mm512_subs_epi16(c1, x1[n]);
+                    cost = _mm512_adds_epu16(cost, _mm512_mulhrs_epi16(e1, e1));
+                }
+                b[n] = _mm512_min_epu16(b[n], cost);
+            }
+        }
+        for (int n = 0; n < NQ; n++) {
+            __m512i out = kv < 5 ? _mm512_permutexvar_epi16(order, b[n]) : b[n];
+            out = _mm512_subs_epu16(out, norm[n]);
+            low[n] = _mm512_min_epu16(low[n], out);
+            _mm512_storeu_si512((void *)(s.best[n] + g), out);
+        }
+    }
+    for (int n = 0; n < NQ; n++) {
+        uint16_t v[32], m = UINT16_MAX;
+        _mm512_storeu_si512((void *)v, low[n]);
+        for (int i = 0; i < 32; i++) m = v[i] < m ? v[i] : m;
+        q->low[n] = m;
+    }
+}
+
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) static void
+viterbi16_step_avx512(viterbi16_batch *q, const int16_t *cb, int64_t P, int kv, int V) {
+#define QS_V16STEP32(KV)                                                                                       \
+    case KV:                                                                                                   \
+        if (V == 1 && q->n == 2)                                                                               \
+            viterbi16_step32(q, cb, P, KV, 1, 2);                                                              \
+        else if (V == 1)                                                                                       \
+            viterbi16_step32(q, cb, P, KV, 1, 1);                                                              \
+        else if (q->n == 2)                                                                                    \
+            viterbi16_step32(q, cb, P, KV, 2, 2);                                                              \
+        else                                                                                                   \
+            viterbi16_step32(q, cb, P, KV, 2, 1);                                                              \
+        return;
+    switch (kv) {
+        QS_V16STEP32(1) QS_V16STEP32(2) QS_V16STEP32(3) QS_V16STEP32(4) QS_V16STEP32(5) QS_V16STEP32(6)
+        QS_V16STEP32(7) QS_V16STEP32(8)
+    }
+#undef QS_V16STEP32
+}
+
+/* 16 lanes: the same operations; the permute back to prefix order (kv < 4) moves 16-bit lanes within
+   each 128-bit half (vpshufb) and across them (the halves swapped, then vpshufb), merged by an OR. */
+__attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) void
+viterbi16_step16(viterbi16_batch *q, const int16_t *cb, int64_t P, const int kv, const int V, const int NQ) {
+    const int64_t J = (int64_t)1 << kv;
+    int lanes[16];
+    for (int i = 0; i < 16; i++) lanes[viterbi_lane_prefix(i, kv, 16)] = i;
+    /* out[p] = b[lanes[p]]: bytes from the same half, and from the other half of the swapped vector */
+    int8_t same[32], cross[32];
+    for (int p = 0; p < 16; p++) {
+        int src = lanes[p], inside = (src >> 3) == (p >> 3);
+        for (int h = 0; h < 2; h++) {
+            int8_t byte = (int8_t)(2 * (src & 7) + h);
+            same[2 * p + h] = inside ? byte : (int8_t)-128;
+            cross[2 * p + h] = inside ? (int8_t)-128 : byte;
+        }
+    }
+    const __m256i same_v = _mm256_loadu_si256((const __m256i *)same), cross_v = _mm256_loadu_si256((const __m256i *)cross);
+    __m256i x0[VITERBI_LOCKSTEP], x1[VITERBI_LOCKSTEP], norm[VITERBI_LOCKSTEP], low[VITERBI_LOCKSTEP];
+    for (int n = 0; n < NQ; n++) {
+        x0[n] = _mm256_set1_epi16(q->x[n][0]);
+        x1[n] = _mm256_set1_epi16(V == 2 ? q->x[n][1] : 0);
+        norm[n] = _mm256_set1_epi16((short)q->norm[n]);
+        low[n] = _mm256_set1_epi16(-1);
+    }
+    const viterbi16_batch s = *q;
+    const int16_t *c = cb;
+    for (int64_t g = 0; g < P; g += 16) {
+        __m256i b[VITERBI_LOCKSTEP];
+        for (int n = 0; n < NQ; n++) b[n] = _mm256_set1_epi16(-1);
+        for (int64_t j = 0; j < J; j++, c += 16 * V) {
+            const int64_t off = (j * P + g) >> kv;
+            const __m256i c0 = _mm256_loadu_si256((const __m256i *)c);
+            const __m256i c1 = V == 2 ? _mm256_loadu_si256((const __m256i *)(c + 16)) : c0;
+            for (int n = 0; n < NQ; n++) {
+                const uint16_t *m = s.prev[n] + off;
+                __m256i cost;
+                switch (kv) {
+                case 1: cost = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)m)); break;
+                case 2: {
+                    long long v;
+                    memcpy(&v, m, sizeof v);
+                    cost = _mm256_set1_epi64x(v);
+                    break;
+                }
+                case 3: {
+                    int v;
+                    memcpy(&v, m, sizeof v);
+                    cost = _mm256_set1_epi32(v);
+                    break;
+                }
+                default: cost = _mm256_set1_epi16((short)*m);
+                }
+                __m256i e = _mm256_subs_epi16(c0, x0[n]);
+                cost = _mm256_adds_epu16(cost, _mm256_mulhrs_epi16(e, e));
+                if (V == 2) {
+                    __m256i e1 = _mm256_subs_epi16(c1, x1[n]);
+                    cost = _mm256_adds_epu16(cost, _mm256_mulhrs_epi16(e1, e1));
+                }
+                b[n] = _mm256_min_epu16(b[n], cost);
+            }
+        }
+        for (int n = 0; n < NQ; n++) {
+            __m256i out = b[n];
+            if (kv < 4) {
+                __m256i swapped = _mm256_permute4x64_epi64(out, 0x4E);
+                out = _mm256_or_si256(_mm256_shuffle_epi8(out, same_v), _mm256_shuffle_epi8(swapped, cross_v));
+            }
+            out = _mm256_subs_epu16(out, norm[n]);
+            low[n] = _mm256_min_epu16(low[n], out);
+            _mm256_storeu_si256((__m256i *)(s.best[n] + g), out);
+        }
+    }
+    for (int n = 0; n < NQ; n++) {
+        uint16_t v[16], m = UINT16_MAX;
+        _mm256_storeu_si256((__m256i *)v, low[n]);
+        for (int i = 0; i < 16; i++) m = v[i] < m ? v[i] : m;
+        q->low[n] = m;
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void viterbi16_step_avx2(viterbi16_batch *q, const int16_t *cb, int64_t P,
+                                                                   int kv, int V) {
+#define QS_V16STEP16(KV)                                                                                       \
+    case KV:                                                                                                   \
+        if (V == 1 && q->n == 2)                                                                               \
+            viterbi16_step16(q, cb, P, KV, 1, 2);                                                              \
+        else if (V == 1)                                                                                       \
+            viterbi16_step16(q, cb, P, KV, 1, 1);                                                              \
+        else if (q->n == 2)                                                                                    \
+            viterbi16_step16(q, cb, P, KV, 2, 2);                                                              \
+        else                                                                                                   \
+            viterbi16_step16(q, cb, P, KV, 2, 1);                                                              \
+        return;
+    switch (kv) {
+        QS_V16STEP16(1) QS_V16STEP16(2) QS_V16STEP16(3) QS_V16STEP16(4) QS_V16STEP16(5) QS_V16STEP16(6)
+        QS_V16STEP16(7) QS_V16STEP16(8)
+    }
+#undef QS_V16STEP16
+}
+#endif
+
+typedef void (*viterbi16_step_fn)(viterbi16_batch *, const int16_t *, int64_t, int, int);
+
+/* As viterbi_kernel, for the 16-bit steps (W: 32, 16 or 0 for the natural layout). */
+static viterbi16_step_fn viterbi16_kernel(int level, int64_t P, int V, int *W) {
+    *W = 0;
+#if QS_X86
+    if (V <= 2 && is_avx512(level) && P % 32 == 0) {
+        *W = 32;
+        return viterbi16_step_avx512;
+    }
+    if (V <= 2 && (level == QS_LEVEL_AVX2 || level == QS_LEVEL_AVX512) && P % 16 == 0) {
+        *W = 16;
+        return viterbi16_step_avx2;
+    }
+#else
+    (void)level;
+    (void)V;
+#endif
+    if (P % VITERBI16_BASE_LANES == 0) {
+        *W = VITERBI16_BASE_LANES;
+        return viterbi16_step_base;
+    }
+    return viterbi16_step_natural;
+}
+
+/* One 16-bit pass over n sequences x[i] [N, V] (int16) in lockstep, as viterbi_pass; hist[i]: (N + 1)
+   arrays of P + VITERBI_PAD words. ok[i] is cleared if the sequence does not fit (see above); its states
+   are then not written. code: natural layout (the traceback); table: the step's layout. */
+static void viterbi16_pass(viterbi16_step_fn step, int n, const int16_t *const *x, int64_t N, const int16_t *table,
+                           const int16_t *code, int L, int kv, int V, const int64_t *o, uint16_t *const *hist,
+                           int32_t *const *states, int *ok) {
+    const int64_t P = (int64_t)1 << (L - kv), stride = P + VITERBI_PAD;
+    viterbi16_batch q = {.n = n};
+    for (int i = 0; i < n; i++) {
+        for (int64_t p = 0; p < stride; p++) hist[i][p] = (o[i] < 0 || p == o[i]) ? 0 : (uint16_t)VITERBI16_SAT;
+        q.norm[i] = 0;
+    }
+    for (int64_t t = 0; t < N; t++) {
+        for (int i = 0; i < n; i++) {
+            q.prev[i] = hist[i] + t * stride;
+            q.best[i] = hist[i] + (t + 1) * stride;
+            q.x[i] = x[i] + t * V;
+        }
+        step(&q, table, P, kv, V);
+        for (int i = 0; i < n; i++) {
+            if (q.low[i] > VITERBI16_RISE_MAX) ok[i] = 0;
+            q.norm[i] = q.low[i];
+        }
+    }
+    for (int i = 0; i < n; i++) {
+        if (!ok[i]) continue;
+        /* the end state of the smallest best_{N-1} (ties: the smallest state); step t reads best_{t-1} = hist t */
+        const uint16_t *last = hist[i] + N * stride;
+        int64_t end = -1;
+        for (int64_t p = 0; p < P; p++) {
+            if (o[i] >= 0 && p != o[i]) continue;
+            if (end >= 0 && last[p] > last[end & (P - 1)]) continue;
+            int64_t s = viterbi16_state(hist[i] + (N - 1) * stride, code, x[i] + (N - 1) * V, p, L, kv, V);
+            if (end < 0 || last[p] < last[end & (P - 1)] || s < end) end = s;
+        }
+        int64_t s = end;
+        states[i][N - 1] = (int32_t)s;
+        for (int64_t t = N - 1; t >= 1; t--) {
+            s = viterbi16_state(hist[i] + (t - 1) * stride, code, x[i] + (t - 1) * V, s >> kv, L, kv, V);
+            states[i][t - 1] = (int32_t)s;
+        }
+        if (o[i] >= 0 && (s >> kv) != o[i]) ok[i] = 0;
+    }
+}
+
 /* A pass's buffers for one sequence of a lockstep batch: the two key arrays (P + VITERBI_PAD each) and the
    backpointers (N steps of P bytes). */
 typedef struct {
@@ -2117,6 +2503,87 @@ static float viterbi_path_cost(const float *x, const int32_t *states, int64_t N,
     return total;
 }
 
+/* Tail-biting's first pass runs over `steps` steps of the cyclic window whose step `before` is original
+   step 0 (window step r holds original step (r + N − before) mod N). */
+static void viterbi_window(int64_t N, int64_t *steps, int64_t *before) {
+    *steps = N <= 2 * VITERBI_TB_CONTEXT ? N : 2 * VITERBI_TB_CONTEXT;
+    *before = *steps == N ? N - N / 2 : VITERBI_TB_CONTEXT;
+}
+
+/* A sequence's buffers for one lockstep slot: the float32 pass's (viterbi_work), the 16-bit pass's
+   history, the int16 input, the rotated windows and their states. */
+typedef struct {
+    viterbi_work w;
+    float *rot;
+    uint16_t *hist;
+    int16_t *x16, *rot16;
+    int32_t *rot_states;
+} viterbi_slot;
+
+/* Solve n sequences with float32 costs (tail-biting: the windowed first pass, then the constrained one). */
+static void viterbi_solve(viterbi_step_fn step, int n, const float *const *xs, int64_t N, const float *table, int L,
+                          int kv, int V, int tail_biting, viterbi_slot *const *slot, int32_t *const *out) {
+    int64_t o[VITERBI_LOCKSTEP];
+    viterbi_work w[VITERBI_LOCKSTEP];
+    const float *rot[VITERBI_LOCKSTEP];
+    int32_t *rot_states[VITERBI_LOCKSTEP];
+    for (int i = 0; i < n; i++) {
+        o[i] = -1;
+        w[i] = slot[i]->w;
+        rot[i] = slot[i]->rot;
+        rot_states[i] = slot[i]->rot_states;
+    }
+    if (tail_biting) {
+        int64_t steps, before;
+        viterbi_window(N, &steps, &before);
+        for (int i = 0; i < n; i++)
+            for (int64_t r = 0; r < steps; r++)
+                memcpy(slot[i]->rot + r * V, xs[i] + ((r + N - before) % N) * V, sizeof(float) * (size_t)V);
+        viterbi_pass(step, n, rot, steps, table, L, kv, V, o, w, rot_states);
+        for (int i = 0; i < n; i++) o[i] = rot_states[i][before % steps] >> kv;
+    }
+    viterbi_pass(step, n, xs, N, table, L, kv, V, o, w, out);
+}
+
+/* The same with 16-bit costs, for sequences already in slot->x16; ok[i] cleared where one does not fit. */
+static void viterbi16_solve(viterbi16_step_fn step, int n, int64_t N, const int16_t *table, const int16_t *code,
+                            int L, int kv, int V, int tail_biting, viterbi_slot *const *slot, int32_t *const *out,
+                            int *ok) {
+    int64_t o[VITERBI_LOCKSTEP];
+    const int16_t *x[VITERBI_LOCKSTEP], *rot[VITERBI_LOCKSTEP];
+    uint16_t *hist[VITERBI_LOCKSTEP];
+    int32_t *rot_states[VITERBI_LOCKSTEP];
+    for (int i = 0; i < n; i++) {
+        o[i] = -1;
+        x[i] = slot[i]->x16;
+        rot[i] = slot[i]->rot16;
+        hist[i] = slot[i]->hist;
+        rot_states[i] = slot[i]->rot_states;
+    }
+    if (tail_biting) {
+        int64_t steps, before;
+        viterbi_window(N, &steps, &before);
+        for (int i = 0; i < n; i++)
+            for (int64_t r = 0; r < steps; r++)
+                memcpy(slot[i]->rot16 + r * V, x[i] + ((r + N - before) % N) * V, sizeof(int16_t) * (size_t)V);
+        viterbi16_pass(step, n, rot, steps, table, code, L, kv, V, o, hist, rot_states, ok);
+        for (int i = 0; i < n; i++) o[i] = ok[i] ? rot_states[i][before % steps] >> kv : 0;
+    }
+    viterbi16_pass(step, n, x, N, table, code, L, kv, V, o, hist, out, ok);
+}
+
+/* values·2^13 rounded to int16 in out, if every |value|·2^13 <= 32767 (else 0; NaN never fits) */
+static int viterbi16_fits(const float *v, int64_t count, int16_t *out) {
+    for (int64_t i = 0; i < count; i++) {
+        float f = v[i] * (float)(1 << VITERBI16_FRAC);
+        if (!(fabsf(f) <= VITERBI16_INPUT_MAX)) return 0;
+        out[i] = (int16_t)lrintf(f);
+    }
+    return 1;
+}
+
+enum { QS_VITERBI_FLOAT32 = 0, QS_VITERBI_INT16 = 1 };
+
 /*
  * x [B, N·V] float32 -> states int32 [B, N], costs float32 [B] (NULL allowed: Σ_t ‖code[s_t] − x_t‖²).
  * tail_biting = 0: one unconstrained pass. 1: QTIP's approximate tail-biting (two passes): an
@@ -2124,35 +2591,58 @@ static float viterbi_path_cost(const float *x, const int32_t *states, int64_t N,
  * cyclic window of that many steps on each side of step 0) fixes o, the top L - kv bits of the
  * state at the original step 0; a second pass is constrained by o (a legal cycle).
  * code [2^L, V]; 2 <= L <= 24, 1 <= kv <= min(8, L - 1), N >= 1 (tail-biting: N·kv >= L). level: a
- * QS_LEVEL_* this CPU has; every level returns the same paths. Each thread advances VITERBI_LOCKSTEP
- * sequences together.
+ * QS_LEVEL_* this CPU has; every level returns the same paths. metric: QS_VITERBI_FLOAT32, or
+ * QS_VITERBI_INT16 (16-bit costs; a sequence that does not fit them, or every one if a code is 4 or more,
+ * takes the float32 pass). Each thread advances VITERBI_LOCKSTEP sequences together.
  */
 QS_API int qs_viterbi(const float *x, int64_t B, int64_t N, const float *code, int L, int kv, int V, int tail_biting,
-                      int32_t *states, float *costs, int nthreads, int level) {
+                      int32_t *states, float *costs, int nthreads, int level, int metric) {
     if (!level_ok(level)) return QS_EBADLEVEL;
     if (!x || !code || !states || B < 0 || N < 1 || L < 2 || L > 24 || kv < 1 || kv > VITERBI_MAX_KV || kv >= L ||
-        V < 1 || nthreads < 1 || (tail_biting && N * kv < L))
+        V < 1 || nthreads < 1 || (tail_biting && N * kv < L) ||
+        (metric != QS_VITERBI_FLOAT32 && metric != QS_VITERBI_INT16))
         return QS_EBADARG;
     const int64_t S = (int64_t)1 << L, P = (int64_t)1 << (L - kv);
-    int W;
+    int W, W16 = 0;
     viterbi_step_fn step = viterbi_kernel(level, P, V, &W);
+    viterbi16_step_fn step16 = viterbi16_kernel(level, P, V, &W16);
     float *blocked = NULL;
+    int16_t *code16 = NULL, *table16 = NULL;
     if (W) {
         blocked = (float *)malloc(sizeof(float) * (size_t)(S * V));
         if (!blocked) return QS_ENOMEM;
-        viterbi_block_codes(code, P, kv, V, W, blocked);
+        viterbi_block_codes(code, sizeof(float), P, kv, V, W, blocked);
+    }
+    int fixed = 0;
+    if (metric == QS_VITERBI_INT16) {
+        code16 = (int16_t *)malloc(sizeof(int16_t) * (size_t)(S * V) * 2);
+        if (!code16) {
+            free(blocked);
+            return QS_ENOMEM;
+        }
+        fixed = viterbi16_fits(code, S * V, code16);
+        table16 = code16;
+        if (fixed && W16) {
+            table16 = code16 + S * V;
+            viterbi_block_codes(code16, sizeof(int16_t), P, kv, V, W16, table16);
+        }
     }
     const float *table = W ? blocked : code;
     /* work items: lockstep batches of VITERBI_LOCKSTEP sequences (the last may be shorter) */
     const int64_t items = (B + VITERBI_LOCKSTEP - 1) / VITERBI_LOCKSTEP;
     int nt = nthreads < items ? nthreads : (items > 0 ? (int)items : 1);
-    /* per sequence: two key arrays, the backpointers, the rotated window and its states */
+    /* per sequence: the float32 pass's two key arrays and backpointers, the rotated window and its states;
+       with 16-bit costs also their history and the int16 input and window (pages only touched when used) */
     const size_t keys = sizeof(uint32_t) * (size_t)(P + VITERBI_PAD);
-    const size_t per_seq = 2 * keys + (size_t)(N * P) + sizeof(float) * (size_t)(N * V) + sizeof(int32_t) * (size_t)N;
+    const size_t hist = fixed ? sizeof(uint16_t) * (size_t)((N + 1) * (P + VITERBI_PAD)) : 0;
+    const size_t x16 = fixed ? (sizeof(int16_t) * (size_t)(N * V) + 7) & ~(size_t)7 : 0;
+    const size_t per_seq = 2 * keys + hist + 2 * x16 + sizeof(float) * (size_t)(N * V) +
+                           sizeof(int32_t) * (size_t)N + (size_t)(N * P) + 64;
     const size_t per = VITERBI_LOCKSTEP * per_seq + 64;
     char *work = (char *)malloc(per * (size_t)nt + 64);
     if (!work) {
         free(blocked);
+        free(code16);
         return QS_ENOMEM;
     }
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
@@ -2164,38 +2654,52 @@ QS_API int qs_viterbi(const float *x, int64_t B, int64_t N, const float *code, i
 #endif
         const int64_t b0 = item * VITERBI_LOCKSTEP;
         const int n = (int)(B - b0 < VITERBI_LOCKSTEP ? B - b0 : VITERBI_LOCKSTEP);
-        viterbi_work w[VITERBI_LOCKSTEP];
-        const float *xs[VITERBI_LOCKSTEP];
-        float *rot[VITERBI_LOCKSTEP];
-        int32_t *out[VITERBI_LOCKSTEP], *rot_states[VITERBI_LOCKSTEP];
+        viterbi_slot slots[VITERBI_LOCKSTEP];
         for (int i = 0; i < n; i++) {
             char *p = base + per_seq * (size_t)i;
-            w[i].keys[0] = (uint32_t *)p;
-            w[i].keys[1] = (uint32_t *)(p + keys);
-            rot[i] = (float *)(p + 2 * keys);
-            rot_states[i] = (int32_t *)(rot[i] + N * V);
-            w[i].bp = (uint8_t *)(rot_states[i] + N);
-            xs[i] = x + (b0 + i) * N * V;
-            out[i] = states + (b0 + i) * N;
+            viterbi_slot *sl = &slots[i];
+            sl->w.keys[0] = (uint32_t *)p;
+            sl->w.keys[1] = (uint32_t *)(p + keys);
+            sl->hist = (uint16_t *)(p + 2 * keys);
+            sl->x16 = (int16_t *)(p + 2 * keys + hist);
+            sl->rot16 = sl->x16 + (fixed ? N * V : 0);
+            sl->rot = (float *)(p + 2 * keys + hist + 2 * x16);
+            sl->rot_states = (int32_t *)(sl->rot + N * V);
+            sl->w.bp = (uint8_t *)(sl->rot_states + N);
         }
-        int64_t o[VITERBI_LOCKSTEP];
-        for (int i = 0; i < VITERBI_LOCKSTEP; i++) o[i] = -1;
-        if (tail_biting) {
-            /* window step r holds original step (r + start) mod N; original step 0 is window step before */
-            int64_t steps = N <= 2 * VITERBI_TB_CONTEXT ? N : 2 * VITERBI_TB_CONTEXT;
-            int64_t before = steps == N ? N - N / 2 : VITERBI_TB_CONTEXT, start = N - before;
-            for (int i = 0; i < n; i++)
-                for (int64_t r = 0; r < steps; r++)
-                    memcpy(rot[i] + r * V, xs[i] + ((r + start) % N) * V, sizeof(float) * (size_t)V);
-            viterbi_pass(step, n, (const float *const *)rot, steps, table, L, kv, V, o, w, rot_states);
-            for (int i = 0; i < n; i++) o[i] = rot_states[i][before % steps] >> kv;
+        /* the sequences that fit 16-bit costs, then the rest (and those that did not fit after all) */
+        viterbi_slot *in16[VITERBI_LOCKSTEP], *in32[VITERBI_LOCKSTEP];
+        const float *x32[VITERBI_LOCKSTEP];
+        int32_t *out16[VITERBI_LOCKSTEP], *out32[VITERBI_LOCKSTEP];
+        int ok[VITERBI_LOCKSTEP], n16 = 0, n32 = 0, idx16[VITERBI_LOCKSTEP];
+        for (int i = 0; i < n; i++) {
+            const float *xi = x + (b0 + i) * N * V;
+            if (fixed && viterbi16_fits(xi, N * V, slots[i].x16)) {
+                idx16[n16] = i;
+                in16[n16] = &slots[i];
+                out16[n16] = states + (b0 + i) * N;
+                ok[n16++] = 1;
+            } else {
+                in32[n32] = &slots[i];
+                x32[n32] = xi;
+                out32[n32++] = states + (b0 + i) * N;
+            }
         }
-        viterbi_pass(step, n, xs, N, table, L, kv, V, o, w, out);
+        if (n16) viterbi16_solve(step16, n16, N, table16, code16, L, kv, V, tail_biting, in16, out16, ok);
+        for (int i = 0; i < n16; i++)
+            if (!ok[i]) {
+                in32[n32] = in16[i];
+                x32[n32] = x + (b0 + idx16[i]) * N * V;
+                out32[n32++] = out16[i];
+            }
+        if (n32) viterbi_solve(step, n32, x32, N, table, L, kv, V, tail_biting, in32, out32);
         if (costs)
-            for (int i = 0; i < n; i++) costs[b0 + i] = viterbi_path_cost(xs[i], out[i], N, code, V);
+            for (int i = 0; i < n; i++)
+                costs[b0 + i] = viterbi_path_cost(x + (b0 + i) * N * V, states + (b0 + i) * N, N, code, V);
     }
     free(work);
     free(blocked);
+    free(code16);
     return QS_OK;
 }
 

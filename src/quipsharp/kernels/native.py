@@ -109,7 +109,7 @@ def lib() -> ctypes.CDLL | None:
     cdll.qs_step_check.argtypes = [_P]
     cdll.qs_step.argtypes = [_P, _P, _I64, _P, _INT]
     cdll.qs_dot_rows_int8.argtypes = [_P, _I64, _I64, _P, _P, _INT, _INT]
-    cdll.qs_viterbi.argtypes = [_P, _I64, _I64, _P, _INT, _INT, _INT, _INT, _P, _P, _INT, _INT]
+    cdll.qs_viterbi.argtypes = [_P, _I64, _I64, _P, _INT, _INT, _INT, _INT, _P, _P, _INT, _INT, _INT]
     cdll.qs_trellis_matmul.argtypes = [_P, _I64, _I64, _INT, _P, _I64, _P, _INT, _INT]
     cdll.qs_trellis_matmul_int8.argtypes = [_P, _I64, _I64, _INT, _P, _I64, _P, _INT, _INT]
     cdll.qs_trellis_decode.argtypes = [_P, _I64, _I64, _INT, _P, _INT, _INT, _INT]
@@ -865,12 +865,21 @@ def dot_rows_int8(weight: torch.Tensor, xq: torch.Tensor, level: str, threads: i
     return out
 
 
+#: ``qs_viterbi``'s path metrics: float32 costs, or 16-bit integer costs (float32 where they do not fit).
+VITERBI_METRICS = ("float32", "int16")
+
+
 def viterbi(x: torch.Tensor, code: torch.Tensor, L: int, kv: int, tail_biting: bool,
-            threads: int | None = None, level: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            threads: int | None = None, level: str | None = None, metric: str = "int16",
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Native bitshift-trellis Viterbi (``qs_viterbi``): ``x`` float32 ``[B, N·V]``, ``code`` float32
     ``[2^L, V]`` -> ``(states int32 [B, N], costs float32 [B])``, at ``level`` (None: the selector's
-    default; every level gives the same paths). See :func:`quipsharp.codebooks.trellis.viterbi`."""
+    default; every level gives the same paths) with ``metric`` (:data:`VITERBI_METRICS`). See
+    :func:`quipsharp.codebooks.trellis.viterbi`."""
     from quipsharp.kernels import select
+
+    if metric not in VITERBI_METRICS:
+        raise ValueError(f"viterbi: metric must be one of {VITERBI_METRICS}, got {metric!r}")
 
     kernel = select(level)
     if not kernel.native:
@@ -886,5 +895,6 @@ def viterbi(x: torch.Tensor, code: torch.Tensor, L: int, kv: int, tail_biting: b
     states = torch.empty(B, N, dtype=torch.int32)
     costs = torch.empty(B, dtype=torch.float32)
     _check(cdll.qs_viterbi(x.data_ptr(), B, N, code.data_ptr(), L, kv, V, int(tail_biting), states.data_ptr(),
-                           costs.data_ptr(), _threads(threads), LEVELS.index(kernel.name)), "viterbi")
+                           costs.data_ptr(), _threads(threads), LEVELS.index(kernel.name),
+                           VITERBI_METRICS.index(metric)), "viterbi")
     return states, costs
