@@ -247,3 +247,27 @@ def test_bad_arguments() -> None:
         tr.viterbi(torch.zeros(1, 256), tr.code_table("1mad"), 2, metric="int8")
     with pytest.raises(ValueError, match="16-bit words"):
         tr.pack_stream(torch.zeros(1, 12))
+
+
+@native
+def test_concurrent_searches_share_the_kept_workspace_safely() -> None:
+    """The native search keeps its scratch between calls; a second caller at the same time gets its own,
+    and a release in between changes nothing."""
+    import threading
+
+    code = tr.code_table("1mad")
+    xs = [torch.randn(6, tr.SEQUENCE, generator=torch.Generator().manual_seed(20 + i)) for i in range(4)]
+    want = [tr.viterbi(x, code, 2, threads=1)[0] for x in xs]
+    tr.release_workspace()
+    got: list = [None] * len(xs)
+
+    def run(i: int) -> None:
+        for _ in range(3):
+            got[i] = tr.viterbi(xs[i], code, 2, threads=1)[0]
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(len(xs))]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))

@@ -426,6 +426,17 @@ def path_cost(x: torch.Tensor, states: torch.Tensor, code: torch.Tensor) -> torc
     return ((decode(states, code).to(torch.float64) - x.to(torch.float64)) ** 2).sum(dim=1).to(torch.float32)
 
 
+def release_workspace() -> None:
+    """Free the native search's scratch, kept from one :func:`viterbi` call to the next (call it when a
+    matrix is done)."""
+    from quipsharp import kernels
+
+    if kernels.available():
+        from quipsharp.kernels.native import release_workspace as native_release
+
+        native_release()
+
+
 def decode(states: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """Values of paths ``states`` ``[..., N]`` -> ``[..., N·V]`` float32."""
     V = code.shape[1]

@@ -31,6 +31,7 @@
 #endif
 #include <float.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -2584,6 +2585,46 @@ static int viterbi16_fits(const float *v, int64_t count, int16_t *out) {
 
 enum { QS_VITERBI_FLOAT32 = 0, QS_VITERBI_INT16 = 1 };
 
+/* The Viterbi's workspace (tens of MB at L = 16) is kept from one call to the next: BlockLDLQ calls once per
+   16-column block, and fresh pages for every call cost more than a small call's search. One caller at a time
+   uses the kept block; a concurrent caller allocates its own. qs_release_workspace frees it. */
+static pthread_mutex_t viterbi_kept_lock = PTHREAD_MUTEX_INITIALIZER;
+static char *viterbi_kept;
+static size_t viterbi_kept_size;
+
+static char *viterbi_workspace(size_t size, int *kept) {
+    if (pthread_mutex_trylock(&viterbi_kept_lock) == 0) {
+        if (viterbi_kept_size < size) {
+            free(viterbi_kept);
+            viterbi_kept = (char *)malloc(size);
+            viterbi_kept_size = viterbi_kept ? size : 0;
+        }
+        if (viterbi_kept) {
+            *kept = 1;
+            return viterbi_kept;
+        }
+        pthread_mutex_unlock(&viterbi_kept_lock);
+    }
+    *kept = 0;
+    return (char *)malloc(size);
+}
+
+static void viterbi_workspace_done(char *work, int kept) {
+    if (kept)
+        pthread_mutex_unlock(&viterbi_kept_lock);
+    else
+        free(work);
+}
+
+/* Frees the Viterbi's kept workspace (a later call allocates it again). */
+QS_API void qs_release_workspace(void) {
+    pthread_mutex_lock(&viterbi_kept_lock);
+    free(viterbi_kept);
+    viterbi_kept = NULL;
+    viterbi_kept_size = 0;
+    pthread_mutex_unlock(&viterbi_kept_lock);
+}
+
 /*
  * x [B, N·V] float32 -> states int32 [B, N], costs float32 [B] (NULL allowed: Σ_t ‖code[s_t] − x_t‖²).
  * tail_biting = 0: one unconstrained pass. 1: QTIP's approximate tail-biting (two passes): an
@@ -2639,7 +2680,8 @@ QS_API int qs_viterbi(const float *x, int64_t B, int64_t N, const float *code, i
     const size_t per_seq = 2 * keys + hist + 2 * x16 + sizeof(float) * (size_t)(N * V) +
                            sizeof(int32_t) * (size_t)N + (size_t)(N * P) + 64;
     const size_t per = VITERBI_LOCKSTEP * per_seq + 64;
-    char *work = (char *)malloc(per * (size_t)nt + 64);
+    int kept;
+    char *work = viterbi_workspace(per * (size_t)nt + 64, &kept);
     if (!work) {
         free(blocked);
         free(code16);
@@ -2697,7 +2739,7 @@ QS_API int qs_viterbi(const float *x, int64_t B, int64_t N, const float *code, i
             for (int i = 0; i < n; i++)
                 costs[b0 + i] = viterbi_path_cost(x + (b0 + i) * N * V, states + (b0 + i) * N, N, code, V);
     }
-    free(work);
+    viterbi_workspace_done(work, kept);
     free(blocked);
     free(code16);
     return QS_OK;

@@ -115,6 +115,8 @@ def lib() -> ctypes.CDLL | None:
     cdll.qs_trellis_decode.argtypes = [_P, _I64, _I64, _INT, _P, _INT, _INT, _INT]
     cdll.qs_trellis_linear.argtypes = [_P, _I64, _I64, _I64, _P, _INT, _P, _P, _F, _P, _INT, _I64, _P, _I64, _P,
                                        _INT, _P, _INT, _INT]
+    cdll.qs_release_workspace.argtypes = []
+    cdll.qs_release_workspace.restype = None
     for fn in (cdll.qs_decode, cdll.qs_matmul, cdll.qs_matmul_int8_ref, cdll.qs_hadamard, cdll.qs_linear,
                cdll.qs_supported_levels, cdll.qs_openmp, cdll.qs_step_check, cdll.qs_step,
                cdll.qs_dot_rows_int8, cdll.qs_viterbi, cdll.qs_trellis_matmul, cdll.qs_trellis_matmul_int8,
@@ -863,6 +865,12 @@ def dot_rows_int8(weight: torch.Tensor, xq: torch.Tensor, level: str, threads: i
     _check(cdll.qs_dot_rows_int8(weight.data_ptr(), weight.shape[0], weight.shape[1], xq.data_ptr(), out.data_ptr(),
                                  _threads(threads), LEVELS.index(level)), "dot_rows_int8")
     return out
+
+
+def release_workspace() -> None:
+    """Free the scratch ``qs_viterbi`` keeps between calls (tens of MB at L = 16; BlockLDLQ calls it once per
+    16-column block, and fresh pages each time cost more than a small call's search)."""
+    _require().qs_release_workspace()
 
 
 #: ``qs_viterbi``'s path metrics: float32 costs, or 16-bit integer costs (float32 where they do not fit).
