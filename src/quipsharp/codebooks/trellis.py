@@ -14,7 +14,9 @@ QTIP's approximate tail-biting: an unconstrained pass over the sequence rotated 
 fixes the top ``L − kv`` bits ``o`` of the state at step 0; a second pass keeps only paths whose
 first state starts with ``o`` and whose last state ends with it (a legal cycle). For sequences longer
 than ``2·TAIL_BITING_CONTEXT`` steps the first pass sees only that many steps on each side of step 0
-(a quarter less work at 256 steps, the same Gaussian MSE: BENCHMARKS.md).
+(a quarter less work at 256 steps, the same Gaussian MSE: BENCHMARKS.md). Path costs are 16-bit
+integers by default (``METRICS``: twice the SIMD lanes of float32, the same Gaussian MSE to four digits;
+:func:`viterbi_reference16` is their oracle); a sequence they do not fit takes the float32 search.
 
 Codes (``V = 1``; values divided by their standard deviation over all ``2^L`` states, so the code
 has unit variance): ``1mad`` — the byte sum of ``34038481·s + 76625530`` (mod 2^32) minus 510, over
