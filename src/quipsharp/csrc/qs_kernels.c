@@ -1889,6 +1889,25 @@ static void viterbi_block_codes(const void *code, size_t size, int64_t P, int kv
 }
 
 #if QS_X86
+/* A Viterbi step's worker FN specialised for each kv, V and sequence count (constant loop bounds and
+   broadcast widths); the dispatchers below expand this with their q, cb, P, kv and V. */
+#define QS_VITERBI_CASE(FN, KV)                                                                                \
+    case KV:                                                                                                   \
+        if (V == 1 && q->n == 2)                                                                               \
+            FN(q, cb, P, KV, 1, 2);                                                                            \
+        else if (V == 1)                                                                                       \
+            FN(q, cb, P, KV, 1, 1);                                                                            \
+        else if (q->n == 2)                                                                                    \
+            FN(q, cb, P, KV, 2, 2);                                                                            \
+        else                                                                                                   \
+            FN(q, cb, P, KV, 2, 1);                                                                            \
+        return;
+#define QS_VITERBI_DISPATCH(FN)                                                                                \
+    switch (kv) {                                                                                              \
+        QS_VITERBI_CASE(FN, 1) QS_VITERBI_CASE(FN, 2) QS_VITERBI_CASE(FN, 3) QS_VITERBI_CASE(FN, 4)            \
+        QS_VITERBI_CASE(FN, 5) QS_VITERBI_CASE(FN, 6) QS_VITERBI_CASE(FN, 7) QS_VITERBI_CASE(FN, 8)            \
+    }
+
 /* (a & b) | c, as vpternlogd's truth table */
 #define QS_TERNLOG_AND_OR 0xEA
 /* 16 lanes (V = 1 or 2), NQ sequences: the G = 16 >> kv minima of a vector come from one broadcast load
@@ -1944,22 +1963,7 @@ viterbi_step16(const viterbi_batch *q, const float *cb, int64_t P, const int kv,
 /* The worker specialised for each kv, V and sequence count (constant loop bounds and broadcast widths). */
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) static void
 viterbi_step_avx512(const viterbi_batch *q, const float *cb, int64_t P, int kv, int V) {
-#define QS_VSTEP16(KV)                                                                                         \
-    case KV:                                                                                                   \
-        if (V == 1 && q->n == 2)                                                                               \
-            viterbi_step16(q, cb, P, KV, 1, 2);                                                                \
-        else if (V == 1)                                                                                       \
-            viterbi_step16(q, cb, P, KV, 1, 1);                                                                \
-        else if (q->n == 2)                                                                                    \
-            viterbi_step16(q, cb, P, KV, 2, 2);                                                                \
-        else                                                                                                   \
-            viterbi_step16(q, cb, P, KV, 2, 1);                                                                \
-        return;
-    switch (kv) {
-        QS_VSTEP16(1) QS_VSTEP16(2) QS_VSTEP16(3) QS_VSTEP16(4) QS_VSTEP16(5) QS_VSTEP16(6) QS_VSTEP16(7)
-        QS_VSTEP16(8)
-    }
-#undef QS_VSTEP16
+    QS_VITERBI_DISPATCH(viterbi_step16);
 }
 
 /* 8 lanes; the same operations (G = 8 >> kv minima per vector: 4, 2 or 1), the merge as an AND and an OR. */
@@ -2015,21 +2019,7 @@ viterbi_step8(const viterbi_batch *q, const float *cb, int64_t P, const int kv, 
 
 __attribute__((target("avx2,fma"))) static void viterbi_step_avx2(const viterbi_batch *q, const float *cb, int64_t P,
                                                                   int kv, int V) {
-#define QS_VSTEP8(KV)                                                                                          \
-    case KV:                                                                                                   \
-        if (V == 1 && q->n == 2)                                                                               \
-            viterbi_step8(q, cb, P, KV, 1, 2);                                                                 \
-        else if (V == 1)                                                                                       \
-            viterbi_step8(q, cb, P, KV, 1, 1);                                                                 \
-        else if (q->n == 2)                                                                                    \
-            viterbi_step8(q, cb, P, KV, 2, 2);                                                                 \
-        else                                                                                                   \
-            viterbi_step8(q, cb, P, KV, 2, 1);                                                                 \
-        return;
-    switch (kv) {
-        QS_VSTEP8(1) QS_VSTEP8(2) QS_VSTEP8(3) QS_VSTEP8(4) QS_VSTEP8(5) QS_VSTEP8(6) QS_VSTEP8(7) QS_VSTEP8(8)
-    }
-#undef QS_VSTEP8
+    QS_VITERBI_DISPATCH(viterbi_step8);
 }
 #endif
 
@@ -2252,22 +2242,7 @@ viterbi16_step32(viterbi16_batch *q, const int16_t *cb, int64_t P, const int kv,
 
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"))) static void
 viterbi16_step_avx512(viterbi16_batch *q, const int16_t *cb, int64_t P, int kv, int V) {
-#define QS_V16STEP32(KV)                                                                                       \
-    case KV:                                                                                                   \
-        if (V == 1 && q->n == 2)                                                                               \
-            viterbi16_step32(q, cb, P, KV, 1, 2);                                                              \
-        else if (V == 1)                                                                                       \
-            viterbi16_step32(q, cb, P, KV, 1, 1);                                                              \
-        else if (q->n == 2)                                                                                    \
-            viterbi16_step32(q, cb, P, KV, 2, 2);                                                              \
-        else                                                                                                   \
-            viterbi16_step32(q, cb, P, KV, 2, 1);                                                              \
-        return;
-    switch (kv) {
-        QS_V16STEP32(1) QS_V16STEP32(2) QS_V16STEP32(3) QS_V16STEP32(4) QS_V16STEP32(5) QS_V16STEP32(6)
-        QS_V16STEP32(7) QS_V16STEP32(8)
-    }
-#undef QS_V16STEP32
+    QS_VITERBI_DISPATCH(viterbi16_step32);
 }
 
 /* 16 lanes: the same operations; the permute back to prefix order (kv < 4) moves 16-bit lanes within
@@ -2353,22 +2328,7 @@ viterbi16_step16(viterbi16_batch *q, const int16_t *cb, int64_t P, const int kv,
 
 __attribute__((target("avx2,fma"))) static void viterbi16_step_avx2(viterbi16_batch *q, const int16_t *cb, int64_t P,
                                                                    int kv, int V) {
-#define QS_V16STEP16(KV)                                                                                       \
-    case KV:                                                                                                   \
-        if (V == 1 && q->n == 2)                                                                               \
-            viterbi16_step16(q, cb, P, KV, 1, 2);                                                              \
-        else if (V == 1)                                                                                       \
-            viterbi16_step16(q, cb, P, KV, 1, 1);                                                              \
-        else if (q->n == 2)                                                                                    \
-            viterbi16_step16(q, cb, P, KV, 2, 2);                                                              \
-        else                                                                                                   \
-            viterbi16_step16(q, cb, P, KV, 2, 1);                                                              \
-        return;
-    switch (kv) {
-        QS_V16STEP16(1) QS_V16STEP16(2) QS_V16STEP16(3) QS_V16STEP16(4) QS_V16STEP16(5) QS_V16STEP16(6)
-        QS_V16STEP16(7) QS_V16STEP16(8)
-    }
-#undef QS_V16STEP16
+    QS_VITERBI_DISPATCH(viterbi16_step16);
 }
 #endif
 
