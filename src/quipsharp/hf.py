@@ -68,6 +68,7 @@ from quipsharp.format import (  # also re-exports the format's names from where 
     write_checksums,
 )
 from quipsharp.io import atomic_save_safetensors, atomic_write_text, save_safetensors_streamed
+from quipsharp.models.gguf_load import parsed_once
 from quipsharp.models.walker import linear_shape, set_submodule
 from quipsharp.nn import QuantizedLinear
 from quipsharp.outputs import OutputError, check_output, locked, publish_dir, recover_leftovers, staging_dir
@@ -103,8 +104,10 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | str = torch.float
     else:
         kwargs, location = {}, str(source)  # a hub id: needs network access
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-        model, info = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, output_loading_info=True, **kwargs)
+        with parsed_once():  # a .gguf file's metadata parsed once, not for the config, tokenizer and tensors each
+            tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+            model, info = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, output_loading_info=True,
+                                                               **kwargs)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as err:
         raise ModelLoadError(f"could not load model {source}: {err}") from err
     missing = sorted(info.get("missing_keys") or [])

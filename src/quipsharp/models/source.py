@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from quipsharp.errors import QuipSharpError
+from quipsharp.models.gguf_load import parsed_once
 
 logger = logging.getLogger(__name__)
 
@@ -186,15 +187,16 @@ def open_streamed(source: str | os.PathLike, dtype: torch.dtype) -> tuple[nn.Mod
     location = str(path)
     if path.is_file() and path.suffix == ".gguf":
         kwargs, location = {"gguf_file": path.name}, str(path.parent)
-    try:
-        config = AutoConfig.from_pretrained(location, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise SourceError(f"could not read the model at {source}: {err}") from None
-    if getattr(config, "quantization_config", None) is not None and kwargs:
-        del config.quantization_config
-    model = _skeleton(config, dtype)
-    weights: WeightSource = GGUFSource(path, model) if kwargs else SafetensorsSource(path)
+    with parsed_once():  # a .gguf file's metadata parsed once for the config, tokenizer and tensor index
+        try:
+            config = AutoConfig.from_pretrained(location, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise SourceError(f"could not read the model at {source}: {err}") from None
+        if getattr(config, "quantization_config", None) is not None and kwargs:
+            del config.quantization_config
+        model = _skeleton(config, dtype)
+        weights: WeightSource = GGUFSource(path, model) if kwargs else SafetensorsSource(path)
     return model, tokenizer, weights
 
 
