@@ -24,6 +24,7 @@ ever replaced (:mod:`quipsharp.outputs`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -104,7 +105,8 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | str = torch.float
     else:
         kwargs, location = {}, str(source)  # a hub id: needs network access
     try:
-        with parsed_once():  # a .gguf file's metadata parsed once, not for the config, tokenizer and tensors each
+        # a .gguf file's metadata parsed once, not for the config, the tokenizer and the tensors each
+        with parsed_once() if "gguf_file" in kwargs else contextlib.nullcontext():
             tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
             model, info = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, output_loading_info=True,
                                                                **kwargs)

@@ -11,6 +11,7 @@ quantization holds the embeddings, one decoder block and its Hessians at a time.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -187,7 +188,8 @@ def open_streamed(source: str | os.PathLike, dtype: torch.dtype) -> tuple[nn.Mod
     location = str(path)
     if path.is_file() and path.suffix == ".gguf":
         kwargs, location = {"gguf_file": path.name}, str(path.parent)
-    with parsed_once():  # a .gguf file's metadata parsed once for the config, tokenizer and tensor index
+    # a .gguf file's metadata parsed once for the config, the tokenizer and the tensor index
+    with parsed_once() if kwargs else contextlib.nullcontext():
         try:
             config = AutoConfig.from_pretrained(location, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
