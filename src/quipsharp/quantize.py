@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 
 from quipsharp.codebooks import Codebook, get_codebook, trellis
-from quipsharp.codebooks.trellis import TrellisCodebook
 from quipsharp.config import DAMPING_GROWTH, MAX_DAMPING_RETRIES, QuIPSharpConfig
 from quipsharp.errors import HessianNotPositiveDefiniteError
 from quipsharp.hadamard import hadamard_transform, random_signs
@@ -192,7 +191,7 @@ def quantize_weight(
     Wn = Wt / scale
     L, undamped, sigma = _factor_with_damping(Ht, config.sigma, codebook.dim)  # Ht is damped until restored
     What, codes = block_ldlq(Wn, L, codebook, config.blocksize)
-    if isinstance(codebook, TrellisCodebook):
+    if isinstance(codebook, trellis.TrellisCodebook):
         trellis.release_workspace()  # the search kept its scratch between the matrix's column blocks
     del L
     What, codes = coordinate_descent(Wn, What, codes, Ht, codebook, config.cd_passes)

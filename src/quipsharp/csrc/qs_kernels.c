@@ -2465,10 +2465,15 @@ static float viterbi_path_cost(const float *x, const int32_t *states, int64_t N,
 }
 
 /* Tail-biting's first pass runs over `steps` steps of the cyclic window whose step `before` is original
-   step 0 (window step r holds original step (r + N − before) mod N). */
-static void viterbi_window(int64_t N, int64_t *steps, int64_t *before) {
+   step 0: window step r holds original step (r + N − before) mod N. Copies that window of x [N, V]
+   (elements of `size` bytes) into out [steps, V]. */
+static void viterbi_window(const void *x, size_t size, int64_t N, int V, void *out, int64_t *steps,
+                           int64_t *before) {
     *steps = N <= 2 * VITERBI_TB_CONTEXT ? N : 2 * VITERBI_TB_CONTEXT;
     *before = *steps == N ? N - N / 2 : VITERBI_TB_CONTEXT;
+    const size_t step = size * (size_t)V;
+    for (int64_t r = 0; r < *steps; r++)
+        memcpy((char *)out + r * step, (const char *)x + ((r + N - *before) % N) * step, step);
 }
 
 /* A sequence's buffers for one lockstep slot: the float32 pass's (viterbi_work), the 16-bit pass's
@@ -2495,11 +2500,8 @@ static void viterbi_solve(viterbi_step_fn step, int n, const float *const *xs, i
         rot_states[i] = slot[i]->rot_states;
     }
     if (tail_biting) {
-        int64_t steps, before;
-        viterbi_window(N, &steps, &before);
-        for (int i = 0; i < n; i++)
-            for (int64_t r = 0; r < steps; r++)
-                memcpy(slot[i]->rot + r * V, xs[i] + ((r + N - before) % N) * V, sizeof(float) * (size_t)V);
+        int64_t steps = 0, before = 0;
+        for (int i = 0; i < n; i++) viterbi_window(xs[i], sizeof(float), N, V, slot[i]->rot, &steps, &before);
         viterbi_pass(step, n, rot, steps, table, L, kv, V, o, w, rot_states);
         for (int i = 0; i < n; i++) o[i] = rot_states[i][before % steps] >> kv;
     }
@@ -2522,11 +2524,8 @@ static void viterbi16_solve(viterbi16_step_fn step, int n, int64_t N, const int1
         rot_states[i] = slot[i]->rot_states;
     }
     if (tail_biting) {
-        int64_t steps, before;
-        viterbi_window(N, &steps, &before);
-        for (int i = 0; i < n; i++)
-            for (int64_t r = 0; r < steps; r++)
-                memcpy(slot[i]->rot16 + r * V, x[i] + ((r + N - before) % N) * V, sizeof(int16_t) * (size_t)V);
+        int64_t steps = 0, before = 0;
+        for (int i = 0; i < n; i++) viterbi_window(x[i], sizeof(int16_t), N, V, slot[i]->rot16, &steps, &before);
         viterbi16_pass(step, n, rot, steps, table, code, L, kv, V, o, hist, rot_states, ok);
         for (int i = 0; i < n; i++) o[i] = ok[i] ? rot_states[i][before % steps] >> kv : 0;
     }
