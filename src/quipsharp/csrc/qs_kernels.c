@@ -3150,10 +3150,69 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi"))) static void tr
     _mm512_storeu_si512((void *)acc, _mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3)));
 }
 
-/* The VNNI level: its decoding step as above, batches as the generic form. */
+/*
+ * The VNNI decoding step at k = 2, two columns per multishift. A k = 2 tile is 32 words: one register, so
+ * no reversed copy is needed. Columns c and c + 1 read windows at stream bits 32c + 2r and 32c + 32 + 2r
+ * (row r). Qword lane q (rows 2q, 2q + 1) needs bits 32c + 4q .. + 50, which lie inside the four words
+ * from a = 2c + (q >> 2) on: a vpermw puts them in the lane reversed (word a in the top 16 bits, indices
+ * mod 32: tail-biting), so the window at bit o after word a's MSB is lane bits 48 - o .. 63 - o, as in
+ * the generic step. One vpmultishiftqb then writes column c's window into each dword's low half and
+ * column c + 1's into its high half; a mask and a shift split them. Per two columns: a permute, a
+ * multishift, a mask, a shift, then two hashes and two vpdpbusd: one multishift and no copy fewer than
+ * the generic step. The integer sums are the same.
+ */
+#define TRELLIS2_WORDS 32
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi"))) static void trellis_int8_vnni_step2(
+    const int16_t *codes_row, int64_t tiles, const int32_t *xw, int32_t *acc) {
+    int16_t idx_words[TRELLIS2_WORDS];
+    uint8_t ctrl_bytes[64];
+    for (int q = 0; q < 8; q++) {
+        const int o = 4 * (q & 3); /* the lane's first window, bits after word a's MSB */
+        for (int j = 0; j < 4; j++) idx_words[4 * q + j] = (int16_t)((q >> 2) + 3 - j);
+        for (int half = 0; half < 2; half++) { /* rows 2q and 2q + 1: windows two bits apart */
+            const int b = o + 2 * half;
+            uint8_t *d = ctrl_bytes + 8 * q + 4 * half;
+            d[0] = (uint8_t)(48 - b); /* column c: low half */
+            d[1] = (uint8_t)(56 - b);
+            d[2] = (uint8_t)(16 - b); /* column c + 1: 32 bits later, high half */
+            d[3] = (uint8_t)(24 - b);
+        }
+    }
+    const __m512i idx0 = _mm512_loadu_si512((const void *)idx_words), ctrl = _mm512_loadu_si512((const void *)ctrl_bytes);
+    const __m512i mul = _mm512_set1_epi32((int)TRELLIS_1MAD_A), add = _mm512_set1_epi32((int)TRELLIS_1MAD_C);
+    const __m512i low = _mm512_set1_epi32(0xFFFF);
+    __m512i a0 = _mm512_loadu_si512((const void *)acc), a1 = _mm512_setzero_si512();
+    __m512i a2 = _mm512_setzero_si512(), a3 = _mm512_setzero_si512();
+#define QS_TRELLIS2_PAIR(A0, A1, c)                                                                              \
+    {                                                                                                          \
+        __m512i v = _mm512_multishift_epi64_epi8(                                                              \
+            ctrl, _mm512_permutexvar_epi16(_mm512_add_epi16(idx0, _mm512_set1_epi16(2 * (c))), tile));         \
+        __m512i h0 = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_and_si512(v, low), mul), add);                 \
+        __m512i h1 = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_srli_epi32(v, 16), mul), add);                 \
+        A0 = _mm512_dpbusd_epi32(A0, h0, _mm512_set1_epi32(xj[c]));                                            \
+        A1 = _mm512_dpbusd_epi32(A1, h1, _mm512_set1_epi32(xj[(c) + 1]));                                      \
+    }
+    for (int64_t j = 0; j < tiles; j++) {
+        const __m512i tile = _mm512_loadu_si512((const void *)(codes_row + j * TRELLIS2_WORDS));
+        const int32_t *xj = xw + j * TRELLIS_TILE;
+        QS_TRELLIS2_PAIR(a0, a1, 0)
+        QS_TRELLIS2_PAIR(a2, a3, 2)
+        QS_TRELLIS2_PAIR(a0, a1, 4)
+        QS_TRELLIS2_PAIR(a2, a3, 6)
+        QS_TRELLIS2_PAIR(a0, a1, 8)
+        QS_TRELLIS2_PAIR(a2, a3, 10)
+        QS_TRELLIS2_PAIR(a0, a1, 12)
+        QS_TRELLIS2_PAIR(a2, a3, 14)
+    }
+#undef QS_TRELLIS2_PAIR
+    _mm512_storeu_si512((void *)acc, _mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3)));
+}
+
+/* The VNNI level: its decoding steps as above, batches as the generic form. */
 static void trellis_int8_vnni_level(const int16_t *codes_row, const uint32_t *row_pairs, int64_t tiles, int k,
                                     const int8_t *xq, const int32_t *xw, int64_t B, int64_t n, int32_t *acc) {
-    if (B == 1) trellis_int8_vnni_step(codes_row, tiles, k, xw, acc);
+    if (B == 1 && k == 2) trellis_int8_vnni_step2(codes_row, tiles, xw, acc);
+    else if (B == 1) trellis_int8_vnni_step(codes_row, tiles, k, xw, acc);
     else trellis_int8_vnni(codes_row, row_pairs, tiles, k, xq, xw, B, n, acc);
 }
 
