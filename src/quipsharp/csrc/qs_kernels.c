@@ -3161,7 +3161,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi"))) static void tr
  * multishift, a mask, a shift, then two hashes and two vpdpbusd: one multishift and no copy fewer than
  * the generic step. The integer sums are the same.
  */
-#define TRELLIS2_WORDS 32
+#define TRELLIS2_WORDS (TRELLIS_TILE * 2) /* a k = 2 tile: one 512-bit register */
 __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi"))) static void trellis_int8_vnni_step2(
     const int16_t *codes_row, int64_t tiles, const int32_t *xw, int32_t *acc) {
     int16_t idx_words[TRELLIS2_WORDS];
@@ -3178,7 +3178,8 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi"))) static void tr
             d[3] = (uint8_t)(24 - b);
         }
     }
-    const __m512i idx0 = _mm512_loadu_si512((const void *)idx_words), ctrl = _mm512_loadu_si512((const void *)ctrl_bytes);
+    const __m512i idx0 = _mm512_loadu_si512((const void *)idx_words);
+    const __m512i ctrl = _mm512_loadu_si512((const void *)ctrl_bytes);
     const __m512i mul = _mm512_set1_epi32((int)TRELLIS_1MAD_A), add = _mm512_set1_epi32((int)TRELLIS_1MAD_C);
     const __m512i low = _mm512_set1_epi32(0xFFFF);
     __m512i a0 = _mm512_loadu_si512((const void *)acc), a1 = _mm512_setzero_si512();
