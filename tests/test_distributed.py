@@ -102,7 +102,7 @@ def test_a_cluster_writes_the_same_tensors_as_one_process(model_dir, calib_file,
 
 
 # ray:forward: the stream's forward tasks are not waited on; the next block's Hessian task waits for the retry
-@pytest.mark.parametrize("point", ["ray:hessians", "ray:quantize", "ray:forward"])
+@pytest.mark.parametrize("point", ["ray:hessians", "ray:mean", "ray:quantize", "ray:forward"])
 def test_a_worker_killed_mid_block_is_retried_and_nothing_is_lost(model_dir, calib_file, tmp_path, references,
                                                                    point, one_thread, monkeypatch):
     claim = tmp_path / "killed"

@@ -13,11 +13,12 @@ run as Ray tasks:
    (masks, rotary embeddings) are cut into one shard of whole batches per worker and put into the
    cluster's object store. From then on the stream lives there; the driver keeps none of it.
 2. Per block: one task per shard finds the block's groups of linears that read one input and sums
-   the shard's Hessians. The sums are exact
-   (:class:`~quipsharp.hessian.HessianAccumulator`), so the driver's merge equals one process's sum
-   bit for bit. Then one task per linear quantizes it, costliest first, with the same seed as in one
-   process. Then one task per shard runs the quantized block (dequantized once, by the driver) on its
-   shard; the outputs are the shard of the next block's stream.
+   the shard's Hessians, one object per group. One task per group merges its shards' sums in shard
+   order into the group's mean. The sums are exact (:class:`~quipsharp.hessian.HessianAccumulator`),
+   so the merge equals one process's sum bit for bit, and the driver never fetches a Hessian. Then
+   one task per linear quantizes it, costliest first, with the same seed as in one process. Then one
+   task per shard runs the quantized block (dequantized once, by the driver) on its shard; the
+   outputs are the shard of the next block's stream.
 3. A task whose worker dies is run again by Ray (``TASK_RETRIES``). Its inputs are immutable objects
    in the store, so the retry computes the same bits and nothing is lost. Finished blocks are saved to
    the work directory as in one process, so ``--resume`` continues after the driver itself dies.
@@ -193,15 +194,17 @@ def _set_threads(threads: int) -> None:
 
 
 def _hessians_task(block: nn.Module, names: list[str], shard: list[torch.Tensor], calls: list[list[BlockCall]],
-                   index: int, keep_outputs: bool,
-                   threads: int) -> tuple[list[list[str]], list[HessianAccumulator], list[torch.Tensor] | None]:
-    """The block's groups of linears that read one input (seen on the shard's first batch), one
-    accumulator per group over the shard, and the block's outputs when asked."""
+                   index: int, keep_outputs: bool, threads: int) -> tuple[Any, ...]:
+    """The block's groups of linears that read one input (seen on the shard's first batch), the block's
+    outputs when asked (else None), then one accumulator per group over the shard, padded with None to
+    ``len(names)`` slots: each group's sums are their own object, fetched by the tasks that quantize
+    the group's linears and by no one else."""
     _set_threads(threads)
     faults.point("ray:hessians")
     groups = shared_input_groups(block, names, shard[0], calls[index][0])
     accs, outputs = collect_hessians(block, groups, shard, calls[index], keep_outputs)
-    return groups, [accs[group[0]] for group in groups], outputs
+    slots = [accs[group[0]] for group in groups] + [None] * (len(names) - len(groups))
+    return (groups, outputs, *slots)
 
 
 def _forward_task(block: nn.Module, shard: list[torch.Tensor], calls: list[list[BlockCall]], index: int,
@@ -210,6 +213,17 @@ def _forward_task(block: nn.Module, shard: list[torch.Tensor], calls: list[list[
     _set_threads(threads)
     faults.point("ray:forward")
     return run_block(block, shard, calls[index])
+
+
+def _mean_task(threads: int, *parts: HessianAccumulator) -> torch.Tensor:
+    """One group's Hessian ``E[x xᵀ]`` (float64 ``[n, n]``) from its shards' accumulators, merged in shard
+    order (the sums are exact: the same bits as one process's)."""
+    _set_threads(threads)
+    faults.point("ray:mean")
+    merged = HessianAccumulator(parts[0].n)  # a fresh one: the fetched parts may be read-only views
+    for part in parts:
+        merged.merge(part)
+    return merged.mean()
 
 
 def _quantize_task(module: nn.Module, full_name: str, cfg: Any, H: torch.Tensor | None,
@@ -239,6 +253,18 @@ def _quantize_cost(module: nn.Module) -> float:
     factorisation (docs/scaling.md's measured times follow it within a factor of 1.5)."""
     m, n = linear_shape(module)
     return m * n**2 + n**3 / 3
+
+
+#: A Hessian task's first returns: the groups, the outputs (or None); the groups' accumulators follow.
+HESSIAN_HEAD = 2
+
+
+@dataclass(frozen=True)
+class RemoteHessians:
+    """A block's Hessians left on the cluster: ``parts[linear name]`` is the list of object refs of its
+    group's accumulator on each shard, in shard order (layers sharing an input share the refs)."""
+
+    parts: dict[str, list[Any]]
 
 
 class RayCluster:
@@ -348,8 +374,9 @@ class RayCluster:
         def remote(task: Callable[..., Any], returns: int = 1) -> Any:  # ``threads`` CPUs per task, retried
             return ray.remote(num_cpus=self.options.threads, max_retries=TASK_RETRIES, num_returns=returns)(task)
 
-        self._hessians = remote(_hessians_task, returns=3)
+        self._hessians = remote(_hessians_task)  # its number of returns set per block (HESSIAN_HEAD + linears)
         self._forward = remote(_forward_task)
+        self._mean = remote(_mean_task)
         self._quantize = remote(_quantize_task)
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.workers = self.options.workers or max(1, cpus // self.options.threads)
@@ -410,31 +437,28 @@ class RayCluster:
         logger.info("calibration stream of %d batches in %d shards", len(batches), len(self._shard_refs))
 
     def hessians(self, block: nn.Module, names: list[str], index: int,
-                 keep_outputs: bool) -> tuple[list[list[str]], dict[str, HessianAccumulator]]:
+                 keep_outputs: bool) -> tuple[list[list[str]], RemoteHessians]:
         """Block ``index``'s groups of linears that read one input (as
         :func:`~quipsharp.pipeline.shared_input_groups` finds them, on each shard's first batch) and
-        its Hessians over the whole stream: ``{linear name: accumulator}`` (shared by a group), the
-        shards' exact sums merged in shard order. With ``keep_outputs`` the float block's outputs
-        become the stream (the "original inputs" mode)."""
+        its Hessians over the whole stream, left in the object store: each group's shard sums are
+        merged there by a task (:meth:`quantize_linears`), so the driver never fetches or holds a
+        block's Hessians (three float64 ``[n, n]`` bins per group: 87 GB per shard for one 405B block).
+        With ``keep_outputs`` the float block's outputs become the stream (the "original inputs" mode)."""
         self._ready()
         ray = self._ray
         block_ref = ray.put(block)
-        pending = [self._hessians.remote(block_ref, names, shard, calls, index, keep_outputs, self.options.threads)
+        task = self._hessians.options(num_returns=HESSIAN_HEAD + len(names))
+        pending = [task.remote(block_ref, names, shard, calls, index, keep_outputs, self.options.threads)
                    for shard, calls in zip(self._shard_refs, self._calls_refs, strict=True)]
-        found = self._get([groups for groups, _, _ in pending])
+        found = self._get([refs[0] for refs in pending])
         if any(groups != found[0] for groups in found[1:]):
             raise ClusterError(f"block {index}'s linears share their inputs differently on different shards "
                                f"({found[0]} and {next(g for g in found if g != found[0])}): cannot merge")
-        parts = self._get([accs for _, accs, _ in pending])
-        with self.times("merging Hessians"):
-            merged = parts[0]
-            for part in parts[1:]:
-                for acc, other in zip(merged, part, strict=True):
-                    acc.merge(other)
-        if keep_outputs:  # made by the tasks just fetched: they exist
-            self._shard_refs = [outputs for _, _, outputs in pending]
+        if keep_outputs:  # made by the tasks just waited on: they exist
+            self._shard_refs = [refs[1] for refs in pending]
         groups = found[0]
-        return groups, {name: acc for group, acc in zip(groups, merged, strict=True) for name in group}
+        shared = [[refs[HESSIAN_HEAD + g] for refs in pending] for g in range(len(groups))]  # one list per group
+        return groups, RemoteHessians({name: shared[g] for g, group in enumerate(groups) for name in group})
 
     def advance(self, block: nn.Module, index: int) -> None:
         """The stream through block ``index`` as it stands (quantized linears run as dense layers of
@@ -458,33 +482,29 @@ class RayCluster:
         block: nn.Module,
         block_name: str,
         names: list[str],
-        hessians: dict[str, HessianAccumulator | torch.Tensor] | None,
+        hessians: RemoteHessians | dict[str, HessianAccumulator | torch.Tensor] | None,
         config: ModelQuantConfig,
         on_layer: Callable[[LayerReport], None] | None = None,
         *,
         next_stream: bool = False,
     ) -> list[LayerReport]:
         """:func:`quipsharp.pipeline.quantize_linears` with one task per linear, the costliest first;
-        the reports come back in the order of ``names``. With ``next_stream`` (:meth:`advance` follows),
-        each linear's ``Ŵ`` is computed as it arrives, while the other tasks still run."""
+        the reports come back in the order of ``names``. ``hessians``: from :meth:`hessians` (merged
+        on the cluster), or given here (their means computed here); one object per shared Hessian.
+        With ``next_stream`` (:meth:`advance` follows), each linear's ``Ŵ`` is computed as it
+        arrives, while the other tasks still run."""
         self._ready()
         self._dense = {}
         ray = self._ray
-        mean = SharedMeans(hessians) if hessians is not None else None
-        means: dict[int, Any] = {}  # one object per shared Hessian
-        with self.times("means and sending Hessians"):
+        with self.times("sending Hessians"):
+            H_refs = self._hessian_refs(hessians, names)
             order = sorted(names, key=lambda n: -_quantize_cost(block.get_submodule(n)))
             pending: dict[Any, str] = {}
             for name in order:
                 full = f"{block_name}.{name}"
-                H = mean(name) if mean is not None else None
-                H_ref = None
-                if H is not None:
-                    if id(H) not in means:
-                        means[id(H)] = ray.put(H)
-                    H_ref = means[id(H)]
-                pending[self._quantize.remote(block.get_submodule(name), full, config.layer_config(full), H_ref,
-                                              self.options.threads)] = name
+                pending[self._quantize.remote(block.get_submodule(name), full, config.layer_config(full),
+                                              H_refs[name], self.options.threads)] = name
+        del H_refs  # each task holds its own reference
         reports: dict[str, LayerReport] = {}
         waiting = list(pending)
         while waiting:
@@ -503,6 +523,30 @@ class RayCluster:
             if on_layer is not None:
                 on_layer(report)
         return [reports[name] for name in names]
+
+    def _hessian_refs(self, hessians: RemoteHessians | dict[str, HessianAccumulator | torch.Tensor] | None,
+                      names: list[str]) -> dict[str, Any]:
+        """Each linear's ``E[x xᵀ]`` as an object ref, one object per shared Hessian (None: data-free).
+        From :meth:`hessians`: a task per group merges the shards' sums on the cluster (no round trip
+        through the driver: the quantization tasks wait on it there); given here: computed and put."""
+        if hessians is None:
+            return dict.fromkeys(names)
+        refs: dict[int, Any] = {}
+        out = {}
+        if isinstance(hessians, RemoteHessians):
+            for name in names:
+                parts = hessians.parts[name]
+                if id(parts) not in refs:
+                    refs[id(parts)] = self._mean.remote(self.options.threads, *parts)
+                out[name] = refs[id(parts)]
+            return out
+        mean = SharedMeans(hessians)
+        for name in names:
+            H = mean(name)
+            if id(H) not in refs:
+                refs[id(H)] = self._ray.put(H)
+            out[name] = refs[id(H)]
+        return out
 
 
 @contextlib.contextmanager

@@ -896,8 +896,8 @@ def _quantize_blocks(model: nn.Module, config: ModelQuantConfig, calibration: to
                     groups, hessians = cluster.hessians(block, names, i, keep_outputs=original)
             names = [n for g in groups for n in g]
             next_stream = not original and i + 1 < len(blocks)  # the stream after the last block is not used
-            block_reports = quantize(block, block_name, names, take_means(hessians), config, on_layer,
-                                     next_stream=next_stream)
+            block_reports = quantize(block, block_name, names, take_means(hessians) if cluster is None else hessians,
+                                     config, on_layer, next_stream=next_stream)
             if next_stream:
                 advance(block, i)
         reports.extend(block_reports)
