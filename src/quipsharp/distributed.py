@@ -497,8 +497,8 @@ class RayCluster:
         self._dense = {}
         ray = self._ray
         with self.times("sending Hessians"):
-            H_refs = self._hessian_refs(hessians, names)
             order = sorted(names, key=lambda n: -_quantize_cost(block.get_submodule(n)))
+            H_refs = self._hessian_refs(hessians, order)  # the costliest linear's mean first: the critical path
             pending: dict[Any, str] = {}
             for name in order:
                 full = f"{block_name}.{name}"

@@ -12,7 +12,7 @@
  *   - the Hadamard transform against the scalar level;
  *   - the int8 LM head's rows · vector kernel against exact integer sums;
  *   - the trellis Viterbi (the same paths on every level);
- *   - the trellis decode-matvec, float32 and int8 (the same bits as the scalar level);
+ *   - the trellis decode-matvec, float32 and int8 (NEON kernels; the same bits as the scalar level);
  *   - the trellis weight decode, as W and as its transpose (the same values as the scalar level).
  * A level the CPU lacks must be refused (QS_EBADLEVEL) rather than run: `qemu-aarch64 -cpu cortex-a53`
  * has no dot product, `-cpu max` has it.
@@ -224,8 +224,8 @@ static void test_viterbi(int levels) {
     }
 }
 
-/* The trellis decode-matvec: float32 (NEON kernel) and int8 (portable path) at every NEON level equal
-   to the scalar level bit for bit, for k = 2, 3, 4 and batch sizes 1..3. */
+/* The trellis decode-matvec: float32 and int8 (NEON kernels; sdot at neon_dotprod) at every NEON level
+   equal to the scalar level bit for bit, for k = 2, 3, 4 and batch sizes 1..3. */
 static void test_trellis(int levels) {
     enum { M = 48, N = 64, B = 3 };
     static int16_t codes[M / 16 * N / 16 * 16 * 4];

@@ -3301,6 +3301,104 @@ static void trellis_int8_avx2_level(const int16_t *codes_row, const uint32_t *ro
 }
 #endif
 
+#if QS_ARM
+/*
+ * NEON's int8 form: a column's 16 rows are four quarters of 4 lanes. Lane i of quarter q reads pair
+ * t = c·k + ((4q + i)·k >> 4), which is the quarter's first pair or the next one: one 4-pair load and a
+ * byte table lookup (tbl) put each lane's pair in place, then the shift, mask and multiply-add of the
+ * hash as on x86.
+ *   neon_dotprod: the hash's bytes as signed bytes are b − 128 after an eor with 0x80 (bytes of h ^
+ *                 0x80808080), so sdot gives bytesum·xq − 512·xq in one instruction; 512·Σ xq is added
+ *                 back once per batch row at the end.
+ *   neon:         the byte sum by two pairwise widening adds (uaddlp), then a multiply-accumulate by xq.
+ * Integer sums, the same as the portable form's.
+ */
+#define TRELLIS_SDOT_BIAS 512 /* 4 bytes × 128: what the eor takes off each hash's byte sum */
+
+typedef struct {
+    uint8x16_t sel[4]; /* quarter q: byte i·4 + j of the result is byte sel of the 4 loaded pairs */
+    int32x4_t shift[4]; /* the lanes' right shifts, negated (vshlq) */
+    int first[4];       /* the quarter's first pair, after c·k */
+} trellis_quarters_neon;
+
+static trellis_quarters_neon trellis_quarters_neon_for(int k) {
+    trellis_quarters_neon t;
+    for (int q = 0; q < 4; q++) {
+        uint8_t sel[16];
+        int32_t shift[4];
+        t.first[q] = (4 * q * k) >> 4;
+        for (int i = 0; i < 4; i++) {
+            int bit = (4 * q + i) * k, d = (bit >> 4) - t.first[q]; /* 0 or 1 */
+            for (int j = 0; j < 4; j++) sel[4 * i + j] = (uint8_t)(4 * d + j);
+            shift[i] = -(16 - (bit & 15));
+        }
+        t.sel[q] = vld1q_u8(sel);
+        t.shift[q] = vld1q_s32(shift);
+    }
+    return t;
+}
+
+static inline uint32x4_t trellis_hash_neon(const uint32_t *pairs, int c, int k, const trellis_quarters_neon *t,
+                                           int q) {
+    uint8x16_t four = vreinterpretq_u8_u32(vld1q_u32(pairs + c * k + t->first[q]));
+    uint32x4_t v = vreinterpretq_u32_u8(vqtbl1q_u8(four, t->sel[q]));
+    uint32x4_t state = vandq_u32(vshlq_u32(v, t->shift[q]), vdupq_n_u32(0xFFFF));
+    return vmlaq_u32(vdupq_n_u32(TRELLIS_1MAD_C), state, vdupq_n_u32(TRELLIS_1MAD_A));
+}
+
+/* acc += bytesum(h)·xq (neon) or (bytesum(h) − 512)·xq (sdot, with hb = h ^ 0x80808080); xw: xq in 4 bytes */
+static inline int32x4_t trellis_dot_neon(int32x4_t acc, uint32x4_t h, int32_t xw) {
+    uint32x4_t sum = vpaddlq_u16(vpaddlq_u8(vreinterpretq_u8_u32(h)));
+    return vmlaq_n_s32(acc, vreinterpretq_s32_u32(sum), (int32_t)(int8_t)(xw & 0xFF));
+}
+
+QS_DOTPROD static inline int32x4_t trellis_dot_sdot(int32x4_t acc, uint32x4_t h, int32_t xw) {
+    return vdotq_s32(acc, vreinterpretq_s8_u32(veorq_u32(h, vdupq_n_u32(0x80808080u))),
+                     vreinterpretq_s8_s32(vdupq_n_s32(xw)));
+}
+
+/* The slab: for B = 1 each hash is used as it is made; for a batch, a tile's 64 hash vectors are made once. */
+#define QS_TRELLIS_INT8_NEON(NAME, ATTR, DOT, BIAS)                                                            \
+    ATTR static void NAME(const int16_t *codes_row, const uint32_t *row_pairs, int64_t tiles, int k,            \
+                          const int8_t *xq, const int32_t *xw, int64_t B, int64_t n, int32_t *acc) {           \
+        (void)codes_row;                                                                                       \
+        const trellis_quarters_neon t = trellis_quarters_neon_for(k);                                          \
+        for (int64_t j = 0; j < tiles; j++) {                                                                  \
+            const uint32_t *pairs = row_pairs + j * TRELLIS_TILE * k;                                          \
+            if (B == 1) {                                                                                      \
+                const int32_t *xj = xw + j * TRELLIS_TILE;                                                     \
+                int32x4_t a[4];                                                                                \
+                for (int q = 0; q < 4; q++) a[q] = vld1q_s32(acc + 4 * q);                                     \
+                for (int c = 0; c < TRELLIS_TILE; c++)                                                         \
+                    for (int q = 0; q < 4; q++) a[q] = DOT(a[q], trellis_hash_neon(pairs, c, k, &t, q), xj[c]); \
+                for (int q = 0; q < 4; q++) vst1q_s32(acc + 4 * q, a[q]);                                      \
+                continue;                                                                                      \
+            }                                                                                                  \
+            uint32x4_t h[TRELLIS_TILE][4];                                                                     \
+            for (int c = 0; c < TRELLIS_TILE; c++)                                                             \
+                for (int q = 0; q < 4; q++) h[c][q] = trellis_hash_neon(pairs, c, k, &t, q);                   \
+            for (int64_t b = 0; b < B; b++) {                                                                  \
+                const int32_t *xj = xw + b * n + j * TRELLIS_TILE;                                             \
+                for (int q = 0; q < 4; q++) {                                                                  \
+                    int32x4_t a = vld1q_s32(acc + 16 * b + 4 * q);                                             \
+                    for (int c = 0; c < TRELLIS_TILE; c++) a = DOT(a, h[c][q], xj[c]);                         \
+                    vst1q_s32(acc + 16 * b + 4 * q, a);                                                        \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
+        if (BIAS)                                                                                              \
+            for (int64_t b = 0; b < B; b++) {                                                                  \
+                int32_t total = 0;                                                                             \
+                for (int64_t c = 0; c < tiles * TRELLIS_TILE; c++) total += xq[b * n + c];                     \
+                int32x4_t add = vdupq_n_s32((BIAS) * total);                                                   \
+                for (int q = 0; q < 4; q++)                                                                    \
+                    vst1q_s32(acc + 16 * b + 4 * q, vaddq_s32(vld1q_s32(acc + 16 * b + 4 * q), add));          \
+            }                                                                                                  \
+    }
+QS_TRELLIS_INT8_NEON(trellis_int8_neon, , trellis_dot_neon, 0)
+QS_TRELLIS_INT8_NEON(trellis_int8_sdot, QS_DOTPROD, trellis_dot_sdot, TRELLIS_SDOT_BIAS)
+#endif
+
 typedef void (*trellis_int8_fn)(const int16_t *, const uint32_t *, int64_t, int, const int8_t *, const int32_t *,
                                 int64_t, int64_t, int32_t *);
 
@@ -3312,6 +3410,9 @@ static trellis_int8_fn trellis_int8(int level, int *xw_form) {
     *xw_form = 1;
     if (level == QS_LEVEL_AVX512) return trellis_int8_avx512;
     if (level == QS_LEVEL_AVX2) return trellis_int8_avx2_level;
+#elif QS_ARM
+    if (level == QS_LEVEL_NEON_DOT) return trellis_int8_sdot;
+    if (level == QS_LEVEL_NEON) return trellis_int8_neon;
 #else
     (void)level;
 #endif

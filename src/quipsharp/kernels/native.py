@@ -45,8 +45,8 @@ KINDS = {"E8P12": 0, "E8P12RVQ3B": 1, "E8P12RVQ4B": 2}
 #: Trellis codebooks with a native decode-matvec (``qs_trellis_matmul``: the integer 1MAD code) -> bits.
 TRELLIS_KINDS = {"QTIP1MAD2": 2, "QTIP1MAD3": 3, "QTIP1MAD4": 4}
 #: Levels whose trellis decode-matvec quantizes a decoding step's activations to int8 (exact integer
-#: sums, the same bits at every level); NEON keeps float32 (its int8 trellis path is not written).
-TRELLIS_INT8_LEVELS = frozenset({"scalar", "avx2", "avx512", "avx512vnni"})
+#: sums, the same bits at every level): all of them.
+TRELLIS_INT8_LEVELS = frozenset(LEVELS)
 #: Widest input of the int8 trellis kernel (its int32 sums are exact up to here).
 TRELLIS_INT8_MAX_N = 16384
 #: Largest batch a trellis layer runs through its fused float32 slabs (each tile decoded once into L1 for
