@@ -898,6 +898,7 @@ def _quantize_blocks(model: nn.Module, config: ModelQuantConfig, calibration: to
             next_stream = not original and i + 1 < len(blocks)  # the stream after the last block is not used
             block_reports = quantize(block, block_name, names, take_means(hessians) if cluster is None else hessians,
                                      config, on_layer, next_stream=next_stream)
+            del hessians  # on a cluster: its references, so the store frees the block's bins before the next block's
             if next_stream:
                 advance(block, i)
         reports.extend(block_reports)
