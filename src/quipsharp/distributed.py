@@ -197,8 +197,8 @@ def _hessians_task(block: nn.Module, names: list[str], shard: list[torch.Tensor]
                    index: int, keep_outputs: bool, threads: int) -> tuple[Any, ...]:
     """The block's groups of linears that read one input (seen on the shard's first batch), the block's
     outputs when asked (else None), then one accumulator per group over the shard, padded with None to
-    ``len(names)`` slots: each group's sums are their own object, fetched by the tasks that quantize
-    the group's linears and by no one else."""
+    ``len(names)`` slots: each group's sums are their own object, fetched by the group's mean task
+    (:func:`_mean_task`) and by no one else."""
     _set_threads(threads)
     faults.point("ray:hessians")
     groups = shared_input_groups(block, names, shard[0], calls[index][0])
