@@ -3308,13 +3308,11 @@ static void trellis_int8_avx2_level(const int16_t *codes_row, const uint32_t *ro
  * byte table lookup (tbl) put each lane's pair in place, then the shift, mask and multiply-add of the
  * hash as on x86.
  *   neon_dotprod: the hash's bytes as signed bytes are b − 128 after an eor with 0x80 (bytes of h ^
- *                 0x80808080), so sdot gives bytesum·xq − 512·xq in one instruction; 512·Σ xq is added
- *                 back once per batch row at the end.
+ *                 0x80808080), so sdot gives bytesum·xq − 512·xq in one instruction; the 512·Σ xq goes
+ *                 into the row's offset (trellis_quantize_x, form TRELLIS_XW_SBYTES).
  *   neon:         the byte sum by two pairwise widening adds (uaddlp), then a multiply-accumulate by xq.
  * Integer sums, the same as the portable form's.
  */
-#define TRELLIS_SDOT_BIAS 512 /* 4 bytes × 128: what the eor takes off each hash's byte sum */
-
 typedef struct {
     uint8x16_t sel[4]; /* quarter q: byte i·4 + j of the result is byte sel of the 4 loaded pairs */
     int32x4_t shift[4]; /* the lanes' right shifts, negated (vshlq) */
@@ -3358,10 +3356,11 @@ QS_DOTPROD static inline int32x4_t trellis_dot_sdot(int32x4_t acc, uint32x4_t h,
 }
 
 /* The slab: for B = 1 each hash is used as it is made; for a batch, a tile's 64 hash vectors are made once. */
-#define QS_TRELLIS_INT8_NEON(NAME, ATTR, DOT, BIAS)                                                            \
+#define QS_TRELLIS_INT8_NEON(NAME, ATTR, DOT)                                                                  \
     ATTR static void NAME(const int16_t *codes_row, const uint32_t *row_pairs, int64_t tiles, int k,            \
                           const int8_t *xq, const int32_t *xw, int64_t B, int64_t n, int32_t *acc) {           \
         (void)codes_row;                                                                                       \
+        (void)xq;                                                                                              \
         const trellis_quarters_neon t = trellis_quarters_neon_for(k);                                          \
         for (int64_t j = 0; j < tiles; j++) {                                                                  \
             const uint32_t *pairs = row_pairs + j * TRELLIS_TILE * k;                                          \
@@ -3386,32 +3385,35 @@ QS_DOTPROD static inline int32x4_t trellis_dot_sdot(int32x4_t acc, uint32x4_t h,
                 }                                                                                              \
             }                                                                                                  \
         }                                                                                                      \
-        if (BIAS)                                                                                              \
-            for (int64_t b = 0; b < B; b++) {                                                                  \
-                int32_t total = 0;                                                                             \
-                for (int64_t c = 0; c < tiles * TRELLIS_TILE; c++) total += xq[b * n + c];                     \
-                int32x4_t add = vdupq_n_s32((BIAS) * total);                                                   \
-                for (int q = 0; q < 4; q++)                                                                    \
-                    vst1q_s32(acc + 16 * b + 4 * q, vaddq_s32(vld1q_s32(acc + 16 * b + 4 * q), add));          \
-            }                                                                                                  \
     }
-QS_TRELLIS_INT8_NEON(trellis_int8_neon, , trellis_dot_neon, 0)
-QS_TRELLIS_INT8_NEON(trellis_int8_sdot, QS_DOTPROD, trellis_dot_sdot, TRELLIS_SDOT_BIAS)
+QS_TRELLIS_INT8_NEON(trellis_int8_neon, , trellis_dot_neon)
+QS_TRELLIS_INT8_NEON(trellis_int8_sdot, QS_DOTPROD, trellis_dot_sdot)
 #endif
 
 typedef void (*trellis_int8_fn)(const int16_t *, const uint32_t *, int64_t, int, const int8_t *, const int32_t *,
                                 int64_t, int64_t, int32_t *);
 
+/* How a level's int8 slab wants the activations (xw) and what its sums leave for the offset to take off. */
+enum {
+    TRELLIS_XW_BYTES = 0,  /* xq in all 4 bytes; the sums are bytesum·xq */
+    TRELLIS_XW_INT16 = 1,  /* xq in both int16 halves; the sums are bytesum·xq */
+    TRELLIS_XW_SBYTES = 2, /* xq in all 4 bytes; the sums are (bytesum − TRELLIS_SDOT_BIAS)·xq (signed-byte dot) */
+};
+#define TRELLIS_SDOT_BIAS 512 /* 4 bytes × 128: what making the hash's bytes signed takes off its byte sum */
+
 /* The int8 slab of a level and how it wants the activations in xw (0: as 4 bytes, 1: as 2 int16). */
 static trellis_int8_fn trellis_int8(int level, int *xw_form) {
-    *xw_form = 0;
+    *xw_form = TRELLIS_XW_BYTES;
 #if QS_X86
     if (level == QS_LEVEL_VNNI) return trellis_int8_vnni_level;
-    *xw_form = 1;
+    *xw_form = TRELLIS_XW_INT16;
     if (level == QS_LEVEL_AVX512) return trellis_int8_avx512;
     if (level == QS_LEVEL_AVX2) return trellis_int8_avx2_level;
 #elif QS_ARM
-    if (level == QS_LEVEL_NEON_DOT) return trellis_int8_sdot;
+    if (level == QS_LEVEL_NEON_DOT) {
+        *xw_form = TRELLIS_XW_SBYTES;
+        return trellis_int8_sdot;
+    }
     if (level == QS_LEVEL_NEON) return trellis_int8_neon;
 #else
     (void)level;
@@ -3420,8 +3422,9 @@ static trellis_int8_fn trellis_int8(int level, int *xw_form) {
 }
 
 /* One activation row x [n] for the int8 slabs: xq = round(x / s) in [-127, 127] with s = max|x| / 127, xw
-   its lanes in the level's form (0: the byte in 4 bytes, 1: the int16 in both halves), offset = 510·Σ xq
-   (the code's mean, taken off once per output); a NaN or ±Inf gives scale NaN (a row of NaN out). */
+   its lanes in the level's form (TRELLIS_XW_*), offset = 510·Σ xq (the code's mean, taken off once per
+   output; minus the signed-byte dot's 512·Σ xq for TRELLIS_XW_SBYTES); a NaN or ±Inf gives scale NaN (a
+   row of NaN out). */
 static void trellis_quantize_x(const float *x, int64_t n, int form, int8_t *xq, int32_t *xw, float *xscale,
                                int32_t *offset) {
     float amax = 0.0f;
@@ -3439,10 +3442,10 @@ static void trellis_quantize_x(const float *x, int64_t n, int form, int8_t *xq, 
         q = q > 127 ? 127 : (q < -127 ? -127 : q);
         xq[c] = (int8_t)q;
         total += q;
-        uint32_t u = (uint32_t)(q & (form ? 0xFFFF : 0xFF));
-        xw[c] = (int32_t)(form ? u * 0x00010001u : u * 0x01010101u);
+        uint32_t u = (uint32_t)(q & (form == TRELLIS_XW_INT16 ? 0xFFFF : 0xFF));
+        xw[c] = (int32_t)(form == TRELLIS_XW_INT16 ? u * 0x00010001u : u * 0x01010101u);
     }
-    *offset = TRELLIS_1MAD_MEAN * total;
+    *offset = (TRELLIS_1MAD_MEAN - (form == TRELLIS_XW_SBYTES ? TRELLIS_SDOT_BIAS : 0)) * total;
 }
 
 /* The int8 decode-matvec of one layer at one level: its slab kernel and pairs builder, and the activations
