@@ -206,11 +206,63 @@ def test_the_pass_through_capture_equals_a_full_forward(arch, monkeypatch):
     full_passes = []
     real_capture = pipeline.capture_block_inputs
     monkeypatch.setattr(pipeline, "capture_block_inputs",
-                        lambda *a: full_passes.append(len(a[2])) or real_capture(*a))
+                        lambda *a: full_passes.append([len(b) for b in a[2]]) or real_capture(*a))
     monkeypatch.setattr(pipeline, "_same_call", lambda a, b: False)  # as if the arguments depended on outputs
     stream, calls = pipeline.capture_stream(model, blocks, batches)
-    assert full_passes == [1, 3]  # the check on the first batch, then the whole set
+    assert full_passes == [[1], [2, 2, 2]]  # the check on the first sequence, then the whole set
     assert all(torch.equal(a, b) for a, b in zip(real_stream, stream, strict=True)) and len(calls[0]) == 3
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_hessians_stop_each_forward_once_every_group_has_its_input(arch):
+    """Without the block's outputs, a batch's forward stops after the last group's hook: the same sums as
+    a forward run to the end, and the block's last linear runs on the first batch only (one group: the
+    rest of the block never runs after the first batch)."""
+    from quipsharp.pipeline import capture_stream, collect_hessians
+
+    model = tiny_model(arch)
+    _, blocks = find_blocks(model)
+    stream, calls = capture_stream(model, blocks, list(calibration_tokens(6, 16).split(2)))
+    block = blocks[0]
+    names = list(block_linears(block))
+    groups = shared_input_groups(block, names, stream[0], calls[0][0])
+    last = block.get_submodule(names[-1])
+    runs = []
+    handle = last.register_forward_hook(lambda *_: runs.append(1))  # after its product
+    try:
+        full, outputs = collect_hessians(block, groups, stream, calls[0], keep_outputs=True)
+        assert len(runs) == len(stream) and len(outputs) == len(stream)
+        runs.clear()
+        early, none = collect_hessians(block, groups, stream, calls[0], keep_outputs=False)
+        assert none is None and len(runs) == 1  # the first batch, run to the end
+        for name in full:
+            assert torch.equal(full[name].xtx_bins, early[name].xtx_bins) and full[name].count == early[name].count
+        runs.clear()
+        first, _ = collect_hessians(block, groups[:1], stream, calls[0], keep_outputs=False)
+        assert len(runs) == 1 and torch.equal(first[groups[0][0]].xtx_bins, full[groups[0][0]].xtx_bins)
+    finally:
+        handle.remove()
+
+
+def test_hessians_of_a_linear_called_twice_run_every_forward_to_the_end():
+    """A linear its block calls twice per forward: no early stop (a stop after its first call would
+    drop the second call's inputs)."""
+    from quipsharp.pipeline import collect_hessians
+
+    class Twice(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8, bias=False)
+
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            return self.lin(torch.tanh(self.lin(h)))
+
+    block = Twice()
+    gen = torch.Generator().manual_seed(0)
+    stream = [torch.randn(2, 4, 8, generator=gen) for _ in range(3)]
+    calls = [((), {})] * 3
+    accs, _ = collect_hessians(block, [["lin"]], stream, calls, keep_outputs=False)
+    assert accs["lin"].count == 2 * 3 * 2 * 4  # both calls of every batch
 
 
 def test_captured_arguments_compare_by_value():

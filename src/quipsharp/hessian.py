@@ -27,6 +27,9 @@ BIN_GRIDS = (2.0**20, 2.0**-12, 2.0**-44)
 MAX_TERM = 2.0**50
 MAX_TERMS = 2**22
 SPLIT_ROWS = 256  # rows of a term split at once
+# |(xᵀx)_ij| <= sqrt((xᵀx)_ii (xᵀx)_jj) exactly; the float32 products of ACCUMULATE_CHUNK_ROWS rows are
+# off by a relative 2.5e-4 at most, so twice the largest diagonal entry bounds every entry.
+GRAM_ROUNDING_MARGIN = 2.0
 
 
 def _round_to_grid(x: torch.Tensor, grid: float) -> torch.Tensor:
@@ -92,10 +95,13 @@ class HessianAccumulator:
         """``Σ x`` as float64 ``[n]``."""
         return collapse(self.xsum_bins)
 
-    def _add_terms(self, xtx: torch.Tensor, xsum: torch.Tensor, terms: int) -> None:
+    def _add_terms(self, xtx: torch.Tensor, xsum: torch.Tensor, terms: int, big: float | None = None) -> None:
+        """Add ``terms`` products' sums exactly; ``big``: a bound on their magnitudes when the caller
+        knows one (else the largest entry)."""
         if self.terms + terms > MAX_TERMS:
             raise NumericalError(f"more than {MAX_TERMS} products in one Hessian: the exact sums would overflow")
-        big = max(float(xtx.abs().max()), float(xsum.abs().max())) if xtx.numel() else 0.0
+        if big is None:
+            big = max(float(xtx.abs().max()), float(xsum.abs().max())) if xtx.numel() else 0.0
         if big >= MAX_TERM:
             raise NumericalError(f"an input product of magnitude {big:.3g} is beyond the exact sums' range "
                                  f"({MAX_TERM:.3g}): the activations are too large")
@@ -105,15 +111,25 @@ class HessianAccumulator:
 
     def add_batch(self, x: torch.Tensor) -> None:
         """Add inputs ``x`` of shape ``[..., n]`` (every leading index is one token); the rows are
-        multiplied in float32 chunks of ``ACCUMULATE_CHUNK_ROWS``, one exact term each."""
+        multiplied in float32 chunks of ``ACCUMULATE_CHUNK_ROWS``, one exact term each.
+
+        The checks read only the product's diagonal and the sum (O(n), not O(n²) or O(rows·n)): an
+        infinite or NaN input makes its ``x_i²`` so, and no entry of ``xᵀx`` exceeds the largest
+        diagonal one by more than ``GRAM_ROUNDING_MARGIN`` (Cauchy–Schwarz, up to float32 rounding)."""
         if x.shape[-1] != self.n:
             raise ValueError(f"expected inputs with last dim {self.n}, got shape {tuple(x.shape)}")
         rows = x.detach().reshape(-1, self.n)
-        if not torch.isfinite(rows).all():
-            raise NumericalError("non-finite values in the inputs given to the Hessian accumulator")
         for start in range(0, rows.shape[0], ACCUMULATE_CHUNK_ROWS):
             chunk = rows[start : start + ACCUMULATE_CHUNK_ROWS].to(self.xtx_bins.device, torch.float32)
-            self._add_terms(chunk.T @ chunk, chunk.sum(0), 1)
+            xtx, xsum = chunk.T @ chunk, chunk.sum(0)
+            diag = xtx.diagonal()
+            if not (torch.isfinite(diag).all() and torch.isfinite(xsum).all()):
+                if not torch.isfinite(chunk).all():
+                    raise NumericalError("non-finite values in the inputs given to the Hessian accumulator")
+                big = float("inf")  # finite inputs whose float32 products overflow
+            else:
+                big = max(float(diag.max()) * GRAM_ROUNDING_MARGIN, float(xsum.abs().max())) if xtx.numel() else 0.0
+            self._add_terms(xtx, xsum, 1, big)
         self.count += rows.shape[0]
 
     def merge(self, other: HessianAccumulator) -> None:
