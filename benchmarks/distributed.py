@@ -22,42 +22,26 @@ from pathlib import Path
 from _common import emit_result, machine_info, today
 from streaming import run, same_tensors
 
-#: One worker's share of a SmolLM2 block's Hessian step, single-threaded: the exact sums of 4,096 tokens'
-#: inputs at the block's widths (q/k/v, o, gate/up: 576; down: 1536) and the block's float products.
-PROBE = """
-import time, torch
-torch.set_num_threads(1)
-from quipsharp.hessian import HessianAccumulator
-g = torch.Generator().manual_seed(0)
-accs = [HessianAccumulator(n) for n in (576, 576, 576, 1536)]
-xs = [torch.randn(4096, n, generator=g) for n in (576, 576, 576, 1536)]
-w = [torch.randn(1536, 576, generator=g) for _ in range(3)]
-start = time.monotonic()
-for _ in range(3):
-    for acc, x in zip(accs, xs):
-        acc.add_batch(x)
-    for m in w:
-        xs[0] @ m.T
-print(time.monotonic() - start)
-"""
-
 
 def concurrency_probe(copies: int, rounds: int = 3) -> dict:
-    """Seconds of the single-threaded PROBE alone and with ``copies`` running at once (medians of
-    ``rounds``): how much two workers on this machine slow each other down (shared caches, memory
-    bandwidth, or host threads behind the virtual CPUs), which bounds what ``copies`` workers can gain."""
+    """Seconds of one worker's share of a SmolLM2 block step, single-threaded (the real Hessian and
+    forward tasks on a random-weight block of SmolLM2's shape: ``ray_task_probe.py``), alone and with
+    ``copies`` plain processes at once (medians of ``rounds``): how much the workers slow each other
+    down on this machine, which bounds what ``copies`` workers can gain."""
     import statistics
-    import subprocess
 
-    def once(n: int) -> list[float]:
-        procs = [subprocess.Popen([sys.executable, "-c", PROBE], stdout=subprocess.PIPE, text=True,
-                                  env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(n)]
-        return [float(p.communicate()[0]) for p in procs]
+    from ray_task_probe import make_data, plain
 
-    alone = statistics.median(once(1)[0] for _ in range(rounds))
-    together = statistics.median(statistics.mean(once(copies)) for _ in range(rounds))
+    def seconds(row: dict) -> float:
+        return row["hessians_s"] + row["forward_s"]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "shard.pt"
+        make_data(path)
+        alone = statistics.median(seconds(plain(path, 1, 1)[0]) for _ in range(rounds))
+        together = statistics.median(statistics.mean(map(seconds, plain(path, 1, copies))) for _ in range(rounds))
     return {"copies": copies, "alone_s": alone, "together_s": together, "slowdown": together / alone,
-            "best_wall_ratio": together / alone / copies}
+            "best_wall_ratio": together / alone / copies, "workload": "ray_task_probe (Hessian + forward task)"}
 
 
 def main() -> None:
@@ -70,7 +54,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--skip-single", action="store_true", help="only the Ray run")
     ap.add_argument("--probe-only", action="store_true",
-                    help="only the concurrency probe (a single-threaded Hessian workload alone and WORKERS at once)")
+                    help="only the concurrency probe (one worker's block step alone and WORKERS at once)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--results", default=None, help="append the result as one JSON line to this file")
     args = ap.parse_args()
