@@ -434,7 +434,7 @@ def collect_hessians(
     accs: dict[str, HessianAccumulator] = {}
     handles = []
     fired: list[int] = []  # per batch: which groups' hooks ran (their indices, in call order)
-    stop_early = [False]  # set after the first batch
+    stop_early = False  # set after the first batch
 
     for g, group in enumerate(groups):
         first = block.get_submodule(group[0])
@@ -445,28 +445,27 @@ def collect_hessians(
         def hook(module: nn.Module, args: tuple, _acc: HessianAccumulator = acc, _g: int = g) -> None:
             _acc.add_batch(args[0])
             fired.append(_g)
-            if stop_early[0] and len(fired) >= len(groups) and len(set(fired)) == len(groups):
+            if stop_early and len(set(fired)) == len(groups):
                 raise _StopForwardError
 
         handles.append(first.register_forward_pre_hook(hook))
-    outputs = _empty_like(stream) if keep_outputs else None
-    dtype = stream[0].dtype if len(stream) else torch.float32
     try:
+        if keep_outputs:
+            return accs, run_block(block, stream, calls)
+        dtype = stream[0].dtype if len(stream) else torch.float32
         with _dequantized(block, dtype):
-            for h, (args, kwargs) in zip(stream, calls, strict=True):
+            for b, (h, (args, kwargs)) in enumerate(zip(stream, calls, strict=True)):
                 fired.clear()
                 try:
-                    out = block(h, *args, **kwargs)
+                    block(h, *args, **kwargs)
                 except _StopForwardError:
                     continue
-                if outputs is not None:
-                    outputs.append(block_output(out))
-                elif not stop_early[0]:  # the first batch, run to the end
-                    stop_early[0] = sorted(fired) == list(range(len(groups)))
+                if b == 0:  # run to the end: each group called exactly once?
+                    stop_early = sorted(fired) == list(range(len(groups)))
     finally:
         for h in handles:
             h.remove()
-    return accs, outputs
+    return accs, None
 
 
 def _quantizable(block_name: str, block: nn.Module, config: ModelQuantConfig) -> list[str]:
