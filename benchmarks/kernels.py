@@ -40,8 +40,10 @@ BITS = (2, 3, 4)
 LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
             "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 2048}
 MODELS = ["smollm2-f32", "smollm2-bf16", "smollm2-q2", "llama1b-f32", "llama1b-bf16", "llama1b-q2"]
-#: Also selectable with --models: the 2-bit trellis (QTIP 1MAD) versions.
-TRELLIS_MODELS = ["smollm2-q2t", "llama1b-q2t"]
+#: Also selectable with --models: the 2-bit trellis versions (-q2t: QTIP 1MAD; -q2h: QTIP HYB, a table per matrix).
+TRELLIS_MODELS = ["smollm2-q2t", "llama1b-q2t", "smollm2-q2h", "llama1b-q2h"]
+#: Model name suffix -> codebook family of the quantized models.
+QUANTIZED_SUFFIXES = {"-q2": "e8p", "-q2t": "qtip1mad", "-q2h": "qtiphyb"}
 GIGA = 1e9
 
 
@@ -132,7 +134,8 @@ def matvec_rows(threads: list[int], repeats: int, levels: list[str] | None = Non
                         for q in family:
                             q.use_kernel(kernel.name)
                         layer = _interleaved_medians([partial(q, x) for q in family], repeats)
-                        kern = _interleaved_medians([partial(kernel.matmul, x, q.codes, m, q.codebook.name, threads=t)
+                        kern = _interleaved_medians([partial(kernel.matmul, x, q.codes, m, q.codebook.name, threads=t,
+                                                             lut=q.lut)
                                                      for q in family], repeats)
                         e8p = layer[codebooks.index("e8p")] if "e8p" in codebooks else None
                         for q, seconds, kernel_seconds in zip(family, layer, kern, strict=True):
@@ -205,8 +208,8 @@ def _build_model(name: str, cache: Path | None = None):
         model = LlamaForCausalLM(LlamaConfig(**LLAMA_1B)).eval()
     if name.endswith("-bf16"):
         model.to(torch.bfloat16)
-    elif name.endswith(("-q2", "-q2t")):  # -q2t: the 2-bit trellis (QTIP 1MAD) instead of E8P12
-        codebook = "qtip1mad" if name.endswith("-q2t") else "e8p"
+    elif name.endswith(tuple(QUANTIZED_SUFFIXES)):
+        codebook = QUANTIZED_SUFFIXES["-" + name.rsplit("-", 1)[1]]
         model = QuIPSharpQuantizer(QuIPSharpConfig(bits=2, codebook=codebook)).quantize_model(model, progress=False)
         if cache is not None:
             from quipsharp.hf import save_quantized
@@ -217,7 +220,7 @@ def _build_model(name: str, cache: Path | None = None):
 
 def _cached_model(name: str, cache: Path | None):
     """A quantized model saved by an earlier row of this run (``--model-cache``), or None."""
-    if cache is None or not name.endswith(("-q2", "-q2t")) or not (cache / name).is_dir():
+    if cache is None or not name.endswith(tuple(QUANTIZED_SUFFIXES)) or not (cache / name).is_dir():
         return None
     from quipsharp.hf import load_quantized
 

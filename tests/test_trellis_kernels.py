@@ -162,3 +162,74 @@ def test_one_call_layer_is_the_same_bits_as_its_passes_one_by_one(level: str, us
     y = kernel.trellis_matmul(h, codes, m, k, int8=use_hadamard and kernel._trellis_int8(n))
     want = kernel._output(x, y, m_out_t, scale * kernels.native.trellis_scale(), sv, bias, use_hadamard)
     assert torch.equal(got, want)
+
+
+# --------------------------------------------------------------------------- the HYB code (per-matrix table)
+def _hyb(k: int, m: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random words, a random table (not the initial one: the kernels must read the layer's own) and the
+    Python decode of the pair."""
+    codes = _codes(m, n, k, seed)
+    lut = torch.randn(512, 2, generator=torch.Generator().manual_seed(seed + 1))
+    cb = get_codebook(f"QTIPHYB{k}")
+    return codes, lut, cb.decode_matrix(cb.unpack_matrix(codes, m, n), m, n, lut)
+
+
+@pytest.mark.parametrize("level", X86_LEVELS)
+@pytest.mark.parametrize("k", (2, 3, 4))
+def test_hyb_decode_on_every_level_is_the_python_decode_and_its_transpose(level: str, k: int) -> None:
+    kernel = _level(level)
+    m, n = 80, 112  # 5 slabs of 7 tiles: the threads' split and a tile-row's last pairs
+    codes, lut, W = _hyb(k, m, n, 60 + k)
+    assert torch.equal(kernel.decode(codes, m, n, f"QTIPHYB{k}", threads=2, lut=lut), W)
+    out = torch.full((n, m), float("nan"))
+    assert kernel.hyb_decode(codes, m, n, k, lut, threads=2, out=out, transposed=True) is out
+    assert torch.equal(out, W.T)
+
+
+@pytest.mark.parametrize("level", X86_LEVELS)
+@pytest.mark.parametrize("k", (2, 3, 4))
+@pytest.mark.parametrize("B", (1, 3, 9))
+def test_hyb_matmul_is_the_same_bits_on_every_level_and_close_to_exact(level: str, k: int, B: int) -> None:
+    kernel = _level(level)
+    m, n = 64, 96
+    codes, lut, W = _hyb(k, m, n, 70 + k + B)
+    x = torch.randn(B, n, generator=torch.Generator().manual_seed(B))
+    got = kernel.matmul(x, codes, m, f"QTIPHYB{k}", threads=2, lut=lut)
+    assert torch.equal(got, kernels.select("scalar").hyb_matmul(x, codes, m, k, lut))
+    torch.testing.assert_close(got.double(), x.double() @ W.double().T, rtol=1e-5, atol=1e-4)
+
+
+def test_hyb_kernels_refuse_a_missing_or_misshapen_table() -> None:
+    codes, lut, _ = _hyb(2, 32, 64, 0)
+    for kernel in (kernels.select("scalar"), kernels.select("reference")):
+        with pytest.raises(ValueError, match="per-matrix table"):
+            kernel.decode(codes, 32, 64, "QTIPHYB2")
+    scalar = kernels.select("scalar")
+    with pytest.raises(ValueError, match="lut must have shape"):
+        scalar.hyb_matmul(torch.randn(1, 64), codes, 32, 2, lut[:256])
+    with pytest.raises(TypeError, match=r"lut must be torch\.float32"):
+        scalar.hyb_matmul(torch.randn(1, 64), codes, 32, 2, lut.double())
+    with pytest.raises(ValueError, match="codes"):
+        scalar.hyb_matmul(torch.randn(1, 64), codes[:, :-1], 32, 2, lut)
+
+
+@pytest.mark.parametrize("level", X86_LEVELS)
+# 1, 12: one native call (qs_trellis_hyb_linear); 136: the decoded weight through torch's GEMM
+@pytest.mark.parametrize("batch", (1, 12, kernels.native.TRELLIS_SLAB_MAX_BATCH + 72))
+@pytest.mark.parametrize("use_hadamard", (True, False))
+def test_hyb_layer_on_the_native_kernel_matches_the_reference(level: str, batch: int, use_hadamard: bool) -> None:
+    """A HYB layer (with a table changed from the initial one, as fine-tuning leaves it) runs natively,
+    float32 throughout: the reference's output to float rounding; its core weight is the reference's."""
+    _level(level)
+    layer = QuantizedLinear.from_linear(torch.nn.Linear(128, 64, bias=True), None,
+                                        QuIPSharpConfig(bits=2, codebook="qtiphyb", use_hadamard=use_hadamard))
+    with torch.no_grad():
+        layer.lut.mul_(1.5).add_(0.01)
+    x = torch.randn(batch, 128, generator=torch.Generator().manual_seed(batch))
+    layer.use_kernel("reference")
+    ref = layer(x)
+    W_ref = layer.core_weight()
+    layer.use_kernel(level)
+    assert layer._native
+    torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(layer.core_weight(), W_ref)

@@ -284,15 +284,15 @@ class QuantizedLinear(nn.Module):
         args = (x, self.codes, self.su, self.sv, self.wscale, self.bias, self._m_in, self._m_out_t,
                 self.codebook.name, self.config.use_hadamard)
         if torch.compiler.is_compiling():
-            return torch.ops.quipsharp.e8p_linear(*args, self._kernel.name)
-        return self._kernel.linear(*args)  # same code without the dispatcher's per-call cost
+            return torch.ops.quipsharp.e8p_linear(*args, self._kernel.name, self.lut)
+        return self._kernel.linear(*args, self.lut)  # same code without the dispatcher's per-call cost
 
     def core_weight(self) -> torch.Tensor:
         """The decoded codes ``Ŵ`` ``[out_features, in_features]`` float32, before scale, signs and
         Hadamard transforms (the native decode where the layer has one)."""
         m, n = self.out_features, self.in_features
         if self._native and self.codebook.name in kernels.NATIVE_CODEBOOKS and self.codes.device.type == "cpu":
-            return self._kernel.decode(self.codes, m, n, self.codebook.name)
+            return self._kernel.decode(self.codes, m, n, self.codebook.name, lut=self.lut)
         return self.codebook.decode_matrix(self.codebook.unpack_matrix(self.codes, m, n), m, n, self.lut)
 
     def input_grad(self, grad_y: torch.Tensor) -> torch.Tensor:
@@ -313,10 +313,11 @@ class QuantizedLinear(nn.Module):
         the native kernel does not serve it (not built, not selected, not on CPU, in training)."""
         if not self._native or self._core is not None or self._states is not None or self.codes.device.type != "cpu":
             return None
-        if self.codebook.name not in kernels.KINDS and self.codebook.name not in kernels.TRELLIS_KINDS:
-            return None  # no native decode (HYB: its table): the layer runs through forward()
+        if self.codebook.name not in kernels.NATIVE_CODEBOOKS:
+            return None
         return kernels.BoundLinear(self.codes, self.su, self.sv, self.wscale, self.bias, self._m_in, self._m_out_t,
-                                   self.codebook.name, self.config.use_hadamard, threads, level=self._kernel.name)
+                                   self.codebook.name, self.config.use_hadamard, threads, level=self._kernel.name,
+                                   lut=self.lut)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The pure-torch path (any device, differentiable in ``x``, ``su``, ``sv``, ``wscale``, ``bias``

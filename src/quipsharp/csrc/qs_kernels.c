@@ -3647,6 +3647,279 @@ QS_API int qs_trellis_decode(const int16_t *codes, int64_t m, int64_t n, int k, 
     return failed ? QS_ENOMEM : QS_OK;
 }
 
+/* ------------------------------------------------------- the HYB trellis code (a per-matrix table) */
+/*
+ * QTIP's hybrid code (V = 2; quipsharp.codebooks.trellis, "hyb"): step t of a tile (t = 0..127) is the
+ * 16-bit window s at bit t·2k of the tile's cyclic stream, and decodes to the tile's weights p = 2t and
+ * 2t + 1 (column-major, as the 1MAD layout: row p mod 16, column p / 16) from the matrix's table
+ * lut [512][2] float32: with h = s·(s + 1) mod 2^16, the entry is bits 6..14 of h, and bit 15 negates
+ * its first value. The table is 4 KiB: L1-resident while a slab is decoded.
+ *
+ * Each level decodes a tile into 256 floats (copies of table values, the sign bit flipped: exact), then
+ * accumulates them as the 1MAD slabs do (FMA in column order, fmaf in the portable code), so every level
+ * returns the same bits. x86 levels decode 16 (AVX-512) or 8 (AVX2) steps per vector and fetch each
+ * step's two values as one 64-bit gather lane; NEON decodes in portable C and accumulates with NEON.
+ */
+#define TRELLIS_HYB_STEPS 128  /* steps of a 256-weight tile, two weights each */
+#define TRELLIS_HYB_SHIFT 6    /* the entry: bits 6..14 of the hash (Q = 9) */
+#define TRELLIS_HYB_ENTRY 511
+#define TRELLIS_HYB_NEGATE 0x8000u
+
+typedef void (*trellis_hyb_tile_fn)(const uint32_t *pairs, int k, const float *lut, float *w);
+typedef void (*trellis_accumulate_fn)(const float *w, const float *x, int64_t B, int64_t n, float *acc);
+
+static void trellis_hyb_tile_scalar(const uint32_t *pairs, int k, const float *lut, float *w) {
+    const int kv = 2 * k;
+    for (int t = 0; t < TRELLIS_HYB_STEPS; t++) {
+        const int bit = t * kv;
+        const uint32_t s = (pairs[bit >> 4] >> (16 - (bit & 15))) & 0xFFFFu;
+        const uint32_t h = (s * (s + 1u)) & 0xFFFFu;
+        const float *e = lut + 2 * ((h >> TRELLIS_HYB_SHIFT) & TRELLIS_HYB_ENTRY);
+        w[2 * t] = (h & TRELLIS_HYB_NEGATE) ? -e[0] : e[0];
+        w[2 * t + 1] = e[1];
+    }
+}
+
+#if QS_X86
+/* Steps 16i .. 16i + 15 of a tile: lane j reads pair i·2k + ((j·2k) >> 4), shifted right by 16 - ((j·2k) & 15). */
+__attribute__((target("avx512f"))) static void trellis_hyb_tile_avx512(const uint32_t *pairs, int k, const float *lut,
+                                                                       float *w) {
+    const int kv = 2 * k;
+    /* the lane tables from a constant (tables stored per call would stall the vector load on store forwarding) */
+    const __m512i bits = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32(kv));
+    const __m512i idx = _mm512_srli_epi32(bits, 4);
+    const __m512i shift = _mm512_sub_epi32(_mm512_set1_epi32(16), _mm512_and_si512(bits, _mm512_set1_epi32(15)));
+    const __m512i low = _mm512_set1_epi32(0xFFFF), one = _mm512_set1_epi32(1);
+    const __m512i entry = _mm512_set1_epi32(TRELLIS_HYB_ENTRY), negate = _mm512_set1_epi32((int)TRELLIS_HYB_NEGATE);
+    for (int i = 0; i < TRELLIS_HYB_STEPS / 16; i++) {
+        __m512i v = _mm512_permutexvar_epi32(idx, _mm512_loadu_si512((const void *)(pairs + i * kv)));
+        __m512i s = _mm512_and_si512(_mm512_srlv_epi32(v, shift), low);
+        __m512i h = _mm512_and_si512(_mm512_mullo_epi32(s, _mm512_add_epi32(s, one)), low);
+        __m512i e = _mm512_and_si512(_mm512_srli_epi32(h, TRELLIS_HYB_SHIFT), entry);
+        __m512i sign = _mm512_slli_epi32(_mm512_and_si512(h, negate), 16); /* bit 31: the first value's sign */
+        __m512i lo = _mm512_i32gather_epi64(_mm512_castsi512_si256(e), (const void *)lut, 8);
+        __m512i hi = _mm512_i32gather_epi64(_mm512_extracti64x4_epi64(e, 1), (const void *)lut, 8);
+        lo = _mm512_xor_si512(lo, _mm512_cvtepu32_epi64(_mm512_castsi512_si256(sign)));
+        hi = _mm512_xor_si512(hi, _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(sign, 1)));
+        _mm512_storeu_si512((void *)(w + 32 * i), lo);
+        _mm512_storeu_si512((void *)(w + 32 * i + 16), hi);
+    }
+}
+
+/* Steps 8i .. 8i + 7: lane j reads pair i·k + ((j·2k) >> 4). */
+__attribute__((target("avx2"))) static void trellis_hyb_tile_avx2(const uint32_t *pairs, int k, const float *lut,
+                                                                  float *w) {
+    const int kv = 2 * k;
+    const __m256i bits = _mm256_mullo_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), _mm256_set1_epi32(kv));
+    const __m256i idx = _mm256_srli_epi32(bits, 4);
+    const __m256i shift = _mm256_sub_epi32(_mm256_set1_epi32(16), _mm256_and_si256(bits, _mm256_set1_epi32(15)));
+    const __m256i low = _mm256_set1_epi32(0xFFFF), one = _mm256_set1_epi32(1);
+    const __m256i entry = _mm256_set1_epi32(TRELLIS_HYB_ENTRY), negate = _mm256_set1_epi32((int)TRELLIS_HYB_NEGATE);
+    const long long *table = (const long long *)(const void *)lut;
+    for (int i = 0; i < TRELLIS_HYB_STEPS / 8; i++) {
+        __m256i v = _mm256_permutevar8x32_epi32(_mm256_loadu_si256((const __m256i *)(pairs + i * k)), idx);
+        __m256i s = _mm256_and_si256(_mm256_srlv_epi32(v, shift), low);
+        __m256i h = _mm256_and_si256(_mm256_mullo_epi32(s, _mm256_add_epi32(s, one)), low);
+        __m256i e = _mm256_and_si256(_mm256_srli_epi32(h, TRELLIS_HYB_SHIFT), entry);
+        __m256i sign = _mm256_slli_epi32(_mm256_and_si256(h, negate), 16);
+        __m256i lo = _mm256_i32gather_epi64(table, _mm256_castsi256_si128(e), 8);
+        __m256i hi = _mm256_i32gather_epi64(table, _mm256_extracti128_si256(e, 1), 8);
+        lo = _mm256_xor_si256(lo, _mm256_cvtepu32_epi64(_mm256_castsi256_si128(sign)));
+        hi = _mm256_xor_si256(hi, _mm256_cvtepu32_epi64(_mm256_extracti128_si256(sign, 1)));
+        _mm256_storeu_si256((__m256i *)(w + 16 * i), lo);
+        _mm256_storeu_si256((__m256i *)(w + 16 * i + 8), hi);
+    }
+}
+
+/* acc [B][16] += tile x x[b, :16], FMA in column order (as trellis_accumulate_scalar). */
+__attribute__((target("avx512f"))) static void trellis_accumulate_avx512(const float *w, const float *x, int64_t B,
+                                                                         int64_t n, float *acc) {
+    for (int64_t b = 0; b < B; b++) {
+        __m512 a = _mm512_loadu_ps(acc + TRELLIS_TILE * b);
+        for (int c = 0; c < TRELLIS_TILE; c++)
+            a = _mm512_fmadd_ps(_mm512_loadu_ps(w + TRELLIS_TILE * c), _mm512_set1_ps(x[b * n + c]), a);
+        _mm512_storeu_ps(acc + TRELLIS_TILE * b, a);
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void trellis_accumulate_avx2(const float *w, const float *x, int64_t B,
+                                                                       int64_t n, float *acc) {
+    for (int64_t b = 0; b < B; b++) {
+        __m256 a0 = _mm256_loadu_ps(acc + TRELLIS_TILE * b), a1 = _mm256_loadu_ps(acc + TRELLIS_TILE * b + 8);
+        for (int c = 0; c < TRELLIS_TILE; c++) {
+            __m256 xv = _mm256_set1_ps(x[b * n + c]);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + TRELLIS_TILE * c), xv, a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + TRELLIS_TILE * c + 8), xv, a1);
+        }
+        _mm256_storeu_ps(acc + TRELLIS_TILE * b, a0);
+        _mm256_storeu_ps(acc + TRELLIS_TILE * b + 8, a1);
+    }
+}
+#endif
+
+#if QS_ARM
+static void trellis_accumulate_neon(const float *w, const float *x, int64_t B, int64_t n, float *acc) {
+    for (int64_t b = 0; b < B; b++)
+        for (int q = 0; q < 4; q++) {
+            float32x4_t a = vld1q_f32(acc + TRELLIS_TILE * b + 4 * q);
+            for (int c = 0; c < TRELLIS_TILE; c++) a = vfmaq_n_f32(a, vld1q_f32(w + TRELLIS_TILE * c + 4 * q), x[b * n + c]);
+            vst1q_f32(acc + TRELLIS_TILE * b + 4 * q, a);
+        }
+}
+#endif
+
+static trellis_hyb_tile_fn trellis_hyb_tile(int level) {
+#if QS_X86
+    if (level == QS_LEVEL_VNNI || level == QS_LEVEL_AVX512) return trellis_hyb_tile_avx512;
+    if (level == QS_LEVEL_AVX2) return trellis_hyb_tile_avx2;
+#else
+    (void)level;
+#endif
+    return trellis_hyb_tile_scalar;
+}
+
+static trellis_accumulate_fn trellis_accumulate(int level) {
+#if QS_X86
+    if (level == QS_LEVEL_VNNI || level == QS_LEVEL_AVX512) return trellis_accumulate_avx512;
+    if (level == QS_LEVEL_AVX2) return trellis_accumulate_avx2;
+#endif
+#if QS_ARM
+    if (level == QS_LEVEL_NEON || level == QS_LEVEL_NEON_DOT) return trellis_accumulate_neon;
+#endif
+    return trellis_accumulate_scalar;
+}
+
+/* A HYB layer's slab operation at one level: its tile decoder, accumulation and pairs builder. */
+typedef struct {
+    trellis_hyb_tile_fn tile;
+    trellis_accumulate_fn accumulate;
+    trellis_pairs_fn build_pairs;
+    int64_t n, tiles;
+    int k;
+    const float *lut;
+} trellis_hyb_op;
+
+static trellis_hyb_op trellis_hyb_op_for(int level, int64_t n, int k, const float *lut) {
+    trellis_hyb_op op = {trellis_hyb_tile(level), trellis_accumulate(level), trellis_slab_pairs_for(level), n,
+                         n / TRELLIS_TILE, k, lut};
+    return op;
+}
+
+/* The 16 rows of one slab (codes_row: its words): y[b·ystride + r] for every batch row b of x [B, n].
+   scratch: B·16 + 256 floats, then the slab's pairs (tiles·16k + 16). */
+static void trellis_hyb_rows(const trellis_hyb_op *op, const int16_t *codes_row, const float *x, int64_t B,
+                             float *scratch, float *y, int64_t ystride) {
+    float *acc = scratch, *w = scratch + B * TRELLIS_TILE;
+    uint32_t *pairs = (uint32_t *)(w + TRELLIS_TILE * TRELLIS_TILE);
+    const int64_t tile_words = TRELLIS_TILE * op->k;
+    memset(acc, 0, sizeof(float) * (size_t)(B * TRELLIS_TILE));
+    op->build_pairs(codes_row, op->tiles, op->k, pairs);
+    for (int64_t j = 0; j < op->tiles; j++) {
+        op->tile(pairs + j * tile_words, op->k, op->lut, w);
+        op->accumulate(w, x + j * TRELLIS_TILE, B, op->n, acc);
+    }
+    for (int64_t b = 0; b < B; b++) memcpy(y + b * ystride, acc + b * TRELLIS_TILE, sizeof(float) * TRELLIS_TILE);
+}
+
+static int trellis_hyb_args_ok(const int16_t *codes, int64_t m, int64_t n, int k, const float *lut, int nthreads) {
+    return codes && lut && m > 0 && n > 0 && m % TRELLIS_TILE == 0 && n % TRELLIS_TILE == 0 && k >= 2 &&
+           k <= TRELLIS_MAX_K && nthreads >= 1;
+}
+
+/*
+ * y [B, m] = x [B, n] · Cᵀ with C [m, n] the HYB code of a trellis matrix (bits k per weight, table lut
+ * [512][2]); m, n multiples of 16. Threads split the 16-row slabs.
+ */
+QS_API int qs_trellis_hyb_matmul(const int16_t *codes, int64_t m, int64_t n, int k, const float *lut, const float *x,
+                                 int64_t B, float *y, int nthreads, int level) {
+    if (!level_ok(level)) return QS_EBADLEVEL;
+    if (!trellis_hyb_args_ok(codes, m, n, k, lut, nthreads) || !x || !y || B < 1) return QS_EBADARG;
+    const int64_t slabs = m / TRELLIS_TILE, row_words = n * k;
+    const trellis_hyb_op op = trellis_hyb_op_for(level, n, k, lut);
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && slabs > 1)
+    {
+        /* per thread: accumulators [B][16], one decoded tile, the pairs of a slab row (+16 for the last load) */
+        float *acc = (float *)malloc(sizeof(float) * (size_t)(B * TRELLIS_TILE + TRELLIS_TILE * TRELLIS_TILE) +
+                                     sizeof(uint32_t) * (size_t)(row_words + TRELLIS_TILE));
+        if (!acc) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < slabs; i++) {
+            if (!acc) continue;
+            trellis_hyb_rows(&op, codes + i * row_words, x, B, acc, y + i * TRELLIS_TILE, m);
+        }
+        free(acc);
+    }
+    return failed ? QS_ENOMEM : QS_OK;
+}
+
+/* A whole HYB trellis layer in one call: qs_trellis_linear's formula with C the HYB code (float32
+   activations at every batch size; wscale is the layer's scale: the table carries the code's). */
+QS_API int qs_trellis_hyb_linear(const float *x, int64_t B, int64_t n, int64_t m, const int16_t *codes, int k,
+                                 const float *lut, const float *su, const float *sv, float wscale, const float *bias,
+                                 int use_hadamard, int64_t k_in, const float *m_in, int64_t k_out,
+                                 const float *m_out_t, float *out, int nthreads, int level) {
+    if (!level_ok(level)) return QS_EBADLEVEL;
+    if (!linear_args_ok(x, out, su, sv, B, n, m, use_hadamard, k_in, m_in, k_out, m_out_t) ||
+        !trellis_hyb_args_ok(codes, m, n, k, lut, nthreads))
+        return QS_EBADARG;
+    if (B == 0) return QS_OK;
+    int64_t kmax = n > m ? n : m;
+    int nt = linear_threads(B, kmax, nthreads);
+    float *h = (float *)malloc(sizeof(float) * (size_t)(B * n + kmax * nt));
+    if (!h) return QS_ENOMEM;
+    linear_input(h, x, B, n, kmax, su, use_hadamard, k_in, m_in, nt, level);
+    int rc = qs_trellis_hyb_matmul(codes, m, n, k, lut, h, B, out, nthreads, level);
+    if (rc == QS_OK) linear_output(out, B, m, h, n, kmax, sv, wscale, bias, use_hadamard, k_out, m_out_t, nt, level);
+    free(h);
+    return rc;
+}
+
+/* The HYB code of a trellis matrix as float32: out [m, n] (transposed = 0) or its transpose [n, m]
+   (transposed = 1), every level writing the table's values (exact). Threads split the 16-row slabs. */
+QS_API int qs_trellis_hyb_decode(const int16_t *codes, int64_t m, int64_t n, int k, const float *lut, float *out,
+                                 int nthreads, int level, int transposed) {
+    if (!level_ok(level)) return QS_EBADLEVEL;
+    if (!trellis_hyb_args_ok(codes, m, n, k, lut, nthreads) || !out) return QS_EBADARG;
+    const int64_t slabs = m / TRELLIS_TILE, tiles = n / TRELLIS_TILE, tile_words = TRELLIS_TILE * k;
+    const int64_t row_words = tiles * tile_words;
+    const trellis_hyb_tile_fn tile = trellis_hyb_tile(level);
+    const trellis_pairs_fn build_pairs = trellis_slab_pairs_for(level);
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && slabs > 1)
+    {
+        uint32_t *pairs = (uint32_t *)malloc(sizeof(uint32_t) * (size_t)(row_words + TRELLIS_TILE));
+        if (!pairs) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        float w[TRELLIS_TILE * TRELLIS_TILE];
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < slabs; i++) {
+            if (!pairs) continue;
+            build_pairs(codes + i * row_words, tiles, k, pairs);
+            for (int64_t j = 0; j < tiles; j++) {
+                tile(pairs + j * tile_words, k, lut, w); /* w [16c + r] */
+                if (transposed) {
+                    for (int c = 0; c < TRELLIS_TILE; c++)
+                        memcpy(out + (j * TRELLIS_TILE + c) * m + i * TRELLIS_TILE, w + TRELLIS_TILE * c,
+                               sizeof(float) * TRELLIS_TILE);
+                } else {
+                    for (int r = 0; r < TRELLIS_TILE; r++)
+                        for (int c = 0; c < TRELLIS_TILE; c++)
+                            out[(i * TRELLIS_TILE + r) * n + j * TRELLIS_TILE + c] = w[c * TRELLIS_TILE + r];
+                }
+            }
+        }
+        free(pairs);
+    }
+    return failed ? QS_ENOMEM : QS_OK;
+}
+
 /* ------------------------------------------------------- one decoding step of a whole model */
 /*
  * The lean loop's single-token step (quipsharp/fastdecode.py, LeanDecoder._blocks with T = 1) as one
@@ -3678,6 +3951,7 @@ typedef struct {
     int64_t level;               /* this layer's kernel level (the selector's choice) */
     int64_t trellis_k;           /* 2..4: codes are a trellis matrix's int16 words (t unused); 0: not */
     int64_t trellis_int8;        /* a trellis layer's int8 activations (as qs_trellis_linear's int8) */
+    const float *trellis_lut;    /* a HYB trellis layer's table [512][2] (qs_trellis_hyb_linear); NULL: 1MAD */
 } qs_step_linear;
 
 typedef struct {
@@ -3736,6 +4010,7 @@ typedef struct {
     trellis_int8_op top;
     trellis_slab_fn tslab;
     trellis_pairs_fn tpairs;
+    trellis_hyb_op hop; /* a HYB trellis layer's slab operation */
 } step_part;
 
 static inline float dot_f32(const float *a, const float *b, int64_t n) {
@@ -3767,6 +4042,11 @@ static void step_prepare(step_part *p, float *tmp) {
                      (int)L->level);
     else
         for (int64_t j = 0; j < n; j++) p->h[j] *= L->su[j];
+    if (L->trellis_k && L->trellis_lut) { /* as qs_trellis_hyb_linear, B = 1 */
+        p->int8 = 0;
+        p->hop = trellis_hyb_op_for((int)L->level, n, (int)L->trellis_k, L->trellis_lut);
+        return;
+    }
     if (L->trellis_k) { /* as qs_trellis_linear, B = 1 */
         p->int8 = (int)L->trellis_int8;
         if (p->int8) {
@@ -3819,7 +4099,9 @@ static void step_rows(const step_part *p, int64_t r0, int64_t r1, float *tmp) {
         const int64_t tiles = L->n / TRELLIS_TILE, row_words = tiles * TRELLIS_TILE * L->trellis_k;
         const int16_t *codes = (const int16_t *)(const void *)L->codes;
         for (int64_t i = r0 / TRELLIS_TILE; i < r1 / TRELLIS_TILE; i++) {
-            if (p->int8)
+            if (L->trellis_lut)
+                trellis_hyb_rows(&p->hop, codes + i * row_words, p->h, 1, tmp, p->out + i * TRELLIS_TILE, L->m);
+            else if (p->int8)
                 trellis_int8_rows(&p->top, codes + i * row_words, (int32_t *)(void *)tmp,
                                   (uint32_t *)(void *)(tmp + TRELLIS_TILE + TRELLIS_TILE * TRELLIS_TILE),
                                   p->out + i * TRELLIS_TILE, L->m);
@@ -3957,10 +4239,10 @@ static void step_rope(float *v, const float *cos, const float *ssin, const int64
 static int step_linear_ok(const qs_step_linear *L, int64_t n, int64_t m) {
     if (L->n != n || L->m != m || n <= 0 || m <= 0) return 0;
     if (!level_ok((int)L->level)) return 0;
-    if (!L->codes) return L->weight != NULL && !L->trellis_k;
+    if (!L->codes) return L->weight != NULL && !L->trellis_k && !L->trellis_lut;
     if (L->trellis_k) {
         if (L->trellis_k < 2 || L->trellis_k > TRELLIS_MAX_K || n % TRELLIS_TILE || m % TRELLIS_TILE ||
-            (L->trellis_int8 && n > TRELLIS_INT8_MAX_N) || !L->su || !L->sv)
+            (L->trellis_int8 && (n > TRELLIS_INT8_MAX_N || L->trellis_lut)) || !L->su || !L->sv)
             return 0;
     } else if (!L->t || !L->su || !L->sv || n % DIM) {
         return 0;

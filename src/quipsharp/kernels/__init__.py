@@ -2,13 +2,17 @@
 
 Every implementation (a :class:`Kernel`) offers
 
-* ``decode(codes, m, n, codebook_name, threads=None, out=None)`` — ``codes -> W`` exactly as the reference decode,
-* ``matmul(x, codes, m, codebook_name, threads=None, *, allow_int8=True)`` — ``x @ decode(codes)ᵀ``,
+* ``decode(codes, m, n, codebook_name, threads=None, out=None, *, lut=None)`` — ``codes -> W`` exactly as the
+  reference decode,
+* ``matmul(x, codes, m, codebook_name, threads=None, *, allow_int8=True, lut=None)`` — ``x @ decode(codes)ᵀ``,
 * ``hadamard(x, M, pre=None, post=None, alpha=1.0, threads=None)`` — the transform of
   :func:`quipsharp.hadamard.hadamard_transform` with a pre-multiplied vector, a scalar and a
   post-multiplied vector,
-* ``linear(x, codes, su, sv, wscale, bias, m_in, m_out_t, codebook_name, use_hadamard)`` — a whole
+* ``linear(x, codes, su, sv, wscale, bias, m_in, m_out_t, codebook_name, use_hadamard, lut=None)`` — a whole
   quantized linear (RHT on the input, decode–matmul, inverse RHT on the output, bias).
+
+``lut`` is the per-matrix table ``[512, 2]`` float32 of a trellis HYB codebook (required there, unused
+by the others).
 
 Implementations: :class:`~quipsharp.kernels.reference.ReferenceKernel` (pure torch, always there)
 and :class:`~quipsharp.kernels.native.NativeKernel` at one ISA level of the C library
@@ -40,6 +44,7 @@ from quipsharp.kernels.native import (
     INT8_LEVELS,
     KINDS,
     LEVELS,
+    TRELLIS_HYB_KINDS,
     TRELLIS_KINDS,
     UNFILLED_MESSAGE,
     BoundLinear,
@@ -53,8 +58,8 @@ from quipsharp.kernels.native import (
 )
 from quipsharp.kernels.reference import REFERENCE, ReferenceKernel
 
-#: Codebooks a native kernel serves: the E8P family and the integer-code (1MAD) trellis.
-NATIVE_CODEBOOKS = frozenset(KINDS) | frozenset(TRELLIS_KINDS)
+#: Codebooks a native kernel serves: the E8P family, the integer-code (1MAD) trellis and the HYB trellis.
+NATIVE_CODEBOOKS = frozenset(KINDS) | frozenset(TRELLIS_KINDS) | frozenset(TRELLIS_HYB_KINDS)
 
 __all__ = [
     "ENV_CPU_CAP",
@@ -65,6 +70,7 @@ __all__ = [
     "LEVELS",
     "NATIVE_CODEBOOKS",
     "REFERENCE",
+    "TRELLIS_HYB_KINDS",
     "TRELLIS_KINDS",
     "UNFILLED_MESSAGE",
     "BoundLinear",
@@ -115,17 +121,17 @@ class Kernel(Protocol):
     int8_activations: bool
 
     def decode(self, codes: torch.Tensor, m: int, n: int, codebook_name: str, threads: int | None = None,
-               out: torch.Tensor | None = None) -> torch.Tensor: ...
+               out: torch.Tensor | None = None, *, lut: torch.Tensor | None = None) -> torch.Tensor: ...
 
     def matmul(self, x: torch.Tensor, codes: torch.Tensor, m: int, codebook_name: str, threads: int | None = None,
-               *, allow_int8: bool = True) -> torch.Tensor: ...
+               *, allow_int8: bool = True, lut: torch.Tensor | None = None) -> torch.Tensor: ...
 
     def hadamard(self, x: torch.Tensor, M: torch.Tensor, pre: torch.Tensor | None = None,
                  post: torch.Tensor | None = None, alpha: float = 1.0, threads: int | None = None) -> torch.Tensor: ...
 
     def linear(self, x: torch.Tensor, codes: torch.Tensor, su: torch.Tensor, sv: torch.Tensor, wscale: torch.Tensor,
                bias: torch.Tensor | None, m_in: torch.Tensor, m_out_t: torch.Tensor, codebook_name: str,
-               use_hadamard: bool) -> torch.Tensor: ...
+               use_hadamard: bool, lut: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 def supported_levels() -> list[str]:
@@ -216,20 +222,22 @@ def use(model: torch.nn.Module, level: str | None) -> torch.nn.Module:
 
 # ------------------------------------------------------------------------ module-level functions
 def decode(codes: torch.Tensor, m: int, n: int, codebook_name: str, threads: int | None = None,
-           out: torch.Tensor | None = None, *, level: str | None = None) -> torch.Tensor:
+           out: torch.Tensor | None = None, *, level: str | None = None, lut: torch.Tensor | None = None
+           ) -> torch.Tensor:
     """``codes`` ``[m, n/8·code_bytes]`` uint8 -> ``W`` ``[m, n]`` float32 with :func:`select` ``(level)``."""
-    return select(level).decode(codes, m, n, codebook_name, threads, out)
+    return select(level).decode(codes, m, n, codebook_name, threads, out, lut=lut)
 
 
 def matmul(x: torch.Tensor, codes: torch.Tensor, m: int, codebook_name: str, threads: int | None = None, *,
-           level: str | None = None, int8_reference: bool = False, allow_int8: bool = True) -> torch.Tensor:
+           level: str | None = None, int8_reference: bool = False, allow_int8: bool = True,
+           lut: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` ``[B, n]`` float32 @ ``decode(codes)ᵀ`` -> ``[B, m]`` float32 with :func:`select` ``(level)``.
 
     ``int8_reference=True`` runs the portable C reference of the int8 arithmetic instead (tests).
     """
     if int8_reference:
         return int8_reference_matmul(x, codes, m, codebook_name, threads)
-    return select(level).matmul(x, codes, m, codebook_name, threads, allow_int8=allow_int8)
+    return select(level).matmul(x, codes, m, codebook_name, threads, allow_int8=allow_int8, lut=lut)
 
 
 def hadamard(x: torch.Tensor, M: torch.Tensor, pre: torch.Tensor | None = None, post: torch.Tensor | None = None,
@@ -240,21 +248,21 @@ def hadamard(x: torch.Tensor, M: torch.Tensor, pre: torch.Tensor | None = None, 
 
 def linear(x: torch.Tensor, codes: torch.Tensor, su: torch.Tensor, sv: torch.Tensor, wscale: torch.Tensor,
            bias: torch.Tensor | None, m_in: torch.Tensor, m_out_t: torch.Tensor, codebook_name: str,
-           use_hadamard: bool, level: str | None = None) -> torch.Tensor:
+           use_hadamard: bool, level: str | None = None, lut: torch.Tensor | None = None) -> torch.Tensor:
     """A whole QuantizedLinear ``x`` ``[..., n]`` -> ``[..., m]`` with :func:`select` ``(level)``.
 
     Eager callers use this (or the layer's kernel) directly: the dispatcher of a Python custom op
     costs ~20 µs a call, as much as a small layer's matmul; under ``torch.compile`` the registered
     op ``torch.ops.quipsharp.e8p_linear`` runs the same code.
     """
-    return select(level).linear(x, codes, su, sv, wscale, bias, m_in, m_out_t, codebook_name, use_hadamard)
+    return select(level).linear(x, codes, su, sv, wscale, bias, m_in, m_out_t, codebook_name, use_hadamard, lut)
 
 
 e8p_linear = torch.library.custom_op("quipsharp::e8p_linear", linear, mutates_args=())
 
 
 @e8p_linear.register_fake
-def _(x, codes, su, sv, wscale, bias, m_in, m_out_t, codebook_name, use_hadamard, level=None):
+def _(x, codes, su, sv, wscale, bias, m_in, m_out_t, codebook_name, use_hadamard, level=None, lut=None):
     if torch.onnx.is_in_onnx_export():  # every capture strategy of the ONNX exporter traces through here
         from quipsharp.errors import ExportError
         from quipsharp.nn import ONNX_EXPORT_MESSAGE
