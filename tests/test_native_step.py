@@ -110,21 +110,24 @@ def test_a_bound_trellis_layer_equals_its_forward(level: str) -> None:
 
 
 @pytest.mark.parametrize("level", ALL_LEVELS)
-@pytest.mark.parametrize(("arch", "bits"), [("llama", 2), ("qwen2", 4)])
-def test_native_step_runs_hyb_trellis_layers(level: str, arch: str, bits: int) -> None:
-    """HYB trellis layers (each with its own table, changed from the initial one as fine-tuning leaves
-    it) in the native step: float32 activations, so both loops agree up to float rounding; a bound layer
-    gives its forward's bits."""
-    model = _family_model(arch, quantized=True, codebook="qtiphyb", bits=bits)
+@pytest.mark.parametrize(("arch", "codebook", "bits"), [("llama", "qtiphyb", 2), ("qwen2", "qtiphyb", 4),
+                                                        ("llama", "qtip3inst", 3)])
+def test_native_step_runs_tile_decoded_trellis_layers(level: str, arch: str, codebook: str, bits: int) -> None:
+    """HYB layers (each with its own table, changed from the initial one as fine-tuning leaves it) and 3INST
+    layers in the native step: float32 activations, so both loops agree up to float rounding; a bound
+    layer gives its forward's bits."""
+    model = _family_model(arch, quantized=True, codebook=codebook, bits=bits)
     layers = [m for m in model.modules() if type(m).__name__ == "QuantizedLinear"]
-    assert layers and all(m.codebook.name == f"QTIPHYB{bits}" for m in layers)
+    assert layers and all(m.codebook.name == f"{codebook.upper()}{bits}" for m in layers)
     with torch.no_grad():
         for i, m in enumerate(layers):
-            m.lut.mul_(1.0 + 0.05 * i)
+            if m.lut is not None:
+                m.lut.mul_(1.0 + 0.05 * i)
     kernels.use(model, _level(level))
     bounds = [m.bind() for m in layers]
-    assert all(b is not None and b.trellis_lut == m.lut.data_ptr() and not b.trellis_int8
-               for b, m in zip(bounds, layers, strict=True))
+    assert all(b is not None and b.trellis_code and not b.trellis_int8 for b in bounds)
+    assert all(b.trellis_lut == (None if m.lut is None else m.lut.data_ptr()) for b, m in zip(bounds, layers,
+                                                                                          strict=True))
     _assert_steps_match(model)
     layer = layers[0]
     x = torch.randn(1, layer.in_features, generator=torch.Generator().manual_seed(0))

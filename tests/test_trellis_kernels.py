@@ -164,67 +164,101 @@ def test_one_call_layer_is_the_same_bits_as_its_passes_one_by_one(level: str, us
     assert torch.equal(got, want)
 
 
-# --------------------------------------------------------------------------- the HYB code (per-matrix table)
-def _hyb(k: int, m: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random words, a random table (not the initial one: the kernels must read the layer's own) and the
-    Python decode of the pair."""
+# --------------------------------------------------------------------------- HYB and 3INST: decoded tile by tile
+TILE_CODES = ("QTIPHYB", "QTIP3INST")
+
+
+def _tile_case(family: str, k: int, m: int, n: int, seed: int
+               ) -> tuple[str, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Random words, a random table for HYB (not the initial one: the kernels must read the layer's own)
+    and the Python decode of the pair."""
     codes = _codes(m, n, k, seed)
-    lut = torch.randn(512, 2, generator=torch.Generator().manual_seed(seed + 1))
-    cb = get_codebook(f"QTIPHYB{k}")
-    return codes, lut, cb.decode_matrix(cb.unpack_matrix(codes, m, n), m, n, lut)
+    cb = get_codebook(f"{family}{k}")
+    lut = torch.randn(512, 2, generator=torch.Generator().manual_seed(seed + 1)) if cb.lut_shape else None
+    return cb.name, codes, lut, cb.decode_matrix(cb.unpack_matrix(codes, m, n), m, n, lut)
+
+
+def _native_values(name: str, W: torch.Tensor) -> torch.Tensor:
+    """The native kernels' values of a decoded matrix: HYB's own, 3INST's raw float16 sums (exact)."""
+    return W if "HYB" in name else (W.double() / kernels.native.tile_code_scale(name)).float()
 
 
 @pytest.mark.parametrize("level", X86_LEVELS)
+@pytest.mark.parametrize("family", TILE_CODES)
 @pytest.mark.parametrize("k", (2, 3, 4))
-def test_hyb_decode_on_every_level_is_the_python_decode_and_its_transpose(level: str, k: int) -> None:
+def test_tile_decode_on_every_level_is_the_python_decode_and_its_transpose(level: str, family: str, k: int) -> None:
     kernel = _level(level)
     m, n = 80, 112  # 5 slabs of 7 tiles: the threads' split and a tile-row's last pairs
-    codes, lut, W = _hyb(k, m, n, 60 + k)
-    assert torch.equal(kernel.decode(codes, m, n, f"QTIPHYB{k}", threads=2, lut=lut), W)
+    name, codes, lut, W = _tile_case(family, k, m, n, 60 + k)
+    raw = kernel.tile_decode(codes, m, n, name, lut, threads=2)
+    if lut is None:  # 3INST: raw values (exact float16 sums) times the code's scale
+        torch.testing.assert_close(kernel.decode(codes, m, n, name, threads=2), W, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(kernel.decode(codes, m, n, name, threads=2, lut=lut), W)
+    torch.testing.assert_close(raw, _native_values(name, W), rtol=1e-6, atol=1e-6)
     out = torch.full((n, m), float("nan"))
-    assert kernel.hyb_decode(codes, m, n, k, lut, threads=2, out=out, transposed=True) is out
-    assert torch.equal(out, W.T)
+    assert kernel.tile_decode(codes, m, n, name, lut, threads=2, out=out, transposed=True) is out
+    assert torch.equal(out, raw.T)
+
+
+def test_3inst_raw_values_equal_the_python_raw_code() -> None:
+    """3INST's native raw values are the Python raw code (float16 halves summed in float32) bit for bit."""
+    from quipsharp.codebooks.trellis import raw_code
+
+    m, n, k = 32, 48, 2
+    codes = _codes(m, n, k, 3)
+    states = states_from_words(codes.reshape(-1, 16 * k), k)
+    want = raw_code("3inst", states).reshape(m // 16, n // 16, 16, 16).permute(0, 3, 1, 2).reshape(m, n)
+    for level in kernels.supported_levels():
+        assert torch.equal(kernels.select(level).tile_decode(codes, m, n, "QTIP3INST2"), want), level
 
 
 @pytest.mark.parametrize("level", X86_LEVELS)
+@pytest.mark.parametrize("family", TILE_CODES)
 @pytest.mark.parametrize("k", (2, 3, 4))
 @pytest.mark.parametrize("B", (1, 3, 9))
-def test_hyb_matmul_is_the_same_bits_on_every_level_and_close_to_exact(level: str, k: int, B: int) -> None:
+def test_tile_matmul_is_the_same_bits_on_every_level_and_close_to_exact(level: str, family: str, k: int,
+                                                                         B: int) -> None:
     kernel = _level(level)
     m, n = 64, 96
-    codes, lut, W = _hyb(k, m, n, 70 + k + B)
+    name, codes, lut, W = _tile_case(family, k, m, n, 70 + k + B)
     x = torch.randn(B, n, generator=torch.Generator().manual_seed(B))
-    got = kernel.matmul(x, codes, m, f"QTIPHYB{k}", threads=2, lut=lut)
-    assert torch.equal(got, kernels.select("scalar").hyb_matmul(x, codes, m, k, lut))
-    torch.testing.assert_close(got.double(), x.double() @ W.double().T, rtol=1e-5, atol=1e-4)
+    got = kernel.tile_matmul(x, codes, m, name, lut, threads=2)
+    assert torch.equal(got, kernels.select("scalar").tile_matmul(x, codes, m, name, lut))
+    torch.testing.assert_close(got.double(), x.double() @ _native_values(name, W).double().T, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(kernel.matmul(x, codes, m, name, lut=lut).double(), x.double() @ W.double().T,
+                               rtol=1e-5, atol=1e-4)
 
 
 def test_hyb_kernels_refuse_a_missing_or_misshapen_table() -> None:
-    codes, lut, _ = _hyb(2, 32, 64, 0)
+    _, codes, lut, _ = _tile_case("QTIPHYB", 2, 32, 64, 0)
     for kernel in (kernels.select("scalar"), kernels.select("reference")):
         with pytest.raises(ValueError, match="per-matrix table"):
             kernel.decode(codes, 32, 64, "QTIPHYB2")
     scalar = kernels.select("scalar")
     with pytest.raises(ValueError, match="lut must have shape"):
-        scalar.hyb_matmul(torch.randn(1, 64), codes, 32, 2, lut[:256])
+        scalar.tile_matmul(torch.randn(1, 64), codes, 32, "QTIPHYB2", lut[:256])
     with pytest.raises(TypeError, match=r"lut must be torch\.float32"):
-        scalar.hyb_matmul(torch.randn(1, 64), codes, 32, 2, lut.double())
+        scalar.tile_matmul(torch.randn(1, 64), codes, 32, "QTIPHYB2", lut.double())
     with pytest.raises(ValueError, match="codes"):
-        scalar.hyb_matmul(torch.randn(1, 64), codes[:, :-1], 32, 2, lut)
+        scalar.tile_matmul(torch.randn(1, 64), codes[:, :-1], 32, "QTIPHYB2", lut)
 
 
 @pytest.mark.parametrize("level", X86_LEVELS)
-# 1, 12: one native call (qs_trellis_hyb_linear); 136: the decoded weight through torch's GEMM
+@pytest.mark.parametrize("family", ("qtiphyb", "qtip3inst"))
+# 1, 12: one native call (qs_trellis_tile_linear); 136: the decoded weight through torch's GEMM
 @pytest.mark.parametrize("batch", (1, 12, kernels.native.TRELLIS_SLAB_MAX_BATCH + 72))
 @pytest.mark.parametrize("use_hadamard", (True, False))
-def test_hyb_layer_on_the_native_kernel_matches_the_reference(level: str, batch: int, use_hadamard: bool) -> None:
-    """A HYB layer (with a table changed from the initial one, as fine-tuning leaves it) runs natively,
-    float32 throughout: the reference's output to float rounding; its core weight is the reference's."""
+def test_tile_layer_on_the_native_kernel_matches_the_reference(level: str, family: str, batch: int,
+                                                               use_hadamard: bool) -> None:
+    """A HYB layer (with a table changed from the initial one, as fine-tuning leaves it) and a 3INST layer
+    run natively, float32 throughout: the reference's output to float rounding, and its core weight."""
     _level(level)
     layer = QuantizedLinear.from_linear(torch.nn.Linear(128, 64, bias=True), None,
-                                        QuIPSharpConfig(bits=2, codebook="qtiphyb", use_hadamard=use_hadamard))
-    with torch.no_grad():
-        layer.lut.mul_(1.5).add_(0.01)
+                                        QuIPSharpConfig(bits=2, codebook=family, use_hadamard=use_hadamard))
+    if layer.lut is not None:
+        with torch.no_grad():
+            layer.lut.mul_(1.5).add_(0.01)
     x = torch.randn(batch, 128, generator=torch.Generator().manual_seed(batch))
     layer.use_kernel("reference")
     ref = layer(x)
@@ -232,4 +266,6 @@ def test_hyb_layer_on_the_native_kernel_matches_the_reference(level: str, batch:
     layer.use_kernel(level)
     assert layer._native
     torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
-    assert torch.equal(layer.core_weight(), W_ref)
+    torch.testing.assert_close(layer.core_weight(), W_ref, rtol=1e-6, atol=1e-6)
+    if batch <= kernels.FUSED_MAX_BATCH:  # the decoding loop's bound call: the forward's bits
+        assert torch.equal(layer.bind()(x, torch.empty(batch, 64)), layer(x))

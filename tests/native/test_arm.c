@@ -14,7 +14,8 @@
  *   - the trellis Viterbi (the same paths on every level);
  *   - the trellis decode-matvec, float32 and int8 (NEON kernels; the same bits as the scalar level);
  *   - the trellis weight decode, as W and as its transpose (the same values as the scalar level);
- *   - the HYB trellis (a per-matrix table): decode and decode-matvec (the same bits as the scalar level).
+ *   - the HYB (a per-matrix table) and 3INST trellis codes: decode and decode-matvec (the same bits as the
+ *     scalar level).
  * A level the CPU lacks must be refused (QS_EBADLEVEL) rather than run: `qemu-aarch64 -cpu cortex-a53`
  * has no dot product, `-cpu max` has it.
  *
@@ -277,40 +278,59 @@ static void test_trellis_decode(int levels) {
     }
 }
 
-/* The HYB trellis (a per-matrix table): every NEON level's decode-matvec and decode equal the scalar level's,
-   and the decode is the table's values as the Python layout defines them (spot-checked from the formula). */
-static void test_trellis_hyb(int levels) {
+/* The trellis codes decoded tile by tile (HYB with a per-matrix table, 3INST): every NEON level's
+   decode-matvec and decode equal the scalar level's, and the decode follows the Python layout's formula
+   (spot-checked at step 0). */
+static float half_to_float(uint32_t h) { /* a normal float16 */
+    uint32_t f = (((h & 0x7FFFu) << 13) + ((127u - 15u) << 23)) | ((h & 0x8000u) << 16);
+    float v;
+    memcpy(&v, &f, sizeof v);
+    return v;
+}
+
+static void test_trellis_tile(int levels) {
     enum { M = 48, N = 64, B = 3 };
     static int16_t codes[M / 16 * N / 16 * 16 * 4];
     static float lut[512 * 2], x[B * N], ref[B * M], got[B * M], w_ref[M * N], w_got[M * N];
     for (size_t i = 0; i < sizeof(codes) / sizeof(codes[0]); i++) codes[i] = (int16_t)(rnd() & 0xFFFF);
     for (int i = 0; i < 1024; i++) lut[i] = rnd_normal();
     for (int i = 0; i < B * N; i++) x[i] = rnd_normal();
-    for (int k = 2; k <= 4; k++) {
-        /* tile 0, step 0: the 16-bit window at bit 0 is word 0 */
-        CHECK(qs_trellis_hyb_decode(codes, M, N, k, lut, w_ref, 1, QS_LEVEL_SCALAR, 0) == QS_OK, "hyb decode k=%d", k);
-        uint32_t s = (uint16_t)codes[0], h = (s * (s + 1u)) & 0xFFFFu;
-        float first = lut[2 * ((h >> 6) & 511)], second = lut[2 * ((h >> 6) & 511) + 1];
-        CHECK(w_ref[0] == ((h & 0x8000u) ? -first : first) && w_ref[N] == second, "hyb decode k=%d: step 0", k);
-        for (int level = QS_LEVEL_NEON; level <= QS_LEVEL_NEON_DOT; level++) {
-            int rc = qs_trellis_hyb_decode(codes, M, N, k, lut, w_got, 2, level, 0);
-            if (!((levels >> level) & 1)) {
-                CHECK(rc == QS_EBADLEVEL, "hyb decode %s not refused", LEVEL_NAMES[level]);
-                continue;
+    for (int code = QS_TRELLIS_HYB; code <= QS_TRELLIS_3INST; code++)
+        for (int k = 2; k <= 4; k++) {
+            const char *name = code == QS_TRELLIS_HYB ? "hyb" : "3inst";
+            CHECK(qs_trellis_tile_decode(codes, M, N, k, code, lut, w_ref, 1, QS_LEVEL_SCALAR, 0) == QS_OK,
+                  "%s decode k=%d", name, k);
+            uint32_t s = (uint16_t)codes[0]; /* tile 0, step 0: the window at bit 0 is word 0 */
+            if (code == QS_TRELLIS_HYB) {
+                uint32_t h = (s * (s + 1u)) & 0xFFFFu, e = (h >> 6) & 511;
+                CHECK(w_ref[0] == ((h & 0x8000u) ? -lut[2 * e] : lut[2 * e]) && w_ref[N] == lut[2 * e + 1],
+                      "hyb decode k=%d: step 0", k);
+            } else {
+                uint32_t r = ((s * 89226354u + 64248484u) & 0x8FFF8FFFu) ^ 0x3B603B60u;
+                CHECK(w_ref[0] == half_to_float(r >> 16) + half_to_float(r & 0xFFFFu), "3inst decode k=%d: step 0", k);
             }
-            CHECK(rc == QS_OK && memcmp(w_ref, w_got, sizeof(w_ref)) == 0, "hyb decode %s (k=%d) differs",
-                  LEVEL_NAMES[level], k);
-        }
-        for (int b = 1; b <= B; b++) {
-            CHECK(qs_trellis_hyb_matmul(codes, M, N, k, lut, x, b, ref, 1, QS_LEVEL_SCALAR) == QS_OK, "hyb k=%d", k);
             for (int level = QS_LEVEL_NEON; level <= QS_LEVEL_NEON_DOT; level++) {
-                if (!((levels >> level) & 1)) continue;
-                CHECK(qs_trellis_hyb_matmul(codes, M, N, k, lut, x, b, got, 2, level) == QS_OK &&
-                          memcmp(ref, got, sizeof(float) * (size_t)(b * M)) == 0,
-                      "hyb matmul %s (k=%d, B=%d) differs from scalar", LEVEL_NAMES[level], k, b);
+                int rc = qs_trellis_tile_decode(codes, M, N, k, code, lut, w_got, 2, level, 0);
+                if (!((levels >> level) & 1)) {
+                    CHECK(rc == QS_EBADLEVEL, "%s decode %s not refused", name, LEVEL_NAMES[level]);
+                    continue;
+                }
+                CHECK(rc == QS_OK && memcmp(w_ref, w_got, sizeof(w_ref)) == 0, "%s decode %s (k=%d) differs", name,
+                      LEVEL_NAMES[level], k);
+            }
+            for (int b = 1; b <= B; b++) {
+                CHECK(qs_trellis_tile_matmul(codes, M, N, k, code, lut, x, b, ref, 1, QS_LEVEL_SCALAR) == QS_OK,
+                      "%s k=%d", name, k);
+                for (int level = QS_LEVEL_NEON; level <= QS_LEVEL_NEON_DOT; level++) {
+                    if (!((levels >> level) & 1)) continue;
+                    CHECK(qs_trellis_tile_matmul(codes, M, N, k, code, lut, x, b, got, 2, level) == QS_OK &&
+                              memcmp(ref, got, sizeof(float) * (size_t)(b * M)) == 0,
+                          "%s matmul %s (k=%d, B=%d) differs from scalar", name, LEVEL_NAMES[level], k, b);
+                }
             }
         }
-    }
+    CHECK(qs_trellis_tile_matmul(codes, M, N, 2, QS_TRELLIS_HYB, NULL, x, 1, ref, 1, QS_LEVEL_SCALAR) == QS_EBADARG,
+          "hyb without its table not refused");
 }
 
 int main(void) {
@@ -331,7 +351,7 @@ int main(void) {
     test_viterbi(levels);
     test_trellis(levels);
     test_trellis_decode(levels);
-    test_trellis_hyb(levels);
+    test_trellis_tile(levels);
     if (failures) {
         printf("test_arm: %d check(s) FAILED\n", failures);
         return 1;

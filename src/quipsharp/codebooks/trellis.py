@@ -112,6 +112,15 @@ def _table(name: str, L: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=2)
+def raw_code_scale(name: str) -> float:
+    """The factor from :func:`raw_code`'s values to :func:`code_table`'s (``1 / std`` over all ``2^16``
+    states, in float64): the native kernels decode the raw values (3INST's float16 sums are exact in
+    float32) and apply it once per output."""
+    values = raw_code(name, torch.arange(1 << STATE_BITS, dtype=torch.int64)).to(torch.float64)
+    return float(1.0 / values.std(correction=0))
+
+
+@functools.lru_cache(maxsize=2)
 def integer_code(name: str) -> tuple[torch.Tensor, float]:
     """``(raw, scale)`` of a code whose raw values are integers (``1mad``: the byte sum minus 510, in
     ``[-510, 510]``): ``raw`` ``[2^16]`` int32 and the float with ``code_table(name) ≈ raw · scale``

@@ -3647,25 +3647,43 @@ QS_API int qs_trellis_decode(const int16_t *codes, int64_t m, int64_t n, int k, 
     return failed ? QS_ENOMEM : QS_OK;
 }
 
-/* ------------------------------------------------------- the HYB trellis code (a per-matrix table) */
+/* ------------------------------------------------------- trellis codes decoded tile by tile: HYB, 3INST */
 /*
+ * The trellis codes other than 1MAD run through one path: each level decodes a whole tile into 256 floats
+ * (L1), then accumulates them as the 1MAD slabs do (FMA in column order, fmaf in the portable code), so
+ * every level returns the same bits; activations stay float32. code selects the decoder:
+ *
  * QTIP's hybrid code (V = 2; quipsharp.codebooks.trellis, "hyb"): step t of a tile (t = 0..127) is the
  * 16-bit window s at bit t·2k of the tile's cyclic stream, and decodes to the tile's weights p = 2t and
  * 2t + 1 (column-major, as the 1MAD layout: row p mod 16, column p / 16) from the matrix's table
  * lut [512][2] float32: with h = s·(s + 1) mod 2^16, the entry is bits 6..14 of h, and bit 15 negates
  * its first value. The table is 4 KiB: L1-resident while a slab is decoded.
  *
- * Each level decodes a tile into 256 floats (copies of table values, the sign bit flipped: exact), then
- * accumulates them as the 1MAD slabs do (FMA in column order, fmaf in the portable code), so every level
- * returns the same bits. x86 levels decode 16 (AVX-512) or 8 (AVX2) steps per vector and fetch each
- * step's two values as one 64-bit gather lane; NEON decodes in portable C and accumulates with NEON.
+ * The decoded values are the table's (the sign bit flipped: exact). x86 levels decode 16 (AVX-512) or 8
+ * (AVX2) steps per vector and fetch each step's two values as one 64-bit gather lane.
+ *
+ * QTIP's 3INST code (QS_TRELLIS_3INST, V = 1, the 1MAD layout: weight p = 16c + r is the state at bit
+ * p·k): x = 89226354·s + 64248484 (mod 2^32), r = (x & 0x8FFF8FFF) ^ 0x3B603B60, and the raw code is the
+ * sum of r's two float16 halves in float32. Those halves are always normal numbers (biased exponents
+ * 12..15), so each converts by shifting its bits into a float32 and rebasing the exponent: exact, with no
+ * F16C. The caller scales the raw code to unit variance (as it does 1MAD's integers).
+ *
+ * NEON decodes both codes in portable C and accumulates with NEON.
  */
+#define QS_TRELLIS_HYB 1
+#define QS_TRELLIS_3INST 2
+#define TRELLIS_3INST_A 89226354u
+#define TRELLIS_3INST_C 64248484u
+#define TRELLIS_3INST_MASK 0x8FFF8FFFu
+#define TRELLIS_3INST_FLIP 0x3B603B60u
+#define TRELLIS_HALF_MAGNITUDE 0x0FFFE000u /* a float16's exponent and mantissa, moved up 13 bits */
+#define TRELLIS_HALF_REBASE ((127u - 15u) << 23) /* float16 exponent bias -> float32's */
 #define TRELLIS_HYB_STEPS 128  /* steps of a 256-weight tile, two weights each */
 #define TRELLIS_HYB_SHIFT 6    /* the entry: bits 6..14 of the hash (Q = 9) */
 #define TRELLIS_HYB_ENTRY 511
 #define TRELLIS_HYB_NEGATE 0x8000u
 
-typedef void (*trellis_hyb_tile_fn)(const uint32_t *pairs, int k, const float *lut, float *w);
+typedef void (*trellis_tile_fn)(const uint32_t *pairs, int k, const float *lut, float *w);
 typedef void (*trellis_accumulate_fn)(const float *w, const float *x, int64_t B, int64_t n, float *acc);
 
 static void trellis_hyb_tile_scalar(const uint32_t *pairs, int k, const float *lut, float *w) {
@@ -3677,6 +3695,24 @@ static void trellis_hyb_tile_scalar(const uint32_t *pairs, int k, const float *l
         const float *e = lut + 2 * ((h >> TRELLIS_HYB_SHIFT) & TRELLIS_HYB_ENTRY);
         w[2 * t] = (h & TRELLIS_HYB_NEGATE) ? -e[0] : e[0];
         w[2 * t + 1] = e[1];
+    }
+}
+
+/* A normal float16's bits (the low 16 of h) as a float32. */
+static inline float trellis_half(uint32_t h) {
+    uint32_t f = (((h & 0x7FFFu) << 13) + TRELLIS_HALF_REBASE) | ((h & 0x8000u) << 16);
+    float v;
+    memcpy(&v, &f, sizeof v);
+    return v;
+}
+
+static void trellis_3inst_tile_scalar(const uint32_t *pairs, int k, const float *lut, float *w) {
+    (void)lut;
+    for (int p = 0; p < TRELLIS_TILE * TRELLIS_TILE; p++) {
+        const int bit = p * k;
+        const uint32_t s = (pairs[bit >> 4] >> (16 - (bit & 15))) & 0xFFFFu;
+        const uint32_t r = ((s * TRELLIS_3INST_A + TRELLIS_3INST_C) & TRELLIS_3INST_MASK) ^ TRELLIS_3INST_FLIP;
+        w[p] = trellis_half(r >> 16) + trellis_half(r & 0xFFFFu);
     }
 }
 
@@ -3732,6 +3768,67 @@ __attribute__((target("avx2"))) static void trellis_hyb_tile_avx2(const uint32_t
     }
 }
 
+/* 3INST, AVX-512: column c's 16 rows at once (lane r reads pair c·k + ((r·k) >> 4)). */
+__attribute__((target("avx512f"))) static inline __m512 trellis_3inst_halves_avx512(__m512i r) {
+    const __m512i magnitude = _mm512_set1_epi32((int)TRELLIS_HALF_MAGNITUDE);
+    const __m512i rebase = _mm512_set1_epi32((int)TRELLIS_HALF_REBASE), sign = _mm512_set1_epi32((int)0x80000000u);
+    __m512i hi = _mm512_or_si512(_mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(r, 3), magnitude), rebase),
+                                 _mm512_and_si512(r, sign));
+    __m512i lo = _mm512_or_si512(_mm512_add_epi32(_mm512_and_si512(_mm512_slli_epi32(r, 13), magnitude), rebase),
+                                 _mm512_and_si512(_mm512_slli_epi32(r, 16), sign));
+    return _mm512_add_ps(_mm512_castsi512_ps(hi), _mm512_castsi512_ps(lo));
+}
+
+__attribute__((target("avx512f"))) static void trellis_3inst_tile_avx512(const uint32_t *pairs, int k, const float *lut,
+                                                                         float *w) {
+    (void)lut;
+    const __m512i bits = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32(k));
+    const __m512i idx = _mm512_srli_epi32(bits, 4);
+    const __m512i shift = _mm512_sub_epi32(_mm512_set1_epi32(16), _mm512_and_si512(bits, _mm512_set1_epi32(15)));
+    const __m512i low = _mm512_set1_epi32(0xFFFF), a = _mm512_set1_epi32((int)TRELLIS_3INST_A);
+    const __m512i c = _mm512_set1_epi32((int)TRELLIS_3INST_C), mask = _mm512_set1_epi32((int)TRELLIS_3INST_MASK);
+    const __m512i flip = _mm512_set1_epi32((int)TRELLIS_3INST_FLIP);
+    for (int col = 0; col < TRELLIS_TILE; col++) {
+        __m512i v = _mm512_permutexvar_epi32(idx, _mm512_loadu_si512((const void *)(pairs + col * k)));
+        __m512i s = _mm512_and_si512(_mm512_srlv_epi32(v, shift), low);
+        __m512i r = _mm512_xor_si512(_mm512_and_si512(_mm512_add_epi32(_mm512_mullo_epi32(s, a), c), mask), flip);
+        _mm512_storeu_ps(w + TRELLIS_TILE * col, trellis_3inst_halves_avx512(r));
+    }
+}
+
+/* 3INST, AVX2: half h (rows 8h .. 8h + 7) of a column reads pair c·k + ((8h·k) >> 4) + its lane's offset. */
+__attribute__((target("avx2"))) static inline __m256 trellis_3inst_halves_avx2(__m256i r) {
+    const __m256i magnitude = _mm256_set1_epi32((int)TRELLIS_HALF_MAGNITUDE);
+    const __m256i rebase = _mm256_set1_epi32((int)TRELLIS_HALF_REBASE), sign = _mm256_set1_epi32((int)0x80000000u);
+    __m256i hi = _mm256_or_si256(_mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(r, 3), magnitude), rebase),
+                                 _mm256_and_si256(r, sign));
+    __m256i lo = _mm256_or_si256(_mm256_add_epi32(_mm256_and_si256(_mm256_slli_epi32(r, 13), magnitude), rebase),
+                                 _mm256_and_si256(_mm256_slli_epi32(r, 16), sign));
+    return _mm256_add_ps(_mm256_castsi256_ps(hi), _mm256_castsi256_ps(lo));
+}
+
+__attribute__((target("avx2"))) static void trellis_3inst_tile_avx2(const uint32_t *pairs, int k, const float *lut,
+                                                                   float *w) {
+    (void)lut;
+    const __m256i iota = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), kk = _mm256_set1_epi32(k);
+    const __m256i low = _mm256_set1_epi32(0xFFFF), a = _mm256_set1_epi32((int)TRELLIS_3INST_A);
+    const __m256i c = _mm256_set1_epi32((int)TRELLIS_3INST_C), mask = _mm256_set1_epi32((int)TRELLIS_3INST_MASK);
+    const __m256i flip = _mm256_set1_epi32((int)TRELLIS_3INST_FLIP);
+    for (int h = 0; h < 2; h++) {
+        const int off = (8 * h * k) >> 4;
+        const __m256i bits = _mm256_mullo_epi32(_mm256_add_epi32(iota, _mm256_set1_epi32(8 * h)), kk);
+        const __m256i idx = _mm256_sub_epi32(_mm256_srli_epi32(bits, 4), _mm256_set1_epi32(off));
+        const __m256i shift = _mm256_sub_epi32(_mm256_set1_epi32(16), _mm256_and_si256(bits, _mm256_set1_epi32(15)));
+        for (int col = 0; col < TRELLIS_TILE; col++) {
+            __m256i v = _mm256_permutevar8x32_epi32(_mm256_loadu_si256((const __m256i *)(pairs + col * k + off)), idx);
+            __m256i s = _mm256_and_si256(_mm256_srlv_epi32(v, shift), low);
+            __m256i r = _mm256_xor_si256(_mm256_and_si256(_mm256_add_epi32(_mm256_mullo_epi32(s, a), c), mask), flip);
+            _mm256_storeu_ps(w + TRELLIS_TILE * col + 8 * h, trellis_3inst_halves_avx2(r));
+        }
+    }
+}
+
 /* acc [B][16] += tile x x[b, :16], FMA in column order (as trellis_accumulate_scalar). */
 __attribute__((target("avx512f"))) static void trellis_accumulate_avx512(const float *w, const float *x, int64_t B,
                                                                          int64_t n, float *acc) {
@@ -3769,14 +3866,16 @@ static void trellis_accumulate_neon(const float *w, const float *x, int64_t B, i
 }
 #endif
 
-static trellis_hyb_tile_fn trellis_hyb_tile(int level) {
+/* The tile decoder of a code (QS_TRELLIS_HYB or QS_TRELLIS_3INST) at a level. */
+static trellis_tile_fn trellis_tile(int level, int code) {
+    const int hyb = code == QS_TRELLIS_HYB;
 #if QS_X86
-    if (level == QS_LEVEL_VNNI || level == QS_LEVEL_AVX512) return trellis_hyb_tile_avx512;
-    if (level == QS_LEVEL_AVX2) return trellis_hyb_tile_avx2;
+    if (level == QS_LEVEL_VNNI || level == QS_LEVEL_AVX512) return hyb ? trellis_hyb_tile_avx512 : trellis_3inst_tile_avx512;
+    if (level == QS_LEVEL_AVX2) return hyb ? trellis_hyb_tile_avx2 : trellis_3inst_tile_avx2;
 #else
     (void)level;
 #endif
-    return trellis_hyb_tile_scalar;
+    return hyb ? trellis_hyb_tile_scalar : trellis_3inst_tile_scalar;
 }
 
 static trellis_accumulate_fn trellis_accumulate(int level) {
@@ -3790,25 +3889,25 @@ static trellis_accumulate_fn trellis_accumulate(int level) {
     return trellis_accumulate_scalar;
 }
 
-/* A HYB layer's slab operation at one level: its tile decoder, accumulation and pairs builder. */
+/* A tile-decoded layer's slab operation at one level: its tile decoder, accumulation and pairs builder. */
 typedef struct {
-    trellis_hyb_tile_fn tile;
+    trellis_tile_fn tile;
     trellis_accumulate_fn accumulate;
     trellis_pairs_fn build_pairs;
     int64_t n, tiles;
     int k;
     const float *lut;
-} trellis_hyb_op;
+} trellis_tile_op;
 
-static trellis_hyb_op trellis_hyb_op_for(int level, int64_t n, int k, const float *lut) {
-    trellis_hyb_op op = {trellis_hyb_tile(level), trellis_accumulate(level), trellis_slab_pairs_for(level), n,
-                         n / TRELLIS_TILE, k, lut};
+static trellis_tile_op trellis_tile_op_for(int level, int code, int64_t n, int k, const float *lut) {
+    trellis_tile_op op = {trellis_tile(level, code), trellis_accumulate(level), trellis_slab_pairs_for(level), n,
+                          n / TRELLIS_TILE, k, lut};
     return op;
 }
 
 /* The 16 rows of one slab (codes_row: its words): y[b·ystride + r] for every batch row b of x [B, n].
    scratch: B·16 + 256 floats, then the slab's pairs (tiles·16k + 16). */
-static void trellis_hyb_rows(const trellis_hyb_op *op, const int16_t *codes_row, const float *x, int64_t B,
+static void trellis_tile_rows(const trellis_tile_op *op, const int16_t *codes_row, const float *x, int64_t B,
                              float *scratch, float *y, int64_t ystride) {
     float *acc = scratch, *w = scratch + B * TRELLIS_TILE;
     uint32_t *pairs = (uint32_t *)(w + TRELLIS_TILE * TRELLIS_TILE);
@@ -3822,21 +3921,23 @@ static void trellis_hyb_rows(const trellis_hyb_op *op, const int16_t *codes_row,
     for (int64_t b = 0; b < B; b++) memcpy(y + b * ystride, acc + b * TRELLIS_TILE, sizeof(float) * TRELLIS_TILE);
 }
 
-static int trellis_hyb_args_ok(const int16_t *codes, int64_t m, int64_t n, int k, const float *lut, int nthreads) {
-    return codes && lut && m > 0 && n > 0 && m % TRELLIS_TILE == 0 && n % TRELLIS_TILE == 0 && k >= 2 &&
+static int trellis_tile_args_ok(const int16_t *codes, int64_t m, int64_t n, int k, int code, const float *lut,
+                                int nthreads) {
+    return codes && (code == QS_TRELLIS_3INST || (code == QS_TRELLIS_HYB && lut)) && m > 0 && n > 0 && m % TRELLIS_TILE == 0 && n % TRELLIS_TILE == 0 && k >= 2 &&
            k <= TRELLIS_MAX_K && nthreads >= 1;
 }
 
 /*
- * y [B, m] = x [B, n] · Cᵀ with C [m, n] the HYB code of a trellis matrix (bits k per weight, table lut
- * [512][2]); m, n multiples of 16. Threads split the 16-row slabs.
+ * y [B, m] = x [B, n] · Cᵀ with C [m, n] the code of a trellis matrix (bits k per weight; code
+ * QS_TRELLIS_HYB with its table lut [512][2], or QS_TRELLIS_3INST's raw values, lut unused); m, n
+ * multiples of 16. Threads split the 16-row slabs.
  */
-QS_API int qs_trellis_hyb_matmul(const int16_t *codes, int64_t m, int64_t n, int k, const float *lut, const float *x,
-                                 int64_t B, float *y, int nthreads, int level) {
+QS_API int qs_trellis_tile_matmul(const int16_t *codes, int64_t m, int64_t n, int k, int code, const float *lut,
+                                  const float *x, int64_t B, float *y, int nthreads, int level) {
     if (!level_ok(level)) return QS_EBADLEVEL;
-    if (!trellis_hyb_args_ok(codes, m, n, k, lut, nthreads) || !x || !y || B < 1) return QS_EBADARG;
+    if (!trellis_tile_args_ok(codes, m, n, k, code, lut, nthreads) || !x || !y || B < 1) return QS_EBADARG;
     const int64_t slabs = m / TRELLIS_TILE, row_words = n * k;
-    const trellis_hyb_op op = trellis_hyb_op_for(level, n, k, lut);
+    const trellis_tile_op op = trellis_tile_op_for(level, code, n, k, lut);
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1 && slabs > 1)
     {
@@ -3850,22 +3951,22 @@ QS_API int qs_trellis_hyb_matmul(const int16_t *codes, int64_t m, int64_t n, int
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < slabs; i++) {
             if (!acc) continue;
-            trellis_hyb_rows(&op, codes + i * row_words, x, B, acc, y + i * TRELLIS_TILE, m);
+            trellis_tile_rows(&op, codes + i * row_words, x, B, acc, y + i * TRELLIS_TILE, m);
         }
         free(acc);
     }
     return failed ? QS_ENOMEM : QS_OK;
 }
 
-/* A whole HYB trellis layer in one call: qs_trellis_linear's formula with C the HYB code (float32
-   activations at every batch size; wscale is the layer's scale: the table carries the code's). */
-QS_API int qs_trellis_hyb_linear(const float *x, int64_t B, int64_t n, int64_t m, const int16_t *codes, int k,
-                                 const float *lut, const float *su, const float *sv, float wscale, const float *bias,
-                                 int use_hadamard, int64_t k_in, const float *m_in, int64_t k_out,
-                                 const float *m_out_t, float *out, int nthreads, int level) {
+/* A whole tile-decoded trellis layer in one call: qs_trellis_linear's formula with C the code (float32
+   activations at every batch size; wscale: the layer's scale, times the code's for 3INST's raw values). */
+QS_API int qs_trellis_tile_linear(const float *x, int64_t B, int64_t n, int64_t m, const int16_t *codes, int k,
+                                  int code, const float *lut, const float *su, const float *sv, float wscale,
+                                  const float *bias, int use_hadamard, int64_t k_in, const float *m_in, int64_t k_out,
+                                  const float *m_out_t, float *out, int nthreads, int level) {
     if (!level_ok(level)) return QS_EBADLEVEL;
     if (!linear_args_ok(x, out, su, sv, B, n, m, use_hadamard, k_in, m_in, k_out, m_out_t) ||
-        !trellis_hyb_args_ok(codes, m, n, k, lut, nthreads))
+        !trellis_tile_args_ok(codes, m, n, k, code, lut, nthreads))
         return QS_EBADARG;
     if (B == 0) return QS_OK;
     int64_t kmax = n > m ? n : m;
@@ -3873,21 +3974,21 @@ QS_API int qs_trellis_hyb_linear(const float *x, int64_t B, int64_t n, int64_t m
     float *h = (float *)malloc(sizeof(float) * (size_t)(B * n + kmax * nt));
     if (!h) return QS_ENOMEM;
     linear_input(h, x, B, n, kmax, su, use_hadamard, k_in, m_in, nt, level);
-    int rc = qs_trellis_hyb_matmul(codes, m, n, k, lut, h, B, out, nthreads, level);
+    int rc = qs_trellis_tile_matmul(codes, m, n, k, code, lut, h, B, out, nthreads, level);
     if (rc == QS_OK) linear_output(out, B, m, h, n, kmax, sv, wscale, bias, use_hadamard, k_out, m_out_t, nt, level);
     free(h);
     return rc;
 }
 
-/* The HYB code of a trellis matrix as float32: out [m, n] (transposed = 0) or its transpose [n, m]
-   (transposed = 1), every level writing the table's values (exact). Threads split the 16-row slabs. */
-QS_API int qs_trellis_hyb_decode(const int16_t *codes, int64_t m, int64_t n, int k, const float *lut, float *out,
-                                 int nthreads, int level, int transposed) {
+/* The code of a trellis matrix as float32 (HYB: the table's values; 3INST: its raw values; exact on every
+   level): out [m, n] (transposed = 0) or its transpose [n, m] (transposed = 1). Threads split the 16-row slabs. */
+QS_API int qs_trellis_tile_decode(const int16_t *codes, int64_t m, int64_t n, int k, int code, const float *lut,
+                                  float *out, int nthreads, int level, int transposed) {
     if (!level_ok(level)) return QS_EBADLEVEL;
-    if (!trellis_hyb_args_ok(codes, m, n, k, lut, nthreads) || !out) return QS_EBADARG;
+    if (!trellis_tile_args_ok(codes, m, n, k, code, lut, nthreads) || !out) return QS_EBADARG;
     const int64_t slabs = m / TRELLIS_TILE, tiles = n / TRELLIS_TILE, tile_words = TRELLIS_TILE * k;
     const int64_t row_words = tiles * tile_words;
-    const trellis_hyb_tile_fn tile = trellis_hyb_tile(level);
+    const trellis_tile_fn tile = trellis_tile(level, code);
     const trellis_pairs_fn build_pairs = trellis_slab_pairs_for(level);
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1 && slabs > 1)
@@ -3951,7 +4052,8 @@ typedef struct {
     int64_t level;               /* this layer's kernel level (the selector's choice) */
     int64_t trellis_k;           /* 2..4: codes are a trellis matrix's int16 words (t unused); 0: not */
     int64_t trellis_int8;        /* a trellis layer's int8 activations (as qs_trellis_linear's int8) */
-    const float *trellis_lut;    /* a HYB trellis layer's table [512][2] (qs_trellis_hyb_linear); NULL: 1MAD */
+    int64_t trellis_code;        /* 0: 1MAD (qs_trellis_linear); QS_TRELLIS_HYB or _3INST (qs_trellis_tile_linear) */
+    const float *trellis_lut;    /* a HYB layer's table [512][2] */
 } qs_step_linear;
 
 typedef struct {
@@ -4010,7 +4112,7 @@ typedef struct {
     trellis_int8_op top;
     trellis_slab_fn tslab;
     trellis_pairs_fn tpairs;
-    trellis_hyb_op hop; /* a HYB trellis layer's slab operation */
+    trellis_tile_op tile_op; /* a tile-decoded trellis layer's slab operation (HYB, 3INST) */
 } step_part;
 
 static inline float dot_f32(const float *a, const float *b, int64_t n) {
@@ -4042,9 +4144,9 @@ static void step_prepare(step_part *p, float *tmp) {
                      (int)L->level);
     else
         for (int64_t j = 0; j < n; j++) p->h[j] *= L->su[j];
-    if (L->trellis_k && L->trellis_lut) { /* as qs_trellis_hyb_linear, B = 1 */
+    if (L->trellis_k && L->trellis_code) { /* as qs_trellis_tile_linear, B = 1 */
         p->int8 = 0;
-        p->hop = trellis_hyb_op_for((int)L->level, n, (int)L->trellis_k, L->trellis_lut);
+        p->tile_op = trellis_tile_op_for((int)L->level, (int)L->trellis_code, n, (int)L->trellis_k, L->trellis_lut);
         return;
     }
     if (L->trellis_k) { /* as qs_trellis_linear, B = 1 */
@@ -4099,8 +4201,8 @@ static void step_rows(const step_part *p, int64_t r0, int64_t r1, float *tmp) {
         const int64_t tiles = L->n / TRELLIS_TILE, row_words = tiles * TRELLIS_TILE * L->trellis_k;
         const int16_t *codes = (const int16_t *)(const void *)L->codes;
         for (int64_t i = r0 / TRELLIS_TILE; i < r1 / TRELLIS_TILE; i++) {
-            if (L->trellis_lut)
-                trellis_hyb_rows(&p->hop, codes + i * row_words, p->h, 1, tmp, p->out + i * TRELLIS_TILE, L->m);
+            if (L->trellis_code)
+                trellis_tile_rows(&p->tile_op, codes + i * row_words, p->h, 1, tmp, p->out + i * TRELLIS_TILE, L->m);
             else if (p->int8)
                 trellis_int8_rows(&p->top, codes + i * row_words, (int32_t *)(void *)tmp,
                                   (uint32_t *)(void *)(tmp + TRELLIS_TILE + TRELLIS_TILE * TRELLIS_TILE),
@@ -4239,10 +4341,13 @@ static void step_rope(float *v, const float *cos, const float *ssin, const int64
 static int step_linear_ok(const qs_step_linear *L, int64_t n, int64_t m) {
     if (L->n != n || L->m != m || n <= 0 || m <= 0) return 0;
     if (!level_ok((int)L->level)) return 0;
-    if (!L->codes) return L->weight != NULL && !L->trellis_k && !L->trellis_lut;
+    if (!L->codes) return L->weight != NULL && !L->trellis_k && !L->trellis_code;
     if (L->trellis_k) {
         if (L->trellis_k < 2 || L->trellis_k > TRELLIS_MAX_K || n % TRELLIS_TILE || m % TRELLIS_TILE ||
-            (L->trellis_int8 && (n > TRELLIS_INT8_MAX_N || L->trellis_lut)) || !L->su || !L->sv)
+            (L->trellis_int8 && (n > TRELLIS_INT8_MAX_N || L->trellis_code)) ||
+            (L->trellis_code && L->trellis_code != QS_TRELLIS_3INST &&
+             (L->trellis_code != QS_TRELLIS_HYB || !L->trellis_lut)) ||
+            !L->su || !L->sv)
             return 0;
     } else if (!L->t || !L->su || !L->sv || n % DIM) {
         return 0;

@@ -44,8 +44,8 @@ from quipsharp.kernels.native import (
     INT8_LEVELS,
     KINDS,
     LEVELS,
-    TRELLIS_HYB_KINDS,
     TRELLIS_KINDS,
+    TRELLIS_TILE_KINDS,
     UNFILLED_MESSAGE,
     BoundLinear,
     KernelError,
@@ -58,8 +58,8 @@ from quipsharp.kernels.native import (
 )
 from quipsharp.kernels.reference import REFERENCE, ReferenceKernel
 
-#: Codebooks a native kernel serves: the E8P family, the integer-code (1MAD) trellis and the HYB trellis.
-NATIVE_CODEBOOKS = frozenset(KINDS) | frozenset(TRELLIS_KINDS) | frozenset(TRELLIS_HYB_KINDS)
+#: Codebooks a native kernel serves: the E8P family and every trellis code (1MAD; HYB and 3INST tile by tile).
+NATIVE_CODEBOOKS = frozenset(KINDS) | frozenset(TRELLIS_KINDS) | frozenset(TRELLIS_TILE_KINDS)
 
 __all__ = [
     "ENV_CPU_CAP",
@@ -70,8 +70,8 @@ __all__ = [
     "LEVELS",
     "NATIVE_CODEBOOKS",
     "REFERENCE",
-    "TRELLIS_HYB_KINDS",
     "TRELLIS_KINDS",
+    "TRELLIS_TILE_KINDS",
     "UNFILLED_MESSAGE",
     "BoundLinear",
     "Kernel",

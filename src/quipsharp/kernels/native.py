@@ -44,8 +44,12 @@ DECODE_CHUNK_ELEMENTS = 4 * 2**20
 KINDS = {"E8P12": 0, "E8P12RVQ3B": 1, "E8P12RVQ4B": 2}
 #: Trellis codebooks with a native decode-matvec (``qs_trellis_matmul``: the integer 1MAD code) -> bits.
 TRELLIS_KINDS = {"QTIP1MAD2": 2, "QTIP1MAD3": 3, "QTIP1MAD4": 4}
-#: Trellis codebooks of the HYB code (``qs_trellis_hyb_*``: the per-matrix table ``lut``) -> bits.
-TRELLIS_HYB_KINDS = {"QTIPHYB2": 2, "QTIPHYB3": 3, "QTIPHYB4": 4}
+#: Codes of the trellis path that decodes a tile at a time (``qs_trellis_tile_*``, the C QS_TRELLIS_*).
+TRELLIS_HYB, TRELLIS_3INST = 1, 2
+#: Trellis codebooks on that path -> (bits, code): HYB (its per-matrix table ``lut``) and 3INST (the raw
+#: sum of two float16 halves, scaled by :func:`tile_code_scale`). Float32 activations.
+TRELLIS_TILE_KINDS = {**{f"QTIPHYB{k}": (k, TRELLIS_HYB) for k in (2, 3, 4)},
+                      **{f"QTIP3INST{k}": (k, TRELLIS_3INST) for k in (2, 3, 4)}}
 #: ``[entries, V]`` of a HYB layer's table (quipsharp.codebooks.trellis: 2^HYB_LUT_BITS two-vectors).
 HYB_LUT_SHAPE = (512, 2)
 #: Levels whose trellis decode-matvec quantizes a decoding step's activations to int8 (exact integer
@@ -119,17 +123,17 @@ def lib() -> ctypes.CDLL | None:
     cdll.qs_trellis_decode.argtypes = [_P, _I64, _I64, _INT, _P, _INT, _INT, _INT]
     cdll.qs_trellis_linear.argtypes = [_P, _I64, _I64, _I64, _P, _INT, _P, _P, _F, _P, _INT, _I64, _P, _I64, _P,
                                        _INT, _P, _INT, _INT]
-    cdll.qs_trellis_hyb_matmul.argtypes = [_P, _I64, _I64, _INT, _P, _P, _I64, _P, _INT, _INT]
-    cdll.qs_trellis_hyb_decode.argtypes = [_P, _I64, _I64, _INT, _P, _P, _INT, _INT, _INT]
-    cdll.qs_trellis_hyb_linear.argtypes = [_P, _I64, _I64, _I64, _P, _INT, _P, _P, _P, _F, _P, _INT, _I64, _P, _I64,
-                                           _P, _P, _INT, _INT]
+    cdll.qs_trellis_tile_matmul.argtypes = [_P, _I64, _I64, _INT, _INT, _P, _P, _I64, _P, _INT, _INT]
+    cdll.qs_trellis_tile_decode.argtypes = [_P, _I64, _I64, _INT, _INT, _P, _P, _INT, _INT, _INT]
+    cdll.qs_trellis_tile_linear.argtypes = [_P, _I64, _I64, _I64, _P, _INT, _INT, _P, _P, _P, _F, _P, _INT, _I64, _P,
+                                            _I64, _P, _P, _INT, _INT]
     cdll.qs_release_workspace.argtypes = []
     cdll.qs_release_workspace.restype = None
     for fn in (cdll.qs_decode, cdll.qs_matmul, cdll.qs_matmul_int8_ref, cdll.qs_hadamard, cdll.qs_linear,
                cdll.qs_supported_levels, cdll.qs_openmp, cdll.qs_step_check, cdll.qs_step,
                cdll.qs_dot_rows_int8, cdll.qs_viterbi, cdll.qs_trellis_matmul, cdll.qs_trellis_matmul_int8,
-               cdll.qs_trellis_decode, cdll.qs_trellis_linear, cdll.qs_trellis_hyb_matmul,
-               cdll.qs_trellis_hyb_decode, cdll.qs_trellis_hyb_linear):
+               cdll.qs_trellis_decode, cdll.qs_trellis_linear, cdll.qs_trellis_tile_matmul,
+               cdll.qs_trellis_tile_decode, cdll.qs_trellis_tile_linear):
         fn.restype = _INT
     return cdll
 
@@ -284,7 +288,7 @@ def check_linear_args(x, codes, su, sv, bias, m_in, m_out_t, codebook_name, use_
 
 def _codes_spec(codebook_name: str, m: int, n: int) -> tuple[torch.dtype, tuple[int, ...]]:
     """``(dtype, shape)`` of the stored codes a native kernel reads (ValueError: no native kernel)."""
-    k = TRELLIS_KINDS.get(codebook_name) or TRELLIS_HYB_KINDS.get(codebook_name)
+    k = TRELLIS_KINDS.get(codebook_name) or TRELLIS_TILE_KINDS.get(codebook_name, (0,))[0]
     if k:
         if m % TRELLIS_TILE or n % TRELLIS_TILE:
             raise ValueError(f"bad weight shape ({m}, {n}) for {codebook_name}: not whole {TRELLIS_TILE}x"
@@ -293,13 +297,26 @@ def _codes_spec(codebook_name: str, m: int, n: int) -> tuple[torch.dtype, tuple[
     return torch.uint8, (m, n // CODEBOOK_DIM * tables(codebook_name).code_bytes)
 
 
-def _check_lut(lut: torch.Tensor | None, codebook_name: str) -> torch.Tensor:
-    """A HYB layer's table as the C kernels read it: float32 ``[512, 2]``, contiguous, on the CPU."""
+def _check_lut(lut: torch.Tensor | None, codebook_name: str) -> torch.Tensor | None:
+    """A HYB layer's table as the C kernels read it: float32 ``[512, 2]``, contiguous, on the CPU (the other
+    tile-decoded codes have none: None)."""
+    if TRELLIS_TILE_KINDS[codebook_name][1] != TRELLIS_HYB:
+        return None
     if lut is None:
         raise ValueError(f"{codebook_name} decodes through its per-matrix table: pass lut (float32 "
                          f"{list(HYB_LUT_SHAPE)})")
     _need(lut, "lut", torch.float32, HYB_LUT_SHAPE)
     return lut
+
+
+def tile_code_scale(codebook_name: str) -> float:
+    """The factor from a tile-decoded code's native values to the codebook's (HYB: 1, its table's values;
+    3INST: its raw float16 sums to unit variance)."""
+    if TRELLIS_TILE_KINDS[codebook_name][1] == TRELLIS_HYB:
+        return 1.0
+    from quipsharp.codebooks.trellis import raw_code_scale
+
+    return raw_code_scale("3inst")
 
 
 def trellis_scale() -> float:
@@ -352,10 +369,13 @@ class NativeKernel:
         """``codes`` ``[m, n/8·code_bytes]`` uint8 -> ``W`` ``[m, n]`` float32, bitwise equal to the
         reference decode. ``out``: an optional contiguous float32 ``[m, n]`` tensor to write into.
         A trellis codebook (:data:`TRELLIS_KINDS`): int16 codes, the raw integer code times its scale
-        (equal to the reference decode to float32 rounding). A HYB trellis (:data:`TRELLIS_HYB_KINDS`):
-        the values of its table ``lut`` ``[512, 2]`` (bitwise the reference decode)."""
-        if codebook_name in TRELLIS_HYB_KINDS:
-            return self.hyb_decode(codes, m, n, TRELLIS_HYB_KINDS[codebook_name], lut, threads, out)
+        (equal to the reference decode to float32 rounding). A HYB trellis (:data:`TRELLIS_TILE_KINDS`):
+        the values of its table ``lut`` ``[512, 2]`` (bitwise the reference decode); 3INST: its raw values
+        times their scale (to float32 rounding)."""
+        if codebook_name in TRELLIS_TILE_KINDS:
+            W = self.tile_decode(codes, m, n, codebook_name, lut, threads, out)
+            scale = tile_code_scale(codebook_name)
+            return W if scale == 1.0 else W.mul_(scale)
         if codebook_name in TRELLIS_KINDS:
             W = self.trellis_decode(codes, m, n, TRELLIS_KINDS[codebook_name], threads, out)
             return W.mul_(trellis_scale())
@@ -381,10 +401,12 @@ class NativeKernel:
         With :attr:`int8_activations` and ``allow_int8`` each row of ``x`` is first quantized to
         int8 (scale ``max|x| / 127``); ``allow_int8=False`` keeps float32 activations. A row with a
         NaN or ±Inf gives a row of NaN. A trellis codebook quantizes to int8 at
-        :data:`TRELLIS_INT8_LEVELS` (same rule); a HYB trellis (its table ``lut``) keeps float32 activations.
+        :data:`TRELLIS_INT8_LEVELS` (same rule); HYB (its table ``lut``) and 3INST keep float32 activations.
         """
-        if codebook_name in TRELLIS_HYB_KINDS:
-            return self.hyb_matmul(x, codes, m, TRELLIS_HYB_KINDS[codebook_name], lut, threads)
+        if codebook_name in TRELLIS_TILE_KINDS:
+            y = self.tile_matmul(x, codes, m, codebook_name, lut, threads)
+            scale = tile_code_scale(codebook_name)
+            return y if scale == 1.0 else y.mul_(scale)
         if codebook_name in TRELLIS_KINDS:
             return self.trellis_matmul(x, codes, m, TRELLIS_KINDS[codebook_name], threads,
                                        int8=allow_int8 and self._trellis_int8(x.shape[-1])).mul_(trellis_scale())
@@ -428,9 +450,9 @@ class NativeKernel:
         B = h.shape[0]
         if B == 0:
             return x.new_empty(*x.shape[:-1], m)
-        if codebook_name in TRELLIS_HYB_KINDS:
-            return self._hyb_linear(x, h, codes, su, sv, scale, bias, m_in, m_out_t, codebook_name, use_hadamard,
-                                    _check_lut(lut, codebook_name))
+        if codebook_name in TRELLIS_TILE_KINDS:
+            return self._tile_linear(x, h, codes, su, sv, scale, bias, m_in, m_out_t, codebook_name, use_hadamard,
+                                     _check_lut(lut, codebook_name))
         if codebook_name in TRELLIS_KINDS:
             return self._trellis_linear(x, h, codes, su, sv, scale, bias, m_in, m_out_t, codebook_name, use_hadamard)
         if B <= FUSED_MAX_BATCH or (use_hadamard and self.int8_activations):
@@ -543,53 +565,55 @@ class NativeKernel:
         Wt = self.trellis_decode(codes, m, n, k, out=_scratch(m * n)[: m * n].view(n, m), transposed=True)
         return self._output(x, h @ Wt, m_out_t, scale * trellis_scale(), sv, bias, use_hadamard)
 
-    # ---------------------------------------------------------------- the HYB trellis code
-    def hyb_matmul(self, x: torch.Tensor, codes: torch.Tensor, m: int, k: int, lut: torch.Tensor | None,
-                   threads: int | None = None) -> torch.Tensor:
-        """``x`` ``[B, n]`` float32 @ ``Cᵀ`` -> ``[B, m]`` float32, ``C`` the HYB code of a trellis matrix
-        (int16 ``codes`` ``[m/16, (n/16)·16k]``, table ``lut`` ``[512, 2]``), each tile decoded once into
-        L1 (``qs_trellis_hyb_matmul``); every level gives the same bits."""
+    # ---------------------------------------------------------------- trellis codes decoded tile by tile
+    def tile_matmul(self, x: torch.Tensor, codes: torch.Tensor, m: int, codebook_name: str,
+                    lut: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
+        """``x`` ``[B, n]`` float32 @ ``Cᵀ`` -> ``[B, m]`` float32, ``C`` the native values of a HYB or 3INST
+        trellis matrix (:data:`TRELLIS_TILE_KINDS`; int16 ``codes`` ``[m/16, (n/16)·16k]``; HYB: its table
+        ``lut`` ``[512, 2]``; 3INST: raw values, :func:`tile_code_scale` away from the codebook's), each tile
+        decoded once into L1 (``qs_trellis_tile_matmul``); every level gives the same bits."""
         if x.dim() != 2:
             raise ValueError(f"trellis matmul: x must be [B, n], got {tuple(x.shape)}")
         B, n = x.shape
-        name = f"QTIPHYB{k}"
-        _need(codes, "codes", *_codes_spec(name, m, n))
+        k, code = TRELLIS_TILE_KINDS[codebook_name]
+        _need(codes, "codes", *_codes_spec(codebook_name, m, n))
         _need(x, "x", torch.float32, (B, n))
-        lut = _check_lut(lut, name)
+        lut = _check_lut(lut, codebook_name)
         y = torch.empty(B, m, dtype=torch.float32)
         if B:
-            _check(_require().qs_trellis_hyb_matmul(codes.data_ptr(), m, n, k, lut.data_ptr(), x.data_ptr(), B,
-                                                    y.data_ptr(), _threads(threads), self.level), "trellis matmul")
+            _check(_require().qs_trellis_tile_matmul(codes.data_ptr(), m, n, k, code, _ptr(lut), x.data_ptr(), B,
+                                                     y.data_ptr(), _threads(threads), self.level), "trellis matmul")
         return y
 
-    def hyb_decode(self, codes: torch.Tensor, m: int, n: int, k: int, lut: torch.Tensor | None,
-                   threads: int | None = None, out: torch.Tensor | None = None, transposed: bool = False
-                   ) -> torch.Tensor:
-        """The HYB code ``C`` ``[m, n]`` float32 of a trellis matrix (``qs_trellis_hyb_decode``: this level's
-        tile decoder; the table's values, so the same on every level), or ``Cᵀ`` ``[n, m]`` with ``transposed``."""
-        name = f"QTIPHYB{k}"
-        _need(codes, "codes", *_codes_spec(name, m, n))
-        lut = _check_lut(lut, name)
+    def tile_decode(self, codes: torch.Tensor, m: int, n: int, codebook_name: str, lut: torch.Tensor | None = None,
+                    threads: int | None = None, out: torch.Tensor | None = None, transposed: bool = False
+                    ) -> torch.Tensor:
+        """The native values ``C`` ``[m, n]`` float32 of a HYB or 3INST trellis matrix (``qs_trellis_tile_decode``:
+        this level's tile decoder, the same values on every level), or ``Cᵀ`` ``[n, m]`` with ``transposed``."""
+        k, code = TRELLIS_TILE_KINDS[codebook_name]
+        _need(codes, "codes", *_codes_spec(codebook_name, m, n))
+        lut = _check_lut(lut, codebook_name)
         dims = (n, m) if transposed else (m, n)
         if out is None:
             out = torch.empty(dims, dtype=torch.float32)
         else:
             _need(out, "out", torch.float32, dims)
-        _check(_require().qs_trellis_hyb_decode(codes.data_ptr(), m, n, k, lut.data_ptr(), out.data_ptr(),
-                                                _threads(threads), self.level, int(transposed)), "trellis decode")
+        _check(_require().qs_trellis_tile_decode(codes.data_ptr(), m, n, k, code, _ptr(lut), out.data_ptr(),
+                                                 _threads(threads), self.level, int(transposed)), "trellis decode")
         return out
 
-    def _hyb_linear(self, x, h, codes, su, sv, scale, bias, m_in, m_out_t, codebook_name, use_hadamard, lut):
-        """:meth:`linear` of a HYB trellis layer: as :meth:`_trellis_linear` with float32 activations (one
-        native call up to TRELLIS_SLAB_MAX_BATCH rows: ``qs_trellis_hyb_linear``; a larger batch decodes the
-        weight for torch's GEMM)."""
+    def _tile_linear(self, x, h, codes, su, sv, scale, bias, m_in, m_out_t, codebook_name, use_hadamard, lut):
+        """:meth:`linear` of a HYB or 3INST trellis layer: as :meth:`_trellis_linear` with float32 activations
+        (one native call up to TRELLIS_SLAB_MAX_BATCH rows: ``qs_trellis_tile_linear``; a larger batch decodes
+        the weight for torch's GEMM)."""
         n, m = su.shape[0], sv.shape[0]
         B = h.shape[0]
-        k = TRELLIS_HYB_KINDS[codebook_name]
+        k, code = TRELLIS_TILE_KINDS[codebook_name]
+        scale *= tile_code_scale(codebook_name)
         if B <= TRELLIS_SLAB_MAX_BATCH:
             y = torch.empty(B, m, dtype=torch.float32)
-            _check(_require().qs_trellis_hyb_linear(
-                h.data_ptr(), B, n, m, codes.data_ptr(), k, lut.data_ptr(), su.data_ptr(), sv.data_ptr(), scale,
+            _check(_require().qs_trellis_tile_linear(
+                h.data_ptr(), B, n, m, codes.data_ptr(), k, code, _ptr(lut), su.data_ptr(), sv.data_ptr(), scale,
                 _ptr(bias), use_hadamard, m_in.shape[0], m_in.data_ptr(), m_out_t.shape[0], m_out_t.data_ptr(),
                 y.data_ptr(), _threads(None), self.level), "trellis linear")
             return y.reshape(*x.shape[:-1], m).to(x.dtype)
@@ -598,9 +622,8 @@ class NativeKernel:
             self.hadamard(h, m_in, pre=su)
         else:
             h.mul_(su)
-        Wt = self.hyb_decode(codes, m, n, k, lut, out=_scratch(m * n)[: m * n].view(n, m), transposed=True)
+        Wt = self.tile_decode(codes, m, n, codebook_name, lut, out=_scratch(m * n)[: m * n].view(n, m), transposed=True)
         return self._output(x, h @ Wt, m_out_t, scale, sv, bias, use_hadamard)
-
 
 def int8_reference_matmul(
     x: torch.Tensor, codes: torch.Tensor, m: int, codebook_name: str, threads: int | None = None,
@@ -673,22 +696,26 @@ class BoundLinear:
         scale = float(wscale)
         if scale != scale:
             raise RuntimeError(UNFILLED_MESSAGE)
-        hyb_k = TRELLIS_HYB_KINDS.get(codebook_name, 0)
-        if hyb_k:  # the table is read at every call: held with the rest (fine-tuning updates it in place)
-            lut = _check_lut(lut, codebook_name)
+        tile_k, tile_code = TRELLIS_TILE_KINDS.get(codebook_name, (0, 0))
+        lut = _check_lut(lut, codebook_name) if tile_k else None  # HYB's table is read at every call: held
         self._keep = (codes, su, sv, bias, m_in, m_out_t, lut)
         self.has_bias = bias is not None
         self._bias = _ptr(bias)
         self._tail = (bool(use_hadamard), m_in.shape[0], m_in.data_ptr(), m_out_t.shape[0], m_out_t.data_ptr())
-        #: a trellis layer's bits per weight (``qs_trellis_linear``, ``qs_trellis_hyb_linear``), or 0 (``qs_linear``)
-        self.trellis_k = TRELLIS_KINDS.get(codebook_name, 0) or hyb_k
-        #: a HYB trellis layer's table pointer (float32 [512, 2]), or None
-        self.trellis_lut = lut.data_ptr() if hyb_k else None
-        #: a trellis layer's int8 activations (as :meth:`NativeKernel._trellis_linear` chooses them; HYB: never)
-        self.trellis_int8 = bool(self.trellis_k) and not hyb_k and kernel._trellis_step_int8(self.n, bool(use_hadamard))
-        if hyb_k:  # qs_trellis_hyb_linear: the table after k, the layer's own scale, no int8 flag
-            self._fn = _require().qs_trellis_hyb_linear
-            self._head = (codes.data_ptr(), hyb_k, self.trellis_lut, su.data_ptr(), sv.data_ptr(), scale)
+        #: a trellis layer's bits per weight (``qs_trellis_linear``, ``qs_trellis_tile_linear``), or 0 (``qs_linear``)
+        self.trellis_k = TRELLIS_KINDS.get(codebook_name, 0) or tile_k
+        #: a tile-decoded trellis layer's code (TRELLIS_HYB, TRELLIS_3INST), or 0
+        self.trellis_code = tile_code
+        #: a HYB layer's table pointer (float32 [512, 2]), or None
+        self.trellis_lut = _ptr(lut)
+        #: a trellis layer's int8 activations (as :meth:`NativeKernel._trellis_linear` chooses them; HYB and
+        #: 3INST: never)
+        self.trellis_int8 = bool(self.trellis_k) and not tile_k and kernel._trellis_step_int8(self.n,
+                                                                                              bool(use_hadamard))
+        if tile_k:  # qs_trellis_tile_linear: the code and table after k, the code's scale folded in, no int8 flag
+            self._fn = _require().qs_trellis_tile_linear
+            self._head = (codes.data_ptr(), tile_k, tile_code, self.trellis_lut, su.data_ptr(), sv.data_ptr(),
+                          scale * tile_code_scale(codebook_name))
         elif self.trellis_k:  # the same argument order; the code's scale folded into wscale, the int8 flag last
             self._fn = _require().qs_trellis_linear
             self._head = (codes.data_ptr(), self.trellis_k, su.data_ptr(), sv.data_ptr(), scale * trellis_scale())
@@ -733,7 +760,7 @@ class _StepLinear(ctypes.Structure):
     _fields_ = [("n", _I64), ("m", _I64), ("codes", _P), ("t", _P), ("su", _P), ("sv", _P), ("wscale", _F),
                 ("use_hadamard", _I64), ("k_in", _I64), ("k_out", _I64), ("m_in", _P), ("m_out_t", _P),
                 ("weight", _P), ("bias", _P), ("level", _I64), ("trellis_k", _I64), ("trellis_int8", _I64),
-                ("trellis_lut", _P)]
+                ("trellis_code", _I64), ("trellis_lut", _P)]
 
 
 class _StepBlock(ctypes.Structure):
@@ -766,7 +793,7 @@ class StepLinear:
             table = None  # the second argument of qs_trellis_linear is k
         spec = _StepLinear(bound.n, bound.m, codes_ptr, table, su_ptr, sv_ptr, scale, int(use_h), k_in, k_out,
                            m_in_ptr, m_out_ptr, None, bound._bias, bound._level, bound.trellis_k,
-                           int(bound.trellis_int8), bound.trellis_lut)
+                           int(bound.trellis_int8), bound.trellis_code, bound.trellis_lut)
         return cls(spec, (bound,))
 
     @classmethod
