@@ -40,10 +40,11 @@ BITS = (2, 3, 4)
 LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
             "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 2048}
 MODELS = ["smollm2-f32", "smollm2-bf16", "smollm2-q2", "llama1b-f32", "llama1b-bf16", "llama1b-q2"]
-#: Also selectable with --models: the 2-bit trellis versions (-q2t: QTIP 1MAD; -q2h: QTIP HYB, a table per matrix).
-TRELLIS_MODELS = ["smollm2-q2t", "llama1b-q2t", "smollm2-q2h", "llama1b-q2h"]
+#: Also selectable with --models: the 2-bit trellis versions (-q2t: QTIP 1MAD; -q2h: QTIP HYB, a table per
+#: matrix; -q2i: QTIP 3INST).
+TRELLIS_MODELS = [f"{base}-{suffix}" for suffix in ("q2t", "q2h", "q2i") for base in ("smollm2", "llama1b")]
 #: Model name suffix -> codebook family of the quantized models.
-QUANTIZED_SUFFIXES = {"-q2": "e8p", "-q2t": "qtip1mad", "-q2h": "qtiphyb"}
+QUANTIZED_SUFFIXES = {"-q2": "e8p", "-q2t": "qtip1mad", "-q2h": "qtiphyb", "-q2i": "qtip3inst"}
 GIGA = 1e9
 
 

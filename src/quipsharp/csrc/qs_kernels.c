@@ -3878,6 +3878,140 @@ static trellis_tile_fn trellis_tile(int level, int code) {
     return hyb ? trellis_hyb_tile_scalar : trellis_3inst_tile_scalar;
 }
 
+#if QS_X86
+/*
+ * A decoding step (B = 1) on the x86 levels: each column's 16 values go from the decoder straight into the
+ * 16 row accumulators (no tile written and read back), FMA in column order: the bits of decoding the tile
+ * and accumulating it. acc [16] in and out.
+ */
+typedef void (*trellis_tile_step_fn)(const uint32_t *row_pairs, int64_t tiles, int k, const float *lut,
+                                     const float *x, float *acc);
+
+__attribute__((target("avx512f"))) static void trellis_hyb_step_avx512(const uint32_t *row_pairs, int64_t tiles,
+                                                                       int k, const float *lut, const float *x,
+                                                                       float *acc) {
+    const int kv = 2 * k;
+    const __m512i bits = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32(kv));
+    const __m512i idx = _mm512_srli_epi32(bits, 4);
+    const __m512i shift = _mm512_sub_epi32(_mm512_set1_epi32(16), _mm512_and_si512(bits, _mm512_set1_epi32(15)));
+    const __m512i low = _mm512_set1_epi32(0xFFFF), one = _mm512_set1_epi32(1);
+    const __m512i entry = _mm512_set1_epi32(TRELLIS_HYB_ENTRY), negate = _mm512_set1_epi32((int)TRELLIS_HYB_NEGATE);
+    __m512 a = _mm512_loadu_ps(acc);
+    for (int64_t j = 0; j < tiles; j++) {
+        const uint32_t *pairs = row_pairs + j * TRELLIS_TILE * k;
+        const float *xj = x + j * TRELLIS_TILE;
+        for (int i = 0; i < TRELLIS_HYB_STEPS / 16; i++) { /* steps 16i .. 16i + 15: columns 2i and 2i + 1 */
+            __m512i v = _mm512_permutexvar_epi32(idx, _mm512_loadu_si512((const void *)(pairs + i * kv)));
+            __m512i s = _mm512_and_si512(_mm512_srlv_epi32(v, shift), low);
+            __m512i h = _mm512_and_si512(_mm512_mullo_epi32(s, _mm512_add_epi32(s, one)), low);
+            __m512i e = _mm512_and_si512(_mm512_srli_epi32(h, TRELLIS_HYB_SHIFT), entry);
+            __m512i sign = _mm512_slli_epi32(_mm512_and_si512(h, negate), 16);
+            __m512i c0 = _mm512_i32gather_epi64(_mm512_castsi512_si256(e), (const void *)lut, 8);
+            __m512i c1 = _mm512_i32gather_epi64(_mm512_extracti64x4_epi64(e, 1), (const void *)lut, 8);
+            c0 = _mm512_xor_si512(c0, _mm512_cvtepu32_epi64(_mm512_castsi512_si256(sign)));
+            c1 = _mm512_xor_si512(c1, _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(sign, 1)));
+            a = _mm512_fmadd_ps(_mm512_castsi512_ps(c0), _mm512_set1_ps(xj[2 * i]), a);
+            a = _mm512_fmadd_ps(_mm512_castsi512_ps(c1), _mm512_set1_ps(xj[2 * i + 1]), a);
+        }
+    }
+    _mm512_storeu_ps(acc, a);
+}
+
+__attribute__((target("avx512f"))) static void trellis_3inst_step_avx512(const uint32_t *row_pairs, int64_t tiles,
+                                                                         int k, const float *lut, const float *x,
+                                                                         float *acc) {
+    (void)lut;
+    const __m512i bits = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32(k));
+    const __m512i idx = _mm512_srli_epi32(bits, 4);
+    const __m512i shift = _mm512_sub_epi32(_mm512_set1_epi32(16), _mm512_and_si512(bits, _mm512_set1_epi32(15)));
+    const __m512i low = _mm512_set1_epi32(0xFFFF), a3 = _mm512_set1_epi32((int)TRELLIS_3INST_A);
+    const __m512i c3 = _mm512_set1_epi32((int)TRELLIS_3INST_C), mask = _mm512_set1_epi32((int)TRELLIS_3INST_MASK);
+    const __m512i flip = _mm512_set1_epi32((int)TRELLIS_3INST_FLIP);
+    __m512 a = _mm512_loadu_ps(acc);
+    for (int64_t j = 0; j < tiles; j++) {
+        const uint32_t *pairs = row_pairs + j * TRELLIS_TILE * k;
+        const float *xj = x + j * TRELLIS_TILE;
+        for (int col = 0; col < TRELLIS_TILE; col++) {
+            __m512i v = _mm512_permutexvar_epi32(idx, _mm512_loadu_si512((const void *)(pairs + col * k)));
+            __m512i s = _mm512_and_si512(_mm512_srlv_epi32(v, shift), low);
+            __m512i r = _mm512_xor_si512(_mm512_and_si512(_mm512_add_epi32(_mm512_mullo_epi32(s, a3), c3), mask), flip);
+            a = _mm512_fmadd_ps(trellis_3inst_halves_avx512(r), _mm512_set1_ps(xj[col]), a);
+        }
+    }
+    _mm512_storeu_ps(acc, a);
+}
+
+__attribute__((target("avx2,fma"))) static void trellis_hyb_step_avx2(const uint32_t *row_pairs, int64_t tiles, int k,
+                                                                     const float *lut, const float *x, float *acc) {
+    const int kv = 2 * k;
+    const __m256i bits = _mm256_mullo_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), _mm256_set1_epi32(kv));
+    const __m256i idx = _mm256_srli_epi32(bits, 4);
+    const __m256i shift = _mm256_sub_epi32(_mm256_set1_epi32(16), _mm256_and_si256(bits, _mm256_set1_epi32(15)));
+    const __m256i low = _mm256_set1_epi32(0xFFFF), one = _mm256_set1_epi32(1);
+    const __m256i entry = _mm256_set1_epi32(TRELLIS_HYB_ENTRY), negate = _mm256_set1_epi32((int)TRELLIS_HYB_NEGATE);
+    const long long *table = (const long long *)(const void *)lut;
+    __m256 a0 = _mm256_loadu_ps(acc), a1 = _mm256_loadu_ps(acc + 8);
+    for (int64_t j = 0; j < tiles; j++) {
+        const uint32_t *pairs = row_pairs + j * TRELLIS_TILE * k;
+        const float *xj = x + j * TRELLIS_TILE;
+        for (int col = 0; col < TRELLIS_TILE; col++) { /* steps 8·col .. 8·col + 7 */
+            __m256i v = _mm256_permutevar8x32_epi32(_mm256_loadu_si256((const __m256i *)(pairs + col * k)), idx);
+            __m256i s = _mm256_and_si256(_mm256_srlv_epi32(v, shift), low);
+            __m256i h = _mm256_and_si256(_mm256_mullo_epi32(s, _mm256_add_epi32(s, one)), low);
+            __m256i e = _mm256_and_si256(_mm256_srli_epi32(h, TRELLIS_HYB_SHIFT), entry);
+            __m256i sign = _mm256_slli_epi32(_mm256_and_si256(h, negate), 16);
+            __m256i lo = _mm256_i32gather_epi64(table, _mm256_castsi256_si128(e), 8);
+            __m256i hi = _mm256_i32gather_epi64(table, _mm256_extracti128_si256(e, 1), 8);
+            lo = _mm256_xor_si256(lo, _mm256_cvtepu32_epi64(_mm256_castsi256_si128(sign)));
+            hi = _mm256_xor_si256(hi, _mm256_cvtepu32_epi64(_mm256_extracti128_si256(sign, 1)));
+            const __m256 xv = _mm256_set1_ps(xj[col]);
+            a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(lo), xv, a0);
+            a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(hi), xv, a1);
+        }
+    }
+    _mm256_storeu_ps(acc, a0);
+    _mm256_storeu_ps(acc + 8, a1);
+}
+
+__attribute__((target("avx2,fma"))) static void trellis_3inst_step_avx2(const uint32_t *row_pairs, int64_t tiles,
+                                                                       int k, const float *lut, const float *x,
+                                                                       float *acc) {
+    (void)lut;
+    const __m256i iota = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), kk = _mm256_set1_epi32(k);
+    const __m256i low = _mm256_set1_epi32(0xFFFF), a3 = _mm256_set1_epi32((int)TRELLIS_3INST_A);
+    const __m256i c3 = _mm256_set1_epi32((int)TRELLIS_3INST_C), mask = _mm256_set1_epi32((int)TRELLIS_3INST_MASK);
+    const __m256i flip = _mm256_set1_epi32((int)TRELLIS_3INST_FLIP);
+    const int off1 = (8 * k) >> 4;
+    const __m256i bits0 = _mm256_mullo_epi32(iota, kk);
+    const __m256i bits1 = _mm256_mullo_epi32(_mm256_add_epi32(iota, _mm256_set1_epi32(8)), kk);
+    const __m256i idx0 = _mm256_srli_epi32(bits0, 4);
+    const __m256i idx1 = _mm256_sub_epi32(_mm256_srli_epi32(bits1, 4), _mm256_set1_epi32(off1));
+    const __m256i sh0 = _mm256_sub_epi32(_mm256_set1_epi32(16), _mm256_and_si256(bits0, _mm256_set1_epi32(15)));
+    const __m256i sh1 = _mm256_sub_epi32(_mm256_set1_epi32(16), _mm256_and_si256(bits1, _mm256_set1_epi32(15)));
+    __m256 a0 = _mm256_loadu_ps(acc), a1 = _mm256_loadu_ps(acc + 8);
+    for (int64_t j = 0; j < tiles; j++) {
+        const uint32_t *pairs = row_pairs + j * TRELLIS_TILE * k;
+        const float *xj = x + j * TRELLIS_TILE;
+        for (int col = 0; col < TRELLIS_TILE; col++) {
+            __m256i v0 = _mm256_permutevar8x32_epi32(_mm256_loadu_si256((const __m256i *)(pairs + col * k)), idx0);
+            __m256i v1 = _mm256_permutevar8x32_epi32(_mm256_loadu_si256((const __m256i *)(pairs + col * k + off1)),
+                                                     idx1);
+            __m256i s0 = _mm256_and_si256(_mm256_srlv_epi32(v0, sh0), low);
+            __m256i s1 = _mm256_and_si256(_mm256_srlv_epi32(v1, sh1), low);
+            __m256i r0 = _mm256_xor_si256(_mm256_and_si256(_mm256_add_epi32(_mm256_mullo_epi32(s0, a3), c3), mask), flip);
+            __m256i r1 = _mm256_xor_si256(_mm256_and_si256(_mm256_add_epi32(_mm256_mullo_epi32(s1, a3), c3), mask), flip);
+            const __m256 xv = _mm256_set1_ps(xj[col]);
+            a0 = _mm256_fmadd_ps(trellis_3inst_halves_avx2(r0), xv, a0);
+            a1 = _mm256_fmadd_ps(trellis_3inst_halves_avx2(r1), xv, a1);
+        }
+    }
+    _mm256_storeu_ps(acc, a0);
+    _mm256_storeu_ps(acc + 8, a1);
+}
+#endif
+
 static trellis_accumulate_fn trellis_accumulate(int level) {
 #if QS_X86
     if (level == QS_LEVEL_VNNI || level == QS_LEVEL_AVX512) return trellis_accumulate_avx512;
@@ -3897,11 +4031,23 @@ typedef struct {
     int64_t n, tiles;
     int k;
     const float *lut;
+#if QS_X86
+    trellis_tile_step_fn step; /* B = 1 on the x86 levels (NULL: decode and accumulate) */
+#endif
 } trellis_tile_op;
 
 static trellis_tile_op trellis_tile_op_for(int level, int code, int64_t n, int k, const float *lut) {
     trellis_tile_op op = {trellis_tile(level, code), trellis_accumulate(level), trellis_slab_pairs_for(level), n,
-                          n / TRELLIS_TILE, k, lut};
+                          n / TRELLIS_TILE, k, lut
+#if QS_X86
+                          , NULL
+#endif
+    };
+#if QS_X86
+    const int hyb = code == QS_TRELLIS_HYB;
+    if (level == QS_LEVEL_VNNI || level == QS_LEVEL_AVX512) op.step = hyb ? trellis_hyb_step_avx512 : trellis_3inst_step_avx512;
+    if (level == QS_LEVEL_AVX2) op.step = hyb ? trellis_hyb_step_avx2 : trellis_3inst_step_avx2;
+#endif
     return op;
 }
 
@@ -3914,6 +4060,13 @@ static void trellis_tile_rows(const trellis_tile_op *op, const int16_t *codes_ro
     const int64_t tile_words = TRELLIS_TILE * op->k;
     memset(acc, 0, sizeof(float) * (size_t)(B * TRELLIS_TILE));
     op->build_pairs(codes_row, op->tiles, op->k, pairs);
+#if QS_X86
+    if (B == 1 && op->step) {
+        op->step(pairs, op->tiles, op->k, op->lut, x, acc);
+        memcpy(y, acc, sizeof(float) * TRELLIS_TILE);
+        return;
+    }
+#endif
     for (int64_t j = 0; j < op->tiles; j++) {
         op->tile(pairs + j * tile_words, op->k, op->lut, w);
         op->accumulate(w, x + j * TRELLIS_TILE, B, op->n, acc);
