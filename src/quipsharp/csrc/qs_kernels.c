@@ -3717,59 +3717,53 @@ static void trellis_3inst_tile_scalar(const uint32_t *pairs, int k, const float 
 }
 
 #if QS_X86
-/* Steps 16i .. 16i + 15 of a tile: lane j reads pair i·2k + ((j·2k) >> 4), shifted right by 16 - ((j·2k) & 15). */
-__attribute__((target("avx512f"))) static void trellis_hyb_tile_avx512(const uint32_t *pairs, int k, const float *lut,
-                                                                       float *w) {
-    const int kv = 2 * k;
-    /* the lane tables from a constant (tables stored per call would stall the vector load on store forwarding) */
+/*
+ * x86 decoders. A vector of lanes reads window j at bit j·step (step = 2k: a HYB step; k: a 3INST weight)
+ * from pair (j·step) >> 4 of the vector's first pair, shifted right by 16 - ((j·step) & 15). The lane
+ * tables are built from a constant (tables stored per call would stall the vector load on store forwarding).
+ * A HYB vector of 16 (8) steps is two (one) columns; a 3INST column is one AVX-512 vector or two AVX2 halves.
+ */
+typedef struct {
+    __m512i idx, shift;
+} trellis_lanes512;
+
+__attribute__((target("avx512f"))) static inline trellis_lanes512 tile_lanes_avx512(int step) {
     const __m512i bits = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                            _mm512_set1_epi32(kv));
-    const __m512i idx = _mm512_srli_epi32(bits, 4);
-    const __m512i shift = _mm512_sub_epi32(_mm512_set1_epi32(16), _mm512_and_si512(bits, _mm512_set1_epi32(15)));
-    const __m512i low = _mm512_set1_epi32(0xFFFF), one = _mm512_set1_epi32(1);
-    const __m512i entry = _mm512_set1_epi32(TRELLIS_HYB_ENTRY), negate = _mm512_set1_epi32((int)TRELLIS_HYB_NEGATE);
-    for (int i = 0; i < TRELLIS_HYB_STEPS / 16; i++) {
-        __m512i v = _mm512_permutexvar_epi32(idx, _mm512_loadu_si512((const void *)(pairs + i * kv)));
-        __m512i s = _mm512_and_si512(_mm512_srlv_epi32(v, shift), low);
-        __m512i h = _mm512_and_si512(_mm512_mullo_epi32(s, _mm512_add_epi32(s, one)), low);
-        __m512i e = _mm512_and_si512(_mm512_srli_epi32(h, TRELLIS_HYB_SHIFT), entry);
-        __m512i sign = _mm512_slli_epi32(_mm512_and_si512(h, negate), 16); /* bit 31: the first value's sign */
-        __m512i lo = _mm512_i32gather_epi64(_mm512_castsi512_si256(e), (const void *)lut, 8);
-        __m512i hi = _mm512_i32gather_epi64(_mm512_extracti64x4_epi64(e, 1), (const void *)lut, 8);
-        lo = _mm512_xor_si512(lo, _mm512_cvtepu32_epi64(_mm512_castsi512_si256(sign)));
-        hi = _mm512_xor_si512(hi, _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(sign, 1)));
-        _mm512_storeu_si512((void *)(w + 32 * i), lo);
-        _mm512_storeu_si512((void *)(w + 32 * i + 16), hi);
-    }
+                                            _mm512_set1_epi32(step));
+    trellis_lanes512 t = {_mm512_srli_epi32(bits, 4),
+                          _mm512_sub_epi32(_mm512_set1_epi32(16), _mm512_and_si512(bits, _mm512_set1_epi32(15)))};
+    return t;
 }
 
-/* Steps 8i .. 8i + 7: lane j reads pair i·k + ((j·2k) >> 4). */
-__attribute__((target("avx2"))) static void trellis_hyb_tile_avx2(const uint32_t *pairs, int k, const float *lut,
-                                                                  float *w) {
-    const int kv = 2 * k;
-    const __m256i bits = _mm256_mullo_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), _mm256_set1_epi32(kv));
-    const __m256i idx = _mm256_srli_epi32(bits, 4);
-    const __m256i shift = _mm256_sub_epi32(_mm256_set1_epi32(16), _mm256_and_si256(bits, _mm256_set1_epi32(15)));
-    const __m256i low = _mm256_set1_epi32(0xFFFF), one = _mm256_set1_epi32(1);
-    const __m256i entry = _mm256_set1_epi32(TRELLIS_HYB_ENTRY), negate = _mm256_set1_epi32((int)TRELLIS_HYB_NEGATE);
-    const long long *table = (const long long *)(const void *)lut;
-    for (int i = 0; i < TRELLIS_HYB_STEPS / 8; i++) {
-        __m256i v = _mm256_permutevar8x32_epi32(_mm256_loadu_si256((const __m256i *)(pairs + i * k)), idx);
-        __m256i s = _mm256_and_si256(_mm256_srlv_epi32(v, shift), low);
-        __m256i h = _mm256_and_si256(_mm256_mullo_epi32(s, _mm256_add_epi32(s, one)), low);
-        __m256i e = _mm256_and_si256(_mm256_srli_epi32(h, TRELLIS_HYB_SHIFT), entry);
-        __m256i sign = _mm256_slli_epi32(_mm256_and_si256(h, negate), 16);
-        __m256i lo = _mm256_i32gather_epi64(table, _mm256_castsi256_si128(e), 8);
-        __m256i hi = _mm256_i32gather_epi64(table, _mm256_extracti128_si256(e, 1), 8);
-        lo = _mm256_xor_si256(lo, _mm256_cvtepu32_epi64(_mm256_castsi256_si128(sign)));
-        hi = _mm256_xor_si256(hi, _mm256_cvtepu32_epi64(_mm256_extracti128_si256(sign, 1)));
-        _mm256_storeu_si256((__m256i *)(w + 16 * i), lo);
-        _mm256_storeu_si256((__m256i *)(w + 16 * i + 8), hi);
-    }
+__attribute__((target("avx512f"))) static inline __m512i trellis_windows_avx512(const uint32_t *pairs,
+                                                                                trellis_lanes512 t) {
+    __m512i v = _mm512_permutexvar_epi32(t.idx, _mm512_loadu_si512((const void *)pairs));
+    return _mm512_and_si512(_mm512_srlv_epi32(v, t.shift), _mm512_set1_epi32(0xFFFF));
 }
 
-/* 3INST, AVX-512: column c's 16 rows at once (lane r reads pair c·k + ((r·k) >> 4)). */
-__attribute__((target("avx512f"))) static inline __m512 trellis_3inst_halves_avx512(__m512i r) {
+/* HYB: the 16 steps from pairs (2 columns) as two vectors of 16 values. */
+__attribute__((target("avx512f"))) static inline void trellis_hyb_columns_avx512(const uint32_t *pairs,
+                                                                                 trellis_lanes512 t, const float *lut,
+                                                                                 __m512 *c0, __m512 *c1) {
+    const __m512i s = trellis_windows_avx512(pairs, t);
+    const __m512i h = _mm512_and_si512(_mm512_mullo_epi32(s, _mm512_add_epi32(s, _mm512_set1_epi32(1))),
+                                       _mm512_set1_epi32(0xFFFF));
+    const __m512i e = _mm512_and_si512(_mm512_srli_epi32(h, TRELLIS_HYB_SHIFT), _mm512_set1_epi32(TRELLIS_HYB_ENTRY));
+    /* bit 31: the first value's sign, xored into the low half of each gathered 64-bit pair */
+    const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(h, _mm512_set1_epi32((int)TRELLIS_HYB_NEGATE)), 16);
+    __m512i lo = _mm512_i32gather_epi64(_mm512_castsi512_si256(e), (const void *)lut, 8);
+    __m512i hi = _mm512_i32gather_epi64(_mm512_extracti64x4_epi64(e, 1), (const void *)lut, 8);
+    *c0 = _mm512_castsi512_ps(_mm512_xor_si512(lo, _mm512_cvtepu32_epi64(_mm512_castsi512_si256(sign))));
+    *c1 = _mm512_castsi512_ps(_mm512_xor_si512(hi, _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(sign, 1))));
+}
+
+/* 3INST: the raw values of windows s (the sum of r's float16 halves, each rebuilt as a float32). */
+__attribute__((target("avx512f"))) static inline __m512 trellis_3inst_avx512(__m512i s) {
+    const __m512i r = _mm512_xor_si512(
+        _mm512_and_si512(_mm512_add_epi32(_mm512_mullo_epi32(s, _mm512_set1_epi32((int)TRELLIS_3INST_A)),
+                                          _mm512_set1_epi32((int)TRELLIS_3INST_C)),
+                         _mm512_set1_epi32((int)TRELLIS_3INST_MASK)),
+        _mm512_set1_epi32((int)TRELLIS_3INST_FLIP));
     const __m512i magnitude = _mm512_set1_epi32((int)TRELLIS_HALF_MAGNITUDE);
     const __m512i rebase = _mm512_set1_epi32((int)TRELLIS_HALF_REBASE), sign = _mm512_set1_epi32((int)0x80000000u);
     __m512i hi = _mm512_or_si512(_mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(r, 3), magnitude), rebase),
@@ -3779,26 +3773,46 @@ __attribute__((target("avx512f"))) static inline __m512 trellis_3inst_halves_avx
     return _mm512_add_ps(_mm512_castsi512_ps(hi), _mm512_castsi512_ps(lo));
 }
 
-__attribute__((target("avx512f"))) static void trellis_3inst_tile_avx512(const uint32_t *pairs, int k, const float *lut,
-                                                                         float *w) {
-    (void)lut;
-    const __m512i bits = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                            _mm512_set1_epi32(k));
-    const __m512i idx = _mm512_srli_epi32(bits, 4);
-    const __m512i shift = _mm512_sub_epi32(_mm512_set1_epi32(16), _mm512_and_si512(bits, _mm512_set1_epi32(15)));
-    const __m512i low = _mm512_set1_epi32(0xFFFF), a = _mm512_set1_epi32((int)TRELLIS_3INST_A);
-    const __m512i c = _mm512_set1_epi32((int)TRELLIS_3INST_C), mask = _mm512_set1_epi32((int)TRELLIS_3INST_MASK);
-    const __m512i flip = _mm512_set1_epi32((int)TRELLIS_3INST_FLIP);
-    for (int col = 0; col < TRELLIS_TILE; col++) {
-        __m512i v = _mm512_permutexvar_epi32(idx, _mm512_loadu_si512((const void *)(pairs + col * k)));
-        __m512i s = _mm512_and_si512(_mm512_srlv_epi32(v, shift), low);
-        __m512i r = _mm512_xor_si512(_mm512_and_si512(_mm512_add_epi32(_mm512_mullo_epi32(s, a), c), mask), flip);
-        _mm512_storeu_ps(w + TRELLIS_TILE * col, trellis_3inst_halves_avx512(r));
-    }
+typedef struct {
+    __m256i idx, shift;
+} trellis_lanes256;
+
+/* AVX2 lanes j = first .. first + 7, relative to pair (first·step) >> 4. */
+__attribute__((target("avx2"))) static inline trellis_lanes256 tile_lanes_avx2(int step, int first) {
+    const __m256i bits = _mm256_mullo_epi32(_mm256_add_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0),
+                                                             _mm256_set1_epi32(first)),
+                                            _mm256_set1_epi32(step));
+    trellis_lanes256 t = {_mm256_sub_epi32(_mm256_srli_epi32(bits, 4), _mm256_set1_epi32((first * step) >> 4)),
+                          _mm256_sub_epi32(_mm256_set1_epi32(16), _mm256_and_si256(bits, _mm256_set1_epi32(15)))};
+    return t;
 }
 
-/* 3INST, AVX2: half h (rows 8h .. 8h + 7) of a column reads pair c·k + ((8h·k) >> 4) + its lane's offset. */
-__attribute__((target("avx2"))) static inline __m256 trellis_3inst_halves_avx2(__m256i r) {
+__attribute__((target("avx2"))) static inline __m256i trellis_windows_avx2(const uint32_t *pairs, trellis_lanes256 t) {
+    __m256i v = _mm256_permutevar8x32_epi32(_mm256_loadu_si256((const __m256i *)pairs), t.idx);
+    return _mm256_and_si256(_mm256_srlv_epi32(v, t.shift), _mm256_set1_epi32(0xFFFF));
+}
+
+/* HYB: the 8 steps from pairs (one column) as its two halves of 8 values. */
+__attribute__((target("avx2"))) static inline void trellis_hyb_column_avx2(const uint32_t *pairs, trellis_lanes256 t,
+                                                                          const float *lut, __m256 *h0, __m256 *h1) {
+    const long long *table = (const long long *)(const void *)lut;
+    const __m256i s = trellis_windows_avx2(pairs, t);
+    const __m256i h = _mm256_and_si256(_mm256_mullo_epi32(s, _mm256_add_epi32(s, _mm256_set1_epi32(1))),
+                                       _mm256_set1_epi32(0xFFFF));
+    const __m256i e = _mm256_and_si256(_mm256_srli_epi32(h, TRELLIS_HYB_SHIFT), _mm256_set1_epi32(TRELLIS_HYB_ENTRY));
+    const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(h, _mm256_set1_epi32((int)TRELLIS_HYB_NEGATE)), 16);
+    __m256i lo = _mm256_i32gather_epi64(table, _mm256_castsi256_si128(e), 8);
+    __m256i hi = _mm256_i32gather_epi64(table, _mm256_extracti128_si256(e, 1), 8);
+    *h0 = _mm256_castsi256_ps(_mm256_xor_si256(lo, _mm256_cvtepu32_epi64(_mm256_castsi256_si128(sign))));
+    *h1 = _mm256_castsi256_ps(_mm256_xor_si256(hi, _mm256_cvtepu32_epi64(_mm256_extracti128_si256(sign, 1))));
+}
+
+__attribute__((target("avx2"))) static inline __m256 trellis_3inst_avx2(__m256i s) {
+    const __m256i r = _mm256_xor_si256(
+        _mm256_and_si256(_mm256_add_epi32(_mm256_mullo_epi32(s, _mm256_set1_epi32((int)TRELLIS_3INST_A)),
+                                          _mm256_set1_epi32((int)TRELLIS_3INST_C)),
+                         _mm256_set1_epi32((int)TRELLIS_3INST_MASK)),
+        _mm256_set1_epi32((int)TRELLIS_3INST_FLIP));
     const __m256i magnitude = _mm256_set1_epi32((int)TRELLIS_HALF_MAGNITUDE);
     const __m256i rebase = _mm256_set1_epi32((int)TRELLIS_HALF_REBASE), sign = _mm256_set1_epi32((int)0x80000000u);
     __m256i hi = _mm256_or_si256(_mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(r, 3), magnitude), rebase),
@@ -3808,24 +3822,45 @@ __attribute__((target("avx2"))) static inline __m256 trellis_3inst_halves_avx2(_
     return _mm256_add_ps(_mm256_castsi256_ps(hi), _mm256_castsi256_ps(lo));
 }
 
+/* Tile decoders (w [16c + r]). */
+__attribute__((target("avx512f"))) static void trellis_hyb_tile_avx512(const uint32_t *pairs, int k, const float *lut,
+                                                                       float *w) {
+    const trellis_lanes512 t = tile_lanes_avx512(2 * k);
+    for (int i = 0; i < TRELLIS_HYB_STEPS / 16; i++) {
+        __m512 c0, c1;
+        trellis_hyb_columns_avx512(pairs + i * 2 * k, t, lut, &c0, &c1);
+        _mm512_storeu_ps(w + 32 * i, c0);
+        _mm512_storeu_ps(w + 32 * i + 16, c1);
+    }
+}
+
+__attribute__((target("avx512f"))) static void trellis_3inst_tile_avx512(const uint32_t *pairs, int k, const float *lut,
+                                                                         float *w) {
+    (void)lut;
+    const trellis_lanes512 t = tile_lanes_avx512(k);
+    for (int c = 0; c < TRELLIS_TILE; c++)
+        _mm512_storeu_ps(w + TRELLIS_TILE * c, trellis_3inst_avx512(trellis_windows_avx512(pairs + c * k, t)));
+}
+
+__attribute__((target("avx2"))) static void trellis_hyb_tile_avx2(const uint32_t *pairs, int k, const float *lut,
+                                                                  float *w) {
+    const trellis_lanes256 t = tile_lanes_avx2(2 * k, 0);
+    for (int c = 0; c < TRELLIS_TILE; c++) {
+        __m256 h0, h1;
+        trellis_hyb_column_avx2(pairs + c * k, t, lut, &h0, &h1);
+        _mm256_storeu_ps(w + TRELLIS_TILE * c, h0);
+        _mm256_storeu_ps(w + TRELLIS_TILE * c + 8, h1);
+    }
+}
+
 __attribute__((target("avx2"))) static void trellis_3inst_tile_avx2(const uint32_t *pairs, int k, const float *lut,
                                                                    float *w) {
     (void)lut;
-    const __m256i iota = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), kk = _mm256_set1_epi32(k);
-    const __m256i low = _mm256_set1_epi32(0xFFFF), a = _mm256_set1_epi32((int)TRELLIS_3INST_A);
-    const __m256i c = _mm256_set1_epi32((int)TRELLIS_3INST_C), mask = _mm256_set1_epi32((int)TRELLIS_3INST_MASK);
-    const __m256i flip = _mm256_set1_epi32((int)TRELLIS_3INST_FLIP);
-    for (int h = 0; h < 2; h++) {
-        const int off = (8 * h * k) >> 4;
-        const __m256i bits = _mm256_mullo_epi32(_mm256_add_epi32(iota, _mm256_set1_epi32(8 * h)), kk);
-        const __m256i idx = _mm256_sub_epi32(_mm256_srli_epi32(bits, 4), _mm256_set1_epi32(off));
-        const __m256i shift = _mm256_sub_epi32(_mm256_set1_epi32(16), _mm256_and_si256(bits, _mm256_set1_epi32(15)));
-        for (int col = 0; col < TRELLIS_TILE; col++) {
-            __m256i v = _mm256_permutevar8x32_epi32(_mm256_loadu_si256((const __m256i *)(pairs + col * k + off)), idx);
-            __m256i s = _mm256_and_si256(_mm256_srlv_epi32(v, shift), low);
-            __m256i r = _mm256_xor_si256(_mm256_and_si256(_mm256_add_epi32(_mm256_mullo_epi32(s, a), c), mask), flip);
-            _mm256_storeu_ps(w + TRELLIS_TILE * col + 8 * h, trellis_3inst_halves_avx2(r));
-        }
+    const trellis_lanes256 t0 = tile_lanes_avx2(k, 0), t1 = tile_lanes_avx2(k, 8);
+    const int off1 = (8 * k) >> 4;
+    for (int c = 0; c < TRELLIS_TILE; c++) {
+        _mm256_storeu_ps(w + TRELLIS_TILE * c, trellis_3inst_avx2(trellis_windows_avx2(pairs + c * k, t0)));
+        _mm256_storeu_ps(w + TRELLIS_TILE * c + 8, trellis_3inst_avx2(trellis_windows_avx2(pairs + c * k + off1, t1)));
     }
 }
 
@@ -3890,29 +3925,16 @@ typedef void (*trellis_tile_step_fn)(const uint32_t *row_pairs, int64_t tiles, i
 __attribute__((target("avx512f"))) static void trellis_hyb_step_avx512(const uint32_t *row_pairs, int64_t tiles,
                                                                        int k, const float *lut, const float *x,
                                                                        float *acc) {
-    const int kv = 2 * k;
-    const __m512i bits = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                            _mm512_set1_epi32(kv));
-    const __m512i idx = _mm512_srli_epi32(bits, 4);
-    const __m512i shift = _mm512_sub_epi32(_mm512_set1_epi32(16), _mm512_and_si512(bits, _mm512_set1_epi32(15)));
-    const __m512i low = _mm512_set1_epi32(0xFFFF), one = _mm512_set1_epi32(1);
-    const __m512i entry = _mm512_set1_epi32(TRELLIS_HYB_ENTRY), negate = _mm512_set1_epi32((int)TRELLIS_HYB_NEGATE);
+    const trellis_lanes512 t = tile_lanes_avx512(2 * k);
     __m512 a = _mm512_loadu_ps(acc);
     for (int64_t j = 0; j < tiles; j++) {
         const uint32_t *pairs = row_pairs + j * TRELLIS_TILE * k;
         const float *xj = x + j * TRELLIS_TILE;
-        for (int i = 0; i < TRELLIS_HYB_STEPS / 16; i++) { /* steps 16i .. 16i + 15: columns 2i and 2i + 1 */
-            __m512i v = _mm512_permutexvar_epi32(idx, _mm512_loadu_si512((const void *)(pairs + i * kv)));
-            __m512i s = _mm512_and_si512(_mm512_srlv_epi32(v, shift), low);
-            __m512i h = _mm512_and_si512(_mm512_mullo_epi32(s, _mm512_add_epi32(s, one)), low);
-            __m512i e = _mm512_and_si512(_mm512_srli_epi32(h, TRELLIS_HYB_SHIFT), entry);
-            __m512i sign = _mm512_slli_epi32(_mm512_and_si512(h, negate), 16);
-            __m512i c0 = _mm512_i32gather_epi64(_mm512_castsi512_si256(e), (const void *)lut, 8);
-            __m512i c1 = _mm512_i32gather_epi64(_mm512_extracti64x4_epi64(e, 1), (const void *)lut, 8);
-            c0 = _mm512_xor_si512(c0, _mm512_cvtepu32_epi64(_mm512_castsi512_si256(sign)));
-            c1 = _mm512_xor_si512(c1, _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(sign, 1)));
-            a = _mm512_fmadd_ps(_mm512_castsi512_ps(c0), _mm512_set1_ps(xj[2 * i]), a);
-            a = _mm512_fmadd_ps(_mm512_castsi512_ps(c1), _mm512_set1_ps(xj[2 * i + 1]), a);
+        for (int i = 0; i < TRELLIS_HYB_STEPS / 16; i++) { /* columns 2i and 2i + 1 */
+            __m512 c0, c1;
+            trellis_hyb_columns_avx512(pairs + i * 2 * k, t, lut, &c0, &c1);
+            a = _mm512_fmadd_ps(c0, _mm512_set1_ps(xj[2 * i]), a);
+            a = _mm512_fmadd_ps(c1, _mm512_set1_ps(xj[2 * i + 1]), a);
         }
     }
     _mm512_storeu_ps(acc, a);
@@ -3922,53 +3944,30 @@ __attribute__((target("avx512f"))) static void trellis_3inst_step_avx512(const u
                                                                          int k, const float *lut, const float *x,
                                                                          float *acc) {
     (void)lut;
-    const __m512i bits = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                            _mm512_set1_epi32(k));
-    const __m512i idx = _mm512_srli_epi32(bits, 4);
-    const __m512i shift = _mm512_sub_epi32(_mm512_set1_epi32(16), _mm512_and_si512(bits, _mm512_set1_epi32(15)));
-    const __m512i low = _mm512_set1_epi32(0xFFFF), a3 = _mm512_set1_epi32((int)TRELLIS_3INST_A);
-    const __m512i c3 = _mm512_set1_epi32((int)TRELLIS_3INST_C), mask = _mm512_set1_epi32((int)TRELLIS_3INST_MASK);
-    const __m512i flip = _mm512_set1_epi32((int)TRELLIS_3INST_FLIP);
+    const trellis_lanes512 t = tile_lanes_avx512(k);
     __m512 a = _mm512_loadu_ps(acc);
     for (int64_t j = 0; j < tiles; j++) {
         const uint32_t *pairs = row_pairs + j * TRELLIS_TILE * k;
         const float *xj = x + j * TRELLIS_TILE;
-        for (int col = 0; col < TRELLIS_TILE; col++) {
-            __m512i v = _mm512_permutexvar_epi32(idx, _mm512_loadu_si512((const void *)(pairs + col * k)));
-            __m512i s = _mm512_and_si512(_mm512_srlv_epi32(v, shift), low);
-            __m512i r = _mm512_xor_si512(_mm512_and_si512(_mm512_add_epi32(_mm512_mullo_epi32(s, a3), c3), mask), flip);
-            a = _mm512_fmadd_ps(trellis_3inst_halves_avx512(r), _mm512_set1_ps(xj[col]), a);
-        }
+        for (int c = 0; c < TRELLIS_TILE; c++)
+            a = _mm512_fmadd_ps(trellis_3inst_avx512(trellis_windows_avx512(pairs + c * k, t)), _mm512_set1_ps(xj[c]), a);
     }
     _mm512_storeu_ps(acc, a);
 }
 
 __attribute__((target("avx2,fma"))) static void trellis_hyb_step_avx2(const uint32_t *row_pairs, int64_t tiles, int k,
                                                                      const float *lut, const float *x, float *acc) {
-    const int kv = 2 * k;
-    const __m256i bits = _mm256_mullo_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), _mm256_set1_epi32(kv));
-    const __m256i idx = _mm256_srli_epi32(bits, 4);
-    const __m256i shift = _mm256_sub_epi32(_mm256_set1_epi32(16), _mm256_and_si256(bits, _mm256_set1_epi32(15)));
-    const __m256i low = _mm256_set1_epi32(0xFFFF), one = _mm256_set1_epi32(1);
-    const __m256i entry = _mm256_set1_epi32(TRELLIS_HYB_ENTRY), negate = _mm256_set1_epi32((int)TRELLIS_HYB_NEGATE);
-    const long long *table = (const long long *)(const void *)lut;
+    const trellis_lanes256 t = tile_lanes_avx2(2 * k, 0);
     __m256 a0 = _mm256_loadu_ps(acc), a1 = _mm256_loadu_ps(acc + 8);
     for (int64_t j = 0; j < tiles; j++) {
         const uint32_t *pairs = row_pairs + j * TRELLIS_TILE * k;
         const float *xj = x + j * TRELLIS_TILE;
-        for (int col = 0; col < TRELLIS_TILE; col++) { /* steps 8·col .. 8·col + 7 */
-            __m256i v = _mm256_permutevar8x32_epi32(_mm256_loadu_si256((const __m256i *)(pairs + col * k)), idx);
-            __m256i s = _mm256_and_si256(_mm256_srlv_epi32(v, shift), low);
-            __m256i h = _mm256_and_si256(_mm256_mullo_epi32(s, _mm256_add_epi32(s, one)), low);
-            __m256i e = _mm256_and_si256(_mm256_srli_epi32(h, TRELLIS_HYB_SHIFT), entry);
-            __m256i sign = _mm256_slli_epi32(_mm256_and_si256(h, negate), 16);
-            __m256i lo = _mm256_i32gather_epi64(table, _mm256_castsi256_si128(e), 8);
-            __m256i hi = _mm256_i32gather_epi64(table, _mm256_extracti128_si256(e, 1), 8);
-            lo = _mm256_xor_si256(lo, _mm256_cvtepu32_epi64(_mm256_castsi256_si128(sign)));
-            hi = _mm256_xor_si256(hi, _mm256_cvtepu32_epi64(_mm256_extracti128_si256(sign, 1)));
-            const __m256 xv = _mm256_set1_ps(xj[col]);
-            a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(lo), xv, a0);
-            a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(hi), xv, a1);
+        for (int c = 0; c < TRELLIS_TILE; c++) {
+            __m256 h0, h1;
+            trellis_hyb_column_avx2(pairs + c * k, t, lut, &h0, &h1);
+            const __m256 xv = _mm256_set1_ps(xj[c]);
+            a0 = _mm256_fmadd_ps(h0, xv, a0);
+            a1 = _mm256_fmadd_ps(h1, xv, a1);
         }
     }
     _mm256_storeu_ps(acc, a0);
@@ -3979,32 +3978,16 @@ __attribute__((target("avx2,fma"))) static void trellis_3inst_step_avx2(const ui
                                                                        int k, const float *lut, const float *x,
                                                                        float *acc) {
     (void)lut;
-    const __m256i iota = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), kk = _mm256_set1_epi32(k);
-    const __m256i low = _mm256_set1_epi32(0xFFFF), a3 = _mm256_set1_epi32((int)TRELLIS_3INST_A);
-    const __m256i c3 = _mm256_set1_epi32((int)TRELLIS_3INST_C), mask = _mm256_set1_epi32((int)TRELLIS_3INST_MASK);
-    const __m256i flip = _mm256_set1_epi32((int)TRELLIS_3INST_FLIP);
+    const trellis_lanes256 t0 = tile_lanes_avx2(k, 0), t1 = tile_lanes_avx2(k, 8);
     const int off1 = (8 * k) >> 4;
-    const __m256i bits0 = _mm256_mullo_epi32(iota, kk);
-    const __m256i bits1 = _mm256_mullo_epi32(_mm256_add_epi32(iota, _mm256_set1_epi32(8)), kk);
-    const __m256i idx0 = _mm256_srli_epi32(bits0, 4);
-    const __m256i idx1 = _mm256_sub_epi32(_mm256_srli_epi32(bits1, 4), _mm256_set1_epi32(off1));
-    const __m256i sh0 = _mm256_sub_epi32(_mm256_set1_epi32(16), _mm256_and_si256(bits0, _mm256_set1_epi32(15)));
-    const __m256i sh1 = _mm256_sub_epi32(_mm256_set1_epi32(16), _mm256_and_si256(bits1, _mm256_set1_epi32(15)));
     __m256 a0 = _mm256_loadu_ps(acc), a1 = _mm256_loadu_ps(acc + 8);
     for (int64_t j = 0; j < tiles; j++) {
         const uint32_t *pairs = row_pairs + j * TRELLIS_TILE * k;
         const float *xj = x + j * TRELLIS_TILE;
-        for (int col = 0; col < TRELLIS_TILE; col++) {
-            __m256i v0 = _mm256_permutevar8x32_epi32(_mm256_loadu_si256((const __m256i *)(pairs + col * k)), idx0);
-            __m256i v1 = _mm256_permutevar8x32_epi32(_mm256_loadu_si256((const __m256i *)(pairs + col * k + off1)),
-                                                     idx1);
-            __m256i s0 = _mm256_and_si256(_mm256_srlv_epi32(v0, sh0), low);
-            __m256i s1 = _mm256_and_si256(_mm256_srlv_epi32(v1, sh1), low);
-            __m256i r0 = _mm256_xor_si256(_mm256_and_si256(_mm256_add_epi32(_mm256_mullo_epi32(s0, a3), c3), mask), flip);
-            __m256i r1 = _mm256_xor_si256(_mm256_and_si256(_mm256_add_epi32(_mm256_mullo_epi32(s1, a3), c3), mask), flip);
-            const __m256 xv = _mm256_set1_ps(xj[col]);
-            a0 = _mm256_fmadd_ps(trellis_3inst_halves_avx2(r0), xv, a0);
-            a1 = _mm256_fmadd_ps(trellis_3inst_halves_avx2(r1), xv, a1);
+        for (int c = 0; c < TRELLIS_TILE; c++) {
+            const __m256 xv = _mm256_set1_ps(xj[c]);
+            a0 = _mm256_fmadd_ps(trellis_3inst_avx2(trellis_windows_avx2(pairs + c * k, t0)), xv, a0);
+            a1 = _mm256_fmadd_ps(trellis_3inst_avx2(trellis_windows_avx2(pairs + c * k + off1, t1)), xv, a1);
         }
     }
     _mm256_storeu_ps(acc, a0);
