@@ -3602,6 +3602,21 @@ QS_API int qs_trellis_linear(const float *x, int64_t B, int64_t n, int64_t m, co
     return rc;
 }
 
+/* Tile (i, j) of a decoded matrix (w [16c + r]) into out [m, n], or into its transpose [n, m]
+   (transposed = 1: each tile column is 16 consecutive floats of a row, one copy). */
+static void trellis_store_tile(const float *w, float *out, int64_t i, int64_t j, int64_t m, int64_t n,
+                               int transposed) {
+    if (transposed) {
+        for (int c = 0; c < TRELLIS_TILE; c++)
+            memcpy(out + (j * TRELLIS_TILE + c) * m + i * TRELLIS_TILE, w + TRELLIS_TILE * c,
+                   sizeof(float) * TRELLIS_TILE);
+        return;
+    }
+    for (int r = 0; r < TRELLIS_TILE; r++)
+        for (int c = 0; c < TRELLIS_TILE; c++)
+            out[(i * TRELLIS_TILE + r) * n + j * TRELLIS_TILE + c] = w[c * TRELLIS_TILE + r];
+}
+
 /* The raw 1MAD codes of a trellis matrix as float32: out [m, n] (transposed = 0), or its transpose
    [n, m] (transposed = 1: each tile column is 16 consecutive floats of a row, one vector store; the
    weights of a prefill GEMM). The tiles are decoded by the level's slab kernel with no batch rows
@@ -3631,15 +3646,7 @@ QS_API int qs_trellis_decode(const int16_t *codes, int64_t m, int64_t n, int k, 
             build_pairs(codes + i * row_words, tiles, k, pairs);
             for (int64_t j = 0; j < tiles; j++) {
                 slab(pairs + j * TRELLIS_TILE * k, 1, k, unused, 0, n, unused, w); /* w [16c + r] */
-                if (transposed) {
-                    for (int c = 0; c < TRELLIS_TILE; c++)
-                        memcpy(out + (j * TRELLIS_TILE + c) * m + i * TRELLIS_TILE, w + TRELLIS_TILE * c,
-                               sizeof(float) * TRELLIS_TILE);
-                } else {
-                    for (int r = 0; r < TRELLIS_TILE; r++)
-                        for (int c = 0; c < TRELLIS_TILE; c++)
-                            out[(i * TRELLIS_TILE + r) * n + j * TRELLIS_TILE + c] = w[c * TRELLIS_TILE + r];
-                }
+                trellis_store_tile(w, out, i, j, m, n, transposed);
             }
         }
         free(pairs);
@@ -4141,15 +4148,7 @@ QS_API int qs_trellis_tile_decode(const int16_t *codes, int64_t m, int64_t n, in
             build_pairs(codes + i * row_words, tiles, k, pairs);
             for (int64_t j = 0; j < tiles; j++) {
                 tile(pairs + j * tile_words, k, lut, w); /* w [16c + r] */
-                if (transposed) {
-                    for (int c = 0; c < TRELLIS_TILE; c++)
-                        memcpy(out + (j * TRELLIS_TILE + c) * m + i * TRELLIS_TILE, w + TRELLIS_TILE * c,
-                               sizeof(float) * TRELLIS_TILE);
-                } else {
-                    for (int r = 0; r < TRELLIS_TILE; r++)
-                        for (int c = 0; c < TRELLIS_TILE; c++)
-                            out[(i * TRELLIS_TILE + r) * n + j * TRELLIS_TILE + c] = w[c * TRELLIS_TILE + r];
-                }
+                trellis_store_tile(w, out, i, j, m, n, transposed);
             }
         }
         free(pairs);

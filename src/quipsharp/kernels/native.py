@@ -557,13 +557,18 @@ class NativeKernel:
                 _ptr(bias), use_hadamard, m_in.shape[0], m_in.data_ptr(), m_out_t.shape[0], m_out_t.data_ptr(),
                 int(int8), y.data_ptr(), _threads(None), self.level), "trellis linear")
             return y.reshape(*x.shape[:-1], m).to(x.dtype)
-        h = h.clone() if h.data_ptr() == x.data_ptr() else h  # the transforms work in place
+        h = self._gemm_input(x, h, su, m_in, use_hadamard)
+        Wt = self.trellis_decode(codes, m, n, k, out=_scratch(m * n)[: m * n].view(n, m), transposed=True)
+        return self._output(x, h @ Wt, m_out_t, scale * trellis_scale(), sv, bias, use_hadamard)
+
+    def _gemm_input(self, x, h, su, m_in, use_hadamard) -> torch.Tensor:
+        """A trellis prefill's GEMM input: ``U (su ⊙ h)`` (or ``su ⊙ h``) in place, on a copy when ``h`` is ``x``."""
+        h = h.clone() if h.data_ptr() == x.data_ptr() else h
         if use_hadamard:
             self.hadamard(h, m_in, pre=su)
         else:
             h.mul_(su)
-        Wt = self.trellis_decode(codes, m, n, k, out=_scratch(m * n)[: m * n].view(n, m), transposed=True)
-        return self._output(x, h @ Wt, m_out_t, scale * trellis_scale(), sv, bias, use_hadamard)
+        return h
 
     # ---------------------------------------------------------------- trellis codes decoded tile by tile
     def tile_matmul(self, x: torch.Tensor, codes: torch.Tensor, m: int, codebook_name: str,
@@ -617,11 +622,7 @@ class NativeKernel:
                 _ptr(bias), use_hadamard, m_in.shape[0], m_in.data_ptr(), m_out_t.shape[0], m_out_t.data_ptr(),
                 y.data_ptr(), _threads(None), self.level), "trellis linear")
             return y.reshape(*x.shape[:-1], m).to(x.dtype)
-        h = h.clone() if h.data_ptr() == x.data_ptr() else h  # the transforms work in place
-        if use_hadamard:
-            self.hadamard(h, m_in, pre=su)
-        else:
-            h.mul_(su)
+        h = self._gemm_input(x, h, su, m_in, use_hadamard)
         Wt = self.tile_decode(codes, m, n, codebook_name, lut, out=_scratch(m * n)[: m * n].view(n, m), transposed=True)
         return self._output(x, h @ Wt, m_out_t, scale, sv, bias, use_hadamard)
 
