@@ -2767,6 +2767,11 @@ static trellis_pairs_fn trellis_slab_pairs_for(int level) {
     return trellis_slab_pairs;
 }
 
+/* The 16-bit window (a state) at bit `bit` of a tile's stream, from its pairs. */
+static inline uint32_t trellis_window(const uint32_t *pairs, int bit) {
+    return (pairs[bit >> 4] >> (16 - (bit & 15))) & 0xFFFFu;
+}
+
 static inline uint32_t trellis_hash(uint32_t state) { return state * TRELLIS_1MAD_A + TRELLIS_1MAD_C; }
 
 static inline int32_t trellis_bytesum(uint32_t h) {
@@ -2938,7 +2943,7 @@ static void trellis_slab_scalar(const uint32_t *row_pairs, int64_t tiles, int k,
         const uint32_t *pairs = row_pairs + j * TRELLIS_TILE * k;
         for (int p = 0; p < TRELLIS_TILE * TRELLIS_TILE; p++) {
             int bit = p * k;
-            w[p] = (float)trellis_1mad((pairs[bit >> 4] >> (16 - (bit & 15))) & 0xFFFF);
+            w[p] = (float)trellis_1mad(trellis_window(pairs, bit));
         }
         trellis_accumulate_scalar(w, x + j * TRELLIS_TILE, B, n, acc);
     }
@@ -2978,7 +2983,7 @@ static void trellis_slab_int8_scalar(const int16_t *codes_row, const uint32_t *r
         for (int c = 0; c < TRELLIS_TILE; c++)
             for (int r = 0; r < TRELLIS_TILE; r++) {
                 int bit = (TRELLIS_TILE * c + r) * k;
-                int32_t sum = trellis_bytesum(trellis_hash((pairs[bit >> 4] >> (16 - (bit & 15))) & 0xFFFF));
+                int32_t sum = trellis_bytesum(trellis_hash(trellis_window(pairs, bit)));
                 for (int64_t b = 0; b < B; b++)
                     acc[b * TRELLIS_TILE + r] += sum * (int32_t)xq[b * n + j * TRELLIS_TILE + c];
             }
@@ -3697,7 +3702,7 @@ static void trellis_hyb_tile_scalar(const uint32_t *pairs, int k, const float *l
     const int kv = 2 * k;
     for (int t = 0; t < TRELLIS_HYB_STEPS; t++) {
         const int bit = t * kv;
-        const uint32_t s = (pairs[bit >> 4] >> (16 - (bit & 15))) & 0xFFFFu;
+        const uint32_t s = trellis_window(pairs, bit);
         const uint32_t h = (s * (s + 1u)) & 0xFFFFu;
         const float *e = lut + 2 * ((h >> TRELLIS_HYB_SHIFT) & TRELLIS_HYB_ENTRY);
         w[2 * t] = (h & TRELLIS_HYB_NEGATE) ? -e[0] : e[0];
@@ -3717,7 +3722,7 @@ static void trellis_3inst_tile_scalar(const uint32_t *pairs, int k, const float 
     (void)lut;
     for (int p = 0; p < TRELLIS_TILE * TRELLIS_TILE; p++) {
         const int bit = p * k;
-        const uint32_t s = (pairs[bit >> 4] >> (16 - (bit & 15))) & 0xFFFFu;
+        const uint32_t s = trellis_window(pairs, bit);
         const uint32_t r = ((s * TRELLIS_3INST_A + TRELLIS_3INST_C) & TRELLIS_3INST_MASK) ^ TRELLIS_3INST_FLIP;
         w[p] = trellis_half(r >> 16) + trellis_half(r & 0xFFFFu);
     }
