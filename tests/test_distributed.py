@@ -20,7 +20,18 @@ pytest.importorskip("transformers")
 pytest.importorskip("ray")
 
 from quipsharp.cli import main
-from quipsharp.distributed import ClusterError, _host_port, _shards, check_reachable
+from quipsharp.distributed import (
+    WIRE_RAW,
+    WIRE_TORCH,
+    ClusterError,
+    _host_port,
+    _shards,
+    check_reachable,
+    drop_wire_tensors,
+    tensor_from_wire,
+    tensor_to_wire,
+    use_wire_tensors,
+)
 from quipsharp.faults import KILL_ONCE_ENV
 from quipsharp.format import REPORT_FILE
 from tests.test_cli import kill_after_first_block
@@ -68,6 +79,66 @@ def test_shards_cover_the_batches_in_order():
             assert [b for s in shards for b in s] == list(range(n))
             sizes = [len(s) for s in shards]
             assert len(shards) == max(1, min(parts, n)) and max(sizes) - min(sizes) <= 1
+
+
+def _read_only_copy(wire: tuple) -> tuple:
+    """The wire form as it comes out of the object store: the raw bytes a read-only view."""
+    if wire[0] != WIRE_RAW:
+        return wire
+    raw = wire[1].copy()
+    raw.flags.writeable = False
+    return (wire[0], raw, *wire[2:])
+
+
+def test_tensors_cross_the_wire_unchanged_and_owned():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 10, generator=g)
+    cases = {
+        "float32": torch.randn(3, 4, 5, generator=g),
+        "bfloat16": torch.randn(7, 3, generator=g).to(torch.bfloat16),
+        "float16": torch.randn(5, generator=g).half(),
+        "float64": torch.randn(2, 2, dtype=torch.float64, generator=g),
+        "int64": torch.randint(-9, 9, (4, 3), generator=g),
+        "int8": torch.randint(-128, 127, (9,), generator=g, dtype=torch.int8),
+        "bool": torch.rand(4, 4, generator=g) > 0.5,
+        "complex conj": torch.randn(3, dtype=torch.complex64, generator=g).conj(),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.empty(0, 7),
+        "transposed": base.t(),
+        "view of a row": base[2],
+    }
+    for name, t in cases.items():
+        wire = tensor_to_wire(t)
+        assert wire[0] == WIRE_RAW, name
+        assert wire[1].nbytes == t.numel() * t.element_size(), name  # only its own elements travel
+        back = tensor_from_wire(_read_only_copy(wire))
+        assert back.dtype == t.dtype and back.shape == t.shape and torch.equal(back, t), name
+        if back.numel():
+            back.view(-1)[0] = 0  # its own memory: writable, and the sender's tensor is untouched
+    assert torch.equal(cases["view of a row"], base[2]) and base.untyped_storage().nbytes() == 6 * 10 * 4
+
+    grad = torch.randn(3, generator=g).requires_grad_()
+    wire = tensor_to_wire(grad)
+    assert wire[0] == WIRE_TORCH  # what the raw bytes cannot carry goes torch's own way
+    back = tensor_from_wire(wire)
+    assert back.requires_grad and torch.equal(back.detach(), grad.detach())
+
+
+def test_a_fetched_tensor_is_a_copy_the_object_store_keeps_unchanged():
+    ray = pytest.importorskip("ray")
+    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="WARNING")
+    try:
+        use_wire_tensors(ray)
+        sent = [torch.arange(12.0).reshape(3, 4), torch.nn.Parameter(torch.ones(2, 2, dtype=torch.bfloat16))]
+        ref = ray.put(sent)
+        first = ray.get(ref)
+        assert isinstance(first[1], torch.nn.Parameter) and first[1].dtype == torch.bfloat16
+        first[0].add_(1)  # a task writing into its argument
+        again = ray.get(ref)
+        assert torch.equal(again[0], sent[0]) and torch.equal(again[1], sent[1])
+    finally:
+        drop_wire_tensors(ray)
+        ray.shutdown()
 
 
 def test_the_address_ray_start_recorded_is_read(tmp_path, monkeypatch):
