@@ -141,6 +141,39 @@ def test_a_fetched_tensor_is_a_copy_the_object_store_keeps_unchanged():
         ray.shutdown()
 
 
+#: A worker's pattern in small: 60 MB of activations at the heap's top, freed, allocated again; the faults of
+#: ten rounds printed (glibc's default thresholds trim that top on every free).
+HEAP_ROUNDS = """
+import resource, sys, torch
+from quipsharp.distributed import keep_freed_heap
+if sys.argv[1] == "keep" and not keep_freed_heap():
+    print("no-glibc"); sys.exit(0)
+MB = 1 << 20
+def step():
+    xs = [torch.ones(20 * MB // 4) for _ in range(3)]
+    del xs
+torch.ones(30 * MB // 4)  # a freed mmapped block: glibc's dynamic thresholds rise to its size
+step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_a_worker_heap_keeps_what_its_tasks_free():
+    def faults(mode: str) -> str:
+        return subprocess.run([sys.executable, "-c", HEAP_ROUNDS, mode], capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    kept = faults("keep")
+    if kept == "no-glibc":
+        pytest.skip("this C library has no mallopt: workers keep the allocator's defaults")
+    default = int(faults("default"))
+    assert default > 10 * 20 * 2**20 // 4096  # the default hands pages back and faults them in again, every round
+    assert int(kept) < default // 4
+
+
 def test_the_address_ray_start_recorded_is_read(tmp_path, monkeypatch):
     from quipsharp.distributed import _address_recorded_here
 
