@@ -2,6 +2,8 @@
 ``ray.init``, putting a SmolLM2-sized calibration stream (16 batches of [8, 512, 576] float32, 151 MB) into
 the object store as two shards, the first tasks on fresh workers (their imports), and fetching one block's
 exact Hessian sums from two shards (per shard three [3, 576, 576] and one [3, 1536, 1536] float64 bins).
+The put and the fetch are timed twice: with torch's own pickling of tensors, and as ``quipsharp.distributed``
+sends them (raw numpy bytes, ``*_wire_s``).
 
     .venv/bin/python benchmarks/ray_overheads.py [--repeats 3] [--json]
 """
@@ -26,6 +28,24 @@ def _bins(seed: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return ([torch.randn(3, HIDDEN, HIDDEN, dtype=torch.float64, generator=g) for _ in range(3)]
             + [torch.randn(3, INTER, INTER, dtype=torch.float64, generator=g)])
+
+
+def _bins_wire(seed: int) -> list[torch.Tensor]:
+    import ray
+
+    from quipsharp.distributed import use_wire_tensors
+
+    use_wire_tensors(ray)  # the task's results leave the worker as raw bytes
+    return _bins(seed)
+
+
+def _median_s(repeats: int, step) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def _first(shard: list[torch.Tensor]) -> float:
@@ -62,6 +82,25 @@ def main() -> None:
             ray.get(refs)
             fetch.append(time.perf_counter() - start)
         row["fetch_block_hessians_s"] = statistics.median(fetch)
+        row["put_stream_torch_s"] = _median_s(args.repeats, lambda: [ray.put(batches[: BATCHES // 2]),
+                                                                     ray.put(batches[BATCHES // 2 :])])
+        from quipsharp.distributed import drop_wire_tensors, use_wire_tensors
+
+        use_wire_tensors(ray)
+        try:
+            row["put_stream_wire_s"] = _median_s(args.repeats, lambda: [ray.put(batches[: BATCHES // 2]),
+                                                                        ray.put(batches[BATCHES // 2 :])])
+            make_wire = ray.remote(num_cpus=1)(_bins_wire)
+            fetch = []
+            for _ in range(args.repeats):
+                refs = [make_wire.remote(s) for s in range(2)]
+                ray.wait(refs, num_returns=2)
+                start = time.perf_counter()
+                ray.get(refs)
+                fetch.append(time.perf_counter() - start)
+            row["fetch_block_hessians_wire_s"] = statistics.median(fetch)
+        finally:
+            drop_wire_tensors(ray)
     finally:
         ray.shutdown()
     for key, value in row.items():

@@ -23,6 +23,10 @@ run as Ray tasks:
    in the store, so the retry computes the same bits and nothing is lost. Finished blocks are saved to
    the work directory as in one process, so ``--resume`` continues after the driver itself dies.
 
+Two things keep the workers' time on the work itself. Tensors cross the object store as raw numpy bytes, not
+through torch's pickling (:func:`tensor_to_wire`). And each worker keeps the heap its tasks free, where glibc
+would otherwise hand it back to the kernel and fault it in again, zeroed (:func:`keep_freed_heap`).
+
 Bit-identity with one process needs the same float operations, and LAPACK's blocked factorisations
 round differently with different thread counts. So every task runs with ``RayOptions.threads`` torch
 threads, and one process matches the cluster when it runs with that many threads too.
@@ -183,10 +187,11 @@ class _DropMessage(logging.Filter):
 
 # ------------------------------------------------------------------------------------------ tensors on the wire
 # torch pickles a tensor by saving its whole storage into a byte string (``torch.save``) and loading it back on
-# the other side: two extra copies and the save's own overhead (a 75 MB stream shard: 110 ms to put, against 14 ms
-# as numpy arrays). Ray passes numpy arrays as pickle-5 out-of-band buffers instead: one copy into the object
-# store, a view out of it. The view is copied once on arrival, so a task owns what it is given: writing into an
-# argument can never change the object other tasks read.
+# the other side: two extra copies and the save's own overhead (SmolLM2's 151 MB stream as two shards: 0.19 s to
+# put, against 0.03 s as numpy arrays; benchmarks/ray_overheads.py). Ray passes numpy arrays as pickle-5
+# out-of-band buffers instead: one copy into the object store, a view out of it. The view is copied once on
+# arrival, so a task owns what it is given: writing into an argument can never change the object other tasks
+# read.
 
 #: How a tensor travels: its bytes as a flat uint8 numpy array (``RAW``), or torch's own pickling (``TORCH``) for
 #: what that cannot carry: tensors that require grad, are not on the CPU, not strided, or quantized.
@@ -309,7 +314,7 @@ def _mean_task(threads: int, *parts: HessianAccumulator) -> torch.Tensor:
     order (the sums are exact: the same bits as one process's)."""
     _task_setup(threads)
     faults.point("ray:mean")
-    merged = HessianAccumulator(parts[0].n)  # a fresh one: the fetched parts may be read-only views
+    merged = HessianAccumulator(parts[0].n)  # a fresh one: the parts stay as they were fetched
     for part in parts:
         merged.merge(part)
     return merged.mean()
