@@ -48,6 +48,19 @@ def _median_s(repeats: int, step) -> float:
     return statistics.median(times)
 
 
+def _fetch_median_s(ray, make_bins, repeats: int) -> float:
+    """Median seconds of fetching two shards' bins once ``make_bins`` has made them in two tasks."""
+    make = ray.remote(num_cpus=1)(make_bins)
+    fetch = []
+    for _ in range(repeats):
+        refs = [make.remote(s) for s in range(2)]
+        ray.wait(refs, num_returns=2)
+        start = time.perf_counter()
+        ray.get(refs)
+        fetch.append(time.perf_counter() - start)
+    return statistics.median(fetch)
+
+
 def _first(shard: list[torch.Tensor]) -> float:
     return float(sum(b[0, 0, 0] for b in shard))
 
@@ -73,15 +86,7 @@ def main() -> None:
         start = time.perf_counter()
         ray.get([first.remote(s) for s in shards])
         row["first_tasks_s"] = time.perf_counter() - start
-        make = ray.remote(num_cpus=1)(_bins)
-        fetch = []
-        for _ in range(args.repeats):
-            refs = [make.remote(s) for s in range(2)]
-            ray.wait(refs, num_returns=2)
-            start = time.perf_counter()
-            ray.get(refs)
-            fetch.append(time.perf_counter() - start)
-        row["fetch_block_hessians_s"] = statistics.median(fetch)
+        row["fetch_block_hessians_s"] = _fetch_median_s(ray, _bins, args.repeats)
         row["put_stream_torch_s"] = _median_s(args.repeats, lambda: [ray.put(batches[: BATCHES // 2]),
                                                                      ray.put(batches[BATCHES // 2 :])])
         from quipsharp.distributed import drop_wire_tensors, use_wire_tensors
@@ -90,15 +95,7 @@ def main() -> None:
         try:
             row["put_stream_wire_s"] = _median_s(args.repeats, lambda: [ray.put(batches[: BATCHES // 2]),
                                                                         ray.put(batches[BATCHES // 2 :])])
-            make_wire = ray.remote(num_cpus=1)(_bins_wire)
-            fetch = []
-            for _ in range(args.repeats):
-                refs = [make_wire.remote(s) for s in range(2)]
-                ray.wait(refs, num_returns=2)
-                start = time.perf_counter()
-                ray.get(refs)
-                fetch.append(time.perf_counter() - start)
-            row["fetch_block_hessians_wire_s"] = statistics.median(fetch)
+            row["fetch_block_hessians_wire_s"] = _fetch_median_s(ray, _bins_wire, args.repeats)
         finally:
             drop_wire_tensors(ray)
     finally:
