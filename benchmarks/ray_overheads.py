@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from _common import machine_info, today
+from _common import machine_info, median_time, today
 
 BATCHES, BATCH, CTX, HIDDEN, INTER = 16, 8, 512, 576, 1536
 
@@ -37,15 +37,6 @@ def _bins_wire(seed: int) -> list[torch.Tensor]:
 
     use_wire_tensors(ray)  # the task's results leave the worker as raw bytes
     return _bins(seed)
-
-
-def _median_s(repeats: int, step) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _fetch_median_s(ray, make_bins, repeats: int) -> float:
@@ -87,14 +78,16 @@ def main() -> None:
         ray.get([first.remote(s) for s in shards])
         row["first_tasks_s"] = time.perf_counter() - start
         row["fetch_block_hessians_s"] = _fetch_median_s(ray, _bins, args.repeats)
-        row["put_stream_torch_s"] = _median_s(args.repeats, lambda: [ray.put(batches[: BATCHES // 2]),
-                                                                     ray.put(batches[BATCHES // 2 :])])
+        def put_stream() -> None:
+            ray.put(batches[: BATCHES // 2])
+            ray.put(batches[BATCHES // 2 :])
+
+        row["put_stream_torch_s"] = median_time(put_stream, args.repeats)
         from quipsharp.distributed import drop_wire_tensors, use_wire_tensors
 
         use_wire_tensors(ray)
         try:
-            row["put_stream_wire_s"] = _median_s(args.repeats, lambda: [ray.put(batches[: BATCHES // 2]),
-                                                                        ray.put(batches[BATCHES // 2 :])])
+            row["put_stream_wire_s"] = median_time(put_stream, args.repeats)
             row["fetch_block_hessians_wire_s"] = _fetch_median_s(ray, _bins_wire, args.repeats)
         finally:
             drop_wire_tensors(ray)
